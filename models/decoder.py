@@ -1,0 +1,55 @@
+"""LAVT's lightweight top-down decoder (the official ``SimpleDecoding``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SimpleDecoder(nn.Module):
+    """Fuses the four stage maps top-down into 2-class logits at stage-1 resolution.
+
+    Stage 4 is upsampled (bilinear, align_corners=True) and concatenated with stage 3, then two 3x3
+    conv-BN-ReLU; the same with stage 2 and stage 1; then a 1x1 conv to 2 channels.
+
+    Args:
+        c4_dims: channels of stage 4 (``8 * embed_dim``); stages 3, 2, 1 have 1/2, 1/4, 1/8 of it.
+        factor: channel ratio between stages; the hidden width is ``c4_dims // factor``.
+        channels_last: run the convolutions in channels_last memory format.
+    """
+
+    def __init__(self, c4_dims: int, factor: int = 2, channels_last: bool = False) -> None:
+        super().__init__()
+        hidden = c4_dims // factor
+        c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
+        self.channels_last = channels_last
+        # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
+        for level, skip in (("4", c4_dims + c3), ("3", hidden + c2), ("2", hidden + c1)):
+            self.add_module(f"conv1_{level}", nn.Conv2d(skip, hidden, 3, padding=1, bias=False))
+            self.add_module(f"bn1_{level}", nn.BatchNorm2d(hidden))
+            self.add_module(f"relu1_{level}", nn.ReLU())
+            self.add_module(f"conv2_{level}", nn.Conv2d(hidden, hidden, 3, padding=1, bias=False))
+            self.add_module(f"bn2_{level}", nn.BatchNorm2d(hidden))
+            self.add_module(f"relu2_{level}", nn.ReLU())
+        self.conv1_1 = nn.Conv2d(hidden, 2, 1)
+
+    def _fuse(self, x: torch.Tensor, skip: torch.Tensor, level: str) -> torch.Tensor:
+        """x: [B, C, h, w] (coarser); skip: [B, C_s, H, W] -> [B, hidden, H, W]."""
+        if x.shape[-2] < skip.shape[-2] or x.shape[-1] < skip.shape[-1]:
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        x = torch.cat([x, skip], dim=1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = getattr(self, f"relu1_{level}")(getattr(self, f"bn1_{level}")(getattr(self, f"conv1_{level}")(x)))
+        return getattr(self, f"relu2_{level}")(getattr(self, f"bn2_{level}")(getattr(self, f"conv2_{level}")(x)))
+
+    def forward(self, x_c4: torch.Tensor, x_c3: torch.Tensor, x_c2: torch.Tensor, x_c1: torch.Tensor) -> torch.Tensor:
+        """x_ci: [B, C_i, H_i, W_i] -> logits [B, 2, H_1, W_1]."""
+        x = self._fuse(x_c4, x_c3, "4")
+        x = self._fuse(x, x_c2, "3")
+        x = self._fuse(x, x_c1, "2")
+        return self.conv1_1(x)
+
+
+def build_decoder(embed_dim: int, channels_last: bool = False) -> SimpleDecoder:
+    return SimpleDecoder(8 * embed_dim, 2, channels_last)

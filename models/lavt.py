@@ -1,0 +1,54 @@
+"""LAVT: the multi-modal Swin encoder, the decoder and (optionally) the text encoder in one network."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decoder import SimpleDecoder
+from .swin import MultiModalSwin
+
+
+class LAVT(nn.Module):
+    """Referring image segmentation: image + expression -> 2-class logits (background, referred object).
+
+    One implementation for both official packagings: ``lavt`` (text encoder kept outside the segmentation
+    model, saved under ``bert_model``) and ``lavt_one`` (text encoder inside, saved under ``text_encoder.``);
+    ``models.load_weights`` reads either.
+
+    Args:
+        backbone: the multi-modal Swin.
+        classifier: the decoder (the official attribute name, kept for the checkpoint keys).
+        text_encoder: a ``BertModel`` or None (then drive the model with ``segment`` and precomputed features).
+    """
+
+    def __init__(self, backbone: MultiModalSwin, classifier: SimpleDecoder, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+        self.text_encoder = text_encoder
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask: [B, N] -> (lang_feats [B, C, N], lang_mask [B, N, 1] float)."""
+        if self.text_encoder is None:
+            raise RuntimeError(
+                "this LAVT has no text encoder (MODEL.TEXT.ENCODER is empty): set it to a local BERT folder, "
+                "or call model.segment(images, lang_feats, lang_mask) with precomputed language features"
+            )
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B, N, C]
+        return hidden.transpose(1, 2), attention_mask.unsqueeze(-1).to(hidden.dtype)
+
+    def segment(self, images: torch.Tensor, lang_feats: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
+        """images: [B, 3, H, W]; lang_feats: [B, C, N]; lang_mask: [B, N, 1] -> logits [B, 2, H, W]."""
+        if images.dim() != 4 or lang_feats.dim() != 3 or lang_mask.dim() != 3:
+            raise ValueError(
+                f"expected images [B, 3, H, W], lang_feats [B, C, N], lang_mask [B, N, 1]; got {list(images.shape)}, "
+                f"{list(lang_feats.shape)}, {list(lang_mask.shape)}"
+            )
+        c1, c2, c3, c4 = self.backbone(images, lang_feats, lang_mask)
+        logits = self.classifier(c4, c3, c2, c1)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """images: [B, 3, H, W]; input_ids, attention_mask: [B, N] -> logits [B, 2, H, W]."""
+        return self.segment(images, *self.encode_text(input_ids, attention_mask))

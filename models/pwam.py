@@ -1,0 +1,109 @@
+"""Pixel-word attention (PWAM) and the language gate: how LAVT fuses language into each Swin stage."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SpatialImageLanguageAttention(nn.Module):
+    """For every pixel, a language feature gathered from the words by attention (queries from pixels).
+
+    Args:
+        v_in_channels: pixel channels.
+        l_in_channels: word channels.
+        key_channels: query/key channels (split over heads; scaled by ``key_channels ** -0.5`` as the official code).
+        value_channels: value channels.
+        out_channels: output channels (defaults to ``value_channels``).
+        num_heads: heads (0 or 1 = single head).
+        fused: use ``scaled_dot_product_attention`` (same result to float round-off).
+    """
+
+    def __init__(
+        self,
+        v_in_channels: int,
+        l_in_channels: int,
+        key_channels: int,
+        value_channels: int,
+        out_channels: int | None = None,
+        num_heads: int = 1,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or value_channels
+        self.num_heads = max(num_heads, 1)
+        if key_channels % self.num_heads or value_channels % self.num_heads:
+            raise ValueError(f"key ({key_channels}) and value ({value_channels}) channels must divide by {num_heads} heads")
+        self.key_channels, self.value_channels, self.fused = key_channels, value_channels, fused
+        # Sequentials keep the official key names (f_query.0, W.0, ...); InstanceNorms carry no parameters.
+        self.f_key = nn.Sequential(nn.Conv1d(l_in_channels, key_channels, 1))
+        self.f_query = nn.Sequential(nn.Conv1d(v_in_channels, key_channels, 1), nn.InstanceNorm1d(key_channels))
+        self.f_value = nn.Sequential(nn.Conv1d(l_in_channels, value_channels, 1))
+        self.W = nn.Sequential(nn.Conv1d(value_channels, out_channels, 1), nn.InstanceNorm1d(out_channels))
+
+    def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
+        """x: [B, HW, C_v]; lang: [B, C_l, N]; lang_mask: [B, N, 1] (1 = word, 0 = padding) -> [B, HW, C_out]."""
+        B, HW = x.shape[:2]
+        h = self.num_heads
+        mask = lang_mask.transpose(1, 2).to(lang.dtype)  # [B, 1, N]
+        query = self.f_query(x.transpose(1, 2))  # [B, C_k, HW]
+        key = self.f_key(lang) * mask  # [B, C_k, N]
+        value = self.f_value(lang) * mask  # [B, C_v, N]
+        query = query.transpose(1, 2).reshape(B, HW, h, -1).transpose(1, 2)  # [B, h, HW, d_k]
+        key = key.view(B, h, -1, key.shape[-1])  # [B, h, d_k, N]
+        value = value.view(B, h, -1, value.shape[-1])  # [B, h, d_v, N]
+        # padding words get -1e4 before the softmax (not -inf: kept as the official code for identical numbers)
+        bias = (1e4 * mask - 1e4).unsqueeze(1).to(query.dtype)  # [B, 1, 1, N]
+        scale = self.key_channels**-0.5
+        if self.fused:
+            out = F.scaled_dot_product_attention(query, key.transpose(-2, -1), value.transpose(-2, -1), bias, scale=scale)
+        else:
+            attn = (scale * (query @ key) + bias).softmax(dim=-1)  # [B, h, HW, N]
+            out = attn @ value.transpose(-2, -1)
+        out = out.transpose(1, 2).reshape(B, HW, self.value_channels)  # [B, HW, C_v], heads back into channels
+        return self.W(out.transpose(1, 2)).transpose(1, 2)
+
+
+class PWAM(nn.Module):
+    """Pixel-word attention module: visual projection * image-language attention, then a projection.
+
+    Args:
+        dim: pixel channels of the stage.
+        v_in_channels, l_in_channels, key_channels, value_channels: as ``SpatialImageLanguageAttention``.
+        num_heads: attention heads.
+        dropout: dropout after both projections.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        v_in_channels: int,
+        l_in_channels: int,
+        key_channels: int,
+        value_channels: int,
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.vis_project = nn.Sequential(nn.Conv1d(dim, dim, 1), nn.GELU(), nn.Dropout(dropout))
+        self.image_lang_att = SpatialImageLanguageAttention(
+            v_in_channels, l_in_channels, key_channels, value_channels, value_channels, num_heads, fused
+        )
+        self.project_mm = nn.Sequential(nn.Conv1d(value_channels, value_channels, 1), nn.GELU(), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
+        """x: [B, HW, C]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> multi-modal features [B, HW, C]."""
+        vis = self.vis_project(x.transpose(1, 2))  # [B, C, HW]
+        lang_feat = self.image_lang_att(x, lang, lang_mask).transpose(1, 2)  # [B, C, HW]
+        return self.project_mm(vis * lang_feat).transpose(1, 2)
+
+
+class LanguageGate(nn.Sequential):
+    """The language pathway's gate ``tanh(W2 ReLU(W1 F))`` (no biases); the stage goes on as ``x + gate(F) * F``.
+
+    A Sequential so that its parameters keep the official names ``res_gate.0`` and ``res_gate.2``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False), nn.Tanh())

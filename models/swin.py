@@ -1,0 +1,353 @@
+"""The multi-modal Swin Transformer: LAVT's image encoder with language fused into every stage.
+
+Written to the official LAVT backbone's behaviour, which differs from Swin code written for classification
+(timm's included) in three ways that change the numbers:
+
+- a stage's map is padded on the bottom/right to a multiple of the window right after ``norm1`` and before the
+  cyclic shift; the shift mask is built on the padded grid and padded tokens are not masked otherwise;
+- odd-numbered blocks always shift by ``window // 2``, even where the map is no larger than the window;
+- patch merging sits at the END of stages 0-2 and pads odd sizes by one on the bottom/right.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from .pwam import PWAM, LanguageGate
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """x: [B, H, W, C] with H, W multiples of ``window`` -> [B * nW, window * window, C]."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    # [B, nH, nW, window, window, C]: windows row-major, as the mask and the official code order them
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """windows: [B * nW, window * window, C] -> [B, H, W, C]; inverse of ``window_partition``."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """[window^2, window^2] index into the ``(2 * window - 1)^2`` relative-position bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [N, N, 2], from 0
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def shift_mask(Hp: int, Wp: int, window: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
+    """Shifted-window mask on the padded grid: [nW, N, N], 0 within a region and -100 across regions."""
+    img = torch.zeros(1, Hp, Wp, 1, device=device)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    region = 0
+    for h in cuts:
+        for w in cuts:
+            img[:, h, w, :] = region
+            region += 1
+    labels = window_partition(img, window).squeeze(-1)  # [nW, N]
+    diff = labels[:, None, :] - labels[:, :, None]
+    return diff.ne(0).float() * -100.0
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within windows, with a relative-position bias.
+
+    Args:
+        dim: channels.
+        window: window side.
+        num_heads: attention heads.
+        fused: use ``scaled_dot_product_attention`` (same result to float round-off).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim, self.window, self.num_heads, self.fused = dim, window, num_heads, fused
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        # Derivable from the window: not saved, and ignored when a file carries it.
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def position_bias(self) -> torch.Tensor:
+        """[heads, N, N] with N = window^2."""
+        N = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # [N * N, heads]
+        return bias.view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B * nW, N, C]; mask: [nW, N, N] or None -> [B * nW, N, C]."""
+        Bw, N, C = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).view(Bw, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # [3, B * nW, h, N, d]
+        q, k, v = qkv.unbind(0)
+        bias = self.position_bias()  # [h, N, N]
+        if mask is not None:
+            nW = mask.shape[0]
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # [nW, h, N, N]
+            # [B, nW, h, N, d]: the batch and window dims split so the mask broadcasts per window
+            q, k, v = (t.view(Bw // nW, nW, h, N, -1) for t in (q, k, v))
+        bias = bias.to(q.dtype)
+        if self.fused:
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        out = out.reshape(Bw, h, N, -1).transpose(1, 2).reshape(Bw, N, C)  # heads back into channels
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock(nn.Module):
+    """One Swin block; ``shift`` > 0 for the shifted-window blocks (odd indices)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: int,
+        shift: int = 0,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 <= shift < window:
+            raise ValueError(f"shift must be in [0, window={window}), got {shift}")
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, num_heads, fused=fused)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, H: int, W: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, H * W, C]; mask: the stage's shift mask [nW, N, N] (used when shifting) -> [B, H * W, C]."""
+        B, L, C = x.shape
+        ws = self.window
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # [B, Hp, Wp, C], zeros after norm1 as the official code
+        Hp, Wp = H + pad_b, W + pad_r
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        x = window_reverse(self.attn(window_partition(x, ws), mask if self.shift else None), ws, Hp, Wp)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        if pad_b or pad_r:
+            x = x[:, :H, :W, :]
+        x = shortcut + self.drop_path(x.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated and projected: [B, H * W, C] -> [B, ceil(H/2) * ceil(W/2), 2C]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, _, C = x.shape
+        x = x.view(B, H, W, C)
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        # order x0, x1, x2, x3 = (even, even), (odd, even), (even, odd), (odd, odd) as the checkpoints expect
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: images [B, 3, H, W] -> tokens [B, Hp * Wp, C] with Hp = ceil(H / patch)."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
+        x = self.proj(x)  # [B, C, Hp, Wp]
+        Hp, Wp = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), Hp, Wp
+
+
+class MultiModalStage(nn.Module):
+    """Swin blocks, then PWAM, then the language gate, then (stages 0-2) patch merging.
+
+    Returns the PWAM output (the stage's output to the decoder, before ``norm{i}``) and the gated sum
+    ``x + gate(F) * F`` merged for the next stage.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        lang_dim: int,
+        fusion_heads: int = 1,
+        fusion_drop: float = 0.0,
+        mlp_ratio: float = 4.0,
+        drop_path: list[float] | None = None,
+        downsample: bool = True,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.window, self.shift = window, window // 2
+        drop_path = drop_path or [0.0] * depth
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i], fused)
+            for i in range(depth)
+        )
+        self.fusion = PWAM(dim, dim, lang_dim, dim, dim, num_heads=fusion_heads, dropout=fusion_drop, fused=fused)
+        self.res_gate = LanguageGate(dim)
+        self.downsample = PatchMerging(dim) if downsample else None
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def mask(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        """The shift mask for an H x W map, built once per padded size and device."""
+        ws = self.window
+        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+        key = (Hp, Wp, device)
+        if key not in self._masks:
+            self._masks[key] = shift_mask(Hp, Wp, ws, self.shift, device)
+        return self._masks[key]
+
+    def forward(
+        self, x: torch.Tensor, H: int, W: int, lang: torch.Tensor, lang_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, H * W, C]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> (PWAM out [B, H * W, C], next [B, L', C'])."""
+        mask = self.mask(H, W, x.device) if len(self.blocks) > 1 else None
+        for blk in self.blocks:
+            x = blk(x, H, W, mask)
+        fused = self.fusion(x, lang, lang_mask)
+        x = x + self.res_gate(fused) * fused
+        if self.downsample is not None:
+            x = self.downsample(x, H, W)
+        return fused, x
+
+
+class MultiModalSwin(nn.Module):
+    """LAVT's image encoder. images [B, 3, H, W] + language -> four maps [B, C_i, H_i, W_i], C_i = embed_dim * 2^i.
+
+    Args:
+        embed_dim: channels of stage 0.
+        depths: Swin blocks per stage.
+        num_heads: attention heads per stage.
+        window: window side (7 or 12).
+        lang_dim: width of the language features.
+        fusion_heads: PWAM heads per stage (the official ``--mha``).
+        grad_checkpoint: recompute each stage in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window: int = 7,
+        lang_dim: int = 768,
+        fusion_heads: tuple[int, ...] = (1, 1, 1, 1),
+        fusion_drop: float = 0.0,
+        patch_size: int = 4,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.3,
+        fused: bool = True,
+        grad_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if not len(depths) == len(num_heads) == len(fusion_heads):
+            raise ValueError(
+                f"depths {list(depths)}, num_heads {list(num_heads)} and fusion heads {list(fusion_heads)} "
+                "must have one entry per stage"
+            )
+        self.num_stages = len(depths)
+        self.num_features = [embed_dim * 2**i for i in range(self.num_stages)]
+        for i, (c, h) in enumerate(zip(self.num_features, num_heads)):
+            if c % h:
+                raise ValueError(f"stage {i}: {c} channels do not divide into {h} heads")
+        self.grad_checkpoint = grad_checkpoint
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth, linearly spread
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            self.layers.append(
+                MultiModalStage(
+                    self.num_features[i], depth, num_heads[i], window, lang_dim, fusion_heads[i], fusion_drop,
+                    mlp_ratio, dpr[sum(depths[:i]): sum(depths[: i + 1])], downsample=i < self.num_stages - 1,
+                    fused=fused,
+                )
+            )
+        for i, c in enumerate(self.num_features):
+            self.add_module(f"norm{i}", nn.LayerNorm(c))
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> list[torch.Tensor]:
+        """x: [B, 3, H, W]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> [[B, C_i, H_i, W_i] for each stage]."""
+        x, H, W = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                fused, x = torch.utils.checkpoint.checkpoint(stage, x, H, W, lang, lang_mask, use_reentrant=False)
+            else:
+                fused, x = stage(x, H, W, lang, lang_mask)
+            out = getattr(self, f"norm{i}")(fused)
+            outs.append(out.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2))  # [B, C_i, H, W]
+            H, W = (H + 1) // 2, (W + 1) // 2
+        return outs
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def build_backbone(
+    embed_dim: int,
+    depths: list[int],
+    num_heads: list[int],
+    window: int,
+    lang_dim: int,
+    fusion_heads: list[int],
+    fusion_drop: float = 0.0,
+    patch_size: int = 4,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.3,
+    fused: bool = True,
+    grad_checkpoint: bool = False,
+) -> MultiModalSwin:
+    return MultiModalSwin(
+        embed_dim, tuple(depths), tuple(num_heads), window, lang_dim, tuple(fusion_heads), fusion_drop, patch_size,
+        mlp_ratio, drop_path_rate, fused, grad_checkpoint,
+    )

