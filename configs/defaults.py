@@ -5,8 +5,9 @@ The config stops at the ``build_*`` functions: modules take explicit arguments.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from yacs.config import CfgNode as CN
 
@@ -55,6 +56,8 @@ _C.DATA.IMAGE_DIR = ""  # default: <ROOT>/images/mscoco/images/train2014
 _C.DATA.SIZE = 480
 _C.DATA.WORKERS = 4
 _C.DATA.AUGMENT = False  # never flips left/right
+# DATASET 'synthetic': images generated under ROOT when absent (data.synthetic.ensure_synthetic)
+_C.DATA.SYNTHETIC_IMAGES = 1100
 
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()

@@ -1,7 +1,14 @@
 """LAVT model package: ``build_model(cfg)``, ``load_weights(model, path)`` and the modules they assemble."""
 from .build import build_model, build_param_groups
 from .lavt import LAVT
-from .weights import CheckpointError, checkpoint_filter_fn, load_pretrained_swin, load_weights, read_checkpoint, to_official
+from .weights import (
+    CheckpointError,
+    checkpoint_filter_fn,
+    load_pretrained_swin,
+    load_weights,
+    read_checkpoint,
+    to_official,
+)
 
 __all__ = [
     "LAVT",

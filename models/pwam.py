@@ -33,7 +33,9 @@ class SpatialImageLanguageAttention(nn.Module):
         out_channels = out_channels or value_channels
         self.num_heads = max(num_heads, 1)
         if key_channels % self.num_heads or value_channels % self.num_heads:
-            raise ValueError(f"key ({key_channels}) and value ({value_channels}) channels must divide by {num_heads} heads")
+            raise ValueError(
+                f"key ({key_channels}) and value ({value_channels}) channels must divide by {num_heads} heads"
+            )
         self.key_channels, self.value_channels, self.fused = key_channels, value_channels, fused
         # Sequentials keep the official key names (f_query.0, W.0, ...); InstanceNorms carry no parameters.
         self.f_key = nn.Sequential(nn.Conv1d(l_in_channels, key_channels, 1))
@@ -56,7 +58,8 @@ class SpatialImageLanguageAttention(nn.Module):
         bias = (1e4 * mask - 1e4).unsqueeze(1).to(query.dtype)  # [B, 1, 1, N]
         scale = self.key_channels**-0.5
         if self.fused:
-            out = F.scaled_dot_product_attention(query, key.transpose(-2, -1), value.transpose(-2, -1), bias, scale=scale)
+            key, value = key.transpose(-2, -1), value.transpose(-2, -1)  # [B, h, N, d]
+            out = F.scaled_dot_product_attention(query, key, value, bias, scale=scale)
         else:
             attn = (scale * (query @ key) + bias).softmax(dim=-1)  # [B, h, HW, N]
             out = attn @ value.transpose(-2, -1)

@@ -228,6 +228,10 @@ class MultiModalStage(nn.Module):
         self.fusion = PWAM(dim, dim, lang_dim, dim, dim, num_heads=fusion_heads, dropout=fusion_drop, fused=fused)
         self.res_gate = LanguageGate(dim)
         self.downsample = PatchMerging(dim) if downsample else None
+        if not downsample:
+            # Kept for the official checkpoint layout, but the last gate's output is never used: frozen, so that
+            # DDP needs no find_unused_parameters and the optimiser skips it.
+            self.res_gate.requires_grad_(False)
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def mask(self, H: int, W: int, device: torch.device) -> torch.Tensor:
@@ -247,10 +251,10 @@ class MultiModalStage(nn.Module):
         for blk in self.blocks:
             x = blk(x, H, W, mask)
         fused = self.fusion(x, lang, lang_mask)
+        if self.downsample is None:
+            return fused, x  # the last stage's gated sum feeds nothing: skip it
         x = x + self.res_gate(fused) * fused
-        if self.downsample is not None:
-            x = self.downsample(x, H, W)
-        return fused, x
+        return fused, self.downsample(x, H, W)
 
 
 class MultiModalSwin(nn.Module):
@@ -310,6 +314,11 @@ class MultiModalSwin(nn.Module):
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> list[torch.Tensor]:
         """x: [B, 3, H, W]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> [[B, C_i, H_i, W_i] for each stage]."""
+        stride = self.patch_embed.patch_size * 2 ** (self.num_stages - 1)
+        if -(-x.shape[-2] // stride) * -(-x.shape[-1] // stride) < 2:
+            # PWAM's InstanceNorm needs more than one pixel in the last stage
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small: the last stage's map would be 1x1; "
+                             f"give at least {stride + 1} pixels on one side")
         x, H, W = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.layers):

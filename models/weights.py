@@ -57,9 +57,9 @@ def checkpoint_filter_fn(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     merged.update({TEXT_PREFIX + strip(k): v for k, v in (checkpoint.get("bert_model") or {}).items()})
     cleaned = {}
     for key, value in merged.items():
-        if not isinstance(value, torch.Tensor) or key.endswith(IGNORED_SUFFIXES) or key.startswith(TEXT_PREFIX + "pooler."):
-            continue
-        cleaned[key] = value
+        dropped = key.endswith(IGNORED_SUFFIXES) or key.startswith(TEXT_PREFIX + "pooler.")
+        if isinstance(value, torch.Tensor) and not dropped:
+            cleaned[key] = value
     return cleaned
 
 
@@ -79,13 +79,17 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     wrong = [f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
              for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise CheckpointError(_mismatch_message(path, missing, unexpected, wrong))
+        key = "backbone.patch_embed.proj.weight"
+        dims = (len(state[key]) if key in state else -1, len(expected[key]))
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, wrong, dims))
     model.load_state_dict(state, strict=True)
     logger.info("loaded %d tensors from %s", len(state), path)
     return checkpoint
 
 
-def _mismatch_message(path: str | Path, missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+def _mismatch_message(
+    path: str | Path, missing: list[str], unexpected: list[str], wrong: list[str], embed_dims: tuple[int, int]
+) -> str:
     def show(keys: list[str]) -> str:
         return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
@@ -100,6 +104,8 @@ def _mismatch_message(path: str | Path, missing: list[str], unexpected: list[str
         lines.append("  the model has a text encoder the file lacks: an official 'lavt' file needs its 'bert_model'.")
     if any(k.startswith(TEXT_PREFIX) for k in unexpected):
         lines.append("  the file has a text encoder: set MODEL.TEXT.ENCODER (--ck_bert) to a folder of that BERT.")
+    if any(w.startswith("backbone.patch_embed.proj.weight") for w in wrong):
+        lines.append(f"  MODEL.SWIN.EMBED_DIM is {embed_dims[0]} in the file, {embed_dims[1]} here.")
     if any("relative_position_bias_table" in w or "attn_mask" in w for w in wrong):
         lines.append("  relative-position tables differ: check MODEL.SWIN.WINDOW_SIZE (the released files use 12).")
     return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""The LAVT network: fidelity to the official outputs, shapes, gradients, language use, fast paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import get_config
+from models import build_model, build_param_groups
+from models.pwam import PWAM
+from models.swin import SwinBlock, shift_mask, window_partition, window_reverse
+
+from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5 * max(ref.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_reproduces_official_fixture(reference, fused):
+    model = build_model(fixture_cfg(reference, MODEL__FUSED_ATTENTION=fused)).eval()
+    model.load_state_dict({k: v for k, v in reference["checkpoint"]["model"].items()
+                           if not k.endswith("relative_position_index")})
+    with torch.no_grad():
+        feats = model.backbone(reference["image"], reference["lang_feats"], reference["lang_mask"])
+        logits = model.segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
+    for out, ref in zip(feats, reference["stage_features"], strict=True):
+        _close(out, ref)
+    _close(logits, reference["logits"])
+
+
+def _reference_block(blk: SwinBlock, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """A literal, loop-per-window reading of the official block: pad after norm1 and before the shift, mask on
+    the padded grid (regions split at -window and -shift, -100 across), crop after the reverse shift."""
+    B, _, C = x.shape
+    ws, s, heads = blk.window, blk.shift, blk.attn.num_heads
+    y = blk.norm1(x).view(B, H, W, C)
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
+    if s:
+        y = torch.roll(y, (-s, -s), (1, 2))
+
+    def region(v: int, size: int) -> int:
+        return 0 if v < size - ws else (1 if v < size - s else 2)
+
+    table = blk.attn.relative_position_bias_table
+    pos = [(a, b) for a in range(ws) for b in range(ws)]
+    bias = torch.stack([torch.stack([table[(p[0] - q[0] + ws - 1) * (2 * ws - 1) + p[1] - q[1] + ws - 1]
+                                     for q in pos]) for p in pos]).permute(2, 0, 1)  # [heads, N, N]
+    out = torch.empty_like(y)
+    for i in range(0, Hp, ws):
+        for j in range(0, Wp, ws):
+            tok = y[:, i:i + ws, j:j + ws].reshape(B, ws * ws, C)
+            q, k, v = blk.attn.qkv(tok).view(B, ws * ws, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            attn = (q * blk.attn.scale) @ k.transpose(-1, -2) + bias
+            if s:
+                lab = torch.tensor([3 * region(i + a, Hp) + region(j + b, Wp) for a, b in pos])
+                attn = attn + (lab[None, :] != lab[:, None]).float() * -100.0
+            o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, ws * ws, C)
+            out[:, i:i + ws, j:j + ws] = blk.attn.proj(o).view(B, ws, ws, C)
+    if s:
+        out = torch.roll(out, (s, s), (1, 2))
+    x = x + out[:, :H, :W].reshape(B, H * W, C)
+    return x + blk.mlp(blk.norm2(x))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("H,W", [(15, 10), (5, 5), (12, 18)])
+def test_block_pads_before_shift_like_official(fused, H, W):
+    torch.manual_seed(0)
+    blk = SwinBlock(dim=8, num_heads=2, window=6, shift=3, fused=fused).eval()
+    with torch.no_grad():
+        blk.attn.relative_position_bias_table.normal_()
+        x = torch.randn(2, H * W, 8)
+        Hp, Wp = -(-H // 6) * 6, -(-W // 6) * 6
+        out = blk(x, H, W, shift_mask(Hp, Wp, 6, 3))
+        _close(out, _reference_block(blk, x, H, W))
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 12, 18, 5)
+    w = window_partition(x, 6)
+    assert w.shape == (2 * 2 * 3, 36, 5)
+    assert torch.equal(window_reverse(w, 6, 12, 18), x)
+    assert torch.equal(w[1].view(6, 6, 5), x[0, :6, 6:12])  # windows row-major
+
+
+def test_shift_mask_regions():
+    m = shift_mask(12, 12, 6, 3)
+    assert m.shape == (4, 36, 36)
+    assert m[0].abs().sum() == 0  # the top-left window holds one region only
+    assert set(m.unique().tolist()) == {0.0, -100.0}
+    assert (m[3] == 0).sum() == 4 * 9 * 9  # bottom-right window: 4 regions of 3x3 tokens
+
+
+@pytest.mark.parametrize("cfg_file", ["swin_tiny", "swin_small", "swin_base", "swin_large"])
+def test_variant_shapes(cfg_file):
+    cfg = get_config(f"configs/{cfg_file}_refcoco.yaml",
+                     ["MODEL.TEXT.ENCODER", "", "MODEL.PRETRAINED_SWIN", "", "MODEL.TEXT.DIM", 16])
+    model = build_model(cfg).eval()
+    dim = cfg.MODEL.SWIN.EMBED_DIM
+    with torch.no_grad():
+        feats = model.backbone(torch.randn(1, 3, 64, 48), torch.randn(1, 16, 5), torch.ones(1, 5, 1))
+        logits = model.segment(torch.randn(1, 3, 64, 48), torch.randn(1, 16, 5), torch.ones(1, 5, 1))
+    sizes = [(16, 12), (8, 6), (4, 3), (2, 2)]  # ceil halving
+    assert [tuple(f.shape) for f in feats] == [(1, dim * 2**i, h, w) for i, (h, w) in enumerate(sizes)]
+    assert logits.shape == (1, 2, 64, 48) and logits.dtype == torch.float32
+    assert sum(len(s.blocks) for s in model.backbone.layers) == sum(cfg.MODEL.SWIN.DEPTHS)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (61, 30), (29, 45)])
+def test_odd_input_sizes(size):
+    model = build_model(tiny_cfg()).eval()
+    with torch.no_grad():
+        logits = model.segment(torch.randn(2, 3, *size), torch.randn(2, 12, 6), torch.ones(2, 6, 1))
+    assert logits.shape == (2, 2, *size)
+    assert torch.isfinite(logits).all()
+
+
+def test_fused_equals_straightforward_with_padding():
+    torch.manual_seed(1)
+    a = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=False, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).eval()
+    b = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=True, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).eval()
+    b.load_state_dict(a.state_dict())
+    img, lang, mask = torch.randn(2, 3, 70, 46), torch.randn(2, 12, 7), torch.ones(2, 7, 1)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        _close(b.segment(img, lang, mask), a.segment(img, lang, mask))
+
+
+def test_batched_equals_per_sample():
+    torch.manual_seed(2)
+    model = build_model(tiny_cfg()).eval()
+    img, lang, mask = torch.randn(3, 3, 40, 40), torch.randn(3, 12, 6), torch.ones(3, 6, 1)
+    mask[0, 3:] = 0
+    with torch.no_grad():
+        batched = model.segment(img, lang, mask)
+        single = torch.cat([model.segment(img[i:i + 1], lang[i:i + 1], mask[i:i + 1]) for i in range(3)])
+    _close(batched, single)
+
+
+def test_padding_words_are_ignored():
+    torch.manual_seed(3)
+    pwam = PWAM(8, 8, 12, 8, 8, num_heads=2).eval()
+    x, lang, mask = torch.randn(1, 20, 8), torch.randn(1, 12, 6), torch.ones(1, 6, 1)
+    mask[0, 4:] = 0
+    lang2 = lang.clone()
+    lang2[..., 4:] = 100.0  # padding positions hold anything
+    with torch.no_grad():
+        _close(pwam(x, lang2, mask), pwam(x, lang, mask))
+
+
+def test_sentence_changes_output_and_forward_matches_segment(tiny_bert):
+    torch.manual_seed(4)
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert))).eval()
+    img = torch.randn(1, 3, 40, 40).expand(2, -1, -1, -1)
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 20, 21, 3, 0, 0]])
+    att = (ids > 0).long()
+    with torch.no_grad():
+        out = model(img, ids, att)
+        assert (out[0] - out[1]).abs().max() > 1e-4  # same image, other sentence
+        _close(out, model.segment(img, *model.encode_text(ids, att)))
+
+
+def test_gradients_reach_every_trainable_parameter(tiny_bert):
+    torch.manual_seed(5)
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__SWIN__DROP_PATH_RATE=0.3)).train()
+    build_param_groups(model, 0.01, text_train_layers=1)
+    ids = torch.tensor([[2, 10, 11, 3], [2, 20, 3, 0]])
+    out = model(torch.randn(2, 3, 40, 40), ids, (ids > 0).long())
+    F.cross_entropy(out, torch.randint(0, 2, (2, 40, 40))).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_grad = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    dead_gate = {"backbone.layers.3.res_gate.0.weight", "backbone.layers.3.res_gate.2.weight"}
+    assert dead_gate <= frozen  # the last stage's gate feeds nothing (as in the official model)
+    assert all(n.startswith("text_encoder.") and ".layer.0." not in n for n in frozen - dead_gate)
+    assert any(n.startswith("text_encoder.") for n in frozen)
+
+
+def test_grad_checkpoint_same_gradients():
+    torch.manual_seed(6)
+    a = build_model(tiny_cfg()).train()
+    b = build_model(tiny_cfg(MODEL__GRAD_CHECKPOINT=True)).train()
+    b.load_state_dict(a.state_dict())
+    img, lang, mask = torch.randn(2, 3, 40, 40), torch.randn(2, 12, 5), torch.ones(2, 5, 1)
+    for m in (a, b):
+        m.segment(img, lang, mask).square().mean().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.requires_grad:
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_param_groups_follow_official_recipe(tiny_bert):
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
+    groups = {g["name"]: g for g in build_param_groups(model, 0.01, text_train_layers=1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [names[id(p)] for p in groups["backbone_no_decay"]["params"]]
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0
+    assert all("norm" in n or "relative_position_bias_table" in n for n in no_decay)
+    assert not any("norm" in names[id(p)] for p in groups["backbone"]["params"])
+    text = {names[id(p)] for p in groups["text_encoder"]["params"]}
+    assert text and all(n.startswith("text_encoder.encoder.layer.0.") for n in text)
+    n_all = sum(len(g["params"]) for g in groups.values())
+    assert n_all == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="TRAIN_LAYERS=5, but the encoder has 2 layers"):
+        build_param_groups(model, 0.01, text_train_layers=5)
+
+
+def test_bad_configs_and_inputs():
+    with pytest.raises(ValueError, match="4 stages"):
+        build_model(tiny_cfg(MODEL__SWIN__DEPTHS=[2, 2, 2], MODEL__SWIN__NUM_HEADS=[1, 2, 2],
+                             MODEL__FUSION__NUM_HEADS=[1, 1, 1]))
+    with pytest.raises(ValueError, match="do not divide into 3 heads"):
+        build_model(tiny_cfg(MODEL__SWIN__NUM_HEADS=[3, 2, 2, 4]))
+    model = build_model(tiny_cfg())
+    with pytest.raises(RuntimeError, match="no text encoder"):
+        model(torch.randn(1, 3, 32, 32), torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lang_mask \[B, N, 1\]"):
+        model.segment(torch.randn(1, 3, 32, 32), torch.randn(1, 12, 4), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="29x29 is too small"):
+        model.segment(torch.randn(1, 3, 29, 29), torch.randn(1, 12, 4), torch.ones(1, 4, 1))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_model(tiny_cfg(MODEL__TEXT__ENCODER="/nonexistent/bert"))

@@ -1,0 +1,165 @@
+"""Loading weights: official 'lavt' / 'lavt_one' files, this project's checkpoints, Swin ImageNet init, bad files."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import CheckpointError, build_model, load_pretrained_swin, load_weights, to_official
+from models.swin import build_backbone
+
+from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def bert768(tmp_path_factory):
+    """A random 768-wide BERT folder: the width the released checkpoints (and the fixture) use."""
+    return save_tiny_bert(tmp_path_factory.mktemp("bert768"), hidden=768, layers=1)
+
+
+def _official_extras() -> dict:
+    return {"args": argparse.Namespace(swin_type="base", window12=True, lr=5e-5), "epoch": 39,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "params": [0, 1]}]},
+            "lr_scheduler": {"last_epoch": 10, "base_lrs": [5e-5]}}
+
+
+def _check_logits(model, reference) -> None:
+    with torch.no_grad():
+        logits = model.eval().segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
+    assert (logits - reference["logits"]).abs().max() < 1e-5
+
+
+def test_official_lavt_file_without_text_encoder(reference, tmp_path):
+    path = tmp_path / "official.pth"
+    torch.save({**reference["checkpoint"], **_official_extras()}, path)
+    model = build_model(fixture_cfg(reference))
+    content = load_weights(model, path)
+    assert content["epoch"] == 39 and content["args"].swin_type == "base"
+    _check_logits(model, reference)
+
+
+def _bert_state(folder) -> dict:
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(folder, local_files_only=True).state_dict()  # with pooler, like a raw BERT
+
+
+@pytest.mark.parametrize("packaging", ["lavt", "lavt_one"])
+def test_official_files_with_text_encoder(reference, bert768, tmp_path, packaging):
+    bert = _bert_state(bert768)
+    model_sd = dict(reference["checkpoint"]["model"])
+    if packaging == "lavt":
+        content = {"model": model_sd, "bert_model": {k: v for k, v in bert.items() if not k.startswith("pooler")}}
+    else:  # lavt_one, saved from a DDP-wrapped model by an older transformers (position_ids kept)
+        model_sd.update({f"text_encoder.{k}": v for k, v in bert.items()})
+        content = {"model": {f"module.{k}": v for k, v in model_sd.items()}}
+    path = tmp_path / f"{packaging}.pth"
+    torch.save({**content, **_official_extras()}, path)
+    model = build_model(fixture_cfg(reference, MODEL__TEXT__ENCODER=str(bert768)), pretrained=False)
+    load_weights(model, path)
+    _check_logits(model, reference)
+    own = model.text_encoder.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in bert.items() if k in own)
+    ids = torch.tensor([[2, 5, 7, 3, 0]])
+    with torch.no_grad():  # the text encoder drives the same network
+        out = model(reference["image"][:1], ids, (ids > 0).long())
+    assert out.shape == (1, 2, 224, 224)
+
+
+def test_project_checkpoint_round_trip(tmp_path, bert768):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(MODEL__TEXT__ENCODER=str(bert768))
+    model = build_model(cfg, pretrained=False)
+    path = tmp_path / "own.pth"
+    torch.save({"model": model.state_dict(), "config": cfg.dump(), "epoch": 3}, path)
+    torch.manual_seed(1)
+    other = build_model(cfg, pretrained=False)
+    assert load_weights(other, path)["epoch"] == 3
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("packaging", ["lavt", "lavt_one"])
+def test_to_official_round_trip(tmp_path, bert768, packaging):
+    cfg = tiny_cfg(MODEL__TEXT__ENCODER=str(bert768))
+    model = build_model(cfg, pretrained=False)
+    packed = to_official(model, packaging)
+    assert ("bert_model" in packed) == (packaging == "lavt")
+    torch.save(packed, tmp_path / "x.pth")
+    other = build_model(cfg, pretrained=False)
+    load_weights(other, tmp_path / "x.pth")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
+    model = build_model(tiny_cfg())
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pth"):
+        load_weights(model, tmp_path / "nope.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth"):
+        load_weights(model, tmp_path / "garbage.pth")
+    torch.save({"model": model.state_dict(), "evil": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pth")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*pickled_module.pth"):
+        load_weights(model, tmp_path / "pickled_module.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_weights(model, tmp_path / "list.pth")
+    torch.save(reference["checkpoint"], tmp_path / "other_config.pth")  # embed dim 16 vs 8
+    msg = r"(?s)other_config.pth does not fit.*shape mismatches: backbone.*EMBED_DIM is 16 in the file, 8 here"
+    with pytest.raises(CheckpointError, match=msg):
+        load_weights(model, tmp_path / "other_config.pth")
+    with_text = build_model(fixture_cfg(reference, MODEL__TEXT__ENCODER=str(bert768)), pretrained=False)
+    with pytest.raises(CheckpointError, match="needs its 'bert_model'"):
+        load_weights(with_text, tmp_path / "other_config.pth")
+    torch.save(to_official(with_text, "lavt"), tmp_path / "has_text.pth")
+    with pytest.raises(CheckpointError, match="set MODEL.TEXT.ENCODER"):
+        load_weights(build_model(fixture_cfg(reference)), tmp_path / "has_text.pth")
+    fresh = build_model(tiny_cfg())
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        load_weights(fresh, tmp_path / "other_config.pth")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing half-loaded
+
+
+def _swin_imagenet_state(window: int) -> dict:
+    """A checkpoint in the original Swin classification layout (no PWAM/gates, a final norm, a head)."""
+    torch.manual_seed(7)
+    src = build_backbone(8, [2, 2, 2, 2], [1, 2, 2, 4], window, 12, [1, 1, 1, 1])
+    state = {k: v.normal_() if v.is_floating_point() else v for k, v in src.state_dict().items()
+             if ".fusion." not in k and ".res_gate." not in k and not k.startswith("norm")}
+    state.update({"norm.weight": torch.ones(64), "norm.bias": torch.zeros(64), "head.weight": torch.randn(10, 64),
+                  "head.bias": torch.zeros(10), "layers.0.blocks.1.attn_mask": torch.zeros(4, 49, 49),
+                  "layers.0.blocks.0.attn.relative_position_index": torch.zeros(49, 49, dtype=torch.long)})
+    return state
+
+
+def test_swin_imagenet_init_resizes_tables(tmp_path):
+    state = _swin_imagenet_state(window=7)
+    torch.save({"model": state}, tmp_path / "swin.pth")
+    backbone = build_backbone(8, [2, 2, 2, 2], [1, 2, 2, 4], 12, 12, [1, 1, 1, 1])
+    fusion_before = backbone.layers[0].fusion.vis_project[0].weight.clone()
+    skipped = load_pretrained_swin(backbone, tmp_path / "swin.pth")
+    assert {"norm.weight", "norm.bias", "head.weight", "head.bias"} <= set(skipped)
+    own = backbone.state_dict()
+    assert torch.equal(own["layers.2.blocks.1.attn.qkv.weight"], state["layers.2.blocks.1.attn.qkv.weight"])
+    assert torch.equal(own["layers.1.downsample.reduction.weight"], state["layers.1.downsample.reduction.weight"])
+    assert torch.equal(own["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+    table = state["layers.3.blocks.0.attn.relative_position_bias_table"]  # [13 * 13, 4]
+    expect = F.interpolate(table.T.reshape(1, 4, 13, 13), size=(23, 23), mode="bicubic").reshape(4, 529).T
+    assert own["layers.3.blocks.0.attn.relative_position_bias_table"].shape == (529, 4)
+    assert torch.allclose(own["layers.3.blocks.0.attn.relative_position_bias_table"], expect)
+    assert torch.equal(backbone.layers[0].fusion.vis_project[0].weight, fusion_before)  # not in the file
+
+
+def test_swin_init_rejects_other_files(tmp_path):
+    torch.save({"model": {"encoder.weight": torch.zeros(3)}}, tmp_path / "not_swin.pth")
+    backbone = build_backbone(8, [2, 2, 2, 2], [1, 2, 2, 4], 7, 12, [1, 1, 1, 1])
+    with pytest.raises(CheckpointError, match="not_swin.pth shares no weight with the Swin backbone"):
+        load_pretrained_swin(backbone, tmp_path / "not_swin.pth")
