@@ -1,0 +1,229 @@
+"""``ReferDataset``: one item per referred object of a REFER split, and ``collate_eval`` for evaluation batches.
+
+Tokenisation follows the official LAVT code: ``tokenizer.encode(raw_sentence, add_special_tokens=True)``, cut to
+``max_tokens`` by slicing (so a long sentence loses its [SEP]), zero-padded, attention mask 1 on kept tokens.
+All sentences are tokenised once, in ``__init__``; ``__getitem__`` decodes one image and one mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from refer import REFER, ReferDataError, ReferFileNotFoundError
+
+from .transforms import TrainAugment, resize_image, resize_mask, to_tensor
+
+__all__ = ["ReferDataset", "build_dataset", "collate_eval", "load_tokenizer", "load_rgb", "tokenize", "ImageReadError"]
+
+logger = logging.getLogger(__name__)
+
+
+class ImageReadError(OSError):
+    """An image file exists but cannot be decoded."""
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as is; a local folder or alias (e.g. "minilm-l6") through ``models.text.load_tokenizer``
+    (FileNotFoundError naming the folder and what it should hold)."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from models.text import load_tokenizer as load_text_tokenizer  # the one place that knows the aliases
+
+    return load_text_tokenizer(str(tokenizer))
+
+
+def tokenize(tokenizer: Any, sentences: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official LAVT tokenisation of a list of sentences.
+
+    Returns:
+        input_ids [len(sentences), max_tokens] int64 (0-padded), attention_mask [len(sentences), max_tokens] int64.
+    """
+    input_ids = torch.zeros(len(sentences), max_tokens, dtype=torch.int64)
+    attention_mask = torch.zeros(len(sentences), max_tokens, dtype=torch.int64)
+    if sentences:
+        encoded = tokenizer(list(sentences), add_special_tokens=True)["input_ids"]
+        for i, ids in enumerate(encoded):
+            ids = ids[:max_tokens]
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Any image PIL reads (grayscale, CMYK, RGBA, palette, ...) -> [H, W, 3] uint8 RGB."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ReferFileNotFoundError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+class ReferDataset(torch.utils.data.Dataset):
+    """Referred objects of one split of a REFER dataset.
+
+    Args:
+        root, dataset, split_by, image_dir: as ``refer.REFER`` (``split_by`` is its ``splitBy``).
+        split: ``train`` | ``val`` | ``test`` | ``testA`` | ``testB`` | ... (REFER's split rules).
+        tokenizer: a tokenizer object, a local Hugging Face folder, or an alias (``"minilm-l6"``).
+        image_size: S, the side of the square network input.
+        max_tokens: token budget of one expression (official: 20).
+        eval_mode: all expressions of an object per item (else one at random) plus the original-size mask.
+        augment: mild scale/shift and brightness/contrast jitter, training mode only.
+        cat_max_tokens: token budget of all expressions of an object joined with " , " (``cat_input_ids``).
+
+    Train item: image [3, S, S] float32, target [S, S] int64 in {0, 1}, input_ids [N] int64,
+    attention_mask [N] int64, ref_id int. The expression is drawn with ``torch.randint``.
+    Eval item: image, target, input_ids [E, N], attention_mask [E, N], cat_input_ids [Nc],
+    cat_attention_mask [Nc], target_orig [H0, W0] uint8, ref_id, image_id, file_name, sentences (E str),
+    sent_ids (E int).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str,
+        split_by: str,
+        split: str,
+        tokenizer: Any,
+        image_size: int = 480,
+        max_tokens: int = 20,
+        eval_mode: bool = False,
+        image_dir: str | Path | None = None,
+        augment: bool = False,
+        cat_max_tokens: int = 64,
+    ) -> None:
+        if image_size < 1 or max_tokens < 1 or cat_max_tokens < 1:
+            raise ValueError(
+                f"image_size, max_tokens and cat_max_tokens must be positive, got {image_size}, "
+                f"{max_tokens}, {cat_max_tokens}"
+            )
+        self.refer = REFER(root, dataset, split_by, image_dir=image_dir or None)
+        self.split, self.image_size, self.max_tokens, self.eval_mode = split, image_size, max_tokens, eval_mode
+        self.image_dir = Path(self.refer.IMAGE_DIR)
+        where = f"{dataset} ({split_by}) in {self.refer.DATA_DIR}"
+        if not self.image_dir.is_dir():
+            raise ReferFileNotFoundError(
+                f"image folder not found: {self.image_dir} (expected the images of {where}; "
+                "COCO train2014 for RefCOCO/+/g; set image_dir / DATA.IMAGE_DIR)"
+            )
+        self.ref_ids = self.refer.getRefIds(split=split)
+        if not self.ref_ids:
+            present = sorted({ref["split"] for ref in self.refer.data["refs"]})
+            raise ValueError(f"split {split!r} of {where} holds no refs; its refs have splits {present}")
+        self.refs = self.refer.loadRefs(self.ref_ids)
+        self.augment = TrainAugment() if augment and not eval_mode else None
+
+        tokenizer = load_tokenizer(tokenizer)
+        sentences, offsets = [], [0]
+        for ref in self.refs:
+            if not ref["sentences"]:
+                raise ReferDataError(f"ref {ref['ref_id']} of {where} has no sentences")
+            sentences += [sent["raw"] for sent in ref["sentences"]]
+            offsets.append(len(sentences))
+        self.offsets = offsets  # expressions of item i: rows offsets[i]:offsets[i + 1]
+        self.input_ids, self.attention_masks = tokenize(tokenizer, sentences, max_tokens)  # [sum E, N]
+        if eval_mode:
+            joined = [" , ".join(s["raw"] for s in ref["sentences"]) for ref in self.refs]
+            self.cat_input_ids, self.cat_attention_masks = tokenize(tokenizer, joined, cat_max_tokens)  # [R, Nc]
+        logger.info("ReferDataset %s %s: %d objects, %d expressions", where, split, len(self.refs), len(sentences))
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref = self.refs[index]
+        info = self.refer.Imgs[ref["image_id"]]
+        path = self.image_dir / info["file_name"]
+        image = load_rgb(path)  # [H0, W0, 3]
+        mask = self.refer.getMask(ref)["mask"]  # [H0, W0] in {0, 1}
+        if image.shape[:2] != mask.shape:
+            raise ReferDataError(
+                f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                f"instances.json says {mask.shape[1]}x{mask.shape[0]} for image {ref['image_id']}"
+            )
+        image_s, mask_s = resize_image(image, self.image_size), resize_mask(mask, self.image_size)
+        if self.augment is not None:
+            image_s, mask_s = self.augment(image_s, mask_s)
+        item = {"image": to_tensor(image_s), "target": torch.from_numpy(mask_s).to(torch.int64)}
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        if not self.eval_mode:
+            row = start + int(torch.randint(stop - start, ()).item())
+            item.update(
+                input_ids=self.input_ids[row].clone(),
+                attention_mask=self.attention_masks[row].clone(),
+                ref_id=ref["ref_id"],
+            )
+            return item
+        item.update(
+            input_ids=self.input_ids[start:stop].clone(),
+            attention_mask=self.attention_masks[start:stop].clone(),
+            cat_input_ids=self.cat_input_ids[index].clone(),
+            cat_attention_mask=self.cat_attention_masks[index].clone(),
+            target_orig=torch.from_numpy(mask),
+            ref_id=ref["ref_id"],
+            image_id=ref["image_id"],
+            file_name=info["file_name"],
+            sentences=[s["raw"] for s in ref["sentences"]],
+            sent_ids=[s["sent_id"] for s in ref["sentences"]],
+        )
+        return item
+
+
+def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch eval items whose objects have different numbers of expressions E_b.
+
+    Returns image [B, 3, S, S], target [B, S, S], input_ids / attention_mask [sum E_b, N], expr_index [sum E_b]
+    int64 (the batch position of each expression's object), cat_input_ids / cat_attention_mask [B, Nc], and
+    lists of length B: target_orig ([H0, W0] each), ref_id, image_id, file_name, sentences, sent_ids.
+    """
+    if not items:
+        raise ValueError("collate_eval got an empty batch")
+    if "sentences" not in items[0]:
+        raise ValueError(
+            f"collate_eval takes eval-mode items (ReferDataset(..., eval_mode=True)); got keys {sorted(items[0])}"
+        )
+    counts = torch.tensor([it["input_ids"].shape[0] for it in items])
+    batch: dict[str, Any] = {
+        "image": torch.stack([it["image"] for it in items]),
+        "target": torch.stack([it["target"] for it in items]),
+        "input_ids": torch.cat([it["input_ids"] for it in items]),
+        "attention_mask": torch.cat([it["attention_mask"] for it in items]),
+        "expr_index": torch.repeat_interleave(torch.arange(len(items)), counts),
+        "cat_input_ids": torch.stack([it["cat_input_ids"] for it in items]),
+        "cat_attention_mask": torch.stack([it["cat_attention_mask"] for it in items]),
+    }
+    for key in ("target_orig", "ref_id", "image_id", "file_name", "sentences", "sent_ids"):
+        batch[key] = [it[key] for it in items]
+    return batch
+
+
+def build_dataset(cfg: Any, split: str, eval_mode: bool, tokenizer: Any = None) -> ReferDataset:
+    """``ReferDataset`` from a config (DATA.*, MODEL.TEXT.MAX_TOKENS); the tokenizer defaults to MODEL.TEXT.ENCODER.
+
+    Does not generate the synthetic dataset: call ``data.synthetic.ensure_synthetic`` once (main process) first.
+    """
+    if tokenizer is None:
+        tokenizer = cfg.MODEL.TEXT.ENCODER
+        if not tokenizer:
+            raise ValueError("MODEL.TEXT.ENCODER is empty: pass the tokenizer (object or folder) to build_dataset")
+    return ReferDataset(
+        cfg.DATA.ROOT,
+        cfg.DATA.DATASET,
+        cfg.DATA.SPLIT_BY,
+        split,
+        tokenizer,
+        image_size=cfg.DATA.SIZE,
+        max_tokens=cfg.MODEL.TEXT.MAX_TOKENS,
+        eval_mode=eval_mode,
+        image_dir=cfg.DATA.IMAGE_DIR or None,
+        augment=cfg.DATA.AUGMENT and not eval_mode,
+    )

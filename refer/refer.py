@@ -1,0 +1,408 @@
+"""The REFER API (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF) for Python 3.
+
+Same class, methods, arguments and index dicts as the original API by Licheng Yu, so code written against it
+keeps working:
+
+- ``Refs`` {ref_id: ref}, ``Anns`` {ann_id: ann}, ``Imgs`` {image_id: image}, ``Cats`` {category_id: name},
+  ``Sents`` {sent_id: sent}, ``imgToRefs`` {image_id: [ref]}, ``imgToAnns`` {image_id: [ann]},
+  ``refToAnn`` {ref_id: ann}, ``annToRef`` {ann_id: ref}, ``catToRefs`` {category_id: [ref]},
+  ``sentToRef`` {sent_id: ref}, ``sentToTokens`` {sent_id: [token]}.
+
+Layout on disk (as the original)::
+
+    <data_root>/<dataset>/refs(<splitBy>).p      pickled list of refs
+    <data_root>/<dataset>/instances.json          COCO-style images, annotations, categories
+    <data_root>/images/mscoco/images/train2014    COCO train2014 images (refcoco, refcoco+, refcocog, synthetic)
+    <data_root>/images/saiapr_tc-12               ImageCLEF images (refclef)
+
+Differences from the original, all in the direction of "what it meant to do": ``getRefIds(image_ids=...)``
+returns a flat list (the original built a list of lists), ``getAnnIds(ref_ids=...)`` applies the ref filter (the
+original computed and dropped it), ``getImgIds``/``getCatIds`` return lists, ``getMask`` returns a binary 0/1 mask
+(the original summed the parts of a multi-polygon object, so overlapping parts could read 2), and every bad input
+raises an error naming the file, key or value instead of printing and calling ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = [
+    "REFER",
+    "ReferDataError",
+    "ReferFileNotFoundError",
+    "ReferKeyError",
+    "DATASETS",
+    "SPLITS",
+]
+
+logger = logging.getLogger(__name__)
+
+# dataset name -> default image folder relative to data_root
+DATASETS: dict[str, str] = {
+    "refcoco": "images/mscoco/images/train2014",
+    "refcoco+": "images/mscoco/images/train2014",
+    "refcocog": "images/mscoco/images/train2014",
+    "refclef": "images/saiapr_tc-12",
+    "synthetic": "images/mscoco/images/train2014",
+}
+
+# every split name getRefIds understands (the original's rules)
+SPLITS: tuple[str, ...] = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
+
+
+class ReferFileNotFoundError(FileNotFoundError):
+    """A REFER file or folder is missing; the message names the path expected and what belongs there."""
+
+
+class ReferDataError(ValueError):
+    """A REFER file exists but cannot be read, or its content is inconsistent (names the file and the key)."""
+
+
+class ReferKeyError(KeyError):
+    """An id that the dataset does not hold. Prints its message as is (KeyError would print its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _as_list(value: Any) -> list:
+    """The original accepts a list or a single id; also take tuples, sets, ranges and numpy arrays."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [value]
+    if isinstance(value, np.ndarray):
+        return value.ravel().tolist()
+    return list(value)
+
+
+class REFER:
+    """Referring-expression annotations over COCO-style instances.
+
+    Args:
+        data_root: folder holding ``<dataset>/`` and ``images/``.
+        dataset: ``refcoco`` | ``refcoco+`` | ``refcocog`` | ``refclef`` | ``synthetic``.
+        splitBy: ``unc`` | ``google`` | ``umd`` | ``berkeley`` (whichever ``refs(<splitBy>).p`` exists).
+        image_dir: the image folder, if not the default under ``data_root``.
+    """
+
+    def __init__(
+        self, data_root: str | Path, dataset: str = "refcoco", splitBy: str = "unc", image_dir: str | Path | None = None
+    ) -> None:
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown REFER dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+        logger.info("loading dataset %s (%s) into memory...", dataset, splitBy)
+        tic = time.time()
+        self.ROOT_DIR = str(Path(data_root))
+        self.DATA_DIR = str(Path(data_root) / dataset)
+        self.IMAGE_DIR = str(Path(image_dir) if image_dir else Path(data_root) / DATASETS[dataset])
+        self.dataset = dataset
+        self.splitBy = splitBy
+
+        data_dir = Path(self.DATA_DIR)
+        if not data_dir.is_dir():
+            raise ReferFileNotFoundError(
+                f"REFER annotation folder not found: {data_dir} (expected refs({splitBy}).p and instances.json of "
+                f"{dataset} there, e.g. unzipped from the REFER repository's {dataset}.zip)"
+            )
+        ref_file = data_dir / f"refs({splitBy}).p"
+        if not ref_file.is_file():
+            present = sorted(p.name for p in data_dir.glob("refs(*).p"))
+            raise ReferFileNotFoundError(
+                f"REFER refs file not found: {ref_file} (expected the pickled list of {dataset} referring "
+                f"expressions split by {splitBy!r}; this folder has {present or 'no refs(*).p file'})"
+            )
+        instances_file = data_dir / "instances.json"
+        if not instances_file.is_file():
+            raise ReferFileNotFoundError(
+                f"REFER instances file not found: {instances_file} (expected the COCO-style images, annotations "
+                f"and categories of {dataset})"
+            )
+
+        self.data: dict[str, Any] = {"dataset": dataset, "refs": self._load_refs(ref_file)}
+        instances = self._load_instances(instances_file)
+        for key in ("images", "annotations", "categories"):
+            self.data[key] = instances[key]
+        self._ref_file, self._instances_file = ref_file, instances_file
+        self.createIndex()
+        logger.info("DONE (t=%.2fs)", time.time() - tic)
+
+    @staticmethod
+    def _load_refs(ref_file: Path) -> list[dict]:
+        try:
+            with open(ref_file, "rb") as f:
+                try:
+                    refs = pickle.load(f)
+                except UnicodeDecodeError:
+                    # Python 2 pickles of byte strings with non-ASCII characters.
+                    f.seek(0)
+                    refs = pickle.load(f, encoding="latin1")
+        except Exception as e:  # pickle raises many types on corrupt input
+            raise ReferDataError(f"cannot read REFER refs pickle {ref_file}: {type(e).__name__}: {e}") from e
+        if not isinstance(refs, list):
+            raise ReferDataError(f"REFER refs pickle {ref_file} holds a {type(refs).__name__}, expected a list of refs")
+        return refs
+
+    @staticmethod
+    def _load_instances(instances_file: Path) -> dict:
+        try:
+            with open(instances_file, encoding="utf-8") as f:
+                instances = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReferDataError(f"cannot read REFER instances JSON {instances_file}: {e}") from e
+        if not isinstance(instances, dict):
+            raise ReferDataError(
+                f"REFER instances file {instances_file} holds a {type(instances).__name__}, "
+                "expected an object with images, annotations and categories"
+            )
+        for key in ("images", "annotations", "categories"):
+            if key not in instances:
+                raise ReferDataError(
+                    f"REFER instances file {instances_file} has no {key!r} entry (found {sorted(instances)})"
+                )
+        return instances
+
+    def createIndex(self) -> None:
+        """Build the id -> object dicts (see the module docstring)."""
+        logger.debug("creating index...")
+        Anns, Imgs, Cats, imgToAnns = {}, {}, {}, {}
+        try:
+            for ann in self.data["annotations"]:
+                Anns[ann["id"]] = ann
+                imgToAnns.setdefault(ann["image_id"], []).append(ann)
+            for img in self.data["images"]:
+                Imgs[img["id"]] = img
+            for cat in self.data["categories"]:
+                Cats[cat["id"]] = cat["name"]
+        except (KeyError, TypeError) as e:
+            raise ReferDataError(
+                f"malformed entry in {getattr(self, '_instances_file', 'instances')}: missing key {e}"
+            ) from e
+
+        Refs, imgToRefs, refToAnn, annToRef, catToRefs = {}, {}, {}, {}, {}
+        Sents, sentToRef, sentToTokens = {}, {}, {}
+        ref_file = getattr(self, "_ref_file", "refs")
+        for ref in self.data["refs"]:
+            try:
+                ref_id, ann_id = ref["ref_id"], ref["ann_id"]
+                image_id, category_id = ref["image_id"], ref["category_id"]
+                sentences = ref["sentences"]
+                ref["split"]  # noqa: B018 - every ref must carry its split
+            except (KeyError, TypeError) as e:
+                raise ReferDataError(f"malformed ref in {ref_file}: missing key {e} in {ref!r:.200}") from e
+            if ann_id not in Anns:
+                raise ReferDataError(
+                    f"ref {ref_id} in {ref_file} points at ann_id {ann_id}, which "
+                    f"{getattr(self, '_instances_file', 'instances')} does not hold"
+                )
+            Refs[ref_id] = ref
+            imgToRefs.setdefault(image_id, []).append(ref)
+            catToRefs.setdefault(category_id, []).append(ref)
+            refToAnn[ref_id] = Anns[ann_id]
+            annToRef[ann_id] = ref
+            for sent in sentences:
+                Sents[sent["sent_id"]] = sent
+                sentToRef[sent["sent_id"]] = ref
+                sentToTokens[sent["sent_id"]] = sent["tokens"]
+
+        self.Refs, self.Anns, self.Imgs, self.Cats, self.Sents = Refs, Anns, Imgs, Cats, Sents
+        self.imgToRefs, self.imgToAnns, self.refToAnn, self.annToRef = imgToRefs, imgToAnns, refToAnn, annToRef
+        self.catToRefs, self.sentToRef, self.sentToTokens = catToRefs, sentToRef, sentToTokens
+        logger.debug("index created.")
+
+    # ------------------------------------------------------------------ queries
+    def _lookup(self, table: dict, key: Any, what: str) -> Any:
+        try:
+            return table[key]
+        except (KeyError, TypeError):
+            raise ReferKeyError(
+                f"{what} {key!r} is not in {self.dataset} ({self.splitBy}) at {self.DATA_DIR}"
+            ) from None
+
+    def getRefIds(
+        self,
+        image_ids: Any = (),
+        cat_ids: Any = (),
+        ref_ids: Any = (),
+        split: str = "",
+    ) -> list:
+        """Ref ids filtered by image, category, ref id and split.
+
+        Split rules (the original's): ``testA``/``testB``/``testC`` keep refs whose split contains that letter
+        (so also ``testAB`` ...), ``testAB``/``testBC``/``testAC`` match exactly, ``test`` keeps every split
+        containing "test", ``train``/``val`` match exactly.
+        """
+        image_ids, cat_ids, ref_ids = _as_list(image_ids), _as_list(cat_ids), _as_list(ref_ids)
+        if split and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} for {self.dataset} ({self.splitBy}); expected one of {SPLITS}")
+        if image_ids:
+            refs = [ref for image_id in image_ids for ref in self.imgToRefs.get(image_id, [])]
+        else:
+            refs = self.data["refs"]
+        if cat_ids:
+            cat_set = set(cat_ids)
+            refs = [ref for ref in refs if ref["category_id"] in cat_set]
+        if ref_ids:
+            ref_set = set(ref_ids)
+            refs = [ref for ref in refs if ref["ref_id"] in ref_set]
+        if split in ("testA", "testB", "testC"):
+            refs = [ref for ref in refs if split[-1] in ref["split"]]
+        elif split in ("testAB", "testBC", "testAC"):
+            refs = [ref for ref in refs if ref["split"] == split]
+        elif split == "test":
+            refs = [ref for ref in refs if "test" in ref["split"]]
+        elif split in ("train", "val"):
+            refs = [ref for ref in refs if ref["split"] == split]
+        return [ref["ref_id"] for ref in refs]
+
+    def getAnnIds(self, image_ids: Any = (), cat_ids: Any = (), ref_ids: Any = ()) -> list:
+        """Annotation ids filtered by image, category and ref."""
+        image_ids, cat_ids, ref_ids = _as_list(image_ids), _as_list(cat_ids), _as_list(ref_ids)
+        if image_ids:
+            anns = [ann for image_id in image_ids for ann in self.imgToAnns.get(image_id, [])]
+        else:
+            anns = self.data["annotations"]
+        if cat_ids:
+            cat_set = set(cat_ids)
+            anns = [ann for ann in anns if ann["category_id"] in cat_set]
+        ann_ids = [ann["id"] for ann in anns]
+        if ref_ids:
+            keep = {self._lookup(self.Refs, ref_id, "ref_id")["ann_id"] for ref_id in ref_ids}
+            ann_ids = [ann_id for ann_id in ann_ids if ann_id in keep]
+        return ann_ids
+
+    def getImgIds(self, ref_ids: Any = ()) -> list:
+        """Ids of the images of the given refs (all images if none given)."""
+        ref_ids = _as_list(ref_ids)
+        if ref_ids:
+            # dict.fromkeys: unique, in first-seen order (the original's set had no stable order)
+            return list(dict.fromkeys(self._lookup(self.Refs, r, "ref_id")["image_id"] for r in ref_ids))
+        return list(self.Imgs)
+
+    def getCatIds(self) -> list:
+        return list(self.Cats)
+
+    def loadRefs(self, ref_ids: Any = ()) -> list[dict]:
+        return [self._lookup(self.Refs, r, "ref_id") for r in _as_list(ref_ids)]
+
+    def loadAnns(self, ann_ids: Any = ()) -> list[dict]:
+        return [self._lookup(self.Anns, a, "ann_id") for a in _as_list(ann_ids)]
+
+    def loadImgs(self, image_ids: Any = ()) -> list[dict]:
+        return [self._lookup(self.Imgs, i, "image_id") for i in _as_list(image_ids)]
+
+    def loadCats(self, cat_ids: Any = ()) -> list[str]:
+        """Category names (``Cats`` maps id -> name, as the original)."""
+        return [self._lookup(self.Cats, c, "category_id") for c in _as_list(cat_ids)]
+
+    def getRefBox(self, ref_id: int) -> list[float]:
+        """The referred object's box ``[x, y, w, h]``."""
+        self._lookup(self.Refs, ref_id, "ref_id")
+        return self.refToAnn[ref_id]["bbox"]
+
+    # ------------------------------------------------------------------ masks
+    def _segmentation_rle(self, ann: dict, height: int, width: int) -> dict:
+        """One RLE (union of the parts) for polygons, uncompressed RLE, compressed RLE or a list of RLEs."""
+        seg = ann.get("segmentation")
+        where = f"annotation {ann.get('id')!r} of {self.dataset}"
+        if isinstance(seg, dict):
+            parts = [seg]
+        elif isinstance(seg, list) and all(isinstance(p, dict) for p in seg):
+            parts = list(seg)
+        elif isinstance(seg, list) and all(isinstance(p, (list, tuple)) for p in seg):
+            polygons = [list(map(float, p)) for p in seg if len(p) >= 6]  # fewer than 3 points has no area
+            parts = mask_utils.frPyObjects(polygons, height, width) if polygons else []
+        else:
+            raise ReferDataError(
+                f"{where} has an unsupported segmentation ({type(seg).__name__}): expected "
+                "polygons [[x1, y1, ...], ...], an RLE dict or a list of RLE dicts"
+            )
+        rles = []
+        for part in parts:
+            if "counts" not in part or "size" not in part:
+                raise ReferDataError(f"{where}: RLE without 'counts'/'size' (keys {sorted(part)})")
+            if list(part["size"]) != [height, width]:
+                raise ReferDataError(
+                    f"{where}: RLE size {list(part['size'])} differs from the image size {[height, width]}"
+                )
+            if isinstance(part["counts"], list):  # uncompressed RLE
+                part = mask_utils.frPyObjects(part, height, width)
+            elif isinstance(part["counts"], str):
+                part = {"size": part["size"], "counts": part["counts"].encode("ascii")}
+            rles.append(part)
+        if not rles:
+            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+
+    def getMask(self, ref: dict) -> dict[str, Any]:
+        """The referred object's mask.
+
+        Returns:
+            {'mask': [H, W] uint8 in {0, 1} at the image's size, 'area': float pixel count}.
+        """
+        ref_id = ref["ref_id"]
+        ann = self._lookup(self.refToAnn, ref_id, "ref_id")
+        image = self._lookup(self.Imgs, ref["image_id"], "image_id")
+        rle = self._segmentation_rle(ann, int(image["height"]), int(image["width"]))
+        m = np.ascontiguousarray(mask_utils.decode(rle))  # pycocotools decodes column-major
+        return {"mask": m, "area": float(mask_utils.area(rle))}
+
+    def getMaskByRef(self, ref: dict | None = None, ref_id: int | None = None) -> dict[str, Any]:
+        """``getMask`` given either a ref or its id."""
+        if ref is None:
+            if ref_id is None:
+                raise ValueError("getMaskByRef needs a ref or a ref_id")
+            ref = self._lookup(self.Refs, ref_id, "ref_id")
+        return self.getMask(ref)
+
+    # ------------------------------------------------------------------ plots (matplotlib imported here only)
+    def showRef(self, ref: dict, seg_box: str = "seg") -> None:
+        """Draw the image, the object's outline (``seg``) or box (``box``), and its sentences as the title."""
+        import matplotlib.pyplot as plt
+        from matplotlib.collections import PatchCollection
+        from matplotlib.patches import Polygon, Rectangle
+        from PIL import Image
+
+        if seg_box not in ("seg", "box"):
+            raise ValueError(f"seg_box must be 'seg' or 'box', got {seg_box!r}")
+        ax = plt.gca()
+        image = self._lookup(self.Imgs, ref["image_id"], "image_id")
+        path = Path(self.IMAGE_DIR) / image["file_name"]
+        if not path.is_file():
+            raise ReferFileNotFoundError(
+                f"image not found: {path} (expected the {self.dataset} image {image['file_name']} in {self.IMAGE_DIR})"
+            )
+        with Image.open(path) as im:
+            ax.imshow(np.asarray(im.convert("RGB")))
+        sentences = [f"{i + 1}. {s['sent']}" for i, s in enumerate(ref["sentences"])]
+        for line in sentences:
+            logger.info("%s", line)
+        ax.set_title("\n".join(sentences), fontsize=9)
+        ann = self.refToAnn[ref["ref_id"]]
+        if seg_box == "seg":
+            seg = ann["segmentation"]
+            if isinstance(seg, list) and seg and isinstance(seg[0], (list, tuple)):
+                polygons = [Polygon(np.asarray(p, dtype=float).reshape(-1, 2), closed=True) for p in seg]
+                ax.add_collection(PatchCollection(polygons, facecolors="none", edgecolors=(1, 1, 0, 1), linewidths=3))
+                ax.add_collection(PatchCollection(polygons, facecolors="none", edgecolors=(1, 0, 0, 1), linewidths=1))
+            else:
+                m = self.getMask(ref)["mask"]
+                overlay = np.zeros((*m.shape, 4))
+                overlay[..., :3] = np.array([2.0, 166.0, 101.0]) / 255
+                overlay[..., 3] = m * 0.5
+                ax.imshow(overlay)
+        else:
+            x, y, w, h = self.getRefBox(ref["ref_id"])
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="green", linewidth=3))
+
+    def showMask(self, ref: dict) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.gca().imshow(self.getMask(ref)["mask"])

