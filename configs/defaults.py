@@ -44,8 +44,10 @@ _C.MODEL.TEXT.TRAIN_LAYERS = 10
 
 # Fast paths (issue: performance). They change speed, not results (float32 round-off).
 _C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention
-_C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin stage
+_C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin block (training only)
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format in the decoder
+# torch.compile the backbone and the decoder (in place: same parameter names). First steps compile (minutes).
+_C.MODEL.COMPILE = False
 
 # ----------------------------------------------------------------------------- data
 _C.DATA = CN()
@@ -66,9 +68,12 @@ _C.TRAIN.BATCH_SIZE = 8  # per process
 _C.TRAIN.LR = 5e-5
 _C.TRAIN.WEIGHT_DECAY = 1e-2
 _C.TRAIN.POLY_POWER = 0.9
+_C.TRAIN.WARMUP_ITERS = 0  # linear LR warmup (not in the official recipe; helps training from scratch)
 _C.TRAIN.LOSS = "ce"  # ce | dice | ce+dice
 _C.TRAIN.CE_WEIGHTS = [0.9, 1.1]
 _C.TRAIN.AMP = ""  # "" (float32) | bf16 | fp16
+# torch.optim.AdamW(fused=True): one kernel over all parameters (CPU and GPU; about 5x faster step on CPU)
+_C.TRAIN.FUSED_ADAMW = False
 _C.TRAIN.CLIP_GRAD = 0.0  # max grad norm, 0 = off
 _C.TRAIN.SEED = 0
 

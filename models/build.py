@@ -37,7 +37,16 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
-    return LAVT(backbone, build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST), text_encoder)
+    model = LAVT(backbone, build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST), text_encoder)
+    return compile_model(model) if m.COMPILE else model
+
+
+def compile_model(model: LAVT) -> LAVT:
+    """``torch.compile`` the backbone and the decoder in place (``nn.Module.compile``): the parameter names, the
+    state dict and the checkpoints stay as they are. The text encoder (Hugging Face code) runs eagerly."""
+    model.backbone.compile()
+    model.classifier.compile()
+    return model
 
 
 def _no_decay(name: str) -> bool:

@@ -45,6 +45,8 @@ class SpatialImageLanguageAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
         """x: [B, HW, C_v]; lang: [B, C_l, N]; lang_mask: [B, N, 1] (1 = word, 0 = padding) -> [B, HW, C_out]."""
+        if self.fused:
+            return self._forward_tokens(x, lang, lang_mask)
         B, HW = x.shape[:2]
         h = self.num_heads
         mask = lang_mask.transpose(1, 2).to(lang.dtype)  # [B, 1, N]
@@ -56,15 +58,61 @@ class SpatialImageLanguageAttention(nn.Module):
         value = value.view(B, h, -1, value.shape[-1])  # [B, h, d_v, N]
         # padding words get -1e4 before the softmax (not -inf: kept as the official code for identical numbers)
         bias = (1e4 * mask - 1e4).unsqueeze(1).to(query.dtype)  # [B, 1, 1, N]
-        scale = self.key_channels**-0.5
-        if self.fused:
-            key, value = key.transpose(-2, -1), value.transpose(-2, -1)  # [B, h, N, d]
-            out = F.scaled_dot_product_attention(query, key, value, bias, scale=scale)
-        else:
-            attn = (scale * (query @ key) + bias).softmax(dim=-1)  # [B, h, HW, N]
-            out = attn @ value.transpose(-2, -1)
+        attn = (self.key_channels**-0.5 * (query @ key) + bias).softmax(dim=-1)  # [B, h, HW, N]
+        out = attn @ value.transpose(-2, -1)
         out = out.transpose(1, 2).reshape(B, HW, self.value_channels)  # [B, HW, C_v], heads back into channels
         return self.W(out.transpose(1, 2)).transpose(1, 2)
+
+    def _forward_tokens(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
+        """The same computation in token layout: 1x1 convolutions as ``F.linear`` on [B, L, C], no transposed
+        copies, and key/value laid out so that ``scaled_dot_product_attention`` takes its fused kernel."""
+        B, HW = x.shape[:2]
+        h = self.num_heads
+        words = lang.transpose(1, 2)  # [B, N, C_l]
+        query = instance_norm_tokens(conv1x1(self.f_query[0], x), self.f_query[1].eps)  # [B, HW, C_k]
+        key = conv1x1(self.f_key[0], words)  # [B, N, C_k]
+        mask = lang_mask.to(key.dtype)  # [B, N, 1], in the compute dtype (bf16 under autocast)
+        key = key * mask
+        value = conv1x1(self.f_value[0], words) * mask  # [B, N, C_v]
+        N = key.shape[1]
+        # [B, h, L, d] views whose last dim is contiguous: what the fused kernel needs
+        query, key, value = (t.view(B, t.shape[1], h, -1).transpose(1, 2) for t in (query, key, value))
+        bias = (1e4 * mask - 1e4).view(B, 1, 1, N).to(query.dtype)  # the official -1e4 on padding words
+        out = attention(query, key, value, bias, self.key_channels**-0.5)
+        out = out.transpose(1, 2).reshape(B, HW, self.value_channels)  # [B, HW, C_v]
+        return instance_norm_tokens(conv1x1(self.W[0], out), self.W[1].eps)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for q: [B, h, L, d], k, v: [B, h, S, d], bias broadcastable to [B, h, L, S].
+
+    ``scaled_dot_product_attention`` (a fused kernel: no [L, S] matrix in memory) on GPU, and on CPU for float32
+    without gradient. Otherwise on CPU two matmuls and a softmax, measured faster there: the fused kernel's
+    backward is about 1.5x slower than the matmuls' on a Swin block, and its bf16 forward is no faster than its
+    float32 one, while bf16 matmuls are about 1.5x faster than the fused kernel (Swin window shapes, AVX-512 bf16).
+    """
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and (grad or q.dtype != torch.float32):
+        attn = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # [B, h, L, S]
+        return F.dropout(attn, dropout_p, training=True) @ v if dropout_p else attn @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+def conv1x1(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-size-1 ``Conv1d`` applied to tokens: x [B, L, C_in] -> [B, L, C_out] (its weights, token layout)."""
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+
+def instance_norm_tokens(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``InstanceNorm1d`` (no affine) of tokens: x [B, L, C] normalised over L per sample and channel.
+
+    Statistics in float32 whatever the input dtype (under bf16/fp16 autocast), result in the input dtype.
+    """
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=1, keepdim=True, correction=0)  # [B, 1, C]
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 class PWAM(nn.Module):
@@ -97,6 +145,12 @@ class PWAM(nn.Module):
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
         """x: [B, HW, C]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> multi-modal features [B, HW, C]."""
+        if self.image_lang_att.fused:  # token layout throughout: no transposed copies
+            _, act, drop = self.vis_project
+            vis = drop(act(conv1x1(self.vis_project[0], x)))  # [B, HW, C]
+            mm = vis * self.image_lang_att(x, lang, lang_mask)
+            _, act, drop = self.project_mm
+            return drop(act(conv1x1(self.project_mm[0], mm)))
         vis = self.vis_project(x.transpose(1, 2))  # [B, C, HW]
         lang_feat = self.image_lang_att(x, lang, lang_mask).transpose(1, 2)  # [B, C, HW]
         return self.project_mm(vis * lang_feat).transpose(1, 2)

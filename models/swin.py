@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from .pwam import PWAM, LanguageGate
+from .pwam import PWAM, LanguageGate, attention
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -86,6 +86,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias_cache: dict[tuple, tuple] = {}
 
     def position_bias(self) -> torch.Tensor:
         """[heads, N, N] with N = window^2."""
@@ -93,27 +94,67 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # [N * N, heads]
         return bias.view(N, N, -1).permute(2, 0, 1)
 
+    def attn_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The fused path's additive mask: [1, h, N, N] (no mask) or [1, nW * h, N, N] (bias + shift mask).
+
+        Built once per mask, dtype and weights when no gradient is needed (evaluation); rebuilt every forward
+        when the bias table is trained. 4-D, as the fused CPU kernel requires.
+        """
+        table = self.relative_position_bias_table
+        if torch.is_grad_enabled() and table.requires_grad or torch.compiler.is_compiling():
+            return self._build_attn_bias(mask, dtype)
+        key = (None if mask is None else tuple(mask.shape), dtype, table.device)
+        stamp = (table._version, table.data_ptr())
+        hit = self._bias_cache.get(key)
+        # the entry holds its mask, so identity (not a reusable address) says it is the same mask
+        if hit is None or hit[0] is not mask or hit[1] != stamp:
+            hit = (mask, stamp, self._build_attn_bias(mask, dtype))
+            self._bias_cache[key] = hit
+        return hit[2]
+
+    def _build_attn_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        bias = self.position_bias()  # [h, N, N]
+        if mask is not None:
+            bias = mask.unsqueeze(1) + bias  # [nW, h, N, N]: windows outer, heads inner, as the merged head dim
+        return bias.reshape(1, -1, *bias.shape[-2:]).to(dtype)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B * nW, N, C]; mask: [nW, N, N] or None -> [B * nW, N, C]."""
+        """x: [B * nW, N, C] (windows in the batch) or, fused with a shift mask, [B, N, nW, C] (windows as heads).
+
+        mask: [nW, N, N] or None. Returns x's shape.
+        """
+        if self.fused and x.dim() == 4:
+            return self._forward_window_heads(x, mask)
         Bw, N, C = x.shape
         h = self.num_heads
         qkv = self.qkv(x).view(Bw, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # [3, B * nW, h, N, d]
         q, k, v = qkv.unbind(0)
+        if self.fused and mask is None:
+            p = self.attn_drop.p if self.training else 0.0
+            out = attention(q, k, v, self.attn_bias(None, q.dtype), self.scale, p)  # [B * nW, h, N, d]
+            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bw, N, C)))
         bias = self.position_bias()  # [h, N, N]
         if mask is not None:
             nW = mask.shape[0]
             bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # [nW, h, N, N]
             # [B, nW, h, N, d]: the batch and window dims split so the mask broadcasts per window
             q, k, v = (t.view(Bw // nW, nW, h, N, -1) for t in (q, k, v))
-        bias = bias.to(q.dtype)
-        if self.fused:
-            p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.to(q.dtype)
+        out = self.attn_drop(attn.softmax(dim=-1)) @ v
         out = out.reshape(Bw, h, N, -1).transpose(1, 2).reshape(Bw, N, C)  # heads back into channels
         return self.proj_drop(self.proj(out))
+
+    def _forward_window_heads(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, N, nW, C] -> [B, N, nW, C]: every (window, head) pair is one attention head, so that the
+        per-window shift mask is a per-head mask and the fused kernel applies (a 5-D query would not take it)."""
+        B, N, nW, C = x.shape
+        h = self.num_heads
+        w, b = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
+        # q, k and v projected separately: each [B, N, nW, C] merges (nW, h) into one head dim as a view
+        q, k, v = (F.linear(x, w[i], b[i]).view(B, N, nW * h, -1).transpose(1, 2) for i in range(3))
+        p = self.attn_drop.p if self.training else 0.0
+        out = attention(q, k, v, self.attn_bias(mask, q.dtype), self.scale, p)  # [B, nW * h, N, d]
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, nW, C)))
 
 
 class SwinBlock(nn.Module):
@@ -141,6 +182,8 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int, mask: torch.Tensor | None) -> torch.Tensor:
         """x: [B, H * W, C]; mask: the stage's shift mask [nW, N, N] (used when shifting) -> [B, H * W, C]."""
+        if self.attn.fused:
+            return self._forward_fused(x, H, W, mask)
         B, L, C = x.shape
         ws = self.window
         shortcut = x
@@ -157,6 +200,27 @@ class SwinBlock(nn.Module):
         if pad_b or pad_r:
             x = x[:, :H, :W, :]
         x = shortcut + self.drop_path(x.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_fused(self, x: torch.Tensor, H: int, W: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` with the shifted windows laid out as heads ([B, N, nW, C]) and the crop added as a view."""
+        B, L, C = x.shape
+        ws, s = self.window, self.shift
+        y = self.norm1(x).view(B, H, W, C)
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_b or pad_r:
+            y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # [B, Hp, Wp, C], zeros after norm1 as the official code
+        Hp, Wp = H + pad_b, W + pad_r
+        nH, nW = Hp // ws, Wp // ws
+        if s:
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2)).view(B, nH, ws, nW, ws, C)
+            y = y.permute(0, 2, 4, 1, 3, 5).reshape(B, ws * ws, nH * nW, C)  # [B, N, windows, C]
+            y = self.attn(y, mask).view(B, ws, ws, nH, nW, C).permute(0, 3, 1, 4, 2, 5).reshape(B, Hp, Wp, C)
+            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
+        else:
+            y = window_reverse(self.attn(window_partition(y, ws)), ws, Hp, Wp)
+        # the padded border is dropped by viewing, not copying, the [B, H, W, C] corner
+        x = (x.view(B, H, W, C) + self.drop_path(y[:, :H, :W])).view(B, L, C)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -233,6 +297,7 @@ class MultiModalStage(nn.Module):
             # DDP needs no find_unused_parameters and the optimiser skips it.
             self.res_gate.requires_grad_(False)
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.grad_checkpoint = False  # set by MultiModalSwin
 
     def mask(self, H: int, W: int, device: torch.device) -> torch.Tensor:
         """The shift mask for an H x W map, built once per padded size and device."""
@@ -248,8 +313,20 @@ class MultiModalStage(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, H * W, C]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> (PWAM out [B, H * W, C], next [B, L', C'])."""
         mask = self.mask(H, W, x.device) if len(self.blocks) > 1 else None
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            # per block, not per stage: the backward then holds one block's activations at a time (a stage of
+            # 18 blocks recomputed at once would hold all of them); the compute is the same, one extra forward
+            for blk in self.blocks:
+                x = torch.utils.checkpoint.checkpoint(blk, x, H, W, mask, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self._fuse, x, H, W, lang, lang_mask, use_reentrant=False)
         for blk in self.blocks:
             x = blk(x, H, W, mask)
+        return self._fuse(x, H, W, lang, lang_mask)
+
+    def _fuse(
+        self, x: torch.Tensor, H: int, W: int, lang: torch.Tensor, lang_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PWAM, the gate and patch merging: x [B, H * W, C] -> (PWAM out [B, H * W, C], next [B, L', C'])."""
         fused = self.fusion(x, lang, lang_mask)
         if self.downsample is None:
             return fused, x  # the last stage's gated sum feeds nothing: skip it
@@ -267,7 +344,7 @@ class MultiModalSwin(nn.Module):
         window: window side (7 or 12).
         lang_dim: width of the language features.
         fusion_heads: PWAM heads per stage (the official ``--mha``).
-        grad_checkpoint: recompute each stage in the backward pass to save memory.
+        grad_checkpoint: recompute activations in the backward pass (per Swin block) to save memory.
     """
 
     def __init__(
@@ -296,7 +373,6 @@ class MultiModalSwin(nn.Module):
         for i, (c, h) in enumerate(zip(self.num_features, num_heads)):
             if c % h:
                 raise ValueError(f"stage {i}: {c} channels do not divide into {h} heads")
-        self.grad_checkpoint = grad_checkpoint
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth, linearly spread
         self.layers = nn.ModuleList()
@@ -311,6 +387,17 @@ class MultiModalSwin(nn.Module):
         for i, c in enumerate(self.num_features):
             self.add_module(f"norm{i}", nn.LayerNorm(c))
         self.apply(_init_weights)
+        self.grad_checkpoint = grad_checkpoint
+
+    @property
+    def grad_checkpoint(self) -> bool:
+        """Recompute activations in the backward pass (training only), block by block, to save memory."""
+        return all(stage.grad_checkpoint for stage in self.layers)
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, value: bool) -> None:
+        for stage in self.layers:
+            stage.grad_checkpoint = value
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor, lang_mask: torch.Tensor) -> list[torch.Tensor]:
         """x: [B, 3, H, W]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> [[B, C_i, H_i, W_i] for each stage]."""
@@ -322,10 +409,7 @@ class MultiModalSwin(nn.Module):
         x, H, W = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.layers):
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                fused, x = torch.utils.checkpoint.checkpoint(stage, x, H, W, lang, lang_mask, use_reentrant=False)
-            else:
-                fused, x = stage(x, H, W, lang, lang_mask)
+            fused, x = stage(x, H, W, lang, lang_mask)
             out = getattr(self, f"norm{i}")(fused)
             outs.append(out.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2))  # [B, C_i, H, W]
             H, W = (H + 1) // 2, (W + 1) // 2

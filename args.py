@@ -1,0 +1,161 @@
+"""Command line of ``main.py``.
+
+Every configuration flag maps onto one config key (``FLAG_TO_KEY``). Precedence, lowest first:
+the defaults in ``configs/defaults.py`` <- ``--cfg_file`` <- explicit flags <- ``--opts KEY VALUE ...``.
+Flags that select what the run does (``--eval``, ``--resume``, ``--pretrain``, ``--device``) are not config.
+
+Nothing here parses ``sys.argv`` at import time: ``get_parser().parse_args(argv)`` does it on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from yacs.config import CfgNode
+
+from configs import get_config
+
+# The built-in demo: what `python main.py` runs with no arguments.
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+# argparse dest -> config key. A flag left unset (None) leaves the key to the config file.
+FLAG_TO_KEY: dict[str, str] = {
+    "dataset": "DATA.DATASET",
+    "splitBy": "DATA.SPLIT_BY",
+    "refer_data_root": "DATA.ROOT",
+    "image_dir": "DATA.IMAGE_DIR",
+    "size": "DATA.SIZE",
+    "workers": "DATA.WORKERS",
+    "batch_size": "TRAIN.BATCH_SIZE",
+    "epochs": "TRAIN.EPOCHS",
+    "lr": "TRAIN.LR",
+    "weight_decay": "TRAIN.WEIGHT_DECAY",
+    "loss": "TRAIN.LOSS",
+    "amp": "TRAIN.AMP",
+    "clip_grad": "TRAIN.CLIP_GRAD",
+    "seed": "TRAIN.SEED",
+    "pretrained_swin_weights": "MODEL.PRETRAINED_SWIN",
+    "ck_bert": "MODEL.TEXT.ENCODER",
+    "text_train_layers": "MODEL.TEXT.TRAIN_LAYERS",
+    "grad_checkpoint": "MODEL.GRAD_CHECKPOINT",
+    "type": "EVAL.SPLITS",
+    "eval_mode": "EVAL.MODE",
+    "eval_resolution": "EVAL.RESOLUTION",
+    "eval_batch_size": "EVAL.BATCH_SIZE",
+    "shuffle_expressions": "EVAL.SHUFFLE_EXPRESSIONS",
+    "output": "OUTPUT",
+    "model_id": "MODEL_ID",
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The parser of ``main.py``. Config flags default to None, meaning "as the config says"."""
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Train and evaluate LAVT (referring image segmentation). "
+        "Without arguments: the built-in demo (synthetic data, small model, CPU). "
+        "Multi-GPU: torchrun --nproc_per_node N main.py ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("configuration")
+    g.add_argument(
+        "--cfg_file",
+        type=str,
+        default=str(DEMO_CONFIG),
+        help="YAML config merged over configs/defaults.py; the default is the built-in demo ('' for the bare defaults)",
+    )
+    g.add_argument(
+        "--opts",
+        nargs="+",
+        default=None,
+        metavar="KEY VALUE",
+        help="config overrides applied last, e.g. --opts TRAIN.LOSS dice MODEL.SWIN.WINDOW_SIZE 7",
+    )
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=str, default=None, help="refcoco | refcoco+ | refcocog | synthetic")
+    g.add_argument("--splitBy", type=str, default=None, help="unc | google | umd")
+    g.add_argument("--refer_data_root", type=str, default=None, help="REFER root holding <dataset>/refs(<splitBy>).p")
+    g.add_argument("--image_dir", type=str, default=None, help="COCO train2014 images (default: under the root)")
+    g.add_argument("--size", type=int, default=None, help="network input size (square)")
+    g.add_argument("--workers", type=int, default=None, help="data loader workers per process")
+
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--batch_size", type=int, default=None, help="per process; with --eval it sets the evaluation batch size"
+    )
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight_decay", type=float, default=None)
+    g.add_argument("--loss", type=str, default=None, choices=["ce", "dice", "ce+dice"])
+    g.add_argument("--amp", type=str, default=None, choices=["bf16", "fp16"], help="mixed precision")
+    g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (0: off)")
+    g.add_argument("--grad_checkpoint", action="store_true", default=None, help="activation checkpointing")
+    g.add_argument("--seed", type=int, default=None, help="offset by rank in each process")
+    g.add_argument("--pretrained_swin_weights", type=str, default=None, help="Swin ImageNet checkpoint")
+    g.add_argument("--ck_bert", type=str, default=None, help='local BERT folder, or the alias "minilm-l6"')
+    g.add_argument("--text_train_layers", type=int, default=None, help="optimise only the first N text layers")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run from --pretrain (default: <output>/<model_id>/last.pth): model, optimizer, "
+        "scheduler, scaler, epoch and RNG states",
+    )
+    g.add_argument(
+        "--pretrain",
+        type=str,
+        default=None,
+        help="weights to start from or to evaluate: this repository's checkpoint or an official LAVT release",
+    )
+
+    g.add_argument(
+        "--stop_after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="end the run after epoch N (the LR schedule still spans --epochs); continue it with --resume",
+    )
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="only evaluate --pretrain on --type")
+    g.add_argument("--type", type=str, nargs="+", default=None, help="split(s) to evaluate, e.g. val testA testB")
+    g.add_argument("--eval_mode", type=str, default=None, choices=["each", "cat", "avg"])
+    g.add_argument("--eval_resolution", type=str, default=None, choices=["network", "original"])
+    g.add_argument("--eval_batch_size", type=int, default=None)
+    g.add_argument(
+        "--shuffle_expressions",
+        action="store_true",
+        default=None,
+        help="control: each image's expressions shuffled among its objects",
+    )
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output", type=str, default=None, help="runs go to <output>/<model_id>/")
+    g.add_argument("--model_id", type=str, default=None)
+    g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
+    g.add_argument("--print_freq", type=int, default=10, help="log every N iterations")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (``sys.argv[1:]`` when None). Without ``--cfg_file`` the demo config is used."""
+    return get_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> CfgNode:
+    """Frozen config: defaults <- ``args.cfg_file`` <- explicit flags <- ``args.opts``."""
+    overrides: list = []
+    for dest, key in FLAG_TO_KEY.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        # repr() keeps strings strings (yacs would literal_eval "123" into an int)
+        overrides += [key, repr(list(value)) if isinstance(value, list | tuple) else repr(value)]
+    if getattr(args, "eval", False) and args.batch_size is not None and args.eval_batch_size is None:
+        overrides += ["EVAL.BATCH_SIZE", repr(args.batch_size)]
+    try:
+        return get_config(args.cfg_file, overrides + list(args.opts or []))
+    except AssertionError as e:  # yacs asserts on unknown keys
+        raise KeyError(f"config (--cfg_file {args.cfg_file} / --opts): {e}") from e

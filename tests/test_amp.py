@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from utils.amp import NativeScaler, autocast
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_float32_scaler_is_a_plain_step():
+    m1, o1 = _setup()
+    m2, o2 = _setup()
+    x = torch.randn(3, 4)
+    m1(x).pow(2).sum().backward()
+    ref_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m1.parameters()]))
+    o1.step()
+    norm = NativeScaler("")(m2(x).pow(2).sum(), o2, m2.parameters())
+    assert norm.item() == pytest.approx(ref_norm.item(), rel=1e-6)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_clipping_limits_the_step():
+    model, opt = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = NativeScaler("")(model(torch.randn(3, 4)).sum() * 1000, opt, model.parameters(), clip_grad=1.0)
+    assert norm.item() > 1.0  # the norm before clipping is returned
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert torch.linalg.vector_norm(step).item() == pytest.approx(0.1, rel=1e-4)  # lr * clipped norm 1
+
+
+def test_fp16_scaler_state_round_trip():
+    model, opt = _setup()
+    s = NativeScaler("fp16", "cpu")
+    with autocast("fp16", "cpu"):
+        loss = model(torch.randn(3, 4)).float().sum()
+    s(loss, opt, model.parameters())
+    state = s.state_dict()
+    assert state["amp"] == "fp16" and "scale" in state
+    s2 = NativeScaler("fp16", "cpu")
+    s2.load_state_dict(state)
+    assert s2.state_dict() == state
+    with pytest.raises(ValueError, match="TRAIN.AMP='fp16', this run uses TRAIN.AMP='bf16'"):
+        NativeScaler("bf16").load_state_dict(state)
+
+
+def test_bf16_autocast_on_cpu():
+    model, _ = _setup()
+    with autocast("bf16", "cpu"):
+        y = model(torch.randn(3, 4))
+    assert y.dtype == torch.bfloat16
+    with autocast("", "cpu"):
+        assert model(torch.randn(3, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match="TRAIN.AMP must be one of"):
+        NativeScaler("fp8")

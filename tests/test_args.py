@@ -1,0 +1,92 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import args as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ISSUE_FLAGS = [
+    "--cfg_file", "--opts", "--dataset", "--splitBy", "--refer_data_root", "--batch_size", "--size", "--epochs",
+    "--lr", "--weight_decay", "--resume", "--pretrain", "--pretrained_swin_weights", "--ck_bert", "--eval", "--type",
+    "--eval_mode", "--eval_resolution", "--output", "--model_id", "--workers", "--amp", "--seed",
+]  # fmt: skip
+
+
+def cfg_of(argv):
+    return cli.config_from_args(cli.parse_args(argv))
+
+
+def test_help_lists_every_flag_of_the_issue():
+    text = cli.get_parser().format_help()
+    for flag in ISSUE_FLAGS:
+        assert flag in text, flag
+
+
+def test_not_parsed_at_import():
+    # importing args with foreign argv (e.g. under pytest or a notebook) must not parse or exit
+    out = subprocess.run(
+        [sys.executable, "-c", "import args; print('ok')", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_flags_map_onto_config():
+    cfg = cfg_of(
+        [
+            "--cfg_file", "", "--dataset", "refcoco+", "--splitBy", "unc", "--refer_data_root", "/d",
+            "--batch_size", "4", "--size", "320", "--epochs", "3", "--lr", "1e-4", "--weight_decay", "0.05",
+            "--ck_bert", "minilm-l6",
+            "--pretrained_swin_weights", "sw.pth", "--type", "testA", "--eval_mode", "cat",
+            "--eval_resolution", "original", "--output", "out", "--model_id", "007", "--workers", "0",
+            "--amp", "bf16", "--seed", "3", "--loss", "ce+dice",
+        ]
+    )  # fmt: skip
+    assert cfg.is_frozen()
+    assert (cfg.DATA.DATASET, cfg.DATA.SPLIT_BY, cfg.DATA.ROOT, cfg.DATA.SIZE, cfg.DATA.WORKERS) == (
+        "refcoco+", "unc", "/d", 320, 0,
+    )  # fmt: skip
+    assert (cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.EPOCHS, cfg.TRAIN.LR, cfg.TRAIN.WEIGHT_DECAY) == (4, 3, 1e-4, 0.05)
+    assert (cfg.TRAIN.AMP, cfg.TRAIN.SEED, cfg.TRAIN.LOSS) == ("bf16", 3, "ce+dice")
+    assert (cfg.MODEL.TEXT.ENCODER, cfg.MODEL.PRETRAINED_SWIN) == ("minilm-l6", "sw.pth")
+    assert (cfg.EVAL.SPLITS, cfg.EVAL.MODE, cfg.EVAL.RESOLUTION) == (["testA"], "cat", "original")
+    assert (cfg.OUTPUT, cfg.MODEL_ID) == ("out", "007")  # a numeric-looking id stays a string
+    assert cfg.EVAL.BATCH_SIZE == 1  # --batch_size is the training batch unless --eval
+
+
+def test_eval_batch_size_from_batch_size_with_eval():
+    cfg = cfg_of(["--eval", "--batch_size", "6", "--type", "val", "testB"])  # over the demo's EVAL.BATCH_SIZE
+    assert cfg.EVAL.BATCH_SIZE == 6 and cfg.EVAL.SPLITS == ["val", "testB"]
+
+
+def test_precedence_defaults_file_flags_opts(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("TRAIN:\n  EPOCHS: 7\n  BATCH_SIZE: 5\n  LR: 0.001\n")
+    cfg = cfg_of(["--cfg_file", str(f), "--batch_size", "2", "--lr", "0.01", "--opts", "TRAIN.LR", "0.5"])
+    assert cfg.TRAIN.EPOCHS == 7  # file over defaults
+    assert cfg.TRAIN.BATCH_SIZE == 2  # flag over file
+    assert cfg.TRAIN.LR == 0.5  # --opts over flag
+    assert cfg.TRAIN.WEIGHT_DECAY == 1e-2  # untouched default
+
+
+def test_no_arguments_is_the_demo():
+    a = cli.parse_args([])
+    assert Path(a.cfg_file) == cli.DEMO_CONFIG and not a.eval and not a.resume
+    demo = cli.config_from_args(a)
+    assert demo.DATA.DATASET == "synthetic" and demo.MODEL.TEXT.ENCODER == "minilm-l6"
+    assert demo.EVAL.SPLITS == ["val", "testA", "testB"]
+    assert Path(cli.parse_args(["--eval"]).cfg_file) == cli.DEMO_CONFIG  # the demo config unless --cfg_file
+    assert cli.config_from_args(cli.parse_args(["--cfg_file", ""])).MODEL.TEXT.ENCODER == ""  # bare defaults
+
+
+def test_bad_values():
+    with pytest.raises(SystemExit):
+        cli.get_parser().parse_args(["--eval_mode", "mean"])
+    with pytest.raises(FileNotFoundError, match="config file not found: nope.yaml"):
+        cfg_of(["--cfg_file", "nope.yaml"])
+    with pytest.raises(KeyError, match="Non-existent.*TRAIN.NOT_A_KEY"):
+        cfg_of(["--opts", "TRAIN.NOT_A_KEY", "1"])
+    with pytest.raises(ValueError, match="odd number"):
+        cfg_of(["--opts", "TRAIN.LR"])

@@ -1,0 +1,297 @@
+"""utils.demo on a tiny checkpoint: inputs as the dataset's, masks as the model's own prediction, the PNGs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from configs import get_config
+from utils import demo
+from utils import visualize as vis
+
+SIZE, MAX_TOKENS = 64, 12
+
+
+def make_tiny_run(folder: Path) -> dict[str, Any]:
+    """A synthetic dataset (22 images) and an untrained tiny LAVT saved as ``<folder>/runs/tiny/best.pth``.
+
+    The classifier bias is shifted so that about half of a dataset image is predicted as object: masks then
+    have both classes, so comparing them means something. Shared with tests/test_notebooks.py.
+    """
+    from data.synthetic import ensure_synthetic
+    from models import build_model
+    from models.text import load_tokenizer
+    from tests.helpers_train import make_tiny_text_encoder
+    from utils.checkpoint import save_checkpoint
+
+    encoder = make_tiny_text_encoder(folder / "bert")
+    opts = {
+        "MODEL.SWIN.EMBED_DIM": 8, "MODEL.SWIN.DEPTHS": [1, 1, 1, 1], "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1],
+        "MODEL.SWIN.WINDOW_SIZE": 4, "MODEL.SWIN.DROP_PATH_RATE": 0.0, "MODEL.TEXT.ENCODER": str(encoder),
+        "MODEL.TEXT.MAX_TOKENS": MAX_TOKENS, "DATA.DATASET": "synthetic", "DATA.ROOT": str(folder / "data"),
+        "DATA.SIZE": SIZE, "DATA.WORKERS": 0, "DATA.SYNTHETIC_IMAGES": 22, "EVAL.SPLITS": ["val"],
+        "OUTPUT": str(folder / "runs"), "MODEL_ID": "tiny",
+    }  # fmt: skip
+    cfg = get_config(None, [x for kv in opts.items() for x in kv])
+    ensure_synthetic(cfg.DATA.ROOT, num_images=cfg.DATA.SYNTHETIC_IMAGES)
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    predictor = demo.Predictor(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), "cpu")
+    image = first_image(cfg)
+    with torch.no_grad():
+        ids, mask = predictor.tokenize(["the red circle"])
+        logits = model(predictor.prepare(image), ids, mask)
+        model.classifier.conv1_1.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    run_dir = folder / "runs" / "tiny"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": model.state_dict(), "epoch": 0, "config": cfg.dump()}, run_dir / "best.pth")
+    return {"checkpoint": run_dir / "best.pth", "cfg": cfg, "folder": folder}
+
+
+def first_image(cfg: Any) -> np.ndarray:
+    from data import load_rgb
+
+    folder = Path(cfg.DATA.ROOT) / "images" / "mscoco" / "images" / "train2014"
+    return load_rgb(sorted(folder.glob("*.jpg"))[0])
+
+
+def reference_margins(model: torch.nn.Module, tokenizer: Any, image: np.ndarray, texts: list[str]) -> np.ndarray:
+    """The model's own answer, one expression at a time: official tokenisation (encode, slice, zero-pad), the
+    dataset's resize and normalisation, logits resized bilinearly to the image. Returns [E, H, W] logit margins."""
+    from data.transforms import resize_image, to_tensor
+
+    x = to_tensor(resize_image(image, SIZE)).unsqueeze(0)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=True)[:MAX_TOKENS]
+            input_ids = torch.zeros(1, MAX_TOKENS, dtype=torch.long)
+            input_ids[0, : len(ids)] = torch.tensor(ids)
+            logits = model(x, input_ids, (input_ids != 0).long())
+            up = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+            out.append((up[0, 1] - up[0, 0]).numpy())
+    return np.stack(out)
+
+
+def assert_masks_match(masks: np.ndarray, margins: np.ndarray) -> None:
+    """Equal wherever the model is not on the fence (float round-off may flip pixels with |margin| ~ 0)."""
+    sure = np.abs(margins) > 1e-4
+    assert masks.shape == margins.shape and masks.dtype == bool
+    assert sure.mean() > 0.99
+    assert np.array_equal(masks[sure], margins[sure] > 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads waiting on each other cost 100x on tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("vis_run"))
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu")
+
+
+def test_inputs_match_the_dataset(run, predictor):
+    from data import ReferDataset, load_rgb
+
+    cfg = run["cfg"]
+    ds = ReferDataset(cfg.DATA.ROOT, "synthetic", "unc", "val", predictor.tokenizer, image_size=SIZE,
+                      max_tokens=MAX_TOKENS, eval_mode=True)  # fmt: skip
+    item = ds[0]
+    image = load_rgb(Path(ds.refer.IMAGE_DIR) / item["file_name"])
+    assert torch.equal(predictor.prepare(image)[0], item["image"])
+    ids, mask = predictor.tokenize(item["sentences"])
+    assert torch.equal(ids, item["input_ids"]) and torch.equal(mask, item["attention_mask"])
+    long = "the small purple heart to the left of the big green star near the top of the picture"
+    ids, mask = predictor.tokenize([long])
+    assert ids[0].tolist() == predictor.tokenizer.encode(long, add_special_tokens=True)[:MAX_TOKENS]
+    assert ids[0, 0] == 101 and ids[0, -1] != 102 and mask.sum() == MAX_TOKENS  # cut by slicing: [SEP] lost
+
+
+def test_predict_is_the_models_prediction(run, predictor):
+    image = first_image(run["cfg"])[:, :-7]  # not square: the resize back must use the image's own size
+    texts = ["the red circle", "the big star on the left", "Little green heart"]
+    masks = predictor.predict(image, texts)
+    assert masks.shape == (3, *image.shape[:2])
+    assert_masks_match(masks, reference_margins(predictor.model, predictor.tokenizer, image, texts))
+    assert 0.05 < masks[0].mean() < 0.95, "calibrated tiny model: both classes present"
+
+
+def test_cli_writes_overlay_and_masks(run, predictor, tmp_path):
+    rgb = np.asarray(Image.fromarray(first_image(run["cfg"])).resize((90, 70)))
+    image_file = tmp_path / "photo.png"
+    Image.fromarray(rgb).convert("RGBA").save(image_file)  # any image file: here RGBA, not from the dataset
+    texts = ["the red circle", "big star"]
+    out, mask_out = tmp_path / "out" / "overlay.png", tmp_path / "out" / "mask.png"
+    argv = ["--checkpoint", str(run["checkpoint"]), "--image", str(image_file), "--text", texts[0], "--text", texts[1]]
+    written = demo.main(argv + ["--out", str(out), "--mask-out", str(mask_out), "--device", "cpu"])
+    assert written["mask_out"] == [tmp_path / "out" / "mask_0.png", tmp_path / "out" / "mask_1.png"]
+    masks = np.stack([np.asarray(Image.open(p)) for p in written["mask_out"]])
+    assert masks.shape == (2, 70, 90) and set(np.unique(masks)) <= {0, 255}
+    assert_masks_match(masks > 0, reference_margins(predictor.model, predictor.tokenizer, rgb, texts))
+    overlay = np.asarray(Image.open(out))
+    band = overlay.shape[0] - 70
+    assert overlay.shape[1:] == (2 * 90 + 4, 3) and band > 0
+    for e in range(2):
+        panel = overlay[band:, e * 94 : e * 94 + 90]
+        assert np.array_equal(panel, vis.overlay_mask(rgb, masks[e] > 0, vis.PALETTE[e]))
+
+
+def test_cli_example_uses_a_dataset_image_and_its_expressions(run, predictor, tmp_path):
+    from data import load_rgb
+
+    argv = ["--checkpoint", str(run["checkpoint"]), "--example", "0", "--out", str(tmp_path / "o.png"), "--device"]
+    written = demo.main(argv + ["cpu"])
+    example = demo.dataset_example(demo.build_refer(run["cfg"]), "val", 0)
+    assert written["image"] == example["image"] and written["texts"] == example["expressions"]
+    rgb = load_rgb(example["image"])
+    assert_masks_match(written["masks"], reference_margins(predictor.model, predictor.tokenizer, rgb, written["texts"]))
+    n = len(written["texts"])
+    assert Image.open(tmp_path / "o.png").size[0] == n * rgb.shape[1] + (n - 1) * 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--image", "x.png"], "--image needs at least one --text"),
+        (["--image", "x.png", "--example", "0", "--text", "a"], "not allowed with argument"),
+        (["--text", "a"], "one of the arguments --image --example is required"),
+    ],
+)
+def test_cli_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_one_expression_writes_the_given_mask_path(run, predictor, tmp_path):
+    image_file = tmp_path / "img.jpg"
+    Image.fromarray(first_image(run["cfg"])).convert("L").save(image_file)  # greyscale JPEG
+    written = demo.run_demo(run["checkpoint"], image_file, ["the red circle"], tmp_path / "o.png",
+                            tmp_path / "m.png", predictor=predictor)  # fmt: skip
+    assert written["mask_out"] == [tmp_path / "m.png"]
+    grey = np.asarray(Image.open(image_file).convert("RGB"))
+    assert Image.open(tmp_path / "m.png").size == (grey.shape[1], grey.shape[0])
+    assert np.array_equal(written["masks"][0], np.asarray(Image.open(tmp_path / "m.png")) > 0)
+
+
+def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path):
+    from models import read_checkpoint
+
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": read_checkpoint(run["checkpoint"])["model"]}, bare)
+    with pytest.raises(ValueError, match=r"bare.pth stores no 'config'.*--cfg-file"):
+        demo.Predictor.from_checkpoint(bare, device="cpu")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(run["cfg"].dump())
+    other = demo.Predictor.from_checkpoint(bare, device="cpu", cfg_file=cfg_file)
+    image = first_image(run["cfg"])
+    assert np.array_equal(other.predict(image, ["big star"]), predictor.predict(image, ["big star"]))
+
+
+def test_config_overrides_and_errors(run, tmp_path):
+    from models import CheckpointError, read_checkpoint
+
+    ckpt = read_checkpoint(run["checkpoint"])
+    cfg = demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["DATA.ROOT", "/elsewhere", "EVAL.BATCH_SIZE", 3])
+    assert cfg.DATA.ROOT == "/elsewhere" and cfg.EVAL.BATCH_SIZE == 3 and cfg.MODEL.SWIN.EMBED_DIM == 8
+    with pytest.raises(KeyError, match=r"overrides \['MODEL.NOPE', '1'\] does not fit configs/defaults.py"):
+        demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["MODEL.NOPE", "1"])
+    with pytest.raises(KeyError, match="the config stored in checkpoint .* does not fit"):
+        demo.config_from_checkpoint({"config": "MODEL:\n  NOPE: 1\n"}, "x.pth")
+    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+        demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["DATA.ROOT"])
+    with pytest.raises(FileNotFoundError, match="config file not found: .*missing.yaml"):
+        demo.config_from_checkpoint(ckpt, run["checkpoint"], cfg_file=tmp_path / "missing.yaml")
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pth"):
+        demo.Predictor.from_checkpoint(tmp_path / "nothing.pth", device="cpu")
+
+
+def test_predict_bad_inputs(run, predictor, tmp_path):
+    image = first_image(run["cfg"])
+    for texts in ([], "the red circle", ["ok", "  "]):
+        with pytest.raises(ValueError, match="list of non-empty expressions"):
+            predictor.predict(image, texts)
+    with pytest.raises(ValueError, match=r"RGB uint8 image \[H, W, 3\], got float32"):
+        predictor.predict(image.astype(np.float32), ["a"])
+    with pytest.raises(FileNotFoundError, match="image not found: .*nope.jpg"):
+        predictor.predict(tmp_path / "nope.jpg", ["a"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_cuda_requested_without_cuda(run):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        demo.Predictor.from_checkpoint(run["checkpoint"], device="cuda")
+
+
+def test_mask_paths():
+    assert demo.mask_paths("a/m.png", 1) == [Path("a/m.png")]
+    assert demo.mask_paths("a/m.png", 2) == [Path("a/m_0.png"), Path("a/m_1.png")]
+    assert demo.mask_paths("m", 2) == [Path("m_0.png"), Path("m_1.png")]
+
+
+def test_dataset_example(run):
+    refer = demo.build_refer(run["cfg"])
+    ex = demo.dataset_example(refer, "val")
+    image = np.asarray(Image.open(ex["image"]))
+    assert 2 <= len(ex["expressions"]) == len(ex["gts"]) == len(ex["ref_ids"]) <= 3
+    for ref_id, text, gt in zip(ex["ref_ids"], ex["expressions"], ex["gts"]):
+        ref = refer.Refs[ref_id]
+        assert ref["split"] == "val" and text == ref["sentences"][0]["raw"]
+        assert gt.shape == image.shape[:2] and np.array_equal(gt, refer.getMask(ref)["mask"])
+    assert not np.array_equal(ex["gts"][0], ex["gts"][1])
+    with pytest.raises(ValueError, match="images with two or more referred objects; asked for number 99"):
+        demo.dataset_example(refer, "val", index=99)
+
+
+def test_worst_cases(run, predictor):
+    refer = demo.build_refer(run["cfg"])
+    refs = [refer.Refs[i] for i in refer.getRefIds(split="val")][:3]
+    records = [{"ref_id": r["ref_id"], "sent_id": r["sentences"][0]["sent_id"], "sentence": r["sentences"][0]["raw"],
+                "IoU": iou} for r, iou in zip(refs, [0.7, 0.1, 0.4])]  # fmt: skip
+    cases = demo.worst_cases(predictor, records, refer, k=2)
+    assert [c["sentence"] for c in cases] == [records[1]["sentence"], records[2]["sentence"]]
+    for case, record in zip(cases, [records[1], records[2]]):
+        assert np.array_equal(case["pred"], predictor.predict(case["image"], [record["sentence"]])[0])
+        assert np.array_equal(case["gt"], refer.getMask(refer.Refs[record["ref_id"]])["mask"])
+        assert case["iou"] == vis.mask_iou(case["pred"], case["gt"])
+        assert case["title"] == f"ref {record['ref_id']}, evaluation IoU {record['IoU']:.3f}"
+
+
+def test_ensure_results_reads_existing_file(run, tmp_path):
+    run_dir = tmp_path / "runs" / "copy"
+    run_dir.mkdir(parents=True)
+    shutil.copy(run["checkpoint"], run_dir / "best.pth")
+    path = demo.results_file(run_dir, "testA")
+    assert path == run_dir / "per_expression_testA_each_network.jsonl"
+    path.write_text(json.dumps({"ref_id": 0, "sentence": "x", "IoU": 0.0, "I": 0, "U": 1}) + "\n")
+    assert demo.ensure_results(run_dir / "best.pth", "testA") == path
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", path.name], "no evaluation must have run"
+    torch.save({"model": {}}, run_dir / "bare.pth")
+    with pytest.raises(ValueError, match="per_expression_val_each_network.jsonl is missing and checkpoint .*bare.pth"):
+        demo.ensure_results(run_dir / "bare.pth", "val")
+
+
+def test_default_checkpoint_follows_the_demo_config():
+    import args
+
+    assert demo.DEMO_CONFIG == args.DEMO_CONFIG
+    cfg = get_config(args.DEMO_CONFIG if args.DEMO_CONFIG.is_file() else None)
+    assert demo.default_checkpoint() == Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"

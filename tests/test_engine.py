@@ -1,0 +1,183 @@
+"""The loops of utils/engine.py on a tiny synthetic set: LR schedule, sharding, every evaluation protocol."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data import build_dataset, collate_eval
+from models import build_model
+from utils.amp import NativeScaler
+from utils.controls import ShuffledExpressions
+from utils.engine import (
+    NonFiniteLossError,
+    ShardSampler,
+    build_lr_scheduler,
+    evaluate,
+    poly_lr_lambda,
+    train_one_epoch,
+)
+from utils.metrics import summarize_counts
+
+from .helpers_train import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return tiny_cfg(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def val_set(cfg):
+    return build_dataset(cfg, "val", eval_mode=True)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def _loader(ds, batch_size, rank=0, world=1):
+    return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world), collate_fn=collate_eval)
+
+
+def test_poly_lr_reaches_zero_at_the_end():
+    assert poly_lr_lambda(10)(0) == 1.0 and poly_lr_lambda(10)(10) == 0.0 and poly_lr_lambda(10)(12) == 0.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_lr_scheduler(opt, total_iters=10, power=0.9)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.0 * (1 - i / 10) ** 0.9 for i in range(1, 11)])
+    assert lrs[-1] == 0.0
+    warm = poly_lr_lambda(10, 0.9, warmup_iters=4)
+    assert [warm(i) for i in range(5)] == pytest.approx(
+        [(i + 1) / 4 * (1 - i / 10) ** 0.9 for i in range(4)] + [0.6**0.9]  # warm from step 4 on
+    )
+    with pytest.raises(ValueError, match="positive number of iterations, got 0"):
+        poly_lr_lambda(0)
+
+
+def test_shard_sampler_covers_each_item_once():
+    shards = [list(ShardSampler(7, r, 3)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(7))
+    assert [len(ShardSampler(7, r, 3)) for r in range(3)] == [3, 2, 2]
+    with pytest.raises(ValueError, match="rank 3 outside world size 3"):
+        ShardSampler(7, 3, 3)
+
+
+class AllForeground(torch.nn.Module):
+    """Predicts every pixel as the object; counts text-encoder calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_calls = 0
+
+    def encode_text(self, ids, mask):
+        self.text_calls += 1
+        return torch.zeros(ids.shape[0], 4, ids.shape[1]), mask.unsqueeze(-1).float()
+
+    def segment(self, images, feats, mask):
+        assert images.shape[0] == feats.shape[0]
+        logits = torch.zeros(images.shape[0], 2, *images.shape[-2:])
+        logits[:, 1] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("mode", ["each", "cat", "avg"])
+@pytest.mark.parametrize("resolution", ["network", "original"])
+def test_evaluate_against_hand_counts(val_set, mode, resolution):
+    # all-foreground prediction: I = object pixels, U = all pixels, for every expression
+    inter, union = [], []
+    for item in (val_set[i] for i in range(len(val_set))):
+        mask = item["target"] if resolution == "network" else item["target_orig"]
+        n = 1 if mode != "each" else len(item["sentences"])
+        inter += [int(mask.sum())] * n
+        union += [mask.numel()] * n
+    expected = summarize_counts(torch.tensor(inter), torch.tensor(union))
+    fake = AllForeground()
+    loader = _loader(val_set, 3)
+    metrics, records = evaluate(fake, loader, torch.device("cpu"), mode=mode, resolution=resolution)
+    assert metrics == expected
+    assert fake.text_calls == len(loader)  # the text encoder runs once per batch
+    assert len(records) == len(inter)
+    assert [r["ref_id"] for r in records] == sorted(r["ref_id"] for r in records)
+
+
+def test_modes_batch_one_equals_batched(model, val_set):
+    results = {}
+    for mode in ("each", "cat", "avg"):
+        for bs in (1, 4):
+            results[mode, bs] = evaluate(model, _loader(val_set, bs), torch.device("cpu"), mode=mode)
+        assert results[mode, 1][0] == results[mode, 4][0], mode
+        assert results[mode, 1][1] == results[mode, 4][1], mode
+    each = {r["sent_id"]: r for r in results["each", 1][1]}
+    singles = [r for r in results["avg", 1][1] if len(r["sent_ids"]) == 1]
+    assert singles, "the tiny set should hold objects with a single expression"
+    for r in singles:  # the average of one expression's logits is that expression's
+        assert (r["I"], r["U"]) == (each[r["sent_ids"][0]]["I"], each[r["sent_ids"][0]]["U"])
+    assert results["each", 1][0]["num_expressions"] == sum(len(r["sent_ids"]) for r in results["cat", 1][1])
+
+
+def test_shards_together_equal_one_process(model, val_set):
+    # what each rank scores, merged, is what one process scores (the gather itself: tests/test_main.py)
+    whole = evaluate(model, _loader(val_set, 2), torch.device("cpu"))[1]
+    parts = [evaluate(model, _loader(val_set, 2, r, 3), torch.device("cpu"))[1] for r in range(3)]
+    merged = sorted((r for p in parts for r in p), key=lambda r: (r["ref_id"], r["sent_id"]))
+    assert merged == sorted(whole, key=lambda r: (r["ref_id"], r["sent_id"]))
+
+
+def test_evaluate_bad_protocol(model, val_set):
+    with pytest.raises(ValueError, match="EVAL.MODE must be one of"):
+        evaluate(model, [], torch.device("cpu"), mode="mean")
+    with pytest.raises(ValueError, match="EVAL.RESOLUTION must be one of"):
+        evaluate(model, [], torch.device("cpu"), resolution="480")
+
+
+def test_train_one_epoch_steps_and_nan_guard(cfg):
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    train = build_dataset(cfg, "train", eval_mode=False)
+    loader = DataLoader(train, batch_size=8, shuffle=False, drop_last=True)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    sched = build_lr_scheduler(opt, len(loader))
+    before = [p.detach().clone() for p in net.backbone.parameters()]
+    stats = train_one_epoch(
+        net, torch.nn.functional.cross_entropy, opt, sched, NativeScaler(), loader, torch.device("cpu"), 0
+    )
+    assert sched.last_epoch == len(loader) and stats["lr"] == 0.0
+    assert stats["loss"] > 0 and stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))
+
+    def nan_loss(logits, target):
+        return logits.sum() * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 3, iteration 0"):
+        train_one_epoch(net, nan_loss, opt, sched, NativeScaler(), loader, torch.device("cpu"), 3)
+
+
+def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
+    train_mode_val = build_dataset(cfg, "val", eval_mode=False)
+    shuffled = ShuffledExpressions(val_set, seed=0)
+    by_image = {}
+    for ref in val_set.refs:
+        by_image.setdefault(ref["image_id"], []).append(ref["ref_id"])
+    alone = sum(len(v) == 1 for v in by_image.values())
+    assert len(shuffled) + shuffled.left_out == len(val_set) and shuffled.left_out == alone
+    own = {ref["ref_id"]: [s["sent_id"] for s in ref["sentences"]] for ref in val_set.refs}
+    owner_of = {sid: ref_id for ref_id, sids in own.items() for sid in sids}
+    image_of = {ref["ref_id"]: ref["image_id"] for ref in val_set.refs}
+    donors = []
+    for i in range(len(shuffled)):
+        item = shuffled[i]
+        donor = owner_of[item["sent_ids"][0]]
+        assert donor != item["ref_id"] and image_of[donor] == item["image_id"]
+        assert item["input_ids"].shape[0] == len(item["sentences"]) == len(own[donor])
+        donors.append(donor)
+    assert len(set(donors)) == len(donors)  # a permutation: every expression is used once
+    with pytest.raises(ValueError, match="eval-mode ReferDataset"):
+        ShuffledExpressions(train_mode_val)

@@ -1,0 +1,40 @@
+import math
+
+import pytest
+import torch
+
+from utils.losses import build_criterion, dice_loss
+
+
+def test_weighted_ce_hand_computed():
+    # two pixels: logits (0, ln 3) -> p(object) = 3/4; target object, then background
+    logits = torch.tensor([0.0, math.log(3)]).view(1, 2, 1, 1).expand(1, 2, 1, 2).contiguous()
+    target = torch.tensor([[[1, 0]]])
+    expected = (1.1 * -math.log(3 / 4) + 0.9 * -math.log(1 / 4)) / (1.1 + 0.9)  # weighted mean, as F.cross_entropy
+    assert build_criterion("ce")(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_hand_computed():
+    logits = torch.zeros(1, 2, 1, 2)  # p = 0.5 everywhere
+    target = torch.tensor([[[1, 0]]])
+    # (2 * 0.5 + 1) / (1 + 1 + 1) = 2/3
+    assert dice_loss(logits, target).item() == pytest.approx(1 / 3)
+    assert build_criterion("ce+dice")(logits, target).item() == pytest.approx(math.log(2) + 1 / 3, rel=1e-6)
+    # a perfect confident prediction has (almost) zero Dice loss
+    perfect = torch.tensor([[[[-20.0, 20.0]], [[20.0, -20.0]]]])  # [1, 2, 1, 2]: object, then background
+    assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_criterion_errors():
+    with pytest.raises(ValueError, match="TRAIN.LOSS must be one of"):
+        build_criterion("focal")
+    with pytest.raises(ValueError, match="2 class weights"):
+        build_criterion("ce", [1.0])
+    with pytest.raises(ValueError, match=r"logits must be \[B, 2, H, W\]"):
+        build_criterion("ce")(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_loss_has_gradient():
+    logits = torch.randn(2, 2, 5, 5, requires_grad=True)
+    build_criterion("ce+dice")(logits, torch.randint(0, 2, (2, 5, 5))).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

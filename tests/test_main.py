@@ -1,0 +1,174 @@
+"""main.py end to end on a tiny synthetic set: exact resume, the clear errors, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+from data import build_dataset
+from models import read_checkpoint
+from refer import ReferFileNotFoundError
+from utils.engine import NonFiniteLossError
+
+from .helpers_train import tiny_cfg, tiny_env, tiny_opts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return tiny_env(tmp_path_factory)
+
+
+def run(env, out: Path, *flags: str, **over) -> dict:
+    data_root, text = env
+    over.setdefault("TRAIN__BATCH_SIZE", 8)
+    over.setdefault("EVAL__AFTER_TRAIN", False)
+    argv = ["--cfg_file", "", "--device", "cpu", *flags, "--opts", *tiny_opts(data_root, text, out, **over)]
+    return main_module.main(argv)
+
+
+def test_resumed_run_equals_uninterrupted_run(env, tmp_path):
+    run(env, tmp_path / "straight")
+    run(env, tmp_path / "stopped", "--stop_after", "1")
+    first = read_checkpoint(tmp_path / "stopped" / "tiny" / "last.pth")
+    assert first["epoch"] == 0
+    run(env, tmp_path / "stopped", "--resume")
+    a = read_checkpoint(tmp_path / "straight" / "tiny" / "last.pth")
+    b = read_checkpoint(tmp_path / "stopped" / "tiny" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 1 and a["best"] == b["best"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
+    assert any(not torch.equal(x, y) for x, y in zip(first["model"].values(), a["model"].values()))  # it trained
+    lines = (tmp_path / "stopped" / "tiny" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def trained(env, tmp_path_factory):
+    """One epoch of training, then the final evaluation of best.pth on val and testA."""
+    out_dir = tmp_path_factory.mktemp("trained")
+    out = run(env, out_dir, "--epochs", "1", EVAL__AFTER_TRAIN=True, EVAL__SPLITS=["val", "testA"])
+    return out_dir, out
+
+
+def test_train_then_evaluate_writes_results(env, trained):
+    tmp_path, out = trained
+    run_dir = tmp_path / "tiny"
+    names = {p.name for p in run_dir.iterdir()}
+    expected = {"best.pth", "last.pth", "log.txt", "metrics.jsonl", "config.yaml", "results_each_network.json"}
+    assert expected <= names
+    assert {"per_expression_val_each_network.jsonl", "per_expression_testA_each_network.jsonl"} <= names
+    summaries = json.loads((run_dir / "results_each_network.json").read_text())
+    assert summaries == out["summaries"] and [s["split"] for s in summaries] == ["val", "testA"]
+    for s in summaries:
+        assert s["protocol"] == "each" and s["resolution"] == "network 48x48"
+        assert s["checkpoint"].endswith("best.pth") and s["dataset"] == "synthetic (unc)"
+        assert "mean of per-expression IoU" in s["definitions"]["mIoU"]
+    rec = json.loads((run_dir / "per_expression_val_each_network.jsonl").read_text().splitlines()[0])
+    assert {"ref_id", "sent_id", "sentence", "IoU", "I", "U"} <= rec.keys()
+    assert "optimizer" not in read_checkpoint(run_dir / "best.pth")  # best.pth: weights for evaluation only
+
+    # evaluation of the checkpoint in another protocol, with the shuffled-expression control
+    out = run(
+        env, tmp_path, "--eval", "--pretrain", str(run_dir / "best.pth"), "--eval_mode", "avg", "--batch_size", "3",
+        "--eval_resolution", "original", EVAL__SHUFFLED_CONTROL=True,
+    )  # fmt: skip
+    splits = [s["split"] for s in out["summaries"]]
+    assert splits == ["val", "val (expressions shuffled)"]
+    assert all(s["protocol"] == "avg" and s["resolution"] == "original" for s in out["summaries"])
+    assert (run_dir / "results_avg_original.json").is_file() and (run_dir / "config_eval.yaml").is_file()
+
+
+def test_missing_dataset(env, tmp_path):
+    with pytest.raises(ReferFileNotFoundError, match="REFER annotation folder not found: .*refcoco"):
+        run(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(tmp_path / "nothing_here"))
+
+
+def test_unwritable_output_folder(env, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="output folder .*a_file/tiny cannot be created or written"):
+        run(env, blocker)
+
+
+def test_checkpoint_of_another_configuration(env, trained, tmp_path):
+    ckpt = str(trained[0] / "tiny" / "last.pth")
+    with pytest.raises(ValueError, match=r"another configuration.*MODEL.SWIN.EMBED_DIM: checkpoint 8, now 16"):
+        run(env, tmp_path, "--eval", "--pretrain", ckpt, MODEL__SWIN__EMBED_DIM=16)
+    with pytest.raises(ValueError, match=r"another configuration.*DATA.SIZE: checkpoint 48, now 64"):
+        run(env, tmp_path, "--resume", "--pretrain", ckpt, DATA__SIZE=64)
+    with pytest.raises(ValueError, match="--eval needs the weights to evaluate: --pretrain"):
+        run(env, tmp_path, "--eval")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, tmp_path_factory, monkeypatch):
+    real = main_module.build_criterion
+    iters_per_epoch = len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False)) // 8
+
+    def build_nan_in_second_epoch(name, weights):
+        criterion, calls = real(name, weights), []
+
+        def nan_later(logits, target):
+            calls.append(1)
+            loss = criterion(logits, target)
+            return loss * float("nan") if len(calls) > iters_per_epoch else loss
+
+        return nan_later
+
+    monkeypatch.setattr(main_module, "build_criterion", build_nan_in_second_epoch)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, iteration 0.*last.pth"):
+        run(env, tmp_path)
+    last = read_checkpoint(tmp_path / "tiny" / "last.pth")
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
+    data_root, text = env
+    opts = tiny_opts(data_root, text, tmp_path, TRAIN__BATCH_SIZE=4, EVAL__BATCH_SIZE=2, EVAL__SPLITS=["val", "testB"])
+    envvars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def torchrun(*flags: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "main.py", "--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=envvars, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    torchrun("--stop_after", "1")
+    run_dir = tmp_path / "tiny"
+    assert read_checkpoint(run_dir / "last.pth")["epoch"] == 0
+    assert len(read_checkpoint(run_dir / "last.pth")["rng"]) == 2  # one random state per process
+    torchrun("--resume")  # epoch 1, then the final evaluation of best.pth sharded over both processes
+    last = read_checkpoint(run_dir / "last.pth")
+    assert last["epoch"] == 1
+    log = (run_dir / "log.txt").read_text()
+    assert "2 process(es)" in log and "resumed from" in log
+    sharded = json.loads((run_dir / "results_each_network.json").read_text())
+    per_expr = (run_dir / "per_expression_val_each_network.jsonl").read_text()
+
+    # the same checkpoint evaluated by one process: identical numbers, identical per-expression records
+    single = main_module.main(
+        ["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(run_dir / "best.pth"), "--opts", *opts]
+    )["summaries"]
+    assert single == sharded
+    assert (run_dir / "per_expression_val_each_network.jsonl").read_text() == per_expr

@@ -1,0 +1,113 @@
+import json
+import math
+
+import pytest
+import torch
+
+from utils.metrics import (
+    MIOU_LABEL,
+    OIOU_LABEL,
+    IoUAccumulator,
+    format_table,
+    intersection_union,
+    iou_from_counts,
+    results_summary,
+    summarize_counts,
+)
+
+# Four expressions on 2x3 masks, counted by hand:
+#   e0: I=1 U=2 IoU=0.5   e1: I=4 U=5 IoU=0.8   e2: both empty, I=0 U=0 IoU=0   e3: I=0 U=1 IoU=0
+PRED = torch.tensor(
+    [
+        [[1, 1, 0], [0, 0, 0]],
+        [[1, 1, 1], [1, 0, 0]],
+        [[0, 0, 0], [0, 0, 0]],
+        [[0, 0, 0], [0, 0, 0]],
+    ],
+    dtype=torch.bool,
+)
+GT = torch.tensor(
+    [
+        [[1, 0, 0], [0, 0, 0]],
+        [[1, 1, 1], [1, 1, 0]],
+        [[0, 0, 0], [0, 0, 0]],
+        [[1, 0, 0], [0, 0, 0]],
+    ],
+    dtype=torch.bool,
+)
+
+
+def test_intersection_union_hand_counted():
+    inter, union = intersection_union(PRED, GT)
+    assert inter.tolist() == [1, 4, 0, 0]
+    assert union.tolist() == [2, 5, 0, 1]
+    assert iou_from_counts(inter, union).tolist() == [0.5, 0.8, 0.0, 0.0]
+
+
+def test_intersection_union_shape_mismatch():
+    with pytest.raises(ValueError, match=r"pred \(4, 2, 3\) and target \(4, 3, 2\)"):
+        intersection_union(PRED, GT.transpose(1, 2))
+
+
+def test_summary_hand_computed():
+    m = summarize_counts(*intersection_union(PRED, GT))
+    assert m["num_expressions"] == 4
+    assert m["mIoU"] == pytest.approx(100 * (0.5 + 0.8) / 4)  # 32.5
+    assert m["oIoU"] == pytest.approx(100 * 5 / 8)  # cumulative I / cumulative U = 62.5
+    assert (m["cum_I"], m["cum_U"]) == (5, 8)
+    # thresholds are counted with >=: IoU 0.5 passes @0.5 and 0.8 passes @0.8, as the official code
+    assert m["precision@0.5"] == pytest.approx(50.0)
+    assert m["precision@0.6"] == pytest.approx(25.0)
+    assert m["precision@0.7"] == pytest.approx(25.0)
+    assert m["precision@0.8"] == pytest.approx(25.0)
+    assert m["precision@0.9"] == pytest.approx(0.0)
+
+
+def test_overall_iou_is_not_mean_of_ratios():
+    # one big well-segmented object and one tiny missed one: oIoU high, mIoU ~50
+    m = summarize_counts(torch.tensor([99, 0]), torch.tensor([100, 1]))
+    assert m["oIoU"] == pytest.approx(100 * 99 / 101)
+    assert m["mIoU"] == pytest.approx(100 * 0.99 / 2)
+
+
+def test_accumulator_sorts_by_key_and_fills_records():
+    acc = IoUAccumulator()
+    inter, union = intersection_union(PRED, GT)
+    # batches arrive out of order (as from a sharded loader); records come back sorted by key
+    acc.update(torch.tensor([3, 1]), inter[[3, 1]], union[[3, 1]], [{"sent_id": 3}, {"sent_id": 1}])
+    acc.update(torch.tensor([0, 2]), inter[[0, 2]], union[[0, 2]], [{"sent_id": 0}, {"sent_id": 2}])
+    assert len(acc) == 4
+    metrics, records = acc.compute()
+    assert metrics == summarize_counts(inter, union)
+    assert [r["sent_id"] for r in records] == [0, 1, 2, 3]
+    assert [(r["I"], r["U"], r["IoU"]) for r in records] == [(1, 2, 0.5), (4, 5, 0.8), (0, 0, 0.0), (0, 1, 0.0)]
+
+
+def test_accumulator_rejects_duplicates_and_mixed_records():
+    acc = IoUAccumulator()
+    acc.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    acc.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="counted twice"):
+        acc.compute()
+    with pytest.raises(ValueError, match="every batch or with none"):
+        acc.update(torch.tensor([1]), torch.tensor([1]), torch.tensor([2]), [{"x": 1}])
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        acc.update(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([2]))
+
+
+def test_empty_accumulator():
+    metrics, records = IoUAccumulator().compute()
+    assert metrics["num_expressions"] == 0 and math.isnan(metrics["mIoU"]) and records == []
+
+
+def test_summary_and_table_state_setting_and_labels():
+    m = summarize_counts(*intersection_union(PRED, GT))
+    s = results_summary(
+        m, dataset="refcoco", split="testA", protocol="cat", resolution="network 480x480", checkpoint="ck.pth"
+    )
+    text = json.dumps(s)
+    for field in ("refcoco", "testA", "cat", "network 480x480", "ck.pth", MIOU_LABEL, OIOU_LABEL):
+        assert field in text
+    table = format_table([s])
+    for field in ("refcoco", "testA", "cat", "network 480x480", "ck.pth", MIOU_LABEL, OIOU_LABEL, "32.50", "62.50"):
+        assert field in table

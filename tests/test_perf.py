@@ -1,0 +1,217 @@
+"""Speed-ups that must not change results: float32 fast paths against the official fixture, bf16 within a stated
+tolerance, the evaluation bias cache, and the benchmark's measurements (on a tiny config, in seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import build_model, load_weights
+from models.swin import SwinBlock, shift_mask
+from utils import benchmark
+from utils.profiling import PeakMemory, count_flops
+
+from .helpers_model import FIXTURE, fixture_cfg, tiny_cfg
+
+#: bf16 autocast against float32 on the fixture: relative L2 error of the logits and of every stage's features,
+#: the largest logit error relative to the largest logit, and pixels whose argmax may flip (near-ties).
+BF16_REL_L2 = 0.03
+BF16_REL_MAX = 0.05
+BF16_ARGMAX_AGREE = 0.99
+
+TINY_OPTS = ["MODEL.SWIN.EMBED_DIM", "8", "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "MODEL.SWIN.NUM_HEADS", "[1,2,2,4]",
+             "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.TEXT.DIM", "12", "MODEL.SWIN.DROP_PATH_RATE", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def fixture_file(reference, tmp_path_factory):
+    """The fixture's weights as an official 'lavt' file, read back through models.load_weights."""
+    path = tmp_path_factory.mktemp("weights") / "lavt_small_w7_224.pth"
+    torch.save(reference["checkpoint"], path)
+    return path
+
+
+def _fixture_model(reference, fixture_file, **over):
+    model = build_model(fixture_cfg(reference, **over))
+    load_weights(model, fixture_file)
+    return model
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    assert err < 1e-5 * max(ref.abs().max().item(), 1.0), f"max abs error {err:.3g}"
+
+
+def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("over", [
+    {"MODEL__FUSED_ATTENTION": True, "MODEL__CHANNELS_LAST": True},
+    {"MODEL__FUSED_ATTENTION": False, "MODEL__CHANNELS_LAST": True},
+])
+def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, over):
+    model = _fixture_model(reference, fixture_file, **over).eval()
+    args = reference["image"], reference["lang_feats"], reference["lang_mask"]
+    with torch.no_grad():
+        first = model.segment(*args)
+        second = model.segment(*args)  # the fused path now reads its cached bias + shift mask
+    _close(first, reference["logits"])
+    _close(second, reference["logits"])
+
+
+def test_training_mode_paths_reproduce_fixture(reference, fixture_file):
+    """With gradients on, the fused path rebuilds its bias + mask every call and checkpointing runs each block
+    under torch.utils.checkpoint: still the fixture's logits. (BatchNorm in eval mode: batch statistics differ.)"""
+    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=True, MODEL__GRAD_CHECKPOINT=True,
+                           MODEL__CHANNELS_LAST=True).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    out = model.segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
+    assert out.requires_grad
+    _close(out.detach(), reference["logits"])
+
+
+def test_fast_training_paths_give_the_same_gradients():
+    torch.manual_seed(7)
+    plain = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=False, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).train()
+    fast = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=True, MODEL__GRAD_CHECKPOINT=True, MODEL__CHANNELS_LAST=True,
+                                MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).train()
+    fast.load_state_dict(plain.state_dict())
+    img, lang, mask = torch.randn(2, 3, 70, 46), torch.randn(2, 12, 7), torch.ones(2, 7, 1)
+    mask[1, 4:] = 0
+    for model in (plain, fast):
+        model.segment(img, lang, mask).square().mean().backward()
+    # against the largest gradient: biases before an InstanceNorm (or a softmax) have a true gradient of 0, so
+    # theirs are round-off only and a per-tensor relative test would compare noise with noise
+    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if p.requires_grad:
+            assert (q.grad - p.grad).abs().max().item() < 2e-5 * scale, name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_within_tolerance(reference, fixture_file, fused):
+    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=fused).eval()
+    args = reference["image"], reference["lang_feats"], reference["lang_mask"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.backbone(*args)
+        logits = model.segment(*args)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    ref = reference["logits"]
+    assert _rel_l2(logits, ref) < BF16_REL_L2
+    assert (logits.float() - ref).abs().max() < BF16_REL_MAX * ref.abs().max()
+    assert (logits.argmax(1) == ref.argmax(1)).float().mean() > BF16_ARGMAX_AGREE
+    for i, (f, r) in enumerate(zip(feats, reference["stage_features"], strict=True)):
+        assert _rel_l2(f, r) < BF16_REL_L2, f"stage {i + 1}"
+
+
+def test_bf16_training_step_keeps_float32_state():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(MODEL__GRAD_CHECKPOINT=True)).train()
+    img, lang, mask = torch.randn(2, 3, 48, 48), torch.randn(2, 12, 5), torch.ones(2, 5, 1)
+    mask[1, 3:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.segment(img, lang, mask)
+        loss = F.cross_entropy(logits.float(), torch.randint(0, 2, (2, 48, 48)))
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_eval_bias_cache_follows_weight_changes():
+    """The cached relative-position bias + shift mask must be rebuilt when the table changes (optimizer step,
+    load_state_dict) and must not be reused for another mask of the same shape."""
+    torch.manual_seed(1)
+    fast = SwinBlock(dim=8, num_heads=2, window=6, shift=3, fused=True).eval()
+    plain = SwinBlock(dim=8, num_heads=2, window=6, shift=3, fused=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 12 * 18, 8)
+    with torch.no_grad():
+        for H, W, Hp, Wp in ((12, 18, 12, 18), (15, 10, 18, 12)):  # 6 windows each: same mask shape
+            mask = shift_mask(Hp, Wp, 6, 3)
+            _close(fast(x[:, : H * W], H, W, mask), plain(x[:, : H * W], H, W, mask))
+        mask = shift_mask(12, 18, 6, 3)
+        fast(x, 12, 18, mask)
+        fast.attn.relative_position_bias_table.add_(torch.randn_like(fast.attn.relative_position_bias_table))
+        plain.load_state_dict(fast.state_dict())
+        _close(fast(x, 12, 18, mask), plain(x, 12, 18, mask))
+
+
+def test_flop_count_includes_fused_attention():
+    q, k, v = torch.randn(2, 3, 49, 16), torch.randn(2, 3, 49, 16), torch.randn(2, 3, 49, 16)
+    bias = torch.randn(1, 3, 49, 49)
+    fused, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    expected = 2 * (2 * 2 * 3 * 49 * 49 * 16)  # q @ k^T and attn @ v
+    assert fused == expected
+    lin = torch.nn.Linear(16, 8)
+    assert count_flops(lambda: lin(torch.randn(5, 16)))[0] == 2 * 5 * 16 * 8
+
+
+def test_peak_memory_sees_a_large_allocation():
+    device = torch.device("cpu")
+    with PeakMemory(device) as small:
+        torch.zeros(1000).sum()
+    with PeakMemory(device) as big:
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del t
+    if not big.exact:
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert big.peak_bytes - small.peak_bytes > 48 * 2**20
+
+
+def test_variant_names():
+    assert benchmark.parse_variant("fused+bf16") == ({"fused"}, "bf16")
+    assert benchmark.parse_variant("base", "bf16") == (set(), "bf16")
+    with pytest.raises(ValueError, match="unknown switch 'fast' in variant 'fused\\+fast'"):
+        benchmark.parse_variant("fused+fast")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        benchmark.run_variant(benchmark.BenchSpec(variant="fp16", opts=TINY_OPTS, size=64, phases=[]))
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = benchmark.main(["--opts", *TINY_OPTS, "--size", "64", "--batch_size", "2", "--eval_batch_size", "3",
+                             "--warmup", "1", "--runs", "2", "--compare", "fused+bf16+checkpoint",
+                             "--isolate", "no", "--threads", "1", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["variants"] == ["base", "fused+bf16+checkpoint"] == [r["variant"]
+                                                                                 for r in report["results"]]
+    for r in saved["results"]:
+        assert "error" not in r
+        tr, ev, fl = r["train"], r["eval"], r["flops"]
+        for key in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_mb", "achieved_flops_per_s"):
+            assert tr[key] > 0, key
+        for bs in ("batch1", "batch3"):
+            assert ev[bs]["expr_per_s"] > 0 and ev[bs]["achieved_flops_per_s"] > 0 and len(ev[bs]["times_ms"]) == 2
+        assert fl["eval_per_image"] > 0 and fl["train_per_image"] > 2 * fl["eval_per_image"]
+        assert all(v > 0 for v in r["matmul_flops_per_s"].values())
+        parts = r["breakdown"]["eval_forward_batch1"]["parts_ms"]
+        assert {"patch embed", "stage 1", "stage 4", "decoder"} <= set(parts) and all(v > 0 for v in parts.values())
+        assert sum(v for k, v in parts.items() if "PWAM" not in k) <= r["breakdown"]["eval_forward_batch1"][
+            "total_ms"] * 1.05
+    assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
+    printed = capsys.readouterr().out
+    assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
+
+
+@pytest.mark.slow
+def test_benchmark_isolated_worker():
+    """On CPU each variant runs in a fresh process (its own peak RSS); the result comes back as JSON."""
+    spec = benchmark.BenchSpec(variant="fused", opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train"],
+                               threads=1)
+    result = benchmark.run_isolated(spec)
+    assert "error" not in result, result.get("error")
+    assert result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0

@@ -1,0 +1,50 @@
+import logging
+
+import pytest
+import torch
+
+from utils.distributed import all_gather_object, all_reduce_sum, get_world_size, init_distributed_mode
+from utils.logger import MetricLogger, SmoothedValue, setup_logging
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    info = init_distributed_mode("cpu")
+    assert (info.rank, info.world_size, info.distributed, info.device) == (0, 1, False, torch.device("cpu"))
+    assert get_world_size() == 1 and all_gather_object(3) == [3]
+    t = torch.tensor([1.0])
+    assert torch.equal(all_reduce_sum(t), t)
+
+
+def test_bad_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "zero")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK must be an integer, got 'zero'"):
+        init_distributed_mode("cpu")
+
+
+def test_smoothed_value():
+    v = SmoothedValue(window_size=2)
+    for x in (1.0, 2.0, 6.0):
+        v.update(x)
+    assert (v.median, v.avg, v.global_avg, v.max, v.value) == (2.0, 4.0, 3.0, 6.0, 6.0)
+
+
+def test_log_every_yields_all_and_writes_log_file(tmp_path):
+    log_file = tmp_path / "log.txt"
+    setup_logging(log_file, rank=0)
+    ml = MetricLogger()
+    seen = []
+    for i in ml.log_every(range(5), print_freq=2, header="Epoch [0]"):
+        ml.update(loss=torch.tensor(float(i)), lr=1e-3)
+        seen.append(i)
+    for h in logging.getLogger("lavt").handlers:
+        h.flush()
+    assert seen == list(range(5))
+    text = log_file.read_text()
+    assert "Epoch [0] [2/5]" in text and "Epoch [0] [5/5]" in text and "loss:" in text and "lr:" in text
+    assert ml.loss.global_avg == 2.0
+    with pytest.raises(TypeError, match="loss must be a number"):
+        ml.update(loss="x")
+    setup_logging(None)

@@ -1,0 +1,1 @@
+"""Training utilities: distributed helpers, logging, metrics, checkpoints, AMP, losses, the engine."""

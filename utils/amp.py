@@ -1,0 +1,81 @@
+"""Mixed precision: the autocast context and a loss scaler that also clips and reports the gradient norm.
+
+After MAE's ``NativeScalerWithGradNormCount``: fp16 scales the loss with ``torch.amp.GradScaler``; bf16 and
+float32 need no scaling, so there the scaler only runs backward, clipping and the optimizer step. Its
+``state_dict`` goes into checkpoints either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_amp(amp: str) -> None:
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"TRAIN.AMP must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+
+
+def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` ("bf16" | "fp16") on ``device``; a null context for float32 ("")."""
+    _check_amp(amp)
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class NativeScaler:
+    """``scaler(loss, optimizer, parameters, clip_grad)``: backward, unscale, clip, step, update; returns the norm.
+
+    Args:
+        amp: "" (float32), "bf16" or "fp16"; only fp16 scales the loss.
+        device: where the model runs (the GradScaler's device type).
+    """
+
+    state_dict_key = "scaler"
+
+    def __init__(self, amp: str = "", device: torch.device | str = "cpu") -> None:
+        _check_amp(amp)
+        self.amp = amp
+        self._scaler = torch.amp.GradScaler(torch.device(device).type) if amp == "fp16" else None
+
+    def __call__(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        parameters: Iterable[torch.nn.Parameter],
+        clip_grad: float = 0.0,
+    ) -> torch.Tensor:
+        """One optimisation step. Returns the total gradient norm before clipping (unscaled)."""
+        params = [p for p in parameters if p.requires_grad]
+        if self._scaler is None:
+            loss.backward()
+        else:
+            self._scaler.scale(loss).backward()
+            self._scaler.unscale_(optimizer)
+        if clip_grad and clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self._scaler is None:
+            optimizer.step()
+        else:
+            self._scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            self._scaler.update()
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"amp": self.amp, **(self._scaler.state_dict() if self._scaler is not None else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("amp", "")
+        if saved != self.amp:
+            raise ValueError(f"scaler state is for TRAIN.AMP={saved!r}, this run uses TRAIN.AMP={self.amp!r}")
+        if self._scaler is not None:
+            self._scaler.load_state_dict({k: v for k, v in state.items() if k != "amp"})

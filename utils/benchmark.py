@@ -1,0 +1,489 @@
+"""``python -m utils.benchmark``: where LAVT's time and memory go, and what each speed-up buys, side by side.
+
+For one config, image size and batch size, every variant (a set of switches on top of the straightforward
+float32 model) is measured for: a training step (forward + loss, backward, AdamW step), evaluation throughput
+(expressions/s at batch 1 and at a larger batch), peak memory, FLOPs per image, the FLOP/s achieved beside the
+machine's dense matmul FLOP/s in that dtype, and a per-part forward breakdown (text encoder, patch embedding,
+each Swin stage with its PWAM, decoder). Timings are medians of timed runs after warm-up. On CPU each variant
+runs in its own process, so its peak memory is its own.
+
+Example: ``python -m utils.benchmark --cfg_file configs/swin_tiny_refcoco.yaml --size 224
+--compare fused,bf16,fused+bf16 --opts MODEL.TEXT.ENCODER minilm-l6 MODEL.PRETRAINED_SWIN ''``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .profiling import (
+    PartTimer,
+    PeakMemory,
+    count_flops,
+    current_rss_bytes,
+    matmul_flops_per_s,
+    median,
+    synchronize,
+    time_runs,
+)
+
+logger = logging.getLogger("benchmark")
+
+#: switch name -> the boolean config key it turns on (every switch is off in the "base" variant)
+SWITCHES: dict[str, str] = {
+    "fused": "MODEL.FUSED_ATTENTION",
+    "channels_last": "MODEL.CHANNELS_LAST",
+    "checkpoint": "MODEL.GRAD_CHECKPOINT",
+    "compile": "MODEL.COMPILE",
+    "fused_adamw": "TRAIN.FUSED_ADAMW",
+    # not a config key: the evaluation loop inside one autocast region, so that autocast casts the weights to
+    # bf16/fp16 once (its cache) instead of once per batch (what an evaluation entering autocast per batch does)
+    "cast_once": "",
+}
+#: precision name -> TRAIN.AMP value
+PRECISIONS: dict[str, str] = {"float32": "", "bf16": "bf16", "fp16": "fp16"}
+PHASES = ("train", "eval", "flops", "breakdown")
+_AMP_DTYPE = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchSpec:
+    """What one benchmark process measures (JSON-serialisable: it is handed to worker processes)."""
+
+    variant: str = "base"
+    cfg_file: str = ""
+    opts: list[str] = field(default_factory=list)
+    size: int = 224
+    batch_size: int = 2
+    eval_batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    warmup: int = 2
+    runs: int = 5
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    threads: int = 0
+    seed: int = 0
+
+
+def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], str]:
+    """``"fused+bf16"`` -> ({"fused"}, "bf16"); ``"base"`` -> (set(), TRAIN.AMP of ``default_dtype``)."""
+    if default_dtype not in PRECISIONS:
+        raise ValueError(f"--dtype must be one of {list(PRECISIONS)}, got {default_dtype!r}")
+    switches, amp = set(), PRECISIONS[default_dtype]
+    for token in name.split("+"):
+        if token in SWITCHES:
+            switches.add(token)
+        elif token in PRECISIONS:
+            amp = PRECISIONS[token]
+        elif token != "base":
+            raise ValueError(f"unknown switch {token!r} in variant {name!r}: use base, "
+                             f"{', '.join(SWITCHES)} or {', '.join(PRECISIONS)}, joined with '+'")
+    return switches, amp
+
+
+def variant_config(spec: BenchSpec, switches: set[str]) -> Any:
+    from configs import get_config
+
+    opts = list(spec.opts)
+    for switch, key in SWITCHES.items():
+        if key:
+            opts += [key, switch in switches]
+    return get_config(spec.cfg_file or None, opts)
+
+
+def make_batch(model: torch.nn.Module, cfg: Any, batch: int, size: int, device: torch.device) -> dict[str, Any]:
+    """Random images, targets and expressions (some padded) of the shapes the data pipeline gives."""
+    n = cfg.MODEL.TEXT.MAX_TOKENS
+    lengths = torch.randint(max(n // 2, 1), n + 1, (batch,))
+    mask = (torch.arange(n)[None] < lengths[:, None]).long()  # [B, N]
+    out = {"image": torch.randn(batch, 3, size, size), "target": torch.randint(0, 2, (batch, size, size))}
+    if model.text_encoder is not None:
+        vocab = model.text_encoder.config.vocab_size
+        out["input_ids"] = torch.randint(1, vocab, (batch, n)) * mask
+        out["attention_mask"] = mask
+    else:
+        out["lang_feats"] = torch.randn(batch, cfg.MODEL.TEXT.DIM, n)
+        out["lang_mask"] = mask.unsqueeze(-1).float()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    if "input_ids" in batch:
+        return model(batch["image"], batch["input_ids"], batch["attention_mask"])
+    return model.segment(batch["image"], batch["lang_feats"], batch["lang_mask"])
+
+
+def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The parts of the breakdown; ``stage i`` includes its PWAM, gate and patch merging."""
+    parts = {}
+    if model.text_encoder is not None:
+        parts["text encoder"] = model.text_encoder
+    parts["patch embed"] = model.backbone.patch_embed
+    for i, stage in enumerate(model.backbone.layers):
+        parts[f"stage {i + 1}"] = stage
+        parts[f"  of which PWAM {i + 1}"] = stage.fusion
+    parts["decoder"] = model.classifier
+    return parts
+
+
+def _train_phase(model, cfg, spec, device, amp, autocast) -> tuple[dict[str, Any], Callable[[], None]]:
+    from models import build_param_groups
+
+    from .losses import build_criterion
+
+    model.train()
+    layers = cfg.MODEL.TEXT.TRAIN_LAYERS
+    if model.text_encoder is not None and layers > len(model.text_encoder.encoder.layer):
+        layers = len(model.text_encoder.encoder.layer)  # e.g. the 6-layer MiniLM under a BERT-base config
+        logger.info("training all %d text encoder layers (MODEL.TEXT.TRAIN_LAYERS is %d)", layers,
+                    cfg.MODEL.TEXT.TRAIN_LAYERS)
+    params = build_param_groups(model, cfg.TRAIN.WEIGHT_DECAY, layers)
+    optimizer = torch.optim.AdamW(params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY,
+                                  fused=cfg.TRAIN.FUSED_ADAMW or None)
+    criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
+    split: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with autocast(amp, device):
+            loss = criterion(forward(model, batch), batch["target"])
+        synchronize(device)
+        t1 = time.perf_counter()
+        (scaler.scale(loss) if scaler else loss).backward()
+        synchronize(device)
+        t2 = time.perf_counter()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        synchronize(device)
+        for key, seconds in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            split[key].append(seconds)
+
+    times = time_runs(step, device, spec.warmup, spec.runs)
+    out = {"step_ms": 1e3 * median(times), "times_ms": [1e3 * t for t in times],
+           **{f"{k}_ms": 1e3 * median(v[spec.warmup:]) for k, v in split.items()}}
+    return out, step
+
+
+def _eval_phase(
+    model, cfg, spec, device, amp, autocast, cast_once: bool = False
+) -> tuple[dict[str, Any], Callable[[], Any]]:
+    model.eval()
+    out = {}
+    for bs in dict.fromkeys((1, spec.eval_batch_size)):
+        batch = make_batch(model, cfg, bs, spec.size, device)
+
+        @torch.no_grad()
+        def run(batch=batch) -> torch.Tensor:
+            with autocast(amp, device):
+                return forward(model, batch).float()  # what the evaluation scores
+
+        with autocast(amp if cast_once else "", device):
+            times = time_runs(run, device, spec.warmup, spec.runs)
+        out[f"batch{bs}"] = {"ms": 1e3 * median(times), "expr_per_s": bs / median(times),
+                             "times_ms": [1e3 * t for t in times]}
+    return out, run
+
+
+def _flops_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
+    """Counted on the model as built (before any torch.compile): eval forward at batch 1 and a train
+    forward+backward at the training batch (with checkpointing the recomputed forward counts too)."""
+    model.eval()
+    batch = make_batch(model, cfg, 1, spec.size, device)
+    with torch.no_grad(), autocast(amp, device):
+        eval_flops, per_module = count_flops(lambda: forward(model, batch))
+    model.train()
+    batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
+
+    def train_step() -> None:
+        with autocast(amp, device):
+            loss = forward(model, batch).float().mean()
+        loss.backward()
+
+    train_flops, _ = count_flops(train_step)
+    model.zero_grad(set_to_none=True)
+    parts = {name: per_module.get(_module_path(model, module), 0) for name, module in model_parts(model).items()}
+    return {"eval_per_image": eval_flops, "train_per_image": train_flops / spec.batch_size, "eval_parts": parts}
+
+
+def _module_path(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{type(model).__name__}.{name}"
+    return ""
+
+
+def _breakdown_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
+    result = {}
+    for mode, bs in (("eval", 1), ("eval", spec.eval_batch_size), ("train", spec.batch_size)):
+        model.train(mode == "train")
+        batch = make_batch(model, cfg, bs, spec.size, device)
+        timer = PartTimer(model_parts(model), device)
+        totals = []
+        for i in range(spec.warmup + spec.runs):
+            with torch.set_grad_enabled(mode == "train"), autocast(amp, device), timer.recording():
+                synchronize(device)
+                start = time.perf_counter()
+                logits = forward(model, batch)
+                synchronize(device)
+                if i >= spec.warmup:
+                    totals.append(time.perf_counter() - start)
+            if mode == "train":
+                logits.float().mean().backward()
+                model.zero_grad(set_to_none=True)
+        timer.remove()
+        parts = {k: 1e3 * median(v[spec.warmup:]) for k, v in timer.samples.items() if len(v) > spec.warmup}
+        result[f"{mode}_forward_batch{bs}"] = {"total_ms": 1e3 * median(totals), "parts_ms": parts}
+    return result
+
+
+def run_variant(spec: BenchSpec) -> dict[str, Any]:
+    """Measure one variant in this process; returns the JSON-ready result."""
+    from models import build_model
+    from models.build import compile_model
+
+    from .amp import autocast
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    device = torch.device(spec.device)
+    switches, amp = parse_variant(spec.variant, spec.dtype)
+    if amp == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
+    base_rss = current_rss_bytes()
+    cfg = variant_config(spec, switches - {"compile"})
+    model = build_model(cfg, pretrained=False).to(device)
+    result: dict[str, Any] = {"variant": spec.variant, "switches": sorted(switches), "amp": amp or "float32",
+                              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if "compile" in switches:
+        # FLOPs are counted on the eager model; per-part hooks would break the compiled graphs: no breakdown
+        if "flops" in spec.phases:
+            result["flops"] = _flops_phase(model, cfg, spec, device, amp, autocast)
+        compile_model(model)
+    train_step = eval_run = None
+    if "train" in spec.phases:
+        result["train"], train_step = _train_phase(model, cfg, spec, device, amp, autocast)
+    if "eval" in spec.phases:
+        result["eval"], eval_run = _eval_phase(model, cfg, spec, device, amp, autocast, "cast_once" in switches)
+    if "flops" in spec.phases and "flops" not in result:
+        result["flops"] = _flops_phase(model, cfg, spec, device, amp, autocast)
+    if "breakdown" in spec.phases and "compile" not in switches:
+        result["breakdown"] = _breakdown_phase(model, cfg, spec, device, amp, autocast)
+    # memory last, one more step each with an allocator that returns what is freed (see PeakMemory)
+    if train_step is not None:
+        model.train()
+        with PeakMemory(device, base_rss) as mem:
+            train_step()
+        result["train"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+    if eval_run is not None:
+        model.eval()
+        with PeakMemory(device, base_rss) as mem:
+            eval_run()
+        result["eval"][f"batch{spec.eval_batch_size}"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+    result["matmul_flops_per_s"] = {
+        "float32": matmul_flops_per_s(torch.float32, device),
+        result["amp"]: matmul_flops_per_s(_AMP_DTYPE[amp], device),
+    }
+    _achieved(result, spec)
+    return result
+
+
+def _achieved(result: dict[str, Any], spec: BenchSpec) -> None:
+    flops = result.get("flops")
+    if not flops:
+        return
+    if "train" in result:
+        result["train"]["achieved_flops_per_s"] = flops["train_per_image"] * spec.batch_size / (
+            result["train"]["step_ms"] / 1e3)
+    for entry in result.get("eval", {}).values():
+        entry["achieved_flops_per_s"] = flops["eval_per_image"] * entry["expr_per_s"]
+
+
+def run_isolated(spec: BenchSpec) -> dict[str, Any]:
+    """``run_variant`` in a fresh Python process (its own peak memory); an error is returned, not raised."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        cmd = [sys.executable, "-m", "utils.benchmark", "--_worker", str(spec_path), "--_result", str(out_path)]
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            logger.error("variant %s failed (exit %s):\n%s", spec.variant, proc.returncode, tail)
+            return {"variant": spec.variant, "error": f"exit {proc.returncode}: {tail[-500:]}"}
+        return json.loads(out_path.read_text())
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "torch": torch.__version__,
+            "python": platform.python_version(), "load_average": os.getloadavg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None, ref: float | None, inverse: bool = False) -> str:
+    if not value or not ref:
+        return ""
+    return f" ({(ref / value if inverse else value / ref):.2f}x)"
+
+
+def format_tables(results: list[dict[str, Any]], spec: BenchSpec) -> str:
+    """The summary table (speed-ups against the first row) and the per-part breakdown (eval, batch 1)."""
+    ok = [r for r in results if "error" not in r]
+    base = ok[0] if ok else {}
+    big = f"batch{spec.eval_batch_size}"
+    b = spec.eval_batch_size
+    head = ["variant", f"train step ms (B={spec.batch_size})", "fwd/bwd/opt ms", "train peak MB", "eval expr/s B=1",
+            f"eval expr/s B={b}", f"eval peak MB (B={b})", "GFLOP/img eval/train", "achieved GFLOP/s train/eval",
+            "matmul GFLOP/s"]
+    rows = [head]
+    for r in results:
+        if "error" in r:
+            rows.append([r["variant"], "failed: " + r["error"].splitlines()[-1][:60]] + [""] * (len(head) - 2))
+            continue
+        tr, ev, fl = r.get("train", {}), r.get("eval", {}), r.get("flops", {})
+        bt, be = base.get("train", {}), base.get("eval", {})
+        e1, eb = ev.get("batch1", {}), ev.get(big, {})
+        rows.append([
+            r["variant"] + f" [{r['amp']}]",
+            _fmt(tr.get("step_ms"), 0) + _ratio(tr.get("step_ms"), bt.get("step_ms"), inverse=True),
+            "/".join(_fmt(tr.get(k), 0) for k in ("forward_ms", "backward_ms", "optimizer_ms")) if tr else "-",
+            _fmt(tr.get("peak_mb"), 0) + _ratio(tr.get("peak_mb"), bt.get("peak_mb")),
+            _fmt(e1.get("expr_per_s"), 2) + _ratio(e1.get("expr_per_s"), be.get("batch1", {}).get("expr_per_s")),
+            _fmt(eb.get("expr_per_s"), 2) + _ratio(eb.get("expr_per_s"), be.get(big, {}).get("expr_per_s")),
+            _fmt(eb.get("peak_mb"), 0),
+            f"{fl.get('eval_per_image', 0) / 1e9:.3g}/{fl.get('train_per_image', 0) / 1e9:.3g}" if fl else "-",
+            "/".join(f"{e['achieved_flops_per_s'] / 1e9:.3g}" if "achieved_flops_per_s" in e else "-"
+                     for e in (tr, eb)),
+            "/".join(_fmt(v / 1e9, 0) for v in r["matmul_flops_per_s"].values()),
+        ])
+    out = [_grid(rows)]
+    with_parts = [r for r in ok if "breakdown" in r]
+    for key in ("eval_forward_batch1", f"eval_forward_batch{spec.eval_batch_size}",
+                f"train_forward_batch{spec.batch_size}"):
+        if not with_parts or key not in with_parts[0]["breakdown"]:
+            continue
+        names = list(with_parts[0]["breakdown"][key]["parts_ms"])
+        rows = [[f"{key.replace('_', ' ')} ms"] + [r["variant"] for r in with_parts]]
+        for name in names + ["total"]:
+            row = [name]
+            for r in with_parts:
+                b = r["breakdown"][key]
+                ms = b["total_ms"] if name == "total" else b["parts_ms"].get(name)
+                row.append(f"{_fmt(ms)} ({100 * ms / b['total_ms']:.0f}%)" if ms is not None else "-")
+            rows.append(row)
+        out.append(_grid(rows))
+    return "\n\n".join(out)
+
+
+def _grid(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cfg_file", default="", help="YAML config (configs/*.yaml); empty = the defaults")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides KEY VALUE ..., e.g. MODEL.TEXT.ENCODER "
+                   "minilm-l6 (a local text encoder) or MODEL.TEXT.ENCODER '' (precomputed language features)")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels")
+    p.add_argument("--batch_size", type=int, default=2, help="training batch")
+    p.add_argument("--eval_batch_size", type=int, default=8, help="the larger evaluation batch (expressions)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS), help="precision of variants naming none")
+    p.add_argument("--compare", default="fused,bf16,fused+bf16",
+                   help="variants measured after 'base' (every switch off), comma-separated; each joins switches "
+                        f"with '+': {', '.join(SWITCHES)} and a precision {', '.join(PRECISIONS)}")
+    p.add_argument("--no_base", action="store_true", help="do not measure the 'base' variant first")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"which of {', '.join(PHASES)} to run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
+                   help="each variant in its own process (auto: on CPU, where peak RSS is per process)")
+    p.add_argument("--output", default="benchmark.json", help="JSON file written with every number")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args._worker:  # a child of run_isolated
+        result = run_variant(BenchSpec(**json.loads(Path(args._worker).read_text())))
+        Path(args._result).write_text(json.dumps(result))
+        return result
+    phases = [p for p in args.phases.split(",") if p]
+    if unknown := set(phases) - set(PHASES):
+        raise ValueError(f"--phases: unknown {sorted(unknown)}, choose from {PHASES}")
+    variants = ([] if args.no_base else ["base"]) + [v for v in args.compare.split(",") if v and v != "base"]
+    for v in variants:
+        parse_variant(v, args.dtype)  # fail before measuring anything
+    common = dict(cfg_file=args.cfg_file, opts=list(args.opts), size=args.size, batch_size=args.batch_size,
+                  eval_batch_size=args.eval_batch_size, device=args.device, dtype=args.dtype, warmup=args.warmup,
+                  runs=args.runs, phases=phases, threads=args.threads, seed=args.seed)
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {"machine": machine_info(device), "settings": {**common, "variants": variants}}
+    results = []
+    for v in variants:
+        logger.info("measuring %s", v)
+        spec = BenchSpec(variant=v, **common)
+        results.append(run_isolated(spec) if isolate else run_variant(spec))
+    report["machine"]["load_average_after"] = os.getloadavg()
+    report["results"] = results
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    m = report["machine"]
+    print(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}), "
+          f"torch {m['torch']}; load average {m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after")
+    print(f"config {args.cfg_file or 'defaults'} {' '.join(map(str, args.opts))}; {args.size} px; "
+          f"medians of {args.runs} runs after {args.warmup} warm-up\n")
+    print(format_tables(results, BenchSpec(**common)))
+    print(f"\nJSON: {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Predict masks for one's own image and expressions; the model side of the notebooks.
+
+    python -m utils.demo --checkpoint checkpoint/demo/best.pth --image photo.jpg \\
+        --text "the red circle" --text "the big star" --out overlay.png --mask-out mask.png
+
+The checkpoint's stored config (YAML text under ``'config'``) rebuilds the network; files without one (the
+official releases) need ``--cfg-file``. Images are prepared as the dataset prepares them (square resize to
+DATA.SIZE, ImageNet normalisation), expressions tokenised as the dataset tokenises them; the logits are resized
+bilinearly to the image's own size before the argmax, as the evaluation at ``original`` resolution does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from yacs.config import CfgNode
+
+from configs import get_config
+
+from .visualize import compose_panels, mask_iou, save_png
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def default_checkpoint() -> Path:
+    """``<OUTPUT>/<MODEL_ID>/best.pth`` of the built-in demo run (``python main.py``, configs/demo.yaml)."""
+    cfg = get_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None)
+    return Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"
+
+
+def config_from_checkpoint(
+    checkpoint: dict[str, Any], path: str | Path, cfg_file: str | Path | None = None, opts: Sequence[Any] = ()
+) -> CfgNode:
+    """Frozen config: defaults <- the checkpoint's stored config <- ``cfg_file`` <- ``opts`` (KEY VALUE ...)."""
+    text = checkpoint.get("config")
+    if text is None and not cfg_file:
+        raise ValueError(
+            f"checkpoint {path} stores no 'config' (an official release?): give its config file "
+            "(--cfg-file configs/swin_base_refcoco.yaml, plus --opts MODEL.TEXT.ENCODER <bert folder>)"
+        )
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"checkpoint {path}: 'config' must be YAML text, got {type(text).__name__}")
+    if cfg_file and not Path(cfg_file).is_file():
+        raise FileNotFoundError(f"config file not found: {cfg_file}")
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+    cfg = get_config(freeze=False)
+    steps = [
+        (f"the config stored in checkpoint {path}", lambda: cfg.merge_from_other_cfg(CfgNode.load_cfg(text))),
+        (f"config file {cfg_file}", lambda: cfg.merge_from_file(str(cfg_file))),
+        (f"overrides {list(opts)}", lambda: cfg.merge_from_list([v if isinstance(v, str) else repr(v) for v in opts])),
+    ]
+    for (what, merge), wanted in zip(steps, (text is not None, bool(cfg_file), bool(opts))):
+        if wanted:
+            try:
+                merge()
+            except (KeyError, AssertionError, ValueError) as e:  # yacs asserts on keys the defaults lack
+                raise KeyError(f"{what} does not fit configs/defaults.py: {e}") from e
+    cfg.freeze()
+    return cfg
+
+
+class Predictor:
+    """A LAVT model with its tokenizer and input size: image + expressions -> masks at the image's size.
+
+    Build it with ``Predictor.from_checkpoint(path)``; ``predict(image, texts)`` returns ``[E, H, W]`` bool.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: CfgNode, tokenizer: Any, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.size, self.max_tokens = int(cfg.DATA.SIZE), int(cfg.MODEL.TEXT.MAX_TOKENS)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        cfg_file: str | Path | None = None,
+        opts: Sequence[Any] = (),
+    ) -> Predictor:
+        """Build the network from the checkpoint's config, load its weights; device: None = cuda if available."""
+        from models import build_model, load_weights, read_checkpoint
+        from models.text import load_tokenizer
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} requested but CUDA is not available (use --device cpu)")
+        cfg = config_from_checkpoint(read_checkpoint(path), path, cfg_file, opts)
+        if not cfg.MODEL.TEXT.ENCODER:
+            raise ValueError(
+                f"checkpoint {path}: MODEL.TEXT.ENCODER is empty, but predicting from text needs the "
+                "text encoder (set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>)"
+            )
+        model = build_model(cfg, pretrained=False)
+        load_weights(model, path)
+        logger.info("model of %s on %s, input %dx%d", path, device, cfg.DATA.SIZE, cfg.DATA.SIZE)
+        return cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (input_ids [E, N], attention_mask [E, N]) int64, exactly as ``data.ReferDataset``."""
+        from data import tokenize
+
+        return tokenize(self.tokenizer, list(texts), self.max_tokens)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """image [H, W, 3] uint8 RGB -> [1, 3, S, S] float32 normalised, as the dataset's evaluation items."""
+        from data.transforms import resize_image, to_tensor
+
+        return to_tensor(resize_image(image, self.size)).unsqueeze(0)
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray | str | Path, texts: Sequence[str]) -> np.ndarray:
+        """Masks of each expression: image ([H, W, 3] uint8 RGB or a file), E texts -> [E, H, W] bool."""
+        from data import load_rgb
+
+        if isinstance(image, (str, Path)):
+            image = load_rgb(image)
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"predict needs a list of non-empty expressions, got {texts!r}")
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(f"predict needs an RGB uint8 image [H, W, 3], got {got}")
+        ids, mask = self.tokenize(texts)
+        x = self.prepare(image).to(self.device)
+        lang_feats, lang_mask = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+        logits = self.model.segment(x.expand(len(texts), -1, -1, -1), lang_feats, lang_mask).float()  # [E, 2, S, S]
+        # resizing is linear, so the resized logit difference decides the argmax (ties go to background)
+        margin = F.interpolate(
+            logits[:, 1:] - logits[:, :1], size=image.shape[:2], mode="bilinear", align_corners=False
+        )  # [E, 1, H, W]
+        return (margin[:, 0] > 0).cpu().numpy()
+
+
+def mask_paths(mask_out: str | Path, count: int) -> list[Path]:
+    """``mask.png`` for one expression; ``mask_0.png``, ``mask_1.png``, ... for several."""
+    path = Path(mask_out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{e}{path.suffix or '.png'}") for e in range(count)]
+
+
+def run_demo(
+    checkpoint: str | Path | None,
+    image: str | Path,
+    texts: Sequence[str],
+    out: str | Path,
+    mask_out: str | Path | None = None,
+    device: str | None = None,
+    cfg_file: str | Path | None = None,
+    opts: Sequence[Any] = (),
+    predictor: Predictor | None = None,
+) -> dict[str, Any]:
+    """Predict and write the overlay PNG (one captioned panel per expression) and the mask PNG(s) (0/255, the
+    image's size). Returns ``masks`` [E, H, W] bool and the written paths (``out``, ``mask_out``: a list).
+
+    ``predictor``, when given, is used instead of loading ``checkpoint``."""
+    from data import load_rgb
+
+    rgb = load_rgb(image)
+    if predictor is None:
+        if checkpoint is None:
+            raise ValueError("run_demo needs a checkpoint or a predictor")
+        predictor = Predictor.from_checkpoint(checkpoint, device, cfg_file, opts)
+    masks = predictor.predict(rgb, texts)
+    written = {"masks": masks, "out": save_png(compose_panels(rgb, masks, list(texts)), out), "mask_out": []}
+    if mask_out is not None:
+        for path, m in zip(mask_paths(mask_out, len(texts)), masks):
+            written["mask_out"].append(save_png(m.astype(np.uint8) * 255, path))
+    for text, m in zip(texts, masks):
+        logger.info("%r: %.1f%% of the image", text, 100 * m.mean())
+    return written
+
+
+# ----------------------------------------------------------------------------- dataset helpers for the notebooks
+def build_refer(cfg: CfgNode) -> Any:
+    """The REFER annotations of the checkpoint's dataset (``DATA.ROOT``, ``DATASET``, ``SPLIT_BY``, ``IMAGE_DIR``)."""
+    from refer import REFER
+
+    return REFER(cfg.DATA.ROOT, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY, image_dir=cfg.DATA.IMAGE_DIR or None)
+
+
+def dataset_example(refer: Any, split: str = "val", index: int = 0, max_objects: int = 3) -> dict[str, Any]:
+    """The ``index``-th image of ``split`` with at least two referred objects: its path, the first expression of
+    (up to ``max_objects``) of them and their ground-truth masks ([H, W] uint8), for the inference notebook."""
+    by_image: dict[int, list[dict]] = {}
+    for ref_id in refer.getRefIds(split=split):
+        ref = refer.Refs[ref_id]
+        by_image.setdefault(ref["image_id"], []).append(ref)
+    images = [refs for refs in by_image.values() if len(refs) >= 2]
+    if index >= len(images):
+        raise ValueError(
+            f"split {split!r} of {refer.DATA_DIR} has {len(images)} images with two or more referred "
+            f"objects; asked for number {index}"
+        )
+    refs = images[index][:max_objects]
+    info = refer.Imgs[refs[0]["image_id"]]
+    return {
+        "image": Path(refer.IMAGE_DIR) / info["file_name"],
+        "expressions": [ref["sentences"][0]["raw"] for ref in refs],
+        "gts": [refer.getMask(ref)["mask"] for ref in refs],
+        "ref_ids": [ref["ref_id"] for ref in refs],
+    }
+
+
+def results_file(run_dir: str | Path, split: str, resolution: str = "network") -> Path:
+    """Where ``main.py --eval --eval_mode each`` writes the per-expression records of ``split``."""
+    return Path(run_dir) / f"per_expression_{split}_each_{resolution}.jsonl"
+
+
+def ensure_results(
+    checkpoint: str | Path, split: str = "val", resolution: str = "network", device: str | None = None
+) -> Path:
+    """The per-expression results of ``checkpoint`` on ``split`` (next to it); runs ``main.py --eval`` (every
+    expression scored alone) first when they are missing, with the config stored in the checkpoint."""
+    from models import read_checkpoint
+
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent
+    path = results_file(run_dir, split, resolution)
+    if path.is_file():
+        return path
+    text = read_checkpoint(checkpoint).get("config")
+    if not isinstance(text, str):
+        raise ValueError(
+            f"{path} is missing and checkpoint {checkpoint} stores no config to evaluate it with: "
+            f"run main.py --eval --pretrain {checkpoint} --type {split} --eval_mode each yourself"
+        )
+    try:
+        main = importlib.import_module("main")
+    except ImportError as e:
+        raise ImportError(f"evaluating needs the repository's main.py on the path (run from {REPO_ROOT})") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "config.yaml"
+        cfg_file.write_text(text, encoding="utf-8")
+        argv = ["--cfg_file", str(cfg_file), "--eval", "--pretrain", str(checkpoint), "--type", split,
+                "--eval_mode", "each", "--eval_resolution", resolution,
+                "--output", str(run_dir.parent), "--model_id", run_dir.name]  # fmt: skip
+        main.main(argv + (["--device", device] if device else []))
+    if not path.is_file():
+        raise FileNotFoundError(f"the evaluation of {checkpoint} ran but did not write {path}")
+    return path
+
+
+def worst_cases(predictor: Predictor, records: Sequence[dict[str, Any]], refer: Any, k: int = 6) -> list[dict]:
+    """The ``k`` lowest-IoU expressions with image, ground truth and the prediction redone at the image's size,
+    ready for ``visualize.figure_cases``."""
+    from data import load_rgb
+
+    cases = []
+    for r in sorted(records, key=lambda r: (r["IoU"], r["ref_id"], r.get("sent_id", 0)))[:k]:
+        ref = refer.Refs[r["ref_id"]]
+        image = load_rgb(Path(refer.IMAGE_DIR) / refer.Imgs[ref["image_id"]]["file_name"])
+        gt = refer.getMask(ref)["mask"]
+        pred = predictor.predict(image, [r["sentence"]])[0]
+        cases.append(
+            {
+                "image": image,
+                "gt": gt,
+                "pred": pred,
+                "sentence": r["sentence"],
+                "iou": mask_iou(pred, gt),
+                "title": f"ref {r['ref_id']}, evaluation IoU {r['IoU']:.3f}",
+            }
+        )
+    return cases
+
+
+# ----------------------------------------------------------------------------- command line
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m utils.demo",
+        description="Segment what each expression refers to in an image: writes the overlay PNG (one captioned "
+        "panel per expression) and the mask PNG(s) at the image's size.",
+    )
+    p.add_argument("--checkpoint", default=None, help="LAVT checkpoint (default: the demo run's best.pth)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="any image file Pillow reads (give its expressions with --text)")
+    source.add_argument(
+        "--example",
+        type=int,
+        metavar="N",
+        help="the N-th val image of the checkpoint's dataset with two or more referred objects; --text defaults "
+        "to one annotated expression per object",
+    )
+    p.add_argument("--text", action="append", default=None, help="a referring expression; repeat for more")
+    p.add_argument("--out", default="overlay.png", help="overlay PNG")
+    p.add_argument("--mask-out", default=None, help="mask PNG (0/255); several expressions: <stem>_<i>.png")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--cfg-file", default=None, help="config for checkpoints without a stored one (official files)")
+    p.add_argument(
+        "--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides, e.g. MODEL.TEXT.ENCODER minilm-l6"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.image is not None and not args.text:
+        parser.error("--image needs at least one --text")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint or default_checkpoint(), args.device, args.cfg_file, args.opts
+    )
+    image, texts = args.image, args.text
+    if args.example is not None:
+        example = dataset_example(build_refer(predictor.cfg), "val", args.example)
+        image, texts = example["image"], texts or example["expressions"]
+        logger.info("example %d: %s", args.example, image)
+    written = run_demo(None, image, texts, args.out, args.mask_out, predictor=predictor)
+    logger.info(
+        "overlay: %s%s",
+        written["out"],
+        "; masks: " + ", ".join(map(str, written["mask_out"])) if written["mask_out"] else "",
+    )
+    return {**written, "image": Path(image), "texts": list(texts)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Measurement primitives for ``utils.benchmark``: timing, peak memory, FLOP counting, matmul peak, per-part timing.
+
+Every timer synchronises the GPU before reading the clock, so that a CUDA time is the kernels' time and not the
+launch time. CPU peak memory is the process's resident-set high-water mark (``VmHWM``), which Linux lets a
+process reset (``/proc/self/clear_refs``); see ``PeakMemory``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
+    """Seconds of each of ``runs`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- memory
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (0 where /proc is unavailable)."""
+    kb = _status_kb("VmRSS")
+    return (kb or 0) * 1024
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...``; then ``pm.peak_bytes`` is the peak inside the block.
+
+    GPU: ``torch.cuda.max_memory_allocated`` (reset on entry): every live tensor, the model's included.
+    CPU: the process's peak resident set minus ``base_bytes`` (its resident set before the model was built, so
+    that Python and the libraries are left out and the figure compares with the GPU one). On glibc, blocks of
+    64 KiB and more are then served by mmap and returned on free, and the free heap is trimmed first, so that
+    the resident set follows the live tensors rather than what the allocator kept from earlier (this makes
+    allocation slower: measure memory in its own run, not while timing). ``exact`` is False where the peak
+    could not be reset or glibc is absent (then it is an upper bound).
+    """
+
+    def __init__(self, device: torch.device, base_bytes: int = 0) -> None:
+        self.device, self.base_bytes = device, base_bytes
+        self.peak_bytes = 0
+        self.exact = True
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        libc = _libc()
+        if libc is None:
+            self.exact = False
+        else:
+            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # also ends glibc's dynamic threshold for this process
+            libc.malloc_trim(0)
+        try:
+            _CLEAR_REFS.write_text("5")  # "5": reset the peak RSS to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.exact = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            return
+        kb = _status_kb("VmHWM")
+        if kb is None:
+            self.exact = False
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the lifetime peak
+        self.peak_bytes = max(kb * 1024 - self.base_bytes, 0)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def _cpu_flash_flop(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# The CPU fused attention kernels have no formula in torch.utils.flop_counter: without these the fused path
+# would look cheaper than the straightforward one, which does the same arithmetic.
+_EXTRA_FLOPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flop,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention): (total, per module name)."""
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_EXTRA_FLOPS)
+    with counter:
+        fn()
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), per_module
+
+
+def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int | None = None, runs: int = 5) -> float:
+    """The machine's dense square matmul FLOP/s in ``dtype`` (median of ``runs``): the yardstick for a model."""
+    n = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = time_runs(lambda: torch.mm(a, b), device, warmup=2, runs=runs)
+    return 2 * n**3 / median(times)
+
+
+# ----------------------------------------------------------------------------- per-part timing
+class PartTimer:
+    """Forward time of named submodules (nested ones allowed), with forward pre-hooks and hooks.
+
+    ``with timer.recording(): model(...)`` times one call; ``timer.medians()`` gives the median seconds per
+    part over the recorded calls. Outside ``recording`` the hooks do nothing (e.g. the recomputation of a
+    checkpointed stage during backward is not counted).
+    """
+
+    def __init__(self, parts: dict[str, nn.Module], device: torch.device) -> None:
+        self.device = device
+        self.samples: dict[str, list[float]] = {name: [] for name in parts}
+        self._current: dict[str, float] = {}
+        self._active = False
+        self._handles = []
+        for name, module in parts.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _pre(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: object) -> None:
+            if self._active:
+                synchronize(self.device)
+                self._current[name] = time.perf_counter()
+
+        return hook
+
+    def _post(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if self._active and name in self._current:
+                synchronize(self.device)
+                self._pending[name] = self._pending.get(name, 0.0) + time.perf_counter() - self._current.pop(name)
+
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self._active, self._pending = True, {}
+        try:
+            yield
+        finally:
+            self._active = False
+            for name, seconds in self._pending.items():
+                self.samples[name].append(seconds)
+
+    def medians(self) -> dict[str, float]:
+        return {name: median(values) for name, values in self.samples.items() if values}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
