@@ -11,6 +11,12 @@ results_<protocol>.json and per-expression results (JSON lines).
 
 from __future__ import annotations
 
+import os
+
+# Set before torch loads OpenMP: its default busy-waiting makes every CPU op crawl (10x slower steps seen here)
+# as soon as another process shares the cores; waiting threads that sleep instead cost little on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 import random
 import time

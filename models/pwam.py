@@ -88,13 +88,13 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v for q: [B, h, L, d], k, v: [B, h, S, d], bias broadcastable to [B, h, L, S].
 
-    ``scaled_dot_product_attention`` (a fused kernel: no [L, S] matrix in memory) on GPU, and on CPU for float32
-    without gradient. Otherwise on CPU two matmuls and a softmax, measured faster there: the fused kernel's
-    backward is about 1.5x slower than the matmuls' on a Swin block, and its bf16 forward is no faster than its
-    float32 one, while bf16 matmuls are about 1.5x faster than the fused kernel (Swin window shapes, AVX-512 bf16).
+    ``scaled_dot_product_attention`` (a fused kernel: no [L, S] matrix in memory) unless a gradient is needed on
+    CPU: there that kernel's backward is about 1.5x slower than the matmuls' on a Swin block (measured), so two
+    matmuls and a softmax are used. (Its bf16 forward is no faster than its float32 one on CPU, but the matmul
+    route, with the [L, S] matrices through memory, measured slower still inside the model.)
     """
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.device.type == "cpu" and (grad or q.dtype != torch.float32):
+    if q.device.type == "cpu" and grad:
         attn = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # [B, h, L, S]
         return F.dropout(attn, dropout_p, training=True) @ v if dropout_p else attn @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)

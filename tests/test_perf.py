@@ -22,8 +22,20 @@ BF16_REL_L2 = 0.03
 BF16_REL_MAX = 0.05
 BF16_ARGMAX_AGREE = 0.99
 
-TINY_OPTS = ["MODEL.SWIN.EMBED_DIM", "8", "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "MODEL.SWIN.NUM_HEADS", "[1,2,2,4]",
-             "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.TEXT.DIM", "12", "MODEL.SWIN.DROP_PATH_RATE", "0.0"]
+TINY_OPTS = [
+    "MODEL.SWIN.EMBED_DIM",
+    "8",
+    "MODEL.SWIN.DEPTHS",
+    "[2,2,2,2]",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1,2,2,4]",
+    "MODEL.SWIN.WINDOW_SIZE",
+    "4",
+    "MODEL.TEXT.DIM",
+    "12",
+    "MODEL.SWIN.DROP_PATH_RATE",
+    "0.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +67,13 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("over", [
-    {"MODEL__FUSED_ATTENTION": True, "MODEL__CHANNELS_LAST": True},
-    {"MODEL__FUSED_ATTENTION": False, "MODEL__CHANNELS_LAST": True},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"MODEL__FUSED_ATTENTION": True, "MODEL__CHANNELS_LAST": True},
+        {"MODEL__FUSED_ATTENTION": False, "MODEL__CHANNELS_LAST": True},
+    ],
+)
 def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, over):
     model = _fixture_model(reference, fixture_file, **over).eval()
     args = reference["image"], reference["lang_feats"], reference["lang_mask"]
@@ -72,8 +87,9 @@ def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, over):
 def test_training_mode_paths_reproduce_fixture(reference, fixture_file):
     """With gradients on, the fused path rebuilds its bias + mask every call and checkpointing runs each block
     under torch.utils.checkpoint: still the fixture's logits. (BatchNorm in eval mode: batch statistics differ.)"""
-    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=True, MODEL__GRAD_CHECKPOINT=True,
-                           MODEL__CHANNELS_LAST=True).train()
+    model = _fixture_model(
+        reference, fixture_file, MODEL__FUSED_ATTENTION=True, MODEL__GRAD_CHECKPOINT=True, MODEL__CHANNELS_LAST=True
+    ).train()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
@@ -85,8 +101,14 @@ def test_training_mode_paths_reproduce_fixture(reference, fixture_file):
 def test_fast_training_paths_give_the_same_gradients():
     torch.manual_seed(7)
     plain = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=False, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).train()
-    fast = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=True, MODEL__GRAD_CHECKPOINT=True, MODEL__CHANNELS_LAST=True,
-                                MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).train()
+    fast = build_model(
+        tiny_cfg(
+            MODEL__FUSED_ATTENTION=True,
+            MODEL__GRAD_CHECKPOINT=True,
+            MODEL__CHANNELS_LAST=True,
+            MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4],
+        )
+    ).train()
     fast.load_state_dict(plain.state_dict())
     img, lang, mask = torch.randn(2, 3, 70, 46), torch.randn(2, 12, 7), torch.ones(2, 7, 1)
     mask[1, 4:] = 0
@@ -183,12 +205,34 @@ def test_variant_names():
 
 def test_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = benchmark.main(["--opts", *TINY_OPTS, "--size", "64", "--batch_size", "2", "--eval_batch_size", "3",
-                             "--warmup", "1", "--runs", "2", "--compare", "fused+bf16+checkpoint",
-                             "--isolate", "no", "--threads", "1", "--output", str(out)])
+    report = benchmark.main(
+        [
+            "--opts",
+            *TINY_OPTS,
+            "--size",
+            "64",
+            "--batch_size",
+            "2",
+            "--eval_batch_size",
+            "3",
+            "--warmup",
+            "1",
+            "--runs",
+            "2",
+            "--compare",
+            "fused+bf16+checkpoint",
+            "--isolate",
+            "no",
+            "--threads",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
-    assert saved["settings"]["variants"] == ["base", "fused+bf16+checkpoint"] == [r["variant"]
-                                                                                 for r in report["results"]]
+    assert (
+        saved["settings"]["variants"] == ["base", "fused+bf16+checkpoint"] == [r["variant"] for r in report["results"]]
+    )
     for r in saved["results"]:
         assert "error" not in r
         tr, ev, fl = r["train"], r["eval"], r["flops"]
@@ -200,8 +244,10 @@ def test_benchmark_smoke(tmp_path, capsys):
         assert all(v > 0 for v in r["matmul_flops_per_s"].values())
         parts = r["breakdown"]["eval_forward_batch1"]["parts_ms"]
         assert {"patch embed", "stage 1", "stage 4", "decoder"} <= set(parts) and all(v > 0 for v in parts.values())
-        assert sum(v for k, v in parts.items() if "PWAM" not in k) <= r["breakdown"]["eval_forward_batch1"][
-            "total_ms"] * 1.05
+        assert (
+            sum(v for k, v in parts.items() if "PWAM" not in k)
+            <= r["breakdown"]["eval_forward_batch1"]["total_ms"] * 1.05
+        )
     assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
     printed = capsys.readouterr().out
     assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
@@ -210,8 +256,7 @@ def test_benchmark_smoke(tmp_path, capsys):
 @pytest.mark.slow
 def test_benchmark_isolated_worker():
     """On CPU each variant runs in a fresh process (its own peak RSS); the result comes back as JSON."""
-    spec = benchmark.BenchSpec(variant="fused", opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train"],
-                               threads=1)
+    spec = benchmark.BenchSpec(variant="fused", opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train"], threads=1)
     result = benchmark.run_isolated(spec)
     assert "error" not in result, result.get("error")
     assert result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0

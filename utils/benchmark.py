@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .bench_report import format_tables, machine_info
 from .profiling import (
     PartTimer,
     PeakMemory,
@@ -37,6 +37,7 @@ from .profiling import (
     matmul_flops_per_s,
     median,
     synchronize,
+    time_interleaved,
     time_runs,
 )
 
@@ -89,8 +90,10 @@ def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], 
         elif token in PRECISIONS:
             amp = PRECISIONS[token]
         elif token != "base":
-            raise ValueError(f"unknown switch {token!r} in variant {name!r}: use base, "
-                             f"{', '.join(SWITCHES)} or {', '.join(PRECISIONS)}, joined with '+'")
+            raise ValueError(
+                f"unknown switch {token!r} in variant {name!r}: use base, "
+                f"{', '.join(SWITCHES)} or {', '.join(PRECISIONS)}, joined with '+'"
+            )
     return switches, amp
 
 
@@ -139,26 +142,30 @@ def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return parts
 
 
-def _train_phase(model, cfg, spec, device, amp, autocast) -> tuple[dict[str, Any], Callable[[], None]]:
+def _train_step(model, cfg, spec, device, amp, autocast) -> tuple[Callable[[], None], dict[str, list[float]]]:
+    """One training step as the training loop does it (AdamW of the official parameter groups, the configured
+    loss, GradScaler for fp16), timing its forward, backward and optimizer parts into the returned lists."""
     from models import build_param_groups
 
     from .losses import build_criterion
 
-    model.train()
     layers = cfg.MODEL.TEXT.TRAIN_LAYERS
     if model.text_encoder is not None and layers > len(model.text_encoder.encoder.layer):
         layers = len(model.text_encoder.encoder.layer)  # e.g. the 6-layer MiniLM under a BERT-base config
-        logger.info("training all %d text encoder layers (MODEL.TEXT.TRAIN_LAYERS is %d)", layers,
-                    cfg.MODEL.TEXT.TRAIN_LAYERS)
+        logger.info(
+            "training all %d text encoder layers (MODEL.TEXT.TRAIN_LAYERS is %d)", layers, cfg.MODEL.TEXT.TRAIN_LAYERS
+        )
     params = build_param_groups(model, cfg.TRAIN.WEIGHT_DECAY, layers)
-    optimizer = torch.optim.AdamW(params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY,
-                                  fused=cfg.TRAIN.FUSED_ADAMW or None)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY, fused=cfg.TRAIN.FUSED_ADAMW or None
+    )
     criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
     split: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 
     def step() -> None:
+        model.train()
         optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         with autocast(amp, device):
@@ -177,30 +184,32 @@ def _train_phase(model, cfg, spec, device, amp, autocast) -> tuple[dict[str, Any
         for key, seconds in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
             split[key].append(seconds)
 
-    times = time_runs(step, device, spec.warmup, spec.runs)
-    out = {"step_ms": 1e3 * median(times), "times_ms": [1e3 * t for t in times],
-           **{f"{k}_ms": 1e3 * median(v[spec.warmup:]) for k, v in split.items()}}
-    return out, step
+    return step, split
 
 
-def _eval_phase(
-    model, cfg, spec, device, amp, autocast, cast_once: bool = False
-) -> tuple[dict[str, Any], Callable[[], Any]]:
-    model.eval()
-    out = {}
-    for bs in dict.fromkeys((1, spec.eval_batch_size)):
-        batch = make_batch(model, cfg, bs, spec.size, device)
+def _eval_step(model, cfg, batch_size, spec, device, amp, autocast) -> Callable[[], torch.Tensor]:
+    """One evaluation forward of ``batch_size`` expressions, with logits in float32 as the evaluation scores them."""
+    batch = make_batch(model, cfg, batch_size, spec.size, device)
 
-        @torch.no_grad()
-        def run(batch=batch) -> torch.Tensor:
-            with autocast(amp, device):
-                return forward(model, batch).float()  # what the evaluation scores
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        model.eval()
+        with autocast(amp, device):
+            return forward(model, batch).float()
 
-        with autocast(amp if cast_once else "", device):
-            times = time_runs(run, device, spec.warmup, spec.runs)
-        out[f"batch{bs}"] = {"ms": 1e3 * median(times), "expr_per_s": bs / median(times),
-                             "times_ms": [1e3 * t for t in times]}
-    return out, run
+    return run
+
+
+def _train_summary(times: list[float], split: dict[str, list[float]], warmup: int) -> dict[str, Any]:
+    return {
+        "step_ms": 1e3 * median(times),
+        "times_ms": [1e3 * t for t in times],
+        **{f"{k}_ms": 1e3 * median(v[warmup:]) for k, v in split.items()},
+    }
+
+
+def _eval_summary(times: list[float], batch_size: int) -> dict[str, Any]:
+    return {"ms": 1e3 * median(times), "expr_per_s": batch_size / median(times), "times_ms": [1e3 * t for t in times]}
 
 
 def _flops_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
@@ -250,13 +259,26 @@ def _breakdown_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
                 logits.float().mean().backward()
                 model.zero_grad(set_to_none=True)
         timer.remove()
-        parts = {k: 1e3 * median(v[spec.warmup:]) for k, v in timer.samples.items() if len(v) > spec.warmup}
+        parts = {k: 1e3 * median(v[spec.warmup :]) for k, v in timer.samples.items() if len(v) > spec.warmup}
         result[f"{mode}_forward_batch{bs}"] = {"total_ms": 1e3 * median(totals), "parts_ms": parts}
     return result
 
 
-def run_variant(spec: BenchSpec) -> dict[str, Any]:
-    """Measure one variant in this process; returns the JSON-ready result."""
+@dataclass
+class _Variant:
+    """One variant, built: its model, config, precision and the result filled in as it is measured."""
+
+    spec: BenchSpec
+    switches: set[str]
+    amp: str
+    device: torch.device
+    cfg: Any
+    model: torch.nn.Module
+    result: dict[str, Any]
+    base_rss: int
+
+
+def _prepare(spec: BenchSpec) -> _Variant:
     from models import build_model
     from models.build import compile_model
 
@@ -269,42 +291,90 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
     switches, amp = parse_variant(spec.variant, spec.dtype)
     if amp == "fp16" and device.type == "cpu":
         raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
-    base_rss = current_rss_bytes()
+    base_rss = current_rss_bytes(trim=True)
     cfg = variant_config(spec, switches - {"compile"})
     model = build_model(cfg, pretrained=False).to(device)
-    result: dict[str, Any] = {"variant": spec.variant, "switches": sorted(switches), "amp": amp or "float32",
-                              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    result = {
+        "variant": spec.variant,
+        "switches": sorted(switches),
+        "amp": amp or "float32",
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
     if "compile" in switches:
         # FLOPs are counted on the eager model; per-part hooks would break the compiled graphs: no breakdown
         if "flops" in spec.phases:
             result["flops"] = _flops_phase(model, cfg, spec, device, amp, autocast)
         compile_model(model)
-    train_step = eval_run = None
-    if "train" in spec.phases:
-        result["train"], train_step = _train_phase(model, cfg, spec, device, amp, autocast)
-    if "eval" in spec.phases:
-        result["eval"], eval_run = _eval_phase(model, cfg, spec, device, amp, autocast, "cast_once" in switches)
+    return _Variant(spec, switches, amp, device, cfg, model, result, base_rss)
+
+
+def _finish(v: _Variant) -> dict[str, Any]:
+    """FLOPs, the per-part breakdown and the matmul yardstick, after the timings."""
+    from .amp import autocast
+
+    spec, result = v.spec, v.result
     if "flops" in spec.phases and "flops" not in result:
-        result["flops"] = _flops_phase(model, cfg, spec, device, amp, autocast)
-    if "breakdown" in spec.phases and "compile" not in switches:
-        result["breakdown"] = _breakdown_phase(model, cfg, spec, device, amp, autocast)
-    # memory last, one more step each with an allocator that returns what is freed (see PeakMemory)
-    if train_step is not None:
-        model.train()
-        with PeakMemory(device, base_rss) as mem:
-            train_step()
-        result["train"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
-    if eval_run is not None:
-        model.eval()
-        with PeakMemory(device, base_rss) as mem:
-            eval_run()
-        result["eval"][f"batch{spec.eval_batch_size}"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+        result["flops"] = _flops_phase(v.model, v.cfg, spec, v.device, v.amp, autocast)
+    if "breakdown" in spec.phases and "compile" not in v.switches:
+        result["breakdown"] = _breakdown_phase(v.model, v.cfg, spec, v.device, v.amp, autocast)
     result["matmul_flops_per_s"] = {
-        "float32": matmul_flops_per_s(torch.float32, device),
-        result["amp"]: matmul_flops_per_s(_AMP_DTYPE[amp], device),
+        "float32": matmul_flops_per_s(torch.float32, v.device),
+        result["amp"]: matmul_flops_per_s(_AMP_DTYPE[v.amp], v.device),
     }
     _achieved(result, spec)
     return result
+
+
+def run_variant(spec: BenchSpec) -> dict[str, Any]:
+    """Measure one variant in this process; returns the JSON-ready result."""
+    from .amp import autocast
+
+    v = _prepare(spec)
+    model, cfg, device, amp, result = v.model, v.cfg, v.device, v.amp, v.result
+    train_step = eval_run = None
+    if "train" in spec.phases:
+        train_step, split = _train_step(model, cfg, spec, device, amp, autocast)
+        result["train"] = _train_summary(time_runs(train_step, device, spec.warmup, spec.runs), split, spec.warmup)
+    if "eval" in spec.phases:
+        result["eval"] = {}
+        for bs in dict.fromkeys((1, spec.eval_batch_size)):
+            eval_run = _eval_step(model, cfg, bs, spec, device, amp, autocast)
+            with autocast(amp if "cast_once" in v.switches else "", device):  # one region: weights cast once
+                result["eval"][f"batch{bs}"] = _eval_summary(time_runs(eval_run, device, spec.warmup, spec.runs), bs)
+    _finish(v)
+    # memory last, one more step each with an allocator that returns what is freed (see PeakMemory)
+    if train_step is not None:
+        with PeakMemory(device, v.base_rss) as mem:
+            train_step()
+        result["train"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+    if eval_run is not None:
+        with PeakMemory(device, v.base_rss) as mem:
+            eval_run()
+        result["eval"][f"batch{spec.eval_batch_size}"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+    return result
+
+
+def run_interleaved(specs: list[BenchSpec]) -> list[dict[str, Any]]:
+    """All variants in this process, their timed runs taking turns (A B C, B C A, ...), so that a machine shared
+    with other work slows every variant alike and their ratios hold. No peak memory (the models share a process).
+    """
+    from .amp import autocast
+
+    if any("cast_once" in parse_variant(s.variant, s.dtype)[0] for s in specs):
+        raise ValueError("cast_once needs one autocast region around a variant's runs: not with --interleave")
+    variants = [_prepare(s) for s in specs]
+    spec = specs[0]
+    if "train" in spec.phases:
+        steps = [_train_step(v.model, v.cfg, v.spec, v.device, v.amp, autocast) for v in variants]
+        times = time_interleaved([step for step, _ in steps], variants[0].device, spec.warmup, spec.runs)
+        for v, (_, split), t in zip(variants, steps, times):
+            v.result["train"] = _train_summary(t, split, spec.warmup)
+    if "eval" in spec.phases:
+        for bs in dict.fromkeys((1, spec.eval_batch_size)):
+            runs = [_eval_step(v.model, v.cfg, bs, v.spec, v.device, v.amp, autocast) for v in variants]
+            for v, t in zip(variants, time_interleaved(runs, variants[0].device, spec.warmup, spec.runs)):
+                v.result.setdefault("eval", {})[f"batch{bs}"] = _eval_summary(t, bs)
+    return [_finish(v) for v in variants]
 
 
 def _achieved(result: dict[str, Any], spec: BenchSpec) -> None:
@@ -312,8 +382,9 @@ def _achieved(result: dict[str, Any], spec: BenchSpec) -> None:
     if not flops:
         return
     if "train" in result:
-        result["train"]["achieved_flops_per_s"] = flops["train_per_image"] * spec.batch_size / (
-            result["train"]["step_ms"] / 1e3)
+        result["train"]["achieved_flops_per_s"] = (
+            flops["train_per_image"] * spec.batch_size / (result["train"]["step_ms"] / 1e3)
+        )
     for entry in result.get("eval", {}).values():
         entry["achieved_flops_per_s"] = flops["eval_per_image"] * entry["expr_per_s"]
 
@@ -332,112 +403,48 @@ def run_isolated(spec: BenchSpec) -> dict[str, Any]:
         return json.loads(out_path.read_text())
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "torch": torch.__version__,
-            "python": platform.python_version(), "load_average": os.getloadavg()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
-
-
-def _ratio(value: float | None, ref: float | None, inverse: bool = False) -> str:
-    if not value or not ref:
-        return ""
-    return f" ({(ref / value if inverse else value / ref):.2f}x)"
-
-
-def format_tables(results: list[dict[str, Any]], spec: BenchSpec) -> str:
-    """The summary table (speed-ups against the first row) and the per-part breakdown (eval, batch 1)."""
-    ok = [r for r in results if "error" not in r]
-    base = ok[0] if ok else {}
-    big = f"batch{spec.eval_batch_size}"
-    b = spec.eval_batch_size
-    head = ["variant", f"train step ms (B={spec.batch_size})", "fwd/bwd/opt ms", "train peak MB", "eval expr/s B=1",
-            f"eval expr/s B={b}", f"eval peak MB (B={b})", "GFLOP/img eval/train", "achieved GFLOP/s train/eval",
-            "matmul GFLOP/s"]
-    rows = [head]
-    for r in results:
-        if "error" in r:
-            rows.append([r["variant"], "failed: " + r["error"].splitlines()[-1][:60]] + [""] * (len(head) - 2))
-            continue
-        tr, ev, fl = r.get("train", {}), r.get("eval", {}), r.get("flops", {})
-        bt, be = base.get("train", {}), base.get("eval", {})
-        e1, eb = ev.get("batch1", {}), ev.get(big, {})
-        rows.append([
-            r["variant"] + f" [{r['amp']}]",
-            _fmt(tr.get("step_ms"), 0) + _ratio(tr.get("step_ms"), bt.get("step_ms"), inverse=True),
-            "/".join(_fmt(tr.get(k), 0) for k in ("forward_ms", "backward_ms", "optimizer_ms")) if tr else "-",
-            _fmt(tr.get("peak_mb"), 0) + _ratio(tr.get("peak_mb"), bt.get("peak_mb")),
-            _fmt(e1.get("expr_per_s"), 2) + _ratio(e1.get("expr_per_s"), be.get("batch1", {}).get("expr_per_s")),
-            _fmt(eb.get("expr_per_s"), 2) + _ratio(eb.get("expr_per_s"), be.get(big, {}).get("expr_per_s")),
-            _fmt(eb.get("peak_mb"), 0),
-            f"{fl.get('eval_per_image', 0) / 1e9:.3g}/{fl.get('train_per_image', 0) / 1e9:.3g}" if fl else "-",
-            "/".join(f"{e['achieved_flops_per_s'] / 1e9:.3g}" if "achieved_flops_per_s" in e else "-"
-                     for e in (tr, eb)),
-            "/".join(_fmt(v / 1e9, 0) for v in r["matmul_flops_per_s"].values()),
-        ])
-    out = [_grid(rows)]
-    with_parts = [r for r in ok if "breakdown" in r]
-    for key in ("eval_forward_batch1", f"eval_forward_batch{spec.eval_batch_size}",
-                f"train_forward_batch{spec.batch_size}"):
-        if not with_parts or key not in with_parts[0]["breakdown"]:
-            continue
-        names = list(with_parts[0]["breakdown"][key]["parts_ms"])
-        rows = [[f"{key.replace('_', ' ')} ms"] + [r["variant"] for r in with_parts]]
-        for name in names + ["total"]:
-            row = [name]
-            for r in with_parts:
-                b = r["breakdown"][key]
-                ms = b["total_ms"] if name == "total" else b["parts_ms"].get(name)
-                row.append(f"{_fmt(ms)} ({100 * ms / b['total_ms']:.0f}%)" if ms is not None else "-")
-            rows.append(row)
-        out.append(_grid(rows))
-    return "\n\n".join(out)
-
-
-def _grid(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m utils.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--cfg_file", default="", help="YAML config (configs/*.yaml); empty = the defaults")
-    p.add_argument("--opts", nargs="*", default=[], help="config overrides KEY VALUE ..., e.g. MODEL.TEXT.ENCODER "
-                   "minilm-l6 (a local text encoder) or MODEL.TEXT.ENCODER '' (precomputed language features)")
+    p.add_argument(
+        "--opts",
+        nargs="*",
+        default=[],
+        help="config overrides KEY VALUE ..., e.g. MODEL.TEXT.ENCODER "
+        "minilm-l6 (a local text encoder) or MODEL.TEXT.ENCODER '' (precomputed language features)",
+    )
     p.add_argument("--size", type=int, default=224, help="image side in pixels")
     p.add_argument("--batch_size", type=int, default=2, help="training batch")
     p.add_argument("--eval_batch_size", type=int, default=8, help="the larger evaluation batch (expressions)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(PRECISIONS), help="precision of variants naming none")
-    p.add_argument("--compare", default="fused,bf16,fused+bf16",
-                   help="variants measured after 'base' (every switch off), comma-separated; each joins switches "
-                        f"with '+': {', '.join(SWITCHES)} and a precision {', '.join(PRECISIONS)}")
+    p.add_argument(
+        "--compare",
+        default="fused,bf16,fused+bf16",
+        help="variants measured after 'base' (every switch off), comma-separated; each joins switches "
+        f"with '+': {', '.join(SWITCHES)} and a precision {', '.join(PRECISIONS)}",
+    )
     p.add_argument("--no_base", action="store_true", help="do not measure the 'base' variant first")
     p.add_argument("--phases", default=",".join(PHASES), help=f"which of {', '.join(PHASES)} to run")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     p.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
-                   help="each variant in its own process (auto: on CPU, where peak RSS is per process)")
+    p.add_argument(
+        "--isolate",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="each variant in its own process (auto: on CPU, where peak RSS is per process)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="all variants in one process, their timed runs taking turns: ratios that hold on a shared machine "
+        "(no peak memory; not with cast_once)",
+    )
     p.add_argument("--output", default="benchmark.json", help="JSON file written with every number")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -458,16 +465,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     variants = ([] if args.no_base else ["base"]) + [v for v in args.compare.split(",") if v and v != "base"]
     for v in variants:
         parse_variant(v, args.dtype)  # fail before measuring anything
-    common = dict(cfg_file=args.cfg_file, opts=list(args.opts), size=args.size, batch_size=args.batch_size,
-                  eval_batch_size=args.eval_batch_size, device=args.device, dtype=args.dtype, warmup=args.warmup,
-                  runs=args.runs, phases=phases, threads=args.threads, seed=args.seed)
+    common = dict(
+        cfg_file=args.cfg_file,
+        opts=list(args.opts),
+        size=args.size,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        runs=args.runs,
+        phases=phases,
+        threads=args.threads,
+        seed=args.seed,
+    )
     isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {"machine": machine_info(device), "settings": {**common, "variants": variants}}
+    settings = {**common, "variants": variants, "interleave": args.interleave}
+    report: dict[str, Any] = {"machine": machine_info(device), "settings": settings}
     results = []
-    for v in variants:
+    if args.interleave:
+        logger.info("measuring %s, interleaved", ", ".join(variants))
+        results = run_interleaved([BenchSpec(variant=v, **common) for v in variants])
+    for v in variants if not args.interleave else []:
         logger.info("measuring %s", v)
         spec = BenchSpec(variant=v, **common)
         results.append(run_isolated(spec) if isolate else run_variant(spec))
@@ -476,11 +498,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     m = report["machine"]
-    print(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}), "
-          f"torch {m['torch']}; load average {m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after")
-    print(f"config {args.cfg_file or 'defaults'} {' '.join(map(str, args.opts))}; {args.size} px; "
-          f"medians of {args.runs} runs after {args.warmup} warm-up\n")
-    print(format_tables(results, BenchSpec(**common)))
+    print(
+        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}), "
+        f"torch {m['torch']}; load average {m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after"
+    )
+    print(
+        f"config {args.cfg_file or 'defaults'} {' '.join(map(str, args.opts))}; {args.size} px; "
+        f"medians of {args.runs} runs after {args.warmup} warm-up\n"
+    )
+    print(format_tables(results, args.batch_size, args.eval_batch_size))
     print(f"\nJSON: {args.output}")
     return report
 

@@ -41,6 +41,24 @@ def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs:
     return times
 
 
+def time_interleaved(
+    fns: list[Callable[[], object]], device: torch.device, warmup: int, runs: int
+) -> list[list[float]]:
+    """``time_runs`` for several functions taking turns, the first of each round rotating (A B C, B C A, ...):
+    the seconds of each one's timed calls. On a machine shared with other work, each is slowed alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + runs):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            synchronize(device)
+            start = time.perf_counter()
+            fns[i]()
+            synchronize(device)
+            if r >= warmup:
+                times[i].append(time.perf_counter() - start)
+    return times
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -60,12 +78,6 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (0 where /proc is unavailable)."""
-    kb = _status_kb("VmRSS")
-    return (kb or 0) * 1024
-
-
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
@@ -75,6 +87,16 @@ def _libc() -> ctypes.CDLL | None:
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def current_rss_bytes(trim: bool = False) -> int:
+    """Resident set size of this process now (0 where /proc is unavailable); ``trim``: first hand the allocator's
+    free memory back to the system (glibc), so that it is not counted."""
+    libc = _libc() if trim else None
+    if libc is not None:
+        libc.malloc_trim(0)
+    kb = _status_kb("VmRSS")
+    return (kb or 0) * 1024
 
 
 class PeakMemory:
