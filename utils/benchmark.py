@@ -77,6 +77,7 @@ class BenchSpec:
     phases: list[str] = field(default_factory=lambda: list(PHASES))
     threads: int = 0
     seed: int = 0
+    stat: str = "median"  # or "min": on a machine shared with other work, the least disturbed run
 
 
 def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], str]:
@@ -200,16 +201,21 @@ def _eval_step(model, cfg, batch_size, spec, device, amp, autocast) -> Callable[
     return run
 
 
-def _train_summary(times: list[float], split: dict[str, list[float]], warmup: int) -> dict[str, Any]:
+_STATS = {"median": median, "min": min}
+
+
+def _train_summary(times: list[float], split: dict[str, list[float]], warmup: int, stat: str) -> dict[str, Any]:
+    pick = _STATS[stat]
     return {
-        "step_ms": 1e3 * median(times),
+        "step_ms": 1e3 * pick(times),
         "times_ms": [1e3 * t for t in times],
-        **{f"{k}_ms": 1e3 * median(v[warmup:]) for k, v in split.items()},
+        **{f"{k}_ms": 1e3 * pick(v[warmup:]) for k, v in split.items()},
     }
 
 
-def _eval_summary(times: list[float], batch_size: int) -> dict[str, Any]:
-    return {"ms": 1e3 * median(times), "expr_per_s": batch_size / median(times), "times_ms": [1e3 * t for t in times]}
+def _eval_summary(times: list[float], batch_size: int, stat: str) -> dict[str, Any]:
+    seconds = _STATS[stat](times)
+    return {"ms": 1e3 * seconds, "expr_per_s": batch_size / seconds, "times_ms": [1e3 * t for t in times]}
 
 
 def _flops_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
@@ -334,13 +340,17 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
     train_step = eval_run = None
     if "train" in spec.phases:
         train_step, split = _train_step(model, cfg, spec, device, amp, autocast)
-        result["train"] = _train_summary(time_runs(train_step, device, spec.warmup, spec.runs), split, spec.warmup)
+        result["train"] = _train_summary(
+            time_runs(train_step, device, spec.warmup, spec.runs), split, spec.warmup, spec.stat
+        )
     if "eval" in spec.phases:
         result["eval"] = {}
         for bs in dict.fromkeys((1, spec.eval_batch_size)):
             eval_run = _eval_step(model, cfg, bs, spec, device, amp, autocast)
             with autocast(amp if "cast_once" in v.switches else "", device):  # one region: weights cast once
-                result["eval"][f"batch{bs}"] = _eval_summary(time_runs(eval_run, device, spec.warmup, spec.runs), bs)
+                result["eval"][f"batch{bs}"] = _eval_summary(
+                    time_runs(eval_run, device, spec.warmup, spec.runs), bs, spec.stat
+                )
     _finish(v)
     # memory last, one more step each with an allocator that returns what is freed (see PeakMemory)
     if train_step is not None:
@@ -368,12 +378,12 @@ def run_interleaved(specs: list[BenchSpec]) -> list[dict[str, Any]]:
         steps = [_train_step(v.model, v.cfg, v.spec, v.device, v.amp, autocast) for v in variants]
         times = time_interleaved([step for step, _ in steps], variants[0].device, spec.warmup, spec.runs)
         for v, (_, split), t in zip(variants, steps, times):
-            v.result["train"] = _train_summary(t, split, spec.warmup)
+            v.result["train"] = _train_summary(t, split, spec.warmup, spec.stat)
     if "eval" in spec.phases:
         for bs in dict.fromkeys((1, spec.eval_batch_size)):
             runs = [_eval_step(v.model, v.cfg, bs, v.spec, v.device, v.amp, autocast) for v in variants]
             for v, t in zip(variants, time_interleaved(runs, variants[0].device, spec.warmup, spec.runs)):
-                v.result.setdefault("eval", {})[f"batch{bs}"] = _eval_summary(t, bs)
+                v.result.setdefault("eval", {})[f"batch{bs}"] = _eval_summary(t, bs, spec.stat)
     return [_finish(v) for v in variants]
 
 
@@ -434,6 +444,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument(
+        "--stat",
+        choices=list(_STATS),
+        default="median",
+        help="statistic of the timed runs reported (min: the least disturbed run, on a machine shared with others)",
+    )
+    p.add_argument(
         "--isolate",
         choices=["auto", "yes", "no"],
         default="auto",
@@ -475,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dtype=args.dtype,
         warmup=args.warmup,
         runs=args.runs,
+        stat=args.stat,
         phases=phases,
         threads=args.threads,
         seed=args.seed,
@@ -504,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"config {args.cfg_file or 'defaults'} {' '.join(map(str, args.opts))}; {args.size} px; "
-        f"medians of {args.runs} runs after {args.warmup} warm-up\n"
+        f"{'medians' if args.stat == 'median' else 'minima'} of {args.runs} runs after {args.warmup} warm-up"
+        f"{', variants interleaved' if args.interleave else ''}\n"
     )
     print(format_tables(results, args.batch_size, args.eval_batch_size))
     print(f"\nJSON: {args.output}")
