@@ -37,7 +37,7 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
-    model = LAVT(backbone, build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST), text_encoder)
+    model = LAVT(backbone, build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT), text_encoder)
     return compile_model(model) if m.COMPILE else model
 
 

@@ -1,8 +1,12 @@
 """LAVT's lightweight top-down decoder (the official ``SimpleDecoding``)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -16,13 +20,15 @@ class SimpleDecoder(nn.Module):
         c4_dims: channels of stage 4 (``8 * embed_dim``); stages 3, 2, 1 have 1/2, 1/4, 1/8 of it.
         factor: channel ratio between stages; the hidden width is ``c4_dims // factor``.
         channels_last: run the convolutions in channels_last memory format.
+        grad_checkpoint: in training, recompute each level in the backward pass instead of keeping its
+            activations (at 480 px the largest a training step holds); BatchNorm statistics are updated once.
     """
 
-    def __init__(self, c4_dims: int, factor: int = 2, channels_last: bool = False) -> None:
+    def __init__(self, c4_dims: int, factor: int = 2, channels_last: bool = False, grad_checkpoint: bool = False):
         super().__init__()
         hidden = c4_dims // factor
         c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
-        self.channels_last = channels_last
+        self.channels_last, self.grad_checkpoint = channels_last, grad_checkpoint
         # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
         for level, skip in (("4", c4_dims + c3), ("3", hidden + c2), ("2", hidden + c1)):
             self.add_module(f"conv1_{level}", nn.Conv2d(skip, hidden, 3, padding=1, bias=False))
@@ -43,13 +49,36 @@ class SimpleDecoder(nn.Module):
         x = getattr(self, f"relu1_{level}")(getattr(self, f"bn1_{level}")(getattr(self, f"conv1_{level}")(x)))
         return getattr(self, f"relu2_{level}")(getattr(self, f"bn2_{level}")(getattr(self, f"conv2_{level}")(x)))
 
+    def _fuse_checkpointed(self, x: torch.Tensor, skip: torch.Tensor, level: str) -> torch.Tensor:
+        bns = [getattr(self, f"bn1_{level}"), getattr(self, f"bn2_{level}")]
+        return torch.utils.checkpoint.checkpoint(
+            self._fuse, x, skip, level, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _keep_running_stats(bns)),
+        )
+
     def forward(self, x_c4: torch.Tensor, x_c3: torch.Tensor, x_c2: torch.Tensor, x_c1: torch.Tensor) -> torch.Tensor:
         """x_ci: [B, C_i, H_i, W_i] -> logits [B, 2, H_1, W_1]."""
-        x = self._fuse(x_c4, x_c3, "4")
-        x = self._fuse(x, x_c2, "3")
-        x = self._fuse(x, x_c1, "2")
+        fuse = self._fuse_checkpointed if self.grad_checkpoint and self.training and torch.is_grad_enabled() \
+            else self._fuse
+        x = fuse(x_c4, x_c3, "4")
+        x = fuse(x, x_c2, "3")
+        x = fuse(x, x_c1, "2")
         return self.conv1_1(x)
 
 
-def build_decoder(embed_dim: int, channels_last: bool = False) -> SimpleDecoder:
-    return SimpleDecoder(8 * embed_dim, 2, channels_last)
+@contextlib.contextmanager
+def _keep_running_stats(bns: list[nn.BatchNorm2d]) -> Iterator[None]:
+    """The recomputation of a checkpointed level runs BatchNorm in training mode again: put its running
+    statistics back afterwards, so that they are updated once per step, as without checkpointing."""
+    saved = [[t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)] for bn in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bn, state in zip(bns, saved):
+                for t, s in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), state):
+                    t.copy_(s)
+
+
+def build_decoder(embed_dim: int, channels_last: bool = False, grad_checkpoint: bool = False) -> SimpleDecoder:
+    return SimpleDecoder(8 * embed_dim, 2, channels_last, grad_checkpoint)

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, load_weights
+from models.decoder import SimpleDecoder
 from models.swin import SwinBlock, shift_mask
 from utils import benchmark
-from utils.profiling import PeakMemory, count_flops
+from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from .helpers_model import FIXTURE, fixture_cfg, tiny_cfg
 
@@ -138,6 +139,22 @@ def test_bf16_autocast_within_tolerance(reference, fixture_file, fused):
         assert _rel_l2(f, r) < BF16_REL_L2, f"stage {i + 1}"
 
 
+def test_checkpointed_decoder_updates_batchnorm_once():
+    """Checkpointing recomputes each decoder level (BatchNorm in training mode) in the backward pass: same
+    gradients, and the running statistics must move once per step, not twice."""
+    torch.manual_seed(8)
+    plain, ckpt = SimpleDecoder(64).train(), SimpleDecoder(64, grad_checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    feats = [torch.randn(2, 8 * 2**i, 16 // 2**i, 12 // 2**i) for i in range(4)]
+    for model in (plain, ckpt):
+        model(feats[3], feats[2], feats[1], feats[0]).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-7), name
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), name  # running_mean, running_var, num_batches_tracked
+    assert plain.bn1_2.num_batches_tracked.item() == 1
+
+
 def test_bf16_training_step_keeps_float32_state():
     torch.manual_seed(0)
     model = build_model(tiny_cfg(MODEL__GRAD_CHECKPOINT=True)).train()
@@ -260,3 +277,25 @@ def test_benchmark_isolated_worker():
     result = benchmark.run_isolated(spec)
     assert "error" not in result, result.get("error")
     assert result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0
+
+
+def test_interleaved_timing_rotates_turns():
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "ABC"]
+    times = time_interleaved(fns, torch.device("cpu"), warmup=1, runs=2)
+    assert "".join(calls) == "ABC" + "BCA" + "CAB"  # warm-up round, then two timed rounds
+    assert [len(t) for t in times] == [2, 2, 2]
+
+
+def test_benchmark_interleaved_variants():
+    specs = [
+        benchmark.BenchSpec(variant=v, opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train", "eval"], threads=1)
+        for v in ("base", "fused+bf16")
+    ]
+    results = benchmark.run_interleaved(specs)
+    assert [r["variant"] for r in results] == ["base", "fused+bf16"]
+    for r in results:
+        assert r["train"]["step_ms"] > 0 and "peak_mb" not in r["train"]
+        assert r["eval"]["batch8"]["expr_per_s"] > 0
+    with pytest.raises(ValueError, match="cast_once needs one autocast region"):
+        benchmark.run_interleaved([benchmark.BenchSpec(variant="bf16+cast_once", opts=TINY_OPTS, phases=[])])

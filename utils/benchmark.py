@@ -4,8 +4,9 @@ For one config, image size and batch size, every variant (a set of switches on t
 float32 model) is measured for: a training step (forward + loss, backward, AdamW step), evaluation throughput
 (expressions/s at batch 1 and at a larger batch), peak memory, FLOPs per image, the FLOP/s achieved beside the
 machine's dense matmul FLOP/s in that dtype, and a per-part forward breakdown (text encoder, patch embedding,
-each Swin stage with its PWAM, decoder). Timings are medians of timed runs after warm-up. On CPU each variant
-runs in its own process, so its peak memory is its own.
+each Swin stage with its PWAM, decoder). Timings are medians (``--stat min``: minima) of timed runs after
+warm-up. On CPU each variant runs in its own process, so its peak memory is its own; ``--interleave`` instead
+runs all variants in one process taking turns, so that on a machine shared with other work their ratios hold.
 
 Example: ``python -m utils.benchmark --cfg_file configs/swin_tiny_refcoco.yaml --size 224
 --compare fused,bf16,fused+bf16 --opts MODEL.TEXT.ENCODER minilm-l6 MODEL.PRETRAINED_SWIN ''``
@@ -20,8 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,11 @@ from typing import Any
 import torch
 
 from .bench_report import format_tables, machine_info
+from .bench_workload import STATS, count_model_flops, eval_step, eval_summary, part_breakdown, train_step, train_summary
 from .profiling import (
-    PartTimer,
     PeakMemory,
-    count_flops,
     current_rss_bytes,
     matmul_flops_per_s,
-    median,
-    synchronize,
     time_interleaved,
     time_runs,
 )
@@ -108,168 +105,6 @@ def variant_config(spec: BenchSpec, switches: set[str]) -> Any:
     return get_config(spec.cfg_file or None, opts)
 
 
-def make_batch(model: torch.nn.Module, cfg: Any, batch: int, size: int, device: torch.device) -> dict[str, Any]:
-    """Random images, targets and expressions (some padded) of the shapes the data pipeline gives."""
-    n = cfg.MODEL.TEXT.MAX_TOKENS
-    lengths = torch.randint(max(n // 2, 1), n + 1, (batch,))
-    mask = (torch.arange(n)[None] < lengths[:, None]).long()  # [B, N]
-    out = {"image": torch.randn(batch, 3, size, size), "target": torch.randint(0, 2, (batch, size, size))}
-    if model.text_encoder is not None:
-        vocab = model.text_encoder.config.vocab_size
-        out["input_ids"] = torch.randint(1, vocab, (batch, n)) * mask
-        out["attention_mask"] = mask
-    else:
-        out["lang_feats"] = torch.randn(batch, cfg.MODEL.TEXT.DIM, n)
-        out["lang_mask"] = mask.unsqueeze(-1).float()
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    if "input_ids" in batch:
-        return model(batch["image"], batch["input_ids"], batch["attention_mask"])
-    return model.segment(batch["image"], batch["lang_feats"], batch["lang_mask"])
-
-
-def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The parts of the breakdown; ``stage i`` includes its PWAM, gate and patch merging."""
-    parts = {}
-    if model.text_encoder is not None:
-        parts["text encoder"] = model.text_encoder
-    parts["patch embed"] = model.backbone.patch_embed
-    for i, stage in enumerate(model.backbone.layers):
-        parts[f"stage {i + 1}"] = stage
-        parts[f"  of which PWAM {i + 1}"] = stage.fusion
-    parts["decoder"] = model.classifier
-    return parts
-
-
-def _train_step(model, cfg, spec, device, amp, autocast) -> tuple[Callable[[], None], dict[str, list[float]]]:
-    """One training step as the training loop does it (AdamW of the official parameter groups, the configured
-    loss, GradScaler for fp16), timing its forward, backward and optimizer parts into the returned lists."""
-    from models import build_param_groups
-
-    from .losses import build_criterion
-
-    layers = cfg.MODEL.TEXT.TRAIN_LAYERS
-    if model.text_encoder is not None and layers > len(model.text_encoder.encoder.layer):
-        layers = len(model.text_encoder.encoder.layer)  # e.g. the 6-layer MiniLM under a BERT-base config
-        logger.info(
-            "training all %d text encoder layers (MODEL.TEXT.TRAIN_LAYERS is %d)", layers, cfg.MODEL.TEXT.TRAIN_LAYERS
-        )
-    params = build_param_groups(model, cfg.TRAIN.WEIGHT_DECAY, layers)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY, fused=cfg.TRAIN.FUSED_ADAMW or None
-    )
-    criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
-    split: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
-
-    def step() -> None:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with autocast(amp, device):
-            loss = criterion(forward(model, batch), batch["target"])
-        synchronize(device)
-        t1 = time.perf_counter()
-        (scaler.scale(loss) if scaler else loss).backward()
-        synchronize(device)
-        t2 = time.perf_counter()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        synchronize(device)
-        for key, seconds in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-            split[key].append(seconds)
-
-    return step, split
-
-
-def _eval_step(model, cfg, batch_size, spec, device, amp, autocast) -> Callable[[], torch.Tensor]:
-    """One evaluation forward of ``batch_size`` expressions, with logits in float32 as the evaluation scores them."""
-    batch = make_batch(model, cfg, batch_size, spec.size, device)
-
-    @torch.no_grad()
-    def run() -> torch.Tensor:
-        model.eval()
-        with autocast(amp, device):
-            return forward(model, batch).float()
-
-    return run
-
-
-_STATS = {"median": median, "min": min}
-
-
-def _train_summary(times: list[float], split: dict[str, list[float]], warmup: int, stat: str) -> dict[str, Any]:
-    pick = _STATS[stat]
-    return {
-        "step_ms": 1e3 * pick(times),
-        "times_ms": [1e3 * t for t in times],
-        **{f"{k}_ms": 1e3 * pick(v[warmup:]) for k, v in split.items()},
-    }
-
-
-def _eval_summary(times: list[float], batch_size: int, stat: str) -> dict[str, Any]:
-    seconds = _STATS[stat](times)
-    return {"ms": 1e3 * seconds, "expr_per_s": batch_size / seconds, "times_ms": [1e3 * t for t in times]}
-
-
-def _flops_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
-    """Counted on the model as built (before any torch.compile): eval forward at batch 1 and a train
-    forward+backward at the training batch (with checkpointing the recomputed forward counts too)."""
-    model.eval()
-    batch = make_batch(model, cfg, 1, spec.size, device)
-    with torch.no_grad(), autocast(amp, device):
-        eval_flops, per_module = count_flops(lambda: forward(model, batch))
-    model.train()
-    batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
-
-    def train_step() -> None:
-        with autocast(amp, device):
-            loss = forward(model, batch).float().mean()
-        loss.backward()
-
-    train_flops, _ = count_flops(train_step)
-    model.zero_grad(set_to_none=True)
-    parts = {name: per_module.get(_module_path(model, module), 0) for name, module in model_parts(model).items()}
-    return {"eval_per_image": eval_flops, "train_per_image": train_flops / spec.batch_size, "eval_parts": parts}
-
-
-def _module_path(model: torch.nn.Module, module: torch.nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{type(model).__name__}.{name}"
-    return ""
-
-
-def _breakdown_phase(model, cfg, spec, device, amp, autocast) -> dict[str, Any]:
-    result = {}
-    for mode, bs in (("eval", 1), ("eval", spec.eval_batch_size), ("train", spec.batch_size)):
-        model.train(mode == "train")
-        batch = make_batch(model, cfg, bs, spec.size, device)
-        timer = PartTimer(model_parts(model), device)
-        totals = []
-        for i in range(spec.warmup + spec.runs):
-            with torch.set_grad_enabled(mode == "train"), autocast(amp, device), timer.recording():
-                synchronize(device)
-                start = time.perf_counter()
-                logits = forward(model, batch)
-                synchronize(device)
-                if i >= spec.warmup:
-                    totals.append(time.perf_counter() - start)
-            if mode == "train":
-                logits.float().mean().backward()
-                model.zero_grad(set_to_none=True)
-        timer.remove()
-        parts = {k: 1e3 * median(v[spec.warmup :]) for k, v in timer.samples.items() if len(v) > spec.warmup}
-        result[f"{mode}_forward_batch{bs}"] = {"total_ms": 1e3 * median(totals), "parts_ms": parts}
-    return result
-
-
 @dataclass
 class _Variant:
     """One variant, built: its model, config, precision and the result filled in as it is measured."""
@@ -287,8 +122,6 @@ class _Variant:
 def _prepare(spec: BenchSpec) -> _Variant:
     from models import build_model
     from models.build import compile_model
-
-    from .amp import autocast
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -309,20 +142,19 @@ def _prepare(spec: BenchSpec) -> _Variant:
     if "compile" in switches:
         # FLOPs are counted on the eager model; per-part hooks would break the compiled graphs: no breakdown
         if "flops" in spec.phases:
-            result["flops"] = _flops_phase(model, cfg, spec, device, amp, autocast)
+            result["flops"] = count_model_flops(model, cfg, spec, device, amp)
         compile_model(model)
     return _Variant(spec, switches, amp, device, cfg, model, result, base_rss)
 
 
 def _finish(v: _Variant) -> dict[str, Any]:
     """FLOPs, the per-part breakdown and the matmul yardstick, after the timings."""
-    from .amp import autocast
 
     spec, result = v.spec, v.result
     if "flops" in spec.phases and "flops" not in result:
-        result["flops"] = _flops_phase(v.model, v.cfg, spec, v.device, v.amp, autocast)
+        result["flops"] = count_model_flops(v.model, v.cfg, spec, v.device, v.amp)
     if "breakdown" in spec.phases and "compile" not in v.switches:
-        result["breakdown"] = _breakdown_phase(v.model, v.cfg, spec, v.device, v.amp, autocast)
+        result["breakdown"] = part_breakdown(v.model, v.cfg, spec, v.device, v.amp)
     result["matmul_flops_per_s"] = {
         "float32": matmul_flops_per_s(torch.float32, v.device),
         result["amp"]: matmul_flops_per_s(_AMP_DTYPE[v.amp], v.device),
@@ -337,25 +169,23 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
 
     v = _prepare(spec)
     model, cfg, device, amp, result = v.model, v.cfg, v.device, v.amp, v.result
-    train_step = eval_run = None
+    step = eval_run = None
     if "train" in spec.phases:
-        train_step, split = _train_step(model, cfg, spec, device, amp, autocast)
-        result["train"] = _train_summary(
-            time_runs(train_step, device, spec.warmup, spec.runs), split, spec.warmup, spec.stat
-        )
+        step, split = train_step(model, cfg, spec, device, amp)
+        result["train"] = train_summary(time_runs(step, device, spec.warmup, spec.runs), split, spec.warmup, spec.stat)
     if "eval" in spec.phases:
         result["eval"] = {}
         for bs in dict.fromkeys((1, spec.eval_batch_size)):
-            eval_run = _eval_step(model, cfg, bs, spec, device, amp, autocast)
+            eval_run = eval_step(model, cfg, bs, spec, device, amp)
             with autocast(amp if "cast_once" in v.switches else "", device):  # one region: weights cast once
-                result["eval"][f"batch{bs}"] = _eval_summary(
+                result["eval"][f"batch{bs}"] = eval_summary(
                     time_runs(eval_run, device, spec.warmup, spec.runs), bs, spec.stat
                 )
     _finish(v)
     # memory last, one more step each with an allocator that returns what is freed (see PeakMemory)
-    if train_step is not None:
+    if step is not None:
         with PeakMemory(device, v.base_rss) as mem:
-            train_step()
+            step()
         result["train"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
     if eval_run is not None:
         with PeakMemory(device, v.base_rss) as mem:
@@ -368,22 +198,21 @@ def run_interleaved(specs: list[BenchSpec]) -> list[dict[str, Any]]:
     """All variants in this process, their timed runs taking turns (A B C, B C A, ...), so that a machine shared
     with other work slows every variant alike and their ratios hold. No peak memory (the models share a process).
     """
-    from .amp import autocast
 
     if any("cast_once" in parse_variant(s.variant, s.dtype)[0] for s in specs):
         raise ValueError("cast_once needs one autocast region around a variant's runs: not with --interleave")
     variants = [_prepare(s) for s in specs]
     spec = specs[0]
     if "train" in spec.phases:
-        steps = [_train_step(v.model, v.cfg, v.spec, v.device, v.amp, autocast) for v in variants]
+        steps = [train_step(v.model, v.cfg, v.spec, v.device, v.amp) for v in variants]
         times = time_interleaved([step for step, _ in steps], variants[0].device, spec.warmup, spec.runs)
         for v, (_, split), t in zip(variants, steps, times):
-            v.result["train"] = _train_summary(t, split, spec.warmup, spec.stat)
+            v.result["train"] = train_summary(t, split, spec.warmup, spec.stat)
     if "eval" in spec.phases:
         for bs in dict.fromkeys((1, spec.eval_batch_size)):
-            runs = [_eval_step(v.model, v.cfg, bs, v.spec, v.device, v.amp, autocast) for v in variants]
+            runs = [eval_step(v.model, v.cfg, bs, v.spec, v.device, v.amp) for v in variants]
             for v, t in zip(variants, time_interleaved(runs, variants[0].device, spec.warmup, spec.runs)):
-                v.result.setdefault("eval", {})[f"batch{bs}"] = _eval_summary(t, bs, spec.stat)
+                v.result.setdefault("eval", {})[f"batch{bs}"] = eval_summary(t, bs, spec.stat)
     return [_finish(v) for v in variants]
 
 
@@ -445,7 +274,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument(
         "--stat",
-        choices=list(_STATS),
+        choices=list(STATS),
         default="median",
         help="statistic of the timed runs reported (min: the least disturbed run, on a machine shared with others)",
     )
