@@ -90,7 +90,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--weight_decay", type=float, default=None)
     g.add_argument("--loss", type=str, default=None, choices=["ce", "dice", "ce+dice"])
-    g.add_argument("--amp", type=str, default=None, choices=["bf16", "fp16"], help="mixed precision")
+    g.add_argument("--amp", type=str, default=None, choices=["bf16", "fp16", "auto"],
+                   help="mixed precision; auto: bf16 where the device computes it natively, else float32")
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (0: off)")
     g.add_argument("--grad_checkpoint", action="store_true", default=None, help="activation checkpointing")
     g.add_argument("--seed", type=int, default=None, help="offset by rank in each process")

@@ -34,7 +34,7 @@ from data import build_dataset, collate_eval
 from data.synthetic import ensure_synthetic
 from models import CheckpointError, build_model, build_param_groups, load_weights, read_checkpoint
 from models.text import load_tokenizer
-from utils.amp import NativeScaler
+from utils.amp import NativeScaler, resolve_amp
 from utils.checkpoint import check_config, get_rng_state, save_checkpoint, set_rng_state
 from utils.controls import ShuffledExpressions
 from utils.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed_mode
@@ -272,6 +272,11 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
         raise ValueError("MODEL.TEXT.ENCODER (--ck_bert) is empty: training and evaluation need the text encoder")
     run_dir = prepare_run_dir(cfg, info)
     logger = setup_logging(run_dir / "log.txt", info.rank)
+    if cfg.TRAIN.AMP == "auto":
+        cfg.defrost()
+        cfg.TRAIN.AMP = resolve_amp(cfg.TRAIN.AMP, info.device)
+        cfg.freeze()
+        logger.info("TRAIN.AMP auto -> %s on %s", cfg.TRAIN.AMP or "float32", info.device)
     logger.info("run folder %s, %d process(es) on %s", run_dir, info.world_size, info.device)
     config_file = run_dir / ("config_eval.yaml" if args.eval else "config.yaml")
     if info.rank == 0:

@@ -41,7 +41,7 @@ __all__ = ["generate", "ensure_synthetic", "main", "CATEGORIES", "COLOURS", "SIZ
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 COLOURS: dict[str, tuple[int, int, int]] = {  # RGB
     "red": (215, 35, 35),
     "green": (35, 165, 60),
@@ -59,8 +59,9 @@ CATEGORIES: list[dict[str, Any]] = [
 CAT_ID = {c["name"]: c["id"] for c in CATEGORIES}
 GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
 # object extent (bounding size) as a fraction of the image's shorter side; the gap keeps "small"/"big" unambiguous
-# even after an image of aspect <= 4:3 is squashed to a square
-SIZE_RANGES = {"small": (0.13, 0.18), "big": (0.26, 0.34)}
+# even after an image of aspect <= 4:3 is squashed to a square (0.25 * 4/3 < 0.34). Referred objects in RefCOCO are
+# large (people, animals, furniture); version 1's 0.13-0.18 / 0.26-0.34 made 12-px shapes at the demo's 96 px.
+SIZE_RANGES = {"small": (0.19, 0.25), "big": (0.34, 0.42)}
 IMAGE_ID_OFFSET = 1_000_000  # ids above every COCO train2014 id, so files never collide with real COCO images
 MIN_VISIBLE = 0.8  # an occluded object keeps at least this fraction of its area
 SPLIT_ORDER = ("train", "val", "testA", "testB")

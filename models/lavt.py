@@ -35,8 +35,21 @@ class LAVT(nn.Module):
                 "this LAVT has no text encoder (MODEL.TEXT.ENCODER is empty): set it to a local BERT folder, "
                 "or call model.segment(images, lang_feats, lang_mask) with precomputed language features"
             )
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B, N, C]
+        # Columns after the batch's longest expression are padding everywhere: BERT and PWAM mask them, so
+        # dropping them changes nothing but the time spent on them (expressions are ~6 of 20 tokens).
+        used = attention_mask.any(0).nonzero()
+        n = int(used[-1]) + 1 if len(used) else 1
+        input_ids, attention_mask = input_ids[:, :n], attention_mask[:, :n]  # [B, n]
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B, n, C]
         return hidden.transpose(1, 2), attention_mask.unsqueeze(-1).to(hidden.dtype)
+
+    def train(self, mode: bool = True) -> LAVT:
+        """A text encoder with no trained parameter (MODEL.TEXT.TRAIN_LAYERS 0) is a fixed feature extractor:
+        it stays in eval mode (no dropout) while the rest trains."""
+        super().train(mode)
+        if self.text_encoder is not None and not any(p.requires_grad for p in self.text_encoder.parameters()):
+            self.text_encoder.eval()
+        return self
 
     def segment(self, images: torch.Tensor, lang_feats: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
         """images: [B, 3, H, W]; lang_feats: [B, C, N]; lang_mask: [B, N, 1] -> logits [B, 2, H, W]."""

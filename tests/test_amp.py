@@ -56,3 +56,16 @@ def test_bf16_autocast_on_cpu():
         assert model(torch.randn(3, 4)).dtype == torch.float32
     with pytest.raises(ValueError, match="TRAIN.AMP must be one of"):
         NativeScaler("fp8")
+
+
+def test_resolve_auto_amp(monkeypatch):
+    from utils.amp import resolve_amp
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_amp("auto", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_amp("auto", "cpu") == ""  # emulated bf16 would be slower than float32
+    assert resolve_amp("fp16", "cpu") == "fp16" and resolve_amp("", "cpu") == ""
+    with pytest.raises(ValueError, match="TRAIN.AMP must be one of .* or 'auto', got 'fp8'"):
+        resolve_amp("fp8", "cpu")

@@ -235,3 +235,30 @@ def test_bad_configs_and_inputs():
         model.segment(torch.randn(1, 3, 29, 29), torch.randn(1, 12, 4), torch.ones(1, 4, 1))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_model(tiny_cfg(MODEL__TEXT__ENCODER="/nonexistent/bert"))
+
+
+def test_padding_columns_are_dropped_without_changing_outputs(tiny_bert):
+    """encode_text keeps the columns up to the batch's longest expression; the logits equal those computed
+    with every padding column kept (BERT and PWAM mask them)."""
+    torch.manual_seed(11)
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert))).eval()
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    ids[0, :4], ids[1, :6] = torch.tensor([2, 10, 11, 3]), torch.tensor([2, 20, 21, 22, 23, 3])
+    att = (ids > 0).long()
+    img = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        feats, mask = model.encode_text(ids, att)
+        assert feats.shape[-1] == 6 and mask.shape == (2, 6, 1)
+        full = model.text_encoder(input_ids=ids, attention_mask=att)[0].transpose(1, 2)  # [B, C, 12]
+        padded = model.segment(img, full, att.unsqueeze(-1).float())
+        _close(model(img, ids, att), padded)
+        _close(model(img[:1], ids[:1], att[:1]), padded[:1])  # alone: trimmed to its own 4 tokens
+
+
+def test_frozen_text_encoder_stays_in_eval_mode(tiny_bert):
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
+    build_param_groups(model, 0.01, text_train_layers=0)
+    model.train()
+    assert model.backbone.training and not model.text_encoder.training  # no dropout on a fixed extractor
+    build_param_groups(model, 0.01, text_train_layers=1)
+    assert model.train().text_encoder.training

@@ -18,7 +18,27 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"": None, "bf16": torch.bfloat16, "
 
 def _check_amp(amp: str) -> None:
     if amp not in AMP_DTYPES:
-        raise ValueError(f"TRAIN.AMP must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        raise ValueError(f"TRAIN.AMP must be one of {sorted(AMP_DTYPES)} or 'auto', got {amp!r}")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively (a CUDA GPU with bf16, or a CPU with AVX-512 bf16 / AMX); elsewhere
+    CPU bf16 is emulated and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return device.type == "cpu" and any(
+        getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> str:
+    """TRAIN.AMP "auto" -> "bf16" where ``device`` computes bf16 natively, else "" (float32); others unchanged."""
+    if amp == "auto":
+        return "bf16" if native_bf16(device) else ""
+    _check_amp(amp)
+    return amp
 
 
 def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager:
