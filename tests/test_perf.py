@@ -299,3 +299,16 @@ def test_benchmark_interleaved_variants():
         assert r["eval"]["batch8"]["expr_per_s"] > 0
     with pytest.raises(ValueError, match="cast_once needs one autocast region"):
         benchmark.run_interleaved([benchmark.BenchSpec(variant="bf16+cast_once", opts=TINY_OPTS, phases=[])])
+
+
+def test_benchmark_memory_in_its_own_process():
+    """memory='only': no timing, the peak of a training step and of an evaluation forward, in a fresh process."""
+    spec = benchmark.BenchSpec(opts=TINY_OPTS, size=64, eval_batch_size=3, phases=["train", "eval"], threads=1,
+                               memory="only")
+    result = benchmark.run_isolated(spec)
+    assert "error" not in result, result.get("error")
+    assert result["train"]["peak_mb"] > 0 and "step_ms" not in result["train"]
+    assert result["eval"]["batch3"]["peak_mb"] > 0
+    merged = benchmark._merge_memory({"train": {"step_ms": 1.0}, "eval": {"batch3": {"expr_per_s": 2.0}}}, result)
+    assert merged["train"]["step_ms"] == 1.0 and merged["train"]["peak_mb"] == result["train"]["peak_mb"]
+    assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}

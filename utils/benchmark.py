@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .profiling import (
     PeakMemory,
     current_rss_bytes,
     matmul_flops_per_s,
+    return_freed_memory,
     time_interleaved,
     time_runs,
 )
@@ -75,6 +76,9 @@ class BenchSpec:
     threads: int = 0
     seed: int = 0
     stat: str = "median"  # or "min": on a machine shared with other work, the least disturbed run
+    # peak memory: "inline" (after the timings, in the same process), "skip", or "only" (a process of its own whose
+    # allocator returns freed memory from the start: on CPU the exact figure, see profiling.return_freed_memory)
+    memory: str = "inline"
 
 
 def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], str]:
@@ -167,6 +171,8 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
     """Measure one variant in this process; returns the JSON-ready result."""
     from .amp import autocast
 
+    if spec.memory == "only":
+        return measure_memory(spec)
     v = _prepare(spec)
     model, cfg, device, amp, result = v.model, v.cfg, v.device, v.amp, v.result
     step = eval_run = None
@@ -182,15 +188,52 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
                     time_runs(eval_run, device, spec.warmup, spec.runs), bs, spec.stat
                 )
     _finish(v)
-    # memory last, one more step each with an allocator that returns what is freed (see PeakMemory)
+    if spec.memory == "inline":  # memory last, one more step each with an allocator that returns what is freed
+        _peak_memory(v, step, eval_run)
+    return result
+
+
+def _peak_memory(v: _Variant, step: Any, eval_run: Any) -> None:
     if step is not None:
-        with PeakMemory(device, v.base_rss) as mem:
+        with PeakMemory(v.device, v.base_rss) as mem:
             step()
-        result["train"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+        v.result["train"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
     if eval_run is not None:
-        with PeakMemory(device, v.base_rss) as mem:
+        with PeakMemory(v.device, v.base_rss) as mem:
             eval_run()
-        result["eval"][f"batch{spec.eval_batch_size}"].update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+        entry = v.result["eval"].setdefault(f"batch{v.spec.eval_batch_size}", {})
+        entry.update(peak_mb=mem.peak_bytes / 2**20, peak_exact=mem.exact)
+
+
+def measure_memory(spec: BenchSpec) -> dict[str, Any]:
+    """Peak memory only: one training step (after one that creates the optimizer state) and one evaluation forward
+    of the larger batch, the allocator returning freed memory from the process start."""
+    if spec.device == "cpu":
+        return_freed_memory()
+    v = _prepare(spec)
+    step = eval_run = None
+    if "train" in spec.phases:
+        step, _ = train_step(v.model, v.cfg, spec, v.device, v.amp)
+        step()
+        v.result["train"] = {}
+    if "eval" in spec.phases:
+        eval_run = eval_step(v.model, v.cfg, spec.eval_batch_size, spec, v.device, v.amp)
+        eval_run()
+        v.result["eval"] = {}
+    _peak_memory(v, step, eval_run)
+    return v.result
+
+
+def _merge_memory(result: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any]:
+    if "error" in memory:
+        result["memory_error"] = memory["error"]
+    for phase, entry in memory.items():
+        if phase in ("train", "eval") and phase in result:
+            if phase == "train":
+                result["train"].update(entry)
+            else:
+                for key, values in entry.items():
+                    result["eval"].setdefault(key, {}).update(values)
     return result
 
 
@@ -338,7 +381,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for v in variants if not args.interleave else []:
         logger.info("measuring %s", v)
         spec = BenchSpec(variant=v, **common)
-        results.append(run_isolated(spec) if isolate else run_variant(spec))
+        if not isolate:
+            results.append(run_variant(spec))
+        elif args.device == "cpu" and {"train", "eval"} & set(phases):
+            # peak RSS in a fresh process of its own: after the timings the heap keeps freed blocks resident
+            result = run_isolated(replace(spec, memory="skip"))
+            if "error" not in result:
+                result = _merge_memory(result, run_isolated(replace(spec, memory="only")))
+            results.append(result)
+        else:
+            results.append(run_isolated(spec))
     report["machine"]["load_average_after"] = os.getloadavg()
     report["results"] = results
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,19 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+def return_freed_memory() -> bool:
+    """glibc: serve blocks of 64 KiB and more by mmap, so that a freed tensor leaves the resident set at once, and
+    trim what the heap holds free now. Call it before the model is built for an RSS that follows live tensors;
+    later, what earlier steps left in the heap stays counted (measured: +25% on a Swin-B 480 step). False without
+    glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # also ends glibc's dynamic threshold for this process
+    libc.malloc_trim(0)
+    return True
+
+
 def current_rss_bytes(trim: bool = False) -> int:
     """Resident set size of this process now (0 where /proc is unavailable); ``trim``: first hand the allocator's
     free memory back to the system (glibc), so that it is not counted."""
@@ -121,12 +134,8 @@ class PeakMemory:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        libc = _libc()
-        if libc is None:
+        if not return_freed_memory():
             self.exact = False
-        else:
-            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # also ends glibc's dynamic threshold for this process
-            libc.malloc_trim(0)
         try:
             _CLEAR_REFS.write_text("5")  # "5": reset the peak RSS to the current RSS (Linux >= 4.0)
         except OSError:
