@@ -142,7 +142,11 @@ def train(
 ) -> dict[str, Any]:
     """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint."""
     logger = get_logger()
-    datasets = {split: build_dataset(cfg, split, eval_mode=False, tokenizer=tokenizer) for split in ("train", "val")}
+    # the per-epoch val takes the training form (one random expression per object), never augmented
+    datasets = {
+        "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer),
+        "val": build_dataset(cfg, "val", eval_mode=False, tokenizer=tokenizer, augment=False),
+    }
     generator = torch.Generator().manual_seed(cfg.TRAIN.SEED + info.rank)
     sampler = DistributedSampler(
         datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.TRAIN.SEED

@@ -206,8 +206,12 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def build_dataset(cfg: Any, split: str, eval_mode: bool, tokenizer: Any = None) -> ReferDataset:
+def build_dataset(
+    cfg: Any, split: str, eval_mode: bool, tokenizer: Any = None, augment: bool | None = None
+) -> ReferDataset:
     """``ReferDataset`` from a config (DATA.*, MODEL.TEXT.MAX_TOKENS); the tokenizer defaults to MODEL.TEXT.ENCODER.
+    ``augment`` defaults to DATA.AUGMENT in training mode; the per-epoch validation (training form: one random
+    expression per object) passes False.
 
     Does not generate the synthetic dataset: call ``data.synthetic.ensure_synthetic`` once (main process) first.
     """
@@ -225,5 +229,5 @@ def build_dataset(cfg: Any, split: str, eval_mode: bool, tokenizer: Any = None) 
         max_tokens=cfg.MODEL.TEXT.MAX_TOKENS,
         eval_mode=eval_mode,
         image_dir=cfg.DATA.IMAGE_DIR or None,
-        augment=cfg.DATA.AUGMENT and not eval_mode,
+        augment=(cfg.DATA.AUGMENT and not eval_mode) if augment is None else augment,
     )

@@ -312,3 +312,6 @@ def test_build_dataset_from_config(syn_root: Path, tokenizer):
     with pytest.raises(ValueError, match="MODEL.TEXT.ENCODER is empty"):
         build_dataset(get_config(opts=opts), "val", eval_mode=False)
     assert len(build_dataset(get_config(opts=opts), "val", eval_mode=False, tokenizer=tokenizer)) == len(ds)
+    aug = get_config(opts=opts + ["DATA.AUGMENT", True])
+    assert build_dataset(aug, "train", eval_mode=False, tokenizer=tokenizer).augment is not None
+    assert build_dataset(aug, "val", eval_mode=False, tokenizer=tokenizer, augment=False).augment is None
