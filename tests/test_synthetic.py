@@ -58,14 +58,9 @@ def attr_match(obj: dict, desc: dict) -> bool:
 
 def holds(desc: dict, ann_id: int, objs: dict[int, dict]) -> bool:
     """Does ``desc`` describe object ``ann_id``? Strict inequalities, no margins."""
-    axis = {
-        "left": ("cx", -1),
-        "right": ("cx", 1),
-        "top": ("cy", -1),
-        "bottom": ("cy", 1),
-        "above": ("cy", -1),
-        "below": ("cy", 1),
-    }
+    # written independently of the generator's table: x for left/right, y (down) otherwise
+    axis = {d: ("cx" if d in ("left", "right") else "cy", -1 if d in ("left", "top", "above") else 1)
+            for d in ("left", "right", "top", "bottom", "above", "below")}
     obj = objs[ann_id]
     if not attr_match(obj, desc):
         return False
