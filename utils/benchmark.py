@@ -55,6 +55,7 @@ SWITCHES: dict[str, str] = {
 #: precision name -> TRAIN.AMP value
 PRECISIONS: dict[str, str] = {"float32": "", "bf16": "bf16", "fp16": "fp16"}
 PHASES = ("train", "eval", "flops", "breakdown")
+MEMORY_MODES = ("inline", "skip", "only")
 _AMP_DTYPE = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -171,6 +172,8 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
     """Measure one variant in this process; returns the JSON-ready result."""
     from .amp import autocast
 
+    if spec.memory not in MEMORY_MODES:
+        raise ValueError(f"BenchSpec.memory must be one of {MEMORY_MODES}, got {spec.memory!r}")
     if spec.memory == "only":
         return measure_memory(spec)
     v = _prepare(spec)
@@ -225,15 +228,14 @@ def measure_memory(spec: BenchSpec) -> dict[str, Any]:
 
 
 def _merge_memory(result: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any]:
+    """The peaks of a ``memory="only"`` result into the timings of the same variant."""
     if "error" in memory:
         result["memory_error"] = memory["error"]
-    for phase, entry in memory.items():
-        if phase in ("train", "eval") and phase in result:
-            if phase == "train":
-                result["train"].update(entry)
-            else:
-                for key, values in entry.items():
-                    result["eval"].setdefault(key, {}).update(values)
+    if "train" in memory and "train" in result:
+        result["train"].update(memory["train"])
+    for key, entry in memory.get("eval", {}).items():
+        if "eval" in result:
+            result["eval"].setdefault(key, {}).update(entry)
     return result
 
 
