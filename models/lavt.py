@@ -29,7 +29,8 @@ class LAVT(nn.Module):
         self.text_encoder = text_encoder
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids, attention_mask: [B, N] -> (lang_feats [B, C, N], lang_mask [B, N, 1] float)."""
+        """input_ids, attention_mask: [B, N] -> (lang_feats [B, C, n], lang_mask [B, n, 1] float), n <= N the end of
+        the batch's longest expression."""
         if self.text_encoder is None:
             raise RuntimeError(
                 "this LAVT has no text encoder (MODEL.TEXT.ENCODER is empty): set it to a local BERT folder, "
