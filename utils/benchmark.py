@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -355,21 +355,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     variants = ([] if args.no_base else ["base"]) + [v for v in args.compare.split(",") if v and v != "base"]
     for v in variants:
         parse_variant(v, args.dtype)  # fail before measuring anything
-    common = dict(
-        cfg_file=args.cfg_file,
-        opts=list(args.opts),
-        size=args.size,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        warmup=args.warmup,
-        runs=args.runs,
-        stat=args.stat,
-        phases=phases,
-        threads=args.threads,
-        seed=args.seed,
-    )
+    # every BenchSpec field has its flag of the same name, except those set per variant or parsed here
+    per_run = {"variant", "phases", "memory"}
+    common = {f.name: getattr(args, f.name) for f in fields(BenchSpec) if f.name not in per_run} | {"phases": phases}
     isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
     device = torch.device(args.device)
     if args.threads:
