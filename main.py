@@ -128,10 +128,11 @@ def run_evaluation(
 
 def load_pretrained(model: torch.nn.Module, path: str, cfg: CfgNode, resume: bool = False) -> dict[str, Any]:
     """Load ``path`` into ``model``; a file of another configuration is reported by its config keys."""
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = load_weights(model, path)
+        load_weights(model, path, ckpt)
     except CheckpointError:
-        check_config(read_checkpoint(path), cfg, path)  # names the differing config keys, when the file has them
+        check_config(ckpt, cfg, path)  # names the differing config keys, when the file has them
         raise
     check_config(ckpt, cfg, path, resume=resume)
     return ckpt
@@ -177,8 +178,9 @@ def train(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
         )
         model_without_ddp = model.module
-    # fused: one kernel for all parameters (the per-parameter loop costs ~10% of a CPU step); same update rule
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY, fused=True)
+    optimizer = torch.optim.AdamW(
+        param_groups, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY, fused=cfg.TRAIN.FUSED_ADAMW or None
+    )
     lr_scheduler = build_lr_scheduler(
         optimizer, len(train_loader) * cfg.TRAIN.EPOCHS, cfg.TRAIN.POLY_POWER, cfg.TRAIN.WARMUP_ITERS
     )

@@ -57,6 +57,7 @@ CATEGORIES: list[dict[str, Any]] = [
     {"id": 5, "name": "star", "supercategory": "angular"},
 ]
 CAT_ID = {c["name"]: c["id"] for c in CATEGORIES}
+SUPERCATEGORY = {c["name"]: c["supercategory"] for c in CATEGORIES}
 GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
 # object extent (bounding size) as a fraction of the image's shorter side; the gap keeps "small"/"big" unambiguous
 # even after an image of aspect <= 4:3 is squashed to a square (0.25 * 4/3 < 0.34). Referred objects in RefCOCO are
@@ -135,7 +136,7 @@ def _place_objects(
 ) -> list[dict[str, Any]]:
     """Sample kinds, colours, sizes and positions; later objects lie on top. Returns objects with full masks."""
     kinds = [c["name"] for c in CATEGORIES]
-    group_kinds = [c["name"] for c in CATEGORIES if c["supercategory"] == group]
+    group_kinds = [k for k, g in SUPERCATEGORY.items() if g == group]
     colours = list(COLOURS)
     short = min(h, w)
     objects: list[dict[str, Any]] = []
@@ -203,7 +204,7 @@ def _make_image(rng: np.random.Generator, args: dict[str, Any], group: str | Non
     long = min(args["max_size"], int(round(short * rng.uniform(1.0, 4 / 3))))
     h, w = (short, long) if rng.random() < 0.5 else (long, short)
     n = int(rng.integers(args["min_objects"], args["max_objects"] + 1))
-    group_kinds = {c["name"] for c in CATEGORIES if c["supercategory"] == group}
+    group_kinds = {k for k, g in SUPERCATEGORY.items() if g == group}
     for _ in range(20):  # an object that finds no room is dropped; too few left -> draw the layout again
         objects = _place_objects(rng, h, w, n, group, args["repeat_prob"])
         in_group = sum(o["kind"] in group_kinds for o in objects)
@@ -286,7 +287,6 @@ def generate(
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     if max_expressions < 1:
         raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
-    sizes = _split_sizes(num_images, split_sizes)
     args = dict(
         min_size=min_size,
         max_size=max_size,
@@ -296,7 +296,8 @@ def generate(
         repeat_prob=repeat_prob,
         spatial_weight=spatial_weight,
     )
-    params = dict(version=GENERATOR_VERSION, seed=seed, split_sizes=sizes, jpeg_quality=jpeg_quality, **args)
+    params = _params(num_images, split_sizes, seed=seed, jpeg_quality=jpeg_quality, **args)
+    sizes = params["split_sizes"]
 
     root = Path(root)
     data_dir, image_dir = root / "synthetic", root / "images" / "mscoco" / "images" / "train2014"
@@ -337,7 +338,7 @@ def generate(
             )
             attributes["objects"][str(ann_id)] = {k: obj[k] for k in ("kind", "colour", "size", "occluded")}
         for t, obj in enumerate(objects):
-            if group and CATEGORIES[CAT_ID[obj["kind"]] - 1]["supercategory"] != group:
+            if group and SUPERCATEGORY[obj["kind"]] != group:
                 continue
             expressions = describe_object(objects, t, img.shape[1], img.shape[0], rng, max_expressions, spatial_weight)
             if not expressions:
@@ -384,6 +385,11 @@ def generate(
     return data_dir
 
 
+def _params(num_images: int, split_sizes: dict[str, int] | None, **args: Any) -> dict[str, Any]:
+    """What generator.json records: the version, the split sizes and every other argument of ``generate``."""
+    return dict(version=GENERATOR_VERSION, split_sizes=_split_sizes(num_images, split_sizes), **args)
+
+
 def ensure_synthetic(root: str | Path, **kwargs: Any) -> Path:
     """``generate(root, **kwargs)`` unless a complete dataset made with the same arguments is already there."""
     bound = inspect.signature(generate).bind(root, **kwargs)
@@ -392,14 +398,7 @@ def ensure_synthetic(root: str | Path, **kwargs: Any) -> Path:
     data_dir = Path(root) / "synthetic"
     meta = data_dir / "generator.json"
     if meta.is_file():
-        have = json.loads(meta.read_text())
-        sizes = _split_sizes(wanted["num_images"], wanted["split_sizes"])
-        expect = dict(
-            version=GENERATOR_VERSION,
-            split_sizes=sizes,
-            **{k: v for k, v in wanted.items() if k not in ("num_images", "split_sizes")},
-        )
-        if have == expect:
+        if json.loads(meta.read_text()) == _params(**wanted):
             return data_dir
         logger.info("synthetic dataset in %s was made with other arguments; regenerating", data_dir)
     return generate(root, **kwargs)

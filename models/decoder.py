@@ -27,7 +27,7 @@ class SimpleDecoder(nn.Module):
     def __init__(self, c4_dims: int, factor: int = 2, channels_last: bool = False, grad_checkpoint: bool = False):
         super().__init__()
         hidden = c4_dims // factor
-        c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
+        c3, c2, c1 = hidden, c4_dims // factor**2, c4_dims // factor**3
         self.channels_last, self.grad_checkpoint = channels_last, grad_checkpoint
         # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
         for level, skip in (("4", c4_dims + c3), ("3", hidden + c2), ("2", hidden + c1)):

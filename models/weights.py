@@ -63,15 +63,17 @@ def checkpoint_filter_fn(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_weights(model: nn.Module, path: str | Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load every weight of ``model`` from ``path``, or raise ``CheckpointError`` saying what does not fit.
 
     Never loads part of a model silently: missing keys, unexpected keys and shape mismatches are all listed.
-    Returns the file's whole content (optimizer state etc. for resuming).
+    Returns the file's whole content (optimizer state etc. for resuming). ``checkpoint``: the file's content when
+    the caller has read it already (``read_checkpoint(path)``), so that it is not read twice.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    checkpoint = read_checkpoint(path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
     state = checkpoint_filter_fn(checkpoint)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

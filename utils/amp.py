@@ -58,8 +58,6 @@ class NativeScaler:
         device: where the model runs (the GradScaler's device type).
     """
 
-    state_dict_key = "scaler"
-
     def __init__(self, amp: str = "", device: torch.device | str = "cpu") -> None:
         _check_amp(amp)
         self.amp = amp
@@ -72,14 +70,15 @@ class NativeScaler:
         parameters: Iterable[torch.nn.Parameter],
         clip_grad: float = 0.0,
     ) -> torch.Tensor:
-        """One optimisation step. Returns the total gradient norm before clipping (unscaled)."""
-        params = [p for p in parameters if p.requires_grad]
+        """One optimisation step over ``parameters`` (the trainable ones). Returns the total gradient norm before
+        clipping (unscaled)."""
+        params = list(parameters)
         if self._scaler is None:
             loss.backward()
         else:
             self._scaler.scale(loss).backward()
             self._scaler.unscale_(optimizer)
-        if clip_grad and clip_grad > 0:
+        if clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

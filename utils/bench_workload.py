@@ -163,7 +163,7 @@ def _module_path(model: nn.Module, module: nn.Module) -> str:
 
 def part_breakdown(model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.device, amp: str) -> dict[str, Any]:
     result = {}
-    for mode, bs in (("eval", 1), ("eval", spec.eval_batch_size), ("train", spec.batch_size)):
+    for mode, bs in dict.fromkeys((("eval", 1), ("eval", spec.eval_batch_size), ("train", spec.batch_size))):
         model.train(mode == "train")
         batch = make_batch(model, cfg, bs, spec.size, device)
         timer = PartTimer(model_parts(model), device)

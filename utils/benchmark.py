@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .amp import AMP_DTYPES
 from .bench_report import format_tables, machine_info
 from .bench_workload import STATS, count_model_flops, eval_step, eval_summary, part_breakdown, train_step, train_summary
 from .profiling import (
@@ -56,7 +57,6 @@ SWITCHES: dict[str, str] = {
 PRECISIONS: dict[str, str] = {"float32": "", "bf16": "bf16", "fp16": "fp16"}
 PHASES = ("train", "eval", "flops", "breakdown")
 MEMORY_MODES = ("inline", "skip", "only")
-_AMP_DTYPE = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _prepare(spec: BenchSpec) -> _Variant:
     switches, amp = parse_variant(spec.variant, spec.dtype)
     if amp == "fp16" and device.type == "cpu":
         raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
-    base_rss = current_rss_bytes(trim=True)
+    base_rss = current_rss_bytes()
     cfg = variant_config(spec, switches - {"compile"})
     model = build_model(cfg, pretrained=False).to(device)
     result = {
@@ -160,10 +160,8 @@ def _finish(v: _Variant) -> dict[str, Any]:
         result["flops"] = count_model_flops(v.model, v.cfg, spec, v.device, v.amp)
     if "breakdown" in spec.phases and "compile" not in v.switches:
         result["breakdown"] = part_breakdown(v.model, v.cfg, spec, v.device, v.amp)
-    result["matmul_flops_per_s"] = {
-        "float32": matmul_flops_per_s(torch.float32, v.device),
-        result["amp"]: matmul_flops_per_s(_AMP_DTYPE[v.amp], v.device),
-    }
+    dtypes = {"float32": torch.float32, result["amp"]: AMP_DTYPES[v.amp] or torch.float32}  # float32 measured once
+    result["matmul_flops_per_s"] = {name: matmul_flops_per_s(dtype, v.device) for name, dtype in dtypes.items()}
     _achieved(result, spec)
     return result
 

@@ -99,14 +99,15 @@ class Predictor:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device} requested but CUDA is not available (use --device cpu)")
-        cfg = config_from_checkpoint(read_checkpoint(path), path, cfg_file, opts)
+        ckpt = read_checkpoint(path)
+        cfg = config_from_checkpoint(ckpt, path, cfg_file, opts)
         if not cfg.MODEL.TEXT.ENCODER:
             raise ValueError(
                 f"checkpoint {path}: MODEL.TEXT.ENCODER is empty, but predicting from text needs the "
                 "text encoder (set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>)"
             )
         model = build_model(cfg, pretrained=False)
-        load_weights(model, path)
+        load_weights(model, path, ckpt)
         logger.info("model of %s on %s, input %dx%d", path, device, cfg.DATA.SIZE, cfg.DATA.SIZE)
         return cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,14 +80,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save_on_master(obj: Any, path: str | Path) -> None:
-    """Rank 0 saves ``obj`` atomically (see ``utils.checkpoint.save_checkpoint``); the others do nothing."""
-    if is_main_process():
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(obj, path)
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over all ranks (a new tensor; ``t`` itself unchanged). Identity in one process."""
     if not is_dist_avail_and_initialized():
@@ -110,15 +101,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not is_dist_avail_and_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def cleanup() -> None:

@@ -162,9 +162,11 @@ def evaluate(
     model = _unwrap(model)
     model.eval()
     acc = IoUAccumulator()
-    for batch in MetricLogger().log_every(loader, print_freq, header):
-        keys, inter, union, records = _score_batch(model, batch, device, mode, resolution, amp)
-        acc.update(keys, inter, union, records)
+    # one autocast region for the whole loop: its cache casts the weights once, not once per batch
+    with autocast(amp, device):
+        for batch in MetricLogger().log_every(loader, print_freq, header):
+            keys, inter, union, records = _score_batch(model, batch, device, mode, resolution, amp)
+            acc.update(keys, inter, union, records)
     return acc.compute()
 
 

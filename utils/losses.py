@@ -40,6 +40,7 @@ def build_criterion(name: str, ce_weights: Sequence[float] = (0.9, 1.1)) -> Call
     if len(ce_weights) != 2:
         raise ValueError(f"TRAIN.CE_WEIGHTS must hold 2 class weights (background, object), got {list(ce_weights)}")
     weight = torch.tensor([float(w) for w in ce_weights])
+    parts = set(name.split("+"))
 
     def criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 4 or logits.shape[1] != 2 or logits.shape[-2:] != target.shape[-2:]:
@@ -47,10 +48,11 @@ def build_criterion(name: str, ce_weights: Sequence[float] = (0.9, 1.1)) -> Call
                 f"loss: logits must be [B, 2, H, W] and target [B, H, W], got {tuple(logits.shape)} and "
                 f"{tuple(target.shape)}"
             )
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if "ce" in name.split("+"):
-            loss = loss + weighted_cross_entropy(logits.float(), target, weight)
-        if "dice" in name.split("+"):
+        logits = logits.float()  # losses in float32 under autocast too
+        loss = logits.new_zeros(())
+        if "ce" in parts:
+            loss = loss + weighted_cross_entropy(logits, target, weight)
+        if "dice" in parts:
             loss = loss + dice_loss(logits, target)
         return loss
 

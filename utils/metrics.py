@@ -118,17 +118,20 @@ class IoUAccumulator:
         inter, union = inter[order], union[order]
         if records:
             records = [records[i] for i in order.tolist()]
-        metrics = summarize_counts(inter, union)
         ious = iou_from_counts(inter, union)
+        metrics = summarize_counts(inter, union, ious)
         for rec, iou, i, u in zip(records, ious.tolist(), inter.tolist(), union.tolist()):
             rec.update(IoU=iou, I=i, U=u)
         return metrics, records
 
 
-def summarize_counts(inter: torch.Tensor, union: torch.Tensor) -> dict[str, Any]:
-    """mIoU, oIoU and precision@t (percent) from per-expression I and U ([E] integer tensors)."""
+def summarize_counts(
+    inter: torch.Tensor, union: torch.Tensor, ious: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """mIoU, oIoU and precision@t (percent) from per-expression I and U ([E] integer tensors); ``ious``: their
+    ``iou_from_counts`` when the caller has it already."""
     n = int(inter.numel())
-    ious = iou_from_counts(inter, union)
+    ious = iou_from_counts(inter, union) if ious is None else ious
     cum_i, cum_u = int(inter.sum()), int(union.sum())
     out: dict[str, Any] = {
         "num_expressions": n,

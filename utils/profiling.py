@@ -29,16 +29,7 @@ def synchronize(device: torch.device) -> None:
 
 def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
     """Seconds of each of ``runs`` timed calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return time_interleaved([fn], device, warmup, runs)[0]
 
 
 def time_interleaved(
@@ -102,10 +93,10 @@ def return_freed_memory() -> bool:
     return True
 
 
-def current_rss_bytes(trim: bool = False) -> int:
-    """Resident set size of this process now (0 where /proc is unavailable); ``trim``: first hand the allocator's
-    free memory back to the system (glibc), so that it is not counted."""
-    libc = _libc() if trim else None
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (0 where /proc is unavailable), after handing the allocator's free
+    memory back to the system (glibc), so that it is not counted."""
+    libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
     kb = _status_kb("VmRSS")
