@@ -51,7 +51,8 @@ def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContext
 
 
 class NativeScaler:
-    """``scaler(loss, optimizer, parameters, clip_grad)``: backward, unscale, clip, step, update; returns the norm.
+    """``scaler(loss, optimizer, parameters, clip_grad)``: backward, unscale, clip, step, update; returns the norm
+    (``backward`` and ``step`` separately where they are timed apart).
 
     Args:
         amp: "" (float32), "bf16" or "fp16"; only fp16 scales the loss.
@@ -72,11 +73,16 @@ class NativeScaler:
     ) -> torch.Tensor:
         """One optimisation step over ``parameters`` (the trainable ones). Returns the total gradient norm before
         clipping (unscaled)."""
-        params = list(parameters)
-        if self._scaler is None:
-            loss.backward()
-        else:
-            self._scaler.scale(loss).backward()
+        self.backward(loss)
+        return self.step(optimizer, list(parameters), clip_grad)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass, of the scaled loss for fp16."""
+        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip_grad: float = 0.0):
+        """Unscale (fp16), clip, step and update after ``backward``; returns the total gradient norm (unscaled)."""
+        if self._scaler is not None:
             self._scaler.unscale_(optimizer)
         if clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -10,14 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .amp import autocast
+from .amp import NativeScaler, autocast
 from .profiling import PartTimer, count_flops, median, synchronize
 
 if TYPE_CHECKING:
     from .benchmark import BenchSpec
-
-logger = logging.getLogger("benchmark")
-
 
 def make_batch(model: nn.Module, cfg: Any, batch: int, size: int, device: torch.device) -> dict[str, Any]:
     """Random images, targets and expressions (some padded) of the shapes the data pipeline gives."""
@@ -58,23 +55,22 @@ def train_step(
     model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.device, amp: str
 ) -> tuple[Callable[[], None], dict[str, list[float]]]:
     """One training step as the training loop does it (AdamW of the official parameter groups, the configured
-    loss, GradScaler for fp16), timing its forward, backward and optimizer parts into the returned lists."""
+    loss, ``NativeScaler``: GradScaler for fp16, clipping, gradient norm), timing its forward, backward and optimizer
+    parts into the returned lists."""
     from models import build_param_groups
 
     from .losses import build_criterion
 
     layers = cfg.MODEL.TEXT.TRAIN_LAYERS
-    if model.text_encoder is not None and layers > len(model.text_encoder.encoder.layer):
-        layers = len(model.text_encoder.encoder.layer)  # e.g. the 6-layer MiniLM under a BERT-base config
-        logger.info(
-            "training all %d text encoder layers (MODEL.TEXT.TRAIN_LAYERS is %d)", layers, cfg.MODEL.TEXT.TRAIN_LAYERS
-        )
+    if model.text_encoder is not None:  # e.g. the 6-layer MiniLM under a BERT-base config: train all it has
+        layers = min(layers, len(model.text_encoder.encoder.layer))
     params = build_param_groups(model, cfg.TRAIN.WEIGHT_DECAY, layers)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY, fused=cfg.TRAIN.FUSED_ADAMW or None
     )
     criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = NativeScaler(amp, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
     split: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 
@@ -86,14 +82,10 @@ def train_step(
             loss = criterion(forward(model, batch), batch["target"])
         synchronize(device)
         t1 = time.perf_counter()
-        (scaler.scale(loss) if scaler else loss).backward()
+        scaler.backward(loss)
         synchronize(device)
         t2 = time.perf_counter()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer, trainable, cfg.TRAIN.CLIP_GRAD)
         synchronize(device)
         for key, seconds in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
             split[key].append(seconds)
@@ -169,7 +161,8 @@ def part_breakdown(model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.de
         timer = PartTimer(model_parts(model), device)
         totals = []
         for i in range(spec.warmup + spec.runs):
-            with torch.set_grad_enabled(mode == "train"), autocast(amp, device), timer.recording():
+            recording = timer.recording() if i >= spec.warmup else contextlib.nullcontext()
+            with torch.set_grad_enabled(mode == "train"), autocast(amp, device), recording:
                 synchronize(device)
                 start = time.perf_counter()
                 logits = forward(model, batch)
@@ -180,6 +173,6 @@ def part_breakdown(model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.de
                 logits.float().mean().backward()
                 model.zero_grad(set_to_none=True)
         timer.remove()
-        parts = {k: 1e3 * median(v[spec.warmup :]) for k, v in timer.samples.items() if len(v) > spec.warmup}
+        parts = {k: 1e3 * s for k, s in timer.medians().items()}
         result[f"{mode}_forward_batch{bs}"] = {"total_ms": 1e3 * median(totals), "parts_ms": parts}
     return result

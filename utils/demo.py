@@ -26,6 +26,7 @@ from yacs.config import CfgNode
 
 from configs import get_config
 
+from .distributed import resolve_device
 from .visualize import compose_panels, mask_iou, save_png
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,7 @@ class Predictor:
         from models import build_model, load_weights, read_checkpoint
         from models.text import load_tokenizer
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} requested but CUDA is not available (use --device cpu)")
+        device = resolve_device(device)
         ckpt = read_checkpoint(path)
         cfg = config_from_checkpoint(ckpt, path, cfg_file, opts)
         if not cfg.MODEL.TEXT.ENCODER:

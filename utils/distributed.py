@@ -35,21 +35,26 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from e
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or cuda when available and None; a cuda device without CUDA is an error that says so."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available (use --device cpu)")
+    return device
+
+
 def init_distributed_mode(device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes, or return a single-process ``DistInfo``.
 
     Args:
         device: "cuda", "cpu" or None (cuda when available). Each process uses cuda:LOCAL_RANK.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    device = resolve_device(device)
     rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if rank is None or world_size is None or world_size == 1:
-        return DistInfo(0, 1, 0, False, torch.device(device))
+        return DistInfo(0, 1, 0, False, device)
     local_rank = rank if local_rank is None else local_rank
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
