@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
 from args import config_from_args, parse_args
-from data import build_dataset, collate_eval
+from data import build_dataset, collate_eval, load_refer
 from data.synthetic import ensure_synthetic
 from models import CheckpointError, build_model, build_param_groups, load_weights, read_checkpoint
 from models.text import load_tokenizer
-from utils.amp import NativeScaler, resolve_amp
+from utils.amp import NativeScaler, autocast, resolve_amp
 from utils.checkpoint import check_config, get_rng_state, save_checkpoint, set_rng_state
 from utils.controls import ShuffledExpressions
 from utils.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed_mode
@@ -88,8 +88,9 @@ def run_evaluation(
     resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
     variants = [cfg.EVAL.SHUFFLE_EXPRESSIONS] + ([True] if cfg.EVAL.SHUFFLED_CONTROL else [])
     summaries = []
+    refer = load_refer(cfg)
     for split in cfg.EVAL.SPLITS:
-        dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer)
+        dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
         for shuffled in dict.fromkeys(variants):
             ds = ShuffledExpressions(dataset, seed=cfg.TRAIN.SEED) if shuffled else dataset
             tag = f"{split}_{cfg.EVAL.MODE}_{cfg.EVAL.RESOLUTION}" + ("_shuffled" if shuffled else "")
@@ -143,10 +144,11 @@ def train(
 ) -> dict[str, Any]:
     """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint."""
     logger = get_logger()
+    refer = load_refer(cfg)  # the annotations read once for both splits
     # the per-epoch val takes the training form (one random expression per object), never augmented
     datasets = {
-        "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer),
-        "val": build_dataset(cfg, "val", eval_mode=False, tokenizer=tokenizer, augment=False),
+        "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer, refer=refer),
+        "val": build_dataset(cfg, "val", eval_mode=False, tokenizer=tokenizer, augment=False, refer=refer),
     }
     generator = torch.Generator().manual_seed(cfg.TRAIN.SEED + info.rank)
     sampler = DistributedSampler(
@@ -212,6 +214,14 @@ def train(
     elif args.pretrain:
         load_pretrained(model_without_ddp, args.pretrain, cfg)
         logger.info("initialised from %s", args.pretrain)
+
+    cache = model_without_ddp.text_cache
+    if cache is not None:  # every train and val expression encoded up front, in a fixed order (exact resume)
+        tic = time.time()
+        with autocast(cfg.TRAIN.AMP, info.device):
+            for ds in datasets.values():
+                cache.prime(model_without_ddp.text_encoder, ds.input_ids, ds.attention_masks)
+        logger.info("text features of %d distinct expressions cached in %.1fs", len(cache), time.time() - tic)
 
     stop = cfg.TRAIN.EPOCHS if args.stop_after is None else min(cfg.TRAIN.EPOCHS, args.stop_after)
     for epoch in range(start_epoch, stop):

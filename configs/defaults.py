@@ -41,6 +41,8 @@ _C.MODEL.TEXT.DIM = 768  # language width, used only when ENCODER is ""
 _C.MODEL.TEXT.MAX_TOKENS = 20
 # The official recipe optimises the first 10 BERT layers only; embeddings and later layers stay frozen.
 _C.MODEL.TEXT.TRAIN_LAYERS = 10
+# Keep a frozen encoder's features per distinct expression (needs TRAIN_LAYERS 0): training computes each once.
+_C.MODEL.TEXT.CACHE = False
 
 # Fast paths (issue: performance). They change speed, not results (float32 round-off).
 _C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention

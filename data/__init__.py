@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ImageReadError", "ReferDataset", "build_dataset", "collate_eval", "load_rgb", "load_tokenizer", "tokenize"]
+__all__ = [
+    "ImageReadError", "ReferDataset", "build_dataset", "collate_eval", "load_refer", "load_rgb", "load_tokenizer",
+    "tokenize",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,10 @@ from refer import REFER, ReferDataError, ReferFileNotFoundError
 
 from .transforms import TrainAugment, resize_image, resize_mask, to_tensor
 
-__all__ = ["ReferDataset", "build_dataset", "collate_eval", "load_tokenizer", "load_rgb", "tokenize", "ImageReadError"]
+__all__ = [
+    "ReferDataset", "build_dataset", "collate_eval", "load_refer", "load_tokenizer", "load_rgb", "tokenize",
+    "ImageReadError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class ReferDataset(torch.utils.data.Dataset):
         eval_mode: all expressions of an object per item (else one at random) plus the original-size mask.
         augment: mild scale/shift and brightness/contrast jitter, training mode only.
         cat_max_tokens: token budget of all expressions of an object joined with " , " (``cat_input_ids``).
+        refer: the ``REFER`` of ``root`` / ``dataset`` / ``split_by`` / ``image_dir`` if already loaded (several
+            splits share one instead of each reading the annotations again); None loads it.
 
     Train item: image [3, S, S] float32, target [S, S] int64 in {0, 1}, input_ids [N] int64,
     attention_mask [N] int64, ref_id int. The expression is drawn with ``torch.randint``.
@@ -100,13 +105,23 @@ class ReferDataset(torch.utils.data.Dataset):
         image_dir: str | Path | None = None,
         augment: bool = False,
         cat_max_tokens: int = 64,
+        refer: REFER | None = None,
     ) -> None:
         if image_size < 1 or max_tokens < 1 or cat_max_tokens < 1:
             raise ValueError(
                 f"image_size, max_tokens and cat_max_tokens must be positive, got {image_size}, "
                 f"{max_tokens}, {cat_max_tokens}"
             )
-        self.refer = REFER(root, dataset, split_by, image_dir=image_dir or None)
+        if refer is None:
+            refer = REFER(root, dataset, split_by, image_dir=image_dir or None)
+        else:
+            expected = REFER.paths(root, dataset, image_dir or None)
+            if (refer.DATA_DIR, refer.IMAGE_DIR, refer.splitBy) != (*expected, split_by):
+                raise ValueError(
+                    f"the REFER given is {refer.DATA_DIR} ({refer.splitBy}, images {refer.IMAGE_DIR}), not "
+                    f"{expected[0]} ({split_by}, images {expected[1]})"
+                )
+        self.refer = refer
         self.split, self.image_size, self.max_tokens, self.eval_mode = split, image_size, max_tokens, eval_mode
         self.image_dir = Path(self.refer.IMAGE_DIR)
         where = f"{dataset} ({split_by}) in {self.refer.DATA_DIR}"
@@ -206,12 +221,18 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def load_refer(cfg: Any) -> REFER:
+    """The ``REFER`` of a config's dataset (DATA.ROOT, DATASET, SPLIT_BY, IMAGE_DIR), to share between splits."""
+    return REFER(cfg.DATA.ROOT, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY, image_dir=cfg.DATA.IMAGE_DIR or None)
+
+
 def build_dataset(
-    cfg: Any, split: str, eval_mode: bool, tokenizer: Any = None, augment: bool | None = None
+    cfg: Any, split: str, eval_mode: bool, tokenizer: Any = None, augment: bool | None = None,
+    refer: REFER | None = None,
 ) -> ReferDataset:
     """``ReferDataset`` from a config (DATA.*, MODEL.TEXT.MAX_TOKENS); the tokenizer defaults to MODEL.TEXT.ENCODER.
     ``augment`` defaults to DATA.AUGMENT in training mode; the per-epoch validation (training form: one random
-    expression per object) passes False.
+    expression per object) passes False. ``refer``: the config's ``REFER`` already loaded (``load_refer``).
 
     Does not generate the synthetic dataset: call ``data.synthetic.ensure_synthetic`` once (main process) first.
     """
@@ -230,4 +251,5 @@ def build_dataset(
         eval_mode=eval_mode,
         image_dir=cfg.DATA.IMAGE_DIR or None,
         augment=(cfg.DATA.AUGMENT and not eval_mode) if augment is None else augment,
+        refer=refer,
     )

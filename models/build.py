@@ -28,6 +28,11 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
         raise ValueError(f"MODEL.NAME must be 'lavt' or 'lavt_one', got {m.NAME!r}")
     if len(m.SWIN.DEPTHS) != 4:
         raise ValueError(f"LAVT has 4 stages: MODEL.SWIN.DEPTHS needs 4 entries, got {list(m.SWIN.DEPTHS)}")
+    if m.TEXT.CACHE and (not m.TEXT.ENCODER or m.TEXT.TRAIN_LAYERS != 0):
+        raise ValueError(
+            "MODEL.TEXT.CACHE keeps the features of a frozen text encoder: it needs MODEL.TEXT.ENCODER set and "
+            f"MODEL.TEXT.TRAIN_LAYERS 0 (got ENCODER {m.TEXT.ENCODER!r}, TRAIN_LAYERS {m.TEXT.TRAIN_LAYERS})"
+        )
     text_encoder = build_text_encoder(m.TEXT.ENCODER, pretrained) if m.TEXT.ENCODER else None
     lang_dim = text_encoder.config.hidden_size if text_encoder is not None else m.TEXT.DIM
     backbone = build_backbone(
@@ -37,7 +42,8 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
-    model = LAVT(backbone, build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT), text_encoder)
+    decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT)
+    model = LAVT(backbone, decoder, text_encoder, cache_text=m.TEXT.CACHE)
     return compile_model(model) if m.COMPILE else model
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from .decoder import SimpleDecoder
 from .swin import MultiModalSwin
+from .text import TextFeatureCache
 
 
 class LAVT(nn.Module):
@@ -20,13 +21,24 @@ class LAVT(nn.Module):
         backbone: the multi-modal Swin.
         classifier: the decoder (the official attribute name, kept for the checkpoint keys).
         text_encoder: a ``BertModel`` or None (then drive the model with ``segment`` and precomputed features).
+        cache_text: keep the text encoder's features per distinct expression (``TextFeatureCache``); only for a
+            frozen text encoder (``encode_text`` refuses while any of its parameters requires a gradient).
     """
 
-    def __init__(self, backbone: MultiModalSwin, classifier: SimpleDecoder, text_encoder: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: MultiModalSwin,
+        classifier: SimpleDecoder,
+        text_encoder: nn.Module | None = None,
+        cache_text: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
         self.text_encoder = text_encoder
+        self.text_cache = TextFeatureCache() if cache_text else None
+        if self.text_cache is not None:  # features computed with the previous weights are stale after a load
+            self.register_load_state_dict_post_hook(lambda module, keys: module.text_cache.clear())
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask: [B, N] -> (lang_feats [B, C, n], lang_mask [B, n, 1] float), n <= N the end of
@@ -36,6 +48,14 @@ class LAVT(nn.Module):
                 "this LAVT has no text encoder (MODEL.TEXT.ENCODER is empty): set it to a local BERT folder, "
                 "or call model.segment(images, lang_feats, lang_mask) with precomputed language features"
             )
+        if self.text_cache is not None:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoder.parameters()):
+                raise RuntimeError(
+                    "the text feature cache (MODEL.TEXT.CACHE) needs a frozen text encoder, but some of its parameters "
+                    "require gradients: set MODEL.TEXT.TRAIN_LAYERS 0 (or MODEL.TEXT.CACHE False to train it)"
+                )
+            hidden = self.text_cache(self.text_encoder, input_ids, attention_mask)  # [B, n, C]
+            return hidden.transpose(1, 2), attention_mask[:, : hidden.shape[1]].unsqueeze(-1).to(hidden.dtype)
         # Columns after the batch's longest expression are padding everywhere: BERT and PWAM mask them, so
         # dropping them changes nothing but the time spent on them (expressions are ~6 of 20 tokens).
         used = attention_mask.any(0).nonzero()

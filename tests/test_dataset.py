@@ -315,3 +315,21 @@ def test_build_dataset_from_config(syn_root: Path, tokenizer):
     aug = get_config(opts=opts + ["DATA.AUGMENT", True])
     assert build_dataset(aug, "train", eval_mode=False, tokenizer=tokenizer).augment is not None
     assert build_dataset(aug, "val", eval_mode=False, tokenizer=tokenizer, augment=False).augment is None
+
+
+def test_splits_share_one_refer(syn_root: Path, tokenizer):
+    """``load_refer`` reads the annotations once; datasets of several splits built on it equal those that load their
+    own, and a REFER of another dataset folder is refused."""
+    from configs import get_config
+    from data import load_refer
+
+    cfg = get_config(opts=["DATA.ROOT", str(syn_root), "DATA.SIZE", 24, "MODEL.TEXT.MAX_TOKENS", 8])
+    refer = load_refer(cfg)
+    for split in ("train", "val"):
+        shared = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
+        own = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer)
+        assert shared.refer is refer and shared.ref_ids == own.ref_ids
+        assert torch.equal(shared.input_ids, own.input_ids) and torch.equal(shared[0]["target"], own[0]["target"])
+    other = get_config(opts=["DATA.ROOT", str(syn_root.parent / "elsewhere"), "MODEL.TEXT.MAX_TOKENS", 8])
+    with pytest.raises(ValueError, match=r"the REFER given is .*synthetic \(unc, images .*\), not .*elsewhere"):
+        build_dataset(other, "val", eval_mode=True, tokenizer=tokenizer, refer=refer)

@@ -36,12 +36,14 @@ def run(env, out: Path, *flags: str, **over) -> dict:
     return main_module.main(argv)
 
 
-def test_resumed_run_equals_uninterrupted_run(env, tmp_path):
-    run(env, tmp_path / "straight")
-    run(env, tmp_path / "stopped", "--stop_after", "1")
+@pytest.mark.parametrize("cache", [False, True], ids=["encoder", "cached_text"])
+def test_resumed_run_equals_uninterrupted_run(env, tmp_path, cache):
+    over = {"MODEL__TEXT__CACHE": True, "MODEL__TEXT__TRAIN_LAYERS": 0} if cache else {}
+    run(env, tmp_path / "straight", **over)
+    run(env, tmp_path / "stopped", "--stop_after", "1", **over)
     first = read_checkpoint(tmp_path / "stopped" / "tiny" / "last.pth")
     assert first["epoch"] == 0
-    run(env, tmp_path / "stopped", "--resume")
+    run(env, tmp_path / "stopped", "--resume", **over)
     a = read_checkpoint(tmp_path / "straight" / "tiny" / "last.pth")
     b = read_checkpoint(tmp_path / "stopped" / "tiny" / "last.pth")
     assert a["epoch"] == b["epoch"] == 1 and a["best"] == b["best"]

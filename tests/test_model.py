@@ -262,3 +262,44 @@ def test_frozen_text_encoder_stays_in_eval_mode(tiny_bert):
     assert model.backbone.training and not model.text_encoder.training  # no dropout on a fixed extractor
     build_param_groups(model, 0.01, text_train_layers=1)
     assert model.train().text_encoder.training
+
+
+def test_text_feature_cache_equals_the_encoder(tiny_bert):
+    """MODEL.TEXT.CACHE: the logits equal the uncached model's; each distinct expression is encoded once (a hit
+    runs no encoder); a weight load drops the stale features; a trainable encoder is refused."""
+    torch.manual_seed(12)
+    plain = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
+    cached = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True,
+                                  MODEL__TEXT__TRAIN_LAYERS=0))
+    cached.load_state_dict(plain.state_dict())
+    build_param_groups(cached, 0.01, text_train_layers=0)
+    plain.eval(), cached.train()  # train mode: the frozen encoder still runs without dropout
+    ids = torch.zeros(3, 10, dtype=torch.long)
+    ids[0, :4], ids[1, :6], ids[2, :3] = torch.tensor([2, 10, 11, 3]), torch.tensor([2, 20, 21, 22, 23, 3]), \
+        torch.tensor([2, 30, 3])
+    att = (ids > 0).long()
+    calls = []
+    cached.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    cached.text_cache.prime(cached.text_encoder, ids[:2], att[:2])
+    assert len(cached.text_cache) == 2 and len(calls) == 1
+    with torch.no_grad():
+        feats, mask = cached.encode_text(ids, att)  # two hits, one miss
+        assert len(calls) == 2 and len(cached.text_cache) == 3
+        ref_feats, ref_mask = plain.encode_text(ids, att)
+        assert feats.shape == ref_feats.shape == (3, 32, 6) and torch.equal(mask, ref_mask)
+        _close(feats * mask.transpose(1, 2), ref_feats * ref_mask.transpose(1, 2))
+        assert not feats[2, :, 3:].any()  # padding positions are zeros
+        cached.eval()
+        img = torch.randn(3, 3, 40, 40)
+        _close(cached(img, ids, att), plain(img, ids, att))
+        assert len(calls) == 2  # all hits
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        cached.encode_text(ids[:1], att[:1])  # another compute dtype: a feature of its own
+    assert len(cached.text_cache) == 4
+    cached.load_state_dict(plain.state_dict())
+    assert len(cached.text_cache) == 0
+    build_param_groups(cached, 0.01, text_train_layers=1)
+    with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
+        cached(img, ids, att)
+    with pytest.raises(ValueError, match=r"MODEL.TEXT.CACHE .*TRAIN_LAYERS 0 \(got .*TRAIN_LAYERS 10\)"):
+        build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True))
