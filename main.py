@@ -31,7 +31,7 @@ from yacs.config import CfgNode
 
 from args import config_from_args, parse_args
 from data import build_dataset, collate_eval, load_refer
-from data.synthetic import ensure_synthetic
+from data.synthetic import ensure_synthetic, synthetic_sizes
 from models import CheckpointError, build_model, build_param_groups, load_weights, read_checkpoint
 from models.text import load_tokenizer
 from utils.amp import NativeScaler, autocast, resolve_amp
@@ -301,7 +301,8 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
     seed_everything(cfg.TRAIN.SEED + info.rank)
     if cfg.DATA.DATASET == "synthetic":
         if info.rank == 0:
-            ensure_synthetic(cfg.DATA.ROOT, num_images=cfg.DATA.SYNTHETIC_IMAGES)
+            sizes = synthetic_sizes(cfg.DATA.SYNTHETIC_IMAGES, cfg.DATA.SYNTHETIC_EVAL_IMAGES)
+            ensure_synthetic(cfg.DATA.ROOT, **sizes)
         barrier()
     tokenizer = load_tokenizer(cfg.MODEL.TEXT.ENCODER)
 

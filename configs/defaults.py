@@ -62,6 +62,8 @@ _C.DATA.WORKERS = 4
 _C.DATA.AUGMENT = False  # never flips left/right
 # DATASET 'synthetic': images generated under ROOT when absent (data.synthetic.ensure_synthetic)
 _C.DATA.SYNTHETIC_IMAGES = 1100
+# images in each of val, testA and testB (the rest is train); 0 = one eleventh of SYNTHETIC_IMAGES each
+_C.DATA.SYNTHETIC_EVAL_IMAGES = 0
 
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()

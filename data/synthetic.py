@@ -248,6 +248,21 @@ def _split_sizes(num_images: int, split_sizes: dict[str, int] | None) -> dict[st
     return {"train": num_images - 3 * held_out, "val": held_out, "testA": held_out, "testB": held_out}
 
 
+def synthetic_sizes(num_images: int, eval_images: int = 0) -> dict[str, Any]:
+    """``generate`` / ``ensure_synthetic`` keyword arguments for ``num_images`` in all, ``eval_images`` of them in
+    each of val, testA and testB (0: the default one eleventh each)."""
+    if eval_images <= 0:
+        return {"num_images": num_images}
+    train = num_images - 3 * eval_images
+    if train < 1:
+        raise ValueError(
+            f"{num_images} synthetic images leave none for train after 3 x {eval_images} for val, testA and testB "
+            "(DATA.SYNTHETIC_IMAGES, DATA.SYNTHETIC_EVAL_IMAGES)"
+        )
+    return {"num_images": num_images,
+            "split_sizes": {"train": train, "val": eval_images, "testA": eval_images, "testB": eval_images}}
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -408,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic REFER-format referring segmentation dataset.")
     parser.add_argument("--root", default="data/synthetic_refer", help="REFER root (DATA.ROOT)")
     parser.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
+    parser.add_argument("--eval-images", type=int, default=0,
+                        help="images in each of val, testA and testB (0: one eleventh of --num-images each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=128, help="smallest shorter image side")
     parser.add_argument("--max-size", type=int, default=256, help="largest image side")
@@ -418,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     kwargs = dict(
-        num_images=a.num_images,
+        **synthetic_sizes(a.num_images, a.eval_images),
         seed=a.seed,
         min_size=a.min_size,
         max_size=a.max_size,

@@ -95,6 +95,16 @@ def test_train_then_evaluate_writes_results(env, trained):
     assert (run_dir / "results_avg_original.json").is_file() and (run_dir / "config_eval.yaml").is_file()
 
 
+def test_synthetic_eval_images_sets_the_held_out_splits(env, tmp_path):
+    """DATA.SYNTHETIC_EVAL_IMAGES: main generates that many images for each of val, testA and testB."""
+    root = tmp_path / "syn"
+    out = run(env, tmp_path, "--stop_after", "0", DATA__ROOT=str(root), DATA__SYNTHETIC_IMAGES=18,
+              DATA__SYNTHETIC_EVAL_IMAGES=4)
+    assert "summaries" not in out  # nothing trained, nothing evaluated
+    meta = json.loads((root / "synthetic" / "generator.json").read_text())
+    assert meta["split_sizes"] == {"train": 6, "val": 4, "testA": 4, "testB": 4}
+
+
 def test_missing_dataset(env, tmp_path):
     with pytest.raises(ReferFileNotFoundError, match="REFER annotation folder not found: .*refcoco"):
         run(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(tmp_path / "nothing_here"))

@@ -17,7 +17,17 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data.synthetic import CATEGORIES, COLOURS, GROUP_OF_SPLIT, SIZE_RANGES, ensure_synthetic, generate, main
+from data.synthetic import (
+    CATEGORIES,
+    COLOURS,
+    GROUP_OF_SPLIT,
+    SIZE_RANGES,
+    SPLIT_ORDER,
+    ensure_synthetic,
+    generate,
+    main,
+    synthetic_sizes,
+)
 from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS
 from refer import REFER
 
@@ -232,6 +242,18 @@ def test_command_line(tmp_path: Path):
     assert "--num-images" in out and "--root" in out
     main(["--root", str(tmp_path), "--num-images", "4", "--min-size", "64", "--max-size", "64", "--seed", "2"])
     assert len(REFER(tmp_path, "synthetic").Imgs) == 4
+    main(["--root", str(tmp_path / "b"), "--num-images", "9", "--eval-images", "2", "--min-size", "64",
+          "--max-size", "64"])
+    refer = REFER(tmp_path / "b", "synthetic")
+    images = {s: len({refer.Refs[r]["image_id"] for r in refer.getRefIds(split=s)}) for s in SPLIT_ORDER}
+    assert images == {"train": 3, "val": 2, "testA": 2, "testB": 2}
+
+
+def test_synthetic_sizes():
+    assert synthetic_sizes(2400) == {"num_images": 2400}  # the default split, one eleventh each
+    assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
+    with pytest.raises(ValueError, match="9 synthetic images leave none for train after 3 x 3"):
+        synthetic_sizes(9, 3)
 
 
 @pytest.mark.parametrize(
