@@ -116,7 +116,8 @@ class ReferDataset(torch.utils.data.Dataset):
             refer = REFER(root, dataset, split_by, image_dir=image_dir or None)
         else:
             expected = REFER.paths(root, dataset, image_dir or None)
-            if (refer.DATA_DIR, refer.IMAGE_DIR, refer.splitBy) != (*expected, split_by):
+            given = (refer.DATA_DIR, refer.IMAGE_DIR)
+            if [Path(p).resolve() for p in given] != [Path(p).resolve() for p in expected] or refer.splitBy != split_by:
                 raise ValueError(
                     f"the REFER given is {refer.DATA_DIR} ({refer.splitBy}, images {refer.IMAGE_DIR}), not "
                     f"{expected[0]} ({split_by}, images {expected[1]})"

@@ -37,7 +37,10 @@ from pycocotools import mask as mask_utils
 
 from data.synthetic_text import describe_object
 
-__all__ = ["generate", "ensure_synthetic", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT"]
+__all__ = [
+    "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
+    "SPLIT_ORDER",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +254,9 @@ def _split_sizes(num_images: int, split_sizes: dict[str, int] | None) -> dict[st
 def synthetic_sizes(num_images: int, eval_images: int = 0) -> dict[str, Any]:
     """``generate`` / ``ensure_synthetic`` keyword arguments for ``num_images`` in all, ``eval_images`` of them in
     each of val, testA and testB (0: the default one eleventh each)."""
-    if eval_images <= 0:
+    if eval_images < 0:
+        raise ValueError(f"images per held-out split must be >= 0 (0: the default), got {eval_images}")
+    if eval_images == 0:
         return {"num_images": num_images}
     train = num_images - 3 * eval_images
     if train < 1:

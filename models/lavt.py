@@ -21,8 +21,8 @@ class LAVT(nn.Module):
         backbone: the multi-modal Swin.
         classifier: the decoder (the official attribute name, kept for the checkpoint keys).
         text_encoder: a ``BertModel`` or None (then drive the model with ``segment`` and precomputed features).
-        cache_text: keep the text encoder's features per distinct expression (``TextFeatureCache``); only for a
-            frozen text encoder (``encode_text`` refuses while any of its parameters requires a gradient).
+        cache_text: keep the text encoder's features per distinct expression (``TextFeatureCache``); the text
+            encoder is frozen (``encode_text`` refuses if any of its parameters is set to require a gradient later).
     """
 
     def __init__(
@@ -31,14 +31,27 @@ class LAVT(nn.Module):
         classifier: SimpleDecoder,
         text_encoder: nn.Module | None = None,
         cache_text: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
         self.text_encoder = text_encoder
         self.text_cache = TextFeatureCache() if cache_text else None
-        if self.text_cache is not None:  # features computed with the previous weights are stale after a load
-            self.register_load_state_dict_post_hook(lambda module, keys: module.text_cache.clear())
+        if self.text_cache is not None:
+            if text_encoder is None:
+                raise ValueError("cache_text needs a text encoder")
+            text_encoder.requires_grad_(False)  # the cache holds the features of these weights: never trained
+            # features computed with the previous weights are stale after a load (also one through LAVT's)
+            text_encoder.register_load_state_dict_post_hook(self._text_weights_loaded)
+
+    def _text_weights_loaded(self, module: nn.Module, incompatible_keys: object) -> None:
+        self.text_cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to(device / dtype), .half(), .cuda(): cached features would keep the old device and dtype
+        if self.text_cache is not None:
+            self.text_cache.clear()
+        return super()._apply(fn, recurse)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask: [B, N] -> (lang_feats [B, C, n], lang_mask [B, n, 1] float), n <= N the end of
@@ -52,7 +65,8 @@ class LAVT(nn.Module):
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoder.parameters()):
                 raise RuntimeError(
                     "the text feature cache (MODEL.TEXT.CACHE) needs a frozen text encoder, but some of its parameters "
-                    "require gradients: set MODEL.TEXT.TRAIN_LAYERS 0 (or MODEL.TEXT.CACHE False to train it)"
+                    "were set to require gradients after the model was built: keep them frozen, or build the model "
+                    "with MODEL.TEXT.CACHE False to train the text encoder"
                 )
             hidden = self.text_cache(self.text_encoder, input_ids, attention_mask)  # [B, n, C]
             return hidden.transpose(1, 2), attention_mask[:, : hidden.shape[1]].unsqueeze(-1).to(hidden.dtype)

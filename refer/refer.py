@@ -96,18 +96,18 @@ class REFER:
     @staticmethod
     def paths(data_root: str | Path, dataset: str, image_dir: str | Path | None = None) -> tuple[str, str]:
         """(annotation folder, image folder) of ``dataset`` under ``data_root``, as ``DATA_DIR`` and ``IMAGE_DIR``."""
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown REFER dataset {dataset!r}; expected one of {sorted(DATASETS)}")
         image_folder = Path(image_dir) if image_dir else Path(data_root) / DATASETS[dataset]
         return str(Path(data_root) / dataset), str(image_folder)
 
     def __init__(
         self, data_root: str | Path, dataset: str = "refcoco", splitBy: str = "unc", image_dir: str | Path | None = None
     ) -> None:
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown REFER dataset {dataset!r}; expected one of {sorted(DATASETS)}")
         logger.info("loading dataset %s (%s) into memory...", dataset, splitBy)
         tic = time.time()
-        self.ROOT_DIR = str(Path(data_root))
         self.DATA_DIR, self.IMAGE_DIR = self.paths(data_root, dataset, image_dir)
+        self.ROOT_DIR = str(Path(data_root))
         self.dataset = dataset
         self.splitBy = splitBy
 

@@ -330,6 +330,8 @@ def test_splits_share_one_refer(syn_root: Path, tokenizer):
         own = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer)
         assert shared.refer is refer and shared.ref_ids == own.ref_ids
         assert torch.equal(shared.input_ids, own.input_ids) and torch.equal(shared[0]["target"], own[0]["target"])
+    same = get_config(opts=["DATA.ROOT", str(syn_root / ".." / syn_root.name), "MODEL.TEXT.MAX_TOKENS", 8])
+    assert build_dataset(same, "val", eval_mode=True, tokenizer=tokenizer, refer=refer).refer is refer  # same folder
     other = get_config(opts=["DATA.ROOT", str(syn_root.parent / "elsewhere"), "MODEL.TEXT.MAX_TOKENS", 8])
     with pytest.raises(ValueError, match=r"the REFER given is .*synthetic \(unc, images .*\), not .*elsewhere"):
         build_dataset(other, "val", eval_mode=True, tokenizer=tokenizer, refer=refer)

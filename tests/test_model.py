@@ -1,6 +1,8 @@
 """The LAVT network: fidelity to the official outputs, shapes, gradients, language use, fast paths."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,7 +281,7 @@ def test_text_feature_cache_equals_the_encoder(tiny_bert):
         torch.tensor([2, 30, 3])
     att = (ids > 0).long()
     calls = []
-    cached.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    hook = cached.text_encoder.register_forward_hook(lambda *_: calls.append(1))
     cached.text_cache.prime(cached.text_encoder, ids[:2], att[:2])
     assert len(cached.text_cache) == 2 and len(calls) == 1
     with torch.no_grad():
@@ -293,11 +295,25 @@ def test_text_feature_cache_equals_the_encoder(tiny_bert):
         img = torch.randn(3, 3, 40, 40)
         _close(cached(img, ids, att), plain(img, ids, att))
         assert len(calls) == 2  # all hits
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        cached.encode_text(ids[:1], att[:1])  # another compute dtype: a feature of its own
-    assert len(cached.text_cache) == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached.text_cache.prime(cached.text_encoder, ids, att)  # another compute dtype: features of its own
+        assert len(cached.text_cache) == 6 and len(calls) == 3
+        cached.encode_text(ids, att)  # primed under the same autocast: no encoder run
+    assert len(calls) == 3
     cached.load_state_dict(plain.state_dict())
     assert len(cached.text_cache) == 0
+    cached.encode_text(ids, att)
+    cached.text_encoder.load_state_dict(plain.text_encoder.state_dict())  # through the encoder itself
+    assert len(cached.text_cache) == 0
+    cached.encode_text(ids, att)
+    cached.to(torch.float64)  # entries would keep the old dtype (or device)
+    assert len(cached.text_cache) == 0
+    hook.remove()
+    torch.save(cached, io.BytesIO())  # the whole module still pickles (no lambda among its hooks)
+    fresh = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True,
+                                 MODEL__TEXT__TRAIN_LAYERS=0))
+    assert not any(p.requires_grad for p in fresh.text_encoder.parameters())  # frozen when built
+    fresh(img, ids, att).sum().backward()  # with gradients on, before any param groups
     build_param_groups(cached, 0.01, text_train_layers=1)
     with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
         cached(img, ids, att)

@@ -254,6 +254,8 @@ def test_synthetic_sizes():
     assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
     with pytest.raises(ValueError, match="9 synthetic images leave none for train after 3 x 3"):
         synthetic_sizes(9, 3)
+    with pytest.raises(ValueError, match=r"images per held-out split must be >= 0 \(0: the default\), got -218"):
+        synthetic_sizes(6754, -218)
 
 
 @pytest.mark.parametrize(
