@@ -29,6 +29,9 @@ _C.MODEL.SWIN.PATCH_SIZE = 4
 _C.MODEL.SWIN.MLP_RATIO = 4.0
 _C.MODEL.SWIN.DROP_PATH_RATE = 0.3
 
+# Width of the decoder's fused maps; 0 = the official 4 * EMBED_DIM (half the stage-4 channels).
+_C.MODEL.DECODER_HIDDEN = 0
+
 _C.MODEL.FUSION = CN()
 _C.MODEL.FUSION.NUM_HEADS = [1, 1, 1, 1]  # per stage, the official `--mha`
 _C.MODEL.FUSION.DROPOUT = 0.0

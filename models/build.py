@@ -42,7 +42,7 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
-    decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT)
+    decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN)
     model = LAVT(backbone, decoder, text_encoder, cache_text=m.TEXT.CACHE)
     return compile_model(model) if m.COMPILE else model
 

@@ -122,6 +122,20 @@ def test_variant_shapes(cfg_file):
     assert sum(len(s.blocks) for s in model.backbone.layers) == sum(cfg.MODEL.SWIN.DEPTHS)
 
 
+@pytest.mark.parametrize("hidden", [0, 6, 40])
+def test_decoder_hidden_width(hidden):
+    model = build_model(tiny_cfg(MODEL__DECODER_HIDDEN=hidden)).eval()
+    width = hidden or 4 * 8  # official: half the stage-4 channels (8 * embed_dim)
+    dec = model.classifier
+    assert [getattr(dec, f"conv2_{lvl}").out_channels for lvl in "432"] == [width] * 3
+    assert [getattr(dec, f"conv1_{lvl}").in_channels for lvl in "432"] == [64 + 32, width + 16, width + 8]
+    with torch.no_grad():
+        logits = model.segment(torch.randn(2, 3, 40, 36), torch.randn(2, 12, 5), torch.ones(2, 5, 1))
+    assert logits.shape == (2, 2, 40, 36) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="hidden width must be positive"):
+        build_model(tiny_cfg(MODEL__DECODER_HIDDEN=-1))
+
+
 @pytest.mark.parametrize("size", [(37, 53), (61, 30), (29, 45)])
 def test_odd_input_sizes(size):
     model = build_model(tiny_cfg()).eval()
