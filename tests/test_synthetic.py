@@ -193,13 +193,15 @@ def test_wording_matches_description(refer: REFER, attributes: dict):
     assert min(kinds_seen.values()) > 20, kinds_seen
 
 
-def test_deterministic(root: Path, tmp_path: Path):
-    generate(tmp_path / "a", num_images=66, seed=5)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_deterministic(root: Path, tmp_path: Path, workers: int):
+    # the module fixture is drawn by one process per CPU: any number of workers writes the same bytes
+    generate(tmp_path / "a", num_images=66, seed=5, workers=workers)
     for name in ("refs(unc).p", "instances.json", "attributes.json", "generator.json"):
         assert (tmp_path / "a" / "synthetic" / name).read_bytes() == (root / "synthetic" / name).read_bytes(), name
     images = sorted((root / "images/mscoco/images/train2014").iterdir())
     assert len(images) == 66
-    for path in images[:10]:
+    for path in images:
         assert (tmp_path / "a/images/mscoco/images/train2014" / path.name).read_bytes() == path.read_bytes()
     generate(tmp_path / "b", num_images=66, seed=6)
     refs_a = pickle.loads((root / "synthetic/refs(unc).p").read_bytes())
@@ -215,6 +217,8 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
     stamp = instances.stat().st_mtime_ns
     ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80)
     assert instances.stat().st_mtime_ns == stamp  # same arguments: kept
+    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, workers=1)
+    assert instances.stat().st_mtime_ns == stamp  # the number of workers does not change the data
     ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, seed=1)
     assert instances.stat().st_mtime_ns != stamp  # other arguments: regenerated
     stamp = instances.stat().st_mtime_ns
