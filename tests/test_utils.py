@@ -45,6 +45,15 @@ def test_log_every_yields_all_and_writes_log_file(tmp_path):
     text = log_file.read_text()
     assert "Epoch [0] [2/5]" in text and "Epoch [0] [5/5]" in text and "loss:" in text and "lr:" in text
     assert ml.loss.global_avg == 2.0
+    # the library modules' own loggers (logging.getLogger(__name__)) reach the run's log file too
+    logging.getLogger("models.weights").info("loaded 3 tensors from x.pth")
+    logging.getLogger("data.synthetic").info("synthetic REFER dataset: 2 images")
+    for h in logging.getLogger("lavt").handlers:
+        h.flush()
+    text = log_file.read_text()
+    assert "loaded 3 tensors from x.pth" in text and "synthetic REFER dataset: 2 images" in text
+    logging.getLogger("data.dataset").debug("not at INFO")
+    assert "not at INFO" not in log_file.read_text()
     with pytest.raises(TypeError, match="loss must be a number"):
         ml.update(loss="x")
     setup_logging(None)

@@ -20,6 +20,8 @@ from tqdm import tqdm
 from .distributed import all_reduce_sum, is_main_process
 
 LOGGER_NAME = "lavt"
+# the library modules log through logging.getLogger(__name__): their records reach the same console and file
+PACKAGE_LOGGERS = ("data", "models", "refer", "utils")
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -34,26 +36,33 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(log_file: str | Path | None = None, rank: int = 0) -> logging.Logger:
-    """Configure the ``lavt`` logger: console on every rank (INFO on rank 0, WARNING elsewhere), file on rank 0.
+    """Configure the ``lavt`` logger and those of the library's packages (``data.*``, ``models.*``, ``refer.*``,
+    ``utils.*``): console on every rank (INFO on rank 0, WARNING elsewhere), file on rank 0.
 
     Calling it again replaces the handlers (a second run in the same process logs to its own file).
     """
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
     fmt = logging.Formatter(_FORMAT, datefmt="%H:%M:%S")
     console = _TqdmHandler(sys.stdout)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(fmt)
-    logger.addHandler(console)
+    handlers: list[logging.Handler] = [console]
     if log_file is not None and rank == 0:
         fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         fh.setFormatter(logging.Formatter(_FORMAT))
-        logger.addHandler(fh)
-    return logger
+        handlers.append(fh)
+    closed: set[int] = set()
+    for name in (LOGGER_NAME, *PACKAGE_LOGGERS):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            if id(h) not in closed:  # the same handlers serve every logger: close each once
+                closed.add(id(h))
+                h.close()
+        for h in handlers:
+            logger.addHandler(h)
+    return logging.getLogger(LOGGER_NAME)
 
 
 def get_logger() -> logging.Logger:
