@@ -63,6 +63,9 @@ _C.DATA.IMAGE_DIR = ""  # default: <ROOT>/images/mscoco/images/train2014
 _C.DATA.SIZE = 480
 _C.DATA.WORKERS = 4
 _C.DATA.AUGMENT = False  # never flips left/right
+# keep training images and masks decoded and resized in memory after first use (3 S^2 + S^2 per object bytes;
+# one copy per DataLoader worker): for small images, with WORKERS 0
+_C.DATA.CACHE = False
 # DATASET 'synthetic': images generated under ROOT when absent (data.synthetic.ensure_synthetic)
 _C.DATA.SYNTHETIC_IMAGES = 1100
 # images in each of val, testA and testB (the rest is train); 0 = one eleventh of SYNTHETIC_IMAGES each

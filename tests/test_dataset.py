@@ -335,3 +335,35 @@ def test_splits_share_one_refer(syn_root: Path, tokenizer):
     other = get_config(opts=["DATA.ROOT", str(syn_root.parent / "elsewhere"), "MODEL.TEXT.MAX_TOKENS", 8])
     with pytest.raises(ValueError, match=r"the REFER given is .*synthetic \(unc, images .*\), not .*elsewhere"):
         build_dataset(other, "val", eval_mode=True, tokenizer=tokenizer, refer=refer)
+
+
+
+def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, tokenizer, monkeypatch):
+    from data import dataset as dataset_module
+
+    plain = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32)
+    cached = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32, cache=True)
+    reads = []
+    real_load = dataset_module.load_rgb
+    monkeypatch.setattr(dataset_module, "load_rgb", lambda path: reads.append(path) or real_load(path))
+    for i in list(range(len(cached))) + list(reversed(range(len(cached)))):  # every item twice
+        torch.manual_seed(i)
+        a = cached[i]
+        torch.manual_seed(i)
+        b = plain[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    images = {r["image_id"] for r in cached.refs}
+    assert len(images) < len(cached)  # several objects per image: the image is read once for all of them
+    assert len(reads) == 2 * len(cached) + len(images)  # plain: every use; cached: once per image
+    assert len(cached._masks) == len(cached) and set(cached._images) == images
+    # augmentation still runs on every use; the cache keeps the unaugmented image
+    aug = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32, cache=True, augment=True)
+    torch.manual_seed(0)
+    first = aug[0]["image"]
+    torch.manual_seed(1)
+    assert not torch.equal(aug[0]["image"], first)
+    assert np.array_equal(aug._images[aug.refs[0]["image_id"]], cached._images[cached.refs[0]["image_id"]])
+    # evaluation items carry the original-size mask: never cached
+    ev = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=32, eval_mode=True, cache=True)
+    assert ev[0]["target_orig"].ndim == 2 and not ev.cache and not ev._masks and not ev._images
