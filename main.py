@@ -150,6 +150,12 @@ def train(
         "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer, refer=refer),
         "val": build_dataset(cfg, "val", eval_mode=False, tokenizer=tokenizer, augment=False, refer=refer),
     }
+    if cfg.DATA.CACHE and cfg.DATA.WORKERS > 0:
+        logger.warning(
+            "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS %d the workers, and their "
+            "caches, end with every epoch (not persistent, so that a resumed run draws the same expressions); "
+            "set DATA.WORKERS 0 to use the cache", cfg.DATA.WORKERS,
+        )
     generator = torch.Generator().manual_seed(cfg.TRAIN.SEED + info.rank)
     sampler = DistributedSampler(
         datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.TRAIN.SEED

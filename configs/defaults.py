@@ -63,8 +63,8 @@ _C.DATA.IMAGE_DIR = ""  # default: <ROOT>/images/mscoco/images/train2014
 _C.DATA.SIZE = 480
 _C.DATA.WORKERS = 4
 _C.DATA.AUGMENT = False  # never flips left/right
-# keep training images and masks decoded and resized in memory after first use (3 S^2 + S^2 per object bytes;
-# one copy per DataLoader worker): for small images, with WORKERS 0
+# keep training images and masks decoded and resized in memory after first use (3 S^2 + S^2 per object bytes,
+# per process): for small images, with WORKERS 0 (DataLoader workers end with each epoch, and their caches with them)
 _C.DATA.CACHE = False
 # DATASET 'synthetic': images generated under ROOT when absent (data.synthetic.ensure_synthetic)
 _C.DATA.SYNTHETIC_IMAGES = 1100

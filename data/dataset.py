@@ -86,8 +86,8 @@ class ReferDataset(torch.utils.data.Dataset):
             splits share one instead of each reading the annotations again); None loads it.
         cache: training form only: keep each image and mask, decoded and resized to S x S (uint8), after its
             first use, so later epochs skip reading and resizing (augmentation still runs on every use). Memory:
-            3 S^2 bytes per image and S^2 per object (96 px: 28 KB and 9 KB); each DataLoader worker keeps its
-            own copy, so it pays most with ``DATA.WORKERS 0``.
+            3 S^2 bytes per image and S^2 per object (96 px: 28 KB and 9 KB) in the process that reads them, so
+            with ``DATA.WORKERS 0`` (non-persistent DataLoader workers end, with their caches, after each epoch).
 
     Train item: image [3, S, S] float32, target [S, S] int64 in {0, 1}, input_ids [N] int64,
     attention_mask [N] int64, ref_id int. The expression is drawn with ``torch.randint``.
@@ -180,7 +180,7 @@ class ReferDataset(torch.utils.data.Dataset):
                     )
                 image_s = resize_image(image, self.image_size)
             mask_s = resize_mask(mask, self.image_size)
-            if self.cache:
+            if self.cache:  # what follows (augmentation, to_tensor, int64) copies: the cached arrays stay as stored
                 self._images[ref["image_id"]], self._masks[index] = image_s, mask_s
         if self.augment is not None:
             image_s, mask_s = self.augment(image_s, mask_s)

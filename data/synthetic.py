@@ -122,6 +122,8 @@ def generate(
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     if max_expressions < 1:
         raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: one per available CPU), got {workers}")
     args = dict(
         min_size=min_size,
         max_size=max_size,
@@ -145,7 +147,8 @@ def generate(
     jobs = [(seed, index, split, args, jpeg_quality, str(image_dir)) for index, split in enumerate(splits)]
     workers = min(workers or _available_cpus(), max(len(jobs), 1))
     if workers > 1:
-        # each image depends on its own generator only: the output is byte-identical for any number of workers
+        # each image depends on its own generator only: the output is byte-identical for any number of workers.
+        # The children (forked on Linux) run only NumPy, OpenCV and pycocotools, never torch.
         with ProcessPoolExecutor(workers) as pool:
             drawn = list(pool.map(_draw_image, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))))
     else:

@@ -90,7 +90,7 @@ class TextFeatureCache:
     one, and by the autocast dtype they were computed under. Padding positions come back as zeros: PWAM masks
     them (zero keys and values, -1e4 logits), so the network's output equals the uncached one up to rounding.
     Memory: one [tokens, width] float32 tensor per distinct expression (float32 under autocast too: BERT ends in a
-    LayerNorm), on the encoder's device: the demo's 8830 train and val expressions (8.4 tokens each) take 114 MB,
+    LayerNorm), on the encoder's device: the demo's 11673 train and val expressions (~8.4 tokens each) ~150 MB,
     RefCOCO's ~140k with BERT-base ~4 GB. Entries stay until ``clear`` (evaluation adds the expressions it meets).
     """
 

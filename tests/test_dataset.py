@@ -337,7 +337,6 @@ def test_splits_share_one_refer(syn_root: Path, tokenizer):
         build_dataset(other, "val", eval_mode=True, tokenizer=tokenizer, refer=refer)
 
 
-
 def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, tokenizer, monkeypatch):
     from data import dataset as dataset_module
 

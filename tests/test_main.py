@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -184,3 +185,11 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     )["summaries"]
     assert single == sharded
     assert (run_dir / "per_expression_val_each_network.jsonl").read_text() == per_expr
+
+
+def test_data_cache_with_workers_warns(env, tmp_path):
+    out = run(env, tmp_path, "--stop_after", "0", DATA__CACHE=True, DATA__WORKERS=1)
+    for h in logging.getLogger("lavt").handlers:
+        h.flush()
+    log = (Path(out["run_dir"]) / "log.txt").read_text()
+    assert "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS 1" in log

@@ -270,6 +270,7 @@ def test_synthetic_sizes():
         (dict(num_images=3), "too small for train/val/testA/testB"),
         (dict(split_sizes={"test": 3}), "unknown splits"),
         (dict(max_expressions=0), "max_expressions must be >= 1"),
+        (dict(workers=-1), "workers must be >= 0"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str):

@@ -39,7 +39,8 @@ def setup_logging(log_file: str | Path | None = None, rank: int = 0) -> logging.
     """Configure the ``lavt`` logger and those of the library's packages (``data.*``, ``models.*``, ``refer.*``,
     ``utils.*``): console on every rank (INFO on rank 0, WARNING elsewhere), file on rank 0.
 
-    Calling it again replaces the handlers (a second run in the same process logs to its own file).
+    Calling it again replaces the handlers (a second run in the same process logs to its own file). These loggers
+    stop propagating to the root logger, so their records are written once.
     """
     fmt = logging.Formatter(_FORMAT, datefmt="%H:%M:%S")
     console = _TqdmHandler(sys.stdout)
