@@ -30,6 +30,7 @@ import os
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +145,16 @@ def generate(
 
     tic = time.time()
     splits = [s for s in SPLIT_ORDER for _ in range(sizes[s])]
-    jobs = [(seed, index, split, args, jpeg_quality, str(image_dir)) for index, split in enumerate(splits)]
-    workers = min(workers or _available_cpus(), max(len(jobs), 1))
+    draw = partial(_draw_image, seed=seed, args=args, jpeg_quality=jpeg_quality, image_dir=image_dir)
+    workers = min(workers or _available_cpus(), max(len(splits), 1))
     if workers > 1:
         # each image depends on its own generator only: the output is byte-identical for any number of workers.
         # The children (forked on Linux) run only NumPy, OpenCV and pycocotools, never torch.
+        chunk = max(1, min(64, len(splits) // (4 * workers)))
         with ProcessPoolExecutor(workers) as pool:
-            drawn = list(pool.map(_draw_image, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))))
+            drawn = list(pool.map(draw, range(len(splits)), splits, chunksize=chunk))
     else:
-        drawn = [_draw_image(job) for job in jobs]
+        drawn = [draw(index, split) for index, split in enumerate(splits)]
 
     images, annotations, refs = [], [], []
     attributes: dict[str, dict] = {"objects": {}, "sentences": {}}
@@ -224,14 +226,13 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _draw_image(job: tuple[int, int, str, dict[str, Any], int, str]) -> tuple[dict, list[dict], list]:
-    """Draw image ``index`` of the dataset, write its JPEG and describe its objects.
-
-    job: (seed, index, split, make_image arguments, JPEG quality, image folder). Returns the image's COCO record,
-    its objects (attributes, polygons, area, bbox) and ``[(object index, [(description, text, raw), ...]), ...]``
-    for the objects that get expressions.
+def _draw_image(
+    index: int, split: str, *, seed: int, args: dict[str, Any], jpeg_quality: int, image_dir: Path
+) -> tuple[dict, list[dict], list]:
+    """Draw image ``index`` of the dataset (``args``: ``make_image``'s), write its JPEG into ``image_dir`` and
+    describe its objects. Returns the image's COCO record, its objects (attributes, polygons, area, bbox) and
+    ``[(object index, [(description, text, raw), ...]), ...]`` for the objects that get expressions.
     """
-    seed, index, split, args, jpeg_quality, image_dir = job
     rng = np.random.default_rng([seed, index])
     group = GROUP_OF_SPLIT.get(split)
     img, objects = make_image(rng, args, group)
@@ -240,7 +241,7 @@ def _draw_image(job: tuple[int, int, str, dict[str, Any], int, str]) -> tuple[di
     ok, jpeg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode {file_name} as JPEG")
-    (Path(image_dir) / file_name).write_bytes(jpeg.tobytes())
+    (image_dir / file_name).write_bytes(jpeg.tobytes())
     described = []
     for t, obj in enumerate(objects):
         if group and SUPERCATEGORY[obj["kind"]] != group:

@@ -151,10 +151,11 @@ class TextFeatureCache:
     def __call__(self, encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, N] -> hidden [B, n, C] (n: the batch's last attended token + 1; zeros
         after each expression's end). Expressions not cached yet are encoded together and stored."""
-        keys = self._keys(input_ids, attention_mask, input_ids.device)
+        device = next(encoder.parameters()).device  # keyed as prime keys them: by where the encoder runs
+        keys = self._keys(input_ids, attention_mask, device)
         missing = list(dict.fromkeys(k for k in keys if k not in self._store))
         if missing:
-            self._encode(encoder, missing, input_ids.device)
+            self._encode(encoder, missing, device)
         feats = [self._store[k] for k in keys]
         out = feats[0].new_zeros(len(keys), max(1, max(len(k[1]) for k in keys)), feats[0].shape[-1])
         for row, f in enumerate(feats):
