@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from .patch_embed import build_stem
 from .pwam import PWAM, LanguageGate, attention
 
 
@@ -242,25 +243,6 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.view(B, -1, 4 * C)))
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches: images [B, 3, H, W] -> tokens [B, Hp * Wp, C] with Hp = ceil(H / patch)."""
-
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        p = self.patch_size
-        H, W = x.shape[-2:]
-        if H % p or W % p:
-            x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
-        x = self.proj(x)  # [B, C, Hp, Wp]
-        Hp, Wp = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), Hp, Wp
-
-
 class MultiModalStage(nn.Module):
     """Swin blocks, then PWAM, then the language gate, then (stages 0-2) patch merging.
 
@@ -345,6 +327,7 @@ class MultiModalSwin(nn.Module):
         lang_dim: width of the language features.
         fusion_heads: PWAM heads per stage (the official ``--mha``).
         grad_checkpoint: recompute activations in the backward pass (per Swin block) to save memory.
+        stem: ``patch`` (official: one strided convolution) or ``conv`` (``models.patch_embed.ConvStem``).
     """
 
     def __init__(
@@ -361,6 +344,7 @@ class MultiModalSwin(nn.Module):
         drop_path_rate: float = 0.3,
         fused: bool = True,
         grad_checkpoint: bool = False,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         if not len(depths) == len(num_heads) == len(fusion_heads):
@@ -373,7 +357,7 @@ class MultiModalSwin(nn.Module):
         for i, (c, h) in enumerate(zip(self.num_features, num_heads)):
             if c % h:
                 raise ValueError(f"stage {i}: {c} channels do not divide into {h} heads")
-        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.patch_embed = build_stem(stem, patch_size, 3, embed_dim)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth, linearly spread
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
@@ -439,8 +423,9 @@ def build_backbone(
     drop_path_rate: float = 0.3,
     fused: bool = True,
     grad_checkpoint: bool = False,
+    stem: str = "patch",
 ) -> MultiModalSwin:
     return MultiModalSwin(
         embed_dim, tuple(depths), tuple(num_heads), window, lang_dim, tuple(fusion_heads), fusion_drop, patch_size,
-        mlp_ratio, drop_path_rate, fused, grad_checkpoint,
+        mlp_ratio, drop_path_rate, fused, grad_checkpoint, stem,
     )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .patch_embed import PatchEmbed
+
 logger = logging.getLogger(__name__)
 
 #: Buffers that some files carry and that hold no learned state (derivable, or unused by this model).
@@ -139,8 +141,9 @@ def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
     """Initialise the backbone from a Swin ImageNet checkpoint (original Swin key layout, ``{'model': ...}``).
 
     Loads every backbone weight whose name and shape match, resizing relative-position tables bicubically
-    when the window differs; skips the classifier head, the final norm and the buffers. Returns (and logs)
-    what was skipped. Raises ``CheckpointError`` if nothing matches (not a Swin checkpoint).
+    when the window differs; skips the classifier head, the final norm and the buffers, and with a conv stem
+    (``MODEL.SWIN.STEM conv``) the patch projection: the stem stays at its init. Returns (and logs) what was
+    skipped. Raises ``CheckpointError`` if nothing matches (not a Swin checkpoint).
     """
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -152,6 +155,9 @@ def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
             continue
         if key not in own:
             skipped.append(key)
+            continue
+        if key.startswith("patch_embed.proj.") and not isinstance(backbone.patch_embed, PatchEmbed):
+            skipped.append(f"{key} (the conv stem has no ImageNet counterpart)")
             continue
         if key.endswith("relative_position_bias_table") and value.shape != own[key].shape:
             if value.shape[1] == own[key].shape[1]:
