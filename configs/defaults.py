@@ -28,8 +28,9 @@ _C.MODEL.SWIN.WINDOW_SIZE = 12
 _C.MODEL.SWIN.PATCH_SIZE = 4
 _C.MODEL.SWIN.MLP_RATIO = 4.0
 _C.MODEL.SWIN.DROP_PATH_RATE = 0.3
-# Images to stage-1 tokens: "patch" (official: one strided convolution) or "conv" (3x3 stride-2 conv-BN-ReLU layers
-# and a 1x1 convolution, models/patch_embed.py; not in LAVT, no ImageNet weights: for training from scratch)
+# Images to stage-1 tokens: "patch" (official: one strided convolution) or "conv" (3x3 conv-BN-ReLU layers, stride 2
+# then one of stride 1, and a 1x1 convolution: models/patch_embed.py; not in LAVT, no ImageNet weights: for training
+# from scratch)
 _C.MODEL.SWIN.STEM = "patch"
 
 # Width of the decoder's fused maps; 0 = the official 4 * EMBED_DIM (half the stage-4 channels).

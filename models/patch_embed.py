@@ -22,7 +22,7 @@ STEMS = ("patch", "conv")
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches: images [B, 3, H, W] -> tokens [B, Hp * Wp, C] with Hp = ceil(H / patch)."""
+    """Non-overlapping patches: images [B, in_chans, H, W] -> tokens [B, Hp * Wp, C] with Hp = ceil(H / patch)."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96) -> None:
         super().__init__()
@@ -38,19 +38,20 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Convolutional stem: images [B, 3, H, W] -> tokens [B, Hp * Wp, C], Hp = ceil(H / patch).
+    """Convolutional stem: images [B, in_chans, H, W] -> tokens [B, Hp * Wp, C], Hp = ceil(H / patch).
 
     ``log2(patch_size)`` 3x3 stride-2 conv-BN-ReLU layers, their widths doubling up to ``embed_dim`` (patch 4:
     C/2, C), ``extra_layers`` 3x3 stride-1 conv-BN-ReLU layers of width C, then a 1x1 convolution and LayerNorm.
-    Patch 4, one extra layer, embed 32: 19 MFLOP per 96-pixel image (the patch convolution: 1.8; the whole model:
-    ~730).
+    Patch 4, one extra layer, embed 32: 19 MFLOP per 96-pixel image (the patch convolution: 1.8; the demo's image
+    model: ~370).
 
     Args:
         patch_size: a power of two, at least 2.
         in_chans: image channels.
         embed_dim: token channels.
         extra_layers: stride-1 layers after the last stride-2 one (the demo's model trained for one epoch: val
-            mIoU 64.3, 69.5, 70.5 with 0, 1, 2; each costs ~2% of its training step).
+            mIoU 64.3, 69.5, 70.5 with 0, 1, 2; each costs ~2% of its training step). ``MODEL.SWIN.STEM conv``
+            builds 1.
     """
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, extra_layers: int = 1) -> None:

@@ -83,16 +83,19 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint: dict[str, Any] 
     wrong = [f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
              for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        key = "backbone.patch_embed.proj.weight"
+        key = "backbone.patch_embed.norm.weight"  # the token width, whichever the stem
         dims = (len(state[key]) if key in state else -1, len(expected[key]))
-        raise CheckpointError(_mismatch_message(path, missing, unexpected, wrong, dims))
+        stems = tuple("conv" if any(k.startswith("backbone.patch_embed.stem.") for k in keys) else "patch"
+                      for keys in (state, expected))
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, wrong, dims, stems))
     model.load_state_dict(state, strict=True)
     logger.info("loaded %d tensors from %s", len(state), path)
     return checkpoint
 
 
 def _mismatch_message(
-    path: str | Path, missing: list[str], unexpected: list[str], wrong: list[str], embed_dims: tuple[int, int]
+    path: str | Path, missing: list[str], unexpected: list[str], wrong: list[str], embed_dims: tuple[int, int],
+    stems: tuple[str, str] = ("patch", "patch"),
 ) -> str:
     def show(keys: list[str]) -> str:
         return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
@@ -108,7 +111,9 @@ def _mismatch_message(
         lines.append("  the model has a text encoder the file lacks: an official 'lavt' file needs its 'bert_model'.")
     if any(k.startswith(TEXT_PREFIX) for k in unexpected):
         lines.append("  the file has a text encoder: set MODEL.TEXT.ENCODER (--ck_bert) to a folder of that BERT.")
-    if any(w.startswith("backbone.patch_embed.proj.weight") for w in wrong):
+    if stems[0] != stems[1]:
+        lines.append(f"  MODEL.SWIN.STEM is {stems[0]} in the file, {stems[1]} here.")
+    if embed_dims[0] != -1 and embed_dims[0] != embed_dims[1]:
         lines.append(f"  MODEL.SWIN.EMBED_DIM is {embed_dims[0]} in the file, {embed_dims[1]} here.")
     if any("relative_position_bias_table" in w or "attn_mask" in w for w in wrong):
         lines.append("  relative-position tables differ: check MODEL.SWIN.WINDOW_SIZE (the released files use 12).")
@@ -142,8 +147,8 @@ def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
 
     Loads every backbone weight whose name and shape match, resizing relative-position tables bicubically
     when the window differs; skips the classifier head, the final norm and the buffers, and with a conv stem
-    (``MODEL.SWIN.STEM conv``) the patch projection: the stem stays at its init. Returns (and logs) what was
-    skipped. Raises ``CheckpointError`` if nothing matches (not a Swin checkpoint).
+    (``MODEL.SWIN.STEM conv``) the patch embedding (projection and norm): the stem stays at its init. Returns (and
+    logs) what was skipped. Raises ``CheckpointError`` if nothing matches (not a Swin checkpoint).
     """
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -156,7 +161,7 @@ def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
         if key not in own:
             skipped.append(key)
             continue
-        if key.startswith("patch_embed.proj.") and not isinstance(backbone.patch_embed, PatchEmbed):
+        if key.startswith("patch_embed.") and not isinstance(backbone.patch_embed, PatchEmbed):
             skipped.append(f"{key} (the conv stem has no ImageNet counterpart)")
             continue
         if key.endswith("relative_position_bias_table") and value.shape != own[key].shape:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from configs import get_config
 from models import build_model, build_param_groups
-from models.pwam import PWAM
+from models.pwam import PWAM, instance_norm_tokens
 from models.swin import SwinBlock, shift_mask, window_partition, window_reverse
 
 from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
@@ -333,3 +333,21 @@ def test_text_feature_cache_equals_the_encoder(tiny_bert):
         cached(img, ids, att)
     with pytest.raises(ValueError, match=r"MODEL.TEXT.CACHE .*TRAIN_LAYERS 0 \(got .*TRAIN_LAYERS 10\)"):
         build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instance_norm_tokens_equals_instance_norm(dtype):
+    """PWAM's InstanceNorm1d on tokens [B, L, C]: the same values and gradients as F.instance_norm on [B, C, L],
+    also far from zero mean (statistics in float32 whatever the dtype)."""
+    torch.manual_seed(12)
+    x = (torch.randn(3, 50, 8) * 3 + 100).to(dtype)
+    a, b = x.clone().requires_grad_(), x.float().clone().requires_grad_()
+    out = instance_norm_tokens(a, 1e-5)
+    ref = F.instance_norm(b.transpose(1, 2), eps=1e-5).transpose(1, 2)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(out.float(), ref, atol=tol)
+    weights = torch.randn(3, 50, 8)
+    (out.float() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(a.grad.float(), b.grad, atol=tol * 10, rtol=tol)
