@@ -31,10 +31,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = pad_to_multiple(x, self.patch_size)
-        x = self.proj(x)  # [B, C, Hp, Wp]
-        Hp, Wp = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), Hp, Wp
+        return tokens(self.proj(pad_to_multiple(x, self.patch_size)), self.norm)
 
 
 class ConvStem(nn.Module):
@@ -79,10 +76,7 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         # padded as PatchEmbed, so that both stems give the same grid and see the same pixels
-        x = pad_to_multiple(x, self.patch_size)
-        x = self.proj(self.stem(x))  # [B, C, Hp, Wp]
-        Hp, Wp = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), Hp, Wp
+        return tokens(self.proj(self.stem(pad_to_multiple(x, self.patch_size))), self.norm)
 
 
 def pad_to_multiple(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -91,6 +85,12 @@ def pad_to_multiple(x: torch.Tensor, p: int) -> torch.Tensor:
     if H % p or W % p:
         x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
     return x
+
+
+def tokens(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, int, int]:
+    """A stem's map x: [B, C, Hp, Wp] -> (norm(tokens) [B, Hp * Wp, C], Hp, Wp)."""
+    Hp, Wp = x.shape[-2:]
+    return norm(x.flatten(2).transpose(1, 2)), Hp, Wp
 
 
 def build_stem(stem: str, patch_size: int, in_chans: int, embed_dim: int) -> PatchEmbed | ConvStem:
