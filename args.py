@@ -1,7 +1,8 @@
 """Command line of ``main.py``.
 
 Every configuration flag maps onto one config key (``FLAG_TO_KEY``). Precedence, lowest first:
-the defaults in ``configs/defaults.py`` <- ``--cfg_file`` <- explicit flags <- ``--opts KEY VALUE ...``.
+the defaults in ``configs/defaults.py`` (the paper's recipe) <- ``--cfg_file`` <- explicit flags <- ``--opts KEY VALUE
+...``. ``python main.py`` with no argument at all is the built-in demo (``configs/demo.yaml``).
 Flags that select what the run does (``--eval``, ``--resume``, ``--pretrain``, ``--device``) are not config.
 
 Nothing here parses ``sys.argv`` at import time: ``get_parser().parse_args(argv)`` does it on demand.
@@ -10,15 +11,13 @@ Nothing here parses ``sys.argv`` at import time: ``get_parser().parse_args(argv)
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from yacs.config import CfgNode
 
-from configs import get_config
-
-# The built-in demo: what `python main.py` runs with no arguments.
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+from configs import DEMO_CONFIG, get_config
 
 # argparse dest -> config key. A flag left unset (None) leaves the key to the config file.
 FLAG_TO_KEY: dict[str, str] = {
@@ -63,8 +62,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--cfg_file",
         type=str,
-        default=str(DEMO_CONFIG),
-        help="YAML config merged over configs/defaults.py; the default is the built-in demo ('' for the bare defaults)",
+        default=None,
+        help="YAML config merged over configs/defaults.py (the paper's recipe); with no argument at all, main.py runs "
+        "the built-in demo (configs/demo.yaml)",
     )
     g.add_argument(
         "--opts",
@@ -137,12 +137,32 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_id", type=str, default=None)
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--print_freq", type=int, default=10, help="log every N iterations")
+    g.add_argument("--debug", action="store_true", help="show the Python traceback of every error, not one line")
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (``sys.argv[1:]`` when None). Without ``--cfg_file`` the demo config is used."""
-    return get_parser().parse_args(argv)
+    """Parse ``argv`` (``sys.argv[1:]`` when None). No argument at all selects the demo config; any other
+    invocation uses the file it names, or the paper's defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_parser().parse_args(argv)
+    if not argv:
+        args.cfg_file = str(DEMO_CONFIG)
+    return args
+
+
+def describe_config(args: argparse.Namespace) -> str:
+    """One line: which config file (or the defaults) and which overrides this run uses."""
+    if not args.cfg_file:
+        source = "configs/defaults.py (the paper's recipe)"
+    elif Path(args.cfg_file).resolve() == DEMO_CONFIG.resolve():
+        source = f"{args.cfg_file} (the built-in demo)"
+    else:
+        source = f"{args.cfg_file} over configs/defaults.py"
+    values = {key: getattr(args, dest, None) for dest, key in FLAG_TO_KEY.items()}
+    flags = [f"{key}={value!r}" for key, value in values.items() if value is not None]
+    overrides = flags + [" ".join(map(str, args.opts))] if args.opts else flags
+    return source + (f"; overrides: {', '.join(overrides)}" if overrides else "; no overrides")
 
 
 def config_from_args(args: argparse.Namespace) -> CfgNode:

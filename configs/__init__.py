@@ -1,3 +1,10 @@
+"""Configuration: the paper's recipe as defaults (``defaults.py``), one YAML file per setting beside it."""
+
+from pathlib import Path
+
 from .defaults import get_cfg_defaults, get_config
 
-__all__ = ["get_cfg_defaults", "get_config"]
+# The built-in demo: what `python main.py` runs with no arguments.
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+
+__all__ = ["DEMO_CONFIG", "get_cfg_defaults", "get_config"]

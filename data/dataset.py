@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from refer import REFER, ReferDataError, ReferFileNotFoundError
+from refer.refer import MASK_PARTS
 
-from .transforms import TrainAugment, resize_image, resize_mask, to_tensor
+from .checks import expression_report, warn_expressions
+from .image_io import ImageReadError, load_rgb, open_rgb  # re-exported: data.load_rgb, data.ImageReadError
+from .transforms import RESIZE_METHODS, TrainAugment, resize_image, resize_mask, to_tensor
 
 __all__ = [
     "ReferDataset", "build_dataset", "collate_eval", "load_refer", "load_tokenizer", "load_rgb", "tokenize",
@@ -26,10 +28,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class ImageReadError(OSError):
-    """An image file exists but cannot be decoded."""
 
 
 def load_tokenizer(tokenizer: Any) -> Any:
@@ -59,17 +57,6 @@ def tokenize(tokenizer: Any, sentences: list[str], max_tokens: int) -> tuple[tor
     return input_ids, attention_mask
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Any image PIL reads (grayscale, CMYK, RGBA, palette, ...) -> [H, W, 3] uint8 RGB."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise ReferFileNotFoundError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
 class ReferDataset(torch.utils.data.Dataset):
     """Referred objects of one split of a REFER dataset.
 
@@ -81,6 +68,10 @@ class ReferDataset(torch.utils.data.Dataset):
         max_tokens: token budget of one expression (official: 20).
         eval_mode: all expressions of an object per item (else one at random) plus the original-size mask.
         augment: mild scale/shift and brightness/contrast jitter, training mode only.
+        resize: ``pil`` (official: PIL bilinear for the image, PIL nearest for the mask) or ``cv2`` (faster, other
+            pixels): see ``data.transforms``.
+        mask_parts: ``official`` (pixels covered by exactly one polygon part of the annotation, as LAVT) or
+            ``union``: see ``refer.refer.MASK_PARTS``.
         cat_max_tokens: token budget of all expressions of an object joined with " , " (``cat_input_ids``).
         refer: the ``REFER`` of ``root`` / ``dataset`` / ``split_by`` / ``image_dir`` if already loaded (several
             splits share one instead of each reading the annotations again); None loads it.
@@ -111,12 +102,20 @@ class ReferDataset(torch.utils.data.Dataset):
         cat_max_tokens: int = 64,
         refer: REFER | None = None,
         cache: bool = False,
+        resize: str = "pil",
+        mask_parts: str = "official",
     ) -> None:
         if image_size < 1 or max_tokens < 1 or cat_max_tokens < 1:
             raise ValueError(
                 f"image_size, max_tokens and cat_max_tokens must be positive, got {image_size}, "
                 f"{max_tokens}, {cat_max_tokens}"
             )
+        if resize not in RESIZE_METHODS or mask_parts not in MASK_PARTS:
+            raise ValueError(
+                f"resize must be one of {RESIZE_METHODS} and mask_parts one of {MASK_PARTS}, got {resize!r}, "
+                f"{mask_parts!r}"
+            )
+        self.resize, self.mask_parts = resize, mask_parts
         if refer is None:
             refer = REFER(root, dataset, split_by, image_dir=image_dir or None)
         else:
@@ -155,6 +154,8 @@ class ReferDataset(torch.utils.data.Dataset):
             offsets.append(len(sentences))
         self.offsets = offsets  # expressions of item i: rows offsets[i]:offsets[i + 1]
         self.input_ids, self.attention_masks = tokenize(tokenizer, sentences, max_tokens)  # [sum E, N]
+        tokenized = (self.input_ids, self.attention_masks)  # reused: only the rows filling the budget are redone
+        warn_expressions(expression_report(tokenizer, sentences, max_tokens, tokenized), logger, f"{where} {split}")
         if eval_mode:
             joined = [" , ".join(s["raw"] for s in ref["sentences"]) for ref in self.refs]
             self.cat_input_ids, self.cat_attention_masks = tokenize(tokenizer, joined, cat_max_tokens)  # [R, Nc]
@@ -169,22 +170,22 @@ class ReferDataset(torch.utils.data.Dataset):
         image_s = self._images.get(ref["image_id"]) if self.cache else None
         mask_s = self._masks.get(index) if self.cache else None
         if mask_s is None:
-            mask = self.refer.getMask(ref)["mask"]  # [H0, W0] in {0, 1}
+            mask = self.refer.getMask(ref, self.mask_parts)["mask"]  # [H0, W0] in {0, 1}
             if image_s is None:
                 path = self.image_dir / info["file_name"]
-                image = load_rgb(path)  # [H0, W0, 3]
-                if image.shape[:2] != mask.shape:
+                image = open_rgb(path)  # decoded once; resized as it is (PIL) or as an array (cv2)
+                if (image.height, image.width) != mask.shape:
                     raise ReferDataError(
-                        f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                        f"image {path} is {image.width}x{image.height} (WxH) but "
                         f"instances.json says {mask.shape[1]}x{mask.shape[0]} for image {ref['image_id']}"
                     )
-                image_s = resize_image(image, self.image_size)
-            mask_s = resize_mask(mask, self.image_size)
+                image_s = resize_image(image, self.image_size, self.resize)  # [S, S, 3] uint8
+            mask_s = resize_mask(mask, self.image_size, self.resize)
             if self.cache:  # what follows (augmentation, to_tensor, int64) copies: the cached arrays stay as stored
                 self._images[ref["image_id"]], self._masks[index] = image_s, mask_s
         if self.augment is not None:
             image_s, mask_s = self.augment(image_s, mask_s)
-        item = {"image": to_tensor(image_s), "target": torch.from_numpy(mask_s).to(torch.int64)}
+        item = {"image": to_tensor(image_s), "target": torch.from_numpy(mask_s.astype(np.int64))}
         start, stop = self.offsets[index], self.offsets[index + 1]
         if not self.eval_mode:
             row = start + int(torch.randint(stop - start, ()).item())
@@ -269,4 +270,6 @@ def build_dataset(
         augment=(cfg.DATA.AUGMENT and not eval_mode) if augment is None else augment,
         refer=refer,
         cache=cfg.DATA.CACHE,
+        resize=cfg.DATA.RESIZE,
+        mask_parts=cfg.DATA.MASK_PARTS,
     )

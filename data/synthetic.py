@@ -14,7 +14,12 @@ Written files (the REFER layout, read by ``refer.REFER(root, 'synthetic', 'unc')
     <root>/synthetic/instances.json
     <root>/synthetic/attributes.json   structured attributes of objects and expressions (for checks)
     <root>/synthetic/generator.json    generation parameters; written last, so its presence means complete
+    <root>/synthetic/generating.json   the same, present only while a generation runs (or after one was cut off)
     <root>/images/mscoco/images/train2014/COCO_train2014_<12-digit id>.jpg
+
+``ensure_synthetic`` is the safe way in: it generates only into a new or empty folder, refuses a folder that holds
+anything but a synthetic dataset, and before regenerating with other arguments removes the files the previous
+generation wrote (and nothing else). ``generate`` writes without looking at what is there.
 
 The drawing of one image is in ``data.synthetic_draw``, the wording in ``data.synthetic_text``.
 Run ``python -m data.synthetic --help``.
@@ -42,7 +47,7 @@ from data.synthetic_text import describe_object
 
 __all__ = [
     "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
-    "SPLIT_ORDER",
+    "SPLIT_ORDER", "SyntheticRootError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,18 @@ GENERATOR_VERSION = 2
 GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
 IMAGE_ID_OFFSET = 1_000_000  # ids above every COCO train2014 id, so files never collide with real COCO images
 SPLIT_ORDER = ("train", "val", "testA", "testB")
+IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
+COMPLETE, RUNNING = "generator.json", "generating.json"  # markers in <root>/synthetic: done / under way
+ANNOTATION_FILES = ("instances.json", "refs(unc).p", "attributes.json")
+
+
+class SyntheticRootError(ValueError):
+    """The synthetic dataset's root folder cannot be used as it is (names the folder and why)."""
+
+
+def _image_file(index: int) -> str:
+    """The file name of image ``index`` of a generation (ids above every COCO train2014 id)."""
+    return f"COCO_train2014_{IMAGE_ID_OFFSET + index:012d}.jpg"
 
 
 def _split_sizes(num_images: int, split_sizes: dict[str, int] | None) -> dict[str, int]:
@@ -70,16 +87,15 @@ def synthetic_sizes(num_images: int, eval_images: int = 0) -> dict[str, Any]:
     each of val, testA and testB (0: the default one eleventh each)."""
     if eval_images < 0:
         raise ValueError(f"images per held-out split must be >= 0 (0: the default), got {eval_images}")
-    if eval_images == 0:
-        return {"num_images": num_images}
     train = num_images - 3 * eval_images
-    if train < 1:
+    if eval_images and train < 1:
         raise ValueError(
             f"{num_images} synthetic images leave none for train after 3 x {eval_images} for val, testA and testB "
             "(DATA.SYNTHETIC_IMAGES, DATA.SYNTHETIC_EVAL_IMAGES)"
         )
-    return {"num_images": num_images,
-            "split_sizes": {"train": train, "val": eval_images, "testA": eval_images, "testB": eval_images}}
+    sizes = {"train": train, "val": eval_images, "testA": eval_images, "testB": eval_images}
+    _split_sizes(num_images, sizes if eval_images else None)  # too few images: the error now, not at generation
+    return {"num_images": num_images, "split_sizes": sizes} if eval_images else {"num_images": num_images}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -138,10 +154,12 @@ def generate(
     sizes = params["split_sizes"]
 
     root = Path(root)
-    data_dir, image_dir = root / "synthetic", root / "images" / "mscoco" / "images" / "train2014"
+    data_dir, image_dir = root / "synthetic", root / IMAGE_SUBDIR
     data_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "generator.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+    # before the first image: a cut-off run leaves a record of what it was writing (ensure_synthetic cleans it up)
+    _atomic_write(data_dir / RUNNING, json.dumps(params, indent=1).encode())
+    (data_dir / COMPLETE).unlink(missing_ok=True)  # incomplete until rewritten at the end
 
     tic = time.time()
     splits = [s for s in SPLIT_ORDER for _ in range(sizes[s])]
@@ -203,10 +221,13 @@ def generate(
         "annotations": annotations,
         "categories": CATEGORIES,
     }
-    _atomic_write(data_dir / "instances.json", json.dumps(instances, separators=(",", ":")).encode())
-    _atomic_write(data_dir / "refs(unc).p", pickle.dumps(refs, protocol=4))
-    _atomic_write(data_dir / "attributes.json", json.dumps(attributes, separators=(",", ":")).encode())
-    _atomic_write(data_dir / "generator.json", json.dumps(params, indent=1).encode())
+    instances_file, refs_file, attributes_file = ANNOTATION_FILES
+    _atomic_write(data_dir / instances_file, json.dumps(instances, separators=(",", ":")).encode())
+    # plain lists, dicts, strings and ints only: REFER reads refs through an unpickler that admits nothing else
+    _atomic_write(data_dir / refs_file, pickle.dumps(refs, protocol=4))
+    _atomic_write(data_dir / attributes_file, json.dumps(attributes, separators=(",", ":")).encode())
+    _atomic_write(data_dir / COMPLETE, json.dumps(params, indent=1).encode())
+    (data_dir / RUNNING).unlink()
     logger.info(
         "synthetic REFER dataset: %d images, %d objects, %d refs, %d sentences in %.1fs -> %s",
         len(images),
@@ -236,8 +257,7 @@ def _draw_image(
     rng = np.random.default_rng([seed, index])
     group = GROUP_OF_SPLIT.get(split)
     img, objects = make_image(rng, args, group)
-    image_id = IMAGE_ID_OFFSET + index
-    file_name = f"COCO_train2014_{image_id:012d}.jpg"
+    image_id, file_name = IMAGE_ID_OFFSET + index, _image_file(index)
     ok, jpeg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode {file_name} as JPEG")
@@ -263,18 +283,77 @@ def _params(num_images: int, split_sizes: dict[str, int] | None, **args: Any) ->
     return dict(version=GENERATOR_VERSION, split_sizes=_split_sizes(num_images, split_sizes), **args)
 
 
-def ensure_synthetic(root: str | Path, **kwargs: Any) -> Path:
-    """``generate(root, **kwargs)`` unless a complete dataset made with the same arguments is already there."""
+def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Path:
+    """``generate(root, **kwargs)`` unless a complete dataset made with the same arguments is already there
+    (``force``: regenerate it all the same). Returns ``<root>/synthetic``.
+
+    - ``root`` new, or holding no file: generated there, with a WARNING naming the absolute path (a mistyped
+      DATA.ROOT shows at once).
+    - ``root`` holding files but no synthetic dataset (no ``synthetic/generator.json``, nor the ``generating.json``
+      of a generation cut off): SyntheticRootError, nothing written.
+    - a dataset made with other arguments, or cut off: the images and annotation files it wrote are removed
+      (nothing else), with a WARNING, then the dataset is generated anew: no stale image remains.
+    """
     bound = inspect.signature(generate).bind(root, **kwargs)
     bound.apply_defaults()
-    wanted = {k: v for k, v in bound.arguments.items() if k not in ("root", "workers")}
-    data_dir = Path(root) / "synthetic"
-    meta = data_dir / "generator.json"
-    if meta.is_file():
-        if json.loads(meta.read_text()) == _params(**wanted):
+    wanted = _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "workers")})
+    root = Path(root)
+    where = root.resolve()
+    if root.exists() and not root.is_dir():
+        raise SyntheticRootError(f"the synthetic dataset's root {where} is a file, not a folder (DATA.ROOT)")
+    data_dir = root / "synthetic"
+    markers = [data_dir / m for m in (RUNNING, COMPLETE) if (data_dir / m).is_file()]
+    if not markers:
+        if root.is_dir() and any(files for _, _, files in os.walk(root)):
+            raise SyntheticRootError(
+                f"refusing to write the synthetic dataset into {where}: the folder holds files but no synthetic "
+                f"dataset (no synthetic/{COMPLETE}); give DATA.ROOT (--root) a new or empty folder"
+            )
+        logger.warning("generating a new synthetic dataset in %s (there was none: check DATA.ROOT if you meant "
+                       "an existing one)", where)
+        return generate(root, **kwargs)
+    records, count = {}, 0
+    for marker in markers:
+        try:
+            records[marker.name] = json.loads(marker.read_text())
+            count = max(count, sum(records[marker.name]["split_sizes"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SyntheticRootError(
+                f"cannot tell which files the synthetic dataset in {where} holds: {marker} is unreadable "
+                f"({type(e).__name__}: {e}); remove that dataset by hand"
+            ) from None
+    previous = records.get(COMPLETE)
+    # RUNNING wins over COMPLETE: both are present only when a run was cut off right after its start or before its end
+    if RUNNING in records:
+        reason = "was cut off while being generated"
+    elif previous == wanted:
+        if not force:
             return data_dir
-        logger.info("synthetic dataset in %s was made with other arguments; regenerating", data_dir)
+        reason = "is regenerated on request (force)"
+    else:
+        changed = [f"{k} {previous.get(k)!r} -> {wanted.get(k)!r}"
+                   for k in sorted(set(previous) | set(wanted)) if previous.get(k) != wanted.get(k)]
+        reason = "was made with other arguments (" + "; ".join(changed) + ")"
+    removed = _remove_generation(root, count)
+    logger.warning("synthetic dataset in %s %s: removed the %d files it wrote (its images and annotation files), "
+                   "generating it anew", where, reason, removed)
     return generate(root, **kwargs)
+
+
+def _remove_generation(root: Path, num_images: int) -> int:
+    """Delete what a generation of ``num_images`` images wrote under ``root``; returns the number of files removed.
+    The markers go last, so that a removal cut off is resumed by the next ``ensure_synthetic``."""
+    data_dir = root / "synthetic"
+    paths = [root / IMAGE_SUBDIR / _image_file(i) for i in range(num_images)]
+    paths += [data_dir / name for name in ANNOTATION_FILES + (COMPLETE, RUNNING)]
+    paths += [p.with_name(p.name + ".tmp") for p in paths[num_images:]]  # _atomic_write's, if cut off
+    paths.sort(key=lambda p: p.name in (COMPLETE, RUNNING))
+    removed = 0
+    for path in paths:
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-expressions", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0,
                         help="processes drawing images (0: one per available CPU); the files do not depend on it")
-    parser.add_argument("--force", action="store_true", help="regenerate even if an identical dataset exists")
+    parser.add_argument("--force", action="store_true",
+                        help="regenerate even if an identical dataset exists (its files are removed first)")
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     kwargs = dict(
@@ -304,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         max_expressions=a.max_expressions,
         workers=a.workers,
     )
-    (generate if a.force else ensure_synthetic)(a.root, **kwargs)
+    ensure_synthetic(a.root, force=a.force, **kwargs)
 
 
 if __name__ == "__main__":

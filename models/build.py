@@ -14,6 +14,17 @@ from .weights import load_pretrained_swin
 
 logger = logging.getLogger(__name__)
 
+#: MODEL.TEXT.DROPOUT -> whether the text encoder's dropout is on in training (None: by MODEL.NAME).
+TEXT_DROPOUT = {"auto": None, "enabled": True, "disabled": False}
+
+
+def text_dropout(name: str, setting: str) -> bool:
+    """Whether ``model.train()`` turns the text encoder's dropout on: MODEL.TEXT.DROPOUT, or with "auto" the official
+    packaging MODEL.NAME (``lavt_one`` yes: BERT sits inside the trained model; ``lavt`` no: BERT stays in eval mode).
+    """
+    forced = TEXT_DROPOUT[setting]
+    return name == "lavt_one" if forced is None else forced
+
 
 def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     """LAVT from ``cfg.MODEL``.
@@ -28,11 +39,8 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
         raise ValueError(f"MODEL.NAME must be 'lavt' or 'lavt_one', got {m.NAME!r}")
     if len(m.SWIN.DEPTHS) != 4:
         raise ValueError(f"LAVT has 4 stages: MODEL.SWIN.DEPTHS needs 4 entries, got {list(m.SWIN.DEPTHS)}")
-    if m.TEXT.CACHE and (not m.TEXT.ENCODER or m.TEXT.TRAIN_LAYERS != 0):
-        raise ValueError(
-            "MODEL.TEXT.CACHE keeps the features of a frozen text encoder: it needs MODEL.TEXT.ENCODER set and "
-            f"MODEL.TEXT.TRAIN_LAYERS 0 (got ENCODER {m.TEXT.ENCODER!r}, TRAIN_LAYERS {m.TEXT.TRAIN_LAYERS})"
-        )
+    if m.TEXT.DROPOUT not in TEXT_DROPOUT:
+        raise ValueError(f"MODEL.TEXT.DROPOUT must be one of {list(TEXT_DROPOUT)}, got {m.TEXT.DROPOUT!r}")
     text_encoder = build_text_encoder(m.TEXT.ENCODER, pretrained) if m.TEXT.ENCODER else None
     lang_dim = text_encoder.config.hidden_size if text_encoder is not None else m.TEXT.DIM
     backbone = build_backbone(
@@ -43,7 +51,7 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
     decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN)
-    model = LAVT(backbone, decoder, text_encoder, cache_text=m.TEXT.CACHE)
+    model = LAVT(backbone, decoder, text_encoder, text_dropout=text_dropout(m.NAME, m.TEXT.DROPOUT))
     return compile_model(model) if m.COMPILE else model
 
 

@@ -20,19 +20,30 @@ from .patch_embed import build_stem
 from .pwam import PWAM, LanguageGate, attention
 
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """x: [B, H, W, C] with H, W multiples of ``window`` -> [B * nW, window * window, C]."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)
-    # [B, nH, nW, window, window, C]: windows row-major, as the mask and the official code order them
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+def padded(n: int, window: int) -> int:
+    """``n`` rounded up to a multiple of ``window``: the side of a stage's map once padded for its windows."""
+    return -(-n // window) * window
 
 
-def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
-    """windows: [B * nW, window * window, C] -> [B, H, W, C]; inverse of ``window_partition``."""
+def window_partition(x: torch.Tensor, window: int, as_heads: bool) -> torch.Tensor:
+    """x: [B, Hp, Wp, C] with Hp, Wp multiples of ``window`` -> windows of N = window^2 tokens, row-major (as the
+    shift mask and the official code order them): [B, N, nW, C] with ``as_heads``, else [B * nW, N, 1, C]."""
+    B, Hp, Wp, C = x.shape
+    x = x.view(B, Hp // window, window, Wp // window, window, C)
+    if as_heads:
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(B, window * window, -1, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, 1, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, Hp: int, Wp: int, as_heads: bool) -> torch.Tensor:
+    """The inverse of ``window_partition``: windows in either layout -> [B, Hp, Wp, C]."""
     C = windows.shape[-1]
-    x = windows.view(-1, H // window, W // window, window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+    nH, nW = Hp // window, Wp // window
+    if as_heads:
+        x = windows.view(-1, window, window, nH, nW, C).permute(0, 3, 1, 4, 2, 5)
+    else:
+        x = windows.view(-1, nH, nW, window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, Hp, Wp, C)
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -42,28 +53,40 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-def shift_mask(Hp: int, Wp: int, window: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
-    """Shifted-window mask on the padded grid: [nW, N, N], 0 within a region and -100 across regions."""
-    img = torch.zeros(1, Hp, Wp, 1, device=device)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    region = 0
-    for h in cuts:
-        for w in cuts:
-            img[:, h, w, :] = region
-            region += 1
-    labels = window_partition(img, window).squeeze(-1)  # [nW, N]
-    diff = labels[:, None, :] - labels[:, :, None]
-    return diff.ne(0).float() * -100.0
+def window_kinds(nH: int, nW: int, device: torch.device | None = None) -> torch.Tensor:
+    """[nH * nW] (windows row-major): 0 inside, 1 last column, 2 last row, 3 bottom-right corner.
+
+    The official shift mask splits the padded, rolled map's rows (and columns) at ``side - window`` and ``side -
+    shift``. ``side - window`` falls between windows, so only the last row (column) of windows is split: into its
+    first ``window - shift`` rows (columns) and the rest. A window's mask is therefore one of four (``kind_masks``).
+    """
+    last_row = torch.arange(nH, device=device).eq(nH - 1)
+    last_col = torch.arange(nW, device=device).eq(nW - 1)
+    return (2 * last_row[:, None] + last_col[None, :]).flatten()
+
+
+def kind_masks(window: int, shift: int) -> torch.Tensor:
+    """[4, N, N] additive shift masks of the ``window_kinds``: -100 between tokens of different regions, else 0."""
+    second = (torch.arange(window) >= window - shift).long()  # rows (columns) in the split's second part
+    region = 2 * second[:, None] + second[None, :]  # [window, window]: a corner window's four regions
+    label = torch.stack([region * 0, region & 1, region & 2, region]).view(4, -1)  # [4, N]: kinds 0-3
+    return torch.where(label[:, :, None] != label[:, None, :], -100.0, 0.0)
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention within windows, with a relative-position bias.
+    """Multi-head self-attention within windows, with a relative-position bias and (shifted windows) a shift mask.
+
+    Masked windows come as attention heads: x [B, N, nW, C] gives q, k, v [B, nW * h, N, d] as views, so that the
+    per-window mask is a per-head additive bias [1, nW * h, N, N] (4-D, as the fused CPU kernel requires; a 5-D
+    query would not take it) and the batch needs no copy of it. Unmasked windows, which share one bias, come in
+    the batch ([B * nW, N, 1, C]) and their bias [1, h, N, N] broadcasts over it. The bias is built at every call
+    (one pass over [nW, h, N, N]): the module keeps nothing that could go stale.
 
     Args:
         dim: channels.
         window: window side.
         num_heads: attention heads.
-        fused: use ``scaled_dot_product_attention`` (same result to float round-off).
+        fused_attn: use ``scaled_dot_product_attention`` (same result to float round-off).
     """
 
     def __init__(
@@ -74,10 +97,10 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        fused: bool = True,
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
-        self.dim, self.window, self.num_heads, self.fused = dim, window, num_heads, fused
+        self.dim, self.window, self.num_heads, self.fused_attn = dim, window, num_heads, fused_attn
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         # Derivable from the window: not saved, and ignored when a file carries it.
@@ -87,7 +110,6 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._bias_cache: dict[tuple, tuple] = {}
 
     def position_bias(self) -> torch.Tensor:
         """[heads, N, N] with N = window^2."""
@@ -95,71 +117,43 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # [N * N, heads]
         return bias.view(N, N, -1).permute(2, 0, 1)
 
-    def attn_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """The fused path's additive mask: [1, h, N, N] (no mask) or [1, nW * h, N, N] (bias + shift mask).
+    def attn_bias(
+        self, mask: torch.Tensor | None, mask_index: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The additive bias of both kernels, in ``dtype``: [1, h, N, N] without ``mask``, else [1, nW * h, N, N]
+        (windows outer, heads inner, as the merged head dim): the position bias plus window w's mask,
+        ``mask[mask_index[w]]`` (``mask``: [M, N, N]; ``mask_index``: [nW], or None for M = nW)."""
+        bias = self.position_bias().contiguous()  # [h, N, N]; contiguous, so that the sum below is too
+        if mask is None:
+            return bias.unsqueeze(0).to(dtype)
+        bias = (mask.unsqueeze(1) + bias).to(dtype)  # [M, h, N, N]
+        if mask_index is not None:
+            # [nW, h, N, N]: the few distinct masks summed once, then copied (index_select: ~6x faster than bias[i])
+            bias = bias.index_select(0, mask_index)
+        return bias.reshape(1, -1, *bias.shape[-2:])  # a view
 
-        Built once per mask, dtype and weights when no gradient is needed (evaluation); rebuilt every forward
-        when the bias table is trained. 4-D, as the fused CPU kernel requires.
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [B, N, nW, C] with ``mask`` (windows as heads), or [B * nW, N, 1, C] without -> x's shape.
+
+        mask: [M, N, N] additive masks; window w takes ``mask[mask_index[w]]`` (``mask_index`` [nW], or None: M = nW).
         """
-        table = self.relative_position_bias_table
-        if torch.is_grad_enabled() and table.requires_grad or torch.compiler.is_compiling():
-            return self._build_attn_bias(mask, dtype)
-        key = (None if mask is None else tuple(mask.shape), dtype, table.device)
-        stamp = (table._version, table.data_ptr())
-        hit = self._bias_cache.get(key)
-        # the entry holds its mask, so identity (not a reusable address) says it is the same mask
-        if hit is None or hit[0] is not mask or hit[1] != stamp:
-            hit = (mask, stamp, self._build_attn_bias(mask, dtype))
-            self._bias_cache[key] = hit
-        return hit[2]
-
-    def _build_attn_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        bias = self.position_bias()  # [h, N, N]
-        if mask is not None:
-            bias = mask.unsqueeze(1) + bias  # [nW, h, N, N]: windows outer, heads inner, as the merged head dim
-        return bias.reshape(1, -1, *bias.shape[-2:]).to(dtype)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B * nW, N, C] (windows in the batch) or, fused with a shift mask, [B, N, nW, C] (windows as heads).
-
-        mask: [nW, N, N] or None. Returns x's shape.
-        """
-        if self.fused and x.dim() == 4:
-            return self._forward_window_heads(x, mask)
-        Bw, N, C = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x).view(Bw, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # [3, B * nW, h, N, d]
-        q, k, v = qkv.unbind(0)
-        if self.fused and mask is None:
-            p = self.attn_drop.p if self.training else 0.0
-            out = attention(q, k, v, self.attn_bias(None, q.dtype), self.scale, p)  # [B * nW, h, N, d]
-            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bw, N, C)))
-        bias = self.position_bias()  # [h, N, N]
-        if mask is not None:
-            nW = mask.shape[0]
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # [nW, h, N, N]
-            # [B, nW, h, N, d]: the batch and window dims split so the mask broadcasts per window
-            q, k, v = (t.view(Bw // nW, nW, h, N, -1) for t in (q, k, v))
-        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.to(q.dtype)
-        out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        out = out.reshape(Bw, h, N, -1).transpose(1, 2).reshape(Bw, N, C)  # heads back into channels
-        return self.proj_drop(self.proj(out))
-
-    def _forward_window_heads(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, N, nW, C] -> [B, N, nW, C]: every (window, head) pair is one attention head, so that the
-        per-window shift mask is a per-head mask and the fused kernel applies (a 5-D query would not take it)."""
         B, N, nW, C = x.shape
         h = self.num_heads
-        w, b = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
-        # q, k and v projected separately: each [B, N, nW, C] merges (nW, h) into one head dim as a view
-        q, k, v = (F.linear(x, w[i], b[i]).view(B, N, nW * h, -1).transpose(1, 2) for i in range(3))
+        if nW == 1:  # one window per batch row: one GEMM, and q, k, v [B, h, N, d] as views of its output
+            q, k, v = self.qkv(x).view(B, N, 3, h, -1).permute(2, 0, 3, 1, 4)
+        else:  # q, k and v projected apart: each [B, N, nW, C] then merges (nW, h) into one head dim as a view
+            w, b = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
+            q, k, v = (F.linear(x, w[i], b[i]).view(B, N, nW * h, -1).transpose(1, 2) for i in range(3))
         p = self.attn_drop.p if self.training else 0.0
-        out = attention(q, k, v, self.attn_bias(mask, q.dtype), self.scale, p)  # [B, nW * h, N, d]
+        bias = self.attn_bias(mask, mask_index, q.dtype)
+        out = attention(q, k, v, bias, self.scale, p, self.fused_attn)  # [B, nW * h, N, d]
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, nW, C)))
 
 
 class SwinBlock(nn.Module):
-    """One Swin block; ``shift`` > 0 for the shifted-window blocks (odd indices)."""
+    """One Swin block; ``shift`` > 0 for the shifted blocks (odd indices); ``fused_attn``: see WindowAttention."""
 
     def __init__(
         self,
@@ -169,57 +163,36 @@ class SwinBlock(nn.Module):
         shift: int = 0,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
-        fused: bool = True,
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= shift < window:
             raise ValueError(f"shift must be in [0, window={window}), got {shift}")
         self.window, self.shift = window, shift
+        # a constant of the window and shift (like the relative-position index): not saved
+        self.register_buffer("shift_masks", kind_masks(window, shift) if shift else None, persistent=False)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, fused=fused)
+        self.attn = WindowAttention(dim, window, num_heads, fused_attn=fused_attn)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, H: int, W: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, H * W, C]; mask: the stage's shift mask [nW, N, N] (used when shifting) -> [B, H * W, C]."""
-        if self.attn.fused:
-            return self._forward_fused(x, H, W, mask)
-        B, L, C = x.shape
-        ws = self.window
-        shortcut = x
-        x = self.norm1(x).view(B, H, W, C)
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # [B, Hp, Wp, C], zeros after norm1 as the official code
-        Hp, Wp = H + pad_b, W + pad_r
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        x = window_reverse(self.attn(window_partition(x, ws), mask if self.shift else None), ws, Hp, Wp)
-        if self.shift:
-            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
-        if pad_b or pad_r:
-            x = x[:, :H, :W, :]
-        x = shortcut + self.drop_path(x.reshape(B, L, C))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _forward_fused(self, x: torch.Tensor, H: int, W: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """``forward`` with the shifted windows laid out as heads ([B, N, nW, C]) and the crop added as a view."""
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x: [B, H * W, C] -> [B, H * W, C]."""
         B, L, C = x.shape
         ws, s = self.window, self.shift
         y = self.norm1(x).view(B, H, W, C)
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-        if pad_b or pad_r:
-            y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # [B, Hp, Wp, C], zeros after norm1 as the official code
-        Hp, Wp = H + pad_b, W + pad_r
-        nH, nW = Hp // ws, Wp // ws
+        Hp, Wp = padded(H, ws), padded(W, ws)
+        if Hp > H or Wp > W:
+            y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))  # [B, Hp, Wp, C], zeros after norm1 as the official code
         if s:
-            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2)).view(B, nH, ws, nW, ws, C)
-            y = y.permute(0, 2, 4, 1, 3, 5).reshape(B, ws * ws, nH * nW, C)  # [B, N, windows, C]
-            y = self.attn(y, mask).view(B, ws, ws, nH, nW, C).permute(0, 3, 1, 4, 2, 5).reshape(B, Hp, Wp, C)
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+            windows = window_partition(y, ws, as_heads=True)
+            kinds = window_kinds(Hp // ws, Wp // ws, x.device)
+            y = window_reverse(self.attn(windows, self.shift_masks, kinds), ws, Hp, Wp, as_heads=True)
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
         else:
-            y = window_reverse(self.attn(window_partition(y, ws)), ws, Hp, Wp)
+            y = window_reverse(self.attn(window_partition(y, ws, as_heads=False)), ws, Hp, Wp, as_heads=False)
         # the padded border is dropped by viewing, not copying, the [B, H, W, C] corner
         x = (x.view(B, H, W, C) + self.drop_path(y[:, :H, :W])).view(B, L, C)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -262,58 +235,47 @@ class MultiModalStage(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: list[float] | None = None,
         downsample: bool = True,
-        fused: bool = True,
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
-        self.window, self.shift = window, window // 2
         drop_path = drop_path or [0.0] * depth
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i], fused)
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i], fused_attn)
             for i in range(depth)
         )
-        self.fusion = PWAM(dim, dim, lang_dim, dim, dim, num_heads=fusion_heads, dropout=fusion_drop, fused=fused)
+        self.fusion = PWAM(dim, dim, lang_dim, dim, dim, num_heads=fusion_heads, dropout=fusion_drop,
+                           fused_attn=fused_attn)
         self.res_gate = LanguageGate(dim)
         self.downsample = PatchMerging(dim) if downsample else None
         if not downsample:
             # Kept for the official checkpoint layout, but the last gate's output is never used: frozen, so that
             # DDP needs no find_unused_parameters and the optimiser skips it.
             self.res_gate.requires_grad_(False)
-        self._masks: dict[tuple, torch.Tensor] = {}
         self.grad_checkpoint = False  # set by MultiModalSwin
-
-    def mask(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        """The shift mask for an H x W map, built once per padded size and device."""
-        ws = self.window
-        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
-        key = (Hp, Wp, device)
-        if key not in self._masks:
-            self._masks[key] = shift_mask(Hp, Wp, ws, self.shift, device)
-        return self._masks[key]
 
     def forward(
         self, x: torch.Tensor, H: int, W: int, lang: torch.Tensor, lang_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, H * W, C]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> (PWAM out [B, H * W, C], next [B, L', C'])."""
-        mask = self.mask(H, W, x.device) if len(self.blocks) > 1 else None
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             # per block, not per stage: the backward then holds one block's activations at a time (a stage of
             # 18 blocks recomputed at once would hold all of them); the compute is the same, one extra forward
             for blk in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(blk, x, H, W, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, H, W, use_reentrant=False)
             return torch.utils.checkpoint.checkpoint(self._fuse, x, H, W, lang, lang_mask, use_reentrant=False)
         for blk in self.blocks:
-            x = blk(x, H, W, mask)
+            x = blk(x, H, W)
         return self._fuse(x, H, W, lang, lang_mask)
 
     def _fuse(
         self, x: torch.Tensor, H: int, W: int, lang: torch.Tensor, lang_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """PWAM, the gate and patch merging: x [B, H * W, C] -> (PWAM out [B, H * W, C], next [B, L', C'])."""
-        fused = self.fusion(x, lang, lang_mask)
+        mm = self.fusion(x, lang, lang_mask)
         if self.downsample is None:
-            return fused, x  # the last stage's gated sum feeds nothing: skip it
-        x = x + self.res_gate(fused) * fused
-        return fused, self.downsample(x, H, W)
+            return mm, x  # the last stage's gated sum feeds nothing: skip it
+        x = x + self.res_gate(mm) * mm
+        return mm, self.downsample(x, H, W)
 
 
 class MultiModalSwin(nn.Module):
@@ -326,6 +288,8 @@ class MultiModalSwin(nn.Module):
         window: window side (7 or 12).
         lang_dim: width of the language features.
         fusion_heads: PWAM heads per stage (the official ``--mha``).
+        fused_attn: use ``scaled_dot_product_attention`` in window and pixel-word attention (same result to float
+            round-off); False computes the attention matrices explicitly, as the official code.
         grad_checkpoint: recompute activations in the backward pass (per Swin block) to save memory.
         stem: ``patch`` (official: one strided convolution) or ``conv`` (``models.patch_embed.ConvStem``).
     """
@@ -342,7 +306,7 @@ class MultiModalSwin(nn.Module):
         patch_size: int = 4,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.3,
-        fused: bool = True,
+        fused_attn: bool = True,
         grad_checkpoint: bool = False,
         stem: str = "patch",
     ) -> None:
@@ -365,7 +329,7 @@ class MultiModalSwin(nn.Module):
                 MultiModalStage(
                     self.num_features[i], depth, num_heads[i], window, lang_dim, fusion_heads[i], fusion_drop,
                     mlp_ratio, dpr[sum(depths[:i]): sum(depths[: i + 1])], downsample=i < self.num_stages - 1,
-                    fused=fused,
+                    fused_attn=fused_attn,
                 )
             )
         for i, c in enumerate(self.num_features):
@@ -393,8 +357,8 @@ class MultiModalSwin(nn.Module):
         x, H, W = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.layers):
-            fused, x = stage(x, H, W, lang, lang_mask)
-            out = getattr(self, f"norm{i}")(fused)
+            mm, x = stage(x, H, W, lang, lang_mask)
+            out = getattr(self, f"norm{i}")(mm)
             outs.append(out.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2))  # [B, C_i, H, W]
             H, W = (H + 1) // 2, (W + 1) // 2
         return outs
@@ -421,11 +385,11 @@ def build_backbone(
     patch_size: int = 4,
     mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.3,
-    fused: bool = True,
+    fused_attn: bool = True,
     grad_checkpoint: bool = False,
     stem: str = "patch",
 ) -> MultiModalSwin:
     return MultiModalSwin(
         embed_dim, tuple(depths), tuple(num_heads), window, lang_dim, tuple(fusion_heads), fusion_drop, patch_size,
-        mlp_ratio, drop_path_rate, fused, grad_checkpoint, stem,
+        mlp_ratio, drop_path_rate, fused_attn, grad_checkpoint, stem,
     )

@@ -1,4 +1,5 @@
-"""The text encoder: a BERT-family ``transformers.BertModel`` (pooler dropped) from a local folder."""
+"""The text encoder: a BERT-family ``transformers.BertModel`` (pooler dropped) from a local folder, and the layout
+of its features (trimmed to the attended columns) that the backbone takes."""
 from __future__ import annotations
 
 import contextlib
@@ -82,82 +83,26 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(resolve_text_encoder(name), local_files_only=True)
 
 
-class TextFeatureCache:
-    """The features of a frozen text encoder, computed once per distinct expression (``MODEL.TEXT.CACHE``).
+def attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B, N] -> [B]: each row's last attended column + 1 (0 for a row that attends nothing).
 
-    Training with a frozen encoder (``MODEL.TEXT.TRAIN_LAYERS 0``) re-encodes the same sentences every epoch; on a
-    CPU that is ~10% of a step of the demo. Entries are keyed by the expression's tokens up to its last attended
-    one, and by the autocast dtype they were computed under. Padding positions come back as zeros: PWAM masks
-    them (zero keys and values, -1e4 logits), so the network's output equals the uncached one up to rounding.
-    Memory: one [tokens, width] float32 tensor per distinct expression (float32 under autocast too: BERT ends in a
-    LayerNorm), on the encoder's device: the demo's 11673 train and val expressions (~8.4 tokens each) ~150 MB,
-    RefCOCO's ~140k with BERT-base ~4 GB. Entries stay until ``clear`` (evaluation adds the expressions it meets).
+    Columns after a row's length are padding; columns after the batch's longest are padding everywhere, and BERT and
+    PWAM mask them, so dropping them changes nothing but the time spent on them (expressions are ~6 of 20 tokens).
     """
+    columns = torch.arange(1, attention_mask.shape[-1] + 1, device=attention_mask.device)
+    return (attention_mask.ne(0) * columns).amax(-1)
 
-    def __init__(self) -> None:
-        self._store: dict[tuple, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self._store)
+def used_columns(attention_mask: torch.Tensor) -> int:
+    """attention_mask [B, N] -> the batch's longest ``attended_lengths`` (at least 1): the columns worth encoding."""
+    return max(1, int(attended_lengths(attention_mask).max()))
 
-    def clear(self) -> None:
-        self._store.clear()
 
-    @staticmethod
-    def _context(device: torch.device) -> torch.dtype | None:
-        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+def text_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoder's output in the layout the backbone takes.
 
-    def _keys(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device) -> list[tuple]:
-        """One key per row: (autocast dtype on ``device``, where the encoder runs; tokens; attention mask)."""
-        context = self._context(device)
-        keys = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            n = max((i + 1 for i, m in enumerate(mask) if m), default=0)
-            keys.append((context, tuple(ids[:n]), tuple(mask[:n])))
-        return keys
-
-    def _encode(self, encoder: nn.Module, keys: list[tuple], device: torch.device) -> None:
-        """Run ``encoder`` once on the expressions ``keys`` (padded to the longest) and store their features."""
-        n = max(1, max(len(k[1]) for k in keys))
-        ids = torch.zeros(len(keys), n, dtype=torch.int64)
-        mask = torch.zeros(len(keys), n, dtype=torch.int64)
-        for row, (_, tokens, attended) in enumerate(keys):
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-            mask[row, : len(attended)] = torch.tensor(attended, dtype=torch.int64)
-        training = encoder.training
-        encoder.eval()  # the features of a frozen encoder are its eval-mode output (no dropout)
-        try:
-            with torch.no_grad():
-                hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device))[0]  # [M, n, C]
-        finally:
-            encoder.train(training)
-        for row, key in enumerate(keys):
-            self._store[key] = hidden[row, : len(key[1])].clone()  # [n_i, C], not a view of the whole batch
-
-    def prime(
-        self, encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
-    ) -> None:
-        """Encode every distinct expression of ``input_ids`` / ``attention_mask`` [S, N] (on any device) not cached
-        yet, in batches of similar length, in a fixed order (sorted by tokens): a resumed run primes the same
-        features. Call it under the autocast the model will run under: the entries are keyed by it."""
-        device = next(encoder.parameters()).device
-        todo = sorted(
-            {k for k in self._keys(input_ids, attention_mask, device) if k not in self._store},
-            key=lambda k: (len(k[1]), k[1], k[2]),
-        )
-        for start in range(0, len(todo), batch_size):
-            self._encode(encoder, todo[start : start + batch_size], device)
-
-    def __call__(self, encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: [B, N] -> hidden [B, n, C] (n: the batch's last attended token + 1; zeros
-        after each expression's end). Expressions not cached yet are encoded together and stored."""
-        device = next(encoder.parameters()).device  # keyed as prime keys them: by where the encoder runs
-        keys = self._keys(input_ids, attention_mask, device)
-        missing = list(dict.fromkeys(k for k in keys if k not in self._store))
-        if missing:
-            self._encode(encoder, missing, device)
-        feats = [self._store[k] for k in keys]
-        out = feats[0].new_zeros(len(keys), max(1, max(len(k[1]) for k in keys)), feats[0].shape[-1])
-        for row, f in enumerate(feats):
-            out[row, : len(f)] = f
-        return out
+    hidden [B, n, C], attention_mask [B, >= n] -> (lang_feats [B, C, n], lang_mask [B, n, 1] in hidden's dtype and
+    on its device).
+    """
+    n = hidden.shape[1]
+    return hidden.transpose(1, 2), attention_mask[:, :n].unsqueeze(-1).to(hidden.device, hidden.dtype)

@@ -18,7 +18,8 @@ Layout on disk (as the original)::
 Differences from the original, all in the direction of "what it meant to do": ``getRefIds(image_ids=...)``
 returns a flat list (the original built a list of lists), ``getAnnIds(ref_ids=...)`` applies the ref filter (the
 original computed and dropped it), ``getImgIds``/``getCatIds`` return lists, ``getMask`` returns a binary 0/1 mask
-(the original summed the parts of a multi-polygon object, so overlapping parts could read 2), and every bad input
+(the original returned the sum of the parts of a multi-polygon object; by default ``getMask`` keeps the pixels where
+that sum is 1, as LAVT's dataset does: see ``MASK_PARTS``), and every bad input
 raises an error naming the file, key or value instead of printing and calling ``sys.exit``.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +35,10 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .safe_pickle import load_plain_pickle
+
 __all__ = [
+    "MASK_PARTS",
     "REFER",
     "ReferDataError",
     "ReferFileNotFoundError",
@@ -54,6 +57,13 @@ DATASETS: dict[str, str] = {
     "refclef": "images/saiapr_tc-12",
     "synthetic": "images/mscoco/images/train2014",
 }
+
+# How ``getMask`` makes one mask of an object annotated in several parts (polygons, or a list of RLEs):
+# - "official": the pixels covered by exactly one part. The original REFER sums the parts and LAVT's dataset keeps
+#   sum == 1, so where two parts of one object overlap the pixel is background. Arguably a bug, but the paper's
+#   numbers and the released checkpoints' scores are computed on these masks, so it is the default.
+# - "union": the pixels covered by any part (what the annotation means).
+MASK_PARTS: tuple[str, ...] = ("official", "union")
 
 # every split name getRefIds understands (the original's rules)
 SPLITS: tuple[str, ...] = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
@@ -142,13 +152,8 @@ class REFER:
     @staticmethod
     def _load_refs(ref_file: Path) -> list[dict]:
         try:
-            with open(ref_file, "rb") as f:
-                try:
-                    refs = pickle.load(f)
-                except UnicodeDecodeError:
-                    # Python 2 pickles of byte strings with non-ASCII characters.
-                    f.seek(0)
-                    refs = pickle.load(f, encoding="latin1")
+            # plain data only: a refs file naming any class or function (os.system, eval, ...) is refused unrun
+            refs = load_plain_pickle(ref_file)
         except Exception as e:  # pickle raises many types on corrupt input
             raise ReferDataError(f"cannot read REFER refs pickle {ref_file}: {type(e).__name__}: {e}") from e
         if not isinstance(refs, list):
@@ -313,8 +318,9 @@ class REFER:
         return self.refToAnn[ref_id]["bbox"]
 
     # ------------------------------------------------------------------ masks
-    def _segmentation_rle(self, ann: dict, height: int, width: int) -> dict:
-        """One RLE (union of the parts) for polygons, uncompressed RLE, compressed RLE or a list of RLEs."""
+    def _segmentation_parts(self, ann: dict, height: int, width: int) -> list[dict]:
+        """The RLEs of an annotation's parts: one per polygon (polygons of fewer than 3 points rasterise to nothing,
+        as in pycocotools, and are left out), the RLE itself, or each RLE of a list of RLEs."""
         seg = ann.get("segmentation")
         where = f"annotation {ann.get('id')!r} of {self.dataset}"
         if isinstance(seg, dict):
@@ -322,7 +328,7 @@ class REFER:
         elif isinstance(seg, list) and all(isinstance(p, dict) for p in seg):
             parts = list(seg)
         elif isinstance(seg, list) and all(isinstance(p, (list, tuple)) for p in seg):
-            polygons = [list(map(float, p)) for p in seg if len(p) >= 6]  # fewer than 3 points has no area
+            polygons = [list(map(float, p)) for p in seg if len(p) >= 6]
             parts = mask_utils.frPyObjects(polygons, height, width) if polygons else []
         else:
             raise ReferDataError(
@@ -342,30 +348,44 @@ class REFER:
             elif isinstance(part["counts"], str):
                 part = {"size": part["size"], "counts": part["counts"].encode("ascii")}
             rles.append(part)
-        if not rles:
-            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
-        return rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+        return rles
 
-    def getMask(self, ref: dict) -> dict[str, Any]:
+    def getMask(self, ref: dict, parts: str = "official") -> dict[str, Any]:
         """The referred object's mask.
 
+        Args:
+            parts: how the parts of a multi-part annotation combine, ``official`` (pixels covered by exactly one
+                part, as LAVT) or ``union``: see ``MASK_PARTS``.
         Returns:
-            {'mask': [H, W] uint8 in {0, 1} at the image's size, 'area': float pixel count}.
+            {'mask': [H, W] uint8 in {0, 1} at the image's size, 'area': float, its pixel count}.
         """
+        if parts not in MASK_PARTS:
+            raise ValueError(f"mask parts must be one of {MASK_PARTS}, got {parts!r}")
         ref_id = ref["ref_id"]
         ann = self._lookup(self.refToAnn, ref_id, "ref_id")
         image = self._lookup(self.Imgs, ref["image_id"], "image_id")
-        rle = self._segmentation_rle(ann, int(image["height"]), int(image["width"]))
-        m = np.ascontiguousarray(mask_utils.decode(rle))  # pycocotools decodes column-major
-        return {"mask": m, "area": float(mask_utils.area(rle))}
+        height, width = int(image["height"]), int(image["width"])
+        rles = self._segmentation_parts(ann, height, width)
+        union = mask_utils.merge(rles) if len(rles) > 1 else rles[0] if rles else None
+        if union is None:
+            m = np.zeros((height, width), dtype=np.uint8)
+        elif parts == "union" or mask_utils.area(union) == sum(int(a) for a in mask_utils.area(rles)):
+            m = mask_utils.decode(union)  # parts that do not overlap: exactly one part is any part
+        else:
+            # the original's np.sum(..., axis=2).astype(np.uint8), then == 1; summing in uint8 wraps the same way
+            m = (mask_utils.decode(rles).sum(axis=2, dtype=np.uint8) == 1).view(np.uint8)
+        m = np.ascontiguousarray(m)  # pycocotools decodes column-major
+        return {"mask": m, "area": float(np.count_nonzero(m))}
 
-    def getMaskByRef(self, ref: dict | None = None, ref_id: int | None = None) -> dict[str, Any]:
+    def getMaskByRef(
+        self, ref: dict | None = None, ref_id: int | None = None, parts: str = "official"
+    ) -> dict[str, Any]:
         """``getMask`` given either a ref or its id."""
         if ref is None:
             if ref_id is None:
                 raise ValueError("getMaskByRef needs a ref or a ref_id")
             ref = self._lookup(self.Refs, ref_id, "ref_id")
-        return self.getMask(ref)
+        return self.getMask(ref, parts)
 
     # ------------------------------------------------------------------ plots (matplotlib imported here only)
     def showRef(self, ref: dict, seg_box: str = "seg") -> None:

@@ -46,6 +46,7 @@ def tiny_opts(data_root: Path, text_encoder: Path, output: Path, **over) -> list
         "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1],
         "MODEL.SWIN.WINDOW_SIZE": 4,
         "MODEL.SWIN.DROP_PATH_RATE": 0.1,
+        "MODEL.PRETRAINED_SWIN": "",
         "MODEL.TEXT.ENCODER": str(text_encoder),
         "MODEL.TEXT.TRAIN_LAYERS": 1,
         "MODEL.TEXT.MAX_TOKENS": 12,

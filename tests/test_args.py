@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import args as cli
+from configs import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def test_flags_map_onto_config():
 
 
 def test_eval_batch_size_from_batch_size_with_eval():
-    cfg = cfg_of(["--eval", "--batch_size", "6", "--type", "val", "testB"])  # over the demo's EVAL.BATCH_SIZE
+    cfg = cfg_of(["--eval", "--batch_size", "6", "--type", "val", "testB"])  # over EVAL.BATCH_SIZE
     assert cfg.EVAL.BATCH_SIZE == 6 and cfg.EVAL.SPLITS == ["val", "testB"]
 
 
@@ -71,14 +72,26 @@ def test_precedence_defaults_file_flags_opts(tmp_path):
     assert cfg.TRAIN.WEIGHT_DECAY == 1e-2  # untouched default
 
 
-def test_no_arguments_is_the_demo():
+def test_no_arguments_is_the_demo_anything_else_the_papers_recipe():
     a = cli.parse_args([])
-    assert Path(a.cfg_file) == cli.DEMO_CONFIG and not a.eval and not a.resume
+    assert Path(a.cfg_file) == DEMO_CONFIG and not a.eval and not a.resume
     demo = cli.config_from_args(a)
     assert demo.DATA.DATASET == "synthetic" and demo.MODEL.TEXT.ENCODER == "minilm-l6"
     assert demo.EVAL.SPLITS == ["val", "testA", "testB"]
-    assert Path(cli.parse_args(["--eval"]).cfg_file) == cli.DEMO_CONFIG  # the demo config unless --cfg_file
-    assert cli.config_from_args(cli.parse_args(["--cfg_file", ""])).MODEL.TEXT.ENCODER == ""  # bare defaults
+    assert "the built-in demo" in cli.describe_config(a) and "no overrides" in cli.describe_config(a)
+    # the form a user types first trains the paper's model, not the demo's
+    first = cli.parse_args(["--dataset", "refcoco", "--refer_data_root", "/data/refer"])
+    paper = cli.config_from_args(first)
+    swin = paper.MODEL.SWIN
+    assert (swin.EMBED_DIM, swin.DEPTHS, swin.NUM_HEADS, swin.WINDOW_SIZE) == (128, [2, 2, 18, 2], [4, 8, 16, 32], 12)
+    data = paper.DATA
+    assert (data.SIZE, data.DATASET, data.SPLIT_BY, data.ROOT) == (480, "refcoco", "unc", "/data/refer")
+    assert (paper.TRAIN.LR, paper.TRAIN.EPOCHS, paper.TRAIN.WEIGHT_DECAY, paper.TRAIN.LOSS) == (5e-5, 40, 0.01, "ce")
+    assert (paper.MODEL.TEXT.ENCODER, paper.MODEL.TEXT.TRAIN_LAYERS) == ("pretrained/bert-base-uncased", 10)
+    assert paper.MODEL.SWIN.STEM == "patch" and paper.MODEL.DECODER_HIDDEN == 0 and not paper.MODEL.TEXT.CACHE
+    line = cli.describe_config(first)
+    assert "configs/defaults.py (the paper's recipe)" in line and "DATA.ROOT='/data/refer'" in line
+    assert cli.parse_args(["--eval"]).cfg_file is None  # only no argument at all is the demo
 
 
 def test_bad_values():

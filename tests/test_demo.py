@@ -1,4 +1,4 @@
-"""utils.demo on a tiny checkpoint: inputs as the dataset's, masks as the model's own prediction, the PNGs."""
+"""tools.demo on a tiny checkpoint: inputs as the dataset's, masks as the model's own prediction, the PNGs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configs import get_config
-from utils import demo
-from utils import visualize as vis
+from data import ReferDataset, load_refer
+from tools import demo
+from tools import visualize as vis
 
 SIZE, MAX_TOKENS = 64, 12
 
@@ -141,7 +142,7 @@ def test_cli_writes_overlay_and_masks(run, predictor, tmp_path):
     texts = ["the red circle", "big star"]
     out, mask_out = tmp_path / "out" / "overlay.png", tmp_path / "out" / "mask.png"
     argv = ["--checkpoint", str(run["checkpoint"]), "--image", str(image_file), "--text", texts[0], "--text", texts[1]]
-    written = demo.main(argv + ["--out", str(out), "--mask-out", str(mask_out), "--device", "cpu"])
+    written = demo.main(argv + ["--out", str(out), "--mask_out", str(mask_out), "--device", "cpu"])
     assert written["mask_out"] == [tmp_path / "out" / "mask_0.png", tmp_path / "out" / "mask_1.png"]
     masks = np.stack([np.asarray(Image.open(p)) for p in written["mask_out"]])
     assert masks.shape == (2, 70, 90) and set(np.unique(masks)) <= {0, 255}
@@ -159,7 +160,7 @@ def test_cli_example_uses_a_dataset_image_and_its_expressions(run, predictor, tm
 
     argv = ["--checkpoint", str(run["checkpoint"]), "--example", "0", "--out", str(tmp_path / "o.png"), "--device"]
     written = demo.main(argv + ["cpu"])
-    example = demo.dataset_example(demo.build_refer(run["cfg"]), "val", 0)
+    example = demo.dataset_example(load_refer(run["cfg"]), "val", 0)
     assert written["image"] == example["image"] and written["texts"] == example["expressions"]
     rgb = load_rgb(example["image"])
     assert_masks_match(written["masks"], reference_margins(predictor.model, predictor.tokenizer, rgb, written["texts"]))
@@ -197,7 +198,7 @@ def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path)
 
     bare = tmp_path / "bare.pth"
     torch.save({"model": read_checkpoint(run["checkpoint"])["model"]}, bare)
-    with pytest.raises(ValueError, match=r"bare.pth stores no 'config'.*--cfg-file"):
+    with pytest.raises(ValueError, match=r"bare.pth stores no 'config'.*--cfg_file"):
         demo.Predictor.from_checkpoint(bare, device="cpu")
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(run["cfg"].dump())
@@ -248,7 +249,7 @@ def test_mask_paths():
 
 
 def test_dataset_example(run):
-    refer = demo.build_refer(run["cfg"])
+    refer = load_refer(run["cfg"])
     ex = demo.dataset_example(refer, "val")
     image = np.asarray(Image.open(ex["image"]))
     assert 2 <= len(ex["expressions"]) == len(ex["gts"]) == len(ex["ref_ids"]) <= 3
@@ -262,7 +263,7 @@ def test_dataset_example(run):
 
 
 def test_worst_cases(run, predictor):
-    refer = demo.build_refer(run["cfg"])
+    refer = load_refer(run["cfg"])
     refs = [refer.Refs[i] for i in refer.getRefIds(split="val")][:3]
     records = [{"ref_id": r["ref_id"], "sent_id": r["sentences"][0]["sent_id"], "sentence": r["sentences"][0]["raw"],
                 "IoU": iou} for r, iou in zip(refs, [0.7, 0.1, 0.4])]  # fmt: skip
@@ -275,23 +276,23 @@ def test_worst_cases(run, predictor):
         assert case["title"] == f"ref {record['ref_id']}, evaluation IoU {record['IoU']:.3f}"
 
 
-def test_ensure_results_reads_existing_file(run, tmp_path):
+def test_ensure_results_reads_existing_file_or_evaluates(run, tmp_path):
     run_dir = tmp_path / "runs" / "copy"
     run_dir.mkdir(parents=True)
     shutil.copy(run["checkpoint"], run_dir / "best.pth")
-    path = demo.results_file(run_dir, "testA")
-    assert path == run_dir / "per_expression_testA_each_network.jsonl"
+    predictor = demo.Predictor.from_checkpoint(run_dir / "best.pth", "cpu")
+    path = run_dir / "per_expression_testA_each_network.jsonl"
     path.write_text(json.dumps({"ref_id": 0, "sentence": "x", "IoU": 0.0, "I": 0, "U": 1}) + "\n")
-    assert demo.ensure_results(run_dir / "best.pth", "testA") == path
+    assert demo.ensure_results(predictor, run_dir / "best.pth", "testA") == path
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", path.name], "no evaluation must have run"
-    torch.save({"model": {}}, run_dir / "bare.pth")
-    with pytest.raises(ValueError, match="per_expression_val_each_network.jsonl is missing and checkpoint .*bare.pth"):
-        demo.ensure_results(run_dir / "bare.pth", "val")
+    val = demo.ensure_results(predictor, run_dir / "best.pth", "val")  # missing: evaluated with the model
+    records = [json.loads(line) for line in val.read_text().splitlines()]
+    dataset = ReferDataset(run["cfg"].DATA.ROOT, "synthetic", "unc", "val", predictor.tokenizer, eval_mode=True)
+    assert len(records) == sum(len(item["sentences"]) for item in dataset)
 
 
 def test_default_checkpoint_follows_the_demo_config():
-    import args
+    from configs import DEMO_CONFIG
 
-    assert demo.DEMO_CONFIG == args.DEMO_CONFIG
-    cfg = get_config(args.DEMO_CONFIG if args.DEMO_CONFIG.is_file() else None)
+    cfg = get_config(DEMO_CONFIG)
     assert demo.default_checkpoint() == Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"

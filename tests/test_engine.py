@@ -1,4 +1,4 @@
-"""The loops of utils/engine.py on a tiny synthetic set: LR schedule, sharding, every evaluation protocol."""
+"""The loops of engine/ on a tiny synthetic set: LR schedule, sharding, every evaluation protocol."""
 
 from __future__ import annotations
 
@@ -7,17 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import build_dataset, collate_eval
+from data.controls import ShuffledExpressions
+from engine import NonFiniteLossError, build_lr_scheduler, evaluate, poly_lr_lambda, train_one_epoch
 from models import build_model
 from utils.amp import NativeScaler
-from utils.controls import ShuffledExpressions
-from utils.engine import (
-    NonFiniteLossError,
-    ShardSampler,
-    build_lr_scheduler,
-    evaluate,
-    poly_lr_lambda,
-    train_one_epoch,
-)
+from utils.distributed import ShardSampler
 from utils.metrics import summarize_counts
 
 from .helpers_train import tiny_cfg

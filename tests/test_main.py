@@ -15,9 +15,10 @@ import torch
 
 import main as main_module
 from data import build_dataset
+from engine import NonFiniteLossError
+from engine import trainer as trainer_module
 from models import read_checkpoint
 from refer import ReferFileNotFoundError
-from utils.engine import NonFiniteLossError
 
 from .helpers_train import tiny_cfg, tiny_env, tiny_opts
 
@@ -129,7 +130,7 @@ def test_checkpoint_of_another_configuration(env, trained, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, tmp_path_factory, monkeypatch):
-    real = main_module.build_criterion
+    real = trainer_module.build_criterion
     iters_per_epoch = len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False)) // 8
 
     def build_nan_in_second_epoch(name, weights):
@@ -142,7 +143,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, tmp_path_f
 
         return nan_later
 
-    monkeypatch.setattr(main_module, "build_criterion", build_nan_in_second_epoch)
+    monkeypatch.setattr(trainer_module, "build_criterion", build_nan_in_second_epoch)
     with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, iteration 0.*last.pth"):
         run(env, tmp_path)
     last = read_checkpoint(tmp_path / "tiny" / "last.pth")
@@ -193,3 +194,31 @@ def test_data_cache_with_workers_warns(env, tmp_path):
         h.flush()
     log = (Path(out["run_dir"]) / "log.txt").read_text()
     assert "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS 1" in log
+
+
+@pytest.mark.parametrize(
+    ("flags", "extra", "message"),
+    [
+        ([], ["TRAIN.LR", "nan"], "ConfigError: TRAIN.LR must be a finite number > 0, got nan"),
+        ([], ["TRAIN.EPOCHS", "0"], "ConfigError: TRAIN.EPOCHS must be >= 1, got 0"),
+        ([], ["EVAL.RESOLUTION", "full"], "EVAL.RESOLUTION must be one of"),
+        (["--eval"], [], "--eval needs the weights to evaluate: --pretrain <checkpoint>"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2_nothing_written(env, tmp_path, flags, extra, message):
+    """A wrong value is refused before anything is built or written: one line on stderr, no traceback, status 2;
+    --debug shows the traceback."""
+    data_root, text = env
+    opts = tiny_opts(data_root, text, tmp_path / "runs") + extra  # the last value of a key wins
+    argv = [sys.executable, "main.py", "--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]
+    before = sorted(p.name for p in data_root.rglob("*"))
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("main.py: error: ") and message in lines[-1], out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in data_root.rglob("*")) == before
+    if extra:
+        assert not (tmp_path / "runs").exists()  # refused before the run folder was made
+    debug = subprocess.run(argv + ["--debug"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

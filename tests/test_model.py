@@ -1,8 +1,6 @@
 """The LAVT network: fidelity to the official outputs, shapes, gradients, language use, fast paths."""
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +8,9 @@ import torch.nn.functional as F
 from configs import get_config
 from models import build_model, build_param_groups
 from models.pwam import PWAM, instance_norm_tokens
-from models.swin import SwinBlock, shift_mask, window_partition, window_reverse
+from models.swin import PatchMerging, SwinBlock, kind_masks, window_kinds, window_partition, window_reverse
 
+from . import oracle
 from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
 
 
@@ -30,11 +29,14 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert (out - ref).abs().max().item() < 1e-5 * max(ref.abs().max().item(), 1.0)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_reproduces_official_fixture(reference, fused):
-    model = build_model(fixture_cfg(reference, MODEL__FUSED_ATTENTION=fused)).eval()
-    model.load_state_dict({k: v for k, v in reference["checkpoint"]["model"].items()
-                           if not k.endswith("relative_position_index")})
+def _fixture_state(reference: dict) -> dict:
+    return {k: v for k, v in reference["checkpoint"]["model"].items() if not k.endswith("relative_position_index")}
+
+
+@pytest.mark.parametrize("fused_attn", [False, True])
+def test_reproduces_official_fixture(reference, fused_attn):
+    model = build_model(fixture_cfg(reference, MODEL__FUSED_ATTENTION=fused_attn)).eval()
+    model.load_state_dict(_fixture_state(reference))
     with torch.no_grad():
         feats = model.backbone(reference["image"], reference["lang_feats"], reference["lang_mask"])
         logits = model.segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
@@ -43,68 +45,129 @@ def test_reproduces_official_fixture(reference, fused):
     _close(logits, reference["logits"])
 
 
-def _reference_block(blk: SwinBlock, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """A literal, loop-per-window reading of the official block: pad after norm1 and before the shift, mask on
-    the padded grid (regions split at -window and -shift, -100 across), crop after the reverse shift."""
-    B, _, C = x.shape
-    ws, s, heads = blk.window, blk.shift, blk.attn.num_heads
-    y = blk.norm1(x).view(B, H, W, C)
-    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
-    y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
-    if s:
-        y = torch.roll(y, (-s, -s), (1, 2))
-
-    def region(v: int, size: int) -> int:
-        return 0 if v < size - ws else (1 if v < size - s else 2)
-
-    table = blk.attn.relative_position_bias_table
-    pos = [(a, b) for a in range(ws) for b in range(ws)]
-    bias = torch.stack([torch.stack([table[(p[0] - q[0] + ws - 1) * (2 * ws - 1) + p[1] - q[1] + ws - 1]
-                                     for q in pos]) for p in pos]).permute(2, 0, 1)  # [heads, N, N]
-    out = torch.empty_like(y)
-    for i in range(0, Hp, ws):
-        for j in range(0, Wp, ws):
-            tok = y[:, i:i + ws, j:j + ws].reshape(B, ws * ws, C)
-            q, k, v = blk.attn.qkv(tok).view(B, ws * ws, 3, heads, -1).permute(2, 0, 3, 1, 4)
-            attn = (q * blk.attn.scale) @ k.transpose(-1, -2) + bias
-            if s:
-                lab = torch.tensor([3 * region(i + a, Hp) + region(j + b, Wp) for a, b in pos])
-                attn = attn + (lab[None, :] != lab[:, None]).float() * -100.0
-            o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, ws * ws, C)
-            out[:, i:i + ws, j:j + ws] = blk.attn.proj(o).view(B, ws, ws, C)
-    if s:
-        out = torch.roll(out, (s, s), (1, 2))
-    x = x + out[:, :H, :W].reshape(B, H * W, C)
-    return x + blk.mlp(blk.norm2(x))
-
-
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("H,W", [(15, 10), (5, 5), (12, 18)])
-def test_block_pads_before_shift_like_official(fused, H, W):
-    torch.manual_seed(0)
-    blk = SwinBlock(dim=8, num_heads=2, window=6, shift=3, fused=fused).eval()
+def test_oracle_reproduces_official_fixture(reference):
+    """The literal reading of the official backbone (tests/oracle.py) that the tests below hold the model to gives
+    the recorded official numbers itself."""
+    model = build_model(fixture_cfg(reference)).eval()
+    model.load_state_dict(_fixture_state(reference))
     with torch.no_grad():
-        blk.attn.relative_position_bias_table.normal_()
-        x = torch.randn(2, H * W, 8)
-        Hp, Wp = -(-H // 6) * 6, -(-W // 6) * 6
-        out = blk(x, H, W, shift_mask(Hp, Wp, 6, 3))
-        _close(out, _reference_block(blk, x, H, W))
+        feats = oracle.backbone(model.backbone, reference["image"], reference["lang_feats"], reference["lang_mask"])
+    for out, ref in zip(feats, reference["stage_features"], strict=True):
+        _close(out, ref)
 
 
-def test_window_partition_round_trip():
+def _random_bias(blk: SwinBlock) -> SwinBlock:
+    with torch.no_grad():
+        blk.attn.relative_position_bias_table.normal_()  # far from its init, so that a misplaced entry shows
+    return blk
+
+
+@pytest.mark.parametrize("fused_attn", [False, True])
+@pytest.mark.parametrize(
+    "window,shift,H,W",
+    [(6, 3, 15, 10), (6, 3, 5, 5), (6, 3, 12, 18), (6, 0, 15, 10), (12, 6, 30, 30), (12, 6, 15, 15), (12, 0, 15, 15)],
+)
+def test_block_matches_official_reading(fused_attn, window, shift, H, W):
+    """Padded maps (15 and 30 with window 12, as 480 px gives): pad bottom/right after norm1 and before the shift,
+    mask on the padded grid, crop after the reverse shift."""
+    torch.manual_seed(0)
+    blk = _random_bias(SwinBlock(dim=8, num_heads=2, window=window, shift=shift, fused_attn=fused_attn).eval())
+    x = torch.randn(2, H * W, 8)
+    with torch.no_grad():
+        _close(blk(x, H, W), oracle.swin_block(blk, x, H, W))
+
+
+def test_block_gradients_match_official_reading():
+    torch.manual_seed(1)
+    blk = _random_bias(SwinBlock(dim=8, num_heads=2, window=6, shift=3).eval())
+    x = torch.randn(2, 15 * 10, 8)
+    weights = torch.randn(2, 15 * 10, 8)
+    grads = []
+    for fn in (lambda t: blk(t, 15, 10), lambda t: oracle.swin_block(blk, t, 15, 10)):
+        t = x.clone().requires_grad_()
+        blk.zero_grad()
+        (fn(t) * weights).sum().backward()
+        grads.append([t.grad, *(p.grad.clone() for p in blk.parameters())])
+    for a, b in zip(*grads, strict=True):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("H,W", [(15, 15), (15, 8), (7, 10), (4, 6)])
+def test_patch_merging_pads_bottom_right_like_official(H, W):
+    torch.manual_seed(2)
+    pm = PatchMerging(8).eval()
+    x = torch.randn(2, H * W, 8)
+    with torch.no_grad():
+        out = pm(x, H, W)
+        assert out.shape == (2, ((H + 1) // 2) * ((W + 1) // 2), 16)
+        _close(out, oracle.patch_merging(pm, x, H, W))
+
+
+@pytest.mark.parametrize("fused_attn", [False, True])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_pwam_matches_official_reading(fused_attn, heads):
+    torch.manual_seed(3)
+    pwam = PWAM(8, 8, 12, 8, 8, num_heads=heads, fused_attn=fused_attn).eval()
+    x, lang, mask = torch.randn(2, 20, 8), torch.randn(2, 12, 6), torch.ones(2, 6, 1)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        _close(pwam(x, lang, mask), oracle.pwam(pwam, x, lang, mask))
+
+
+@pytest.fixture(scope="module", params=[(480, 480, 12), (70, 46, 4)], ids=["480px_window12", "70x46_window4"])
+def padded_backbone_case(request):
+    """A tiny backbone whose stages need padding, and the official reading's outputs. 480 px with window 12 (the
+    paper's setting): stages 120, 60, 30, 15, of which 30 and 15 pad to 36 and 24 (every merge there sees even
+    sides). 70 x 46 with window 4: stages 18x12, 9x6, 5x3, 3x2; every stage pads, and the merges of
+    9x6 and 5x3 pad an odd side by one (what a bottom/right vs top/left padding tells apart)."""
+    H, W, window = request.param
+    torch.manual_seed(4)
+    model = build_model(tiny_cfg(MODEL__SWIN__WINDOW_SIZE=window, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).eval()
+    for stage in model.backbone.layers:
+        for blk in stage.blocks:
+            _random_bias(blk)
+    img, lang, mask = torch.randn(2, 3, H, W), torch.randn(2, 12, 7), torch.ones(2, 7, 1)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        ref = oracle.backbone(model.backbone, img, lang, mask)
+    return model.state_dict(), (img, lang, mask), ref, window
+
+
+@pytest.mark.parametrize("fused_attn", [False, True])
+def test_padded_backbone_matches_official_reading(padded_backbone_case, fused_attn):
+    state, args, ref, window = padded_backbone_case
+    model = build_model(tiny_cfg(MODEL__SWIN__WINDOW_SIZE=window, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4],
+                                 MODEL__FUSED_ATTENTION=fused_attn)).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        feats = model.backbone(*args)
+    for out, r in zip(feats, ref, strict=True):
+        _close(out, r)
+
+
+@pytest.mark.parametrize("as_heads", [False, True])
+def test_window_partition_round_trip(as_heads):
     x = torch.randn(2, 12, 18, 5)
-    w = window_partition(x, 6)
-    assert w.shape == (2 * 2 * 3, 36, 5)
-    assert torch.equal(window_reverse(w, 6, 12, 18), x)
-    assert torch.equal(w[1].view(6, 6, 5), x[0, :6, 6:12])  # windows row-major
+    w = window_partition(x, 6, as_heads)
+    assert w.shape == ((2, 36, 6, 5) if as_heads else (2 * 6, 36, 1, 5))
+    assert torch.equal(window_reverse(w, 6, 12, 18, as_heads), x)
+    second = w[0, :, 1] if as_heads else w[1, :, 0]
+    assert torch.equal(second.view(6, 6, 5), x[0, :6, 6:12])  # windows row-major
+
+
+def _shift_mask(Hp: int, Wp: int, window: int) -> torch.Tensor:
+    """The model's shift mask of every window: [nW, N, N]."""
+    return kind_masks(window, window // 2)[window_kinds(Hp // window, Wp // window)]
 
 
 def test_shift_mask_regions():
-    m = shift_mask(12, 12, 6, 3)
+    m = _shift_mask(12, 12, 6)
     assert m.shape == (4, 36, 36)
     assert m[0].abs().sum() == 0  # the top-left window holds one region only
     assert set(m.unique().tolist()) == {0.0, -100.0}
     assert (m[3] == 0).sum() == 4 * 9 * 9  # bottom-right window: 4 regions of 3x3 tokens
+    for Hp, Wp, window in ((12, 18, 6), (36, 24, 12), (8, 4, 4), (7, 7, 7), (12, 6, 6)):
+        assert torch.equal(_shift_mask(Hp, Wp, window), oracle.shift_mask(Hp, Wp, window, window // 2))
 
 
 @pytest.mark.parametrize("cfg_file", ["swin_tiny", "swin_small", "swin_base", "swin_large"])
@@ -145,17 +208,6 @@ def test_odd_input_sizes(size):
     assert torch.isfinite(logits).all()
 
 
-def test_fused_equals_straightforward_with_padding():
-    torch.manual_seed(1)
-    a = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=False, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).eval()
-    b = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=True, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).eval()
-    b.load_state_dict(a.state_dict())
-    img, lang, mask = torch.randn(2, 3, 70, 46), torch.randn(2, 12, 7), torch.ones(2, 7, 1)
-    mask[1, 4:] = 0
-    with torch.no_grad():
-        _close(b.segment(img, lang, mask), a.segment(img, lang, mask))
-
-
 def test_batched_equals_per_sample():
     torch.manual_seed(2)
     model = build_model(tiny_cfg()).eval()
@@ -188,6 +240,7 @@ def test_sentence_changes_output_and_forward_matches_segment(tiny_bert):
         out = model(img, ids, att)
         assert (out[0] - out[1]).abs().max() > 1e-4  # same image, other sentence
         _close(out, model.segment(img, *model.encode_text(ids, att)))
+        assert torch.equal(model(img, text=model.encode_text(ids, att)), out)  # precomputed: no tokens needed
 
 
 def test_gradients_reach_every_trainable_parameter(tiny_bert):
@@ -245,6 +298,8 @@ def test_bad_configs_and_inputs():
     model = build_model(tiny_cfg())
     with pytest.raises(RuntimeError, match="no text encoder"):
         model(torch.randn(1, 3, 32, 32), torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs input_ids and attention_mask, or precomputed text features"):
+        model(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"lang_mask \[B, N, 1\]"):
         model.segment(torch.randn(1, 3, 32, 32), torch.randn(1, 12, 4), torch.ones(1, 4))
     with pytest.raises(ValueError, match="29x29 is too small"):
@@ -271,68 +326,28 @@ def test_padding_columns_are_dropped_without_changing_outputs(tiny_bert):
         _close(model(img[:1], ids[:1], att[:1]), padded[:1])  # alone: trimmed to its own 4 tokens
 
 
-def test_frozen_text_encoder_stays_in_eval_mode(tiny_bert):
-    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
-    build_param_groups(model, 0.01, text_train_layers=0)
+@pytest.mark.parametrize(
+    "name,setting,dropout",
+    [("lavt", "auto", False), ("lavt_one", "auto", True), ("lavt", "enabled", True), ("lavt_one", "disabled", False)],
+)
+def test_text_dropout_follows_the_packaging(tiny_bert, name, setting, dropout):
+    """Official ``lavt``: BERT is built apart and never put in train mode, so its dropout is off while its layers train;
+    official ``lavt_one``: model.train() reaches BERT, dropout on. MODEL.TEXT.DROPOUT forces either."""
+    torch.manual_seed(13)
+    model = build_model(tiny_cfg(MODEL__NAME=name, MODEL__TEXT__DROPOUT=setting, MODEL__TEXT__ENCODER=str(tiny_bert)))
+    assert model.text_encoder.config.hidden_dropout_prob > 0  # a real dropout to switch
+    build_param_groups(model, 0.01, text_train_layers=1)  # its first layer trains, as layers 0-9 officially
     model.train()
-    assert model.backbone.training and not model.text_encoder.training  # no dropout on a fixed extractor
-    build_param_groups(model, 0.01, text_train_layers=1)
-    assert model.train().text_encoder.training
-
-
-def test_text_feature_cache_equals_the_encoder(tiny_bert):
-    """MODEL.TEXT.CACHE: the logits equal the uncached model's; each distinct expression is encoded once (a hit
-    runs no encoder); a weight load drops the stale features; a trainable encoder is refused."""
-    torch.manual_seed(12)
-    plain = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
-    cached = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True,
-                                  MODEL__TEXT__TRAIN_LAYERS=0))
-    cached.load_state_dict(plain.state_dict())
-    build_param_groups(cached, 0.01, text_train_layers=0)
-    plain.eval(), cached.train()  # train mode: the frozen encoder still runs without dropout
-    ids = torch.zeros(3, 10, dtype=torch.long)
-    ids[0, :4], ids[1, :6], ids[2, :3] = torch.tensor([2, 10, 11, 3]), torch.tensor([2, 20, 21, 22, 23, 3]), \
-        torch.tensor([2, 30, 3])
+    assert model.backbone.training and model.text_encoder.training == dropout
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 3, 0, 0]])
     att = (ids > 0).long()
-    calls = []
-    hook = cached.text_encoder.register_forward_hook(lambda *_: calls.append(1))
-    cached.text_cache.prime(cached.text_encoder, ids[:2], att[:2])
-    assert len(cached.text_cache) == 2 and len(calls) == 1
-    with torch.no_grad():
-        feats, mask = cached.encode_text(ids, att)  # two hits, one miss
-        assert len(calls) == 2 and len(cached.text_cache) == 3
-        ref_feats, ref_mask = plain.encode_text(ids, att)
-        assert feats.shape == ref_feats.shape == (3, 32, 6) and torch.equal(mask, ref_mask)
-        _close(feats * mask.transpose(1, 2), ref_feats * ref_mask.transpose(1, 2))
-        assert not feats[2, :, 3:].any()  # padding positions are zeros
-        cached.eval()
-        img = torch.randn(3, 3, 40, 40)
-        _close(cached(img, ids, att), plain(img, ids, att))
-        assert len(calls) == 2  # all hits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cached.text_cache.prime(cached.text_encoder, ids, att)  # another compute dtype: features of its own
-        assert len(cached.text_cache) == 6 and len(calls) == 3
-        cached.encode_text(ids, att)  # primed under the same autocast: no encoder run
-    assert len(calls) == 3
-    cached.load_state_dict(plain.state_dict())
-    assert len(cached.text_cache) == 0
-    cached.encode_text(ids, att)
-    cached.text_encoder.load_state_dict(plain.text_encoder.state_dict())  # through the encoder itself
-    assert len(cached.text_cache) == 0
-    cached.encode_text(ids, att)
-    cached.to(torch.float64)  # entries would keep the old dtype (or device)
-    assert len(cached.text_cache) == 0
-    hook.remove()
-    torch.save(cached, io.BytesIO())  # the whole module still pickles (no lambda among its hooks)
-    fresh = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True,
-                                 MODEL__TEXT__TRAIN_LAYERS=0))
-    assert not any(p.requires_grad for p in fresh.text_encoder.parameters())  # frozen when built
-    fresh(img, ids, att).sum().backward()  # with gradients on, before any param groups
-    build_param_groups(cached, 0.01, text_train_layers=1)
-    with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
-        cached(img, ids, att)
-    with pytest.raises(ValueError, match=r"MODEL.TEXT.CACHE .*TRAIN_LAYERS 0 \(got .*TRAIN_LAYERS 10\)"):
-        build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert), MODEL__TEXT__CACHE=True))
+    first, second = model.encode_text(ids, att)[0], model.encode_text(ids, att)[0]
+    assert first.requires_grad
+    assert torch.equal(first, second) != dropout
+    model.eval()
+    assert not model.text_encoder.training
+    with pytest.raises(ValueError, match="MODEL.TEXT.DROPOUT must be one of"):
+        build_model(tiny_cfg(MODEL__TEXT__DROPOUT="on"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.test_demo import first_image, make_tiny_run
-from utils import visualize as vis
+from tools import visualize as vis
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("inference.ipynb", "AnalysisFailure.ipynb")
@@ -96,7 +96,7 @@ def test_inference_on_any_image_with_ground_truth(run, monkeypatch, tmp_path):
     assert written.shape[1] == 80
     # the mask the notebook drew is the overlay's tinted region; its IoU with the ground truth is printed
     mask = np.any(written[band:] != rgb, axis=2)
-    from utils.demo import Predictor
+    from tools.demo import Predictor
 
     pred = Predictor.from_checkpoint(run["checkpoint"], device="cpu").predict(rgb, ["the red circle"])[0]
     assert np.array_equal(written[band:], vis.overlay_mask(rgb, pred, vis.PALETTE[0])) and mask.any()

@@ -1,5 +1,6 @@
 """Speed-ups that must not change results: float32 fast paths against the official fixture, bf16 within a stated
-tolerance, the evaluation bias cache, and the benchmark's measurements (on a tiny config, in seconds)."""
+tolerance, a model that keeps no state between calls, and the benchmark's measurements (on a tiny config, in
+seconds)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch.nn.functional as F
 
 from models import build_model, load_weights
 from models.decoder import SimpleDecoder
-from models.swin import SwinBlock, shift_mask
-from utils import benchmark
+from tools import benchmark
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
+from . import oracle
 from .helpers_model import FIXTURE, fixture_cfg, tiny_cfg
 
 #: bf16 autocast against float32 on the fixture: relative L2 error of the logits and of every stage's features,
@@ -24,6 +25,10 @@ BF16_REL_MAX = 0.05
 BF16_ARGMAX_AGREE = 0.99
 
 TINY_OPTS = [
+    "MODEL.TEXT.ENCODER",
+    "",
+    "MODEL.PRETRAINED_SWIN",
+    "",
     "MODEL.SWIN.EMBED_DIM",
     "8",
     "MODEL.SWIN.DEPTHS",
@@ -68,26 +73,17 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize(
-    "over",
-    [
-        {"MODEL__FUSED_ATTENTION": True, "MODEL__CHANNELS_LAST": True},
-        {"MODEL__FUSED_ATTENTION": False, "MODEL__CHANNELS_LAST": True},
-    ],
-)
-def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, over):
-    model = _fixture_model(reference, fixture_file, **over).eval()
-    args = reference["image"], reference["lang_feats"], reference["lang_mask"]
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, fused_attn):
+    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=fused_attn, MODEL__CHANNELS_LAST=True)
     with torch.no_grad():
-        first = model.segment(*args)
-        second = model.segment(*args)  # the fused path now reads its cached bias + shift mask
-    _close(first, reference["logits"])
-    _close(second, reference["logits"])
+        logits = model.eval().segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
+    _close(logits, reference["logits"])
 
 
 def test_training_mode_paths_reproduce_fixture(reference, fixture_file):
-    """With gradients on, the fused path rebuilds its bias + mask every call and checkpointing runs each block
-    under torch.utils.checkpoint: still the fixture's logits. (BatchNorm in eval mode: batch statistics differ.)"""
+    """With gradients on (the attention kernel chosen for a backward) and checkpointing running each block under
+    torch.utils.checkpoint: still the fixture's logits. (BatchNorm in eval mode: batch statistics differ.)"""
     model = _fixture_model(
         reference, fixture_file, MODEL__FUSED_ATTENTION=True, MODEL__GRAD_CHECKPOINT=True, MODEL__CHANNELS_LAST=True
     ).train()
@@ -170,23 +166,38 @@ def test_bf16_training_step_keeps_float32_state():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_eval_bias_cache_follows_weight_changes():
-    """The cached relative-position bias + shift mask must be rebuilt when the table changes (optimizer step,
-    load_state_dict) and must not be reused for another mask of the same shape."""
+def _held_tensors(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_held_tensors(v) for v in value.values())
+    return isinstance(value, (list, tuple, set)) and any(_held_tensors(v) for v in value)
+
+
+def test_model_keeps_no_state_between_calls():
+    """No module holds tensors beside its parameters and buffers after forwards (no bias, mask or feature cache to
+    go stale after a weight change or a move), and a changed relative-position table acts on the next call."""
     torch.manual_seed(1)
-    fast = SwinBlock(dim=8, num_heads=2, window=6, shift=3, fused=True).eval()
-    plain = SwinBlock(dim=8, num_heads=2, window=6, shift=3, fused=False).eval()
-    plain.load_state_dict(fast.state_dict())
-    x = torch.randn(2, 12 * 18, 8)
+    model = build_model(tiny_cfg()).eval()
+    args = torch.randn(2, 3, 40, 40), torch.randn(2, 12, 5), torch.ones(2, 5, 1)
     with torch.no_grad():
-        for H, W, Hp, Wp in ((12, 18, 12, 18), (15, 10, 18, 12)):  # 6 windows each: same mask shape
-            mask = shift_mask(Hp, Wp, 6, 3)
-            _close(fast(x[:, : H * W], H, W, mask), plain(x[:, : H * W], H, W, mask))
-        mask = shift_mask(12, 18, 6, 3)
-        fast(x, 12, 18, mask)
-        fast.attn.relative_position_bias_table.add_(torch.randn_like(fast.attn.relative_position_bias_table))
-        plain.load_state_dict(fast.state_dict())
-        _close(fast(x, 12, 18, mask), plain(x, 12, 18, mask))
+        before = model.segment(*args)
+        model.segment(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.segment(*args).float().sum().backward()
+    for name, module in model.named_modules():
+        held = [k for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules") and
+                _held_tensors(v)]
+        assert not held, f"{name or 'model'} holds {held}"
+    blk = model.backbone.layers[0].blocks[1]
+    x = torch.randn(2, 13 * 18, 8)
+    with torch.no_grad():
+        first = blk(x, 13, 18)
+        blk.attn.relative_position_bias_table.add_(1.0 + torch.randn_like(blk.attn.relative_position_bias_table))
+        _close(blk(x, 13, 18), oracle.swin_block(blk, x, 13, 18))
+        assert (blk(x, 13, 18) - first).abs().max() > 1e-3
+        _close(model.segment(*args), model.segment(*args))
+        assert (model.segment(*args) - before).abs().max() > 0
 
 
 def test_flop_count_includes_fused_attention():

@@ -238,10 +238,19 @@ def test_compressed_rle_mask(hand: REFER):
     np.testing.assert_array_equal(hand.getMaskByRef(hand.Refs[2])["mask"], MASK_13)
 
 
-def test_list_of_rle_mask_is_union(hand: REFER):
+def test_list_of_rle_mask_parts(hand: REFER):
+    """Two overlapping RLE parts (3 pixels in common): official keeps pixels in exactly one part, union any."""
+    overlap = MASK_14A & MASK_14B
+    assert overlap.sum() == 3
     m = hand.getMask(hand.Refs[3])
+    np.testing.assert_array_equal(m["mask"], MASK_14A ^ MASK_14B)
+    assert m["mask"].dtype == np.uint8 and m["area"] == (MASK_14A ^ MASK_14B).sum()
+    m = hand.getMask(hand.Refs[3], parts="union")
     np.testing.assert_array_equal(m["mask"], MASK_14A | MASK_14B)
     assert m["mask"].max() == 1 and m["area"] == (MASK_14A | MASK_14B).sum()
+    np.testing.assert_array_equal(hand.getMaskByRef(ref_id=3, parts="union")["mask"], MASK_14A | MASK_14B)
+    with pytest.raises(ValueError, match=r"mask parts must be one of \('official', 'union'\), got 'sum'"):
+        hand.getMask(hand.Refs[3], parts="sum")
 
 
 def test_rle_of_wrong_size(hand_root: Path):

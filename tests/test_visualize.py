@@ -1,4 +1,4 @@
-"""utils.visualize: overlays, the demo's panel strip, figures, failure buckets and word statistics (no model)."""
+"""tools.visualize: overlays, the demo's panel strip, figures, failure buckets and word statistics (no model)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from utils import visualize as vis
+from tools import visualize as vis
 
 
 def _grey(h: int = 40, w: int = 50, value: int = 100) -> np.ndarray:

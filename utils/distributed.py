@@ -7,11 +7,13 @@ NCCL is used on GPUs, Gloo on CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,22 @@ def cleanup() -> None:
     """Leave the process group (if any)."""
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of ``range(length)``: every item exactly once over all ranks.
+
+    Unlike ``DistributedSampler`` it never pads with repeated items, so a sharded evaluation counts each
+    expression once (shards may differ in length by one).
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardSampler: rank {rank} outside world size {world_size}")
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))

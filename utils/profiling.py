@@ -1,4 +1,4 @@
-"""Measurement primitives for ``utils.benchmark``: timing, peak memory, FLOP counting, matmul peak, per-part timing.
+"""Measurement primitives for ``tools.benchmark``: timing, peak memory, FLOP counting, matmul peak, per-part timing.
 
 Every timer synchronises the GPU before reading the clock, so that a CUDA time is the kernels' time and not the
 launch time. CPU peak memory is the process's resident-set high-water mark (``VmHWM``), which Linux lets a

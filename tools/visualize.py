@@ -1,4 +1,4 @@
-"""Overlays, figures and failure statistics shared by ``utils.demo`` and the notebooks.
+"""Overlays, figures and failure statistics shared by ``tools.demo`` and the notebooks.
 
 Pixel work (mask overlays, the demo's captioned panel strip) is done with OpenCV and Pillow at the image's own
 resolution. Figures are ``matplotlib.figure.Figure`` objects built without pyplot: they need no display and no

@@ -1,4 +1,4 @@
-"""The benchmark's report: the machine it ran on, and its results as text tables (``utils.benchmark``)."""
+"""The benchmark's report: the machine it ran on, and its results as text tables (``tools.benchmark``)."""
 
 from __future__ import annotations
 

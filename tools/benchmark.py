@@ -1,4 +1,4 @@
-"""``python -m utils.benchmark``: where LAVT's time and memory go, and what each speed-up buys, side by side.
+"""``python -m tools.benchmark``: where LAVT's time and memory go, and what each speed-up buys, side by side.
 
 For one config, image size and batch size, every variant (a set of switches on top of the straightforward
 float32 model) is measured for: a training step (forward + loss, backward, AdamW step), evaluation throughput
@@ -8,7 +8,7 @@ each Swin stage with its PWAM, decoder). Timings are medians (``--stat min``: mi
 warm-up. On CPU each variant runs in its own process, so its peak memory is its own; ``--interleave`` instead
 runs all variants in one process taking turns, so that on a machine shared with other work their ratios hold.
 
-Example: ``python -m utils.benchmark --cfg_file configs/swin_tiny_refcoco.yaml --size 224
+Example: ``python -m tools.benchmark --cfg_file configs/swin_tiny_refcoco.yaml --size 224
 --compare fused,bf16,fused+bf16 --opts MODEL.TEXT.ENCODER minilm-l6 MODEL.PRETRAINED_SWIN ''``
 """
 
@@ -22,16 +22,17 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .amp import AMP_DTYPES
-from .bench_report import format_tables, machine_info
-from .bench_workload import STATS, count_model_flops, eval_step, eval_summary, part_breakdown, train_step, train_summary
-from .profiling import (
+from configs import get_config
+from models import build_model
+from models.build import compile_model
+from utils.amp import AMP_DTYPES, autocast
+from utils.profiling import (
     PeakMemory,
     current_rss_bytes,
     matmul_flops_per_s,
@@ -40,47 +41,23 @@ from .profiling import (
     time_runs,
 )
 
+from .bench_report import format_tables, machine_info
+from .bench_workload import (
+    MEMORY_MODES,
+    PHASES,
+    PRECISIONS,
+    STATS,
+    SWITCHES,
+    BenchSpec,
+    count_model_flops,
+    eval_step,
+    eval_summary,
+    part_breakdown,
+    train_step,
+    train_summary,
+)
+
 logger = logging.getLogger("benchmark")
-
-#: switch name -> the boolean config key it turns on (every switch is off in the "base" variant)
-SWITCHES: dict[str, str] = {
-    "fused": "MODEL.FUSED_ATTENTION",
-    "channels_last": "MODEL.CHANNELS_LAST",
-    "checkpoint": "MODEL.GRAD_CHECKPOINT",
-    "compile": "MODEL.COMPILE",
-    "fused_adamw": "TRAIN.FUSED_ADAMW",
-    # not a config key: the evaluation loop inside one autocast region, so that autocast casts the weights to
-    # bf16/fp16 once (its cache) instead of once per batch (what an evaluation entering autocast per batch does)
-    "cast_once": "",
-}
-#: precision name -> TRAIN.AMP value
-PRECISIONS: dict[str, str] = {"float32": "", "bf16": "bf16", "fp16": "fp16"}
-PHASES = ("train", "eval", "flops", "breakdown")
-MEMORY_MODES = ("inline", "skip", "only")
-
-
-@dataclass
-class BenchSpec:
-    """What one benchmark process measures (JSON-serialisable: it is handed to worker processes)."""
-
-    variant: str = "base"
-    cfg_file: str = ""
-    opts: list[str] = field(default_factory=list)
-    size: int = 224
-    batch_size: int = 2
-    eval_batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-    warmup: int = 2
-    runs: int = 5
-    phases: list[str] = field(default_factory=lambda: list(PHASES))
-    threads: int = 0
-    seed: int = 0
-    stat: str = "median"  # or "min": on a machine shared with other work, the least disturbed run
-    # peak memory: "inline" (after the timings, in the same process), "skip", or "only" (a process of its own whose
-    # allocator returns freed memory from the start: on CPU the exact figure, see profiling.return_freed_memory)
-    memory: str = "inline"
-
 
 def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], str]:
     """``"fused+bf16"`` -> ({"fused"}, "bf16"); ``"base"`` -> (set(), TRAIN.AMP of ``default_dtype``)."""
@@ -101,8 +78,6 @@ def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], 
 
 
 def variant_config(spec: BenchSpec, switches: set[str]) -> Any:
-    from configs import get_config
-
     opts = list(spec.opts)
     for switch, key in SWITCHES.items():
         if key:
@@ -125,9 +100,6 @@ class _Variant:
 
 
 def _prepare(spec: BenchSpec) -> _Variant:
-    from models import build_model
-    from models.build import compile_model
-
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
@@ -168,8 +140,6 @@ def _finish(v: _Variant) -> dict[str, Any]:
 
 def run_variant(spec: BenchSpec) -> dict[str, Any]:
     """Measure one variant in this process; returns the JSON-ready result."""
-    from .amp import autocast
-
     if spec.memory not in MEMORY_MODES:
         raise ValueError(f"BenchSpec.memory must be one of {MEMORY_MODES}, got {spec.memory!r}")
     if spec.memory == "only":
@@ -276,7 +246,7 @@ def run_isolated(spec: BenchSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(asdict(spec)))
-        cmd = [sys.executable, "-m", "utils.benchmark", "--_worker", str(spec_path), "--_result", str(out_path)]
+        cmd = [sys.executable, "-m", "tools.benchmark", "--_worker", str(spec_path), "--_result", str(out_path)]
         proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
         if proc.returncode != 0 or not out_path.is_file():
             tail = (proc.stderr or proc.stdout)[-2000:]
@@ -287,7 +257,7 @@ def run_isolated(spec: BenchSpec) -> dict[str, Any]:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m utils.benchmark",
+        prog="python -m tools.benchmark",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -11,18 +11,19 @@ The text encoder runs once per batch on all its expressions; the image branch ru
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Sampler
 
-from .amp import NativeScaler, autocast
-from .distributed import all_reduce_mean
-from .logger import MetricLogger, SmoothedValue
-from .metrics import IoUAccumulator, intersection_union
+from utils.amp import NativeScaler, autocast
+from utils.distributed import all_reduce_mean
+from utils.logger import MetricLogger, SmoothedValue
+from utils.metrics import IoUAccumulator, intersection_union
+
+from .text_cache import TextFeatureCache
 
 EVAL_MODES = ("each", "cat", "avg")
 RESOLUTIONS = ("network", "original")
@@ -33,50 +34,73 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the run stops before anything else is written."""
 
 
-def poly_lr_lambda(total_iters: int, power: float = 0.9, warmup_iters: int = 0) -> Callable[[int], float]:
-    """``it -> (1 - it / total_iters) ** power``: the LR factor after ``it`` steps, 0 at ``total_iters``.
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    ``warmup_iters`` > 0 (not in the official recipe) scales the first steps linearly up from ``1 / warmup_iters``.
+
+def train_step(
+    model: nn.Module,
+    criterion: Criterion,
+    optimizer: torch.optim.Optimizer,
+    scaler: NativeScaler,
+    batch: dict[str, Any],
+    device: torch.device,
+    params: list[torch.nn.Parameter],
+    *,
+    amp: str = "",
+    clip_grad: float = 0.0,
+    where: str = "",
+    mark: Callable[[str], None] | None = None,
+    text_cache: TextFeatureCache | None = None,
+) -> tuple[float, torch.Tensor]:
+    """One optimisation step on ``batch``: forward and loss under ``amp``, backward, clip, AdamW step.
+
+    The training loop and the benchmark both call this, so what is timed is what trains.
+
+    Args:
+        batch: image [B, 3, S, S], target [B, S, S], and input_ids / attention_mask [B, N] or, for a model without
+            a text encoder, lang_feats [B, C, N] / lang_mask [B, N, 1].
+        params: the trainable parameters (clipping and the gradient norm run over them).
+        where: where this step is, for the error message (e.g. "epoch 3, iteration 20").
+        mark: called with "forward", "backward" and "optimizer" as each part ends (the benchmark's timer).
+        text_cache: a frozen text encoder's features per expression (``MODEL.TEXT.CACHE``), instead of encoding.
+    Raises:
+        NonFiniteLossError: the loss (averaged over ranks, so every rank stops together) is NaN or Inf.
+    Returns:
+        (the loss averaged over ranks, the gradient norm before clipping).
     """
-    if total_iters <= 0:
-        raise ValueError(f"poly LR needs a positive number of iterations, got {total_iters}")
-
-    def factor(it: int) -> float:
-        warm = min(1.0, (it + 1) / warmup_iters) if warmup_iters > 0 else 1.0
-        return warm * max(0.0, 1.0 - it / total_iters) ** power
-
-    return factor
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, total_iters: int, power: float = 0.9, warmup_iters: int = 0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Polynomial decay stepped every iteration, reaching zero after ``total_iters`` steps (official LAVT)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_iters, power, warmup_iters))
-
-
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` of ``range(length)``: every item exactly once over all ranks.
-
-    Unlike ``DistributedSampler`` it never pads with repeated items, so a sharded evaluation counts each
-    expression once (shards may differ in length by one).
-    """
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"ShardSampler: rank {rank} outside world size {world_size}")
-        self.length, self.rank, self.world_size = length, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.world_size))
+    images = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    with autocast(amp, device):
+        if "lang_feats" in batch:
+            logits = model(images, text=(batch["lang_feats"].to(device), batch["lang_mask"].to(device)))
+        else:
+            ids, mask = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device)
+            if text_cache is None:
+                logits = model(images, ids, mask)
+            else:  # through the (DDP) model's own forward, so that gradients are still synchronised
+                logits = model(images, text=text_cache.features(_unwrap(model).text_encoder, ids, mask))
+        loss = criterion(logits, target)
+    if mark is not None:
+        mark("forward")
+    loss_value = all_reduce_mean(loss.detach()).item()
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(
+            f"loss is {loss_value} at {where or 'a training step'}: training stopped; the checkpoints already "
+            "written are kept (resume from last.pth, e.g. with a lower --lr, --clip_grad or without --amp)"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.backward(loss)
+    if mark is not None:
+        mark("backward")
+    norm = scaler.step(optimizer, params, clip_grad)
+    if mark is not None:
+        mark("optimizer")
+    return loss_value, norm
 
 
 def train_one_epoch(
     model: nn.Module,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    criterion: Criterion,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: NativeScaler,
@@ -87,13 +111,10 @@ def train_one_epoch(
     amp: str = "",
     clip_grad: float = 0.0,
     print_freq: int = 10,
+    text_cache: TextFeatureCache | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``, the LR scheduler stepped after every iteration.
+    """One pass over ``loader`` (``train_step`` per batch), the LR scheduler stepped after every iteration.
 
-    Batches: image [B, 3, S, S], target [B, S, S], input_ids / attention_mask [B, N].
-
-    Raises:
-        NonFiniteLossError: the loss (averaged over ranks, so every rank stops together) is NaN or Inf.
     Returns:
         averages over the epoch (all ranks): ``loss``, ``grad_norm``; and ``lr``, the last learning rate.
     """
@@ -101,25 +122,13 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     logger = MetricLogger()
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
-    header = f"Epoch [{epoch}]"
-    for it, batch in enumerate(logger.log_every(loader, print_freq, header)):
-        images = batch["image"].to(device, non_blocking=True)
-        target = batch["target"].to(device, non_blocking=True)
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(device, non_blocking=True)
-        with autocast(amp, device):
-            logits = model(images, input_ids, attention_mask)
-            loss = criterion(logits, target)
-        loss_value = all_reduce_mean(loss.detach()).item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch}, iteration {it}: training stopped; the checkpoints already "
-                "written are kept (resume from last.pth, e.g. with a lower --lr, --clip_grad or without --amp)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        norm = scaler(loss, optimizer, params, clip_grad)
+    for it, batch in enumerate(logger.log_every(loader, print_freq, f"Epoch [{epoch}]")):
+        loss, norm = train_step(
+            model, criterion, optimizer, scaler, batch, device, params,
+            amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache,
+        )  # fmt: skip
         lr_scheduler.step()
-        logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"], grad_norm=norm)
+        logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=norm)
     logger.synchronize_between_processes()
     return {
         "loss": logger.loss.global_avg,
@@ -144,6 +153,7 @@ def evaluate(
     amp: str = "",
     header: str = "Eval",
     print_freq: int = 50,
+    text_cache: TextFeatureCache | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``loader`` (sharded over ranks or not) and aggregate every rank's expressions exactly.
 
@@ -151,6 +161,7 @@ def evaluate(
         mode: ``each`` | ``cat`` | ``avg`` (ignored for training-form batches, which hold one expression each).
         resolution: ``network`` (argmax at the network's input size vs the resized mask: official) or
             ``original`` (logits resized bilinearly to the image's size vs the original mask).
+        text_cache: the training's cache of a frozen encoder's features (the per-epoch validation uses it).
     Returns:
         (metrics, records): see ``IoUAccumulator.compute``; one record per scored expression (``each``) or
         object (``cat``, ``avg``), sorted by (ref_id, expression).
@@ -165,13 +176,19 @@ def evaluate(
     # one autocast region for the whole loop: its cache casts the weights once, not once per batch
     with autocast(amp, device):
         for batch in MetricLogger().log_every(loader, print_freq, header):
-            keys, inter, union, records = _score_batch(model, batch, device, mode, resolution, amp)
+            keys, inter, union, records = _score_batch(model, batch, device, mode, resolution, amp, text_cache)
             acc.update(keys, inter, union, records)
     return acc.compute()
 
 
 def _score_batch(
-    model: nn.Module, batch: dict[str, Any], device: torch.device, mode: str, resolution: str, amp: str
+    model: nn.Module,
+    batch: dict[str, Any],
+    device: torch.device,
+    mode: str,
+    resolution: str,
+    amp: str,
+    text_cache: TextFeatureCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     """Per scored unit (expression or object): sort key, I, U and a record."""
     images = batch["image"].to(device, non_blocking=True)
@@ -196,7 +213,11 @@ def _score_batch(
             ids, mask = batch["input_ids"], batch["attention_mask"]
         records = _records(batch, ref_ids, mode)
     with autocast(amp, device):
-        lang_feats, lang_mask = model.encode_text(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        if text_cache is None:
+            lang_feats, lang_mask = model.encode_text(ids, mask)
+        else:
+            lang_feats, lang_mask = text_cache.features(model.text_encoder, ids, mask)
         src = torch.arange(B, device=device) if mode == "cat" else owner.to(device)
         logits = model.segment(images[src], lang_feats, lang_mask).float()  # [E, 2, S, S] (E = B for cat)
     if mode == "avg":  # mean logits of each object's expressions

@@ -1,20 +1,63 @@
-"""What ``utils.benchmark`` runs and times: inputs, a training step, an evaluation forward, FLOPs, per-part times."""
+"""What ``tools.benchmark`` runs and times: its spec, inputs, the training step (``engine.train_step``, the one
+training uses), an evaluation forward, FLOPs and per-part times."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .amp import NativeScaler, autocast
-from .profiling import PartTimer, count_flops, median, synchronize
+from engine import build_optimizer
+from engine import train_step as engine_train_step
+from utils.amp import NativeScaler, autocast
+from utils.losses import build_criterion
+from utils.profiling import PartTimer, count_flops, median, synchronize
 
-if TYPE_CHECKING:
-    from .benchmark import BenchSpec
+#: switch name -> the boolean config key it turns on (every switch is off in the "base" variant)
+SWITCHES: dict[str, str] = {
+    "fused": "MODEL.FUSED_ATTENTION",
+    "channels_last": "MODEL.CHANNELS_LAST",
+    "checkpoint": "MODEL.GRAD_CHECKPOINT",
+    "compile": "MODEL.COMPILE",
+    "fused_adamw": "TRAIN.FUSED_ADAMW",
+    # not a config key: the evaluation loop inside one autocast region, so that autocast casts the weights to
+    # bf16/fp16 once (its cache) instead of once per batch (what an evaluation entering autocast per batch does)
+    "cast_once": "",
+}
+#: precision name -> TRAIN.AMP value
+PRECISIONS: dict[str, str] = {"float32": "", "bf16": "bf16", "fp16": "fp16"}
+PHASES = ("train", "eval", "flops", "breakdown")
+MEMORY_MODES = ("inline", "skip", "only")
+
+
+@dataclass
+class BenchSpec:
+    """What one benchmark process measures (JSON-serialisable: it is handed to worker processes)."""
+
+    variant: str = "base"
+    cfg_file: str = ""
+    opts: list[str] = field(default_factory=list)
+    size: int = 224
+    batch_size: int = 2
+    eval_batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    warmup: int = 2
+    runs: int = 5
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    threads: int = 0
+    seed: int = 0
+    stat: str = "median"  # or "min": on a machine shared with other work, the least disturbed run
+    # peak memory: "inline" (after the timings, in the same process), "skip", or "only" (a process of its own whose
+    # allocator returns freed memory from the start: on CPU the exact figure, see profiling.return_freed_memory)
+    memory: str = "inline"
+
+
 
 def make_batch(model: nn.Module, cfg: Any, batch: int, size: int, device: torch.device) -> dict[str, Any]:
     """Random images, targets and expressions (some padded) of the shapes the data pipeline gives."""
@@ -54,41 +97,30 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
 def train_step(
     model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.device, amp: str
 ) -> tuple[Callable[[], None], dict[str, list[float]]]:
-    """One training step as the training loop does it (AdamW of the official parameter groups, the configured
-    loss, ``NativeScaler``: GradScaler for fp16, clipping, gradient norm), timing its forward, backward and optimizer
-    parts into the returned lists."""
-    from models import build_param_groups
-
-    from .losses import build_criterion
-
-    layers = cfg.MODEL.TEXT.TRAIN_LAYERS
-    if model.text_encoder is not None:  # e.g. the 6-layer MiniLM under a BERT-base config: train all it has
-        layers = min(layers, len(model.text_encoder.encoder.layer))
-    params = build_param_groups(model, cfg.TRAIN.WEIGHT_DECAY, layers)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY, fused=cfg.TRAIN.FUSED_ADAMW or None
-    )
+    """One ``engine.train_step`` (the training loop's: AdamW of the official parameter groups, the configured loss,
+    ``NativeScaler``, clipping, gradient norm), timing its forward, backward and optimizer parts into the lists."""
+    optimizer = build_optimizer(model, cfg)
     criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
     scaler = NativeScaler(amp, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batch = make_batch(model, cfg, spec.batch_size, spec.size, device)
     split: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    last = [0.0]
+
+    def mark(part: str) -> None:
+        synchronize(device)
+        now = time.perf_counter()
+        split[part].append(now - last[0])
+        last[0] = now
 
     def step() -> None:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with autocast(amp, device):
-            loss = criterion(forward(model, batch), batch["target"])
         synchronize(device)
-        t1 = time.perf_counter()
-        scaler.backward(loss)
-        synchronize(device)
-        t2 = time.perf_counter()
-        scaler.step(optimizer, trainable, cfg.TRAIN.CLIP_GRAD)
-        synchronize(device)
-        for key, seconds in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-            split[key].append(seconds)
+        last[0] = time.perf_counter()
+        engine_train_step(
+            model, criterion, optimizer, scaler, batch, device, trainable, amp=amp, clip_grad=cfg.TRAIN.CLIP_GRAD,
+            mark=mark,
+        )
 
     return step, split
 

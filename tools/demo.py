@@ -1,10 +1,10 @@
 """Predict masks for one's own image and expressions; the model side of the notebooks.
 
-    python -m utils.demo --checkpoint checkpoint/demo/best.pth --image photo.jpg \\
-        --text "the red circle" --text "the big star" --out overlay.png --mask-out mask.png
+    python -m tools.demo --checkpoint checkpoint/demo/best.pth --image photo.jpg \\
+        --text "the red circle" --text "the big star" --out overlay.png --mask_out mask.png
 
 The checkpoint's stored config (YAML text under ``'config'``) rebuilds the network; files without one (the
-official releases) need ``--cfg-file``. Images are prepared as the dataset prepares them (square resize to
+official releases) need ``--cfg_file``. Images are prepared as the dataset prepares them (square resize to
 DATA.SIZE, ImageNet normalisation), expressions tokenised as the dataset tokenises them; the logits are resized
 bilinearly to the image's own size before the argmax, as the evaluation at ``original`` resolution does.
 """
@@ -12,9 +12,7 @@ bilinearly to the image's own size before the argmax, as the evaluation at ``ori
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,17 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-from configs import get_config
+from configs import DEMO_CONFIG, get_config
+from data import load_refer, load_rgb, tokenize
+from data.transforms import resize_image, to_tensor
+from engine.evaluation import per_expression_path, results_tag, run_evaluation
+from models import build_model, load_weights, read_checkpoint
+from models.text import load_tokenizer
+from utils.distributed import DistInfo, resolve_device
 
-from .distributed import resolve_device
 from .visualize import compose_panels, mask_iou, save_png
 
 logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def default_checkpoint() -> Path:
@@ -49,7 +49,7 @@ def config_from_checkpoint(
     if text is None and not cfg_file:
         raise ValueError(
             f"checkpoint {path} stores no 'config' (an official release?): give its config file "
-            "(--cfg-file configs/swin_base_refcoco.yaml, plus --opts MODEL.TEXT.ENCODER <bert folder>)"
+            "(--cfg_file configs/swin_base_refcoco.yaml, plus --opts MODEL.TEXT.ENCODER <bert folder>)"
         )
     if text is not None and not isinstance(text, str):
         raise ValueError(f"checkpoint {path}: 'config' must be YAML text, got {type(text).__name__}")
@@ -94,9 +94,6 @@ class Predictor:
         opts: Sequence[Any] = (),
     ) -> Predictor:
         """Build the network from the checkpoint's config, load its weights; device: None = cuda if available."""
-        from models import build_model, load_weights, read_checkpoint
-        from models.text import load_tokenizer
-
         device = resolve_device(device)
         ckpt = read_checkpoint(path)
         cfg = config_from_checkpoint(ckpt, path, cfg_file, opts)
@@ -112,21 +109,15 @@ class Predictor:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input_ids [E, N], attention_mask [E, N]) int64, exactly as ``data.ReferDataset``."""
-        from data import tokenize
-
         return tokenize(self.tokenizer, list(texts), self.max_tokens)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """image [H, W, 3] uint8 RGB -> [1, 3, S, S] float32 normalised, as the dataset's evaluation items."""
-        from data.transforms import resize_image, to_tensor
-
         return to_tensor(resize_image(image, self.size)).unsqueeze(0)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray | str | Path, texts: Sequence[str]) -> np.ndarray:
         """Masks of each expression: image ([H, W, 3] uint8 RGB or a file), E texts -> [E, H, W] bool."""
-        from data import load_rgb
-
         if isinstance(image, (str, Path)):
             image = load_rgb(image)
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -168,8 +159,6 @@ def run_demo(
     image's size). Returns ``masks`` [E, H, W] bool and the written paths (``out``, ``mask_out``: a list).
 
     ``predictor``, when given, is used instead of loading ``checkpoint``."""
-    from data import load_rgb
-
     rgb = load_rgb(image)
     if predictor is None:
         if checkpoint is None:
@@ -186,13 +175,6 @@ def run_demo(
 
 
 # ----------------------------------------------------------------------------- dataset helpers for the notebooks
-def build_refer(cfg: CfgNode) -> Any:
-    """The REFER annotations of the checkpoint's dataset (``DATA.ROOT``, ``DATASET``, ``SPLIT_BY``, ``IMAGE_DIR``)."""
-    from refer import REFER
-
-    return REFER(cfg.DATA.ROOT, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY, image_dir=cfg.DATA.IMAGE_DIR or None)
-
-
 def dataset_example(refer: Any, split: str = "val", index: int = 0, max_objects: int = 3) -> dict[str, Any]:
     """The ``index``-th image of ``split`` with at least two referred objects: its path, the first expression of
     (up to ``max_objects``) of them and their ground-truth masks ([H, W] uint8), for the inference notebook."""
@@ -216,50 +198,27 @@ def dataset_example(refer: Any, split: str = "val", index: int = 0, max_objects:
     }
 
 
-def results_file(run_dir: str | Path, split: str, resolution: str = "network") -> Path:
-    """Where ``main.py --eval --eval_mode each`` writes the per-expression records of ``split``."""
-    return Path(run_dir) / f"per_expression_{split}_each_{resolution}.jsonl"
-
-
 def ensure_results(
-    checkpoint: str | Path, split: str = "val", resolution: str = "network", device: str | None = None
+    predictor: Predictor, checkpoint: str | Path, split: str = "val", resolution: str = "network"
 ) -> Path:
-    """The per-expression results of ``checkpoint`` on ``split`` (next to it); runs ``main.py --eval`` (every
-    expression scored alone) first when they are missing, with the config stored in the checkpoint."""
-    from models import read_checkpoint
-
-    checkpoint = Path(checkpoint)
-    run_dir = checkpoint.parent
-    path = results_file(run_dir, split, resolution)
-    if path.is_file():
-        return path
-    text = read_checkpoint(checkpoint).get("config")
-    if not isinstance(text, str):
-        raise ValueError(
-            f"{path} is missing and checkpoint {checkpoint} stores no config to evaluate it with: "
-            f"run main.py --eval --pretrain {checkpoint} --type {split} --eval_mode each yourself"
-        )
-    try:
-        main = importlib.import_module("main")
-    except ImportError as e:
-        raise ImportError(f"evaluating needs the repository's main.py on the path (run from {REPO_ROOT})") from e
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_file = Path(tmp) / "config.yaml"
-        cfg_file.write_text(text, encoding="utf-8")
-        argv = ["--cfg_file", str(cfg_file), "--eval", "--pretrain", str(checkpoint), "--type", split,
-                "--eval_mode", "each", "--eval_resolution", resolution,
-                "--output", str(run_dir.parent), "--model_id", run_dir.name]  # fmt: skip
-        main.main(argv + (["--device", device] if device else []))
+    """The per-expression results of ``checkpoint`` on ``split`` (in its run folder); when they are missing, the
+    predictor's model evaluates the split first (every expression scored alone), as ``main.py --eval`` does."""
+    run_dir = Path(checkpoint).parent
+    cfg = predictor.cfg.clone()
+    cfg.defrost()
+    cfg.EVAL.MODE, cfg.EVAL.RESOLUTION, cfg.EVAL.SPLITS = "each", resolution, [split]
+    cfg.EVAL.SHUFFLE_EXPRESSIONS = cfg.EVAL.SHUFFLED_CONTROL = False
+    cfg.freeze()
+    path = per_expression_path(run_dir, results_tag(cfg, split))
     if not path.is_file():
-        raise FileNotFoundError(f"the evaluation of {checkpoint} ran but did not write {path}")
+        info = DistInfo(0, 1, 0, False, predictor.device)
+        run_evaluation(cfg, predictor.model, predictor.tokenizer, info, run_dir, str(checkpoint))
     return path
 
 
 def worst_cases(predictor: Predictor, records: Sequence[dict[str, Any]], refer: Any, k: int = 6) -> list[dict]:
     """The ``k`` lowest-IoU expressions with image, ground truth and the prediction redone at the image's size,
     ready for ``visualize.figure_cases``."""
-    from data import load_rgb
-
     cases = []
     for r in sorted(records, key=lambda r: (r["IoU"], r["ref_id"], r.get("sent_id", 0)))[:k]:
         ref = refer.Refs[r["ref_id"]]
@@ -282,7 +241,7 @@ def worst_cases(predictor: Predictor, records: Sequence[dict[str, Any]], refer: 
 # ----------------------------------------------------------------------------- command line
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m utils.demo",
+        prog="python -m tools.demo",
         description="Segment what each expression refers to in an image: writes the overlay PNG (one captioned "
         "panel per expression) and the mask PNG(s) at the image's size.",
     )
@@ -298,9 +257,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--text", action="append", default=None, help="a referring expression; repeat for more")
     p.add_argument("--out", default="overlay.png", help="overlay PNG")
-    p.add_argument("--mask-out", default=None, help="mask PNG (0/255); several expressions: <stem>_<i>.png")
+    p.add_argument("--mask_out", default=None, help="mask PNG (0/255); several expressions: <stem>_<i>.png")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--cfg-file", default=None, help="config for checkpoints without a stored one (official files)")
+    p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
     p.add_argument(
         "--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides, e.g. MODEL.TEXT.ENCODER minilm-l6"
     )
@@ -318,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     image, texts = args.image, args.text
     if args.example is not None:
-        example = dataset_example(build_refer(predictor.cfg), "val", args.example)
+        example = dataset_example(load_refer(predictor.cfg), "val", args.example)
         image, texts = example["image"], texts or example["expressions"]
         logger.info("example %d: %s", args.example, image)
     written = run_demo(None, image, texts, args.out, args.mask_out, predictor=predictor)

@@ -1,0 +1,28 @@
+"""Training and evaluation orchestration, above the models, the data and the infrastructure in ``utils``.
+
+- ``loops``: ``train_step`` (one optimisation step, used by training and the benchmark), ``train_one_epoch``,
+  ``evaluate``;
+- ``optim``: the official AdamW parameter groups and polynomial learning-rate schedule;
+- ``trainer``: ``train`` (epochs, validation, checkpoints, resume) and ``load_pretrained``;
+- ``evaluation``: ``run_evaluation`` over the configured splits, and the names of the files it writes.
+"""
+
+from .evaluation import run_evaluation
+from .loops import NonFiniteLossError, evaluate, train_one_epoch, train_step
+from .optim import build_lr_scheduler, build_optimizer, poly_lr_lambda
+from .trainer import load_pretrained, prepare_run_dir, seed_everything, train
+
+__all__ = [
+    "NonFiniteLossError",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "evaluate",
+    "load_pretrained",
+    "poly_lr_lambda",
+    "prepare_run_dir",
+    "run_evaluation",
+    "seed_everything",
+    "train",
+    "train_one_epoch",
+    "train_step",
+]

@@ -1,0 +1,125 @@
+"""engine.text_cache.TextFeatureCache: a frozen text encoder's features kept per expression, outside the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.text_cache import TextFeatureCache
+from models import build_model, build_param_groups
+
+from .helpers_model import save_tiny_bert, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture()
+def model(tiny_bert):
+    """A model whose text encoder is frozen (MODEL.TEXT.TRAIN_LAYERS 0), in training mode: BERT stays in eval mode
+    ('lavt' packaging), as the cache requires."""
+    torch.manual_seed(12)
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
+    build_param_groups(model, 0.01, text_train_layers=0)
+    return model.train()
+
+
+def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three expressions of 4, 6 and 3 tokens padded to 10: [3, 10] ids and attention mask."""
+    ids = torch.zeros(3, 10, dtype=torch.long)
+    ids[0, :4], ids[1, :6], ids[2, :3] = torch.tensor([2, 10, 11, 3]), torch.tensor([2, 20, 21, 22, 23, 3]), \
+        torch.tensor([2, 30, 3])
+    return ids, (ids > 0).long()
+
+
+def _count_runs(encoder: torch.nn.Module) -> list:
+    calls = []
+    encoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].tolist()),
+                                  with_kwargs=True)
+    return calls
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5 * max(ref.abs().max().item(), 1.0)
+
+
+def test_cached_features_equal_the_encoder(model):
+    """features() gives encode_text's layout and values; the logits through forward(text=...) equal the uncached
+    model's; each distinct expression is encoded once, and hits run no encoder."""
+    cache, ids, att = TextFeatureCache(), *_tokens()
+    calls = _count_runs(model.text_encoder)
+    cache.prime(model.text_encoder, ids[:2], att[:2])
+    assert len(cache) == 2 and len(calls) == 1
+    with torch.no_grad():
+        feats, mask = cache.features(model.text_encoder, ids, att)  # two hits, one miss
+        assert len(calls) == 2 and len(cache) == 3 and calls[-1] == [[2, 30, 3]]
+        ref_feats, ref_mask = model.encode_text(ids, att)
+        assert feats.shape == ref_feats.shape == (3, 32, 6) and torch.equal(mask, ref_mask)
+        _close(feats * mask.transpose(1, 2), ref_feats * ref_mask.transpose(1, 2))
+        assert not feats[2, :, 3:].any()  # padding positions are zeros
+        model.eval()
+        img = torch.randn(3, 3, 40, 40)
+        runs = len(calls)
+        cached = model(img, text=cache.features(model.text_encoder, ids, att))
+        assert len(calls) == runs  # all hits
+        _close(cached, model(img, ids, att))
+        one = cache.features(model.text_encoder, ids[2:], att[2:])  # alone: trimmed to its own 3 tokens
+        assert one[0].shape == (1, 32, 3) and len(calls) == runs + 1
+    model.train()  # grads on: the frozen encoder, in eval mode, is accepted
+    model(img, text=cache.features(model.text_encoder, ids, att)).sum().backward()
+
+
+def test_entries_are_keyed_by_autocast_and_device_dtype(model):
+    """Priming under bf16 autocast makes entries of their own; bf16 lookups then run no encoder, float32 ones do
+    not take them. A model moved to float64 gets new entries, not the float32 ones."""
+    cache, ids, att = TextFeatureCache(), *_tokens()
+    calls = _count_runs(model.text_encoder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache.prime(model.text_encoder, ids, att)
+        assert len(cache) == 3 and len(calls) == 1
+        cache.features(model.text_encoder, ids, att)
+    assert len(calls) == 1
+    cache.features(model.text_encoder, ids, att)  # float32: computed apart
+    assert len(calls) == 2 and len(cache) == 6
+    model.to(torch.float64)
+    feats, mask = cache.features(model.text_encoder, ids, att)
+    assert feats.dtype == mask.dtype == torch.float64 and len(cache) == 9
+    cache.clear()
+    assert len(cache) == 0
+    cache.features(model.text_encoder, ids, att)
+    assert len(calls) == 4 and len(cache) == 3
+
+
+def test_prime_encodes_in_a_fixed_order(model):
+    """Whatever order the dataset gives, prime encodes the same batches in the same order (a resumed run primes
+    the same features), and skips the expressions already cached."""
+    ids, att = _tokens()
+    seen = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        cache = TextFeatureCache()
+        calls = _count_runs(model.text_encoder)
+        cache.prime(model.text_encoder, torch.cat([ids[order], ids[:1]]), torch.cat([att[order], att[:1]]),
+                    batch_size=2)
+        seen.append(list(calls))
+    assert seen[0] == seen[1] and len(seen[0]) == 2  # 3 distinct expressions in batches of 2
+    assert seen[0][0] == [[2, 30, 3, 0], [2, 10, 11, 3]]  # shortest first
+    cache.prime(model.text_encoder, ids, att)
+    assert len(calls) == 2
+
+
+def test_refuses_a_trainable_or_training_encoder(model, tiny_bert):
+    cache, ids, att = TextFeatureCache(), *_tokens()
+    build_param_groups(model, 0.01, text_train_layers=1)
+    with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
+        cache.features(model.text_encoder, ids, att)
+    with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
+        cache.prime(model.text_encoder, ids, att)
+    one = build_model(tiny_cfg(MODEL__NAME="lavt_one", MODEL__TEXT__ENCODER=str(tiny_bert)))
+    build_param_groups(one, 0.01, text_train_layers=0)
+    one.train()  # lavt_one: BERT's dropout on while training
+    cache.prime(one.text_encoder, ids, att)  # priming computes eval-mode features whatever the mode
+    assert one.text_encoder.training
+    with pytest.raises(RuntimeError, match="in training mode, so its dropout is on"):
+        cache.features(one.text_encoder, ids, att)
