@@ -66,10 +66,12 @@ def first_image(cfg: Any) -> np.ndarray:
 
 def reference_margins(model: torch.nn.Module, tokenizer: Any, image: np.ndarray, texts: list[str]) -> np.ndarray:
     """The model's own answer, one expression at a time: official tokenisation (encode, slice, zero-pad), the
-    dataset's resize and normalisation, logits resized bilinearly to the image. Returns [E, H, W] logit margins."""
-    from data.transforms import resize_image, to_tensor
+    official image path written out (PIL bilinear, torchvision to_tensor and normalize), logits resized bilinearly
+    to the image. Returns [E, H, W] logit margins."""
+    import torchvision.transforms.functional as TF
 
-    x = to_tensor(resize_image(image, SIZE)).unsqueeze(0)
+    resized = Image.fromarray(image).resize((SIZE, SIZE), Image.BILINEAR)
+    x = TF.normalize(TF.to_tensor(resized), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).unsqueeze(0)
     out = []
     with torch.no_grad():
         for text in texts:

@@ -235,6 +235,8 @@ def test_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = benchmark.main(
         [
+            "--matmul_size",
+            "128",  # a CPU without native bf16 takes minutes over the default 2048
             "--opts",
             *TINY_OPTS,
             "--size",
@@ -284,7 +286,9 @@ def test_benchmark_smoke(tmp_path, capsys):
 @pytest.mark.slow
 def test_benchmark_isolated_worker():
     """On CPU each variant runs in a fresh process (its own peak RSS); the result comes back as JSON."""
-    spec = benchmark.BenchSpec(variant="fused", opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train"], threads=1)
+    spec = benchmark.BenchSpec(
+        variant="fused", opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train"], threads=1, matmul_size=64
+    )
     result = benchmark.run_isolated(spec)
     assert "error" not in result, result.get("error")
     assert result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0
@@ -300,7 +304,9 @@ def test_interleaved_timing_rotates_turns():
 
 def test_benchmark_interleaved_variants():
     specs = [
-        benchmark.BenchSpec(variant=v, opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train", "eval"], threads=1)
+        benchmark.BenchSpec(
+            variant=v, opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train", "eval"], threads=1, matmul_size=64
+        )
         for v in ("base", "fused+bf16")
     ]
     results = benchmark.run_interleaved(specs)
@@ -314,8 +320,9 @@ def test_benchmark_interleaved_variants():
 
 def test_benchmark_memory_in_its_own_process():
     """memory='only': no timing, the peak of a training step and of an evaluation forward, in a fresh process."""
-    spec = benchmark.BenchSpec(opts=TINY_OPTS, size=64, eval_batch_size=3, phases=["train", "eval"], threads=1,
-                               memory="only")
+    spec = benchmark.BenchSpec(
+        opts=TINY_OPTS, size=64, eval_batch_size=3, phases=["train", "eval"], threads=1, memory="only"
+    )
     result = benchmark.run_isolated(spec)
     assert "error" not in result, result.get("error")
     assert result["train"]["peak_mb"] > 0 and "step_ms" not in result["train"]

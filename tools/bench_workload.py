@@ -56,6 +56,8 @@ class BenchSpec:
     # peak memory: "inline" (after the timings, in the same process), "skip", or "only" (a process of its own whose
     # allocator returns freed memory from the start: on CPU the exact figure, see profiling.return_freed_memory)
     memory: str = "inline"
+    # side of the square matmul that measures the machine's FLOP/s (0: 2048 on CPU, 8192 on GPU)
+    matmul_size: int = 0
 
 
 

@@ -133,7 +133,8 @@ def _finish(v: _Variant) -> dict[str, Any]:
     if "breakdown" in spec.phases and "compile" not in v.switches:
         result["breakdown"] = part_breakdown(v.model, v.cfg, spec, v.device, v.amp)
     dtypes = {"float32": torch.float32, result["amp"]: AMP_DTYPES[v.amp] or torch.float32}  # float32 measured once
-    result["matmul_flops_per_s"] = {name: matmul_flops_per_s(dtype, v.device) for name, dtype in dtypes.items()}
+    size = spec.matmul_size or None
+    result["matmul_flops_per_s"] = {name: matmul_flops_per_s(dtype, v.device, size) for name, dtype in dtypes.items()}
     _achieved(result, spec)
     return result
 
@@ -285,6 +286,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     p.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--matmul_size", type=int, default=0, help="side of the yardstick matmul (0: 2048 CPU, 8192 GPU)")
     p.add_argument(
         "--stat",
         choices=list(STATS),

@@ -112,8 +112,9 @@ class Predictor:
         return tokenize(self.tokenizer, list(texts), self.max_tokens)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """image [H, W, 3] uint8 RGB -> [1, 3, S, S] float32 normalised, as the dataset's evaluation items."""
-        return to_tensor(resize_image(image, self.size)).unsqueeze(0)
+        """image [H, W, 3] uint8 RGB -> [1, 3, S, S] float32 normalised, as the dataset's evaluation items (with the
+        resizing the model was trained with, ``DATA.RESIZE``)."""
+        return to_tensor(resize_image(image, self.size, self.cfg.DATA.RESIZE)).unsqueeze(0)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray | str | Path, texts: Sequence[str]) -> np.ndarray:

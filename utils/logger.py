@@ -21,7 +21,7 @@ from .distributed import all_reduce_sum, is_main_process
 
 LOGGER_NAME = "lavt"
 # the library modules log through logging.getLogger(__name__): their records reach the same console and file
-PACKAGE_LOGGERS = ("data", "models", "refer", "utils")
+PACKAGE_LOGGERS = ("data", "models", "refer", "utils", "engine", "tools")
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
