@@ -1,1 +1,2 @@
-"""Training utilities: distributed helpers, logging, metrics, checkpoints, AMP, losses, the engine."""
+"""Infrastructure only: distributed helpers, logging, AMP, checkpoint I/O, metrics, losses, profiling (nothing
+here imports models, data, configs, engine, tools or main)."""
