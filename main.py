@@ -71,10 +71,11 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
             sizes = synthetic_sizes(cfg.DATA.SYNTHETIC_IMAGES, cfg.DATA.SYNTHETIC_EVAL_IMAGES)
             ensure_synthetic(cfg.DATA.ROOT, **sizes)
         barrier()
+    refer = load_refer(cfg)  # the annotations, read once for the image check, training and evaluation
     if info.rank == 0:  # every image the run will read, checked before the first step (headers, cached)
         after = list(cfg.EVAL.SPLITS) if cfg.EVAL.AFTER_TRAIN else []
         splits = list(dict.fromkeys(list(cfg.EVAL.SPLITS) if args.eval else ["train", "val", *after]))
-        checked = check_images(load_refer(cfg), splits, cache_file=run_dir / ".image_check.json")
+        checked = check_images(refer, splits, cache_file=run_dir / ".image_check.json")
         logger.info("%d images of %s checked in %.1fs", checked.checked, ", ".join(splits), checked.seconds)
     barrier()
     tokenizer = load_tokenizer(cfg.MODEL.TEXT.ENCODER)
@@ -84,14 +85,15 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     if args.eval:
         load_pretrained(model, args.pretrain, cfg)
-        out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, args.pretrain)
+        out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, args.pretrain, refer)
         return out
-    result = train(cfg, args, model, tokenizer, info, run_dir)
+    result = train(cfg, args, model, tokenizer, info, run_dir, refer)
     out["best"] = result["best"]
     if result["finished"] and cfg.EVAL.AFTER_TRAIN:
         best_path = run_dir / "best.pth"
         load_pretrained(result["model_without_ddp"], str(best_path), cfg)
-        out["summaries"] = run_evaluation(cfg, result["model_without_ddp"], tokenizer, info, run_dir, str(best_path))
+        model = result["model_without_ddp"]
+        out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, str(best_path), refer)
     return out
 
 

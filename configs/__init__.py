@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from .defaults import get_cfg_defaults, get_config
+from .defaults import get_cfg_defaults, get_config, override_pairs
 
 # The built-in demo: what `python main.py` runs with no arguments.
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 
-__all__ = ["DEMO_CONFIG", "get_cfg_defaults", "get_config"]
+__all__ = ["DEMO_CONFIG", "get_cfg_defaults", "get_config", "override_pairs"]

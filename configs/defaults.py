@@ -149,14 +149,16 @@ def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = 
             loaded = cfg.load_cfg(f)
         cfg.merge_from_other_cfg(coerce_tree(cfg, loaded, f"in {path}"))
     if opts:
-        opts = list(opts)
-        if len(opts) % 2:
-            raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {opts}")
-        pairs = []
-        for key, value in zip(opts[0::2], opts[1::2]):
-            # yacs parses strings with literal_eval; pass Python values through as their repr.
-            pairs += [key, value if isinstance(value, str) else repr(value)]
-        cfg.merge_from_list(coerce_pairs(cfg, pairs))
+        cfg.merge_from_list(coerce_pairs(cfg, override_pairs(opts)))
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def override_pairs(opts: Sequence[Any]) -> list[str]:
+    """``[KEY, VALUE, ...]`` as yacs' ``merge_from_list`` takes them: strings as given (yacs parses them with
+    literal_eval), Python values as their repr. ValueError for an odd number of items."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {opts}")
+    return [v if isinstance(v, str) else repr(v) for v in opts]

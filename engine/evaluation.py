@@ -13,6 +13,7 @@ from yacs.config import CfgNode
 
 from data import build_dataset, collate_eval, load_refer
 from data.controls import ShuffledExpressions
+from refer import REFER
 from utils.distributed import DistInfo, ShardSampler
 from utils.logger import get_logger
 from utils.metrics import format_table, results_summary
@@ -48,14 +49,21 @@ def results_path(run_dir: str | Path, cfg: CfgNode) -> Path:
 
 
 def run_evaluation(
-    cfg: CfgNode, model: torch.nn.Module, tokenizer: Any, info: DistInfo, run_dir: Path, checkpoint: str
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    info: DistInfo,
+    run_dir: Path,
+    checkpoint: str,
+    refer: REFER | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``EVAL.SPLITS`` in ``EVAL.MODE`` at ``EVAL.RESOLUTION``; rank 0 writes results and the table."""
+    """Evaluate ``EVAL.SPLITS`` in ``EVAL.MODE`` at ``EVAL.RESOLUTION``; rank 0 writes results and the table.
+    ``refer``: the dataset's annotations if already read (``data.load_refer``)."""
     logger = get_logger()
     resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
     variants = [cfg.EVAL.SHUFFLE_EXPRESSIONS] + ([True] if cfg.EVAL.SHUFFLED_CONTROL else [])
     summaries = []
-    refer = load_refer(cfg)
+    refer = load_refer(cfg) if refer is None else refer
     for split in cfg.EVAL.SPLITS:
         dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
         for shuffled in dict.fromkeys(variants):

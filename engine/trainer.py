@@ -18,6 +18,7 @@ from yacs.config import CfgNode
 
 from data import build_dataset, load_refer
 from models import CheckpointError, load_weights, read_checkpoint
+from refer import REFER
 from utils.amp import NativeScaler, autocast
 from utils.checkpoint import check_config, get_rng_state, save_checkpoint, set_rng_state
 from utils.distributed import DistInfo, all_gather_object, barrier
@@ -67,11 +68,18 @@ def load_pretrained(model: torch.nn.Module, path: str, cfg: CfgNode, resume: boo
 
 
 def train(
-    cfg: CfgNode, args: Any, model: torch.nn.Module, tokenizer: Any, info: DistInfo, run_dir: Path
+    cfg: CfgNode,
+    args: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    info: DistInfo,
+    run_dir: Path,
+    refer: REFER | None = None,
 ) -> dict[str, Any]:
-    """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint."""
+    """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint.
+    ``refer``: the dataset's annotations if already read (``data.load_refer``), shared by both splits."""
     logger = get_logger()
-    refer = load_refer(cfg)  # the annotations read once for both splits
+    refer = load_refer(cfg) if refer is None else refer
     # the per-epoch val takes the training form (one random expression per object), never augmented
     datasets = {
         "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer, refer=refer),

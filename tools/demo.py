@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-from configs import DEMO_CONFIG, get_config
+from configs import DEMO_CONFIG, get_config, override_pairs
+from configs.validate import coerce_pairs, coerce_tree
 from data import load_refer, load_rgb, tokenize
 from data.transforms import resize_image, to_tensor
 from engine.evaluation import per_expression_path, results_tag, run_evaluation
@@ -55,13 +56,16 @@ def config_from_checkpoint(
         raise ValueError(f"checkpoint {path}: 'config' must be YAML text, got {type(text).__name__}")
     if cfg_file and not Path(cfg_file).is_file():
         raise FileNotFoundError(f"config file not found: {cfg_file}")
-    if len(opts) % 2:
-        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+    pairs = override_pairs(opts)
     cfg = get_config(freeze=False)
+
+    def merge_text(yaml_text: str, where: str) -> None:  # coerced as get_config coerces a file
+        cfg.merge_from_other_cfg(coerce_tree(cfg, CfgNode.load_cfg(yaml_text), where))
+
     steps = [
-        (f"the config stored in checkpoint {path}", lambda: cfg.merge_from_other_cfg(CfgNode.load_cfg(text))),
-        (f"config file {cfg_file}", lambda: cfg.merge_from_file(str(cfg_file))),
-        (f"overrides {list(opts)}", lambda: cfg.merge_from_list([v if isinstance(v, str) else repr(v) for v in opts])),
+        (f"the config stored in checkpoint {path}", lambda: merge_text(text, f"in checkpoint {path}")),
+        (f"config file {cfg_file}", lambda: merge_text(Path(cfg_file).read_text(encoding="utf-8"), f"in {cfg_file}")),
+        (f"overrides {list(opts)}", lambda: cfg.merge_from_list(coerce_pairs(cfg, pairs))),
     ]
     for (what, merge), wanted in zip(steps, (text is not None, bool(cfg_file), bool(opts))):
         if wanted:
