@@ -3,7 +3,8 @@
 Every configuration flag maps onto one config key (``FLAG_TO_KEY``). Precedence, lowest first:
 the defaults in ``configs/defaults.py`` (the paper's recipe) <- ``--cfg_file`` <- explicit flags <- ``--opts KEY VALUE
 ...``. ``python main.py`` with no argument at all is the built-in demo (``configs/demo.yaml``).
-Flags that select what the run does (``--eval``, ``--resume``, ``--pretrain``, ``--device``) are not config.
+Flags that select what the run does (``--eval``, ``--resume``, ``--pretrain``, ``--overwrite``, ``--device``) are not
+config.
 
 Nothing here parses ``sys.argv`` at import time: ``get_parser().parse_args(argv)`` does it on demand.
 """
@@ -11,6 +12,7 @@ Nothing here parses ``sys.argv`` at import time: ``get_parser().parse_args(argv)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from configs import DEMO_CONFIG, get_config
+from utils.lock import STALE_AFTER_S
 
 # argparse dest -> config key. A flag left unset (None) leaves the key to the config file.
 FLAG_TO_KEY: dict[str, str] = {
@@ -46,7 +49,10 @@ FLAG_TO_KEY: dict[str, str] = {
     "shuffle_expressions": "EVAL.SHUFFLE_EXPRESSIONS",
     "output": "OUTPUT",
     "model_id": "MODEL_ID",
+    "tensorboard": "LOG.TENSORBOARD",
 }
+# The paper's batch (per GPU, GPUs), for the run log's comparison.
+PAPER_BATCH = (8, 4)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -134,7 +140,28 @@ def get_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--output", type=str, default=None, help="runs go to <output>/<model_id>/")
-    g.add_argument("--model_id", type=str, default=None)
+    g.add_argument(
+        "--model_id",
+        type=str,
+        default=None,
+        help="the run folder's name; --eval writes into it only when given (else into the checkpoint's run folder, "
+        "or <output>/eval_<checkpoint name>)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a run folder that holds a run: its checkpoints, logs and results are deleted first",
+    )
+    g.add_argument(
+        "--stale_lock_minutes",
+        type=float,
+        default=STALE_AFTER_S / 60,
+        help="the run folder's lock, held by a training on another host, is taken for stale after this long "
+        "without a heartbeat (on this host: when its process is gone)",
+    )
+    g.add_argument(
+        "--no_tensorboard", dest="tensorboard", action="store_false", default=None, help="no TensorBoard event files"
+    )
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--print_freq", type=int, default=10, help="log every N iterations")
     g.add_argument("--debug", action="store_true", help="show the Python traceback of every error, not one line")
@@ -151,11 +178,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def is_demo(args: argparse.Namespace) -> bool:
+    """The run uses the built-in demo's config file."""
+    return bool(args.cfg_file) and Path(args.cfg_file).resolve() == DEMO_CONFIG.resolve()
+
+
+def check_flags(args: argparse.Namespace, cfg: CfgNode) -> None:
+    """Flags that contradict each other or the config: ValueError before anything is written."""
+    if args.eval and not args.pretrain:
+        raise ValueError("--eval needs the weights to evaluate: --pretrain <checkpoint>")
+    if args.overwrite and (args.eval or args.resume):
+        other = "--eval" if args.eval else "--resume"
+        raise ValueError(f"--overwrite (delete the run folder's previous run, then train) contradicts {other}")
+    if not args.stale_lock_minutes > 0:
+        raise ValueError(f"--stale_lock_minutes must be > 0, got {args.stale_lock_minutes}")
+    if not cfg.MODEL.TEXT.ENCODER:
+        raise ValueError("MODEL.TEXT.ENCODER (--ck_bert) is empty: training and evaluation need the text encoder")
+
+
+def names_run_folder(args: argparse.Namespace) -> bool:
+    """The command line names the run folder: ``--model_id``, ``--output``, or MODEL_ID / OUTPUT in ``--opts``."""
+    opts = list(args.opts or [])
+    return args.model_id is not None or args.output is not None or bool({"MODEL_ID", "OUTPUT"} & set(opts[::2]))
+
+
+def rerun_hint(args: argparse.Namespace) -> str:
+    """What to add to the refusal of a run folder that holds a run: the demo's flags need its config named."""
+    return f" (the built-in demo: add --cfg_file {os.path.relpath(DEMO_CONFIG)})" if is_demo(args) else ""
+
+
+def describe_batch(per_process: int, processes: int) -> str:
+    """The global batch of a training, against the paper's."""
+    per_gpu, gpus = PAPER_BATCH
+    return (
+        f"global batch {per_process * processes} = {per_process} per process x {processes} process(es) "
+        f"(the paper: {per_gpu * gpus} = {per_gpu} per GPU x {gpus} GPUs)"
+    )
+
+
 def describe_config(args: argparse.Namespace) -> str:
     """One line: which config file (or the defaults) and which overrides this run uses."""
     if not args.cfg_file:
         source = "configs/defaults.py (the paper's recipe)"
-    elif Path(args.cfg_file).resolve() == DEMO_CONFIG.resolve():
+    elif is_demo(args):
         source = f"{args.cfg_file} (the built-in demo)"
     else:
         source = f"{args.cfg_file} over configs/defaults.py"

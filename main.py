@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 4 main.py --cfg_file configs/swin_base_refcoco.yaml --resume
     torchrun --nproc_per_node 4 main.py --eval --type val testA testB --pretrain <file> ...
 
-Wiring only: parse, build, hand over to the engine. Everything a run writes goes to <OUTPUT>/<MODEL_ID>/.
+Wiring only: parse, build, hand over to the engine. A training writes into <OUTPUT>/<MODEL_ID>/, which it owns and
+locks; an evaluation into the folder engine/run_folder.py chooses.
 """
 
 from __future__ import annotations
@@ -21,17 +22,27 @@ from typing import Any  # noqa: E402
 
 from yacs.config import CfgNode  # noqa: E402
 
-from args import config_from_args, describe_config, parse_args  # noqa: E402
+from args import (  # noqa: E402
+    check_flags,
+    config_from_args,
+    describe_batch,
+    describe_config,
+    names_run_folder,
+    parse_args,
+    rerun_hint,
+)
 from data import load_refer  # noqa: E402
 from data.checks import check_images  # noqa: E402
 from data.image_io import ImageReadError  # noqa: E402
 from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
 from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
 from engine.config_check import validate_config  # noqa: E402
+from engine.run_folder import RunFolder  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
 from utils.amp import resolve_amp  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
+from utils.lock import RunLockedError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 
 
@@ -40,27 +51,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = config_from_args(args)
     validate_config(cfg)  # before anything is built or written
+    check_flags(args, cfg)
     info = init_distributed_mode(args.device)
     try:
-        return _run(args, cfg, info)
+        # a training owns its folder (refused if it holds another run) and locks it until the end, crash included
+        with prepare_run_dir(
+            cfg, info, evaluate=args.pretrain if args.eval else None, named=names_run_folder(args),
+            resume=bool(args.resume), overwrite=args.overwrite, stale_after_s=args.stale_lock_minutes * 60,
+            hint=rerun_hint(args),
+        ) as folder:  # fmt: skip
+            return _run(args, cfg, info, folder)
     finally:
         cleanup()
 
 
-def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
-    if args.eval and not args.pretrain:
-        raise ValueError("--eval needs the weights to evaluate: --pretrain <checkpoint>")
-    if not cfg.MODEL.TEXT.ENCODER:
-        raise ValueError("MODEL.TEXT.ENCODER (--ck_bert) is empty: training and evaluation need the text encoder")
-    run_dir = prepare_run_dir(cfg, info)
+def _run(args: Any, cfg: CfgNode, info: DistInfo, folder: RunFolder) -> dict[str, Any]:
+    run_dir = folder.path
     logger = setup_logging(run_dir / "log.txt", info.rank)
     logger.info("config: %s", describe_config(args))
+    for warning in folder.warnings:
+        logger.warning(warning)
     if cfg.TRAIN.AMP == "auto":
         cfg.defrost()
         cfg.TRAIN.AMP = resolve_amp(cfg.TRAIN.AMP, info.device)
         cfg.freeze()
         logger.info("TRAIN.AMP auto -> %s on %s", cfg.TRAIN.AMP or "float32", info.device)
-    logger.info("run folder %s, %d process(es) on %s", run_dir, info.world_size, info.device)
+    logger.info("run folder %s (%s), %d process(es) on %s", run_dir, folder.reason, info.world_size, info.device)
+    if not args.eval:
+        logger.info(describe_batch(cfg.TRAIN.BATCH_SIZE, info.world_size))
     config_file = run_dir / ("config_eval.yaml" if args.eval else "config.yaml")
     if info.rank == 0:
         config_file.write_text(cfg.dump(), encoding="utf-8")
@@ -99,7 +117,9 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
 
 # What a user can get wrong (data, checkpoint, config, flags): one line and exit status 2. Anything else is a bug and
 # keeps its traceback; --debug shows the traceback for everything.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImageReadError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, PermissionError, ImageReadError, CheckpointError, NonFiniteLossError, RunLockedError,
+)  # fmt: skip
 
 
 def cli(argv: list[str] | None = None) -> int:

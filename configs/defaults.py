@@ -121,6 +121,10 @@ _C.EVAL.SHUFFLED_CONTROL = False
 # After training: evaluate best.pth on EVAL.SPLITS with EVAL.MODE (the per-epoch validation is the official one).
 _C.EVAL.AFTER_TRAIN = True
 
+# ----------------------------------------------------------------------------- logs
+_C.LOG = CN()
+_C.LOG.TENSORBOARD = True  # scalars in <OUTPUT>/<MODEL_ID>/tensorboard (train loss, lr, grad norm, val IoU); rank 0
+
 _C.OUTPUT = "checkpoint"
 _C.MODEL_ID = "lavt"
 

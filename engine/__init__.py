@@ -4,16 +4,19 @@
   ``evaluate``;
 - ``optim``: the official AdamW parameter groups and polynomial learning-rate schedule;
 - ``trainer``: ``train`` (epochs, validation, checkpoints, resume) and ``load_pretrained``;
+- ``run_folder``: ``prepare_run_dir``, the folder a run writes into (owned by one run, locked while it trains);
 - ``evaluation``: ``run_evaluation`` over the configured splits, and the names of the files it writes.
 """
 
 from .evaluation import run_evaluation
 from .loops import NonFiniteLossError, evaluate, train_one_epoch, train_step
 from .optim import build_lr_scheduler, build_optimizer, poly_lr_lambda
-from .trainer import load_pretrained, prepare_run_dir, seed_everything, train
+from .run_folder import RunFolderError, prepare_run_dir
+from .trainer import load_pretrained, seed_everything, train
 
 __all__ = [
     "NonFiniteLossError",
+    "RunFolderError",
     "build_lr_scheduler",
     "build_optimizer",
     "evaluate",

@@ -164,6 +164,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "EVAL.SHUFFLE_EXPRESSIONS": _flag,
         "EVAL.SHUFFLED_CONTROL": _flag,
         "EVAL.AFTER_TRAIN": _flag,
+        "LOG.TENSORBOARD": _flag,
         "OUTPUT": partial(_text, nonempty=True),
         "MODEL_ID": _model_id,
     }

@@ -31,24 +31,6 @@ from .optim import build_lr_scheduler, build_optimizer
 from .text_cache import TextFeatureCache
 
 
-def prepare_run_dir(cfg: CfgNode, info: DistInfo) -> Path:
-    """Create ``<OUTPUT>/<MODEL_ID>`` (rank 0) and make sure it is a writable folder, or say why not."""
-    run_dir = Path(cfg.OUTPUT) / cfg.MODEL_ID
-    if info.rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise PermissionError(
-                f"output folder {run_dir} cannot be created or written ({type(e).__name__}: {e}); "
-                "choose another with --output / --model_id"
-            ) from e
-    barrier()
-    return run_dir
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -1,4 +1,5 @@
-"""Logging and progress: ``setup_logging`` (console + per-run log file), ``SmoothedValue`` and ``MetricLogger``.
+"""Logging and progress: ``setup_logging`` (console + per-run log file), ``SmoothedValue`` and ``MetricLogger``;
+``RunProgress`` and ``run_eta_seconds`` for the whole run's ETA.
 
 Only rank 0 writes to the console, the log file and the progress bar; other ranks log warnings and errors.
 """
@@ -11,6 +12,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum, is_main_process
+from .tensorboard import TensorBoardWriter
 
 LOGGER_NAME = "lavt"
 # the library modules log through logging.getLogger(__name__): their records reach the same console and file
@@ -115,6 +118,41 @@ class SmoothedValue:
         )
 
 
+@dataclass
+class RunProgress:
+    """Where one epoch's iterations sit in the whole run: for its ETA and TensorBoard's step."""
+
+    first_step: int = 0  # global iterations done before this epoch's first
+    epochs_after: int = 0  # epochs the run still trains after this one
+    epoch_extra_s: float = 0.0  # per epoch, seconds outside its iterations (validation, checkpoints), last measured
+    tensorboard: TensorBoardWriter | None = None  # where ``log_every`` writes the meters (rank 0)
+
+
+def run_eta_seconds(sec_per_iter: float, iters_left: int, iters_per_epoch: int, progress: RunProgress) -> float:
+    """Seconds until the run's last epoch ends: the iterations left in this epoch and in ``progress.epochs_after``
+    whole epochs at ``sec_per_iter``, plus ``progress.epoch_extra_s`` for this epoch and each later one."""
+    iters = iters_left + progress.epochs_after * iters_per_epoch
+    return sec_per_iter * iters + (progress.epochs_after + 1) * progress.epoch_extra_s
+
+
+def peak_memory_note() -> str:
+    """``"max mem: N MB"``, the peak CUDA memory allocated by tensors, when this process uses CUDA; else ""."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return ""
+    return f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+
+
+def _means_since(meters: dict[str, SmoothedValue], marks: dict[str, tuple[int, float]]) -> dict[str, float]:
+    """Each meter's mean over the values added since its ``marks`` entry (count, total), which it then updates."""
+    means = {}
+    for name, m in meters.items():
+        count, total = marks.get(name, (0, 0.0))
+        if m.count > count:
+            means[name] = (m.total - total) / (m.count - count)
+        marks[name] = (m.count, m.total)
+    return means
+
+
 class MetricLogger:
     """Named ``SmoothedValue`` meters plus ``log_every``, a progress bar over an iterable (rank 0)."""
 
@@ -147,11 +185,18 @@ class MetricLogger:
             meter.synchronize_between_processes()
 
     def log_every(
-        self, iterable: Iterable[Any], print_freq: int, header: str = "", total: int | None = None
+        self,
+        iterable: Iterable[Any],
+        print_freq: int,
+        header: str = "",
+        total: int | None = None,
+        progress: RunProgress | None = None,
     ) -> Iterator[Any]:
         """Yield from ``iterable``; rank 0 shows a tqdm bar (meters, it/s, ETA) and logs a line every ``print_freq``.
 
-        The log line carries the meters, the ETA and the time per iteration split into data and compute.
+        The log line carries the meters, the ETA of this loop (and with ``progress`` of the whole run), the time per
+        iteration split into data and compute, and on CUDA the peak memory. With ``progress.tensorboard``, each
+        line's meters (their means since the previous line) and time per iteration go to TensorBoard too.
         """
         logger = get_logger()
         if total is None:
@@ -160,6 +205,7 @@ class MetricLogger:
         # disable=None: tqdm turns itself off when stderr is not a terminal (logs, CI), the log lines remain
         bar = tqdm(total=total, desc=header, disable=None if show else True, dynamic_ncols=True, leave=False)
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        marks: dict[str, tuple[int, float]] = {n: (m.count, m.total) for n, m in self.meters.items()}
         start = end = time.time()
         i = 0
         for obj in iterable:
@@ -171,12 +217,18 @@ class MetricLogger:
                 bar.set_postfix_str(self._postfix(), refresh=False)
                 bar.update(1)
                 if print_freq > 0 and (i % print_freq == 0 or i == total):
-                    left = None if total is None else int(iter_time.global_avg * (total - i))
-                    eta = "?" if left is None else str(datetime.timedelta(seconds=left))
+                    left = None if total is None else iter_time.global_avg * (total - i)
+                    eta = "?" if left is None else str(datetime.timedelta(seconds=int(left)))
+                    if progress is not None and total is not None:
+                        run_left = run_eta_seconds(iter_time.global_avg, total - i, total, progress)
+                        eta += f" (run: {datetime.timedelta(seconds=int(run_left))})"
                     logger.info(
                         f"{header} [{i}/{total if total is not None else '?'}] eta: {eta}  {self}  "
-                        f"time: {iter_time}  data: {data_time}"
+                        f"time: {iter_time}  data: {data_time}  {peak_memory_note()}".rstrip()
                     )
+                    if progress is not None and progress.tensorboard is not None:
+                        means = _means_since({**self.meters, "time_per_iter": iter_time}, marks)
+                        progress.tensorboard.scalars(progress.first_step + i, means, "train/")
             end = time.time()
         bar.close()
         elapsed = time.time() - start
