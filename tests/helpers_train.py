@@ -85,3 +85,15 @@ def tiny_cfg(tmp_path_factory, **over):
 
     data_root, text = tiny_env(tmp_path_factory)
     return get_config(None, tiny_opts(data_root, text, tmp_path_factory.getbasetemp() / "runs", **over))
+
+
+def tiny_main_argv(env: tuple[Path, Path], out: Path, *flags: str, named: bool = True, **over) -> list[str]:
+    """``main.py`` arguments of a tiny run on CPU into ``<out>/tiny`` (batch 8, no evaluation after training unless
+    ``over`` says so); ``named=False`` leaves OUTPUT and MODEL_ID to the config, as a command without them."""
+    data_root, text = env
+    over.setdefault("TRAIN__BATCH_SIZE", 8)
+    over.setdefault("EVAL__AFTER_TRAIN", False)
+    opts = tiny_opts(data_root, text, out, **over)
+    if not named:
+        opts = [x for k, v in zip(opts[::2], opts[1::2]) if k not in ("OUTPUT", "MODEL_ID") for x in (k, v)]
+    return ["--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]

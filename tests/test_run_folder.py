@@ -1,0 +1,229 @@
+"""Run folders are owned: a second training is refused (nothing changed) unless --resume or --overwrite; the lock
+names its holder, is released on exit (exceptions and SIGTERM included) and taken over when stale; evaluations never
+write into another run's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import main as main_module
+from configs import get_config
+from engine.run_folder import LOCK_NAME, RunFolderError, eval_run_dir
+from refer import ReferFileNotFoundError
+from utils.lock import RunLock, RunLockedError
+
+from .helpers_train import tiny_env, tiny_main_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+# a process that holds the lock given as its argument until it is stopped
+HOLDER = """import sys, time
+from utils.lock import RunLock
+with RunLock(sys.argv[1]):
+    print('locked', flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return tiny_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def finished(env, tmp_path_factory) -> Path:
+    """The folder of a finished one-epoch tiny run."""
+    out = tmp_path_factory.mktemp("finished")
+    main_module.main(tiny_main_argv(env, out, "--epochs", "1"))
+    return out / "tiny"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_training_is_refused_and_changes_nothing(env, finished, capsys):
+    before = snapshot(finished)
+    assert {"best.pth", "last.pth", "metrics.jsonl", "config.yaml", "log.txt"} <= before.keys()
+    assert main_module.cli(tiny_main_argv(env, finished.parent, "--epochs", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (
+        f"main.py: error: RunFolderError: run folder {finished} already holds a run (config.yaml, last.pth, best.pth, "
+        "metrics.jsonl): continue it with --resume, or delete its files and start over with --overwrite; nothing "
+        "was changed"
+    )
+    assert snapshot(finished) == before  # byte for byte, the log included; no lock left behind
+
+
+def test_overwrite_clears_the_previous_run_then_trains(env, finished, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "notes.md").write_text("mine")
+    (run_dir / "tensorboard").mkdir(exist_ok=True)
+    old_config = (run_dir / "config.yaml").read_bytes()
+    main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0", "--seed", "5"))
+    names = {p.name for p in run_dir.iterdir()}
+    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json"}  # stopped before epoch 0 ended
+    assert (run_dir / "notes.md").read_text() == "mine"
+    assert (run_dir / "config.yaml").read_bytes() != old_config and "SEED: 5" in (run_dir / "config.yaml").read_text()
+    log = (run_dir / "log.txt").read_text()
+    assert "epoch 0:" not in log  # the previous run's log went with it
+    assert (
+        f"--overwrite: removed the previous run's .image_check.json, best.pth, config.yaml, last.pth, log.txt, "
+        f"metrics.jsonl, tensorboard/ from {run_dir}; kept notes.md (not written by a run)"
+    ) in log
+
+
+@pytest.mark.parametrize("other", ["--resume", "--eval"])
+def test_overwrite_contradicts_resume_and_eval(env, tmp_path, other):
+    flags = ["--overwrite", other] + (["--pretrain", "x.pth"] if other == "--eval" else [])
+    with pytest.raises(ValueError, match=f"^--overwrite .* contradicts {other}$"):
+        main_module.main(tiny_main_argv(env, tmp_path, *flags))
+    assert not tmp_path.joinpath("tiny").exists()
+
+
+def _holder(lock: Path) -> subprocess.Popen:
+    """A process holding ``lock`` until killed; returns once it holds it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_names_its_holder_and_is_taken_over_once_the_holder_is_killed(env, tmp_path, capsys):
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    lock = run_dir / LOCK_NAME
+    holder = _holder(lock)
+    try:
+        assert main_module.cli(tiny_main_argv(env, tmp_path, "--stop_after", "0")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith(
+            f"main.py: error: RunLockedError: run folder {run_dir} is in use by another training (host "
+            f"{socket.gethostname()}, pid {holder.pid}, since 20"
+        )
+        command = shlex.join([Path(sys.executable).name, "-c", str(lock)])  # python -c: sys.argv is ["-c", ...]
+        assert f"command: {command}); wait for it to end, or remove {lock} if you are sure" in err[0]
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]  # refused: nothing written
+        holder.send_signal(signal.SIGKILL)  # kill -9: nothing can release the lock
+        holder.wait()
+        assert lock.is_file()
+        out = main_module.main(tiny_main_argv(env, tmp_path, "--stop_after", "0"))
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    log = (Path(out["run_dir"]) / "log.txt").read_text()
+    assert f"WARNING took over the stale lock {lock} (its process {holder.pid} is not running): host " in log
+    assert not lock.exists()  # released when the run ended
+
+
+def test_lock_released_on_sigterm(tmp_path):
+    lock = tmp_path / LOCK_NAME
+    holder = _holder(lock)
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not lock.exists()
+
+
+def test_lock_released_when_the_run_fails(env, tmp_path):
+    with pytest.raises(ReferFileNotFoundError):
+        main_module.main(tiny_main_argv(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(tmp_path / "none")))
+    assert (tmp_path / "tiny" / "config.yaml").is_file() and not (tmp_path / "tiny" / LOCK_NAME).exists()
+
+
+def _write_lock(path: Path, age_s: float, **fields) -> None:
+    path.write_text(json.dumps({"started": "2026-01-01T00:00:00Z", "command": "python main.py", **fields}))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def test_stale_rule_for_a_holder_on_another_host(tmp_path):
+    lock = tmp_path / LOCK_NAME
+    _write_lock(lock, 10 * 60, host="elsewhere", pid=1234, token="t")
+    with pytest.raises(RunLockedError, match=r"in use by another training \(host elsewhere, pid 1234, since 2026"):
+        RunLock(lock, stale_after_s=3600).acquire()
+    _write_lock(lock, 2 * 3600, host="elsewhere", pid=1234, token="t")
+    taker = RunLock(lock, stale_after_s=3600)
+    note = taker.acquire()
+    assert note.startswith(f"took over the stale lock {lock} (its holder on another host has not touched it for 120")
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taker.release()
+    assert not lock.exists()
+
+
+def test_stale_rule_on_this_host_and_unreadable_locks(tmp_path):
+    lock, host = tmp_path / LOCK_NAME, socket.gethostname()
+    _write_lock(lock, 0, host=host, pid=os.getpid(), pid_start=-1, token="t")  # a live pid, another process
+    taker = RunLock(lock)
+    assert f"(pid {os.getpid()} now belongs to another process)" in taker.acquire()
+    taker.release()
+    _write_lock(lock, 0, host=host, pid=os.getpid(), token="t")  # this very process, still running
+    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+        RunLock(lock).acquire()
+    lock.write_text("{")  # being written, or damaged
+    with pytest.raises(RunLockedError, match="its lock file is being written"):
+        RunLock(lock, stale_after_s=60).acquire()
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    taker = RunLock(lock, stale_after_s=60)
+    assert "the unreadable lock file is untouched for 2 min" in taker.acquire()
+    taker.release()
+    assert not lock.exists()
+
+
+def _demo_like_config(tmp_path: Path) -> Path:
+    """A config file naming a run folder, as configs/demo.yaml names checkpoint/demo."""
+    cfg_file = tmp_path / "demo_like.yaml"
+    cfg_file.write_text(f"OUTPUT: {tmp_path / 'out'}\nMODEL_ID: demo\n")
+    return cfg_file
+
+
+def test_eval_of_a_foreign_checkpoint_never_writes_into_the_configs_run_folder(env, finished, tmp_path):
+    demo = tmp_path / "out" / "demo"
+    shutil.copytree(finished, demo)  # the demo's own run, which the config file names
+    before = snapshot(demo)
+    elsewhere = tmp_path / "downloads"
+    elsewhere.mkdir()
+    shutil.copy(finished / "best.pth", elsewhere / "model.pth")  # no config.yaml beside it: not a run folder
+    flags = ["--cfg_file", str(_demo_like_config(tmp_path)), "--eval", "--pretrain", str(elsewhere / "model.pth")]
+    out = main_module.main(tiny_main_argv(env, tmp_path, *flags, named=False))
+    assert out["run_dir"] == str(tmp_path / "out" / "eval_model")
+    assert snapshot(demo) == before
+    written = {p.name for p in (tmp_path / "out" / "eval_model").iterdir()}
+    assert {"config_eval.yaml", "log.txt"} <= written and any(n.endswith(".json") for n in written)
+    assert "config.yaml" not in written and not (elsewhere / "config_eval.yaml").exists()
+
+
+def test_eval_of_a_runs_checkpoint_writes_beside_it_without_touching_its_config(env, finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    config = (run_dir / "config.yaml").read_bytes()
+    flags = ["--cfg_file", str(_demo_like_config(tmp_path)), "--eval", "--pretrain", str(run_dir / "best.pth")]
+    out = main_module.main(tiny_main_argv(env, tmp_path, *flags, named=False))
+    assert out["run_dir"] == str(run_dir) and not (tmp_path / "out").exists()
+    assert (run_dir / "config.yaml").read_bytes() == config and (run_dir / "config_eval.yaml").is_file()
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_eval_folder_named_on_the_command_line(finished, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    cfg = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "other"])
+    with pytest.raises(RunFolderError, match=f"would write into {other}, which holds another run .*--model_id"):
+        eval_run_dir(cfg, finished / "best.pth", named=True)
+    assert eval_run_dir(cfg, other / "best.pth", named=True) == (other, "named by --model_id / --output")
+    fresh = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "fresh"])
+    assert eval_run_dir(fresh, finished / "best.pth", named=True)[0] == tmp_path / "fresh"
+    assert eval_run_dir(fresh, finished / "best.pth", named=False)[0] == finished
