@@ -122,17 +122,18 @@ class SmoothedValue:
 class RunProgress:
     """Where one epoch's iterations sit in the whole run: for its ETA and TensorBoard's step."""
 
-    first_step: int = 0  # global iterations done before this epoch's first
+    first_step: int = 0  # global iterations done before this loop's first
+    iters_per_epoch: int = 0
     epochs_after: int = 0  # epochs the run still trains after this one
     epoch_extra_s: float = 0.0  # per epoch, seconds outside its iterations (validation, checkpoints), last measured
     tensorboard: TensorBoardWriter | None = None  # where ``log_every`` writes the meters (rank 0)
 
 
-def run_eta_seconds(sec_per_iter: float, iters_left: int, iters_per_epoch: int, progress: RunProgress) -> float:
-    """Seconds until the run's last epoch ends: the iterations left in this epoch and in ``progress.epochs_after``
-    whole epochs at ``sec_per_iter``, plus ``progress.epoch_extra_s`` for this epoch and each later one."""
-    iters = iters_left + progress.epochs_after * iters_per_epoch
-    return sec_per_iter * iters + (progress.epochs_after + 1) * progress.epoch_extra_s
+def run_eta_seconds(sec_per_iter: float, iters_left: int, run: RunProgress) -> float:
+    """Seconds until the run's last epoch ends: ``iters_left`` in this epoch and ``run.iters_per_epoch`` in each of
+    ``run.epochs_after`` epochs, at ``sec_per_iter``, plus ``run.epoch_extra_s`` for this epoch and each later one."""
+    iters = iters_left + run.epochs_after * run.iters_per_epoch
+    return sec_per_iter * iters + (run.epochs_after + 1) * run.epoch_extra_s
 
 
 def peak_memory_note() -> str:
@@ -190,13 +191,13 @@ class MetricLogger:
         print_freq: int,
         header: str = "",
         total: int | None = None,
-        progress: RunProgress | None = None,
+        run_progress: RunProgress | None = None,
     ) -> Iterator[Any]:
         """Yield from ``iterable``; rank 0 shows a tqdm bar (meters, it/s, ETA) and logs a line every ``print_freq``.
 
-        The log line carries the meters, the ETA of this loop (and with ``progress`` of the whole run), the time per
-        iteration split into data and compute, and on CUDA the peak memory. With ``progress.tensorboard``, each
-        line's meters (their means since the previous line) and time per iteration go to TensorBoard too.
+        The log line carries the meters, the ETA of this loop (and with ``run_progress`` of the whole run), the time
+        per iteration split into data and compute, and on CUDA the peak memory. With ``run_progress.tensorboard``,
+        each line's meters (their means since the previous line) and time per iteration go to TensorBoard too.
         """
         logger = get_logger()
         if total is None:
@@ -219,16 +220,16 @@ class MetricLogger:
                 if print_freq > 0 and (i % print_freq == 0 or i == total):
                     left = None if total is None else iter_time.global_avg * (total - i)
                     eta = "?" if left is None else str(datetime.timedelta(seconds=int(left)))
-                    if progress is not None and total is not None:
-                        run_left = run_eta_seconds(iter_time.global_avg, total - i, total, progress)
+                    if run_progress is not None and total is not None:
+                        run_left = run_eta_seconds(iter_time.global_avg, total - i, run_progress)
                         eta += f" (run: {datetime.timedelta(seconds=int(run_left))})"
                     logger.info(
                         f"{header} [{i}/{total if total is not None else '?'}] eta: {eta}  {self}  "
                         f"time: {iter_time}  data: {data_time}  {peak_memory_note()}".rstrip()
                     )
-                    if progress is not None and progress.tensorboard is not None:
+                    if run_progress is not None and run_progress.tensorboard is not None:
                         means = _means_since({**self.meters, "time_per_iter": iter_time}, marks)
-                        progress.tensorboard.scalars(progress.first_step + i, means, "train/")
+                        run_progress.tensorboard.scalars(run_progress.first_step + i, means, "train/")
             end = time.time()
         bar.close()
         elapsed = time.time() - start
