@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import main as main_module
+from args import names_run_folder, parse_args
 from configs import get_config
 from engine.run_folder import LOCK_NAME, RunFolderError, eval_run_dir
 from refer import ReferFileNotFoundError
@@ -227,3 +228,12 @@ def test_eval_folder_named_on_the_command_line(finished, tmp_path):
     fresh = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "fresh"])
     assert eval_run_dir(fresh, finished / "best.pth", named=True)[0] == tmp_path / "fresh"
     assert eval_run_dir(fresh, finished / "best.pth", named=False)[0] == finished
+
+
+def test_what_names_the_run_folder_and_a_missing_checkpoint(env, tmp_path):
+    assert names_run_folder(parse_args(["--model_id", "a"])) and names_run_folder(parse_args(["--output", "o"]))
+    assert names_run_folder(parse_args(["--opts", "TRAIN.LR", "1e-4", "MODEL_ID", "a"]))
+    assert not names_run_folder(parse_args(["--cfg_file", "configs/demo.yaml", "--opts", "TRAIN.LR", "1e-4"]))
+    with pytest.raises(FileNotFoundError, match="^checkpoint not found: .*nothing.pth \\(--pretrain\\)$"):
+        main_module.main(tiny_main_argv(env, tmp_path, "--eval", "--pretrain", str(tmp_path / "nothing.pth")))
+    assert list(tmp_path.iterdir()) == []  # no folder made for results that cannot come
