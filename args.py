@@ -184,14 +184,15 @@ def is_demo(args: argparse.Namespace) -> bool:
 
 
 def check_flags(args: argparse.Namespace, cfg: CfgNode) -> None:
-    """Flags that contradict each other or the config: ValueError before anything is written."""
+    """Flags that contradict each other or the config (ValueError), a missing checkpoint to evaluate
+    (FileNotFoundError): refused before anything is written."""
+    if args.overwrite and (args.eval or args.resume):
+        other = "--eval" if args.eval else "--resume"
+        raise ValueError(f"--overwrite (delete the run folder's previous run, then train) contradicts {other}")
     if args.eval and not args.pretrain:
         raise ValueError("--eval needs the weights to evaluate: --pretrain <checkpoint>")
     if args.eval and not Path(args.pretrain).is_file():  # before a folder for its results is made
         raise FileNotFoundError(f"checkpoint not found: {args.pretrain} (--pretrain)")
-    if args.overwrite and (args.eval or args.resume):
-        other = "--eval" if args.eval else "--resume"
-        raise ValueError(f"--overwrite (delete the run folder's previous run, then train) contradicts {other}")
     if not args.stale_lock_minutes > 0:
         raise ValueError(f"--stale_lock_minutes must be > 0, got {args.stale_lock_minutes}")
     if not cfg.MODEL.TEXT.ENCODER:

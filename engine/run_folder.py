@@ -146,16 +146,18 @@ def prepare_run_dir(
     Raises:
         RunFolderError, RunLockedError, PermissionError: before anything on disk changed.
     """
-    folder, error = None, None
+    folder: RunFolder | None = None
+    verdict: tuple[str, str] | BaseException = ("", "")  # rank 0's (path, reason), or its error
     if info.rank == 0:
         try:
             folder = _claim(cfg, evaluate, named, resume, overwrite, stale_after_s, hint)
+            verdict = (str(folder.path), folder.reason)
         except (OSError, RunFolderError, RunLockedError) as e:
-            error = e
-    path, reason, error = all_gather_object((folder and str(folder.path), folder and folder.reason, error))[0]
-    if error is not None:
-        raise error
-    return folder if folder is not None else RunFolder(Path(path), reason)
+            verdict = e
+    verdict = all_gather_object(verdict)[0]  # the other ranks wait here for rank 0's
+    if isinstance(verdict, BaseException):
+        raise verdict
+    return folder if folder is not None else RunFolder(Path(verdict[0]), verdict[1])
 
 
 def _claim(
