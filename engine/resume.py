@@ -49,6 +49,7 @@ class ResumePlan:
     saved: CfgNode
     changes: dict[str, tuple]  # applied on purpose (--allow_change)
     free: dict[str, tuple]  # keys a resume may change freely (configs.RESUME_FREE_KEYS)
+    unused: list[str]  # --allow_change keys that do not differ (e.g. the change was applied by an earlier resume)
 
 
 def resume_path(resume: str | None, pretrain: str | None, run_dir: Path) -> Path | None:
@@ -100,8 +101,8 @@ def plan_resume(
     missing = [k for k in RESUME_ENTRIES if k not in ckpt]
     if missing:
         raise CheckpointError(
-            f"cannot resume from {path}: it has no {', '.join(map(repr, missing))} entry (a best.pth or a released "
-            "model holds weights only: start from it with --pretrain instead)"
+            f"cannot resume from {path}: it holds no {', '.join(missing)} (a best.pth or a released model holds "
+            "weights only: start from it with --pretrain instead)"
         )
     saved = checkpoint_config(ckpt, path)
     diffs = resume_differences(saved, cfg, saved_world_size(ckpt), world_size)
@@ -118,7 +119,8 @@ def plan_resume(
             "A resume continues the stored configuration: drop these settings, or apply them on purpose with "
             f"--allow_change {' '.join(refused)}"
         )
-    return ResumePlan(path, ckpt, saved, diffs, free_differences(saved, cfg))
+    unused = [k for k in allow if k not in diffs]
+    return ResumePlan(path, ckpt, saved, diffs, free_differences(saved, cfg), unused)
 
 
 def saved_world_size(ckpt: dict[str, Any]) -> int:
@@ -146,6 +148,8 @@ def restore(
     ckpt, path, changes = plan.ckpt, plan.path, plan.changes
     if plan.free:
         logger.info("resume: %s (settings that leave the results alone)", describe_differences(plan.free))
+    if plan.unused:
+        logger.info("--allow_change %s: no difference from %s, nothing to apply", " ".join(plan.unused), path)
     load_weights(model, path, ckpt)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's settings
     optimizer.load_state_dict(ckpt["optimizer"])
