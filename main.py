@@ -26,17 +26,10 @@ from data import load_refer  # noqa: E402
 from data.checks import check_images  # noqa: E402
 from data.image_io import ImageReadError  # noqa: E402
 from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
-from engine import (  # noqa: E402, E501
-    NonFiniteLossError,
-    Preempted,
-    load_pretrained,
-    plan_resume,
-    prepare_run_dir,
-    run_evaluation,
-    seed_everything,
-    train,
-)
+from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
 from engine.config_check import validate_config  # noqa: E402
+from engine.preemption import Preempted  # noqa: E402
+from engine.resume import plan_resume  # noqa: E402
 from engine.trainer import run_dir_of  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
@@ -60,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
     if args.eval and not args.pretrain:
         raise ValueError("--eval needs the weights to evaluate: --pretrain <checkpoint>")
+    if args.eval and (args.resume or args.allow_change):
+        raise ValueError("--eval evaluates --pretrain; --resume / --allow_change continue a training: choose one")
     if not cfg.MODEL.TEXT.ENCODER:
         raise ValueError("MODEL.TEXT.ENCODER (--ck_bert) is empty: training and evaluation need the text encoder")
     amp_auto = cfg.TRAIN.AMP == "auto"
