@@ -271,8 +271,7 @@ def test_allowed_changes_recompute_the_schedule(env, stopped, tmp_path, train_ob
     assert "resume applies on purpose TRAIN.EPOCHS: checkpoint 2, now 3; TRAIN.LR: checkpoint 0.001, now 0.002" in said
     assert f"from iteration 3 (of {3 * per_epoch})" in said and "not the one an uninterrupted run" in said
     # the stored configuration is the new one: the same command continues without refusal
-    run(env, tmp_path, *flags, "--stop_after", "2", TRAIN__EPOCHS=3, TRAIN__LR=2e-3)
-    assert read_checkpoint(run_dir / "last.pth")["epoch"] == 1
+    run(env, tmp_path, *flags, "--stop_after", "1", TRAIN__EPOCHS=3, TRAIN__LR=2e-3)
     assert "--allow_change TRAIN.EPOCHS TRAIN.LR: no difference from" in (run_dir / "log.txt").read_text()
 
 
@@ -291,10 +290,30 @@ def test_allowed_batch_change_converts_the_position(env, stopped, tmp_path, trai
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(LR * (1 - done / (2 * per_epoch)) ** 0.9)
 
 
-def test_allowed_world_size_change(env, stopped, tmp_path):
+def test_allowed_world_size_change(env, stopped, tmp_path, monkeypatch):
     run_dir = copy_run(stopped, tmp_path)
     _world_size_2(run_dir)
-    run(env, tmp_path, "--resume", "auto", "--allow_change", "WORLD_SIZE", "--stop_after", "1")
+    stop_at_step(monkeypatch, 1)
+    with pytest.raises(Preempted):
+        run(env, tmp_path, "--resume", "auto", "--allow_change", "WORLD_SIZE")
     last = read_checkpoint(run_dir / "last.pth")
-    assert (last["epoch"], last["world_size"], len(last["rng"])) == (0, 1, 1)
+    # 3 iterations of 2 x 8 samples are 6 of 1 x 8; then one step
+    assert (last["iteration"], last["world_size"], len(last["rng"])) == (3 * 2 * BATCH // BATCH + 1, 1, 1)
     assert "random states of the 2 processes that wrote" in (run_dir / "log.txt").read_text()
+
+
+def test_seeded_items_do_not_depend_on_order_or_workers(tmp_path_factory):
+    """With a seed, an item's random choices (expression, augmentation) depend on (seed, epoch, index) only."""
+    ds = build_dataset(tiny_cfg(tmp_path_factory, DATA__AUGMENT=True), "train", eval_mode=False)
+    indices = [5, 0, 17, 5]
+
+    def items(epoch: int, workers: int) -> list[dict]:
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=None, num_workers=workers)
+        return list(loader)
+
+    first = items(0, 0)
+    assert torch.equal(first[0]["image"], first[3]["image"])  # index 5 twice: the same draw
+    for a, b in zip(first, items(0, 2)):  # in 2 worker processes
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(first[0]["image"], items(1, 0)[0]["image"])  # another epoch, another augmentation
