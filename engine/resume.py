@@ -226,7 +226,8 @@ def _history_from_file(path: Path, last_epoch: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in records if r.get("epoch", last_epoch + 1) <= last_epoch]
+    by_epoch = {r["epoch"]: r for r in records if isinstance(r.get("epoch"), int) and r["epoch"] <= last_epoch}
+    return [by_epoch[e] for e in sorted(by_epoch)]  # an epoch appended twice by an older resume: its last line
 
 
 class EpochSampler(Sampler[int]):

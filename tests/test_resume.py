@@ -317,3 +317,17 @@ def test_seeded_items_do_not_depend_on_order_or_workers(tmp_path_factory):
     for a, b in zip(first, items(0, 2)):  # in 2 worker processes
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(first[0]["image"], items(1, 0)[0]["image"])  # another epoch, another augmentation
+
+
+def test_checkpoint_of_before_mid_epoch_resume_still_resumes(env, straight, tmp_path):
+    """A last.pth written before checkpoints held the metrics history and the position: its metrics.jsonl lines up to
+    its epoch are kept (the last of an epoch written twice)."""
+    run_dir = copy_run(straight, tmp_path)
+    ckpt = read_checkpoint(run_dir / "last.pth")
+    for key in ("iteration", "iters_per_epoch", "world_size", "meters", "history"):
+        del ckpt[key]
+    checkpoint_io.save_checkpoint(ckpt, run_dir / "last.pth")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], '{"epoch": 1, "stale": true}', *lines[1:]]) + "\n")
+    run(env, tmp_path, "--resume", "auto")
+    assert records(run_dir) == records(straight)
