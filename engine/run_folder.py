@@ -54,6 +54,11 @@ class RunFolder:
         self.release()
 
 
+def run_dir_of(cfg: CfgNode) -> Path:
+    """The folder of a training run: ``<OUTPUT>/<MODEL_ID>``."""
+    return Path(cfg.OUTPUT) / cfg.MODEL_ID
+
+
 def run_markers(folder: Path) -> list[str]:
     """The files of ``RUN_MARKERS`` that ``folder`` holds: non-empty when it holds a run."""
     return [name for name in RUN_MARKERS if (folder / name).is_file()]
@@ -167,7 +172,7 @@ def _claim(
         path, why = eval_run_dir(cfg, evaluate, named)
         _make_writable(path)
         return RunFolder(path, why)
-    path = Path(cfg.OUTPUT) / cfg.MODEL_ID
+    path = run_dir_of(cfg)
     _make_writable(path)
     lock = RunLock(path / LOCK_NAME, stale_after_s=stale_after_s)
     took_over = lock.acquire()

@@ -1,0 +1,333 @@
+"""Exact resume in one process: stop requests, interrupted writes, crashes between the checkpoint and the metrics,
+--resume auto, and every resume refusal or deliberate change (main.py end to end on the tiny synthetic set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+from data import build_dataset
+from engine import Preempted, request_checkpoint
+from engine import checkpointing as checkpointing_module
+from engine import trainer as trainer_module
+from models import read_checkpoint
+from utils import checkpoint as checkpoint_io
+
+from .helpers_train import tiny_cfg, tiny_env, tiny_opts
+
+BATCH, LR = 8, 1e-3  # TRAIN.BATCH_SIZE of these runs; TRAIN.LR of tiny_opts
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return tiny_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def train_objects(tmp_path_factory) -> int:
+    return len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False))
+
+
+def argv(env, out: Path, *flags: str, **over) -> list[str]:
+    data_root, text = env
+    over.setdefault("TRAIN__BATCH_SIZE", BATCH)
+    over.setdefault("EVAL__AFTER_TRAIN", False)
+    over.setdefault("DATA__AUGMENT", True)  # the random augmentation must continue exactly too
+    over.setdefault("TRAIN__CHECKPOINT_EVERY", 4)
+    return ["--cfg_file", "", "--device", "cpu", *flags, "--opts", *tiny_opts(data_root, text, out, **over)]
+
+
+def run(env, out: Path, *flags: str, **over) -> dict:
+    return main_module.main(argv(env, out, *flags, **over))
+
+
+def stop_at_step(monkeypatch, step: int, how=request_checkpoint) -> None:
+    """Make the loss of training step ``step`` (1-based, counted in this process) call ``how`` first."""
+    real = trainer_module.build_criterion
+
+    def build(name, weights):
+        criterion, calls = real(name, weights), []
+
+        def loss(logits, target):
+            calls.append(1)
+            if len(calls) == step:
+                how()
+            return criterion(logits, target)
+
+        return loss
+
+    monkeypatch.setattr(trainer_module, "build_criterion", build)
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock times."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "epoch_time_s"} for x in lines]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders ended with bit-identical weights and optimizer states, and the same metrics lines."""
+    x, y = read_checkpoint(a / "last.pth"), read_checkpoint(b / "last.pth")
+    assert (x["epoch"], x["iteration"], x["best"]) == (y["epoch"], y["iteration"], y["best"])
+    assert x["model"].keys() == y["model"].keys()
+    for k in x["model"]:
+        assert torch.equal(x["model"][k], y["model"][k]), k
+    for k, state in x["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, y["optimizer"]["state"][k][name]), (k, name)
+    assert records(a) == records(b) and len(records(a)) == x["epoch"] + 1
+
+
+@pytest.fixture(scope="module")
+def straight(env, tmp_path_factory) -> Path:
+    """The uninterrupted run: 2 epochs."""
+    out = tmp_path_factory.mktemp("straight")
+    run(env, out, "--resume", "auto")  # no last.pth yet: a fresh start
+    return out / "tiny"
+
+
+@pytest.fixture(scope="module")
+def stopped(env, tmp_path_factory) -> Path:
+    """A run stopped by request after its 3rd iteration (a mid-epoch last.pth), never touched by the tests."""
+    out = tmp_path_factory.mktemp("stopped")
+    patch = pytest.MonkeyPatch()
+    stop_at_step(patch, 3)
+    try:
+        said = "engine.request_checkpoint.. received: checkpoint .*last.pth written at epoch 0, iteration 3; run the"
+        with pytest.raises(Preempted, match=said + " same command with --resume auto"):
+            run(env, out)
+    finally:
+        patch.undo()
+    return out / "tiny"
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a run folder to resume (OUTPUT is a setting a resume may change)."""
+    shutil.copytree(run_dir, tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_interrupted_in_every_way_then_resumed_equals_straight_run(env, straight, tmp_path, monkeypatch, capsys):
+    """One run stopped by SIGTERM, then killed while writing a checkpoint, then left with a stale temporary file
+    and killed between last.pth and metrics.jsonl, each time continued with the same command: it ends as the
+    uninterrupted run, bit for bit, with the same metrics lines (none lost, none twice)."""
+    run_dir = tmp_path / "tiny"
+    command = argv(env, tmp_path, "--resume", "auto")
+    # 1. SIGTERM during iteration 5: checkpoint at the next boundary, exit status 75 and one line
+    stop_at_step(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main_module.cli(command) == main_module.EXIT_PREEMPTED == 75
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("main.py:")]
+    assert lines == [f"main.py: preempted: SIGTERM received: checkpoint {run_dir / 'last.pth'} written at epoch 0, "
+                     "iteration 5; run the same command with --resume auto to continue exactly"]  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is handler  # the stop handler lasts as long as training
+    last = read_checkpoint(run_dir / "last.pth")
+    assert (last["epoch"], last["iteration"], last["lr_scheduler"]["last_epoch"]) == (-1, 5, 5)
+    assert not (run_dir / "metrics.jsonl").read_text()  # no epoch finished
+
+    # 2. killed while writing the step checkpoint after iteration 8 (CHECKPOINT_EVERY 4): the previous one stays
+    monkeypatch.undo()
+    real_save = torch.save
+
+    def killed_while_saving(obj, f):
+        if obj.get("iteration") == 8:
+            f.write(b"partial")
+            raise KeyboardInterrupt("killed while saving")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        main_module.main(command)
+    monkeypatch.undo()
+    assert read_checkpoint(run_dir / "last.pth")["iteration"] == 5
+
+    # 3. a temporary file a SIGKILL left behind, and a crash right after the epoch's last.pth, before its metrics
+    stale = run_dir / ".last.pth.k1ll3d.tmp"
+    stale.write_bytes(b"partial")
+    real_write = checkpointing_module.write_metrics
+
+    def crash_after_epoch_checkpoint(folder, history):
+        if history:
+            raise KeyboardInterrupt("killed after last.pth")
+        real_write(folder, history)
+
+    monkeypatch.setattr(checkpointing_module, "write_metrics", crash_after_epoch_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        main_module.main(command)
+    monkeypatch.undo()
+    assert not stale.exists()
+    assert read_checkpoint(run_dir / "last.pth")["epoch"] == 0 and not (run_dir / "metrics.jsonl").read_text()
+
+    # 4. the same command once more finishes the run: metrics.jsonl mended from the checkpoint, nothing twice
+    assert main_module.cli(command) == 0
+    assert_same_run(straight, run_dir)
+    log = (run_dir / "log.txt").read_text()
+    assert "resumed from" in log and f"removed {stale}" in log
+
+
+def test_resume_auto_starts_fresh_then_continues(env, straight, tmp_path):
+    log = (straight / "log.txt").read_text()
+    assert f"--resume auto: no {straight / 'last.pth'} yet, starting fresh" in log
+    run_dir = copy_run(straight, tmp_path)
+    before = read_checkpoint(run_dir / "last.pth")
+    run(env, tmp_path, "--resume", "auto")  # a finished run: nothing left to train, nothing changed
+    after = read_checkpoint(run_dir / "last.pth")
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert "nothing left to train" in (run_dir / "log.txt").read_text()
+    assert records(run_dir) == records(straight)
+
+
+def test_mid_epoch_resume_with_other_workers_equals_straight_run(env, straight, stopped, tmp_path):
+    """Items are seeded by (seed, epoch, index): DataLoader workers may change on resume, the run stays exact."""
+    run_dir = copy_run(stopped, tmp_path)
+    run(env, tmp_path, "--resume", "auto", DATA__WORKERS=1)
+    assert_same_run(straight, run_dir)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def _world_size_2(run_dir: Path) -> None:
+    """Make last.pth look written by 2 processes (the check reads only these entries)."""
+    ckpt = read_checkpoint(run_dir / "last.pth")
+    ckpt.update(world_size=2, rng=ckpt["rng"] * 2, meters=ckpt["meters"] * 2)
+    checkpoint_io.save_checkpoint(ckpt, run_dir / "last.pth")
+
+
+@pytest.mark.parametrize(
+    ("flags", "over", "message"),
+    [
+        ([], {"TRAIN__EPOCHS": 3}, "TRAIN.EPOCHS: checkpoint 2, now 3. .*--allow_change TRAIN.EPOCHS$"),
+        ([], {"TRAIN__LR": 2e-3}, "TRAIN.LR: checkpoint 0.001, now 0.002. .*--allow_change TRAIN.LR$"),
+        ([], {"TRAIN__BATCH_SIZE": 4}, "TRAIN.BATCH_SIZE: checkpoint 8, now 4. .*--allow_change TRAIN.BATCH_SIZE$"),
+        ([], {}, "WORLD_SIZE: checkpoint 2, now 1. .*--allow_change WORLD_SIZE$"),
+        (
+            ["--allow_change", "TRAIN.SEED"],
+            {"TRAIN__EPOCHS": 3, "TRAIN__SEED": 1},
+            "TRAIN.EPOCHS: checkpoint 2, now 3. .*--allow_change TRAIN.EPOCHS$",
+        ),  # fmt: skip
+        (
+            ["--allow_change", "MODEL.SWIN.STEM"],
+            {"MODEL__SWIN__STEM": "conv"},
+            "MODEL.SWIN.STEM: checkpoint 'patch', now 'conv'. The weights depend on these keys",
+        ),  # fmt: skip
+        (["--allow_change", "TRAIN.NOPE"], {}, "--allow_change: TRAIN.NOPE is not a config key"),
+    ],
+    ids=["epochs", "lr", "batch", "world_size", "one_of_two", "architecture", "unknown_key"],
+)
+def test_refused_resume_one_line_nothing_changed(env, stopped, tmp_path, capsys, flags, over, message):
+    run_dir = copy_run(stopped, tmp_path)
+    if "WORLD_SIZE" in message:
+        _world_size_2(run_dir)
+    before = _snapshot(run_dir)
+    assert main_module.cli(argv(env, tmp_path, "--resume", "auto", *flags, **over)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("main.py: error: ")
+    assert re.search(message, err[0]), err[0]
+    if "not a config key" not in message:
+        assert f"checkpoint {run_dir / 'last.pth'} is of another configuration than this run: " in err[0]
+    assert _snapshot(run_dir) == before  # config.yaml, log.txt, metrics.jsonl, last.pth: not even touched
+
+
+def test_resume_needs_a_checkpoint_with_training_state(env, stopped, tmp_path, capsys):
+    assert main_module.cli(argv(env, tmp_path, "--resume")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"main.py: error: FileNotFoundError: --resume: no checkpoint to continue, {tmp_path / 'tiny' / 'last.pth'} "
+        "does not exist (to start fresh when there is none, use --resume auto)"
+    )
+    assert not (tmp_path / "tiny").exists()
+    weights_only = tmp_path / "best.pth"
+    ckpt = read_checkpoint(stopped / "last.pth")
+    checkpoint_io.save_checkpoint({k: ckpt[k] for k in ("model", "epoch", "best", "config")}, weights_only)
+    assert main_module.cli(argv(env, tmp_path, "--resume", str(weights_only))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"main.py: error: CheckpointError: cannot resume from {weights_only}: it holds no optimizer, "
+                   "lr_scheduler, scaler, rng (a best.pth or a released model holds weights only: start from it with "
+                   "--pretrain instead)"]  # fmt: skip
+
+
+def test_allowed_changes_recompute_the_schedule(env, stopped, tmp_path, train_objects):
+    """--epochs 3 --lr 2e-3 applied on purpose to a run stopped after 3 iterations of 2 epochs: the poly schedule
+    is the one of 3 epochs at 2e-3 from there on."""
+    run_dir = copy_run(stopped, tmp_path)
+    flags = ("--resume", "auto", "--allow_change", "TRAIN.EPOCHS", "TRAIN.LR")
+    run(env, tmp_path, *flags, "--stop_after", "1", TRAIN__EPOCHS=3, TRAIN__LR=2e-3)
+    per_epoch = train_objects // BATCH
+    last = read_checkpoint(run_dir / "last.pth")
+    assert last["lr_scheduler"]["last_epoch"] == per_epoch
+    expected = 2e-3 * (1 - per_epoch / (3 * per_epoch)) ** 0.9
+    assert all(g["lr"] == pytest.approx(expected, rel=1e-12) for g in last["optimizer"]["param_groups"])
+    assert all(g["initial_lr"] == 2e-3 for g in last["optimizer"]["param_groups"])
+    said = (run_dir / "log.txt").read_text()
+    assert "resume applies on purpose TRAIN.EPOCHS: checkpoint 2, now 3; TRAIN.LR: checkpoint 0.001, now 0.002" in said
+    assert f"from iteration 3 (of {3 * per_epoch})" in said and "not the one an uninterrupted run" in said
+    # the stored configuration is the new one: the same command continues without refusal
+    run(env, tmp_path, *flags, "--stop_after", "1", TRAIN__EPOCHS=3, TRAIN__LR=2e-3)
+    assert "--allow_change TRAIN.EPOCHS TRAIN.LR: no difference from" in (run_dir / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_allowed_batch_change_converts_the_position(env, stopped, tmp_path, train_objects, monkeypatch, batch):
+    """3 iterations of 8 done = 24 samples: with batch 4 that is iteration 6; with 16 iteration 1 (8 samples seen
+    again). One more step, then a stop: the LR there is the 2-epoch poly schedule of the new batch size."""
+    run_dir = copy_run(stopped, tmp_path)
+    stop_at_step(monkeypatch, 1)
+    with pytest.raises(Preempted):
+        run(env, tmp_path, "--resume", "auto", "--allow_change", "TRAIN.BATCH_SIZE", TRAIN__BATCH_SIZE=batch)
+    per_epoch = train_objects // batch
+    done = 3 * BATCH // batch + 1
+    last = read_checkpoint(run_dir / "last.pth")
+    assert (last["iteration"], last["iters_per_epoch"], last["lr_scheduler"]["last_epoch"]) == (done, per_epoch, done)
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(LR * (1 - done / (2 * per_epoch)) ** 0.9)
+
+
+def test_allowed_world_size_change(env, stopped, tmp_path, monkeypatch):
+    run_dir = copy_run(stopped, tmp_path)
+    _world_size_2(run_dir)
+    stop_at_step(monkeypatch, 1)
+    with pytest.raises(Preempted):
+        run(env, tmp_path, "--resume", "auto", "--allow_change", "WORLD_SIZE")
+    last = read_checkpoint(run_dir / "last.pth")
+    # 3 iterations of 2 x 8 samples are 6 of 1 x 8; then one step
+    assert (last["iteration"], last["world_size"], len(last["rng"])) == (3 * 2 * BATCH // BATCH + 1, 1, 1)
+    assert "random states of the 2 processes that wrote" in (run_dir / "log.txt").read_text()
+
+
+def test_seeded_items_do_not_depend_on_order_or_workers(tmp_path_factory):
+    """With a seed, an item's random choices (expression, augmentation) depend on (seed, epoch, index) only."""
+    ds = build_dataset(tiny_cfg(tmp_path_factory, DATA__AUGMENT=True), "train", eval_mode=False)
+    indices = [5, 0, 17, 5]
+
+    def items(epoch: int, workers: int) -> list[dict]:
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=None, num_workers=workers)
+        return list(loader)
+
+    first = items(0, 0)
+    assert torch.equal(first[0]["image"], first[3]["image"])  # index 5 twice: the same draw
+    for a, b in zip(first, items(0, 2)):  # in 2 worker processes
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(first[0]["image"], items(1, 0)[0]["image"])  # another epoch, another augmentation
+
+
+def test_checkpoint_of_before_mid_epoch_resume_still_resumes(env, straight, tmp_path):
+    """A last.pth written before checkpoints held the metrics history and the position: its metrics.jsonl lines up to
+    its epoch are kept (the last of an epoch written twice)."""
+    run_dir = copy_run(straight, tmp_path)
+    ckpt = read_checkpoint(run_dir / "last.pth")
+    for key in ("iteration", "iters_per_epoch", "world_size", "meters", "history"):
+        del ckpt[key]
+    checkpoint_io.save_checkpoint(ckpt, run_dir / "last.pth")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], '{"epoch": 1, "stale": true}', *lines[1:]]) + "\n")
+    run(env, tmp_path, "--resume", "auto")
+    assert records(run_dir) == records(straight)
