@@ -20,7 +20,7 @@ from torch import nn
 
 from utils.amp import NativeScaler, autocast
 from utils.distributed import all_reduce_mean
-from utils.logger import MetricLogger, SmoothedValue
+from utils.logger import MetricLogger, RunProgress, SmoothedValue
 from utils.metrics import IoUAccumulator, intersection_union
 
 from .text_cache import TextFeatureCache
@@ -116,6 +116,7 @@ def train_one_epoch(
     start: int = 0,
     totals: dict[str, tuple[int, float]] | None = None,
     on_boundary: Callable[[int, dict[str, tuple[int, float]]], None] | None = None,
+    run_progress: RunProgress | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (``train_step`` per batch), the LR scheduler stepped after every iteration.
 
@@ -125,6 +126,7 @@ def train_one_epoch(
             saw them (a resumed epoch continues its averages from them).
         on_boundary: called after every iteration with (iterations of the epoch done, the running sums): where the
             trainer writes step checkpoints and stops on request.
+        run_progress: where this epoch sits in the run, for the log's whole-run ETA and TensorBoard.
     Returns:
         averages over the epoch (all ranks): ``loss``, ``grad_norm``; and ``lr``, the last learning rate.
     """
@@ -136,7 +138,8 @@ def train_one_epoch(
         logger.add_meter(name, SmoothedValue())
     for name, (count, total) in (totals or {}).items():
         logger.meters[name].count, logger.meters[name].total = count, total
-    for it, batch in enumerate(logger.log_every(loader, print_freq, f"Epoch [{epoch}]"), start=start):
+    batches = logger.log_every(loader, print_freq, f"Epoch [{epoch}]", run_progress=run_progress)
+    for it, batch in enumerate(batches, start=start):
         loss, norm = train_step(
             model, criterion, optimizer, scaler, batch, device, params,
             amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache,

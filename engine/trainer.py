@@ -23,8 +23,9 @@ from models import load_weights, read_checkpoint
 from refer import REFER
 from utils.amp import NativeScaler, autocast
 from utils.distributed import DistInfo
-from utils.logger import get_logger
+from utils.logger import RunProgress, get_logger
 from utils.losses import build_criterion
+from utils.tensorboard import TensorBoardWriter
 
 from .checkpoint_config import check_config
 from .checkpointing import LAST, Checkpointer, Progress, clear_interrupted_writes, write_metrics
@@ -143,7 +144,11 @@ def train(
         run_dir, cfg, info, model_without_ddp, optimizer, lr_scheduler, scaler, generator, iters_per_epoch
     )
     stop = cfg.TRAIN.EPOCHS if args.stop_after is None else min(cfg.TRAIN.EPOCHS, args.stop_after)
-    with stop_signals_handled():
+    # rank 0's scalars; a resumed run has TensorBoard drop what the interrupted one logged past the checkpoint
+    step = progress.epoch * iters_per_epoch + progress.iteration
+    tensorboard = TensorBoardWriter(run_dir, cfg.LOG.TENSORBOARD and info.rank == 0, purge_step=step + 1)
+    extra_s = 0.0  # per epoch, the seconds outside its iterations (validation, checkpoints), as last measured
+    with stop_signals_handled(), tensorboard:
         for epoch in range(progress.epoch, stop):
             tic = time.time()
             skip = progress.iteration * cfg.TRAIN.BATCH_SIZE if epoch == progress.epoch else 0
@@ -158,7 +163,9 @@ def train(
                 start=progress.iteration if epoch == progress.epoch else 0,
                 totals=progress.totals if epoch == progress.epoch else None,
                 on_boundary=partial(_at_boundary, checkpointer, progress, epoch, epoch_generator),
+                run_progress=RunProgress(step, iters_per_epoch, stop - epoch - 1, extra_s, tensorboard),
             )  # fmt: skip
+            train_s, step = time.time() - tic, (epoch + 1) * iters_per_epoch  # the steps done: the next epoch's start
             val, _ = evaluate(
                 model_without_ddp, val_loader, info.device, amp=cfg.TRAIN.AMP, header=f"Val [{epoch}]",
                 text_cache=cache,
@@ -175,6 +182,8 @@ def train(
             }
             progress = Progress(epoch + 1, 0, best, [*progress.history, record])
             checkpointer.save(progress, best=is_best)
+            tensorboard.epoch_record(step, record)
+            extra_s = time.time() - tic - train_s
             logger.info(
                 "epoch %d: loss %.4f, val (one random expression per object) mIoU %.2f oIoU %.2f%s, %.0fs",
                 epoch, stats["loss"], val["mIoU"], val["oIoU"], " (best)" if is_best else "", time.time() - tic,

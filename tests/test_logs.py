@@ -3,16 +3,21 @@ ETA, peak GPU memory and the global batch in the run log."""
 
 from __future__ import annotations
 
+import json
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import main as main_module
+from data import build_dataset
 from utils.logger import MetricLogger, RunProgress, peak_memory_note, run_eta_seconds, setup_logging
 from utils.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
 
-from .helpers_train import tiny_env
+from .helpers_train import tiny_cfg, tiny_env, tiny_main_argv
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,14 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def next_second() -> None:
+    """Wait for the clock's next second: event files are read in the order of their names, which start with the
+    second they were created in (runs of one process within one second would be read out of order)."""
+    now = int(time.time())
+    while int(time.time()) == now:
+        time.sleep(0.05)
 
 
 def test_run_eta_by_hand():
@@ -87,3 +100,39 @@ def test_tensorboard_writer_disabled_writes_nothing(tmp_path):
     assert scalars(tmp_path / TENSORBOARD_DIR) == {
         "train/loss": [(3, 0.25)], "val/mIoU": [(8, 50.5)], "epoch/train_loss": [(8, 0.5)],
     }  # fmt: skip
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(env, tmp_path, tmp_path_factory):
+    """Epoch 0, stopped, then epoch 1 by --resume: the event files read as one uninterrupted run whose values are
+    metrics.jsonl's; the run log gives the global batch and the whole run's ETA."""
+    run_dir = tmp_path / "tiny"
+    per_epoch = len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False)) // 8  # batch 8, drop_last
+    main_module.main(tiny_main_argv(env, tmp_path, "--stop_after", "1", "--print_freq", "1"))
+    next_second()
+    with TensorBoardWriter(run_dir) as died:  # what a run that died after its checkpoint had logged past it
+        died.scalars(per_epoch + 1, {"loss": 999.0, "lr": 999.0, "grad_norm": 999.0}, "train/")
+    next_second()
+    main_module.main(tiny_main_argv(env, tmp_path, "--resume", "--print_freq", "1"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    got = scalars(run_dir / TENSORBOARD_DIR)
+    approx = partial(pytest.approx, rel=1e-6)  # event files store float32
+    ends = [per_epoch, 2 * per_epoch]  # each epoch's record at the optimisation steps done by its end
+    assert got["val/mIoU"] == [(s, approx(r["val_mIoU"])) for s, r in zip(ends, records)]
+    assert got["val/oIoU"] == [(s, approx(r["val_oIoU"])) for s, r in zip(ends, records)]
+    assert got["epoch/train_loss"] == [(s, approx(r["train_loss"])) for s, r in zip(ends, records)]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/time_per_iter"):
+        assert [s for s, _ in got[tag]] == list(range(1, 2 * per_epoch + 1)), tag  # --print_freq 1: every step
+    for e, r in enumerate(records):  # the epoch's averages from its iterations' points, its last learning rate
+        steps = slice(e * per_epoch, (e + 1) * per_epoch)
+        assert sum(v for _, v in got["train/loss"][steps]) / per_epoch == approx(r["train_loss"])
+        assert sum(v for _, v in got["train/grad_norm"][steps]) / per_epoch == approx(r["train_grad_norm"])
+        assert got["train/lr"][steps][-1][1] == approx(r["train_lr"])
+    log = (run_dir / "log.txt").read_text()
+    assert "global batch 8 = 8 per process x 1 process(es) (the paper: 32 = 8 per GPU x 4 GPUs)" in log
+    assert f"Epoch [0] [1/{per_epoch}] eta: " in log and " (run: " in log
+
+
+def test_no_tensorboard_writes_no_event_files(env, tmp_path):
+    main_module.main(tiny_main_argv(env, tmp_path, "--epochs", "1", "--no_tensorboard"))
+    assert (tmp_path / "tiny" / "metrics.jsonl").is_file() and not (tmp_path / "tiny" / TENSORBOARD_DIR).exists()

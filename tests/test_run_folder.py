@@ -71,10 +71,12 @@ def test_overwrite_clears_the_previous_run_then_trains(env, finished, tmp_path):
     shutil.copytree(finished, run_dir)
     (run_dir / "notes.md").write_text("mine")
     (run_dir / "tensorboard").mkdir(exist_ok=True)
+    (run_dir / "tensorboard" / "events.out.tfevents.old").write_bytes(b"")
     old_config = (run_dir / "config.yaml").read_bytes()
     main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0", "--seed", "5"))
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json"}  # stopped before epoch 0 ended
+    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json", "tensorboard"}  # before epoch 0
+    assert not (run_dir / "tensorboard" / "events.out.tfevents.old").exists()
     assert (run_dir / "notes.md").read_text() == "mine"
     assert (run_dir / "config.yaml").read_bytes() != old_config and "SEED: 5" in (run_dir / "config.yaml").read_text()
     log = (run_dir / "log.txt").read_text()

@@ -4,7 +4,7 @@ The step of every scalar is the number of optimisation steps done (epoch ``e`` e
 iterations per epoch), so that training and validation curves share one axis. Tags: ``train/<meter>`` every
 ``print_freq`` iterations (the mean over the iterations since the previous point: loss, lr, grad_norm,
 time_per_iter), and at each epoch's end its ``metrics.jsonl`` record: ``val/mIoU``, ``val/oIoU``, ``epoch/train_loss``,
-``epoch/best_oIoU``, ``epoch/epoch_time_s``... A resumed run passes the step it resumes from as ``purge_step``:
+``epoch/best_oIoU``, ``epoch/epoch_time_s``... A resumed run passes the first step it logs as ``purge_step``:
 TensorBoard then drops what the interrupted run had logged from that step on, which the resumed run logs again.
 Disabled (``LOG.TENSORBOARD False``, ``--no_tensorboard``, ranks other than 0), every call does nothing.
 """
@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
-    """A ``SummaryWriter`` on ``<run_dir>/tensorboard`` when ``enabled``, else a no-op with the same methods."""
+    """A ``SummaryWriter`` on ``<run_dir>/tensorboard`` when ``enabled``, else a no-op with the same methods; a
+    context manager that closes (flushes) it."""
 
     def __init__(self, run_dir: str | Path | None, enabled: bool = True, purge_step: int | None = None) -> None:
         self._writer: Any = None
@@ -60,6 +61,12 @@ class TensorBoardWriter:
         self.scalars(step, {k[4:]: v for k, v in values.items() if k.startswith("val_")}, "val/")
         self.scalars(step, {k: v for k, v in values.items() if not k.startswith("val_")}, "epoch/")
         self._writer.flush()
+
+    def __enter__(self) -> TensorBoardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._writer is not None:
