@@ -193,7 +193,8 @@ def test_mid_epoch_resume_with_other_workers_equals_straight_run(env, straight, 
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    files = sorted(p for p in folder.rglob("*") if p.is_file())  # tensorboard/ included
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
 def _world_size_2(run_dir: Path) -> None:
