@@ -39,7 +39,7 @@ class RunFolder:
     block)."""
 
     path: Path
-    reason: str = "--output / --model_id"
+    reason: str = "<OUTPUT>/<MODEL_ID>"
     warnings: list[str] = field(default_factory=list)
     lock: RunLock | None = None
 

@@ -134,5 +134,5 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(env, tmp_path, 
 
 
 def test_no_tensorboard_writes_no_event_files(env, tmp_path):
-    main_module.main(tiny_main_argv(env, tmp_path, "--epochs", "1", "--no_tensorboard"))
+    main_module.main(tiny_main_argv(env, tmp_path, "--no_tensorboard", TRAIN__EPOCHS=1))
     assert (tmp_path / "tiny" / "metrics.jsonl").is_file() and not (tmp_path / "tiny" / TENSORBOARD_DIR).exists()

@@ -45,7 +45,7 @@ def env(tmp_path_factory):
 def finished(env, tmp_path_factory) -> Path:
     """The folder of a finished one-epoch tiny run."""
     out = tmp_path_factory.mktemp("finished")
-    main_module.main(tiny_main_argv(env, out, "--epochs", "1"))
+    main_module.main(tiny_main_argv(env, out, TRAIN__EPOCHS=1))
     return out / "tiny"
 
 
@@ -56,7 +56,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_second_training_is_refused_and_changes_nothing(env, finished, capsys):
     before = snapshot(finished)
     assert {"best.pth", "last.pth", "metrics.jsonl", "config.yaml", "log.txt"} <= before.keys()
-    assert main_module.cli(tiny_main_argv(env, finished.parent, "--epochs", "1")) == 2
+    assert main_module.cli(tiny_main_argv(env, finished.parent, TRAIN__EPOCHS=1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == (
         f"main.py: error: RunFolderError: run folder {finished} already holds a run (config.yaml, last.pth, best.pth, "
