@@ -3,7 +3,8 @@
 Every configuration flag maps onto one config key (``FLAG_TO_KEY``). Precedence, lowest first:
 the defaults in ``configs/defaults.py`` (the paper's recipe) <- ``--cfg_file`` <- explicit flags <- ``--opts KEY VALUE
 ...``. ``python main.py`` with no argument at all is the built-in demo (``configs/demo.yaml``).
-Flags that select what the run does (``--eval``, ``--resume``, ``--pretrain``, ``--device``) are not config.
+Flags that select what the run does (``--eval``, ``--resume``, ``--allow_change``, ``--pretrain``, ``--device``) are
+not config.
 
 Nothing here parses ``sys.argv`` at import time: ``get_parser().parse_args(argv)`` does it on demand.
 """
@@ -35,6 +36,7 @@ FLAG_TO_KEY: dict[str, str] = {
     "amp": "TRAIN.AMP",
     "clip_grad": "TRAIN.CLIP_GRAD",
     "seed": "TRAIN.SEED",
+    "checkpoint_every": "TRAIN.CHECKPOINT_EVERY",
     "pretrained_swin_weights": "MODEL.PRETRAINED_SWIN",
     "ck_bert": "MODEL.TEXT.ENCODER",
     "text_train_layers": "MODEL.TEXT.TRAIN_LAYERS",
@@ -95,14 +97,31 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (0: off)")
     g.add_argument("--grad_checkpoint", action="store_true", default=None, help="activation checkpointing")
     g.add_argument("--seed", type=int, default=None, help="offset by rank in each process")
+    g.add_argument(
+        "--checkpoint_every", type=int, default=None, metavar="N",
+        help="also write last.pth every N iterations (0: at epoch ends only); SIGTERM / SIGUSR1 write it and stop",
+    )  # fmt: skip
     g.add_argument("--pretrained_swin_weights", type=str, default=None, help="Swin ImageNet checkpoint")
     g.add_argument("--ck_bert", type=str, default=None, help='local BERT folder, or the alias "minilm-l6"')
     g.add_argument("--text_train_layers", type=int, default=None, help="optimise only the first N text layers")
     g.add_argument(
         "--resume",
-        action="store_true",
-        help="continue a run from --pretrain (default: <output>/<model_id>/last.pth): model, optimizer, "
-        "scheduler, scaler, epoch and RNG states",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="auto|PATH",
+        help="continue a run exactly (model, optimizer, LR schedule, scaler, position in the epoch, random states, "
+        "metrics): alone, from <output>/<model_id>/last.pth (or --pretrain), which must exist; 'auto': from it if "
+        "it exists, else start fresh (one command for the first launch and every requeue); PATH: from that file",
+    )
+    g.add_argument(
+        "--allow_change",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="on resume, apply these settings although they differ from the checkpoint's (config keys, or "
+        "WORLD_SIZE for the number of processes), e.g. --epochs 60 --allow_change TRAIN.EPOCHS: the LR schedule "
+        "is recomputed from the iteration reached; any other difference is refused",
     )
     g.add_argument(
         "--pretrain",

@@ -26,8 +26,18 @@ from data import load_refer  # noqa: E402
 from data.checks import check_images  # noqa: E402
 from data.image_io import ImageReadError  # noqa: E402
 from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
-from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
+from engine import (  # noqa: E402, E501
+    NonFiniteLossError,
+    Preempted,
+    load_pretrained,
+    plan_resume,
+    prepare_run_dir,
+    run_evaluation,
+    seed_everything,
+    train,
+)
 from engine.config_check import validate_config  # noqa: E402
+from engine.trainer import run_dir_of  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
 from utils.amp import resolve_amp  # noqa: E402
@@ -52,14 +62,22 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
         raise ValueError("--eval needs the weights to evaluate: --pretrain <checkpoint>")
     if not cfg.MODEL.TEXT.ENCODER:
         raise ValueError("MODEL.TEXT.ENCODER (--ck_bert) is empty: training and evaluation need the text encoder")
-    run_dir = prepare_run_dir(cfg, info)
-    logger = setup_logging(run_dir / "log.txt", info.rank)
-    logger.info("config: %s", describe_config(args))
-    if cfg.TRAIN.AMP == "auto":
+    amp_auto = cfg.TRAIN.AMP == "auto"
+    if amp_auto:  # resolved before a resume compares the config with the checkpoint's (which stores it resolved)
         cfg.defrost()
         cfg.TRAIN.AMP = resolve_amp(cfg.TRAIN.AMP, info.device)
         cfg.freeze()
+    # every resume check before anything is written: a refused resume leaves the run folder as it was
+    resume = None if args.eval else plan_resume(
+        args.resume, args.pretrain, cfg, info.world_size, run_dir_of(cfg), args.allow_change
+    )  # fmt: skip
+    run_dir = prepare_run_dir(cfg, info)
+    logger = setup_logging(run_dir / "log.txt", info.rank)
+    logger.info("config: %s", describe_config(args))
+    if amp_auto:
         logger.info("TRAIN.AMP auto -> %s on %s", cfg.TRAIN.AMP or "float32", info.device)
+    if args.resume == "auto" and resume is None:
+        logger.info("--resume auto: no %s yet, starting fresh", run_dir / "last.pth")
     logger.info("run folder %s, %d process(es) on %s", run_dir, info.world_size, info.device)
     config_file = run_dir / ("config_eval.yaml" if args.eval else "config.yaml")
     if info.rank == 0:
@@ -81,13 +99,13 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.MODEL.TEXT.ENCODER)
 
     # a full LAVT checkpoint replaces every weight: skip loading the pretrained parts first
-    model = build_model(cfg, pretrained=not (args.eval or args.resume or args.pretrain)).to(info.device)
+    model = build_model(cfg, pretrained=not (args.eval or resume or args.pretrain)).to(info.device)
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     if args.eval:
         load_pretrained(model, args.pretrain, cfg)
         out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, args.pretrain, refer)
         return out
-    result = train(cfg, args, model, tokenizer, info, run_dir, refer)
+    result = train(cfg, args, model, tokenizer, info, run_dir, refer, resume=resume)
     out["best"] = result["best"]
     if result["finished"] and cfg.EVAL.AFTER_TRAIN:
         best_path = run_dir / "best.pth"
@@ -100,14 +118,22 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
 # What a user can get wrong (data, checkpoint, config, flags): one line and exit status 2. Anything else is a bug and
 # keeps its traceback; --debug shows the traceback for everything.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImageReadError, CheckpointError, NonFiniteLossError)
+# Training stopped on SIGTERM / SIGUSR1 after writing last.pth (engine.Preempted): 75 (EX_TEMPFAIL, "try again
+# later"), so that a job script can requeue the same command with --resume auto.
+EXIT_PREEMPTED = 75
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: returns the exit status (0, or 2 after a one-line error from rank 0)."""
+    """``main`` for the command line: returns the exit status (0; 2 after a one-line error from rank 0;
+    ``EXIT_PREEMPTED`` after a stop request, with one line saying where the checkpoint is)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
         main(argv)
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"main.py: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except USER_ERRORS as e:
         if debug:
             raise

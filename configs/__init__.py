@@ -2,9 +2,24 @@
 
 from pathlib import Path
 
-from .defaults import get_cfg_defaults, get_config, override_pairs
+from .defaults import (
+    architecture_keys,
+    get_cfg_defaults,
+    get_config,
+    is_resume_free,
+    leaf_keys,
+    override_pairs,
+)
 
 # The built-in demo: what `python main.py` runs with no arguments.
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 
-__all__ = ["DEMO_CONFIG", "get_cfg_defaults", "get_config", "override_pairs"]
+__all__ = [
+    "DEMO_CONFIG",
+    "architecture_keys",
+    "get_cfg_defaults",
+    "get_config",
+    "is_resume_free",
+    "leaf_keys",
+    "override_pairs",
+]

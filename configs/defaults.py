@@ -107,6 +107,9 @@ _C.TRAIN.AMP = ""  # "" (float32) | bf16 | fp16 | auto (bf16 where the device co
 _C.TRAIN.FUSED_ADAMW = True
 _C.TRAIN.CLIP_GRAD = 0.0  # max grad norm, 0 = off
 _C.TRAIN.SEED = 0
+# Write <run>/last.pth every N iterations (counted over the whole run) besides every epoch end, so that a killed or
+# preempted run loses at most N iterations; 0 = at epoch ends only. SIGTERM / SIGUSR1 also write it (engine.preemption).
+_C.TRAIN.CHECKPOINT_EVERY = 500
 
 # ----------------------------------------------------------------------------- evaluation
 _C.EVAL = CN()
@@ -123,6 +126,57 @@ _C.EVAL.AFTER_TRAIN = True
 
 _C.OUTPUT = "checkpoint"
 _C.MODEL_ID = "lavt"
+
+# MODEL keys that leave the weights' shapes and meaning alone (paths, regularisation, caches, speed switches): a
+# checkpoint loads whatever their values. Every other MODEL key is an architecture key (``architecture_keys``).
+NON_ARCHITECTURE_MODEL_KEYS: tuple[str, ...] = (
+    "MODEL.PRETRAINED_SWIN",
+    "MODEL.SWIN.DROP_PATH_RATE",
+    "MODEL.FUSION.DROPOUT",
+    "MODEL.TEXT.ENCODER",
+    "MODEL.TEXT.MAX_TOKENS",
+    "MODEL.TEXT.TRAIN_LAYERS",
+    "MODEL.TEXT.CACHE",
+    "MODEL.TEXT.DROPOUT",
+    "MODEL.FUSED_ATTENTION",
+    "MODEL.GRAD_CHECKPOINT",
+    "MODEL.CHANNELS_LAST",
+    "MODEL.COMPILE",
+)
+# Keys (or whole sections) a resumed run may change freely because what it computes stays the same: where files
+# are, how many loader processes read them, how often checkpoints are written, what is evaluated after training.
+# Any other difference from the stored configuration is refused unless applied on purpose (main.py --allow_change).
+RESUME_FREE_KEYS: tuple[str, ...] = (
+    "MODEL.PRETRAINED_SWIN",
+    "DATA.ROOT",
+    "DATA.IMAGE_DIR",
+    "DATA.WORKERS",
+    "DATA.CACHE",
+    "TRAIN.CHECKPOINT_EVERY",
+    "EVAL",
+    "OUTPUT",
+    "MODEL_ID",
+)
+
+
+def leaf_keys(cfg: CN, prefix: str = "") -> list[str]:
+    """Every key of ``cfg`` that holds a value, dotted (``TRAIN.LR``), in definition order."""
+    keys = []
+    for name, value in cfg.items():
+        key = f"{prefix}{name}"
+        keys += leaf_keys(value, key + ".") if isinstance(value, CN) else [key]
+    return keys
+
+
+def architecture_keys(cfg: CN | None = None) -> list[str]:
+    """The MODEL keys that fix the network's weights: all of them but ``NON_ARCHITECTURE_MODEL_KEYS``."""
+    model_keys = [k for k in leaf_keys(cfg if cfg is not None else _C) if k.startswith("MODEL.")]
+    return [k for k in model_keys if k not in NON_ARCHITECTURE_MODEL_KEYS]
+
+
+def is_resume_free(key: str) -> bool:
+    """Whether a resumed run may change ``key`` freely (``RESUME_FREE_KEYS``, a key or a section)."""
+    return any(key == free or key.startswith(free + ".") for free in RESUME_FREE_KEYS)
 
 
 def get_cfg_defaults() -> CN:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,18 @@ class ReferDataset(torch.utils.data.Dataset):
         cat_max_tokens: token budget of all expressions of an object joined with " , " (``cat_input_ids``).
         refer: the ``REFER`` of ``root`` / ``dataset`` / ``split_by`` / ``image_dir`` if already loaded (several
             splits share one instead of each reading the annotations again); None loads it.
+        seed: None: the random choices of an item (training form: the expression, the augmentation) come from torch's
+            global random stream of the process that loads it; an integer: from a generator seeded with (``seed``,
+            the epoch set by ``set_epoch``, the item's index, the split), so that an item is the same whichever
+            process loads it, in whatever order, whatever the number of DataLoader workers, also after a mid-epoch
+            resume that skips the items already seen (``build_dataset`` passes TRAIN.SEED).
         cache: training form only: keep each image and mask, decoded and resized to S x S (uint8), after its
             first use, so later epochs skip reading and resizing (augmentation still runs on every use). Memory:
             3 S^2 bytes per image and S^2 per object (96 px: 28 KB and 9 KB) in the process that reads them, so
             with ``DATA.WORKERS 0`` (non-persistent DataLoader workers end, with their caches, after each epoch).
 
     Train item: image [3, S, S] float32, target [S, S] int64 in {0, 1}, input_ids [N] int64,
-    attention_mask [N] int64, ref_id int. The expression is drawn with ``torch.randint``.
+    attention_mask [N] int64, ref_id int. The expression is drawn with ``torch.randint`` (see ``seed``).
     Eval item: image, target, input_ids [E, N], attention_mask [E, N], cat_input_ids [Nc],
     cat_attention_mask [Nc], target_orig [H0, W0] uint8, ref_id, image_id, file_name, sentences (E str),
     sent_ids (E int).
@@ -104,6 +110,7 @@ class ReferDataset(torch.utils.data.Dataset):
         cache: bool = False,
         resize: str = "pil",
         mask_parts: str = "official",
+        seed: int | None = None,
     ) -> None:
         if image_size < 1 or max_tokens < 1 or cat_max_tokens < 1:
             raise ValueError(
@@ -116,6 +123,9 @@ class ReferDataset(torch.utils.data.Dataset):
                 f"{mask_parts!r}"
             )
         self.resize, self.mask_parts = resize, mask_parts
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        self.seed, self.epoch = seed, 0
         if refer is None:
             refer = REFER(root, dataset, split_by, image_dir=image_dir or None)
         else:
@@ -164,6 +174,18 @@ class ReferDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the seeded random choices of the next items belong to (call it before iterating a DataLoader:
+        its workers copy the dataset when the iteration starts)."""
+        self.epoch = int(epoch)
+
+    def item_generator(self, index: int) -> torch.Generator | None:
+        """The generator of item ``index``'s random choices in the current epoch (None: the global stream)."""
+        if self.seed is None:
+            return None
+        words = [self.seed, self.epoch, index, zlib.crc32(self.split.encode())]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         ref = self.refs[index]
         info = self.refer.Imgs[ref["image_id"]]
@@ -183,12 +205,13 @@ class ReferDataset(torch.utils.data.Dataset):
             mask_s = resize_mask(mask, self.image_size, self.resize)
             if self.cache:  # what follows (augmentation, to_tensor, int64) copies: the cached arrays stay as stored
                 self._images[ref["image_id"]], self._masks[index] = image_s, mask_s
+        generator = self.item_generator(index) if not self.eval_mode else None
         if self.augment is not None:
-            image_s, mask_s = self.augment(image_s, mask_s)
+            image_s, mask_s = self.augment(image_s, mask_s, generator)
         item = {"image": to_tensor(image_s), "target": torch.from_numpy(mask_s.astype(np.int64))}
         start, stop = self.offsets[index], self.offsets[index + 1]
         if not self.eval_mode:
-            row = start + int(torch.randint(stop - start, ()).item())
+            row = start + int(torch.randint(stop - start, (), generator=generator).item())
             item.update(
                 input_ids=self.input_ids[row].clone(),
                 attention_mask=self.attention_masks[row].clone(),
@@ -272,4 +295,5 @@ def build_dataset(
         cache=cfg.DATA.CACHE,
         resize=cfg.DATA.RESIZE,
         mask_parts=cfg.DATA.MASK_PARTS,
+        seed=cfg.TRAIN.SEED,
     )

@@ -88,9 +88,9 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class TrainAugment:
     """Random scale/shift (same warp for image and mask) and brightness/contrast jitter.
 
-    Randomness comes from ``torch`` so that DataLoader worker seeding makes it reproducible. Areas uncovered by
-    the warp are filled with the ImageNet mean colour (zero after normalisation), not mirrored: a mirror would add
-    objects that the expressions do not account for.
+    Randomness comes from ``torch``: the ``generator`` given (the dataset seeds one per item) or the global stream.
+    Areas uncovered by the warp are filled with the ImageNet mean colour (zero after normalisation), not mirrored: a
+    mirror would add objects that the expressions do not account for.
     """
 
     def __init__(
@@ -102,10 +102,12 @@ class TrainAugment:
     ) -> None:
         self.scale, self.shift, self.brightness, self.contrast = scale, shift, brightness, contrast
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, generator: torch.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """image: [S, S, 3] uint8, mask: [S, S] uint8 -> the same shapes."""
         h, w = mask.shape
-        r = torch.rand(5).tolist()
+        r = torch.rand(5, generator=generator).tolist()
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * r[0]
         tx, ty = (2 * r[1] - 1) * self.shift * w, (2 * r[2] - 1) * self.shift * h
         matrix = np.array([[s, 0, (1 - s) * w / 2 + tx], [0, s, (1 - s) * h / 2 + ty]], dtype=np.float64)

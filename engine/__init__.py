@@ -3,23 +3,31 @@
 - ``loops``: ``train_step`` (one optimisation step, used by training and the benchmark), ``train_one_epoch``,
   ``evaluate``;
 - ``optim``: the official AdamW parameter groups and polynomial learning-rate schedule;
-- ``trainer``: ``train`` (epochs, validation, checkpoints, resume) and ``load_pretrained``;
+- ``trainer``: ``train`` (epochs, validation, checkpoints) and ``load_pretrained``;
+- ``checkpointing``: what ``last.pth`` holds and when it is written; ``resume``: continuing a run from it
+  (``plan_resume`` checks before anything is written); ``preemption``: SIGTERM / SIGUSR1 / ``request_checkpoint``
+  -> checkpoint and ``Preempted``; ``checkpoint_config``: whether a checkpoint's configuration fits a run;
 - ``evaluation``: ``run_evaluation`` over the configured splits, and the names of the files it writes.
 """
 
 from .evaluation import run_evaluation
 from .loops import NonFiniteLossError, evaluate, train_one_epoch, train_step
 from .optim import build_lr_scheduler, build_optimizer, poly_lr_lambda
+from .preemption import Preempted, request_checkpoint
+from .resume import plan_resume
 from .trainer import load_pretrained, prepare_run_dir, seed_everything, train
 
 __all__ = [
     "NonFiniteLossError",
+    "Preempted",
     "build_lr_scheduler",
     "build_optimizer",
     "evaluate",
     "load_pretrained",
+    "plan_resume",
     "poly_lr_lambda",
     "prepare_run_dir",
+    "request_checkpoint",
     "run_evaluation",
     "seed_everything",
     "train",

@@ -157,6 +157,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "TRAIN.FUSED_ADAMW": _flag,
         "TRAIN.CLIP_GRAD": non_negative,
         "TRAIN.SEED": at_least(0),
+        "TRAIN.CHECKPOINT_EVERY": at_least(0),
         "EVAL.MODE": one_of(EVAL_MODES),
         "EVAL.RESOLUTION": one_of(RESOLUTIONS),
         "EVAL.BATCH_SIZE": at_least(1),

@@ -27,6 +27,7 @@ from .text_cache import TextFeatureCache
 
 EVAL_MODES = ("each", "cat", "avg")
 RESOLUTIONS = ("network", "original")
+TOTALS = ("loss", "grad_norm")  # the meters whose epoch averages train_one_epoch returns
 MAX_EXPRESSIONS = 1024  # per object; sort keys are ref_id * MAX_EXPRESSIONS + expression index
 
 
@@ -112,9 +113,18 @@ def train_one_epoch(
     clip_grad: float = 0.0,
     print_freq: int = 10,
     text_cache: TextFeatureCache | None = None,
+    start: int = 0,
+    totals: dict[str, tuple[int, float]] | None = None,
+    on_boundary: Callable[[int, dict[str, tuple[int, float]]], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (``train_step`` per batch), the LR scheduler stepped after every iteration.
 
+    Args:
+        start: iterations of this epoch done before (a resumed epoch: ``loader`` yields the rest only).
+        totals: this process's running sums of the epoch so far, ``{meter: (count, total)}``, as ``on_boundary``
+            saw them (a resumed epoch continues its averages from them).
+        on_boundary: called after every iteration with (iterations of the epoch done, the running sums): where the
+            trainer writes step checkpoints and stops on request.
     Returns:
         averages over the epoch (all ranks): ``loss``, ``grad_norm``; and ``lr``, the last learning rate.
     """
@@ -122,13 +132,19 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     logger = MetricLogger()
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
-    for it, batch in enumerate(logger.log_every(loader, print_freq, f"Epoch [{epoch}]")):
+    for name in TOTALS:
+        logger.add_meter(name, SmoothedValue())
+    for name, (count, total) in (totals or {}).items():
+        logger.meters[name].count, logger.meters[name].total = count, total
+    for it, batch in enumerate(logger.log_every(loader, print_freq, f"Epoch [{epoch}]"), start=start):
         loss, norm = train_step(
             model, criterion, optimizer, scaler, batch, device, params,
             amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache,
         )  # fmt: skip
         lr_scheduler.step()
         logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=norm)
+        if on_boundary is not None:
+            on_boundary(it + 1, {name: (logger.meters[name].count, logger.meters[name].total) for name in TOTALS})
     logger.synchronize_between_processes()
     return {
         "loss": logger.loss.global_avg,

@@ -1,13 +1,15 @@
-"""Training orchestration: ``train`` (every epoch: train, validate, checkpoint), resuming, and loading weights.
+"""Training orchestration: ``train`` (every epoch: train, validate, checkpoint; step checkpoints and stop
+requests at iteration boundaries) and loading weights.
 
-The step itself is ``engine.loops.train_step``; this file decides what runs when and what is written.
+The step itself is ``engine.loops.train_step``; what a checkpoint holds is ``engine.checkpointing``'s, how a run
+continues one ``engine.resume``'s; this file decides what runs when.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +19,31 @@ from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
 from data import build_dataset, load_refer
-from models import CheckpointError, load_weights, read_checkpoint
+from models import load_weights, read_checkpoint
 from refer import REFER
 from utils.amp import NativeScaler, autocast
-from utils.checkpoint import check_config, get_rng_state, save_checkpoint, set_rng_state
-from utils.distributed import DistInfo, all_gather_object, barrier
+from utils.distributed import DistInfo, barrier
 from utils.logger import get_logger
 from utils.losses import build_criterion
 
+from .checkpoint_config import check_config
+from .checkpointing import LAST, Checkpointer, Progress, clear_interrupted_writes, write_metrics
 from .evaluation import eval_loader
 from .loops import evaluate, train_one_epoch
 from .optim import build_lr_scheduler, build_optimizer
+from .preemption import Preempted, stop_agreed, stop_reason, stop_signals_handled
+from .resume import EpochSampler, ResumePlan, restore
 from .text_cache import TextFeatureCache
+
+
+def run_dir_of(cfg: CfgNode) -> Path:
+    """The folder of a run: ``<OUTPUT>/<MODEL_ID>``."""
+    return Path(cfg.OUTPUT) / cfg.MODEL_ID
 
 
 def prepare_run_dir(cfg: CfgNode, info: DistInfo) -> Path:
     """Create ``<OUTPUT>/<MODEL_ID>`` (rank 0) and make sure it is a writable folder, or say why not."""
-    run_dir = Path(cfg.OUTPUT) / cfg.MODEL_ID
+    run_dir = run_dir_of(cfg)
     if info.rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,15 +65,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_pretrained(model: torch.nn.Module, path: str, cfg: CfgNode, resume: bool = False) -> dict[str, Any]:
-    """Load ``path`` into ``model``; a file of another configuration is reported by its config keys."""
+def load_pretrained(model: torch.nn.Module, path: str, cfg: CfgNode) -> dict[str, Any]:
+    """Load ``path`` into ``model``; a file of another architecture is reported by its config keys."""
     ckpt = read_checkpoint(path)
-    try:
-        load_weights(model, path, ckpt)
-    except CheckpointError:
-        check_config(ckpt, cfg, path)  # names the differing config keys, when the file has them
-        raise
-    check_config(ckpt, cfg, path, resume=resume)
+    check_config(ckpt, cfg, path)  # names the differing config keys, when the file has them
+    load_weights(model, path, ckpt)
     return ckpt
 
 
@@ -75,9 +81,14 @@ def train(
     info: DistInfo,
     run_dir: Path,
     refer: REFER | None = None,
+    resume: ResumePlan | None = None,
 ) -> dict[str, Any]:
-    """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint.
-    ``refer``: the dataset's annotations if already read (``data.load_refer``), shared by both splits."""
+    """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint;
+    ``last.pth`` also every TRAIN.CHECKPOINT_EVERY iterations and, followed by ``Preempted``, on a stop request.
+
+    ``refer``: the dataset's annotations if already read (``data.load_refer``), shared by both splits.
+    ``resume``: the checkpoint to continue (``engine.resume.plan_resume``), or None to start fresh.
+    """
     logger = get_logger()
     refer = load_refer(cfg) if refer is None else refer
     # the per-epoch val takes the training form (one random expression per object), never augmented
@@ -88,13 +99,14 @@ def train(
     if cfg.DATA.CACHE and cfg.DATA.WORKERS > 0:
         logger.warning(
             "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS %d the workers, and their "
-            "caches, end with every epoch (not persistent, so that a resumed run draws the same expressions); "
-            "set DATA.WORKERS 0 to use the cache", cfg.DATA.WORKERS,
+            "caches, end with every epoch (not persistent: the datasets learn each epoch as it starts); set "
+            "DATA.WORKERS 0 to use the cache",
+            cfg.DATA.WORKERS,
         )
     generator = torch.Generator().manual_seed(cfg.TRAIN.SEED + info.rank)
-    sampler = DistributedSampler(
+    sampler = EpochSampler(DistributedSampler(
         datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.TRAIN.SEED
-    )
+    ))  # fmt: skip
     train_loader = DataLoader(
         datasets["train"],
         batch_size=cfg.TRAIN.BATCH_SIZE,
@@ -104,7 +116,8 @@ def train(
         drop_last=True,
         generator=generator,
     )
-    if len(train_loader) == 0:
+    iters_per_epoch = len(train_loader)
+    if iters_per_epoch == 0:
         raise ValueError(
             f"train split of {cfg.DATA.DATASET} has {len(datasets['train'])} objects: fewer than one batch of "
             f"{cfg.TRAIN.BATCH_SIZE} per process x {info.world_size} processes"
@@ -114,44 +127,31 @@ def train(
     # the optimizer first: its parameter groups freeze the text layers the recipe keeps, which DDP must know
     optimizer = build_optimizer(model, cfg)
     model_without_ddp = model
+    lr_scheduler = build_lr_scheduler(
+        optimizer, iters_per_epoch * cfg.TRAIN.EPOCHS, cfg.TRAIN.POLY_POWER, cfg.TRAIN.WARMUP_ITERS
+    )
+    scaler = NativeScaler(cfg.TRAIN.AMP, info.device)
+    criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
+
+    progress = Progress()
+    if resume is not None:  # before DDP wraps the model: DDP broadcasts rank 0's weights, the restored ones
+        progress = restore(
+            resume, cfg, model_without_ddp, optimizer, lr_scheduler, scaler, generator, info, iters_per_epoch, run_dir
+        )
+    elif args.pretrain:
+        load_pretrained(model_without_ddp, args.pretrain, cfg)
+        logger.info("initialised from %s", args.pretrain)
     if info.distributed:
         if info.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU DDP broadcasts rank 0's BN buffers
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
         )
-        model_without_ddp = model.module
-    lr_scheduler = build_lr_scheduler(
-        optimizer, len(train_loader) * cfg.TRAIN.EPOCHS, cfg.TRAIN.POLY_POWER, cfg.TRAIN.WARMUP_ITERS
-    )
-    scaler = NativeScaler(cfg.TRAIN.AMP, info.device)
-    criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
-
-    start_epoch, best = 0, {"oIoU": -1.0, "mIoU": -1.0, "epoch": -1}
-    if args.resume:
-        path = args.pretrain or str(run_dir / "last.pth")
-        ckpt = load_pretrained(model_without_ddp, path, cfg, resume=True)
-        for key in ("optimizer", "lr_scheduler", "scaler", "epoch", "best", "rng"):
-            if key not in ckpt:
-                raise KeyError(f"cannot resume from {path}: it has no {key!r} entry (a best.pth holds weights only)")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best = ckpt["epoch"] + 1, dict(ckpt["best"])
-        if len(ckpt["rng"]) == info.world_size:
-            set_rng_state(ckpt["rng"][info.rank], generator)
-        else:
-            logger.warning(
-                "checkpoint %s was written by %d processes, this run has %d: random states not restored, the "
-                "continuation is not bit-identical",
-                path,
-                len(ckpt["rng"]),
-                info.world_size,
-            )
-        logger.info("resumed from %s: epoch %d done, best oIoU %.2f", path, ckpt["epoch"], best["oIoU"])
-    elif args.pretrain:
-        load_pretrained(model_without_ddp, args.pretrain, cfg)
-        logger.info("initialised from %s", args.pretrain)
+    if info.rank == 0:
+        for tmp in clear_interrupted_writes(run_dir):
+            logger.info("removed %s, left by a write that was interrupted", tmp)
+        if resume is not None:  # the records of the checkpoint continued, none more, none less
+            write_metrics(run_dir, progress.history)
 
     # built after every weight load: the cache holds the features of the encoder's final weights
     cache = TextFeatureCache() if cfg.MODEL.TEXT.CACHE else None
@@ -162,37 +162,32 @@ def train(
                 cache.prime(model_without_ddp.text_encoder, ds.input_ids, ds.attention_masks)
         logger.info("text features of %d distinct expressions cached in %.1fs", len(cache), time.time() - tic)
 
+    checkpointer = Checkpointer(
+        run_dir, cfg, info, model_without_ddp, optimizer, lr_scheduler, scaler, generator, iters_per_epoch
+    )
     stop = cfg.TRAIN.EPOCHS if args.stop_after is None else min(cfg.TRAIN.EPOCHS, args.stop_after)
-    for epoch in range(start_epoch, stop):
-        tic = time.time()
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            model, criterion, optimizer, lr_scheduler, scaler, train_loader, info.device, epoch,
-            amp=cfg.TRAIN.AMP, clip_grad=cfg.TRAIN.CLIP_GRAD, print_freq=args.print_freq, text_cache=cache,
-        )  # fmt: skip
-        val, _ = evaluate(
-            model_without_ddp, val_loader, info.device, amp=cfg.TRAIN.AMP, header=f"Val [{epoch}]", text_cache=cache
-        )
-        is_best = val["oIoU"] > best["oIoU"]
-        if is_best:
-            best = {"oIoU": val["oIoU"], "mIoU": val["mIoU"], "epoch": epoch}
-        rng = all_gather_object(get_rng_state(generator))
-        if info.rank == 0:
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "config": cfg.dump(),
-            }
-            if is_best:
-                save_checkpoint(state, run_dir / "best.pth")
-            state.update(
-                optimizer=optimizer.state_dict(),
-                lr_scheduler=lr_scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                rng=rng,
-            )
-            save_checkpoint(state, run_dir / "last.pth")
+    with stop_signals_handled():
+        for epoch in range(progress.epoch, stop):
+            tic = time.time()
+            skip = progress.iteration * cfg.TRAIN.BATCH_SIZE if epoch == progress.epoch else 0
+            sampler.set_epoch(epoch, skip)
+            for ds in datasets.values():
+                ds.set_epoch(epoch)
+            epoch_generator = generator.get_state()  # the loader draws its workers' seeds from it as it starts
+
+            stats = train_one_epoch(
+                model, criterion, optimizer, lr_scheduler, scaler, train_loader, info.device, epoch,
+                amp=cfg.TRAIN.AMP, clip_grad=cfg.TRAIN.CLIP_GRAD, print_freq=args.print_freq, text_cache=cache,
+                start=progress.iteration if epoch == progress.epoch else 0,
+                totals=progress.totals if epoch == progress.epoch else None,
+                on_boundary=partial(_at_boundary, checkpointer, progress, epoch, epoch_generator),
+            )  # fmt: skip
+            val, _ = evaluate(
+                model_without_ddp, val_loader, info.device, amp=cfg.TRAIN.AMP, header=f"Val [{epoch}]",
+                text_cache=cache,
+            )  # fmt: skip
+            is_best = val["oIoU"] > progress.best["oIoU"]
+            best = {"oIoU": val["oIoU"], "mIoU": val["mIoU"], "epoch": epoch} if is_best else progress.best
             record = {
                 "epoch": epoch,
                 **{f"train_{k}": v for k, v in stats.items()},
@@ -201,11 +196,40 @@ def train(
                 "best_oIoU": best["oIoU"],
                 "epoch_time_s": round(time.time() - tic, 2),
             }
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            progress = Progress(epoch + 1, 0, best, [*progress.history, record])
+            checkpointer.save(progress, best=is_best)
             logger.info(
                 "epoch %d: loss %.4f, val (one random expression per object) mIoU %.2f oIoU %.2f%s, %.0fs",
                 epoch, stats["loss"], val["mIoU"], val["oIoU"], " (best)" if is_best else "", time.time() - tic,
             )  # fmt: skip
-        barrier()
-    return {"best": best, "model_without_ddp": model_without_ddp, "finished": stop == cfg.TRAIN.EPOCHS}
+            if stop_agreed(info.device):
+                _stop(run_dir / LAST, progress)
+    finished = progress.epoch >= cfg.TRAIN.EPOCHS
+    if resume is not None and progress.epoch == resume.ckpt["epoch"] + 1 and finished:
+        logger.info("%s holds a finished run (%d epochs): nothing left to train", resume.path, cfg.TRAIN.EPOCHS)
+    return {"best": progress.best, "model_without_ddp": model_without_ddp, "finished": finished}
+
+
+def _at_boundary(
+    checkpointer: Checkpointer,
+    progress: Progress,
+    epoch: int,
+    epoch_generator: torch.Tensor,
+    done: int,
+    totals: dict[str, tuple[int, float]],
+) -> None:
+    """After iteration ``done`` of ``epoch``: checkpoint and stop if any rank was asked to; else checkpoint every
+    TRAIN.CHECKPOINT_EVERY iterations (not at the epoch's end, which writes its own after validation)."""
+    at = Progress(epoch, done, progress.best, progress.history, totals)
+    if stop_agreed(checkpointer.info.device):
+        _stop(checkpointer.save(at, epoch_generator), at)
+    every, per_epoch = checkpointer.cfg.TRAIN.CHECKPOINT_EVERY, checkpointer.iters_per_epoch
+    if every and (epoch * per_epoch + done) % every == 0 and done < per_epoch:
+        checkpointer.save(at, epoch_generator)
+
+
+def _stop(path: Path, at: Progress) -> None:
+    """After the checkpoint of a stop request: say so and raise ``Preempted`` (every rank)."""
+    error = Preempted(str(path), at.epoch, at.iteration, stop_reason())
+    get_logger().warning("stopped: %s", error)
+    raise error

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from configs import get_config
+from engine.checkpoint_config import check_config, checkpoint_config
 from models import read_checkpoint
 from utils import checkpoint as ck
 
@@ -40,7 +41,7 @@ def test_round_trip_weights_only(tmp_path):
         assert torch.equal(back["model"][k], v)
     assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
     assert back["lr_scheduler"]["last_epoch"] == 1
-    assert ck.checkpoint_config(back, path).TRAIN.EPOCHS == 3
+    assert checkpoint_config(back, path).TRAIN.EPOCHS == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
 
 
@@ -86,16 +87,50 @@ def test_rng_round_trip():
 def test_check_config():
     cfg = get_config()
     ckpt = {"config": cfg.dump()}
-    ck.check_config(ckpt, cfg, "x.pth", resume=True)  # same config: fine
+    check_config(ckpt, cfg, "x.pth")  # same config: fine
     other = get_config(opts=["MODEL.SWIN.EMBED_DIM", 96, "TRAIN.EPOCHS", 2])
     with pytest.raises(
         ValueError, match=r"x.pth is of another configuration.*MODEL.SWIN.EMBED_DIM: checkpoint 128, now 96"
     ):
-        ck.check_config(ckpt, other, "x.pth")
-    epochs_only = get_config(opts=["TRAIN.EPOCHS", 2])
-    ck.check_config(ckpt, epochs_only, "x.pth")  # another schedule is fine for loading weights
-    with pytest.raises(ValueError, match="TRAIN.EPOCHS: checkpoint 40, now 2"):
-        ck.check_config(ckpt, epochs_only, "x.pth", resume=True)
-    ck.check_config({"model": {}}, cfg, "official.pth")  # official files carry no config
-    with pytest.raises(ValueError, match="cannot resume from official.pth"):
-        ck.check_config({"model": {}}, cfg, "official.pth", resume=True)
+        check_config(ckpt, other, "x.pth")
+    check_config(ckpt, get_config(opts=["TRAIN.EPOCHS", 2]), "x.pth")  # another schedule is fine for loading weights
+    check_config({"model": {}}, cfg, "official.pth")  # official files carry no config
+
+
+@pytest.mark.parametrize(("key", "value"), [("MODEL.SWIN.STEM", "conv"), ("MODEL.DECODER_HIDDEN", 64)])
+def test_check_config_names_every_architecture_key(key, value):
+    """The architecture keys come from the config (all MODEL keys but a short list), so newer ones such as the stem
+    and the decoder width are compared too."""
+    ckpt = {"config": get_config().dump()}
+    default = get_config()[key.split(".")[0]]
+    for part in key.split(".")[1:]:
+        default = default[part]
+    with pytest.raises(ValueError, match=rf"x.pth is of another configuration than this run: {key}: checkpoint "
+                                         rf"{default!r}, now {value!r}\."):  # fmt: skip
+        check_config(ckpt, get_config(opts=[key, value]), "x.pth")
+    check_config(ckpt, get_config(opts=["MODEL.SWIN.DROP_PATH_RATE", 0.0, "MODEL.TEXT.CACHE", True]), "x.pth")
+
+
+def test_stale_temporaries_removed_others_kept(tmp_path):
+    """What a write killed between writing its temporary file and replacing the target leaves is removed; the
+    target, and files that only look alike, stay."""
+    ck.save_checkpoint({"epoch": 1}, tmp_path / "last.pth")
+    stale = [tmp_path / ".last.pth.abc123.tmp", tmp_path / ".metrics.jsonl.x_9.tmp"]
+    kept = [tmp_path / "last.pth", tmp_path / "last.pth.tmp", tmp_path / ".best.pth.tmp", tmp_path / ".other.1.tmp"]
+    for p in stale + kept[1:]:
+        p.write_bytes(b"partial")
+    removed = ck.remove_stale_temporaries(tmp_path, ["last.pth", "best.pth", "metrics.jsonl"])
+    assert sorted(removed) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert read_checkpoint(tmp_path / "last.pth") == {"epoch": 1}
+
+
+def test_write_text_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    ck.write_text_atomic(path, "a\n")
+    ck.write_text_atomic(path, "a\nb\n")
+    assert path.read_text() == "a\nb\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    monkeypatch.setattr(ck.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        ck.write_text_atomic(path, "a\nb\nc\n")
+    assert path.read_text() == "a\nb\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

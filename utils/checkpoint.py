@@ -1,52 +1,47 @@
-"""Checkpoints: atomic save, RNG states, and the config check on load (reading: ``models.read_checkpoint``).
+"""Checkpoint I/O: atomic writes (and the clean-up of interrupted ones) and RNG states.
 
-A checkpoint is a dict of tensors and plain Python values only (it loads with ``torch.load(weights_only=True)``):
-``model``, ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the last finished, 0-based), ``best``
-(best overall IoU so far and its epoch), ``config`` (``cfg.dump()``, YAML text) and ``rng`` (``get_rng_state``).
+Reading is ``models.read_checkpoint``; what a training checkpoint holds is ``engine.checkpointing``'s; whether a
+checkpoint's configuration fits a run is ``engine.checkpoint_config``'s. Checkpoints are dicts of tensors and plain
+Python values only, so they load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from yacs.config import CfgNode
-
-# Keys that fix the shapes of the network: a checkpoint with other values cannot be loaded into it.
-ARCHITECTURE_KEYS: tuple[str, ...] = (
-    "MODEL.NAME",
-    "MODEL.SWIN.EMBED_DIM",
-    "MODEL.SWIN.DEPTHS",
-    "MODEL.SWIN.NUM_HEADS",
-    "MODEL.SWIN.WINDOW_SIZE",
-    "MODEL.SWIN.PATCH_SIZE",
-    "MODEL.SWIN.MLP_RATIO",
-    "MODEL.FUSION.NUM_HEADS",
-    "MODEL.TEXT.DIM",
-)
-# Keys a resumed run must share with the run it continues (besides the architecture).
-RESUME_KEYS: tuple[str, ...] = ("DATA.DATASET", "DATA.SPLIT_BY", "DATA.SIZE", "TRAIN.EPOCHS", "TRAIN.BATCH_SIZE")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then ``os.replace``.
+    """Write ``state`` to ``path`` atomically (``write_atomic``): a crash leaves the previous file or the new one."""
+    write_atomic(path, lambda f: torch.save(state, f), what="checkpoint")
 
-    A crash at any point leaves either the previous file or the new one, never a truncated file.
-    """
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` by ``text`` (UTF-8) atomically, as ``save_checkpoint`` does."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), what="file")
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str = "file") -> None:
+    """Call ``write(f)`` on a temporary file ``.<name>.<random>.tmp`` beside ``path``, fsync it, then
+    ``os.replace`` it onto ``path``: a crash at any point leaves either the previous file or the new one, never a
+    truncated file (and at worst a temporary file, which ``remove_stale_temporaries`` clears)."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot save checkpoint {path}: folder {folder} does not exist")
+        raise FileNotFoundError(f"cannot save {what} {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,55 +50,22 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that interrupted ``write_atomic`` calls for ``folder/<name>`` left behind (a
+    process killed between writing and replacing). Call it only while no other process writes there.
+    Returns the files removed."""
+    removed = []
+    for name in names:
+        for tmp in sorted(Path(folder).glob(f".{glob.escape(name)}.*.tmp")):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> CfgNode | None:
-    """The config stored in ``ckpt`` (YAML text) as a CfgNode, or None for files without one (e.g. official)."""
-    text = ckpt.get("config")
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise ValueError(f"checkpoint {path}: 'config' must be YAML text, got {type(text).__name__}")
-    return CfgNode.load_cfg(text)
-
-
-def _get(cfg: CfgNode, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, CfgNode) or part not in node:
-            return "<missing>"
-        node = node[part]
-    return list(node) if isinstance(node, tuple) else node
-
-
-def config_differences(saved: CfgNode, current: CfgNode, keys: tuple[str, ...]) -> list[str]:
-    """``"KEY: checkpoint X, now Y"`` for each of ``keys`` whose values differ."""
-    return [
-        f"{k}: checkpoint {_get(saved, k)!r}, now {_get(current, k)!r}"
-        for k in keys
-        if _get(saved, k) != _get(current, k)
-    ]
-
-
-def check_config(ckpt: dict[str, Any], cfg: CfgNode, path: str | Path, resume: bool = False) -> None:
-    """Raise ValueError if ``ckpt`` was trained with another architecture (or, for ``resume``, another run setup)."""
-    saved = checkpoint_config(ckpt, path)
-    if saved is None:
-        if resume:
-            raise ValueError(f"cannot resume from {path}: it holds no 'config' (not a checkpoint of this repository)")
-        return
-    keys = ARCHITECTURE_KEYS + (RESUME_KEYS if resume else ())
-    diffs = config_differences(saved, cfg, keys)
-    if diffs:
-        raise ValueError(
-            f"checkpoint {path} is of another configuration than this run: "
-            + "; ".join(diffs)
-            + ". Use the config it was trained with (--cfg_file / --opts)."
-        )
 
 
 def get_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:

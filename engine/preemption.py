@@ -1,0 +1,77 @@
+"""Stopping a run cleanly on request: SIGTERM / SIGUSR1 (what SLURM and torchrun send before they kill a job) or
+``request_checkpoint()`` set one flag; the training loop checks it at every iteration boundary, writes ``last.pth``
+and raises ``Preempted``, which ``main.py`` turns into its exit status 75.
+
+The handler only sets the flag (nothing else is safe inside a signal handler); all ranks agree through an all-reduce
+of it, so a signal that reached one process stops them all at the same iteration.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+import torch
+
+from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_requested = threading.Event()
+_reason: list[str] = []  # what set the flag, for the log
+
+
+class Preempted(Exception):
+    """Training stopped on request after writing ``last.pth``; the same command with ``--resume auto`` continues
+    it exactly. ``path``: the checkpoint; ``epoch`` and ``iteration``: where it stopped (iterations done in epoch)."""
+
+    def __init__(self, path: str, epoch: int, iteration: int, reason: str) -> None:
+        super().__init__(
+            f"{reason}: checkpoint {path} written at epoch {epoch}, iteration {iteration}; "
+            "run the same command with --resume auto to continue exactly"
+        )
+        self.path, self.epoch, self.iteration = path, epoch, iteration
+
+
+def request_checkpoint() -> None:
+    """Ask the training loop of this process to write ``last.pth`` at the next iteration boundary and stop
+    (``Preempted``), as SIGTERM / SIGUSR1 do. For launchers that learn of a preemption otherwise (e.g. submitit)."""
+    _reason[:] = ["engine.request_checkpoint()"]
+    _requested.set()
+
+
+def _handle(signum: int, frame: FrameType | None) -> None:
+    _reason[:] = [signal.Signals(signum).name]
+    _requested.set()
+
+
+@contextmanager
+def stop_signals_handled() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGUSR1 request a checkpoint and a stop instead of killing the process; the
+    previous handlers come back after it. A request left from before the block is dropped."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+    previous = {s: signal.signal(s, _handle) for s in STOP_SIGNALS}
+    _requested.clear()
+    _reason.clear()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_agreed(device: torch.device) -> bool:
+    """Whether any rank was asked to stop (a collective: every rank must call it at the same point)."""
+    local = _requested.is_set()
+    if not is_dist_avail_and_initialized():
+        return local
+    return bool(all_reduce_sum(torch.tensor([float(local)], device=device)).item() > 0)
+
+
+def stop_reason() -> str:
+    """What asked this process to stop (a signal's name, ``engine.request_checkpoint()``), or that another rank was."""
+    return f"{_reason[0]} received" if _requested.is_set() and _reason else "another process was asked to stop"
