@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 
+import main as main_module
+from models import read_checkpoint
+from tools import submit as submit_module
 from utils.distributed import LaunchError, init_distributed_mode
 from utils.launcher import PORT_BASE, Launch, detect_launch, expand_nodelist, port_from_job_id
+
+from .helpers_train import tiny_env, tiny_opts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,3 +194,71 @@ def test_group_that_cannot_form_is_one_clear_error(monkeypatch):
         with pytest.raises(LaunchError, match=rf"rank 0 of 2, .*127.0.0.1:{port}: the group of 2 processes did not"):
             init_distributed_mode("cpu")
     assert not torch.distributed.is_initialized()
+
+
+def _wait_for(condition, what: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path_factory, tmp_path, monkeypatch):
+    """A training submitted with tools/submit.py to submitit's local executor, preempted mid-epoch the way SLURM
+    does it (submitit's signal to the task and to everything it started) and requeued, ends with exactly the weights
+    and optimizer state of the same training never interrupted.
+
+    Submitit's own ``LocalJob._interrupt`` signals its local controller process, which has no handler for it and
+    dies without requeueing (submitit 1.5.4), so the test signals the task's processes itself."""
+    data_root, text = tiny_env(tmp_path_factory)
+    # one epoch of 11 iterations (89 objects, batch 8), last.pth after iterations 2, 4, ...
+    over = dict(TRAIN__EPOCHS=1, TRAIN__BATCH_SIZE=8, TRAIN__CHECKPOINT_EVERY=2, EVAL__AFTER_TRAIN=False)
+
+    def argv(out: Path) -> list[str]:
+        return ["--cfg_file", "", "--device", "cpu", "--opts", *tiny_opts(data_root, text, out, **over)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's processes (OMP_NUM_THREADS=1): the same arithmetic
+    try:
+        main_module.main(argv(tmp_path / "straight"))
+    finally:
+        torch.set_num_threads(threads)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=30)
+    job = submit_module.submit(executor, argv(tmp_path / "submitted"), grace_s=60)
+    run_dir = tmp_path / "submitted" / "tiny"
+    try:
+        _wait_for(lambda: (run_dir / "last.pth").is_file(), "the first periodic checkpoint")  # after iteration 2
+        task_pid, main_pid = map(int, re.search(r"\(pid (\d+)\): main.py started, pid (\d+)",
+                                                Path(job.paths.stderr).read_text()).groups())  # fmt: skip
+        os.kill(main_pid, signal.SIGSTOP)  # held mid-epoch until the stop request is on its way
+        for pid in (task_pid, main_pid):  # SLURM signals every process of the task; main.py ignores submitit's
+            os.kill(pid, submit_module.submitit_signal())
+        _wait_for(lambda: "forwarded to main.py" in Path(job.paths.stderr).read_text(), "the forwarded signal")
+        os.kill(main_pid, signal.SIGCONT)
+        _wait_for(job.done, "the requeued job to finish", timeout=300)
+    finally:
+        if not job.done():
+            job.cancel()
+    assert job.result() is None
+    log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert "requeueing: main.py" in log and "Requeued job" in log
+    assert log.count("main.py started") == 2  # the first run and the requeued one
+    run_log = (run_dir / "log.txt").read_text()
+    stopped = re.search(r"stopped: SIGUSR1 received: checkpoint .* written at epoch 0, iteration (\d+)", run_log)
+    assert stopped and 2 <= int(stopped.group(1)) < 11, run_log  # mid-epoch
+    assert "resumed from" in run_log
+
+    a = read_checkpoint(tmp_path / "straight" / "tiny" / "last.pth")
+    b = read_checkpoint(run_dir / "last.pth")
+    assert (a["epoch"], a["iteration"], a["best"]) == (b["epoch"], b["iteration"], b["best"]) and a["epoch"] == 0
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
