@@ -262,3 +262,44 @@ def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path
     for k, state in a["optimizer"]["state"].items():
         for name, t in state.items():
             assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+
+
+FAKE_SLURM = {  # stand-ins for SLURM's commands: they record how the script calls them
+    "srun": """#!/bin/bash
+echo "$@" > "$FAKE/srun_args"; echo $$ > "$FAKE/srun.pid"
+trap 'echo stopped > "$FAKE/srun_stopped"; exit 75' USR1
+for _ in $(seq "${FAKE_SRUN_STEPS:-600}"); do sleep 0.05; done
+""",
+    "scancel": '#!/bin/bash\necho "$@" > "$FAKE/scancel_args"; kill -USR1 "$(cat "$FAKE/srun.pid")"\n',
+    "scontrol": '#!/bin/bash\necho "$@ $(cat "$FAKE/srun_stopped" 2>/dev/null)" >> "$FAKE/scontrol_args"\n',
+}
+
+
+@pytest.mark.parametrize("time_limit", [True, False], ids=["time_limit_near", "finishes"])
+def test_sbatch_script_stops_tasks_then_requeues(tmp_path, time_limit):
+    """tools/slurm/train.sbatch with SLURM's commands faked: its USR1 (SLURM's pre-time-limit signal) reaches the
+    tasks, and the job is requeued only after they stopped; a run that ends by itself is not requeued."""
+    for name, text in FAKE_SLURM.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE": str(tmp_path), "SLURM_JOB_ID": "77"}
+    env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="n[1-2]", FAKE_SRUN_STEPS="600" if time_limit else "2")
+    script = subprocess.Popen(
+        ["bash", str(ROOT / "tools" / "slurm" / "train.sbatch")],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    if time_limit:
+        _wait_for(lambda: (tmp_path / "srun.pid").is_file(), "srun to start", timeout=30)
+        script.send_signal(signal.SIGUSR1)
+    out, _ = script.communicate(timeout=30)
+    srun_args = (tmp_path / "srun_args").read_text().split()
+    assert srun_args[:3] == ["python", "-u", "main.py"] and srun_args[-2:] == ["--resume", "auto"], out
+    if time_limit:
+        assert (tmp_path / "scancel_args").read_text().split() == ["--signal=USR1", "77"], out
+        assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "77", "stopped"], out  # after the stop
+    else:
+        assert script.returncode == 0, out
+        assert not (tmp_path / "scancel_args").exists() and not (tmp_path / "scontrol_args").exists()
