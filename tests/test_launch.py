@@ -229,7 +229,7 @@ def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
     executor.update_parameters(timeout_min=30)
-    job = submit_module.submit(executor, argv(tmp_path / "submitted"), grace_s=60)
+    job = submit_module.submit(executor, submit_module.main_argv(argv(tmp_path / "submitted")), grace_s=60)
     run_dir = tmp_path / "submitted" / "tiny"
     try:
         _wait_for(lambda: (run_dir / "last.pth").is_file(), "the first periodic checkpoint")  # after iteration 2
@@ -303,3 +303,20 @@ def test_sbatch_script_stops_tasks_then_requeues(tmp_path, time_limit):
     else:
         assert script.returncode == 0, out
         assert not (tmp_path / "scancel_args").exists() and not (tmp_path / "scontrol_args").exists()
+
+
+def test_submit_refuses_before_creating_anything(tmp_path, capsys):
+    """tools/submit.py adds --resume auto itself; a --resume of the user's, or no main.py arguments, is one line and
+    exit status 2 before the job folder exists."""
+    assert submit_module.main_argv(["--epochs", "3"]) == ["--epochs", "3", "--resume", "auto"]
+    job_dir = tmp_path / "jobs"
+    for argv, message in [
+        (["--", "--epochs", "3", "--resume"], "adds --resume auto itself: remove --resume"),
+        (["--", "--resume=auto"], "adds --resume auto itself"),
+        (["--", "--eval", "--pretrain", "x.pth"], "submits training"),
+        ([], "no main.py arguments"),
+    ]:
+        assert submit_module.cli(["--job_dir", str(job_dir), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0]
+    assert not job_dir.exists()

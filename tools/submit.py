@@ -150,11 +150,11 @@ def main_argv(argv: list[str]) -> list[str]:
 
 
 def submit(executor: submitit.Executor, argv: list[str], grace_s: float) -> submitit.Job:
-    """Submit ``Trainer(main_argv(argv))`` to ``executor``; returns the job."""
+    """Submit ``Trainer(argv)`` to ``executor`` (``argv``: from ``main_argv``); returns the job."""
     # the job unpickles Trainer without importing this repository: its code travels by value
     if Trainer.__module__ != "__main__":
         cloudpickle.register_pickle_by_value(sys.modules[Trainer.__module__])
-    return executor.submit(Trainer(main_argv(argv), grace_s))
+    return executor.submit(Trainer(argv, grace_s))
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -217,7 +217,8 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         if not theirs:
             raise ValueError("no main.py arguments: tools/submit.py [options] -- --cfg_file ... --output ...")
-        job = submit(build_executor(args), theirs, grace_s=max(args.signal_delay_s - 30, 10))
+        argv_main = main_argv(theirs)  # refused before anything is created
+        job = submit(build_executor(args), argv_main, grace_s=max(args.signal_delay_s - 30, 10))
     except (ValueError, RuntimeError) as e:  # bad flags, or no SLURM here ("Could not detect srun")
         print(f"tools/submit.py: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
