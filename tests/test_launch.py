@@ -320,3 +320,18 @@ def test_submit_refuses_before_creating_anything(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0]
     assert not job_dir.exists()
+
+
+def test_submit_slurm_resources(tmp_path, monkeypatch):
+    """The sbatch header submitit writes for tools/submit.py's flags: one task per GPU, submitit's signal 120 s
+    before the limit (``srun`` faked: submitit refuses to build a SLURM executor without it)."""
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    flags = ["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu", "--account", "proj", "--time", "600"]
+    args = submit_module.get_parser().parse_args([*flags, "--job_dir", str(tmp_path / "jobs")])
+    text = submit_module.build_executor(args)._executor._make_submission_file_text("python -m x", "uid")
+    header = {line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")}
+    expected = {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--partition=gpu",
+                "--account=proj", "--time=600", "--signal=USR2@120"}  # fmt: skip
+    assert expected <= header, header
