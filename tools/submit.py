@@ -7,14 +7,16 @@ Everything after ``--`` is main.py's command line; ``--resume auto`` is added. E
 ``python main.py ... --resume auto`` as a child process, which joins the process group from SLURM's variables
 (``utils.launcher``). The repository, the data and ``--output`` must be on a filesystem every node sees.
 
-Preemption and time-out. SLURM sends submitit's signal (SIGUSR2, ``--signal_delay_s`` before the time limit, or
-when the cluster preempts) to every task. Submitit's handler runs in the task's main thread, calls
-``Trainer.checkpoint`` on rank 0, then requeues the job (``scontrol requeue``) and exits at once. Training in that
-same thread could not reach its next iteration boundary before the exit, so ``engine.request_checkpoint()`` cannot
-serve here: the training runs in a child process instead, every task forwards the signal to it as SIGUSR1 (main.py
-saves ``last.pth`` at the next iteration boundary and stops), and ``checkpoint`` waits for rank 0's child to exit
-(at most ``--signal_delay_s`` minus 30 s) before it hands submitit the very same command to requeue. A child that does
-not stop in time is killed; the requeued job resumes from the last periodic checkpoint (TRAIN.CHECKPOINT_EVERY).
+Preemption and time-out. SLURM sends submitit's signal (SIGUSR2) to every task ``--signal_delay_s`` before the time
+limit; on preemption it sends SIGTERM (which submitit only logs), followed by SIGUSR2 where the cluster is set up
+for submitit, else by SLURM's own requeue (PreemptMode=REQUEUE). Submitit's handler runs in the task's main
+thread, calls ``Trainer.checkpoint`` on rank 0, then requeues the job (``scontrol requeue``) and exits at once.
+Training in that same thread could not reach its next iteration boundary before the exit, so
+``engine.request_checkpoint()`` cannot serve here: the training runs in a child process instead, every task
+forwards either signal to it as SIGUSR1 (main.py saves ``last.pth`` at the next iteration boundary and stops), and
+``checkpoint`` waits for rank 0's child to exit (at most ``--signal_delay_s`` minus 30 s) before it hands submitit
+the very same command to requeue. A child that does not stop in time is killed; the requeued job resumes from the
+last periodic checkpoint (TRAIN.CHECKPOINT_EVERY).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class Trainer:
         _log_to_stderr()
         job = submitit.JobEnvironment()
         usr_sig = submitit_signal()
-        # main.py must not die of submitit's signal (its default action ends a process): only this task hears it
+        # SLURM signals every process of the task: main.py ignores submitit's signal, whose default action would end
+        # it before it saved, and stops on the SIGUSR1 this task sends it
         ignore = partial(signal.signal, usr_sig, signal.SIG_IGN) if usr_sig != STOP_SIGNAL else None
         cmd = [sys.executable, "-u", self.script, *self.argv]
         self._proc = subprocess.Popen(cmd, cwd=REPO, preexec_fn=ignore)
