@@ -1,12 +1,13 @@
-"""Process-group helpers for ``torchrun`` (DETR's util/misc.py is the model).
+"""Process-group helpers for ``torchrun`` and SLURM's ``srun`` (DETR's util/misc.py is the model).
 
-``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; plain ``python main.py`` sets none and runs one process.
+``utils.launcher.detect_launch`` reads who started the process: torchrun (RANK, WORLD_SIZE, LOCAL_RANK), srun
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST) or nobody (plain ``python main.py``: one process).
 NCCL is used on GPUs, Gloo on CPU.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,26 +16,26 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .launcher import Launch, detect_launch
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: ``device`` is the one it computes on."""
+    """Where this process sits: ``device`` is the one it computes on; ``launcher`` says who started it (a line
+    for the log, ``utils.launcher.Launch.describe``)."""
 
     rank: int
     world_size: int
     local_rank: int
     distributed: bool
     device: torch.device
+    launcher: str = "no launcher: one process"
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from e
+class LaunchError(ValueError):
+    """The processes a launcher announced did not form one group (a user mistake: one line from ``main.py``)."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -45,25 +46,58 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def cuda_index(local_rank: int) -> int:
+    """The GPU of the process with this local rank: ``local_rank``, or 0 when the launcher shows each process one
+    GPU only (SLURM's ``--gpus-per-task 1`` sets CUDA_VISIBLE_DEVICES per task)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise LaunchError(
+            f"local rank {local_rank} but {count} GPU(s) visible on this node: start one process per GPU "
+            "(torchrun --nproc_per_node / srun --ntasks-per-node = GPUs per node)"
+        )
+    return local_rank
+
+
 def init_distributed_mode(device: str | None = None) -> DistInfo:
-    """Join the process group that ``torchrun`` describes, or return a single-process ``DistInfo``.
+    """Join the process group that torchrun or srun describes, or return a single-process ``DistInfo``.
 
     Args:
-        device: "cuda", "cpu" or None (cuda when available). Each process uses cuda:LOCAL_RANK.
+        device: "cuda", "cpu" or None (cuda when available). Each process uses one GPU (``cuda_index``).
     """
     device = resolve_device(device)
-    rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
-    if rank is None or world_size is None or world_size == 1:
-        return DistInfo(0, 1, 0, False, device)
-    local_rank = rank if local_rank is None else local_rank
+    launch = detect_launch()
+    log.info("launcher: %s", launch.describe())
+    if launch.world_size == 1:
+        return DistInfo(0, 1, 0, False, device, launch.describe())
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev, backend = torch.device("cuda", local_rank), "nccl"
+        index = cuda_index(launch.local_rank)
+        torch.cuda.set_device(index)
+        dev, backend = torch.device("cuda", index), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, True, dev)
+        _join(launch, backend)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, True, dev, launch.describe())
+
+
+def _join(launch: Launch, backend: str) -> None:
+    """``init_process_group``; torchrun's rendezvous through ``env://``, SLURM's at the host and port it names."""
+    init_method = None
+    if launch.master_addr:
+        host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr  # IPv6 in a URL
+        init_method = f"tcp://{host}:{launch.master_port}"
+    try:
+        dist.init_process_group(
+            backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size
+        )
+    except RuntimeError as e:  # DistStoreError after the rendezvous timeout, or the port taken
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LaunchError(
+            f"{launch.describe()}: the group of {launch.world_size} processes did not form ({first}); "
+            f"were all {launch.world_size} started, can they reach the rendezvous host, is its port free (MASTER_PORT)?"
+        ) from e
 
 
 def is_dist_avail_and_initialized() -> bool:
