@@ -200,7 +200,7 @@ def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path)
 
     bare = tmp_path / "bare.pth"
     torch.save({"model": read_checkpoint(run["checkpoint"])["model"]}, bare)
-    with pytest.raises(ValueError, match=r"bare.pth stores no 'config'.*--cfg_file"):
+    with pytest.raises(ValueError, match=r"bare.pth stores no config and MODEL.FUSION.NUM_HEADS is ambiguous"):
         demo.Predictor.from_checkpoint(bare, device="cpu")
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(run["cfg"].dump())
@@ -211,18 +211,19 @@ def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path)
 
 def test_config_overrides_and_errors(run, tmp_path):
     from models import CheckpointError, read_checkpoint
+    from tools.open_checkpoint import checkpoint_cfg
 
     ckpt = read_checkpoint(run["checkpoint"])
-    cfg = demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["DATA.ROOT", "/elsewhere", "EVAL.BATCH_SIZE", 3])
+    cfg = checkpoint_cfg(ckpt, run["checkpoint"], overrides=["DATA.ROOT", "/elsewhere", "EVAL.BATCH_SIZE", 3])
     assert cfg.DATA.ROOT == "/elsewhere" and cfg.EVAL.BATCH_SIZE == 3 and cfg.MODEL.SWIN.EMBED_DIM == 8
-    with pytest.raises(KeyError, match=r"overrides \['MODEL.NOPE', '1'\] does not fit configs/defaults.py"):
-        demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["MODEL.NOPE", "1"])
-    with pytest.raises(KeyError, match="the config stored in checkpoint .* does not fit"):
-        demo.config_from_checkpoint({"config": "MODEL:\n  NOPE: 1\n"}, "x.pth")
+    with pytest.raises(ValueError, match=r"overrides \['MODEL.NOPE', '1'\] do not fit configs/defaults.py"):
+        checkpoint_cfg(ckpt, run["checkpoint"], overrides=["MODEL.NOPE", "1"])
+    with pytest.raises(ValueError, match="the config stored in checkpoint x.pth does not fit"):
+        checkpoint_cfg({"config": "MODEL:\n  NOPE: 1\n"}, "x.pth")
     with pytest.raises(ValueError, match="KEY VALUE pairs"):
-        demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["DATA.ROOT"])
+        checkpoint_cfg(ckpt, run["checkpoint"], overrides=["DATA.ROOT"])
     with pytest.raises(FileNotFoundError, match="config file not found: .*missing.yaml"):
-        demo.config_from_checkpoint(ckpt, run["checkpoint"], cfg_file=tmp_path / "missing.yaml")
+        checkpoint_cfg(ckpt, run["checkpoint"], cfg_file=tmp_path / "missing.yaml")
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pth"):
         demo.Predictor.from_checkpoint(tmp_path / "nothing.pth", device="cpu")
 
