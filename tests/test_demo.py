@@ -284,7 +284,7 @@ def test_ensure_results_reads_existing_file_or_evaluates(run, tmp_path):
     run_dir.mkdir(parents=True)
     shutil.copy(run["checkpoint"], run_dir / "best.pth")
     predictor = demo.Predictor.from_checkpoint(run_dir / "best.pth", "cpu")
-    path = run_dir / "per_expression_testA_each_network.jsonl"
+    path = run_dir / "per_expression_synthetic_unc_testA_each_network64.jsonl"
     path.write_text(json.dumps({"ref_id": 0, "sentence": "x", "IoU": 0.0, "I": 0, "U": 1}) + "\n")
     assert demo.ensure_results(predictor, run_dir / "best.pth", "testA") == path
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", path.name], "no evaluation must have run"

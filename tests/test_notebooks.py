@@ -105,7 +105,7 @@ def test_inference_on_any_image_with_ground_truth(run, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_analysis_runs_the_evaluation_and_draws_its_figures(run, monkeypatch):
-    results = run["checkpoint"].parent / "per_expression_val_each_network.jsonl"
+    results = run["checkpoint"].parent / "per_expression_synthetic_unc_val_each_network64.jsonl"
     assert not results.exists()
     env = {"LAVT_CHECKPOINT": str(run["checkpoint"]), "LAVT_DEVICE": "cpu", "LAVT_NUM_WORST": "3",
            "LAVT_MIN_COUNT": "2"}  # fmt: skip

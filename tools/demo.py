@@ -26,10 +26,11 @@ from yacs.config import CfgNode
 from configs import DEMO_CONFIG, get_config
 from data import load_refer, load_rgb, tokenize
 from data.transforms import resize_image, to_tensor
-from engine.evaluation import per_expression_path, results_tag, run_evaluation
+from engine.evaluation import find_per_expression, run_evaluation
 from models.text import load_tokenizer
 from utils.distributed import DistInfo, resolve_device
 
+from .cli import run_cli
 from .open_checkpoint import open_checkpoint
 from .visualize import compose_panels, mask_iou, save_pngs
 
@@ -176,18 +177,20 @@ def dataset_example(refer: Any, split: str = "val", index: int = 0, max_objects:
 def ensure_results(
     predictor: Predictor, checkpoint: str | Path, split: str = "val", resolution: str = "network"
 ) -> Path:
-    """The per-expression results of ``checkpoint`` on ``split`` (in its run folder); when they are missing, the
-    predictor's model evaluates the split first (every expression scored alone), as ``main.py --eval`` does."""
+    """The per-expression results of ``checkpoint`` on ``split`` (``each`` protocol), the newest found under its
+    folder (``engine.evaluation.find_per_expression``); when there are none, the predictor's model evaluates the
+    split first, every expression scored alone, as ``main.py --eval`` does, writing into that folder."""
     run_dir = Path(checkpoint).parent
     cfg = predictor.cfg.clone()
     cfg.defrost()
     cfg.EVAL.MODE, cfg.EVAL.RESOLUTION, cfg.EVAL.SPLITS = "each", resolution, [split]
-    cfg.EVAL.SHUFFLE_EXPRESSIONS = cfg.EVAL.SHUFFLED_CONTROL = False
+    cfg.EVAL.SHUFFLE_EXPRESSIONS = cfg.EVAL.SHUFFLED_CONTROL = cfg.EVAL.SAVE_MASKS = False
     cfg.freeze()
-    path = per_expression_path(run_dir, results_tag(cfg, split))
-    if not path.is_file():
+    path = find_per_expression(run_dir, cfg, split)
+    if path is None:
         info = DistInfo(0, 1, 0, False, predictor.device)
         run_evaluation(cfg, predictor.model, predictor.tokenizer, info, run_dir, str(checkpoint))
+        path = find_per_expression(run_dir, cfg, split)
     return path
 
 
@@ -268,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("python -m tools.demo", main))
