@@ -21,10 +21,29 @@ from .helpers_train import make_tiny_text_encoder
 def trained(tmp_path_factory):
     """A checkpoint as main.py writes it (weights, epoch, config), of a non-default tiny network with BERT."""
     encoder = make_tiny_text_encoder(tmp_path_factory.getbasetemp() / "tiny_env" / "text_encoder")
-    opts = ["MODEL.SWIN.EMBED_DIM", 8, "MODEL.SWIN.DEPTHS", [1, 2, 1, 1], "MODEL.SWIN.NUM_HEADS", [1, 2, 2, 4],
-            "MODEL.SWIN.WINDOW_SIZE", 4, "MODEL.FUSION.NUM_HEADS", [1, 2, 1, 2], "MODEL.TEXT.ENCODER", str(encoder),
-            "MODEL.PRETRAINED_SWIN", "", "DATA.SIZE", 32, "DATA.DATASET", "refcoco+", "MODEL.SWIN.DROP_PATH_RATE", 0.0]
-    cfg = get_config(None, opts)  # fmt: skip
+    opts = [
+        "MODEL.SWIN.EMBED_DIM",
+        8,
+        "MODEL.SWIN.DEPTHS",
+        [1, 2, 1, 1],
+        "MODEL.SWIN.NUM_HEADS",
+        [1, 2, 2, 4],
+        "MODEL.SWIN.WINDOW_SIZE",
+        4,
+        "MODEL.FUSION.NUM_HEADS",
+        [1, 2, 1, 2],
+        "MODEL.TEXT.ENCODER",
+        str(encoder),
+        "MODEL.PRETRAINED_SWIN",
+        "",
+        "DATA.SIZE",
+        32,
+        "DATA.DATASET",
+        "refcoco+",
+        "MODEL.SWIN.DROP_PATH_RATE",
+        0.0,
+    ]
+    cfg = get_config(None, opts)
     torch.manual_seed(3)
     model = build_model(cfg, pretrained=False)
     with torch.no_grad():  # BatchNorm statistics are state too: make them differ from their init
@@ -110,5 +129,7 @@ def test_command_line(trained, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("python -m tools.export", main, argv) == 2  # the same --out again: refused, one line
     err = capsys.readouterr().err
-    assert err == f"python -m tools.export: error: FileExistsError: {tmp_path / 'm.st'} exists: choose another " \
+    assert (
+        err == f"python -m tools.export: error: FileExistsError: {tmp_path / 'm.st'} exists: choose another "
         "--out, or --force to replace it\n"
+    )

@@ -49,9 +49,16 @@ def encoder(tmp_path_factory) -> Path:
 
 
 def built(encoder: Path, packaging: str):
-    opts = {"MODEL.NAME": packaging, "MODEL.SWIN.EMBED_DIM": 8, "MODEL.SWIN.DROP_PATH_RATE": 0.0,
-            "MODEL.TEXT.ENCODER": str(encoder), "MODEL.PRETRAINED_SWIN": "", "DATA.SIZE": 40, **VARIANTS[packaging]}
-    cfg = get_config(None, [x for kv in opts.items() for x in kv])  # fmt: skip
+    opts = {
+        "MODEL.NAME": packaging,
+        "MODEL.SWIN.EMBED_DIM": 8,
+        "MODEL.SWIN.DROP_PATH_RATE": 0.0,
+        "MODEL.TEXT.ENCODER": str(encoder),
+        "MODEL.PRETRAINED_SWIN": "",
+        "DATA.SIZE": 40,
+        **VARIANTS[packaging],
+    }
+    cfg = get_config(None, [x for kv in opts.items() for x in kv])
     torch.manual_seed(0)
     return cfg, build_model(cfg, pretrained=False).eval()
 
