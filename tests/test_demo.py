@@ -299,3 +299,36 @@ def test_default_checkpoint_follows_the_demo_config():
 
     cfg = get_config(DEMO_CONFIG)
     assert demo.default_checkpoint() == Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_user_images_follow_their_exif_orientation(run, predictor, tmp_path, suffix):
+    """A photo stored sideways with orientation 6 ("turn 90 degrees clockwise to show") is predicted upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"sideways{suffix}"
+    Image.fromarray(first_image(run["cfg"])).resize((90, 70)).save(path, exif=exif)
+    with Image.open(path) as im:
+        stored = np.asarray(im.convert("RGB"))  # the pixels as stored, 70 rows of 90
+    upright = np.ascontiguousarray(np.rot90(stored, k=-1))  # 90 rows of 70
+    texts = ["the red circle", "big star"]
+    masks = predictor.predict(path, texts)
+    assert masks.shape == (2, 90, 70) and np.array_equal(masks, predictor.predict(upright, texts))
+    written = demo.run_demo(None, path, texts, tmp_path / "o.png", tmp_path / "m.png", predictor=predictor)
+    assert np.array_equal(written["masks"], masks) and Image.open(written["mask_out"][0]).size == (70, 90)
+    as_stored = demo.run_demo(None, path, texts[:1], tmp_path / "o.png", predictor=predictor, exif=False)
+    assert np.array_equal(as_stored["masks"], predictor.predict(stored, texts[:1]))  # dataset images: as stored
+
+
+def test_cli_on_an_official_file(run, predictor, tmp_path):
+    """The demo on the model saved in the authors' layout (no config): the same masks as from its own checkpoint."""
+    from models import to_official
+
+    official = tmp_path / "lavt.pth"
+    torch.save(to_official(predictor.model, "lavt", img_size=SIZE, dataset="synthetic", splitBy="unc"), official)
+    cfg = run["cfg"]
+    opts = ["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER, "DATA.ROOT", cfg.DATA.ROOT, "MODEL.TEXT.MAX_TOKENS", "12"]
+    argv = ["--checkpoint", str(official), "--example", "0", "--out", str(tmp_path / "o.png"), "--device", "cpu"]
+    written = demo.main([*argv, "--opts", *opts])
+    own = demo.main(["--checkpoint", str(run["checkpoint"]), *argv[2:]])
+    assert written["texts"] == own["texts"] and np.array_equal(written["masks"], own["masks"])
