@@ -4,8 +4,10 @@ Every shape-bearing setting is in the tensor shapes: the embed dim (the stem's L
 indices per stage), the Swin heads and the window (``relative_position_bias_table`` is ``[(2w - 1)^2, heads]``),
 the patch size (the stem's kernel, or its stride-2 convolutions), the MLP ratio (``fc1`` rows over the width),
 the decoder width (``classifier.conv1_1`` input channels), the language width (the PWAM key projection's input),
-the stem (``patch_embed.stem.*`` only in the convolutional one) and the packaging (``lavt_one`` holds the text
-encoder under ``text_encoder.``, ``lavt`` beside the model under ``bert_model``).
+the stem (``patch_embed.stem.*`` only in the convolutional one) and the text encoder (its width, layers and
+vocabulary, for checking the BERT folder given for it). The packaging is a hint: ``lavt_one`` holds the text encoder
+under ``text_encoder.``, ``lavt`` beside the model under ``bert_model`` (MODEL.NAME sets only the text dropout in
+training).
 
 The PWAM heads (official ``--mha``) own no parameter of their own: they split channels, so no shape tells them.
 The official files pickle their training ``args``, whose ``mha`` says them (and ``img_size``, ``dataset``,
@@ -125,7 +127,10 @@ def _read_args(args: Any, arch: Architecture, where: str) -> None:
     arch.facts["MODEL.FUSION.NUM_HEADS"] = heads
     arch.hints.update(data)
     packaging = (args if isinstance(args, dict) else vars(args)).get("model")
-    if packaging in PACKAGINGS and packaging != arch.hints["MODEL.NAME"]:
+    if packaging not in PACKAGINGS:
+        return
+    if arch.text is not None and packaging != arch.hints["MODEL.NAME"]:  # without BERT the layouts look alike
         raise CheckpointError(
             f"{where}: its args say model {packaging!r}, but its key layout is {arch.hints['MODEL.NAME']!r}"
         )
+    arch.hints["MODEL.NAME"] = packaging
