@@ -1,7 +1,8 @@
 """Loading weights: this project's checkpoints, the official LAVT releases, and Swin ImageNet initialisers.
 
-Every file is read with ``torch.load(weights_only=True)``. The official releases pickle an
-``argparse.Namespace`` under ``'args'``; that one plain class is allow-listed, nothing else.
+Every file is read with ``torch.load(weights_only=True)``, or as safetensors (``tools.export``; recognised by its
+content). The official releases pickle an ``argparse.Namespace`` under ``'args'``; that one plain class is
+allow-listed, nothing else.
 """
 from __future__ import annotations
 

@@ -160,3 +160,32 @@ def test_files_that_are_no_lavt(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(mha="4-4")}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="empty.pth: no backbone"):
         open_checkpoint(tmp_path / "empty.pth")
+
+
+def test_the_official_codes_own_state_dict():
+    """The recorded fixture holds a state dict made by the authors' model (tests/fixtures): its architecture read from
+    the weights is the one it was recorded with, and to_official writes exactly its keys, shapes and dtypes (what
+    their strict load_state_dict checks)."""
+    from models import infer_architecture
+
+    from .helpers_model import FIXTURE, fixture_cfg
+
+    reference = torch.load(FIXTURE, weights_only=True)
+    official_state, recorded = reference["checkpoint"]["model"], reference["config"]
+    args = argparse.Namespace(model="lavt", mha="", swin_type="base", window12=False, img_size=224)
+    arch = infer_architecture({"model": official_state, "args": args})
+    assert arch.facts == {
+        "MODEL.SWIN.EMBED_DIM": recorded["embed_dim"], "MODEL.SWIN.DEPTHS": recorded["depths"],
+        "MODEL.SWIN.NUM_HEADS": recorded["num_heads"], "MODEL.SWIN.WINDOW_SIZE": recorded["window_size"],
+        "MODEL.SWIN.PATCH_SIZE": recorded["patch_size"], "MODEL.SWIN.MLP_RATIO": recorded["mlp_ratio"],
+        "MODEL.SWIN.STEM": "patch", "MODEL.DECODER_HIDDEN": 0, "MODEL.TEXT.DIM": recorded["lang_dim"],
+        "MODEL.FUSION.NUM_HEADS": recorded["num_heads_fusion"],
+    }  # fmt: skip
+    assert arch.hints == {"MODEL.TEXT.ENCODER": "", "MODEL.NAME": "lavt", "DATA.SIZE": 224} and arch.text is None
+    model = build_model(fixture_cfg(reference), pretrained=False)
+    model.load_state_dict({k: v for k, v in official_state.items() if not k.endswith("relative_position_index")})
+    packed = to_official(model, "lavt")["model"]
+    assert packed.keys() == official_state.keys()
+    for key, value in official_state.items():
+        assert packed[key].shape == value.shape and packed[key].dtype == value.dtype, key
+        assert torch.equal(packed[key], value), key

@@ -2,8 +2,8 @@
 
 ``staged(targets)`` hands out one temporary path beside each target (same folder, so the rename is atomic); the
 caller writes them; on success each is renamed onto its target, in the order given, so the last target is the
-"commit": once it exists, the others are complete. On an error every temporary file is removed and no target
-changes.
+"commit": once it exists, the others are complete. An error while writing removes every temporary file and changes
+no target (an error in the renames themselves, e.g. the disk gone, can leave the first targets renamed only).
 """
 
 from __future__ import annotations
