@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.test_demo import first_image, make_tiny_run
+from tests.test_demo import first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
 from tools import demo, web
 from tools import visualize as vis
 
@@ -38,15 +37,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
 LIMIT_FLAGS = ["--max_megabytes", "0.2", "--max_megapixels", "0.25", "--max_expressions", "3"]
 TEXTS = ["the red circle", "big star on the left"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads waiting on each other cost 100x on tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +119,19 @@ def upright(path: Path) -> np.ndarray:
         return np.ascontiguousarray(np.rot90(np.asarray(im.convert("RGB")), k=-1))
 
 
-BAD = [  # (upload, text, what the page must say)
-    ("text", "the red circle", "'notes.txt' is not an image this page can read"),
-    ("heavy", "the red circle", "'noise.png' has 0.3 MB, more than the 0.2 MB this page accepts"),
-    ("huge", "the red circle", "'huge.png' is 600x500 pixels (0.3 megapixels), more than the 0.25 megapixels"),
-    ("broken", "the red circle", "'cut.png' is damaged and cannot be decoded"),
-    (None, "the red circle", "no image: choose an image file first"),
-    ("photo", " \n\n ", "the expression is empty"),
-    ("photo", "the red circle\n\u2063\u2063", "holds no word the tokenizer knows"),
-    ("photo", "a\nb\nc\nd", "4 expressions, more than the 3 this page segments at once"),
-]
+BAD = {  # case: (upload, text, what the page must say)
+    "not-an-image": ("text", "the red circle", "'notes.txt' is not an image this page can read"),
+    "too-many-bytes": ("heavy", "the red circle", "'noise.png' has 0.3 MB, more than the 0.2 MB this page accepts"),
+    "too-many-pixels": ("huge", "the red circle", "'huge.png' is 600x500 pixels (0.3 megapixels), more than the 0.25"),
+    "damaged": ("broken", "the red circle", "'cut.png' is damaged and cannot be decoded"),
+    "no-file": (None, "the red circle", "no image: choose an image file first"),
+    "no-text": ("photo", " \n\n ", "the expression is empty"),
+    "no-known-word": ("photo", "the red circle\n\u2063\u2063", "holds no word the tokenizer knows"),
+    "too-many-expressions": ("photo", "a\nb\nc\nd", "4 expressions, more than the 3 this page segments at once"),
+}
 
 
-@pytest.mark.parametrize("upload, text, message", BAD, ids=[f"{u}-{m.split()[1]}" for u, _, m in BAD])
+@pytest.mark.parametrize("upload, text, message", BAD.values(), ids=BAD.keys())
 def test_bad_upload_shows_its_message(page, files, upload, text, message):
     submit(page, files[upload] if upload else None, text)
     shown = page.inner_text("#error")
