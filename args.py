@@ -44,6 +44,7 @@ FLAG_TO_KEY: dict[str, str] = {
     "eval_resolution": "EVAL.RESOLUTION",
     "eval_batch_size": "EVAL.BATCH_SIZE",
     "shuffle_expressions": "EVAL.SHUFFLE_EXPRESSIONS",
+    "save_masks": "EVAL.SAVE_MASKS",
     "output": "OUTPUT",
     "model_id": "MODEL_ID",
 }
@@ -131,6 +132,8 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="control: each image's expressions shuffled among its objects",
     )
+    g.add_argument("--save_masks", action="store_true", default=None,
+                   help="write each expression's predicted mask as a PNG into masks_<...>/ in the run folder")
 
     g = p.add_argument_group("run")
     g.add_argument("--output", type=str, default=None, help="runs go to <output>/<model_id>/")

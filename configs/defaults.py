@@ -118,6 +118,9 @@ _C.EVAL.SPLITS = ["val"]
 # language scores far lower). SHUFFLE_EXPRESSIONS scores only that; SHUFFLED_CONTROL adds it as extra rows.
 _C.EVAL.SHUFFLE_EXPRESSIONS = False
 _C.EVAL.SHUFFLED_CONTROL = False
+# Write each expression's predicted mask (as scored: network or original resolution) as <ref_id>_<sent_id>.png into
+# masks_<dataset>_<splitBy>_<split>_each_<resolution>/ in the run folder (EVAL.MODE each only)
+_C.EVAL.SAVE_MASKS = False
 # After training: evaluate best.pth on EVAL.SPLITS with EVAL.MODE (the per-epoch validation is the official one).
 _C.EVAL.AFTER_TRAIN = True
 

@@ -163,6 +163,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "EVAL.SPLITS": splits,
         "EVAL.SHUFFLE_EXPRESSIONS": _flag,
         "EVAL.SHUFFLED_CONTROL": _flag,
+        "EVAL.SAVE_MASKS": _flag,
         "EVAL.AFTER_TRAIN": _flag,
         "OUTPUT": partial(_text, nonempty=True),
         "MODEL_ID": _model_id,
@@ -188,6 +189,10 @@ def _cross_checks(get: Callable[[str], Any]) -> None:
                 f"set, MODEL.TEXT.TRAIN_LAYERS 0 and no text dropout (got ENCODER {get('MODEL.TEXT.ENCODER')!r}, "
                 f"TRAIN_LAYERS {get('MODEL.TEXT.TRAIN_LAYERS')}, NAME {name}, DROPOUT {dropout})"
             )
+    if get("EVAL.SAVE_MASKS") and get("EVAL.MODE") not in (None, "each"):
+        raise ConfigError(
+            f"EVAL.SAVE_MASKS writes each expression's mask: it needs EVAL.MODE each, got {get('EVAL.MODE')!r}"
+        )
     if get("DATA.DATASET") == "synthetic" and get("DATA.SYNTHETIC_IMAGES") is not None:
         try:
             synthetic_sizes(get("DATA.SYNTHETIC_IMAGES"), get("DATA.SYNTHETIC_EVAL_IMAGES") or 0)

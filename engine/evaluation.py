@@ -1,9 +1,24 @@
 """Evaluate splits of a REFER dataset and write the results: ``run_evaluation`` (the ``--eval`` path and the
-evaluation after training), and ``results_paths``, the one place that names the files it writes."""
+evaluation after training), and ``EvalFiles``, the one place that names the files it writes.
+
+One evaluation (``EVAL.SPLITS`` in one protocol) writes into the run folder:
+- ``results_<dataset>_<splitBy>_<split+split...>_<mode>_<resolution>[_shuffled|_control].json``: the summaries;
+- ``per_expression_<dataset>_<splitBy>_<split>_<mode>_<resolution>[_shuffled].jsonl`` per split (and control);
+- with ``EVAL.SAVE_MASKS``: ``masks_<same tag>/<ref_id>_<sent_id>.png`` per split, the masks it scored.
+``<resolution>`` is ``network<SIZE>`` or ``original``; ``_shuffled``: the expressions shuffled among each image's
+objects (``EVAL.SHUFFLE_EXPRESSIONS``), ``_control``: both as annotated and shuffled (``EVAL.SHUFFLED_CONTROL``).
+A file is never replaced: when any name of an evaluation is taken, all of its names get the first free number
+(``-2``, ``-3``, ...). The files appear complete or not at all (temporary files renamed into place), the results
+file last: once it exists, its per-expression files and mask folders are complete.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +29,12 @@ from yacs.config import CfgNode
 from data import build_dataset, collate_eval, load_refer
 from data.controls import ShuffledExpressions
 from refer import REFER
-from utils.distributed import DistInfo, ShardSampler
+from utils.atomic import staged
+from utils.distributed import DistInfo, ShardSampler, barrier
 from utils.logger import get_logger
 from utils.metrics import format_table, results_summary
 
+from .eval_masks import MaskWriter
 from .loops import evaluate
 
 
@@ -33,19 +50,71 @@ def eval_loader(cfg: CfgNode, dataset: Any, info: DistInfo, batch_size: int, col
     )
 
 
+def resolution_name(cfg: CfgNode) -> str:
+    """``network<SIZE>`` (the network's input, where the official protocol scores) or ``original``."""
+    return f"network{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
+
+
 def results_tag(cfg: CfgNode, split: str, shuffled: bool = False) -> str:
-    """``<split>_<mode>_<resolution>[_shuffled]``: the name of one evaluation's per-expression file."""
-    return f"{split}_{cfg.EVAL.MODE}_{cfg.EVAL.RESOLUTION}" + ("_shuffled" if shuffled else "")
+    """``<dataset>_<splitBy>_<split>_<mode>_<resolution>[_shuffled]``: one split's evaluation (no number)."""
+    base = f"{cfg.DATA.DATASET}_{cfg.DATA.SPLIT_BY}_{split}_{cfg.EVAL.MODE}_{resolution_name(cfg)}"
+    return base + ("_shuffled" if shuffled else "")
 
 
-def per_expression_path(run_dir: str | Path, tag: str) -> Path:
-    """The per-expression records (JSON lines) of the evaluation ``tag`` (``results_tag``)."""
-    return Path(run_dir) / f"per_expression_{tag}.jsonl"
+def variants(cfg: CfgNode) -> list[bool]:
+    """Whether each scoring of a split has its expressions shuffled: as annotated, shuffled, or both (control)."""
+    return list(dict.fromkeys([cfg.EVAL.SHUFFLE_EXPRESSIONS] + ([True] if cfg.EVAL.SHUFFLED_CONTROL else [])))
 
 
-def results_path(run_dir: str | Path, cfg: CfgNode) -> Path:
-    """The summary (JSON) of every split evaluated by one run of ``run_evaluation``."""
-    return Path(run_dir) / f"results_{cfg.EVAL.MODE}_{cfg.EVAL.RESOLUTION}.json"
+@dataclass
+class EvalFiles:
+    """The names of one evaluation's files in ``run_dir``; ``number`` > 1 is appended to each (``-<number>``)."""
+
+    run_dir: Path
+    cfg: CfgNode
+    number: int = 1
+
+    def _suffix(self) -> str:
+        return f"-{self.number}" if self.number > 1 else ""
+
+    def results(self) -> Path:
+        c = self.cfg
+        shuffled = "_shuffled" if variants(c) == [True] else "_control" if len(variants(c)) > 1 else ""
+        splits = "+".join(c.EVAL.SPLITS)
+        name = f"results_{c.DATA.DATASET}_{c.DATA.SPLIT_BY}_{splits}_{c.EVAL.MODE}_{resolution_name(c)}{shuffled}"
+        return self.run_dir / f"{name}{self._suffix()}.json"
+
+    def per_expression(self, split: str, shuffled: bool = False) -> Path:
+        return self.run_dir / f"per_expression_{results_tag(self.cfg, split, shuffled)}{self._suffix()}.jsonl"
+
+    def masks(self, split: str, shuffled: bool = False) -> Path:
+        return self.run_dir / f"masks_{results_tag(self.cfg, split, shuffled)}{self._suffix()}"
+
+    def all(self) -> list[Path]:
+        """Every path the evaluation writes (mask folders only with ``EVAL.SAVE_MASKS``), the results last."""
+        paths = []
+        for split in self.cfg.EVAL.SPLITS:
+            for shuffled in variants(self.cfg):
+                paths.append(self.per_expression(split, shuffled))
+                if self.cfg.EVAL.SAVE_MASKS:
+                    paths.append(self.masks(split, shuffled))
+        return paths + [self.results()]
+
+    def first_free(self) -> EvalFiles:
+        """These names, numbered with the first number none of whose paths exists."""
+        number = self.number
+        while any(p.exists() for p in EvalFiles(self.run_dir, self.cfg, number).all()):
+            number += 1
+        return EvalFiles(self.run_dir, self.cfg, number)
+
+
+def find_per_expression(folder: str | Path, cfg: CfgNode, split: str, shuffled: bool = False) -> Path | None:
+    """The newest per-expression results of ``split`` in the protocol of ``cfg`` under ``folder`` (searched
+    recursively, whatever the number), or None."""
+    tag = re.escape(f"per_expression_{results_tag(cfg, split, shuffled)}")
+    pattern = re.compile(rf"{tag}(-\d+)?\.jsonl")
+    found = [p for p in Path(folder).rglob("per_expression_*.jsonl") if pattern.fullmatch(p.name)]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
 
 
 def run_evaluation(
@@ -57,46 +126,67 @@ def run_evaluation(
     checkpoint: str,
     refer: REFER | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``EVAL.SPLITS`` in ``EVAL.MODE`` at ``EVAL.RESOLUTION``; rank 0 writes results and the table.
-    ``refer``: the dataset's annotations if already read (``data.load_refer``)."""
+    """Evaluate ``EVAL.SPLITS`` in ``EVAL.MODE`` at ``EVAL.RESOLUTION``; rank 0 writes the files (``EvalFiles``,
+    never replacing one) and the table. ``refer``: the dataset's annotations if already read (``data.load_refer``).
+    """
     logger = get_logger()
     resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
-    variants = [cfg.EVAL.SHUFFLE_EXPRESSIONS] + ([True] if cfg.EVAL.SHUFFLED_CONTROL else [])
-    summaries = []
+    summaries, records_of, staging = [], {}, {}
     refer = load_refer(cfg) if refer is None else refer
+    files = EvalFiles(Path(run_dir), cfg)
     for split in cfg.EVAL.SPLITS:
         dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
-        for shuffled in dict.fromkeys(variants):
+        for shuffled in variants(cfg):
             ds = ShuffledExpressions(dataset, seed=cfg.TRAIN.SEED) if shuffled else dataset
             tag = results_tag(cfg, split, shuffled)
+            loader = eval_loader(cfg, ds, info, cfg.EVAL.BATCH_SIZE, collate_eval)
+            scored = model
+            if cfg.EVAL.SAVE_MASKS:  # every rank writes its shard's masks into one staging folder
+                staging[(split, shuffled)] = folder = Path(run_dir) / f".masks_{tag}.partial"
+                if info.rank == 0:
+                    shutil.rmtree(folder, ignore_errors=True)  # left by an evaluation that did not finish
+                barrier()
+                scored, loader = MaskWriter(folder, cfg.EVAL.RESOLUTION).tap(model, loader)
             metrics, records = evaluate(
-                model,
-                eval_loader(cfg, ds, info, cfg.EVAL.BATCH_SIZE, collate_eval),
-                info.device,
-                mode=cfg.EVAL.MODE,
-                resolution=cfg.EVAL.RESOLUTION,
-                amp=cfg.TRAIN.AMP,
+                scored, loader, info.device, mode=cfg.EVAL.MODE, resolution=cfg.EVAL.RESOLUTION, amp=cfg.TRAIN.AMP,
                 header=f"Eval {tag}",
+            )  # fmt: skip
+            records_of[(split, shuffled)] = records
+            summaries.append(
+                results_summary(
+                    metrics,
+                    dataset=f"{cfg.DATA.DATASET} ({cfg.DATA.SPLIT_BY})",
+                    split=split + (" (expressions shuffled)" if shuffled else ""),
+                    protocol=cfg.EVAL.MODE,
+                    resolution=resolution,
+                    checkpoint=checkpoint,
+                    expressions=(
+                        f"shuffled among each image's objects ({ds.left_out} objects alone in their image left out)"
+                        if shuffled
+                        else "as annotated"
+                    ),
+                )
             )
-            summary = results_summary(
-                metrics,
-                dataset=f"{cfg.DATA.DATASET} ({cfg.DATA.SPLIT_BY})",
-                split=split + (" (expressions shuffled)" if shuffled else ""),
-                protocol=cfg.EVAL.MODE,
-                resolution=resolution,
-                checkpoint=checkpoint,
-                expressions=(
-                    f"shuffled among each image's objects ({ds.left_out} objects alone in their image left out)"
-                    if shuffled
-                    else "as annotated"
-                ),
-            )
-            summaries.append(summary)
-            if info.rank == 0:
-                with open(per_expression_path(run_dir, tag), "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records)
     if info.rank == 0:
-        path = results_path(run_dir, cfg)
-        path.write_text(json.dumps(summaries, indent=2), encoding="utf-8")
+        path = _write(files.first_free(), records_of, staging, summaries)
         logger.info("results (%s):\n%s", path, format_table(summaries))
     return summaries
+
+
+def _write(
+    files: EvalFiles,
+    records_of: dict[tuple[str, bool], list[dict[str, Any]]],
+    staging: dict[tuple[str, bool], Path],
+    summaries: list[dict[str, Any]],
+) -> Path:
+    """Move the mask folders into place, then write the per-expression files and the results (last), atomically."""
+    for (split, shuffled), folder in staging.items():
+        os.replace(folder, files.masks(split, shuffled))
+    keys = list(records_of)
+    targets = [files.per_expression(split, shuffled) for split, shuffled in keys] + [files.results()]
+    with staged(targets) as temps:
+        for tmp, key in zip(temps, keys):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records_of[key])
+        temps[-1].write_text(json.dumps(summaries, indent=2), encoding="utf-8")
+    return files.results()

@@ -29,11 +29,39 @@ class CheckpointError(RuntimeError):
     """A weights file that cannot be read or does not fit the model; the message names the file."""
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file (an 8-byte little-endian header length, then a JSON header), whatever
+    its name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors file as ``read_checkpoint`` returns files: ``{'model': tensors, 'config': YAML text}`` (the
+    config from the metadata, when ``tools.export`` stored one)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {str(err)[:500]}") from err
+    content: dict[str, Any] = {"model": state}
+    if "config" in metadata:
+        content["config"] = metadata["config"]
+    return content
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The dict stored in ``path`` (safe loading; the official files' argparse Namespace allowed)."""
+    """The dict stored in ``path``: a ``torch.save`` file (safe loading; the official files' argparse Namespace
+    allowed) or a safetensors file (``read_safetensors``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_safetensors(path):
+        return read_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -118,17 +146,6 @@ def _mismatch_message(
     if any("relative_position_bias_table" in w or "attn_mask" in w for w in wrong):
         lines.append("  relative-position tables differ: check MODEL.SWIN.WINDOW_SIZE (the released files use 12).")
     return "\n".join(lines)
-
-
-def to_official(model: nn.Module, packaging: str = "lavt") -> dict[str, Any]:
-    """The model's weights packed as the authors' files (``'lavt'``: model + bert_model; ``'lavt_one'``: one dict)."""
-    state = {k: v for k, v in model.state_dict().items()}
-    if packaging == "lavt_one":
-        return {"model": state}
-    if packaging != "lavt":
-        raise ValueError(f"packaging must be 'lavt' or 'lavt_one', got {packaging!r}")
-    bert = {k[len(TEXT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(TEXT_PREFIX)}
-    return {"model": state, "bert_model": bert} if bert else {"model": state}
 
 
 def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:

@@ -200,7 +200,7 @@ def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path)
 
     bare = tmp_path / "bare.pth"
     torch.save({"model": read_checkpoint(run["checkpoint"])["model"]}, bare)
-    with pytest.raises(ValueError, match=r"bare.pth stores no 'config'.*--cfg_file"):
+    with pytest.raises(ValueError, match=r"bare.pth stores no config and MODEL.FUSION.NUM_HEADS is ambiguous"):
         demo.Predictor.from_checkpoint(bare, device="cpu")
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(run["cfg"].dump())
@@ -211,18 +211,19 @@ def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path)
 
 def test_config_overrides_and_errors(run, tmp_path):
     from models import CheckpointError, read_checkpoint
+    from tools.open_checkpoint import checkpoint_cfg
 
     ckpt = read_checkpoint(run["checkpoint"])
-    cfg = demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["DATA.ROOT", "/elsewhere", "EVAL.BATCH_SIZE", 3])
+    cfg = checkpoint_cfg(ckpt, run["checkpoint"], overrides=["DATA.ROOT", "/elsewhere", "EVAL.BATCH_SIZE", 3])
     assert cfg.DATA.ROOT == "/elsewhere" and cfg.EVAL.BATCH_SIZE == 3 and cfg.MODEL.SWIN.EMBED_DIM == 8
-    with pytest.raises(KeyError, match=r"overrides \['MODEL.NOPE', '1'\] does not fit configs/defaults.py"):
-        demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["MODEL.NOPE", "1"])
-    with pytest.raises(KeyError, match="the config stored in checkpoint .* does not fit"):
-        demo.config_from_checkpoint({"config": "MODEL:\n  NOPE: 1\n"}, "x.pth")
+    with pytest.raises(ValueError, match=r"overrides \['MODEL.NOPE', '1'\] do not fit configs/defaults.py"):
+        checkpoint_cfg(ckpt, run["checkpoint"], overrides=["MODEL.NOPE", "1"])
+    with pytest.raises(ValueError, match="the config stored in checkpoint x.pth does not fit"):
+        checkpoint_cfg({"config": "MODEL:\n  NOPE: 1\n"}, "x.pth")
     with pytest.raises(ValueError, match="KEY VALUE pairs"):
-        demo.config_from_checkpoint(ckpt, run["checkpoint"], opts=["DATA.ROOT"])
+        checkpoint_cfg(ckpt, run["checkpoint"], overrides=["DATA.ROOT"])
     with pytest.raises(FileNotFoundError, match="config file not found: .*missing.yaml"):
-        demo.config_from_checkpoint(ckpt, run["checkpoint"], cfg_file=tmp_path / "missing.yaml")
+        checkpoint_cfg(ckpt, run["checkpoint"], cfg_file=tmp_path / "missing.yaml")
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pth"):
         demo.Predictor.from_checkpoint(tmp_path / "nothing.pth", device="cpu")
 
@@ -283,7 +284,7 @@ def test_ensure_results_reads_existing_file_or_evaluates(run, tmp_path):
     run_dir.mkdir(parents=True)
     shutil.copy(run["checkpoint"], run_dir / "best.pth")
     predictor = demo.Predictor.from_checkpoint(run_dir / "best.pth", "cpu")
-    path = run_dir / "per_expression_testA_each_network.jsonl"
+    path = run_dir / "per_expression_synthetic_unc_testA_each_network64.jsonl"
     path.write_text(json.dumps({"ref_id": 0, "sentence": "x", "IoU": 0.0, "I": 0, "U": 1}) + "\n")
     assert demo.ensure_results(predictor, run_dir / "best.pth", "testA") == path
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", path.name], "no evaluation must have run"
@@ -298,3 +299,36 @@ def test_default_checkpoint_follows_the_demo_config():
 
     cfg = get_config(DEMO_CONFIG)
     assert demo.default_checkpoint() == Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_user_images_follow_their_exif_orientation(run, predictor, tmp_path, suffix):
+    """A photo stored sideways with orientation 6 ("turn 90 degrees clockwise to show") is predicted upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"sideways{suffix}"
+    Image.fromarray(first_image(run["cfg"])).resize((90, 70)).save(path, exif=exif)
+    with Image.open(path) as im:
+        stored = np.asarray(im.convert("RGB"))  # the pixels as stored, 70 rows of 90
+    upright = np.ascontiguousarray(np.rot90(stored, k=-1))  # 90 rows of 70
+    texts = ["the red circle", "big star"]
+    masks = predictor.predict(path, texts)
+    assert masks.shape == (2, 90, 70) and np.array_equal(masks, predictor.predict(upright, texts))
+    written = demo.run_demo(None, path, texts, tmp_path / "o.png", tmp_path / "m.png", predictor=predictor)
+    assert np.array_equal(written["masks"], masks) and Image.open(written["mask_out"][0]).size == (70, 90)
+    as_stored = demo.run_demo(None, path, texts[:1], tmp_path / "o.png", predictor=predictor, exif=False)
+    assert np.array_equal(as_stored["masks"], predictor.predict(stored, texts[:1]))  # dataset images: as stored
+
+
+def test_cli_on_an_official_file(run, predictor, tmp_path):
+    """The demo on the model saved in the authors' layout (no config): the same masks as from its own checkpoint."""
+    from models import to_official
+
+    official = tmp_path / "lavt.pth"
+    torch.save(to_official(predictor.model, "lavt", img_size=SIZE, dataset="synthetic", splitBy="unc"), official)
+    cfg = run["cfg"]
+    opts = ["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER, "DATA.ROOT", cfg.DATA.ROOT, "MODEL.TEXT.MAX_TOKENS", "12"]
+    argv = ["--checkpoint", str(official), "--example", "0", "--out", str(tmp_path / "o.png"), "--device", "cpu"]
+    written = demo.main([*argv, "--opts", *opts])
+    own = demo.main(["--checkpoint", str(run["checkpoint"]), *argv[2:]])
+    assert written["texts"] == own["texts"] and np.array_equal(written["masks"], own["masks"])

@@ -225,7 +225,7 @@ def test_official_checkpoint_scores_the_official_iou(root: Path, text_encoder: P
     torch.save(to_official(model, "lavt_one"), path)
 
     main_module.main(["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(path), "--opts", *opts])
-    lines = (tmp_path / "official" / "per_expression_val_each_network.jsonl").read_text().splitlines()
+    lines = (tmp_path / "official" / f"per_expression_refcoco_unc_val_each_network{S}.jsonl").read_text().splitlines()
     records = {r["sent_id"]: r for r in map(json.loads, lines)}
 
     sent_id, moved = 0, 0

@@ -73,16 +73,18 @@ def test_train_then_evaluate_writes_results(env, trained):
     tmp_path, out = trained
     run_dir = tmp_path / "tiny"
     names = {p.name for p in run_dir.iterdir()}
-    expected = {"best.pth", "last.pth", "log.txt", "metrics.jsonl", "config.yaml", "results_each_network.json"}
+    results = "results_synthetic_unc_val+testA_each_network48.json"
+    expected = {"best.pth", "last.pth", "log.txt", "metrics.jsonl", "config.yaml", results}
     assert expected <= names
-    assert {"per_expression_val_each_network.jsonl", "per_expression_testA_each_network.jsonl"} <= names
-    summaries = json.loads((run_dir / "results_each_network.json").read_text())
+    per_expression = [f"per_expression_synthetic_unc_{split}_each_network48.jsonl" for split in ("val", "testA")]
+    assert set(per_expression) <= names
+    summaries = json.loads((run_dir / results).read_text())
     assert summaries == out["summaries"] and [s["split"] for s in summaries] == ["val", "testA"]
     for s in summaries:
         assert s["protocol"] == "each" and s["resolution"] == "network 48x48"
         assert s["checkpoint"].endswith("best.pth") and s["dataset"] == "synthetic (unc)"
         assert "mean of per-expression IoU" in s["definitions"]["mIoU"]
-    rec = json.loads((run_dir / "per_expression_val_each_network.jsonl").read_text().splitlines()[0])
+    rec = json.loads((run_dir / per_expression[0]).read_text().splitlines()[0])
     assert {"ref_id", "sent_id", "sentence", "IoU", "I", "U"} <= rec.keys()
     assert "optimizer" not in read_checkpoint(run_dir / "best.pth")  # best.pth: weights for evaluation only
 
@@ -94,7 +96,8 @@ def test_train_then_evaluate_writes_results(env, trained):
     splits = [s["split"] for s in out["summaries"]]
     assert splits == ["val", "val (expressions shuffled)"]
     assert all(s["protocol"] == "avg" and s["resolution"] == "original" for s in out["summaries"])
-    assert (run_dir / "results_avg_original.json").is_file() and (run_dir / "config_eval.yaml").is_file()
+    assert (run_dir / "results_synthetic_unc_val_avg_original_control.json").is_file()
+    assert (run_dir / "config_eval.yaml").is_file()
 
 
 def test_synthetic_eval_images_sets_the_held_out_splits(env, tmp_path):
@@ -177,15 +180,17 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     assert last["epoch"] == 1
     log = (run_dir / "log.txt").read_text()
     assert "2 process(es)" in log and "resumed from" in log
-    sharded = json.loads((run_dir / "results_each_network.json").read_text())
-    per_expr = (run_dir / "per_expression_val_each_network.jsonl").read_text()
+    sharded = json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48.json").read_text())
+    per_expr = (run_dir / "per_expression_synthetic_unc_val_each_network48.jsonl").read_text()
 
     # the same checkpoint evaluated by one process: identical numbers, identical per-expression records
     single = main_module.main(
         ["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(run_dir / "best.pth"), "--opts", *opts]
     )["summaries"]
     assert single == sharded
-    assert (run_dir / "per_expression_val_each_network.jsonl").read_text() == per_expr
+    # the first evaluation's files are kept; this one's are numbered
+    assert (run_dir / "per_expression_synthetic_unc_val_each_network48-2.jsonl").read_text() == per_expr
+    assert json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48-2.json").read_text()) == sharded
 
 
 def test_data_cache_with_workers_warns(env, tmp_path):

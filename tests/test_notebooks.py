@@ -60,6 +60,25 @@ def run(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def official(run) -> dict[str, str]:
+    """The run's model in the authors' layout (no config: the architecture comes from the weights), in a folder of
+    its own, and the LAVT_OPTS the notebooks need for it (the text encoder folder, the data root)."""
+    from models import read_checkpoint, to_official
+    from tools.open_checkpoint import open_checkpoint
+
+    _, model = open_checkpoint(run["checkpoint"])
+    folder = run["folder"] / "official"
+    folder.mkdir()
+    path = folder / "lavt_synthetic.pth"
+    cfg = run["cfg"]
+    torch.save(to_official(model, "lavt", img_size=cfg.DATA.SIZE, dataset="synthetic", splitBy="unc"), path)
+    assert "config" not in read_checkpoint(path)
+    opts = ["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER, "DATA.ROOT", cfg.DATA.ROOT, "DATA.WORKERS", "0",
+            "MODEL.TEXT.MAX_TOKENS", str(cfg.MODEL.TEXT.MAX_TOKENS)]  # fmt: skip
+    return {"LAVT_CHECKPOINT": str(path), "LAVT_OPTS": json.dumps(opts)}
+
+
 @pytest.mark.slow
 def test_inference_on_a_dataset_image(run, monkeypatch, tmp_path):
     """Defaults: a val image with two or more referred objects, its expressions, ground truths and IoUs."""
@@ -77,15 +96,19 @@ def test_inference_on_a_dataset_image(run, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_on_any_image_with_ground_truth(run, monkeypatch, tmp_path):
+def test_inference_on_any_image_with_ground_truth(run, official, monkeypatch, tmp_path):
+    """An official-format checkpoint, a photo of one's own stored sideways (EXIF orientation 8: turn 90 degrees
+    counter-clockwise to show), a ground-truth mask drawn on the upright picture."""
     rgb = np.asarray(Image.fromarray(first_image(run["cfg"])).resize((80, 60)))
-    image = tmp_path / "mine.bmp"
-    Image.fromarray(rgb).save(image)
+    image = tmp_path / "mine.png"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, k=-1))).save(image, exif=exif)  # stored turned clockwise
     gt = np.zeros((60, 80), dtype=np.uint8)
     gt[10:40, 20:50] = 255
     vis.save_png(gt, tmp_path / "gt.png")
     env = {
-        "LAVT_CHECKPOINT": str(run["checkpoint"]), "LAVT_DEVICE": "cpu", "LAVT_IMAGE": str(image),
+        **official, "LAVT_DEVICE": "cpu", "LAVT_IMAGE": str(image),
         "LAVT_EXPRESSIONS": json.dumps(["the red circle"]), "LAVT_GT_MASKS": json.dumps([str(tmp_path / "gt.png")]),
         "LAVT_SAVE_OVERLAY": str(tmp_path / "overlay.png"),
     }  # fmt: skip
@@ -104,11 +127,11 @@ def test_inference_on_any_image_with_ground_truth(run, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_analysis_runs_the_evaluation_and_draws_its_figures(run, monkeypatch):
-    results = run["checkpoint"].parent / "per_expression_val_each_network.jsonl"
+def test_analysis_runs_the_evaluation_and_draws_its_figures(official, monkeypatch):
+    """On the official-format checkpoint: no results beside it, so the notebook evaluates first."""
+    results = Path(official["LAVT_CHECKPOINT"]).parent / "per_expression_synthetic_unc_val_each_network64.jsonl"
     assert not results.exists()
-    env = {"LAVT_CHECKPOINT": str(run["checkpoint"]), "LAVT_DEVICE": "cpu", "LAVT_NUM_WORST": "3",
-           "LAVT_MIN_COUNT": "2"}  # fmt: skip
+    env = {**official, "LAVT_DEVICE": "cpu", "LAVT_NUM_WORST": "3", "LAVT_MIN_COUNT": "2"}
     nb = execute("AnalysisFailure.ipynb", env, monkeypatch)
     assert results.is_file(), "the notebook must evaluate when the per-expression results are missing"
     records = vis.load_results(results)

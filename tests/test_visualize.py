@@ -210,3 +210,15 @@ def test_load_results(tmp_path):
         vis.load_results(path)
     with pytest.raises(FileNotFoundError, match="per-expression results not found"):
         vis.load_results(tmp_path / "missing.jsonl")
+
+
+def test_png_pair_written_all_or_nothing(tmp_path):
+    """An overlay and its mask appear together: if one cannot be written, neither target changes."""
+    overlay, mask = tmp_path / "out" / "overlay.png", tmp_path / "out" / "mask.png"
+    vis.save_pngs({overlay: np.full((4, 5, 3), 7, np.uint8), mask: np.zeros((4, 5), np.uint8)})
+    before = overlay.read_bytes(), mask.read_bytes()
+    with pytest.raises(TypeError):  # PIL cannot make an image of float64 RGB: the second file fails
+        vis.save_pngs({overlay: np.zeros((4, 5, 3), np.uint8), mask: np.zeros((4, 5, 3), np.float64)})
+    assert (overlay.read_bytes(), mask.read_bytes()) == before
+    assert sorted(p.name for p in overlay.parent.iterdir()) == ["mask.png", "overlay.png"]  # no temporary left
+    assert np.array_equal(np.asarray(Image.open(overlay)), np.full((4, 5, 3), 7, np.uint8))

@@ -3,10 +3,11 @@
     python -m tools.demo --checkpoint checkpoint/demo/best.pth --image photo.jpg \\
         --text "the red circle" --text "the big star" --out overlay.png --mask_out mask.png
 
-The checkpoint's stored config (YAML text under ``'config'``) rebuilds the network; files without one (the
-official releases) need ``--cfg_file``. Images are prepared as the dataset prepares them (square resize to
-DATA.SIZE, ImageNet normalisation), expressions tokenised as the dataset tokenises them; the logits are resized
-bilinearly to the image's own size before the argmax, as the evaluation at ``original`` resolution does.
+Any LAVT checkpoint opens (``tools.open_checkpoint``): this project's rebuild the network from their stored
+config, the official releases from their weights. User images are turned upright by their EXIF orientation.
+Images are prepared as the dataset prepares them (square resize to DATA.SIZE, ImageNet normalisation),
+expressions tokenised as the dataset tokenises them; the logits are resized bilinearly to the image's own size
+before the argmax, as the evaluation at ``original`` resolution does.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-from configs import DEMO_CONFIG, get_config, override_pairs
-from configs.validate import coerce_pairs, coerce_tree
+from configs import DEMO_CONFIG, get_config
 from data import load_refer, load_rgb, tokenize
 from data.transforms import resize_image, to_tensor
-from engine.evaluation import per_expression_path, results_tag, run_evaluation
-from models import build_model, load_weights, read_checkpoint
+from engine.evaluation import find_per_expression, run_evaluation
 from models.text import load_tokenizer
 from utils.distributed import DistInfo, resolve_device
 
-from .visualize import compose_panels, mask_iou, save_png
+from .cli import run_cli
+from .open_checkpoint import open_checkpoint
+from .visualize import compose_panels, mask_iou, save_pngs
 
 logger = logging.getLogger(__name__)
 
@@ -40,41 +41,6 @@ def default_checkpoint() -> Path:
     """``<OUTPUT>/<MODEL_ID>/best.pth`` of the built-in demo run (``python main.py``, configs/demo.yaml)."""
     cfg = get_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None)
     return Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"
-
-
-def config_from_checkpoint(
-    checkpoint: dict[str, Any], path: str | Path, cfg_file: str | Path | None = None, opts: Sequence[Any] = ()
-) -> CfgNode:
-    """Frozen config: defaults <- the checkpoint's stored config <- ``cfg_file`` <- ``opts`` (KEY VALUE ...)."""
-    text = checkpoint.get("config")
-    if text is None and not cfg_file:
-        raise ValueError(
-            f"checkpoint {path} stores no 'config' (an official release?): give its config file "
-            "(--cfg_file configs/swin_base_refcoco.yaml, plus --opts MODEL.TEXT.ENCODER <bert folder>)"
-        )
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"checkpoint {path}: 'config' must be YAML text, got {type(text).__name__}")
-    if cfg_file and not Path(cfg_file).is_file():
-        raise FileNotFoundError(f"config file not found: {cfg_file}")
-    pairs = override_pairs(opts)
-    cfg = get_config(freeze=False)
-
-    def merge_text(yaml_text: str, where: str) -> None:  # coerced as get_config coerces a file
-        cfg.merge_from_other_cfg(coerce_tree(cfg, CfgNode.load_cfg(yaml_text), where))
-
-    steps = [
-        (f"the config stored in checkpoint {path}", lambda: merge_text(text, f"in checkpoint {path}")),
-        (f"config file {cfg_file}", lambda: merge_text(Path(cfg_file).read_text(encoding="utf-8"), f"in {cfg_file}")),
-        (f"overrides {list(opts)}", lambda: cfg.merge_from_list(coerce_pairs(cfg, pairs))),
-    ]
-    for (what, merge), wanted in zip(steps, (text is not None, bool(cfg_file), bool(opts))):
-        if wanted:
-            try:
-                merge()
-            except (KeyError, AssertionError, ValueError) as e:  # yacs asserts on keys the defaults lack
-                raise KeyError(f"{what} does not fit configs/defaults.py: {e}") from e
-    cfg.freeze()
-    return cfg
 
 
 class Predictor:
@@ -97,17 +63,15 @@ class Predictor:
         cfg_file: str | Path | None = None,
         opts: Sequence[Any] = (),
     ) -> Predictor:
-        """Build the network from the checkpoint's config, load its weights; device: None = cuda if available."""
+        """Any LAVT checkpoint (``tools.open_checkpoint``: this project's, exported or official); ``cfg_file`` and
+        ``opts`` (KEY VALUE ...) as there. device: None = cuda if available."""
         device = resolve_device(device)
-        ckpt = read_checkpoint(path)
-        cfg = config_from_checkpoint(ckpt, path, cfg_file, opts)
+        cfg, model = open_checkpoint(path, cfg_file, opts)
         if not cfg.MODEL.TEXT.ENCODER:
             raise ValueError(
                 f"checkpoint {path}: MODEL.TEXT.ENCODER is empty, but predicting from text needs the "
                 "text encoder (set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>)"
             )
-        model = build_model(cfg, pretrained=False)
-        load_weights(model, path, ckpt)
         logger.info("model of %s on %s, input %dx%d", path, device, cfg.DATA.SIZE, cfg.DATA.SIZE)
         return cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device)
 
@@ -121,10 +85,13 @@ class Predictor:
         return to_tensor(resize_image(image, self.size, self.cfg.DATA.RESIZE)).unsqueeze(0)
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray | str | Path, texts: Sequence[str]) -> np.ndarray:
-        """Masks of each expression: image ([H, W, 3] uint8 RGB or a file), E texts -> [E, H, W] bool."""
+    def predict(self, image: np.ndarray | str | Path, texts: Sequence[str], exif: bool = True) -> np.ndarray:
+        """Masks of each expression: image ([H, W, 3] uint8 RGB or a file), E texts -> [E, H, W] bool.
+
+        exif: a file is turned upright by its EXIF orientation first, as photo viewers show it (False: the pixels as
+        stored, the official reading of dataset images)."""
         if isinstance(image, (str, Path)):
-            image = load_rgb(image)
+            image = load_rgb(image, exif=exif)
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError(f"predict needs a list of non-empty expressions, got {texts!r}")
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
@@ -159,21 +126,25 @@ def run_demo(
     cfg_file: str | Path | None = None,
     opts: Sequence[Any] = (),
     predictor: Predictor | None = None,
+    exif: bool = True,
 ) -> dict[str, Any]:
     """Predict and write the overlay PNG (one captioned panel per expression) and the mask PNG(s) (0/255, the
-    image's size). Returns ``masks`` [E, H, W] bool and the written paths (``out``, ``mask_out``: a list).
+    image's size), all or none (``visualize.save_pngs``). Returns ``masks`` [E, H, W] bool and the written paths
+    (``out``, ``mask_out``: a list).
 
-    ``predictor``, when given, is used instead of loading ``checkpoint``."""
-    rgb = load_rgb(image)
+    ``predictor``, when given, is used instead of loading ``checkpoint``. ``exif``: honour the image's EXIF
+    orientation (user photos; False for dataset images, read as the official code reads them)."""
+    rgb = load_rgb(image, exif=exif)
     if predictor is None:
         if checkpoint is None:
             raise ValueError("run_demo needs a checkpoint or a predictor")
         predictor = Predictor.from_checkpoint(checkpoint, device, cfg_file, opts)
     masks = predictor.predict(rgb, texts)
-    written = {"masks": masks, "out": save_png(compose_panels(rgb, masks, list(texts)), out), "mask_out": []}
-    if mask_out is not None:
-        for path, m in zip(mask_paths(mask_out, len(texts)), masks):
-            written["mask_out"].append(save_png(m.astype(np.uint8) * 255, path))
+    pictures = {Path(out): compose_panels(rgb, masks, list(texts))}
+    paths = mask_paths(mask_out, len(texts)) if mask_out is not None else []
+    pictures.update({path: m.astype(np.uint8) * 255 for path, m in zip(paths, masks)})
+    save_pngs(pictures)
+    written = {"masks": masks, "out": Path(out), "mask_out": paths}
     for text, m in zip(texts, masks):
         logger.info("%r: %.1f%% of the image", text, 100 * m.mean())
     return written
@@ -206,18 +177,20 @@ def dataset_example(refer: Any, split: str = "val", index: int = 0, max_objects:
 def ensure_results(
     predictor: Predictor, checkpoint: str | Path, split: str = "val", resolution: str = "network"
 ) -> Path:
-    """The per-expression results of ``checkpoint`` on ``split`` (in its run folder); when they are missing, the
-    predictor's model evaluates the split first (every expression scored alone), as ``main.py --eval`` does."""
+    """The per-expression results of ``checkpoint`` on ``split`` (``each`` protocol), the newest found under its
+    folder (``engine.evaluation.find_per_expression``); when there are none, the predictor's model evaluates the
+    split first, every expression scored alone, as ``main.py --eval`` does, writing into that folder."""
     run_dir = Path(checkpoint).parent
     cfg = predictor.cfg.clone()
     cfg.defrost()
     cfg.EVAL.MODE, cfg.EVAL.RESOLUTION, cfg.EVAL.SPLITS = "each", resolution, [split]
-    cfg.EVAL.SHUFFLE_EXPRESSIONS = cfg.EVAL.SHUFFLED_CONTROL = False
+    cfg.EVAL.SHUFFLE_EXPRESSIONS = cfg.EVAL.SHUFFLED_CONTROL = cfg.EVAL.SAVE_MASKS = False
     cfg.freeze()
-    path = per_expression_path(run_dir, results_tag(cfg, split))
-    if not path.is_file():
+    path = find_per_expression(run_dir, cfg, split)
+    if path is None:
         info = DistInfo(0, 1, 0, False, predictor.device)
         run_evaluation(cfg, predictor.model, predictor.tokenizer, info, run_dir, str(checkpoint))
+        path = find_per_expression(run_dir, cfg, split)
     return path
 
 
@@ -264,7 +237,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="overlay.png", help="overlay PNG")
     p.add_argument("--mask_out", default=None, help="mask PNG (0/255); several expressions: <stem>_<i>.png")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
+    p.add_argument(
+        "--cfg_file", default=None, help="config for a checkpoint without one, where its weights leave a setting open"
+    )
     p.add_argument(
         "--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides, e.g. MODEL.TEXT.ENCODER minilm-l6"
     )
@@ -285,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         example = dataset_example(load_refer(predictor.cfg), "val", args.example)
         image, texts = example["image"], texts or example["expressions"]
         logger.info("example %d: %s", args.example, image)
-    written = run_demo(None, image, texts, args.out, args.mask_out, predictor=predictor)
+    # a dataset image is read as the official code reads it (no EXIF turn), as its annotations were made on it
+    written = run_demo(None, image, texts, args.out, args.mask_out, predictor=predictor, exif=args.example is None)
     logger.info(
         "overlay: %s%s",
         written["out"],
@@ -295,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli("python -m tools.demo", main))

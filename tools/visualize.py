@@ -19,8 +19,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+from utils.atomic import staged
+from utils.metrics import intersection_union, iou_from_counts
 
 # distinct, saturated overlay colours (RGB), one per expression
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -92,12 +96,13 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, in
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of two masks of one shape (0 when both are empty, as ``utils.metrics``)."""
+    """IoU of two masks of one shape [H, W], as the evaluation computes it (``utils.metrics``: 0 when both are
+    empty)."""
     pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
     if pred.shape != gt.shape:
         raise ValueError(f"mask_iou: prediction {pred.shape} and ground truth {gt.shape} differ in shape")
-    union = int(np.count_nonzero(pred | gt))
-    return int(np.count_nonzero(pred & gt)) / union if union else 0.0
+    inter, union = intersection_union(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
+    return float(iou_from_counts(inter, union)[0])
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -160,11 +165,21 @@ def load_mask(path: str | Path) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB [H, W, 3] or grey [H, W] uint8 array as PNG (folders created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
-    return path
+    """Write an RGB [H, W, 3] or grey [H, W] uint8 array as PNG (folders created, atomically); returns the path."""
+    return save_pngs({Path(path): array})[0]
+
+
+def save_pngs(pictures: dict[Path, np.ndarray]) -> list[Path]:
+    """Write several PNGs (path -> RGB [H, W, 3] or grey [H, W] uint8 array) all or none: each is encoded to a
+    temporary file beside its target, then all are renamed onto their targets (``utils.atomic.staged``), so an
+    overlay and its masks never come from two different runs. Folders are created. Returns the paths."""
+    paths = [Path(p) for p in pictures]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with staged(paths) as temps:
+        for tmp, array in zip(temps, pictures.values()):
+            Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+    return paths
 
 
 # ----------------------------------------------------------------------------- figures

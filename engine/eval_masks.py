@@ -1,0 +1,93 @@
+"""``EVAL.SAVE_MASKS``: each expression's predicted mask, as the evaluation scored it, written as a PNG.
+
+``MaskWriter.tap(model, loader)`` returns the model and the loader as ``engine.loops.evaluate`` drives them: the model
+hands every ``segment`` output (the logits of the batch's expressions, object by object, as ``data.collate_eval``
+orders them) to the writer, and the loader, when asked for the next batch, has the writer turn the logits of the
+batch just scored into masks. So the evaluation runs once and the masks are the ones it scored:
+- ``network``: the argmax at the network's input size (S x S), against which the resized ground truth was scored;
+- ``original``: the logits resized bilinearly to the image's size, then the argmax, as the evaluation does.
+Files: ``<ref_id>_<sent_id>.png``, 0 (background) / 255 (object), in the writer's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+class _SegmentTap(nn.Module):
+    """``model`` for ``evaluate``: the same ``encode_text`` and ``segment``, each ``segment`` output also kept."""
+
+    def __init__(self, model: nn.Module, kept: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.kept = kept
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self.model.text_encoder
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_text(input_ids, attention_mask)
+
+    def segment(self, images: torch.Tensor, lang_feats: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
+        """As ``LAVT.segment``: images [E, 3, S, S] -> logits [E, 2, S, S]."""
+        logits = self.model.segment(images, lang_feats, lang_mask)
+        self.kept.append(logits.detach())
+        return logits
+
+
+class _Batches:
+    """``loader`` (its length too, for the progress log), the writer called after each batch was scored."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], writer: MaskWriter) -> None:
+        self.loader, self.writer = loader, writer
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield batch
+            self.writer.write(batch)  # evaluate asked for the next batch: this one has been scored
+
+
+class MaskWriter:
+    """Masks of every scored expression into ``folder`` (created); ``resolution``: ``network`` | ``original``."""
+
+    def __init__(self, folder: str | Path, resolution: str) -> None:
+        self.folder, self.resolution = Path(folder), resolution
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.kept: list[torch.Tensor] = []
+        self.written = 0
+
+    def tap(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> tuple[nn.Module, Iterable[dict[str, Any]]]:
+        """(model, loader) to hand to ``evaluate`` in ``each`` mode instead of the given ones."""
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        return _SegmentTap(model, self.kept), _Batches(loader, self)
+
+    def write(self, batch: dict[str, Any]) -> None:
+        """The masks of ``batch`` (an ``each``-mode batch of ``data.collate_eval``) from the logits kept for it."""
+        logits = torch.cat(self.kept).float()  # [E, 2, S, S], the batch's expressions object by object
+        self.kept.clear()
+        owners = batch["expr_index"].tolist()
+        if len(owners) != len(logits):
+            raise RuntimeError(f"EVAL.SAVE_MASKS: {len(logits)} predictions for {len(owners)} expressions")
+        ref_ids = torch.as_tensor(batch["ref_id"]).tolist()
+        names = [f"{ref}_{int(sent)}.png" for ref, sents in zip(ref_ids, batch["sent_ids"]) for sent in sents]
+        for e, (owner, name) in enumerate(zip(owners, names)):
+            if self.resolution == "network":
+                mask = logits[e].argmax(0) == 1  # [S, S]
+            else:
+                size = tuple(batch["target_orig"][owner].shape)  # [H0, W0]
+                up = F.interpolate(logits[e : e + 1], size=size, mode="bilinear", align_corners=False)
+                mask = up[0].argmax(0) == 1
+            Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
+        self.written += len(names)

@@ -1,0 +1,149 @@
+"""What an evaluation writes: names by dataset / split / protocol / resolution, numbered instead of replaced, all or
+nothing; ``--save_masks`` PNGs that are the masks the evaluation scored; finding the results again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine.evaluation as evaluation
+from args import config_from_args, parse_args
+from data import ReferDataset
+from engine.config_check import ConfigError, validate_config
+from models import build_model
+from models.text import load_tokenizer
+from utils.distributed import DistInfo
+
+from .helpers_train import tiny_cfg
+
+CPU = DistInfo(0, 1, 0, False, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny config, an untrained model whose predictions cover part of each image, and its tokenizer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path_factory, EVAL__SPLITS=["val", "testA"])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    with torch.no_grad():  # a logit margin around zero: the masks hold both classes
+        model.classifier.conv1_1.bias[1] = model.classifier.conv1_1.bias[0] + 0.02
+    yield cfg, model, load_tokenizer(cfg.MODEL.TEXT.ENCODER)
+    torch.set_num_threads(threads)
+
+
+def with_eval(cfg, **values):
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key, value in values.items():
+        setattr(cfg.EVAL, key, value)
+    cfg.freeze()
+    return cfg
+
+
+def test_names_numbered_never_replaced(setup, tmp_path):
+    cfg, model, tokenizer = setup
+    cfg = with_eval(cfg, SAVE_MASKS=True)
+    first = evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    names = {p.name for p in tmp_path.iterdir()}
+    base = "synthetic_unc_{}_each_network48"
+    expected = {"results_synthetic_unc_val+testA_each_network48.json"} | {
+        f"{kind}_{base.format(split)}{ext}"
+        for split in ("val", "testA")
+        for kind, ext in (("per_expression", ".jsonl"), ("masks", ""))
+    }
+    assert names == expected  # nothing else: no temporary file or staging folder left
+    before = {name: (tmp_path / name).read_bytes() for name in names if name.endswith(("json", "jsonl"))}
+    second = evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "b.pth")
+    assert {p.name for p in tmp_path.iterdir()} == expected | {
+        n.replace(".json", "-2.json") if "." in n else n + "-2" for n in expected
+    }
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())  # the first kept as it was
+    numbered = json.loads((tmp_path / "results_synthetic_unc_val+testA_each_network48-2.json").read_text())
+    assert [s["checkpoint"] for s in numbered] == ["b.pth", "b.pth"] and [s["checkpoint"] for s in first] == [
+        "a.pth"
+    ] * 2
+    assert [s["mIoU"] for s in numbered] == [s["mIoU"] for s in second] == [s["mIoU"] for s in first]
+
+
+def test_control_and_original_resolution_names(setup, tmp_path):
+    cfg, model, tokenizer = setup
+    cfg = with_eval(cfg, SPLITS=["val"], SHUFFLED_CONTROL=True, RESOLUTION="original")
+    evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "results_synthetic_unc_val_each_original_control.json",
+        "per_expression_synthetic_unc_val_each_original.jsonl",
+        "per_expression_synthetic_unc_val_each_original_shuffled.jsonl",
+    }
+
+
+@pytest.mark.parametrize("resolution", ["network", "original"])
+def test_saved_masks_are_the_scored_ones(setup, tmp_path, resolution):
+    """Each PNG against the ground truth the evaluation used gives the I and U of its per-expression record."""
+    cfg, model, tokenizer = setup
+    cfg = with_eval(cfg, SPLITS=["val"], SAVE_MASKS=True, RESOLUTION=resolution)
+    evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    tag = f"synthetic_unc_val_each_{'network48' if resolution == 'network' else 'original'}"
+    records = [json.loads(line) for line in (tmp_path / f"per_expression_{tag}.jsonl").read_text().splitlines()]
+    ds = ReferDataset(cfg.DATA.ROOT, "synthetic", "unc", "val", tokenizer, image_size=48, max_tokens=12, eval_mode=True)
+    truth = {}
+    for item in ds:
+        truth[item["ref_id"]] = (item["target"] if resolution == "network" else item["target_orig"]).numpy() != 0
+    pngs = sorted((tmp_path / f"masks_{tag}").iterdir())
+    assert len(pngs) == len(records) > 3
+    mixed = 0
+    for r in records:
+        mask = np.asarray(Image.open(tmp_path / f"masks_{tag}" / f"{r['ref_id']}_{r['sent_id']}.png"))
+        assert set(np.unique(mask)) <= {0, 255}
+        gt = truth[r["ref_id"]]
+        assert mask.shape == gt.shape
+        inter, union = int(np.sum((mask > 0) & gt)), int(np.sum((mask > 0) | gt))
+        assert (inter, union) == (r["I"], r["U"]), r
+        mixed += 0 < mask.mean() < 255
+    assert mixed > len(records) // 2  # neither all background nor all object: the comparison means something
+
+
+def test_all_or_nothing(setup, tmp_path, monkeypatch):
+    """A failure while writing (here: the summaries cannot be serialised) leaves no file, complete or not."""
+    cfg, model, tokenizer = setup
+    real = json.dumps
+
+    def failing(obj, *args, **kwargs):
+        if isinstance(obj, list):  # the summaries, written after the per-expression records
+            raise OSError("disk full")
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation.json, "dumps", failing)
+    with pytest.raises(OSError, match="disk full"):
+        evaluation.run_evaluation(with_eval(cfg, SPLITS=["val"]), model, tokenizer, CPU, tmp_path, "a.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_find_per_expression(setup, tmp_path):
+    cfg = with_eval(setup[0], SPLITS=["val"])
+    assert evaluation.find_per_expression(tmp_path, cfg, "val") is None
+    nested = tmp_path / "eval" / "b"
+    nested.mkdir(parents=True)
+    old, new = (
+        tmp_path / "per_expression_synthetic_unc_val_each_network48.jsonl",
+        nested / ("per_expression_synthetic_unc_val_each_network48-3.jsonl"),
+    )
+    other = tmp_path / "per_expression_synthetic_unc_val_each_network96.jsonl"  # another resolution
+    for stamp, path in enumerate((old, new, other)):  # written in this order
+        path.write_text("{}\n")
+        os.utime(path, (1_000_000 + stamp, 1_000_000 + stamp))
+    assert evaluation.find_per_expression(tmp_path, cfg, "val") == new
+    assert evaluation.find_per_expression(tmp_path, cfg, "testA") is None
+
+
+def test_save_masks_flag_and_its_mode():
+    args = parse_args(["--eval", "--save_masks", "--pretrain", "x.pth"])
+    assert config_from_args(args).EVAL.SAVE_MASKS is True
+    with pytest.raises(ConfigError, match="EVAL.SAVE_MASKS writes each expression's mask: it needs EVAL.MODE each"):
+        validate_config(config_from_args(parse_args(["--save_masks", "--eval_mode", "avg"])))

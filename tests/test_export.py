@@ -1,0 +1,135 @@
+"""tools.export: this project's checkpoint to the authors' layout and to safetensors, and back, exactly."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from configs import get_config
+from models import build_model, load_weights, read_checkpoint
+from tools.export import export
+from tools.open_checkpoint import open_checkpoint
+from utils.checkpoint import ARCHITECTURE_KEYS, save_checkpoint
+
+from .helpers_train import make_tiny_text_encoder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint as main.py writes it (weights, epoch, config), of a non-default tiny network with BERT."""
+    encoder = make_tiny_text_encoder(tmp_path_factory.getbasetemp() / "tiny_env" / "text_encoder")
+    opts = [
+        "MODEL.SWIN.EMBED_DIM",
+        8,
+        "MODEL.SWIN.DEPTHS",
+        [1, 2, 1, 1],
+        "MODEL.SWIN.NUM_HEADS",
+        [1, 2, 2, 4],
+        "MODEL.SWIN.WINDOW_SIZE",
+        4,
+        "MODEL.FUSION.NUM_HEADS",
+        [1, 2, 1, 2],
+        "MODEL.TEXT.ENCODER",
+        str(encoder),
+        "MODEL.PRETRAINED_SWIN",
+        "",
+        "DATA.SIZE",
+        32,
+        "DATA.DATASET",
+        "refcoco+",
+        "MODEL.SWIN.DROP_PATH_RATE",
+        0.0,
+    ]
+    cfg = get_config(None, opts)
+    torch.manual_seed(3)
+    model = build_model(cfg, pretrained=False)
+    with torch.no_grad():  # BatchNorm statistics are state too: make them differ from their init
+        for name, buffer in model.named_buffers():
+            if "running" in name:
+                buffer.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("export") / "best.pth"
+    save_checkpoint({"model": model.state_dict(), "epoch": 3, "config": cfg.dump()}, path)
+    return cfg, model, path
+
+
+def assert_same_tensors(model: torch.nn.Module, other: torch.nn.Module) -> None:
+    a, b = model.state_dict(), other.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("packaging", ["lavt", "lavt_one"])
+def test_official_round_trip(trained, tmp_path, packaging):
+    cfg, model, path = trained
+    out = export(path, "official", tmp_path / f"{packaging}.pth", packaging=packaging)
+    content = torch.load(out, weights_only=False)
+    assert "config" not in content and ("bert_model" in content) == (packaging == "lavt")
+    other = build_model(cfg, pretrained=False)
+    load_weights(other, out)
+    assert_same_tensors(model, other)
+    opened_cfg, opened = open_checkpoint(out, overrides=["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER])
+    assert_same_tensors(model, opened)
+    for key in [k for k in ARCHITECTURE_KEYS if k != "MODEL.NAME"] + ["DATA.SIZE", "DATA.DATASET", "DATA.SPLIT_BY"]:
+        assert _get(opened_cfg, key) == _get(cfg, key), key
+    assert opened_cfg.MODEL.NAME == packaging
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def test_safetensors_round_trip(trained, tmp_path):
+    cfg, model, path = trained
+    out = export(path, "safetensors", tmp_path / "model.safetensors")
+    with open(out, "rb") as f:  # the safetensors header, read by hand: the config is in the metadata
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    assert header["__metadata__"]["config"] == cfg.dump()
+    other = build_model(cfg, pretrained=False)
+    load_weights(other, out)
+    assert_same_tensors(model, other)
+    opened_cfg, opened = open_checkpoint(out)
+    assert opened_cfg.dump() == cfg.dump()
+    assert_same_tensors(model, opened)
+    renamed = tmp_path / "no_suffix.bin"  # recognised by its content, not its name
+    renamed.write_bytes(out.read_bytes())
+    assert read_checkpoint(renamed)["config"] == cfg.dump()
+    # and back: safetensors -> official, the same tensors
+    back = export(out, "official", tmp_path / "back.pth", packaging="lavt")
+    assert_same_tensors(model, open_checkpoint(back, overrides=["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER])[1])
+
+
+def test_refusals_change_nothing(trained, tmp_path):
+    _, _, path = trained
+    taken = tmp_path / "taken.pth"
+    taken.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="taken.pth exists: choose another --out, or --force"):
+        export(path, "official", taken)
+    with pytest.raises(ValueError, match="--packaging takes lavt or lavt_one, with --to official only"):
+        export(path, "safetensors", tmp_path / "x.safetensors", packaging="lavt")
+    assert taken.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.pth"]
+    export(path, "official", taken, force=True)
+    assert "args" in torch.load(taken, weights_only=False)
+
+
+def test_command_line(trained, tmp_path, capsys):
+    from tools.cli import run_cli
+    from tools.export import main
+
+    _, _, path = trained
+    argv = [str(path), "--to", "safetensors", "--out", str(tmp_path / "m.st")]
+    assert run_cli("python -m tools.export", main, argv) == 0
+    assert read_checkpoint(tmp_path / "m.st")["config"] == read_checkpoint(path)["config"]
+    capsys.readouterr()
+    assert run_cli("python -m tools.export", main, argv) == 2  # the same --out again: refused, one line
+    err = capsys.readouterr().err
+    assert (
+        err == f"python -m tools.export: error: FileExistsError: {tmp_path / 'm.st'} exists: choose another "
+        "--out, or --force to replace it\n"
+    )

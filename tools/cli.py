@@ -1,0 +1,28 @@
+"""Command-line entry points of ``tools``: a user's mistake ends as one line and exit status 2, as in ``main.py``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from data.image_io import ImageReadError
+from models import CheckpointError
+
+# What a user can get wrong (files, checkpoints, config, flags); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImageReadError, CheckpointError)
+
+
+def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
+    """``main(argv)``; a ``USER_ERRORS`` exception becomes ``<prog>: error: <Type>: <message>`` on one line of stderr
+    and status 2 (``--debug`` in ``argv`` shows the traceback instead). Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        main([a for a in argv if a != "--debug"])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,44 @@
+"""Writing several files so that readers see all of them complete or none: temporary files, then ``os.replace``.
+
+``staged(targets)`` hands out one temporary path beside each target (same folder, so the rename is atomic); the
+caller writes them; on success each is renamed onto its target, in the order given, so the last target is the
+"commit": once it exists, the others are complete. On an error every temporary file is removed and no target
+changes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["staged"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """Temporary paths for ``targets`` (their folders must exist); renamed onto them when the block ends normally.
+
+    The temporary files get the permissions ``open()`` would give (``mkstemp`` makes them private).
+    """
+    temps: list[Path] = []
+    try:
+        for target in map(Path, targets):
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())
+        yield temps
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)  # only those not renamed: after an error, all of them
