@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -25,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from tests.test_demo import first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
+from tests.test_demo import MAX_TOKENS, SIZE, first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
 from tools import demo, web
 from tools import visualize as vis
 
@@ -70,9 +72,23 @@ def files(run, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def url(run) -> str:
-    """The page, served by ``python -m tools.web``'s own startup (``build``) on a free port, in a thread."""
-    server = web.build(["--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0", *LIMIT_FLAGS])
+def official(run, predictor, tmp_path_factory) -> Path:
+    """The tiny model saved in the authors' layout (``lavt``: weights and training args, no config)."""
+    from models import to_official
+
+    path = tmp_path_factory.mktemp("official") / "lavt.pth"
+    torch.save(to_official(predictor.model, "lavt", img_size=SIZE, dataset="synthetic", splitBy="unc"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(run, official) -> str:
+    """The page, served by ``python -m tools.web``'s own startup (``build``) on a free port, in a thread, from the
+    official-format file (its architecture read from its weights): the reference ``predictor`` opens the project's
+    own checkpoint of the same model."""
+    encoder = run["cfg"].MODEL.TEXT.ENCODER
+    argv = ["--checkpoint", str(official), "--ck_bert", encoder, "--opts", "MODEL.TEXT.MAX_TOKENS", str(MAX_TOKENS)]
+    server = web.build([*argv, "--device", "cpu", "--port", "0", *LIMIT_FLAGS])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
@@ -143,6 +159,7 @@ def test_page_shows_and_downloads_the_models_masks(page, files, predictor, tmp_p
     """After the bad uploads above (same page, same server): the masks of two expressions."""
     submit(page, files["photo"], "\n".join(TEXTS) + "\n\n")
     assert page.inner_text("#error") == ""
+    assert page.inner_text("#model") == f"lavt.pth on cpu, input {SIZE}x{SIZE}"  # the size read from the file
     rgb = np.asarray(Image.open(files["photo"]).convert("RGB"))
     expected = predictor.predict(rgb, TEXTS)  # [2, H, W] bool
     assert 0.05 < expected[0].mean() < 0.95, "calibrated tiny model: both classes present"
@@ -219,9 +236,15 @@ def test_preview_of_a_big_image_is_shrunk():
     assert np.array_equal(shown, vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[0]))
 
 
-def test_startup_mistakes_end_in_one_line(tmp_path, capsys):
+def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m tools.web: error: CheckpointError: checkpoint not found") and err.count("\n") == 1
     assert web.main(["--checkpoint", "x.pth", "--max_expressions", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            web.WebApp(predictor).make_server("127.0.0.1", port)

@@ -40,8 +40,8 @@ from PIL import Image, UnidentifiedImageError
 
 from data.checks import ExpressionError, check_user_text
 from data.image_io import ImageReadError, open_rgb
-from models import CheckpointError
 
+from .cli import run_cli
 from .demo import Predictor
 from .visualize import PALETTE, overlay_mask
 
@@ -50,9 +50,6 @@ logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("web") / "index.html"
 PREVIEW_SIDE = 1024  # overlays shown on the page are at most this long (the masks keep the image's size)
 DRAIN_CHUNK = 1 << 20
-# startup mistakes (flags, checkpoint, config, a busy port) that end in one line; as main.USER_ERRORS, plus the
-# KeyError of a config that does not fit and the OSError of a port already taken
-USER_ERRORS = (ValueError, KeyError, OSError, CheckpointError)
 
 
 @dataclass(frozen=True)
@@ -266,8 +263,15 @@ class WebApp:
             return segment(self.predictor, data, name, text, self.limits)
 
     def make_server(self, host: str = "127.0.0.1", port: int = 7860) -> _Server:
-        """A bound HTTP server (port 0: a free port; the chosen one is ``server.server_address[1]``)."""
-        server = _Server((host, port), _Handler)
+        """A bound HTTP server (port 0: a free port; the chosen one is ``server.server_address[1]``).
+
+        Raises ValueError (one line) when the address cannot be had (a port in use, an unknown host)."""
+        try:
+            server = _Server((host, port), _Handler)
+        except OSError as e:
+            raise ValueError(
+                f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)"
+            ) from e
         server.app = self
         return server
 
@@ -277,6 +281,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.web",
         description="A web page that segments what each typed expression refers to in an uploaded image.",
+        epilog="--debug: the traceback of a startup error instead of its one line.",
     )
     p.add_argument("--checkpoint", required=True, help="LAVT checkpoint (this project's or an official release)")
     p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
@@ -288,7 +293,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_megapixels", type=float, default=Limits.max_pixels / 1e6, help="largest image, megapixels")
     p.add_argument("--max_expressions", type=int, default=Limits.max_expressions, help="expressions per upload")
     p.add_argument("--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides")
-    p.add_argument("--debug", action="store_true", help="show the traceback of a startup error")
     return p
 
 
@@ -303,16 +307,10 @@ def build(argv: Sequence[str] | None = None) -> _Server:
     return WebApp(predictor, limits, Path(args.checkpoint).name).make_server(args.host, args.port)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until Ctrl-C; a mistake in the flags, checkpoint or config ends with one line and status 2."""
+def serve(argv: Sequence[str]) -> None:
+    """Build the server from the command line and serve until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        server = build(argv)
-    except USER_ERRORS as e:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        print(f"python -m tools.web: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
-        return 2
+    server = build(argv)
     host, port = server.server_address[:2]
     logger.info("serving on http://%s:%d/ (Ctrl-C stops)", host, port)
     try:
@@ -321,7 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         server.server_close()
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: a mistake in the flags, checkpoint, config or address ends with one line and status 2."""
+    return run_cli("python -m tools.web", serve, argv)
 
 
 if __name__ == "__main__":
