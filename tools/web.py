@@ -145,8 +145,9 @@ def png_data_url(array: np.ndarray) -> str:
 
 
 def preview(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """The overlay shown on the page: ``overlay_mask`` at the image's size, or on the image shrunk to
-    PREVIEW_SIDE on its long side (bilinear; the mask nearest) for big photos, which would make heavy pages."""
+    """image [H, W, 3] uint8, mask [H, W] bool -> the overlay shown on the page, [h, w, 3] uint8: ``overlay_mask``
+    at the image's size, or on the image shrunk to PREVIEW_SIDE on its long side (bilinear; the mask nearest) for
+    big photos, which would make heavy pages."""
     h, w = mask.shape
     scale = PREVIEW_SIDE / max(h, w)
     if scale < 1:
@@ -245,7 +246,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class WebApp:
-    """A Predictor behind the page: ``serve()`` it, or ``server`` in a thread (tests)."""
+    """A Predictor behind the page; ``make_server()`` gives the HTTP server to ``serve_forever()`` (the command line
+    in the foreground, the tests in a thread)."""
 
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), model_name: str = "") -> None:
         self.predictor, self.limits = predictor, limits
