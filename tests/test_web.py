@@ -1,0 +1,250 @@
+"""tools.web served on a free port and used in a real headless browser (Debian's chromium driven by Playwright).
+
+The masks the page lets one download must equal ``Predictor.predict`` on the same image and text, computed here
+from its own load of the checkpoint; the overlays shown must be ``visualize.overlay_mask`` of them; every bad
+upload must show its one-line message. One server and one browser serve every case.
+
+Without chromium the browser tests are skipped, unless LAVT_REQUIRE_BROWSER=1 (set by .ci/run, which installs
+chromium) makes them fail: CI never passes with the page untested. The HTTP test runs everywhere.
+LAVT_SCREENSHOT=docs/web_page.png also writes the page's screenshot there (the one in the docs).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_demo import MAX_TOKENS, SIZE, first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
+from tools import demo, web
+from tools import visualize as vis
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# the flags the machine notes give for a closed network: no background connections, no sandbox as root
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+LIMIT_FLAGS = ["--max_megabytes", "0.2", "--max_megapixels", "0.25", "--max_expressions", "3"]
+TEXTS = ["the red circle", "big star on the left"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Any]:
+    return make_tiny_run(tmp_path_factory.mktemp("web_run"))
+
+
+@pytest.fixture(scope="module")
+def predictor(run) -> demo.Predictor:
+    """The reference: the checkpoint loaded again, apart from the server's own load."""
+    return demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def files(run, tmp_path_factory) -> dict[str, Path]:
+    """Uploads: a good PNG, a JPEG stored sideways with EXIF orientation 6, and one file per way to get it wrong."""
+    folder = tmp_path_factory.mktemp("uploads")
+    rgb = first_image(run["cfg"])[:, :-9]  # not square, so that a rotation shows in the mask's shape
+    paths = {key: folder / name for key, name in [("photo", "photo.png"), ("exif", "sideways.jpg"),
+             ("text", "notes.txt"), ("heavy", "noise.png"), ("huge", "huge.png"), ("broken", "cut.png")]}  # fmt: skip
+    Image.fromarray(rgb).save(paths["photo"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; shown upright after a quarter turn clockwise
+    Image.fromarray(rgb).save(paths["exif"], quality=95, exif=exif)
+    paths["text"].write_text("the red circle\n")
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)  # 90 kpx, ~270 kB
+    Image.fromarray(noise).save(paths["heavy"])
+    Image.new("RGB", (600, 500), "navy").save(paths["huge"])  # 0.3 megapixels, a few kB
+    paths["broken"].write_bytes(paths["photo"].read_bytes()[: paths["photo"].stat().st_size // 2])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def official(run, predictor, tmp_path_factory) -> Path:
+    """The tiny model saved in the authors' layout (``lavt``: weights and training args, no config)."""
+    from models import to_official
+
+    path = tmp_path_factory.mktemp("official") / "lavt.pth"
+    torch.save(to_official(predictor.model, "lavt", img_size=SIZE, dataset="synthetic", splitBy="unc"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(run, official) -> str:
+    """The page, served by ``python -m tools.web``'s own startup (``build``) on a free port, in a thread, from the
+    official-format file (its architecture read from its weights): the reference ``predictor`` opens the project's
+    own checkpoint of the same model."""
+    encoder = run["cfg"].MODEL.TEXT.ENCODER
+    argv = ["--checkpoint", str(official), "--ck_bert", encoder, "--opts", "MODEL.TEXT.MAX_TOKENS", str(MAX_TOKENS)]
+    server = web.build([*argv, "--device", "cpu", "--port", "0", *LIMIT_FLAGS])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    if CHROMIUM is None:
+        message = "no chromium: `apt-get install chromium` (.ci/run installs it)"
+        if os.environ.get("LAVT_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(accept_downloads=True, viewport={"width": 1000, "height": 640})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def submit(page: Any, upload: Path | None, text: str) -> None:
+    """Choose the file (or none), type the text, press Segment and wait for the answer to be shown."""
+    page.set_input_files("#image", [] if upload is None else upload)
+    page.fill("#texts", text)
+    page.evaluate("delete document.body.dataset.state")
+    page.click("#submit")
+    page.wait_for_function("document.body.dataset.state === 'done'", timeout=30_000)
+
+
+def decode_data_url(url: str) -> np.ndarray:
+    head, _, payload = url.partition(",")
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))))
+
+
+def upright(path: Path) -> np.ndarray:
+    """The stored pixels of an orientation-6 file turned a quarter clockwise, by hand (not through PIL's EXIF)."""
+    with Image.open(path) as im:
+        assert im.getexif()[0x0112] == 6
+        return np.ascontiguousarray(np.rot90(np.asarray(im.convert("RGB")), k=-1))
+
+
+BAD = {  # case: (upload, text, what the page must say)
+    "not-an-image": ("text", "the red circle", "'notes.txt' is not an image this page can read"),
+    "too-many-bytes": ("heavy", "the red circle", "'noise.png' has 0.3 MB, more than the 0.2 MB this page accepts"),
+    "too-many-pixels": ("huge", "the red circle", "'huge.png' is 600x500 pixels (0.3 megapixels), more than the 0.25"),
+    "damaged": ("broken", "the red circle", "'cut.png' is damaged and cannot be decoded"),
+    "no-file": (None, "the red circle", "no image: choose an image file first"),
+    "no-text": ("photo", " \n\n ", "the expression is empty"),
+    "no-known-word": ("photo", "the red circle\n\u2063\u2063", "holds no word the tokenizer knows"),
+    "too-many-expressions": ("photo", "a\nb\nc\nd", "4 expressions, more than the 3 this page segments at once"),
+}
+
+
+@pytest.mark.parametrize("upload, text, message", BAD.values(), ids=BAD.keys())
+def test_bad_upload_shows_its_message(page, files, upload, text, message):
+    submit(page, files[upload] if upload else None, text)
+    shown = page.inner_text("#error")
+    assert message in shown and "\n" not in shown
+    assert page.locator("figure.result").count() == 0
+
+
+def test_page_shows_and_downloads_the_models_masks(page, files, predictor, tmp_path):
+    """After the bad uploads above (same page, same server): the masks of two expressions."""
+    submit(page, files["photo"], "\n".join(TEXTS) + "\n\n")
+    assert page.inner_text("#error") == ""
+    assert page.inner_text("#model") == f"lavt.pth on cpu, input {SIZE}x{SIZE}"  # the size read from the file
+    rgb = np.asarray(Image.open(files["photo"]).convert("RGB"))
+    expected = predictor.predict(rgb, TEXTS)  # [2, H, W] bool
+    assert 0.05 < expected[0].mean() < 0.95, "calibrated tiny model: both classes present"
+    figures = page.locator("figure.result")
+    assert figures.count() == len(TEXTS)
+    for e, text in enumerate(TEXTS):
+        figure = figures.nth(e)
+        assert figure.locator(".text").inner_text().strip().startswith(f"{text} ({100 * expected[e].mean():.1f}% of")
+        with page.expect_download() as download:
+            figure.locator("a.mask").click()
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.name == f"photo_mask_{e}.png"
+        mask = np.asarray(Image.open(saved))
+        assert mask.shape == rgb.shape[:2] and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask > 0, expected[e])
+        overlay = figure.locator("img.overlay")
+        assert overlay.evaluate("img => img.complete ? img.naturalWidth : -1") == rgb.shape[1]  # decoded, shown
+        shown = decode_data_url(overlay.get_attribute("src"))
+        assert np.array_equal(shown, vis.overlay_mask(rgb, expected[e], vis.PALETTE[e]))
+    targets = [tmp_path / "web_page.png"] + (
+        [Path(os.environ["LAVT_SCREENSHOT"])] if "LAVT_SCREENSHOT" in os.environ else []
+    )
+    for target in targets:
+        page.screenshot(path=target, full_page=True)
+        assert Image.open(target).size[0] == 1000
+
+
+def test_exif_orientation_is_applied(page, files, predictor, tmp_path):
+    submit(page, files["exif"], TEXTS[0])
+    assert page.inner_text("#error") == ""
+    image = upright(files["exif"])
+    with page.expect_download() as download:
+        page.locator("figure.result a.mask").click()
+    download.value.save_as(tmp_path / "m.png")
+    mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
+    assert mask.shape == image.shape[:2] and image.shape[0] > image.shape[1]  # stored landscape, shown portrait
+    assert np.array_equal(mask, predictor.predict(image, TEXTS[:1])[0])
+
+
+def post(url: str, data: bytes, **query: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url + "predict?" + urllib.parse.urlencode(query), data=data, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_predict_endpoint_without_a_browser(url, files, predictor):
+    status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts="\n".join(TEXTS))
+    assert status == 200 and [r["text"] for r in answer["results"]] == TEXTS
+    expected = predictor.predict(np.asarray(Image.open(files["photo"]).convert("RGB")), TEXTS)
+    for r, m in zip(answer["results"], expected):
+        assert np.array_equal(decode_data_url(r["mask"]) > 0, m) and r["warning"] == ""
+    assert post(url, files["heavy"].read_bytes(), name="noise.png", texts="a")[0] == 413
+    status, answer = post(url, b"GIF89a nonsense", name="x.gif", texts="the red circle")
+    assert status == 400 and answer == {"error": "'x.gif' is not an image this page can read (PNG, JPEG, WebP, "
+                                                 "BMP, TIFF, ...): UnidentifiedImageError"}  # fmt: skip
+    status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts="x" * 2001)
+    assert status == 400 and answer["error"] == "the text has 2001 characters, more than the 2000 this page accepts"
+    long = " ".join(["red"] * 20)  # more tokens than MAX_TOKENS: segmented, with a warning
+    status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts=long)
+    assert status == 200 and "more than the 12 the model reads" in answer["results"][0]["warning"]
+
+
+def test_preview_of_a_big_image_is_shrunk():
+    image = np.random.default_rng(1).integers(0, 256, (600, 2048, 3), dtype=np.uint8)
+    mask = np.zeros((600, 2048), bool)
+    mask[100:300, 1000:1600] = True
+    shown = web.preview(image, mask, vis.PALETTE[0])
+    assert shown.shape == (300, 1024, 3)
+    small = np.asarray(Image.fromarray(image).resize((1024, 300), Image.BILINEAR))
+    assert np.array_equal(shown, vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[0]))
+
+
+def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
+    assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m tools.web: error: CheckpointError: checkpoint not found") and err.count("\n") == 1
+    assert web.main(["--checkpoint", "x.pth", "--max_expressions", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            web.WebApp(predictor).make_server("127.0.0.1", port)
