@@ -11,12 +11,7 @@ from models.pwam import PWAM, instance_norm_tokens
 from models.swin import PatchMerging, SwinBlock, kind_masks, window_kinds, window_partition, window_reverse
 
 from . import oracle
-from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
+from .helpers_model import fixture_cfg, save_tiny_bert, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +96,25 @@ def test_patch_merging_pads_bottom_right_like_official(H, W):
         out = pm(x, H, W)
         assert out.shape == (2, ((H + 1) // 2) * ((W + 1) // 2), 16)
         _close(out, oracle.patch_merging(pm, x, H, W))
+
+
+@pytest.mark.parametrize("H,W", [(3, 5), (4, 3), (5, 5)])
+def test_patch_merging_odd_sides_by_hand(H, W):
+    """Every output token written out: the 2x2 neighbours (row 2i / 2i + 1, column 2j / 2j + 1) in the checkpoints'
+    order, a neighbour past the bottom or right edge zero (official: pad bottom/right, never top/left)."""
+    torch.manual_seed(9)
+    pm = PatchMerging(4).eval()
+    x = torch.randn(2, H * W, 4)
+    grid = x.view(2, H, W, 4)
+
+    def at(r: int, c: int) -> torch.Tensor:
+        return grid[:, r, c] if r < H and c < W else torch.zeros(2, 4)
+
+    tokens = [torch.cat([at(2 * i, 2 * j), at(2 * i + 1, 2 * j), at(2 * i, 2 * j + 1), at(2 * i + 1, 2 * j + 1)], -1)
+              for i in range((H + 1) // 2) for j in range((W + 1) // 2)]  # row-major over the merged grid
+    with torch.no_grad():
+        expected = pm.reduction(F.layer_norm(torch.stack(tokens, 1), (16,), pm.norm.weight, pm.norm.bias))
+        _close(pm(x, H, W), expected)
 
 
 @pytest.mark.parametrize("fused_attn", [False, True])
@@ -360,9 +374,11 @@ def test_instance_norm_tokens_equals_instance_norm(dtype):
     out = instance_norm_tokens(a, 1e-5)
     ref = F.instance_norm(b.transpose(1, 2), eps=1e-5).transpose(1, 2)
     assert out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    assert torch.allclose(out.float(), ref, atol=tol)
+    # a few times the largest error measured over 10 seeds: values 7.8e-6 / 7.8e-3, gradients (of max ~1.3)
+    # 9.5e-7 / 6.3e-3, for float32 / bfloat16
+    value_tol, grad_tol = (2e-5, 3e-6) if dtype == torch.float32 else (3e-2, 2e-2)
+    assert (out.float() - ref).abs().max() < value_tol
     weights = torch.randn(3, 50, 8)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
-    assert torch.allclose(a.grad.float(), b.grad, atol=tol * 10, rtol=tol)
+    assert (a.grad.float() - b.grad).abs().max() < grad_tol
