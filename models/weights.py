@@ -196,7 +196,8 @@ def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
                 load[key] = value
     if not load:
         raise CheckpointError(f"{path} shares no weight with the Swin backbone: is it a Swin ImageNet checkpoint?")
-    missing = sorted(k for k in own if k not in load and not _lavt_only(k) and not k.endswith(IGNORED_SUFFIXES)
+    in_file = {k[len("module."):] if k.startswith("module.") else k for k in state}
+    missing = sorted(k for k in own if k not in in_file and not _lavt_only(k) and not k.endswith(IGNORED_SUFFIXES)
                      and not (conv_stem and k.startswith("patch_embed.")))
     problems = [f"{len(keys)} {what}: {_listed(keys)}" for what, keys in (
         ("weights of another shape", mismatched), ("weights the backbone lacks", unexpected),

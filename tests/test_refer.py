@@ -4,6 +4,7 @@ and from uncompressed, compressed and listed RLE (against pycocotools and hand-m
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import struct
 import subprocess
@@ -393,3 +394,49 @@ def test_unknown_ids(hand: REFER):
         hand.getRefBox(-1)
     with pytest.raises(ValueError, match="needs a ref or a ref_id"):
         hand.getMaskByRef()
+
+
+def _with_segmentation(hand_root: Path, segmentation) -> REFER:
+    """The hand dataset with ref 1's annotation (id 12, image 20 x 30) given ``segmentation``."""
+    refer = REFER(hand_root, "refcoco")
+    refer.refToAnn[1] = dict(refer.refToAnn[1], segmentation=segmentation)
+    return refer
+
+
+def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog):
+    """Polygons of fewer than 3 points or zero area cover no pixel: left out, one warning naming the annotation and
+    ref; the other polygons make the mask. A first polygon of 4 values is not read as a box (pycocotools would)."""
+    square = [2, 2, 8, 2, 8, 8, 2, 8]  # x 2..8, y 2..8: rows and columns 2-7 covered, by hand
+    expected = np.zeros((20, 30), np.uint8)
+    expected[2:8, 2:8] = 1
+    refer = _with_segmentation(hand_root, [[1, 1, 5, 5], square, [0, 0, 10, 0, 20, 0], [4.0, 4.0]])
+    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+        m = refer.getMask(refer.Refs[1])
+        refer.getMask(refer.Refs[1])
+    np.testing.assert_array_equal(m["mask"], expected)
+    assert m["area"] == 36
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "annotation 12 (ref 1) of refcoco: 3 of its 4 polygons" in warnings[0]
+    only_degenerate = _with_segmentation(hand_root, [[3, 3, 9, 9, 3, 3], [1, 2]])
+    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+        m = only_degenerate.getMask(only_degenerate.Refs[1])
+    assert m["mask"].shape == (20, 30) and m["mask"].sum() == 0 and m["area"] == 0.0
+    assert "its mask is empty" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize(
+    "segmentation,message",
+    [
+        ([[2, 2, 8, 2, 8]], r"polygon 0 is not a list of finite x, y pairs \(5 values"),
+        ([[2, 2, 8, 2, 8, "x"]], "polygon 0 is not a list of finite x, y pairs"),
+        ([[2, 2, 8, 2, 8, float("nan")]], "polygon 0 is not a list of finite x, y pairs"),
+        ("2 2 8 2 8 8", r"unsupported segmentation \(str\)"),
+        (None, r"unsupported segmentation \(NoneType\)"),
+        ([], r"unsupported segmentation \(list, empty\)"),
+        ([[2, 2, 8, 2, 8, 8], {"counts": [0, 600], "size": [20, 30]}], r"unsupported segmentation \(list\)"),
+    ],
+)
+def test_malformed_segmentation_names_the_annotation_and_ref(hand_root: Path, segmentation, message):
+    refer = _with_segmentation(hand_root, segmentation)
+    with pytest.raises(ReferDataError, match=r"annotation 12 \(ref 1\) of refcoco.*" + message):
+        refer.getMask(refer.Refs[1])
