@@ -111,3 +111,7 @@ def test_summary_and_table_state_setting_and_labels():
     table = format_table([s])
     for field in ("refcoco", "testA", "cat", "network 480x480", "ck.pth", MIOU_LABEL, OIOU_LABEL, "32.50", "62.50"):
         assert field in table
+    header, rule, row = table.splitlines()[:3]
+    assert header.split() == ["dataset", "split", "protocol", "resolution", "N", "mIoU", "oIoU", "P@0.5", "P@0.6",
+                              "P@0.7", "P@0.8", "P@0.9"] and set(rule) == {"-"}  # fmt: skip
+    assert row.split()[:4] == ["refcoco", "testA", "cat", "network"] and row.split()[5] == str(len(PRED))

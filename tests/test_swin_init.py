@@ -17,7 +17,7 @@ def _backbone(embed_dim: int = 8, depths: tuple[int, ...] = (2, 2, 2, 2), heads=
     return build_backbone(embed_dim, list(depths), list(heads), 4, 12, [1, 1, 1, 1])
 
 
-def _imagenet_file(folder: Path, backbone: torch.nn.Module, name: str = "swin.pth") -> Path:
+def _imagenet_file(folder: Path, backbone: torch.nn.Module, layout: str = "model") -> Path:
     """``backbone``'s Swin weights as a Swin classification checkpoint (no PWAM, gates or stage norms; a final
     norm and a head)."""
     state = {
@@ -29,21 +29,25 @@ def _imagenet_file(folder: Path, backbone: torch.nn.Module, name: str = "swin.pt
     state.update(
         {"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width), "head.weight": torch.zeros(5, width)}
     )
-    torch.save({"model": state}, folder / name)
-    return folder / name
+    if layout == "ddp":
+        state = {f"module.{k}": v for k, v in state.items()}
+    torch.save(state if layout in ("plain", "ddp") else {layout: state}, folder / "swin.pth")
+    return folder / "swin.pth"
 
 
-def test_a_fitting_file_loads_and_reports_what_it_skips(tmp_path, caplog):
+@pytest.mark.parametrize("layout", ["model", "state_dict", "plain", "ddp"])
+def test_a_fitting_file_loads_and_reports_what_it_skips(tmp_path, caplog, layout):
+    """Weights under 'model' (the Swin releases), 'state_dict', at the top, or with DDP's 'module.' prefix."""
     torch.manual_seed(0)
-    path = _imagenet_file(tmp_path, _backbone())
+    path = _imagenet_file(tmp_path, _backbone(), layout)
     target = _backbone()
     with caplog.at_level(logging.INFO, logger="models.weights"):
         skipped = load_pretrained_swin(target, path)
     assert sorted(skipped) == ["head.weight", "norm.bias", "norm.weight"]
-    file_state = torch.load(path, weights_only=True)["model"]
-    assert torch.equal(
-        target.state_dict()["layers.1.blocks.1.mlp.fc1.weight"], file_state["layers.1.blocks.1.mlp.fc1.weight"]
-    )
+    file_state = torch.load(path, weights_only=True)
+    file_state = file_state.get(layout, file_state)
+    key = "layers.1.blocks.1.mlp.fc1.weight"
+    assert torch.equal(target.state_dict()[key], file_state[f"module.{key}" if layout == "ddp" else key])
     assert "skipped from the file: norm.weight, norm.bias, head.weight" in caplog.text
 
 
