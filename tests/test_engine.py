@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader
 from data import build_dataset, collate_eval
 from data.controls import ShuffledExpressions
 from engine import NonFiniteLossError, build_lr_scheduler, evaluate, poly_lr_lambda, train_one_epoch
+from engine.loops import train_step
 from models import build_model
 from utils.amp import NativeScaler
 from utils.distributed import ShardSampler
@@ -189,6 +192,27 @@ def test_evaluate_bad_protocol(model, val_set):
         evaluate(model, [], torch.device("cpu"), mode="mean")
     with pytest.raises(ValueError, match="EVAL.RESOLUTION must be one of"):
         evaluate(model, [], torch.device("cpu"), resolution="480")
+
+
+def test_train_step_defaults_to_a_float32_step(cfg):
+    """Called with its defaults (no amp, no clipping), one step: float32 logits reach the criterion, the returned
+    loss is the criterion's, every parameter with a (not round-off) gradient moves."""
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    batch = next(iter(DataLoader(build_dataset(cfg, "train", eval_mode=False), batch_size=2)))
+    params = [p for p in net.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    seen = []
+
+    def criterion(logits, target):
+        seen.append(logits.dtype)
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    opt = torch.optim.SGD(params, lr=0.1)
+    loss, norm = train_step(net, criterion, opt, NativeScaler(), batch, torch.device("cpu"), params)
+    assert seen == [torch.float32] and math.isfinite(loss) and loss > 0 and float(norm) > 0
+    moved = [not torch.equal(a, p) for a, p in zip(before, params) if p.grad is not None and p.grad.abs().max() > 1e-6]
+    assert moved and all(moved)
 
 
 def test_train_one_epoch_steps_and_nan_guard(cfg):
