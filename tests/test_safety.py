@@ -219,6 +219,16 @@ def test_shipped_configs_pass(cfg_file: str | None):
         validate_config(bad)
 
 
+@pytest.mark.parametrize(
+    "key,lowest", [("MODEL.SWIN.PATCH_SIZE", 1), ("TRAIN.EPOCHS", 1), ("TRAIN.BATCH_SIZE", 1), ("DATA.WORKERS", 0)]
+)
+def test_integer_bounds_are_inclusive(key: str, lowest: int):
+    """The lowest allowed value passes, one below is refused (the bound itself, not only far values)."""
+    assert validate_config(get_config(None, [key, lowest])) is None
+    with pytest.raises(ConfigError, match=f"{key} must be >= {lowest}, got {lowest - 1}"):
+        validate_config(get_config(None, [key, lowest - 1]))
+
+
 def leaves(node: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in node.items():
