@@ -98,6 +98,25 @@ def test_patch_merging_pads_bottom_right_like_official(H, W):
         _close(out, oracle.patch_merging(pm, x, H, W))
 
 
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("fused_attn", [False, True])
+def test_window_attention_windows_as_heads_matches_official(qkv_bias, fused_attn):
+    """Several windows per row (each [M, N, N] mask picked by index), with and without a qkv bias, against the
+    official per-window reading."""
+    from models.swin import WindowAttention
+
+    torch.manual_seed(10)
+    attn = WindowAttention(8, 3, 2, qkv_bias=qkv_bias, fused_attn=fused_attn).eval()
+    _random_bias(type("Blk", (), {"attn": attn})())
+    B, nW, N = 2, 4, 9
+    x, masks = torch.randn(B, N, nW, 8), torch.randn(2, N, N)
+    index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = attn(x, masks, index)  # [B, N, nW, C]
+        ref = oracle.window_attention(attn, x.permute(0, 2, 1, 3).reshape(B * nW, N, 8), masks[index])
+    _close(out.permute(0, 2, 1, 3).reshape(B * nW, N, 8), ref)
+
+
 @pytest.mark.parametrize("H,W", [(3, 5), (4, 3), (5, 5)])
 def test_patch_merging_odd_sides_by_hand(H, W):
     """Every output token written out: the 2x2 neighbours (row 2i / 2i + 1, column 2j / 2j + 1) in the checkpoints'
