@@ -286,6 +286,41 @@ def test_plotting_is_lazy_and_works(syn: REFER):
         syn.showRef(ref, seg_box="outline")
 
 
+def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
+    """showRef logs the sentences, draws the box as given (green, width 3), overlays a non-polygon mask in its
+    colour, and names a missing image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refer = REFER(syn_root, "synthetic", "unc")
+    ref = refer.data["refs"][0]
+    with caplog.at_level(logging.INFO, logger="refer.refer"):
+        plt.figure()
+        refer.showRef(ref, seg_box="box")
+    assert f"1. {ref['sentences'][0]['sent']}" in caplog.messages
+    box = plt.gca().patches[0]
+    x, y, w, h = refer.getRefBox(ref["ref_id"])
+    assert (box.get_xy(), box.get_width(), box.get_height(), box.get_linewidth()) == ((x, y), w, h, 3)
+    assert box.get_edgecolor() == (0.0, 128 / 255, 0.0, 1.0)  # matplotlib's "green"
+    mask = refer.getMask(ref)["mask"]
+    refer.refToAnn[ref["ref_id"]] = dict(
+        refer.refToAnn[ref["ref_id"]], segmentation=mask_utils.encode(np.asfortranarray(mask))
+    )  # an RLE: drawn as a mask overlay
+    plt.figure()
+    refer.showRef(ref, seg_box="seg")
+    overlay = plt.gca().images[-1].get_array()
+    np.testing.assert_array_equal(overlay[..., 3], mask * 0.5)
+    np.testing.assert_allclose(overlay[mask == 1][:, :3], np.tile([2 / 255, 166 / 255, 101 / 255], (mask.sum(), 1)))
+    plt.close("all")
+    refer.IMAGE_DIR = str(tmp_path)
+    with pytest.raises(ReferFileNotFoundError, match=r"image not found: .*\.jpg \(expected the synthetic image"):
+        refer.showRef(ref)
+    with pytest.raises(ValueError, match="getMaskByRef needs a ref or a ref_id"):
+        refer.getMaskByRef()
+
+
 # ---------------------------------------------------------------------------------------------------- Python 2 pickles
 def py2_pickle(obj) -> bytes:
     """Protocol-2 pickle as Python 2 writes it: str as byte strings (SHORT_BINSTRING), latin-1 bytes."""
