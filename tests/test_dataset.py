@@ -386,6 +386,9 @@ def test_build_dataset_from_config(syn_root: Path, tokenizer):
     with pytest.raises(ValueError, match="MODEL.TEXT.ENCODER is empty"):
         build_dataset(get_config(opts=opts), "val", eval_mode=False)
     assert len(build_dataset(get_config(opts=opts), "val", eval_mode=False, tokenizer=tokenizer)) == len(ds)
+    elsewhere = get_config(opts=opts + ["DATA.IMAGE_DIR", "/nonexistent/train2014"])
+    with pytest.raises(ReferFileNotFoundError, match="image folder not found: /nonexistent/train2014"):
+        build_dataset(elsewhere, "val", eval_mode=True, tokenizer=tokenizer)
     aug = get_config(opts=opts + ["DATA.AUGMENT", True])
     assert build_dataset(aug, "train", eval_mode=False, tokenizer=tokenizer).augment is not None
     assert build_dataset(aug, "val", eval_mode=False, tokenizer=tokenizer, augment=False).augment is None

@@ -164,6 +164,18 @@ def test_evaluate_varying_logits_against_hand_counts(val_set, mode, resolution):
     assert metrics["mIoU"] == pytest.approx(100 * np.mean(inter / union))
 
 
+def test_training_form_batches_score_one_expression_per_object(cfg, val_set):
+    """The per-epoch validation's batches (one random expression per object, no collate_eval): one record per object,
+    with I and U counted by hand for the all-foreground prediction."""
+    train_form = build_dataset(cfg, "val", eval_mode=False)
+    metrics, records = evaluate(AllForeground(), DataLoader(train_form, batch_size=4), torch.device("cpu"))
+    targets = {item["ref_id"]: item["target"] for item in (train_form[i] for i in range(len(train_form)))}
+    assert [r["ref_id"] for r in records] == sorted(targets)
+    for r in records:
+        assert (r["I"], r["U"]) == (int(targets[r["ref_id"]].sum()), targets[r["ref_id"]].numel())
+    assert metrics["num_expressions"] == len(train_form)
+
+
 def test_modes_batch_one_equals_batched(model, val_set):
     results = {}
     for mode in ("each", "cat", "avg"):
@@ -208,9 +220,10 @@ def test_train_step_defaults_to_a_float32_step(cfg):
         seen.append(logits.dtype)
         return torch.nn.functional.cross_entropy(logits, target)
 
-    opt = torch.optim.SGD(params, lr=0.1)
-    loss, norm = train_step(net, criterion, opt, NativeScaler(), batch, torch.device("cpu"), params)
+    opt, marks = torch.optim.SGD(params, lr=0.1), []
+    loss, norm = train_step(net, criterion, opt, NativeScaler(), batch, torch.device("cpu"), params, mark=marks.append)
     assert seen == [torch.float32] and math.isfinite(loss) and loss > 0 and float(norm) > 0
+    assert marks == ["forward", "backward", "optimizer"]  # the benchmark's timer reads these names
     moved = [not torch.equal(a, p) for a, p in zip(before, params) if p.grad is not None and p.grad.abs().max() > 1e-6]
     assert moved and all(moved)
 
