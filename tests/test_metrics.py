@@ -95,6 +95,12 @@ def test_accumulator_rejects_duplicates_and_mixed_records():
         acc.update(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([2]))
 
 
+def test_all_empty_masks_score_zero():
+    """Every prediction and ground truth empty (U = 0 throughout): IoU 0 each, as the official code, and oIoU 0."""
+    m = summarize_counts(torch.tensor([0, 0]), torch.tensor([0, 0]))
+    assert (m["num_expressions"], m["mIoU"], m["oIoU"], m["precision@0.5"]) == (2, 0.0, 0.0, 0.0)
+
+
 def test_empty_accumulator():
     metrics, records = IoUAccumulator().compute()
     assert metrics["num_expressions"] == 0 and math.isnan(metrics["mIoU"]) and records == []

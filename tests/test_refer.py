@@ -409,7 +409,7 @@ def test_unreadable_json(tmp_path: Path):
 def test_inconsistent_files(tmp_path: Path):
     ref = {"ref_id": 7, "ann_id": 99, "image_id": 1, "category_id": 1, "split": "train", "sentences": []}
     write_refer(tmp_path, "refcoco", [ref], [], [], [])
-    with pytest.raises(ReferDataError, match=r"ref 7 in .*points at ann_id 99"):
+    with pytest.raises(ReferDataError, match=r"ref 7 in .*refs\(unc\)\.p points at ann_id 99, which .*instances\.json"):
         REFER(tmp_path, "refcoco")
     write_refer(tmp_path, "refcoco", [{"ref_id": 7}], [], [], [])
     with pytest.raises(ReferDataError, match=r"malformed ref in .*missing key 'ann_id'"):
@@ -457,6 +457,11 @@ def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog
         m = only_degenerate.getMask(only_degenerate.Refs[1])
     assert m["mask"].shape == (20, 30) and m["mask"].sum() == 0 and m["area"] == 0.0
     assert "its mask is empty" in caplog.records[-1].getMessage()
+    # another annotation of the same REFER warns for itself (once per annotation, not once in all)
+    only_degenerate.refToAnn[0] = dict(only_degenerate.refToAnn[0], segmentation=[[1, 1, 2, 2]])
+    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+        only_degenerate.getMask(only_degenerate.Refs[0])
+    assert "annotation 11 (ref 0) of refcoco: 1 of its 1 polygons" in caplog.records[-1].getMessage()
 
 
 @pytest.mark.parametrize(
