@@ -402,3 +402,15 @@ def test_instance_norm_tokens_equals_instance_norm(dtype):
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
     assert (a.grad.float() - b.grad).abs().max() < grad_tol
+
+
+def test_compile_only_when_asked(monkeypatch):
+    """MODEL.COMPILE: ``torch.compile`` runs for True only (compiling costs minutes on a CPU)."""
+    from models import build as build_module
+
+    compiled = []
+    monkeypatch.setattr(build_module, "compile_model", lambda model: compiled.append(model) or model)
+    plain = build_model(tiny_cfg())
+    assert compiled == []
+    asked = build_model(tiny_cfg(MODEL__COMPILE=True))
+    assert compiled == [asked] and plain is not asked
