@@ -121,4 +121,4 @@ def test_summary_and_table_state_setting_and_labels():
     assert header.split() == ["dataset", "split", "protocol", "resolution", "N", "mIoU", "oIoU", "P@0.5", "P@0.6",
                               "P@0.7", "P@0.8", "P@0.9"] and set(rule) == {"-"}  # fmt: skip
     assert row.split()[:4] == ["refcoco", "testA", "cat", "network"] and row.split()[5] == str(len(PRED))
-    assert "protocol: each = every expression scored alone (the paper's tables); cat = an object's" in table
+    assert "\nprotocol: each = every expression scored alone (the paper's tables); cat = an object's" in table

@@ -317,7 +317,7 @@ def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
     refer.IMAGE_DIR = str(tmp_path)
     with pytest.raises(ReferFileNotFoundError, match=r"image not found: .*\.jpg \(expected the synthetic image"):
         refer.showRef(ref)
-    with pytest.raises(ValueError, match="getMaskByRef needs a ref or a ref_id"):
+    with pytest.raises(ValueError, match="^getMaskByRef needs a ref or a ref_id$"):
         refer.getMaskByRef()
 
 
