@@ -160,37 +160,71 @@ def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Te
     return grid.reshape(heads, new_side * new_side).permute(1, 0)
 
 
+#: What a Swin ImageNet classification file holds beyond the backbone: its head and final norm (LAVT has neither).
+SWIN_CLASSIFIER_KEYS = ("head.", "norm.")
+#: Backbone weights that no Swin ImageNet file holds: PWAM, language gates, the per-stage output norms.
+LAVT_ONLY = (".fusion.", ".res_gate.")
+
+
+def _lavt_only(key: str) -> bool:
+    return any(part in key for part in LAVT_ONLY) or (key.startswith("norm") and not key.startswith("norm."))
+
+
+def _listed(keys: list[str], at_most: int = 8) -> str:
+    more = f" and {len(keys) - at_most} more" if len(keys) > at_most else ""
+    return ", ".join(keys[:at_most]) + more
+
+
 def load_pretrained_swin(backbone: nn.Module, path: str | Path) -> list[str]:
     """Initialise the backbone from a Swin ImageNet checkpoint (original Swin key layout, ``{'model': ...}``).
 
-    Loads every backbone weight whose name and shape match, resizing relative-position tables bicubically
-    when the window differs; skips the classifier head, the final norm and the buffers, and with a conv stem
-    (``MODEL.SWIN.STEM conv``) the patch embedding (projection and norm): the stem stays at its init. Returns (and
-    logs) what was skipped. Raises ``CheckpointError`` if nothing matches (not a Swin checkpoint).
+    Loads every Swin weight of the backbone, resizing relative-position tables bicubically when the window differs.
+    Skips (and reports) only what a Swin classifier holds and LAVT does not (the head, the final norm), the
+    buffers, and with a conv stem (``MODEL.SWIN.STEM conv``) the patch embedding: the stem stays at its init.
+    Anything else that does not fit would leave a half-initialised backbone, so it is refused. Returns what was
+    skipped.
+
+    Raises:
+        CheckpointError: naming the file and the keys, when nothing matches (not a Swin checkpoint), when a weight's
+            shape differs (another Swin size: embed dim, heads), when the file holds backbone weights the model
+            lacks or lacks some the model has (other depths).
     """
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     own = backbone.state_dict()
-    load, skipped = {}, []
+    conv_stem = not isinstance(backbone.patch_embed, PatchEmbed)
+    load, skipped, mismatched, unexpected = {}, [], [], []
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key
         if key.endswith(IGNORED_SUFFIXES):
             continue
-        if key not in own:
+        if key.startswith(SWIN_CLASSIFIER_KEYS):
             skipped.append(key)
-            continue
-        if key.startswith("patch_embed.") and not isinstance(backbone.patch_embed, PatchEmbed):
+        elif key.startswith("patch_embed.") and conv_stem:
             skipped.append(f"{key} (the conv stem has no ImageNet counterpart)")
-            continue
-        if key.endswith("relative_position_bias_table") and value.shape != own[key].shape:
-            if value.shape[1] == own[key].shape[1]:
-                value = resize_relative_position_table(value, int((own[key].shape[0] ** 0.5 + 1) / 2))
-        if value.shape != own[key].shape:
-            skipped.append(f"{key} (file {list(value.shape)} vs model {list(own[key].shape)})")
-            continue
-        load[key] = value
+        elif key not in own:
+            unexpected.append(key)
+        else:
+            if key.endswith("relative_position_bias_table") and value.shape != own[key].shape:
+                if value.shape[1] == own[key].shape[1]:
+                    value = resize_relative_position_table(value, int((own[key].shape[0] ** 0.5 + 1) / 2))
+            if value.shape != own[key].shape:
+                mismatched.append(f"{key} (file {list(value.shape)} vs model {list(own[key].shape)})")
+            else:
+                load[key] = value
     if not load:
         raise CheckpointError(f"{path} shares no weight with the Swin backbone: is it a Swin ImageNet checkpoint?")
+    in_file = {k[len("module."):] if k.startswith("module.") else k for k in state}
+    missing = sorted(k for k in own if k not in in_file and not _lavt_only(k) and not k.endswith(IGNORED_SUFFIXES)
+                     and not (conv_stem and k.startswith("patch_embed.")))
+    problems = [f"{len(keys)} {what}: {_listed(keys)}" for what, keys in (
+        ("weights of another shape", mismatched), ("weights the backbone lacks", unexpected),
+        ("backbone weights missing from the file", missing)) if keys]
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit the Swin backbone (MODEL.SWIN.EMBED_DIM / DEPTHS / NUM_HEADS of another Swin "
+            f"size?), nothing loaded: " + "; ".join(problems)
+        )
     backbone.load_state_dict(load, strict=False)
     not_loaded = sorted(set(own) - set(load))
     logger.info("Swin init from %s: %d tensors loaded; skipped from the file: %s; left at their init: %d tensors "

@@ -146,6 +146,7 @@ class REFER:
         for key in ("images", "annotations", "categories"):
             self.data[key] = instances[key]
         self._ref_file, self._instances_file = ref_file, instances_file
+        self._degenerate_reported: set[int] = set()  # annotations whose left-out polygons were logged
         self.createIndex()
         logger.info("DONE (t=%.2fs)", time.time() - tic)
 
@@ -318,21 +319,26 @@ class REFER:
         return self.refToAnn[ref_id]["bbox"]
 
     # ------------------------------------------------------------------ masks
-    def _segmentation_parts(self, ann: dict, height: int, width: int) -> list[dict]:
-        """The RLEs of an annotation's parts: one per polygon (polygons of fewer than 3 points rasterise to nothing,
-        as in pycocotools, and are left out), the RLE itself, or each RLE of a list of RLEs."""
+    def _segmentation_parts(self, ann: dict, height: int, width: int, ref_id: int | None = None) -> list[dict]:
+        """The RLEs of an annotation's parts: one per polygon, the RLE itself, or each RLE of a list of RLEs.
+
+        Degenerate polygons (fewer than 3 points, or zero area) cover no pixel, as pycocotools rasterises them; they
+        are left out with one warning per annotation (an annotation with nothing else has an empty mask). A polygon
+        with an odd number of coordinates, non-numbers or another format is refused naming the annotation and ref.
+        """
         seg = ann.get("segmentation")
-        where = f"annotation {ann.get('id')!r} of {self.dataset}"
+        where = f"annotation {ann.get('id')!r}" + (f" (ref {ref_id!r})" if ref_id is not None else "")
+        where += f" of {self.dataset}"
         if isinstance(seg, dict):
             parts = [seg]
-        elif isinstance(seg, list) and all(isinstance(p, dict) for p in seg):
+        elif isinstance(seg, list) and seg and all(isinstance(p, dict) for p in seg):
             parts = list(seg)
-        elif isinstance(seg, list) and all(isinstance(p, (list, tuple)) for p in seg):
-            polygons = [list(map(float, p)) for p in seg if len(p) >= 6]
-            parts = mask_utils.frPyObjects(polygons, height, width) if polygons else []
+        elif isinstance(seg, list) and seg and all(isinstance(p, (list, tuple)) for p in seg):
+            parts = self._polygon_parts(seg, height, width, where, ann.get("id"))
         else:
             raise ReferDataError(
-                f"{where} has an unsupported segmentation ({type(seg).__name__}): expected "
+                f"{where} has an unsupported segmentation ({type(seg).__name__}"
+                f"{', empty' if isinstance(seg, list) and not seg else ''}): expected "
                 "polygons [[x1, y1, ...], ...], an RLE dict or a list of RLE dicts"
             )
         rles = []
@@ -350,6 +356,27 @@ class REFER:
             rles.append(part)
         return rles
 
+    def _polygon_parts(self, seg: list, height: int, width: int, where: str, ann_id: Any) -> list[dict]:
+        """One RLE per polygon of at least 3 points and non-zero area (see ``_segmentation_parts``)."""
+        polygons = []
+        for i, p in enumerate(seg):
+            if len(p) % 2 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in p):
+                raise ReferDataError(
+                    f"{where}: polygon {i} is not a list of finite x, y pairs ({len(p)} values: {list(p)[:8]})"
+                )
+            polygons.append([float(v) for v in p])
+        # pycocotools reads a first polygon of 4 values as a box: polygons of < 3 points never reach it
+        long_enough = [p for p in polygons if len(p) >= 6]
+        rles = mask_utils.frPyObjects(long_enough, height, width) if long_enough else []
+        kept = [r for r, a in zip(rles, mask_utils.area(rles) if rles else []) if a > 0]
+        if len(kept) < len(polygons) and ann_id not in self._degenerate_reported:
+            self._degenerate_reported.add(ann_id)
+            logger.warning(
+                "%s: %d of its %d polygons have fewer than 3 points or no area and are left out%s",
+                where, len(polygons) - len(kept), len(polygons), "; its mask is empty" if not kept else "",
+            )  # fmt: skip
+        return kept
+
     def getMask(self, ref: dict, parts: str = "official") -> dict[str, Any]:
         """The referred object's mask.
 
@@ -365,7 +392,7 @@ class REFER:
         ann = self._lookup(self.refToAnn, ref_id, "ref_id")
         image = self._lookup(self.Imgs, ref["image_id"], "image_id")
         height, width = int(image["height"]), int(image["width"])
-        rles = self._segmentation_parts(ann, height, width)
+        rles = self._segmentation_parts(ann, height, width, ref_id)
         union = mask_utils.merge(rles) if len(rles) > 1 else rles[0] if rles else None
         if union is None:
             m = np.zeros((height, width), dtype=np.uint8)

@@ -7,17 +7,15 @@ import torch
 
 from configs import get_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "lavt_small_w7_224.pt"
+from .conftest import FIXTURE, tiny_opts
+
+__all__ = ["FIXTURE", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
 
 
 def tiny_cfg(**over):
-    """A tiny LAVT config; keyword overrides use '__' for '.' (MODEL__SWIN__EMBED_DIM=8)."""
-    opts = ["MODEL.SWIN.EMBED_DIM", 8, "MODEL.SWIN.DEPTHS", [2, 2, 2, 2], "MODEL.SWIN.NUM_HEADS", [1, 2, 2, 4],
-            "MODEL.SWIN.WINDOW_SIZE", 4, "MODEL.TEXT.DIM", 12, "MODEL.SWIN.DROP_PATH_RATE", 0.0,
-            "MODEL.TEXT.ENCODER", "", "MODEL.PRETRAINED_SWIN", ""]
-    for k, v in over.items():
-        opts += [k.replace("__", "."), v]
-    return get_config(None, opts)
+    """The tiny LAVT config (tests/conftest.py: ``TINY``); keyword overrides use '__' for '.'
+    (``MODEL__SWIN__EMBED_DIM=16``)."""
+    return get_config(None, tiny_opts(**over))
 
 
 def fixture_cfg(reference: dict, **over):

@@ -1,4 +1,5 @@
-"""Tiny runs for the training-loop tests: a small random BERT with the real tokenizer, a tiny synthetic set."""
+"""Tiny runs for the training-loop tests: a small random BERT with the real tokenizer, a tiny synthetic set (the
+configuration itself: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-TINY_IMAGES = 33  # 24 train, 3 val, 3 testA, 3 testB
+from .conftest import TINY_IMAGES
+from .conftest import tiny_opts as conftest_opts
+
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -39,35 +42,10 @@ def make_tiny_text_encoder(folder: Path) -> Path:
 
 
 def tiny_opts(data_root: Path, text_encoder: Path, output: Path, **over) -> list[str]:
-    """``--opts`` of a tiny run (embed dim 8, depths [1,1,1,1], 48 px, 33 synthetic images); '__' for '.'."""
-    opts = {
-        "MODEL.SWIN.EMBED_DIM": 8,
-        "MODEL.SWIN.DEPTHS": [1, 1, 1, 1],
-        "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1],
-        "MODEL.SWIN.WINDOW_SIZE": 4,
-        "MODEL.SWIN.DROP_PATH_RATE": 0.1,
-        "MODEL.PRETRAINED_SWIN": "",
-        "MODEL.TEXT.ENCODER": str(text_encoder),
-        "MODEL.TEXT.TRAIN_LAYERS": 1,
-        "MODEL.TEXT.MAX_TOKENS": 12,
-        "DATA.DATASET": "synthetic",
-        "DATA.ROOT": str(data_root),
-        "DATA.SIZE": 48,
-        "DATA.WORKERS": 0,
-        "DATA.SYNTHETIC_IMAGES": TINY_IMAGES,
-        "TRAIN.EPOCHS": 2,
-        "TRAIN.BATCH_SIZE": 4,
-        "TRAIN.LR": 1e-3,
-        "EVAL.SPLITS": ["val"],
-        "OUTPUT": str(output),
-        "MODEL_ID": "tiny",
-    }
-    for k, v in over.items():
-        opts[k.replace("__", ".")] = v
-    flat: list[str] = []
-    for k, v in opts.items():
-        flat += [k, v if isinstance(v, str) else repr(v).replace(" ", "")]
-    return flat
+    """``--opts`` of a tiny run (tests/conftest.py: ``TINY`` + ``TINY_RUN``) on ``data_root`` with ``text_encoder``,
+    writing under ``output``; keyword overrides use '__' for '.'."""
+    paths = {"MODEL__TEXT__ENCODER": str(text_encoder), "DATA__ROOT": str(data_root), "OUTPUT": str(output)}
+    return conftest_opts(run=True, **{**paths, **over})
 
 
 def tiny_env(tmp_path_factory) -> tuple[Path, Path]:

@@ -120,6 +120,15 @@ def official_inputs(path: Path, mask: np.ndarray, size: int) -> tuple[torch.Tens
     return image, torch.as_tensor(np.asarray(annot).copy(), dtype=torch.int64)
 
 
+def official_mask(ds: ReferDataset, ref: dict) -> np.ndarray:
+    """The official REFER mask with pycocotools directly: polygon parts decoded, summed, pixels covered once."""
+    from pycocotools import mask as coco_mask
+
+    ann, info = ds.refer.Anns[ref["ann_id"]], ds.refer.Imgs[ref["image_id"]]
+    parts = coco_mask.decode(coco_mask.frPyObjects(ann["segmentation"], info["height"], info["width"]))
+    return (parts.reshape(info["height"], info["width"], -1).sum(2) == 1).astype(np.uint8)
+
+
 def denormalise(image: torch.Tensor) -> torch.Tensor:
     return image * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255 + torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 
@@ -140,6 +149,9 @@ def test_train_item(syn_root: Path, tokenizer):
         assert item["ref_id"] == ds.ref_ids[index]
         choices = [official(tokenizer, s["raw"], 20) for s in ref["sentences"]]
         assert (item["input_ids"].tolist(), item["attention_mask"].tolist()) in choices
+        info = ds.refer.Imgs[ref["image_id"]]
+        image, target = official_inputs(ds.image_dir / info["file_name"], official_mask(ds, ref), 64)
+        assert torch.equal(item["image"], image) and torch.equal(item["target"], target)
     pixels = denormalise(item["image"])
     assert -0.5 < pixels.min() and pixels.max() < 255.5  # normalised with ImageNet statistics
 
@@ -186,7 +198,7 @@ def test_eval_item(syn_root: Path, tokenizer):
         assert item["input_ids"].shape == item["attention_mask"].shape == (e, 20)
         assert item["cat_input_ids"].shape == item["cat_attention_mask"].shape == (64,)
         assert item["target_orig"].dtype == torch.uint8 and item["target_orig"].shape == (info["height"], info["width"])
-        np.testing.assert_array_equal(item["target_orig"].numpy(), ds.refer.getMask(ref)["mask"])
+        np.testing.assert_array_equal(item["target_orig"].numpy(), official_mask(ds, ref))
         image, target = official_inputs(ds.image_dir / info["file_name"], item["target_orig"].numpy(), 48)
         assert torch.equal(item["image"], image) and torch.equal(item["target"], target)
         assert item["sentences"] == [s["raw"] for s in ref["sentences"]] and item["sent_ids"] == ref["sent_ids"]
@@ -293,7 +305,7 @@ def test_augment_moves_image_and_mask_together_without_flipping():
     mask[20:40, 4:20] = 1  # an object on the left
     image = np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
     torch.manual_seed(0)
-    geometric, photometric = TrainAugment(brightness=0, contrast=0), TrainAugment()
+    geometric = TrainAugment(brightness=0, contrast=0)
     for _ in range(20):
         img_a, mask_a = geometric(image, mask)
         assert img_a.shape == (64, 64, 3) and mask_a.shape == (64, 64) and img_a.dtype == mask_a.dtype == np.uint8
@@ -301,8 +313,59 @@ def test_augment_moves_image_and_mask_together_without_flipping():
         # object 255, background 0, uncovered border the ImageNet mean (< 130): one warp for both
         assert ((img_a[..., 0] > 190) != mask_a.astype(bool)).mean() < 0.02
         assert np.nonzero(mask_a)[1].mean() < 20  # still on the left: never flipped
-        img_p, mask_p = photometric(image, mask)
-        assert img_p.shape == (64, 64, 3) and not np.array_equal(img_p, img_a)
+
+
+def _coordinate_image(size: int) -> np.ndarray:
+    """[S, S, 3] uint8: red = 4 * column, green = 4 * row, blue 128. A warp that interpolates linearly keeps
+    these linear ramps exact, so each output pixel tells where in the source it was sampled."""
+    ramp = np.arange(size, dtype=np.uint8) * 4
+    return np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.uint8(128)), -1).astype(np.uint8)
+
+
+def test_augment_warps_the_mask_with_nearest_neighbour():
+    """The mask is sampled at the nearest source pixel of the warp (labels stay labels), checked against the warp
+    read back from a coordinate image: a noise mask makes any interpolation show."""
+    size = 48
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 2, (size, size), dtype=np.uint8)
+    aug = TrainAugment(brightness=0, contrast=0)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        img_a, mask_a = aug(_coordinate_image(size), mask)
+        inside = (img_a[..., 2] == 128) & (img_a[..., 0] < 4 * size - 8) & (img_a[..., 1] < 4 * size - 8)
+        inside[[0, -1], :] = inside[:, [0, -1]] = False  # away from the border fill
+        # the affine map output pixel -> source pixel, fitted to the coordinates read back (exact up to uint8)
+        ys, xs = np.nonzero(inside)
+        design = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
+        src = [np.linalg.lstsq(design, img_a[ys, xs, c] / 4.0, rcond=None)[0] @ design.T for c in (0, 1)]
+        sx, sy = src
+        clear = (np.abs(sx % 1 - 0.5) > 0.05) & (np.abs(sy % 1 - 0.5) > 0.05)  # no tie between two neighbours
+        expected = mask[np.rint(sy[clear]).astype(int), np.rint(sx[clear]).astype(int)]
+        assert clear.sum() > 0.5 * size * size
+        np.testing.assert_array_equal(mask_a[ys[clear], xs[clear]], expected)
+
+
+def test_augment_jitters_brightness_and_contrast():
+    """With the same random draws, the photometric augmentation is the geometric one's image under one affine map
+    of the intensities (contrast 1 +- 0.2, brightness within +- 0.2 * 255), not the identity; the mask is the same."""
+    size = 48
+    image = _coordinate_image(size) // 5 + 110  # levels 110-147: no saturation at 0 or 255 for these factors
+    mask = (np.arange(size)[:, None] < np.arange(size)[None, :]).astype(np.uint8)
+    gains = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        geo_img, geo_mask = TrainAugment(brightness=0, contrast=0)(image, mask)
+        torch.manual_seed(seed)
+        img, msk = TrainAugment()(image, mask)
+        np.testing.assert_array_equal(msk, geo_mask)
+        unsaturated = (img > 0) & (img < 255)
+        g, p = geo_img[unsaturated].astype(np.float64), img[unsaturated].astype(np.float64)
+        (a, b), *_ = np.linalg.lstsq(np.stack([g, np.ones_like(g)], 1), p, rcond=None)
+        assert np.abs(a * g + b - p).max() < 1.0  # one map for every pixel and channel (rounded to uint8)
+        assert 0.8 - 1e-3 <= a <= 1.2 + 1e-3 and abs(p.mean() - g.mean()) <= 0.2 * 255 + 1
+        gains.append((a, b))
+    assert all(abs(a - 1) > 1e-3 or abs(b) > 0.5 for a, b in gains)  # jitter on every draw
+    assert len({round(a, 3) for a, _ in gains}) == len(gains)  # and a new one each time
 
 
 def test_augment_only_in_training(syn_root: Path, tokenizer):
@@ -323,6 +386,9 @@ def test_build_dataset_from_config(syn_root: Path, tokenizer):
     with pytest.raises(ValueError, match="MODEL.TEXT.ENCODER is empty"):
         build_dataset(get_config(opts=opts), "val", eval_mode=False)
     assert len(build_dataset(get_config(opts=opts), "val", eval_mode=False, tokenizer=tokenizer)) == len(ds)
+    elsewhere = get_config(opts=opts + ["DATA.IMAGE_DIR", "/nonexistent/train2014"])
+    with pytest.raises(ReferFileNotFoundError, match="image folder not found: /nonexistent/train2014"):
+        build_dataset(elsewhere, "val", eval_mode=True, tokenizer=tokenizer)
     aug = get_config(opts=opts + ["DATA.AUGMENT", True])
     assert build_dataset(aug, "train", eval_mode=False, tokenizer=tokenizer).augment is not None
     assert build_dataset(aug, "val", eval_mode=False, tokenizer=tokenizer, augment=False).augment is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -9,6 +12,7 @@ from torch.utils.data import DataLoader
 from data import build_dataset, collate_eval
 from data.controls import ShuffledExpressions
 from engine import NonFiniteLossError, build_lr_scheduler, evaluate, poly_lr_lambda, train_one_epoch
+from engine.loops import train_step
 from models import build_model
 from utils.amp import NativeScaler
 from utils.distributed import ShardSampler
@@ -102,6 +106,76 @@ def test_evaluate_against_hand_counts(val_set, mode, resolution):
     assert [r["ref_id"] for r in records] == sorted(r["ref_id"] for r in records)
 
 
+class ColumnRamp(torch.nn.Module):
+    """Object logit minus background logit = column - c, c = 0.3 + 0.25 * (tokens of the expression): varies across
+    the image and between expressions, so upsampling, averaging and protocol mix-ups change the counts."""
+
+    def encode_text(self, ids, mask):
+        return mask.sum(1).float().view(-1, 1, 1), torch.ones(ids.shape[0], 1, 1)
+
+    def segment(self, images, feats, mask):
+        E, S = feats.shape[0], images.shape[-1]
+        logits = torch.zeros(E, 2, *images.shape[-2:])
+        logits[:, 1] = torch.arange(S, dtype=torch.float32) - (0.3 + 0.25 * feats[:, 0, 0]).view(E, 1, 1)
+        return logits
+
+
+def _ramp_counts(item: dict, mode: str, resolution: str) -> list[tuple[int, int]]:
+    """(I, U) of each scored unit of ``item`` under ``ColumnRamp``, by hand: the prediction is column > c at the
+    network's size; at the original size, bilinear with align_corners=False maps output column X to the source
+    column max((X + 0.5) * S / W0 - 0.5, 0), where the ramp (linear) is exact."""
+    S = item["target"].shape[-1]
+    per_expr = [0.3 + 0.25 * float(m.sum()) for m in item["attention_mask"]]
+    cuts = {
+        "each": per_expr,
+        "avg": [float(np.mean(per_expr))],
+        "cat": [0.3 + 0.25 * float(item["cat_attention_mask"].sum())],
+    }[mode]
+    target = (item["target"] if resolution == "network" else item["target_orig"]).numpy().astype(bool)
+    H, W = target.shape
+    column = (
+        np.arange(S, dtype=np.float64) if resolution == "network" else np.maximum((np.arange(W) + 0.5) * S / W - 0.5, 0)
+    )
+    out = []
+    for c in cuts:
+        assert np.abs(column - c).min() > 1e-4  # no pixel on the fence
+        pred = np.broadcast_to(column > c, (H, W))
+        out.append((int((pred & target).sum()), int((pred | target).sum())))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["each", "cat", "avg"])
+@pytest.mark.parametrize("resolution", ["network", "original"])
+def test_evaluate_varying_logits_against_hand_counts(val_set, mode, resolution):
+    expected, sizes = {}, set()
+    for item in (val_set[i] for i in range(len(val_set))):
+        counts = _ramp_counts(item, mode, resolution)
+        units = item["sent_ids"] if mode == "each" else [None]
+        expected.update({(item["ref_id"], s): c for s, c in zip(units, counts)})
+        sizes.add(tuple(item["target_orig"].shape))
+    assert len(sizes) > 1 and all(0 < i < u for i, u in expected.values())  # images of several sizes; partial hits
+    metrics, records = evaluate(
+        ColumnRamp(), _loader(val_set, 2), torch.device("cpu"), mode=mode, resolution=resolution
+    )
+    got = {(r["ref_id"], r.get("sent_id")): (r["I"], r["U"]) for r in records}
+    assert got == expected
+    inter, union = np.array(list(expected.values())).T
+    assert metrics["oIoU"] == pytest.approx(100 * inter.sum() / union.sum())
+    assert metrics["mIoU"] == pytest.approx(100 * np.mean(inter / union))
+
+
+def test_training_form_batches_score_one_expression_per_object(cfg, val_set):
+    """The per-epoch validation's batches (one random expression per object, no collate_eval): one record per object,
+    with I and U counted by hand for the all-foreground prediction."""
+    train_form = build_dataset(cfg, "val", eval_mode=False)
+    metrics, records = evaluate(AllForeground(), DataLoader(train_form, batch_size=4), torch.device("cpu"))
+    targets = {item["ref_id"]: item["target"] for item in (train_form[i] for i in range(len(train_form)))}
+    assert [r["ref_id"] for r in records] == sorted(targets)
+    for r in records:
+        assert (r["I"], r["U"]) == (int(targets[r["ref_id"]].sum()), targets[r["ref_id"]].numel())
+    assert metrics["num_expressions"] == len(train_form)
+
+
 def test_modes_batch_one_equals_batched(model, val_set):
     results = {}
     for mode in ("each", "cat", "avg"):
@@ -130,6 +204,28 @@ def test_evaluate_bad_protocol(model, val_set):
         evaluate(model, [], torch.device("cpu"), mode="mean")
     with pytest.raises(ValueError, match="EVAL.RESOLUTION must be one of"):
         evaluate(model, [], torch.device("cpu"), resolution="480")
+
+
+def test_train_step_defaults_to_a_float32_step(cfg):
+    """Called with its defaults (no amp, no clipping), one step: float32 logits reach the criterion, the returned
+    loss is the criterion's, every parameter with a (not round-off) gradient moves."""
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    batch = next(iter(DataLoader(build_dataset(cfg, "train", eval_mode=False), batch_size=2)))
+    params = [p for p in net.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    seen = []
+
+    def criterion(logits, target):
+        seen.append(logits.dtype)
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    opt, marks = torch.optim.SGD(params, lr=0.1), []
+    loss, norm = train_step(net, criterion, opt, NativeScaler(), batch, torch.device("cpu"), params, mark=marks.append)
+    assert seen == [torch.float32] and math.isfinite(loss) and loss > 0 and float(norm) > 0
+    assert marks == ["forward", "backward", "optimizer"]  # the benchmark's timer reads these names
+    moved = [not torch.equal(a, p) for a, p in zip(before, params) if p.grad is not None and p.grad.abs().max() > 1e-6]
+    assert moved and all(moved)
 
 
 def test_train_one_epoch_steps_and_nan_guard(cfg):

@@ -95,6 +95,12 @@ def test_accumulator_rejects_duplicates_and_mixed_records():
         acc.update(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([2]))
 
 
+def test_all_empty_masks_score_zero():
+    """Every prediction and ground truth empty (U = 0 throughout): IoU 0 each, as the official code, and oIoU 0."""
+    m = summarize_counts(torch.tensor([0, 0]), torch.tensor([0, 0]))
+    assert (m["num_expressions"], m["mIoU"], m["oIoU"], m["precision@0.5"]) == (2, 0.0, 0.0, 0.0)
+
+
 def test_empty_accumulator():
     metrics, records = IoUAccumulator().compute()
     assert metrics["num_expressions"] == 0 and math.isnan(metrics["mIoU"]) and records == []
@@ -111,3 +117,8 @@ def test_summary_and_table_state_setting_and_labels():
     table = format_table([s])
     for field in ("refcoco", "testA", "cat", "network 480x480", "ck.pth", MIOU_LABEL, OIOU_LABEL, "32.50", "62.50"):
         assert field in table
+    header, rule, row = table.splitlines()[:3]
+    assert header.split() == ["dataset", "split", "protocol", "resolution", "N", "mIoU", "oIoU", "P@0.5", "P@0.6",
+                              "P@0.7", "P@0.8", "P@0.9"] and set(rule) == {"-"}  # fmt: skip
+    assert row.split()[:4] == ["refcoco", "testA", "cat", "network"] and row.split()[5] == str(len(PRED))
+    assert "\nprotocol: each = every expression scored alone (the paper's tables); cat = an object's" in table

@@ -11,12 +11,7 @@ from models.pwam import PWAM, instance_norm_tokens
 from models.swin import PatchMerging, SwinBlock, kind_masks, window_kinds, window_partition, window_reverse
 
 from . import oracle
-from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
+from .helpers_model import fixture_cfg, save_tiny_bert, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +96,44 @@ def test_patch_merging_pads_bottom_right_like_official(H, W):
         out = pm(x, H, W)
         assert out.shape == (2, ((H + 1) // 2) * ((W + 1) // 2), 16)
         _close(out, oracle.patch_merging(pm, x, H, W))
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("fused_attn", [False, True])
+def test_window_attention_windows_as_heads_matches_official(qkv_bias, fused_attn):
+    """Several windows per row (each [M, N, N] mask picked by index), with and without a qkv bias, against the
+    official per-window reading."""
+    from models.swin import WindowAttention
+
+    torch.manual_seed(10)
+    attn = WindowAttention(8, 3, 2, qkv_bias=qkv_bias, fused_attn=fused_attn).eval()
+    _random_bias(type("Blk", (), {"attn": attn})())
+    B, nW, N = 2, 4, 9
+    x, masks = torch.randn(B, N, nW, 8), torch.randn(2, N, N)
+    index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = attn(x, masks, index)  # [B, N, nW, C]
+        ref = oracle.window_attention(attn, x.permute(0, 2, 1, 3).reshape(B * nW, N, 8), masks[index])
+    _close(out.permute(0, 2, 1, 3).reshape(B * nW, N, 8), ref)
+
+
+@pytest.mark.parametrize("H,W", [(3, 5), (4, 3), (5, 5)])
+def test_patch_merging_odd_sides_by_hand(H, W):
+    """Every output token written out: the 2x2 neighbours (row 2i / 2i + 1, column 2j / 2j + 1) in the checkpoints'
+    order, a neighbour past the bottom or right edge zero (official: pad bottom/right, never top/left)."""
+    torch.manual_seed(9)
+    pm = PatchMerging(4).eval()
+    x = torch.randn(2, H * W, 4)
+    grid = x.view(2, H, W, 4)
+
+    def at(r: int, c: int) -> torch.Tensor:
+        return grid[:, r, c] if r < H and c < W else torch.zeros(2, 4)
+
+    tokens = [torch.cat([at(2 * i, 2 * j), at(2 * i + 1, 2 * j), at(2 * i, 2 * j + 1), at(2 * i + 1, 2 * j + 1)], -1)
+              for i in range((H + 1) // 2) for j in range((W + 1) // 2)]  # row-major over the merged grid
+    with torch.no_grad():
+        expected = pm.reduction(F.layer_norm(torch.stack(tokens, 1), (16,), pm.norm.weight, pm.norm.bias))
+        _close(pm(x, H, W), expected)
 
 
 @pytest.mark.parametrize("fused_attn", [False, True])
@@ -298,7 +331,8 @@ def test_bad_configs_and_inputs():
     model = build_model(tiny_cfg())
     with pytest.raises(RuntimeError, match="no text encoder"):
         model(torch.randn(1, 3, 32, 32), torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="needs input_ids and attention_mask, or precomputed text features"):
+    no_text = "^LAVT.forward needs input_ids and attention_mask, or precomputed text features$"
+    with pytest.raises(ValueError, match=no_text):
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"lang_mask \[B, N, 1\]"):
         model.segment(torch.randn(1, 3, 32, 32), torch.randn(1, 12, 4), torch.ones(1, 4))
@@ -360,9 +394,23 @@ def test_instance_norm_tokens_equals_instance_norm(dtype):
     out = instance_norm_tokens(a, 1e-5)
     ref = F.instance_norm(b.transpose(1, 2), eps=1e-5).transpose(1, 2)
     assert out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    assert torch.allclose(out.float(), ref, atol=tol)
+    # a few times the largest error measured over 10 seeds: values 7.8e-6 / 7.8e-3, gradients (of max ~1.3)
+    # 9.5e-7 / 6.3e-3, for float32 / bfloat16
+    value_tol, grad_tol = (2e-5, 3e-6) if dtype == torch.float32 else (3e-2, 2e-2)
+    assert (out.float() - ref).abs().max() < value_tol
     weights = torch.randn(3, 50, 8)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
-    assert torch.allclose(a.grad.float(), b.grad, atol=tol * 10, rtol=tol)
+    assert (a.grad.float() - b.grad).abs().max() < grad_tol
+
+
+def test_compile_only_when_asked(monkeypatch):
+    """MODEL.COMPILE: ``torch.compile`` runs for True only (compiling costs minutes on a CPU)."""
+    from models import build as build_module
+
+    compiled = []
+    monkeypatch.setattr(build_module, "compile_model", lambda model: compiled.append(model) or model)
+    plain = build_model(tiny_cfg())
+    assert compiled == []
+    asked = build_model(tiny_cfg(MODEL__COMPILE=True))
+    assert compiled == [asked] and plain is not asked

@@ -16,7 +16,8 @@ from tools import benchmark
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from . import oracle
-from .helpers_model import FIXTURE, fixture_cfg, tiny_cfg
+from .conftest import tiny_opts
+from .helpers_model import fixture_cfg, tiny_cfg
 
 #: bf16 autocast against float32 on the fixture: relative L2 error of the logits and of every stage's features,
 #: the largest logit error relative to the largest logit, and pixels whose argmax may flip (near-ties).
@@ -24,29 +25,7 @@ BF16_REL_L2 = 0.03
 BF16_REL_MAX = 0.05
 BF16_ARGMAX_AGREE = 0.99
 
-TINY_OPTS = [
-    "MODEL.TEXT.ENCODER",
-    "",
-    "MODEL.PRETRAINED_SWIN",
-    "",
-    "MODEL.SWIN.EMBED_DIM",
-    "8",
-    "MODEL.SWIN.DEPTHS",
-    "[2,2,2,2]",
-    "MODEL.SWIN.NUM_HEADS",
-    "[1,2,2,4]",
-    "MODEL.SWIN.WINDOW_SIZE",
-    "4",
-    "MODEL.TEXT.DIM",
-    "12",
-    "MODEL.SWIN.DROP_PATH_RATE",
-    "0.0",
-]
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
+TINY_OPTS = tiny_opts()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ and from uncompressed, compressed and listed RLE (against pycocotools and hand-m
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import struct
 import subprocess
@@ -285,6 +286,41 @@ def test_plotting_is_lazy_and_works(syn: REFER):
         syn.showRef(ref, seg_box="outline")
 
 
+def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
+    """showRef logs the sentences, draws the box as given (green, width 3), overlays a non-polygon mask in its
+    colour, and names a missing image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refer = REFER(syn_root, "synthetic", "unc")
+    ref = refer.data["refs"][0]
+    with caplog.at_level(logging.INFO, logger="refer.refer"):
+        plt.figure()
+        refer.showRef(ref, seg_box="box")
+    assert f"1. {ref['sentences'][0]['sent']}" in caplog.messages
+    box = plt.gca().patches[0]
+    x, y, w, h = refer.getRefBox(ref["ref_id"])
+    assert (box.get_xy(), box.get_width(), box.get_height(), box.get_linewidth()) == ((x, y), w, h, 3)
+    assert box.get_edgecolor() == (0.0, 128 / 255, 0.0, 1.0)  # matplotlib's "green"
+    mask = refer.getMask(ref)["mask"]
+    refer.refToAnn[ref["ref_id"]] = dict(
+        refer.refToAnn[ref["ref_id"]], segmentation=mask_utils.encode(np.asfortranarray(mask))
+    )  # an RLE: drawn as a mask overlay
+    plt.figure()
+    refer.showRef(ref, seg_box="seg")
+    overlay = plt.gca().images[-1].get_array()
+    np.testing.assert_array_equal(overlay[..., 3], mask * 0.5)
+    np.testing.assert_allclose(overlay[mask == 1][:, :3], np.tile([2 / 255, 166 / 255, 101 / 255], (mask.sum(), 1)))
+    plt.close("all")
+    refer.IMAGE_DIR = str(tmp_path)
+    with pytest.raises(ReferFileNotFoundError, match=r"image not found: .*\.jpg \(expected the synthetic image"):
+        refer.showRef(ref)
+    with pytest.raises(ValueError, match="^getMaskByRef needs a ref or a ref_id$"):
+        refer.getMaskByRef()
+
+
 # ---------------------------------------------------------------------------------------------------- Python 2 pickles
 def py2_pickle(obj) -> bytes:
     """Protocol-2 pickle as Python 2 writes it: str as byte strings (SHORT_BINSTRING), latin-1 bytes."""
@@ -353,7 +389,7 @@ def test_missing_instances(tmp_path: Path):
 def test_unreadable_pickle(tmp_path: Path):
     write_refer(tmp_path, "refcoco", [], [], [], [])
     (tmp_path / "refcoco" / "refs(unc).p").write_bytes(b"this is not a pickle")
-    with pytest.raises(ReferDataError, match=r"cannot read REFER refs pickle .*refs\(unc\)\.p"):
+    with pytest.raises(ReferDataError, match=r"cannot read REFER refs pickle .*refs\(unc\)\.p: UnpicklingError: "):
         REFER(tmp_path, "refcoco")
     (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps({"refs": []}))
     with pytest.raises(ReferDataError, match=r"holds a dict, expected a list of refs"):
@@ -373,7 +409,7 @@ def test_unreadable_json(tmp_path: Path):
 def test_inconsistent_files(tmp_path: Path):
     ref = {"ref_id": 7, "ann_id": 99, "image_id": 1, "category_id": 1, "split": "train", "sentences": []}
     write_refer(tmp_path, "refcoco", [ref], [], [], [])
-    with pytest.raises(ReferDataError, match=r"ref 7 in .*points at ann_id 99"):
+    with pytest.raises(ReferDataError, match=r"ref 7 in .*refs\(unc\)\.p points at ann_id 99, which .*instances\.json"):
         REFER(tmp_path, "refcoco")
     write_refer(tmp_path, "refcoco", [{"ref_id": 7}], [], [], [])
     with pytest.raises(ReferDataError, match=r"malformed ref in .*missing key 'ann_id'"):
@@ -393,3 +429,54 @@ def test_unknown_ids(hand: REFER):
         hand.getRefBox(-1)
     with pytest.raises(ValueError, match="needs a ref or a ref_id"):
         hand.getMaskByRef()
+
+
+def _with_segmentation(hand_root: Path, segmentation) -> REFER:
+    """The hand dataset with ref 1's annotation (id 12, image 20 x 30) given ``segmentation``."""
+    refer = REFER(hand_root, "refcoco")
+    refer.refToAnn[1] = dict(refer.refToAnn[1], segmentation=segmentation)
+    return refer
+
+
+def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog):
+    """Polygons of fewer than 3 points or zero area cover no pixel: left out, one warning naming the annotation and
+    ref; the other polygons make the mask. A first polygon of 4 values is not read as a box (pycocotools would)."""
+    square = [2, 2, 8, 2, 8, 8, 2, 8]  # x 2..8, y 2..8: rows and columns 2-7 covered, by hand
+    expected = np.zeros((20, 30), np.uint8)
+    expected[2:8, 2:8] = 1
+    refer = _with_segmentation(hand_root, [[1, 1, 5, 5], square, [0, 0, 10, 0, 20, 0], [4.0, 4.0]])
+    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+        m = refer.getMask(refer.Refs[1])
+        refer.getMask(refer.Refs[1])
+    np.testing.assert_array_equal(m["mask"], expected)
+    assert m["area"] == 36
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "annotation 12 (ref 1) of refcoco: 3 of its 4 polygons" in warnings[0]
+    only_degenerate = _with_segmentation(hand_root, [[3, 3, 9, 9, 3, 3], [1, 2]])
+    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+        m = only_degenerate.getMask(only_degenerate.Refs[1])
+    assert m["mask"].shape == (20, 30) and m["mask"].sum() == 0 and m["area"] == 0.0
+    assert "its mask is empty" in caplog.records[-1].getMessage()
+    # another annotation of the same REFER warns for itself (once per annotation, not once in all)
+    only_degenerate.refToAnn[0] = dict(only_degenerate.refToAnn[0], segmentation=[[1, 1, 2, 2]])
+    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+        only_degenerate.getMask(only_degenerate.Refs[0])
+    assert "annotation 11 (ref 0) of refcoco: 1 of its 1 polygons" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize(
+    "segmentation,message",
+    [
+        ([[2, 2, 8, 2, 8]], r"polygon 0 is not a list of finite x, y pairs \(5 values"),
+        ([[2, 2, 8, 2, 8, "x"]], "polygon 0 is not a list of finite x, y pairs"),
+        ([[2, 2, 8, 2, 8, float("nan")]], "polygon 0 is not a list of finite x, y pairs"),
+        ("2 2 8 2 8 8", r"unsupported segmentation \(str\)"),
+        (None, r"unsupported segmentation \(NoneType\)"),
+        ([], r"unsupported segmentation \(list, empty\)"),
+        ([[2, 2, 8, 2, 8, 8], {"counts": [0, 600], "size": [20, 30]}], r"unsupported segmentation \(list\)"),
+    ],
+)
+def test_malformed_segmentation_names_the_annotation_and_ref(hand_root: Path, segmentation, message):
+    refer = _with_segmentation(hand_root, segmentation)
+    with pytest.raises(ReferDataError, match=r"annotation 12 \(ref 1\) of refcoco.*" + message):
+        refer.getMask(refer.Refs[1])

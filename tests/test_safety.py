@@ -208,7 +208,25 @@ def test_bad_values_are_refused_in_one_line(argv: list, match: str):
 
 @pytest.mark.parametrize("cfg_file", [None] + sorted(str(p) for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_pass(cfg_file: str | None):
-    validate_config(get_config(cfg_file))
+    """Every shipped config passes the checks, and the checks are live on it: the same config with one bad value
+    is refused."""
+    cfg = get_config(cfg_file)
+    assert validate_config(cfg) is None
+    bad = cfg.clone()
+    bad.defrost()
+    bad.TRAIN.LR = -cfg.TRAIN.LR
+    with pytest.raises(ConfigError, match=f"TRAIN.LR must be > 0, got {-cfg.TRAIN.LR}"):
+        validate_config(bad)
+
+
+@pytest.mark.parametrize(
+    "key,lowest", [("MODEL.SWIN.PATCH_SIZE", 1), ("TRAIN.EPOCHS", 1), ("TRAIN.BATCH_SIZE", 1), ("DATA.WORKERS", 0)]
+)
+def test_integer_bounds_are_inclusive(key: str, lowest: int):
+    """The lowest allowed value passes, one below is refused (the bound itself, not only far values)."""
+    assert validate_config(get_config(None, [key, lowest])) is None
+    with pytest.raises(ConfigError, match=f"{key} must be >= {lowest}, got {lowest - 1}"):
+        validate_config(get_config(None, [key, lowest - 1]))
 
 
 def leaves(node: dict, prefix: str = "") -> list[str]:

@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -230,12 +229,12 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
         ensure_synthetic(tmp_path, num_image=8)
 
 
-def test_speed(tmp_path: Path):
-    tic = time.perf_counter()
+def test_a_larger_set(tmp_path: Path):
+    """220 images: the expected number of objects (2-5 an image). (No wall-clock check: the
+    timing of generation is reported in README.md, not asserted.)"""
     generate(tmp_path, num_images=220, seed=1)
-    elapsed = time.perf_counter() - tic
-    objects = len(json.loads((tmp_path / "synthetic/instances.json").read_text())["annotations"])
-    assert objects > 600 and elapsed < 30, (objects, elapsed)  # ~1.5 s on one core; thousands in ~10 s
+    annotations = json.loads((tmp_path / "synthetic/instances.json").read_text())["annotations"]
+    assert 2 * 220 <= len(annotations) <= 5 * 220 and len(annotations) > 600
 
 
 def test_command_line(tmp_path: Path):

@@ -1,0 +1,155 @@
+"""Sampled mutation testing of the core modules with mutmut (pinned in requirements-dev.txt); not part of CI.
+
+    python -m tests.mutation                      # 8 mutants per module group, seed 0, 2 workers
+    python -m tests.mutation --per-group 20 --seed 1 --groups models losses
+    python -m tests.mutation --only utils.losses.x_dice_loss__mutmut_9   # re-run named mutants, current tests
+
+The committed tree (tracked and untracked, not ignored files) is copied to ``--workdir`` and mutmut runs there
+(``[tool.mutmut]`` in pyproject.toml: which files, which tests), so the checkout is never touched. mutmut writes
+every mutant of the core modules, a random sample of each group is drawn (seeded: the same sample for the same
+code), and mutmut runs only those, each against the tests that reach the mutated function. Prints and writes
+``<workdir>/mutation_summary.json``: per group the sampled mutants, killed, survived, and the diff of each
+survivor. docs/mutation.md has the last scores and the survivors judged equivalent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: module groups reported apart, by path prefix of the mutated file (the first match wins)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "weights": ("models/weights.py",),
+    "models": ("models/",),
+    "data": ("data/transforms.py", "data/dataset.py", "data/image_io.py"),
+    "refer": ("refer/",),
+    "engine": ("engine/",),
+    "metrics": ("utils/metrics.py",),
+    "losses": ("utils/losses.py",),
+    "checkpoint": ("utils/checkpoint.py",),
+}
+KILLED = {"killed", "caught by type check"}
+
+
+def copy_tree(workdir: Path) -> None:
+    """The checkout's files (tracked and untracked, not ignored) into a fresh ``workdir``."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, workdir / name)
+
+
+def generate_mutants(workdir: Path) -> dict[str, str]:
+    """mutmut's mutants of every configured file, written under ``<workdir>/mutants``: {mutant name: file}."""
+    code = (
+        "import os\n"
+        "from mutmut.__main__ import copy_also_copy_files, copy_src_dir, create_mutants, setup_source_paths\n"
+        "from mutmut.mutation.trampoline import set_mutant_under_test\n"
+        "set_mutant_under_test('mutant_generation')\n"
+        "os.makedirs('mutants', exist_ok=True)\n"
+        "copy_src_dir(); copy_also_copy_files(); setup_source_paths(); create_mutants(2)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    names = {}
+    for meta in sorted((workdir / "mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to(workdir / "mutants"))[: -len(".meta")]
+        names.update({name: source for name in json.loads(meta.read_text())["exit_code_by_key"]})
+    return names
+
+
+def group_of(source: str) -> str | None:
+    return next((g for g, prefixes in GROUPS.items() if source.startswith(prefixes)), None)
+
+
+def sample(names: dict[str, str], per_group: int, seed: int, groups: list[str]) -> dict[str, list[str]]:
+    by_group: dict[str, list[str]] = {g: [] for g in groups}
+    for name, source in sorted(names.items()):
+        g = group_of(source)
+        if g in by_group:
+            by_group[g].append(name)
+    rng = random.Random(seed)
+    return {g: sorted(rng.sample(v, min(per_group, len(v)))) for g, v in by_group.items()}
+
+
+def statuses(workdir: Path) -> dict[str, str]:
+    """Every mutant's status as mutmut recorded it (killed, survived, timeout, no tests, not checked, ...)."""
+    sys.path.insert(0, str(workdir))
+    from mutmut.stats import status_by_exit_code
+
+    out = {}
+    for meta in (workdir / "mutants").rglob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = status_by_exit_code[code]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lavt-mutation"))
+    p.add_argument("--per-group", type=int, default=8, help="mutants sampled per module group")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
+    p.add_argument("--only", nargs="+", default=None, help="re-run these mutants in the existing workdir")
+    args = p.parse_args(argv)
+
+    if args.only:  # the tests as they are now (new tests get their coverage measured), the mutants as generated
+        for dest in (args.workdir / "tests", args.workdir / "mutants" / "tests"):
+            shutil.copytree(REPO / "tests", dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        chosen = {"named": list(args.only)}
+    else:
+        copy_tree(args.workdir)
+        names = generate_mutants(args.workdir)
+        chosen = sample(names, args.per_group, args.seed, args.groups)
+        print(
+            f"{len(names)} mutants; sampled {sum(map(len, chosen.values()))} ({args.per_group} a group, seed "
+            f"{args.seed})",
+            flush=True,
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    todo = [n for names in chosen.values() for n in names]
+    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *todo],
+                         cwd=args.workdir, env=env, capture_output=True, text=True)  # fmt: skip
+    (args.workdir / "mutmut_run.log").write_text(run.stdout + run.stderr)
+    if run.returncode != 0:
+        sys.exit(f"mutmut failed (exit {run.returncode}); see {args.workdir / 'mutmut_run.log'}")
+    status = statuses(args.workdir)
+    summary: dict = {"groups": {}, "survivors": {}}
+    for g, names in chosen.items():
+        killed = sum(status[n] in KILLED for n in names)
+        summary["groups"][g] = {"sampled": len(names), "killed": killed,
+                                "score": round(100 * killed / len(names), 1) if names else None,
+                                "other": {n: status[n] for n in names if status[n] not in KILLED}}  # fmt: skip
+        for n in names:
+            if status[n] not in KILLED:
+                shown = subprocess.run([sys.executable, "-m", "mutmut", "show", n], cwd=args.workdir, env=env,
+                                       capture_output=True, text=True).stdout  # fmt: skip
+                summary["survivors"][n] = shown
+    (args.workdir / "mutation_summary.json").write_text(json.dumps(summary, indent=2))
+    for g, s in summary["groups"].items():
+        print(f"{g:12s} {s['killed']:3d} / {s['sampled']:3d} killed  ({s['score']}%)")
+    for n, diff in summary["survivors"].items():
+        print(f"\n--- {status[n]}: {n}\n{diff}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Checkpoint writing and the configuration check, as a user meets them: the temporary file sits next to the
+checkpoint (an atomic rename, never a copy across file systems), and the refusal reads as one whole sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import get_config
+from utils import checkpoint as ck
+
+
+def test_the_temporary_file_is_written_next_to_the_checkpoint(tmp_path: Path, monkeypatch):
+    seen = []
+    real_save = torch.save
+
+    def save_and_look(obj, f):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        return real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_and_look)
+    ck.save_checkpoint({"epoch": 3}, tmp_path / "last.pth")
+    assert len(seen) == 1 and seen[0].startswith(".last.pth.") and seen[0].endswith(".tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_another_configuration_is_refused_in_one_sentence(tmp_path: Path):
+    saved = get_config(None, ["MODEL.SWIN.EMBED_DIM", 96])
+    now = get_config(None, ["MODEL.SWIN.EMBED_DIM", 128])
+    with pytest.raises(ValueError) as err:
+        ck.check_config({"config": saved.dump()}, now, tmp_path / "x.pth")
+    assert str(err.value) == (
+        f"checkpoint {tmp_path / 'x.pth'} is of another configuration than this run: MODEL.SWIN.EMBED_DIM: checkpoint "
+        "96, now 128. Use the config it was trained with (--cfg_file / --opts)."
+    )
