@@ -44,6 +44,7 @@ from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
 from utils.amp import resolve_amp  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
+from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 
@@ -92,7 +93,10 @@ def _run_in(
         logger.info("TRAIN.AMP auto -> %s on %s", cfg.TRAIN.AMP or "float32", info.device)
     if args.resume == "auto" and resume is None:
         logger.info("--resume auto: no %s yet, starting fresh", run_dir / "last.pth")
-    logger.info("run folder %s (%s), %d process(es) on %s", run_dir, folder.reason, info.world_size, info.device)
+    logger.info(
+        "run folder %s (%s), %d process(es) on %s; %s",
+        run_dir, folder.reason, info.world_size, info.device, info.launcher,
+    )  # fmt: skip
     if not args.eval:
         logger.info(describe_batch(cfg.TRAIN.BATCH_SIZE, info.world_size))
     config_file = run_dir / ("config_eval.yaml" if args.eval else "config.yaml")
@@ -141,6 +145,15 @@ USER_ERRORS = (
 EXIT_PREEMPTED = 75
 
 
+def _is_first_rank() -> bool:
+    """Whether this process speaks for the group: rank 0 under torchrun or srun (SLURM_PROCID), or alone. Read from
+    the environment, since the error may come before (or from) forming the group."""
+    try:
+        return detect_launch().rank == 0
+    except ValueError:  # inconsistent launch variables: every process says so
+        return True
+
+
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: returns the exit status (0; 2 after a one-line error from rank 0;
     ``EXIT_PREEMPTED`` after a stop request, with one line saying where the checkpoint is)."""
@@ -149,13 +162,13 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except Preempted as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _is_first_rank():
             print(f"main.py: preempted: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     except USER_ERRORS as e:
         if debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _is_first_rank():
             print(f"main.py: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     return 0

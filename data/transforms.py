@@ -119,5 +119,7 @@ class TrainAugment:
         )
         alpha = 1 + (2 * r[3] - 1) * self.contrast
         beta = (2 * r[4] - 1) * self.brightness * 255 + (1 - alpha) * float(image.mean())  # contrast about the mean
-        image = cv2.convertScaleAbs(image, alpha=alpha, beta=beta)  # saturating uint8
+        # alpha * x + beta rounded and clipped to [0, 255]; convertScaleAbs would take |.| and turn the darkest
+        # pixels of a darkened image bright
+        image = cv2.addWeighted(image, alpha, image, 0.0, beta)
         return image, mask

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from configs import get_config
+from engine.checkpoint_config import check_config
 from utils import checkpoint as ck
 
 
@@ -30,7 +31,7 @@ def test_another_configuration_is_refused_in_one_sentence(tmp_path: Path):
     saved = get_config(None, ["MODEL.SWIN.EMBED_DIM", 96])
     now = get_config(None, ["MODEL.SWIN.EMBED_DIM", 128])
     with pytest.raises(ValueError) as err:
-        ck.check_config({"config": saved.dump()}, now, tmp_path / "x.pth")
+        check_config({"config": saved.dump()}, now, tmp_path / "x.pth")
     assert str(err.value) == (
         f"checkpoint {tmp_path / 'x.pth'} is of another configuration than this run: MODEL.SWIN.EMBED_DIM: checkpoint "
         "96, now 128. Use the config it was trained with (--cfg_file / --opts)."

@@ -444,3 +444,24 @@ def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, to
     # evaluation items carry the original-size mask: never cached
     ev = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=32, eval_mode=True, cache=True)
     assert ev[0]["target_orig"].ndim == 2 and not ev.cache and not ev._masks and not ev._images
+
+
+def test_augment_jitter_saturates_dark_pixels_at_zero():
+    """A darkening draw clips below 0 (uint8 saturation), never folds dark pixels back up (|.|), and clips above 255."""
+    size = 32
+    image = np.repeat(np.linspace(0, 255, size * size).reshape(size, size, 1), 3, 2).round().astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    darkened = brightened = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        geo, _ = TrainAugment(brightness=0, contrast=0)(image, mask)
+        torch.manual_seed(seed)
+        out, _ = TrainAugment(brightness=0.5, contrast=0.2)(image, mask)
+        g, p = geo.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+        mid = (p > 0) & (p < 255)
+        (a, b), *_ = np.linalg.lstsq(np.stack([g[mid], np.ones(mid.sum())], 1), p[mid], rcond=None)
+        expected = np.clip(a * g + b, 0, 255)  # the affine map, saturated by hand
+        assert np.abs(expected - p).max() <= 1.5
+        darkened += (a * g + b < -5).any()
+        brightened += (a * g + b > 260).any()
+    assert darkened and brightened  # both saturations were exercised

@@ -241,7 +241,7 @@ def test_predict_bad_inputs(run, predictor, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
 def test_cuda_requested_without_cuda(run):
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="CUDA is not available"):
         demo.Predictor.from_checkpoint(run["checkpoint"], device="cuda")
 
 

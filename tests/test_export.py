@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from configs import get_config
+from configs.defaults import architecture_keys
 from models import build_model, load_weights, read_checkpoint
 from tools.export import export
 from tools.open_checkpoint import open_checkpoint
-from utils.checkpoint import ARCHITECTURE_KEYS, save_checkpoint
+from utils.checkpoint import save_checkpoint
 
 from .helpers_train import make_tiny_text_encoder
 
@@ -79,7 +80,7 @@ def test_official_round_trip(trained, tmp_path, packaging, caplog):
     assert_same_tensors(model, other)
     opened_cfg, opened = open_checkpoint(out, overrides=["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER])
     assert_same_tensors(model, opened)
-    for key in [k for k in ARCHITECTURE_KEYS if k != "MODEL.NAME"] + ["DATA.SIZE", "DATA.DATASET", "DATA.SPLIT_BY"]:
+    for key in [k for k in architecture_keys() if k != "MODEL.NAME"] + ["DATA.SIZE", "DATA.DATASET", "DATA.SPLIT_BY"]:
         assert _get(opened_cfg, key) == _get(cfg, key), key
     assert opened_cfg.MODEL.NAME == packaging
 

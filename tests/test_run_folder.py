@@ -167,6 +167,21 @@ def test_stale_rule_for_a_holder_on_another_host(tmp_path):
     assert not lock.exists()
 
 
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypatch):
+    lock = tmp_path / LOCK_NAME
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for job in ("4242.1", "4243.0", "4242.2", ""):  # this very run, another job, a later run, not SLURM: all held
+        _write_lock(lock, 60, host="elsewhere", pid=1234, token="t", slurm_job=job)
+        with pytest.raises(RunLockedError, match="host elsewhere, pid 1234"):
+            RunLock(lock, stale_after_s=3600).acquire()
+    _write_lock(lock, 60, host="elsewhere", pid=1234, token="t", slurm_job="4242.0")  # before the requeue
+    taker = RunLock(lock, stale_after_s=3600)
+    assert "(it was taken by an earlier run of this SLURM job (4242.0; this is 4242.1))" in taker.acquire()
+    assert json.loads(lock.read_text())["slurm_job"] == "4242.1"
+    taker.release()
+
 def test_stale_rule_on_this_host_and_unreadable_locks(tmp_path):
     lock, host = tmp_path / LOCK_NAME, socket.gethostname()
     _write_lock(lock, 0, host=host, pid=os.getpid(), pid_start=-1, token="t")  # a live pid, another process

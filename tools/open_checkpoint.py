@@ -22,10 +22,10 @@ from yacs.config import CfgNode
 
 from configs import get_config, override_pairs
 from configs.validate import coerce_pairs, coerce_tree, lookup
+from engine.checkpoint_config import checkpoint_config
 from engine.config_check import validate_config
 from models import LAVT, build_model, infer_architecture, load_weights, read_checkpoint
 from models.text import resolve_text_encoder
-from utils.checkpoint import checkpoint_config
 
 __all__ = ["checkpoint_cfg", "open_checkpoint"]
 

@@ -42,7 +42,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or cuda when available and None; a cuda device without CUDA is an error that says so."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available (use --device cpu)")
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available (use --device cpu)")
     return device
 
 

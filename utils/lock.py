@@ -9,7 +9,9 @@ Stale rule (the lock is then taken over, with a warning):
 - holder on this host: its pid is not running, or is running but is another process (another start time: the pid
   was reused);
 - holder on another host (its processes cannot be seen from here): no heartbeat for ``stale_after_s`` seconds
-  (``STALE_AFTER_S``, 30 minutes by default); also a lock file that cannot be read.
+  (``STALE_AFTER_S``, 30 minutes by default); also a lock file that cannot be read;
+- holder of an earlier run of the same SLURM job (same SLURM_JOB_ID, lower SLURM_RESTART_COUNT): SLURM ends every
+  process of a job before it requeues it, so a requeued job takes its own lock over at once, on any node.
 Limits: the hostname tells hosts apart (two containers with one hostname and separate pid namespaces look like one
 host); on another host, a holder that is alive but suspended (SIGSTOP) longer than ``stale_after_s`` is taken over;
 the file's modification time is set by the file server, compared with this host's clock (skews of minutes are
@@ -49,6 +51,7 @@ class LockHolder:
     command: str
     pid_start: int | None = None  # the process's start time in clock ticks since boot (Linux), to detect pid reuse
     token: str = ""
+    slurm_job: str = ""  # "<SLURM_JOB_ID>.<SLURM_RESTART_COUNT>" when started by SLURM
 
     def describe(self) -> str:
         return f"host {self.host}, pid {self.pid}, since {self.started}, command: {self.command}"
@@ -82,8 +85,27 @@ def read_holder(path: Path) -> LockHolder | None:
         return None
 
 
-def stale_reason(holder: LockHolder | None, age_s: float, stale_after_s: float, host: str) -> str | None:
-    """Why a lock whose file was last touched ``age_s`` seconds ago is stale, or None while it is held."""
+def slurm_incarnation(env: dict[str, str] | None = None) -> str:
+    """``"<job id>.<restart count>"`` of the SLURM job this process belongs to, or "" outside SLURM."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID", "")
+    return f"{job}.{env.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+
+
+def _earlier_run_of(holder_job: str, mine: str) -> bool:
+    if not holder_job or not mine:
+        return False
+    (job_a, _, count_a), (job_b, _, count_b) = holder_job.partition("."), mine.partition(".")
+    return job_a == job_b and count_a.isdigit() and count_b.isdigit() and int(count_a) < int(count_b)
+
+
+def stale_reason(
+    holder: LockHolder | None, age_s: float, stale_after_s: float, host: str, slurm_job: str = ""
+) -> str | None:
+    """Why a lock whose file was last touched ``age_s`` seconds ago is stale, or None while it is held.
+    ``slurm_job``: this process's ``slurm_incarnation()``."""
+    if holder is not None and _earlier_run_of(holder.slurm_job, slurm_job):
+        return f"it was taken by an earlier run of this SLURM job ({holder.slurm_job}; this is {slurm_job})"
     if holder is not None and holder.host == host:
         if not _pid_running(holder.pid):
             return f"its process {holder.pid} is not running"
@@ -119,6 +141,7 @@ class RunLock:
             command=shlex.join([Path(sys.executable).name, *sys.argv]),
             pid_start=_process_start(os.getpid()),
             token=secrets.token_hex(8),
+            slurm_job=slurm_incarnation(),
         )
         took_over = None
         for _ in range(3):  # a lock released or taken over between two looks: look again
@@ -129,7 +152,7 @@ class RunLock:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
                 continue
-            reason = stale_reason(holder, age, self.stale_after_s, host)
+            reason = stale_reason(holder, age, self.stale_after_s, host, me.slurm_job)
             if reason is None:
                 raise RunLockedError(self._in_use(holder))
             self._remove_if(holder)
