@@ -22,7 +22,9 @@ from utils.distributed import DistInfo, all_gather_object
 from utils.lock import STALE_AFTER_S, RunLock, RunLockedError
 from utils.tensorboard import TENSORBOARD_DIR
 
-RUN_MARKERS = ("config.yaml", "last.pth", "best.pth", "metrics.jsonl")  # a folder holding any of these holds a run
+# A folder holding any of these holds a run. Not config.yaml alone: a run stopped by a mistake in its data or flags
+# before its first step leaves only that (and log.txt), and the corrected command must be able to start there.
+RUN_MARKERS = ("last.pth", "best.pth", "metrics.jsonl")
 LOCK_NAME = "train.lock"
 # what --overwrite removes: the files a run writes (checkpoints, logs, configs, results) and its TensorBoard folder
 RUN_FILE_SUFFIXES = (".pth", ".json", ".jsonl", ".yaml", ".txt", ".tmp")

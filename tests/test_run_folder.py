@@ -59,7 +59,7 @@ def test_second_training_is_refused_and_changes_nothing(env, finished, capsys):
     assert main_module.cli(tiny_main_argv(env, finished.parent, TRAIN__EPOCHS=1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == (
-        f"main.py: error: RunFolderError: run folder {finished} already holds a run (config.yaml, last.pth, best.pth, "
+        f"main.py: error: RunFolderError: run folder {finished} already holds a run (last.pth, best.pth, "
         "metrics.jsonl): continue it with --resume, or delete its files and start over with --overwrite; nothing "
         "was changed"
     )
@@ -146,6 +146,9 @@ def test_lock_released_when_the_run_fails(env, tmp_path):
     with pytest.raises(ReferFileNotFoundError):
         main_module.main(tiny_main_argv(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(tmp_path / "none")))
     assert (tmp_path / "tiny" / "config.yaml").is_file() and not (tmp_path / "tiny" / LOCK_NAME).exists()
+    # the corrected command starts in that folder: a config.yaml without checkpoints or metrics is not a run
+    main_module.main(tiny_main_argv(env, tmp_path, TRAIN__EPOCHS=1))
+    assert (tmp_path / "tiny" / "last.pth").is_file()
 
 
 def _write_lock(path: Path, age_s: float, **fields) -> None:
