@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-# Set before torch loads OpenMP (libgomp): by default its threads busy-wait ~300k spins at every barrier, and a
-# CPU step gets 10-40x slower as soon as another process shares the cores (measured on 2 cores: 0.3 s -> 13 s).
-# 1000 spins keeps the idle speed (within ~5%) and degrades gracefully under load; set it yourself to override.
+# Set before torch loads OpenMP (libgomp): by default its threads busy-wait at every barrier, and a CPU step gets
+# many times slower as soon as another process shares the cores. 1000 spins keeps the idle speed and degrades
+# gracefully under load (docs/performance.md); set it yourself to override.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import sys  # noqa: E402 (after the OpenMP setting)

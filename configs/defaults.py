@@ -78,8 +78,8 @@ _C.DATA.SIZE = 480
 _C.DATA.WORKERS = 4
 _C.DATA.AUGMENT = False  # never flips left/right
 # Image and mask resizing to SIZE x SIZE: "pil" (the official code: PIL bilinear, which antialiases when it shrinks,
-# and PIL nearest for the mask, sampling pixel centres) | "cv2" (OpenCV area/bilinear and INTER_NEAREST: ~1 ms less
-# per 640x480 image, different pixels; scores of official checkpoints move by up to ~1.5 IoU points per sentence)
+# and PIL nearest for the mask, sampling pixel centres) | "cv2" (OpenCV area/bilinear and INTER_NEAREST: faster,
+# different pixels, so official checkpoints score differently per sentence; docs/fidelity.md)
 _C.DATA.RESIZE = "pil"
 # Objects annotated in several polygon parts: "official" (pixels covered by exactly one part, as LAVT: where two
 # parts of one object overlap the pixel is background; kept for comparability with the paper) | "union" (any part)

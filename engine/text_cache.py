@@ -32,8 +32,8 @@ class TextFeatureCache:
     Nothing watches the encoder: whoever owns the cache calls ``clear`` when the encoder's weights change (a weight
     load); a move to another device or dtype only makes new entries, ``clear`` frees the old ones.
     Memory: one [tokens, width] tensor per distinct expression (float32 under autocast too: BERT ends in a
-    LayerNorm), on the encoder's device: the demo's 11673 train and val expressions (~8.4 tokens each) ~150 MB,
-    RefCOCO's ~140k with BERT-base ~4 GB. Entries stay until ``clear`` (evaluation adds the expressions it meets).
+    LayerNorm), on the encoder's device (sizes for the demo and RefCOCO: docs/performance.md). Entries stay until
+    ``clear`` (evaluation adds the expressions it meets).
     """
 
     def __init__(self) -> None:

@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from .errors import ReferDataError, ReferFileNotFoundError, ReferKeyError
+from .masks import MASK_PARTS, combine_parts, segmentation_rles
+from .plot import show_mask, show_ref
 from .safe_pickle import load_plain_pickle
 
 __all__ = [
@@ -58,30 +60,8 @@ DATASETS: dict[str, str] = {
     "synthetic": "images/mscoco/images/train2014",
 }
 
-# How ``getMask`` makes one mask of an object annotated in several parts (polygons, or a list of RLEs):
-# - "official": the pixels covered by exactly one part. The original REFER sums the parts and LAVT's dataset keeps
-#   sum == 1, so where two parts of one object overlap the pixel is background. Arguably a bug, but the paper's
-#   numbers and the released checkpoints' scores are computed on these masks, so it is the default.
-# - "union": the pixels covered by any part (what the annotation means).
-MASK_PARTS: tuple[str, ...] = ("official", "union")
-
 # every split name getRefIds understands (the original's rules)
 SPLITS: tuple[str, ...] = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
-
-
-class ReferFileNotFoundError(FileNotFoundError):
-    """A REFER file or folder is missing; the message names the path expected and what belongs there."""
-
-
-class ReferDataError(ValueError):
-    """A REFER file exists but cannot be read, or its content is inconsistent (names the file and the key)."""
-
-
-class ReferKeyError(KeyError):
-    """An id that the dataset does not hold. Prints its message as is (KeyError would print its repr)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def _as_list(value: Any) -> list:
@@ -318,65 +298,7 @@ class REFER:
         self._lookup(self.Refs, ref_id, "ref_id")
         return self.refToAnn[ref_id]["bbox"]
 
-    # ------------------------------------------------------------------ masks
-    def _segmentation_parts(self, ann: dict, height: int, width: int, ref_id: int | None = None) -> list[dict]:
-        """The RLEs of an annotation's parts: one per polygon, the RLE itself, or each RLE of a list of RLEs.
-
-        Degenerate polygons (fewer than 3 points, or zero area) cover no pixel, as pycocotools rasterises them; they
-        are left out with one warning per annotation (an annotation with nothing else has an empty mask). A polygon
-        with an odd number of coordinates, non-numbers or another format is refused naming the annotation and ref.
-        """
-        seg = ann.get("segmentation")
-        where = f"annotation {ann.get('id')!r}" + (f" (ref {ref_id!r})" if ref_id is not None else "")
-        where += f" of {self.dataset}"
-        if isinstance(seg, dict):
-            parts = [seg]
-        elif isinstance(seg, list) and seg and all(isinstance(p, dict) for p in seg):
-            parts = list(seg)
-        elif isinstance(seg, list) and seg and all(isinstance(p, (list, tuple)) for p in seg):
-            parts = self._polygon_parts(seg, height, width, where, ann.get("id"))
-        else:
-            raise ReferDataError(
-                f"{where} has an unsupported segmentation ({type(seg).__name__}"
-                f"{', empty' if isinstance(seg, list) and not seg else ''}): expected "
-                "polygons [[x1, y1, ...], ...], an RLE dict or a list of RLE dicts"
-            )
-        rles = []
-        for part in parts:
-            if "counts" not in part or "size" not in part:
-                raise ReferDataError(f"{where}: RLE without 'counts'/'size' (keys {sorted(part)})")
-            if list(part["size"]) != [height, width]:
-                raise ReferDataError(
-                    f"{where}: RLE size {list(part['size'])} differs from the image size {[height, width]}"
-                )
-            if isinstance(part["counts"], list):  # uncompressed RLE
-                part = mask_utils.frPyObjects(part, height, width)
-            elif isinstance(part["counts"], str):
-                part = {"size": part["size"], "counts": part["counts"].encode("ascii")}
-            rles.append(part)
-        return rles
-
-    def _polygon_parts(self, seg: list, height: int, width: int, where: str, ann_id: Any) -> list[dict]:
-        """One RLE per polygon of at least 3 points and non-zero area (see ``_segmentation_parts``)."""
-        polygons = []
-        for i, p in enumerate(seg):
-            if len(p) % 2 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in p):
-                raise ReferDataError(
-                    f"{where}: polygon {i} is not a list of finite x, y pairs ({len(p)} values: {list(p)[:8]})"
-                )
-            polygons.append([float(v) for v in p])
-        # pycocotools reads a first polygon of 4 values as a box: polygons of < 3 points never reach it
-        long_enough = [p for p in polygons if len(p) >= 6]
-        rles = mask_utils.frPyObjects(long_enough, height, width) if long_enough else []
-        kept = [r for r, a in zip(rles, mask_utils.area(rles) if rles else []) if a > 0]
-        if len(kept) < len(polygons) and ann_id not in self._degenerate_reported:
-            self._degenerate_reported.add(ann_id)
-            logger.warning(
-                "%s: %d of its %d polygons have fewer than 3 points or no area and are left out%s",
-                where, len(polygons) - len(kept), len(polygons), "; its mask is empty" if not kept else "",
-            )  # fmt: skip
-        return kept
-
+    # ------------------------------------------------------------------ masks (refer/masks.py)
     def getMask(self, ref: dict, parts: str = "official") -> dict[str, Any]:
         """The referred object's mask.
 
@@ -386,22 +308,23 @@ class REFER:
         Returns:
             {'mask': [H, W] uint8 in {0, 1} at the image's size, 'area': float, its pixel count}.
         """
-        if parts not in MASK_PARTS:
-            raise ValueError(f"mask parts must be one of {MASK_PARTS}, got {parts!r}")
         ref_id = ref["ref_id"]
         ann = self._lookup(self.refToAnn, ref_id, "ref_id")
         image = self._lookup(self.Imgs, ref["image_id"], "image_id")
         height, width = int(image["height"]), int(image["width"])
-        rles = self._segmentation_parts(ann, height, width, ref_id)
-        union = mask_utils.merge(rles) if len(rles) > 1 else rles[0] if rles else None
-        if union is None:
-            m = np.zeros((height, width), dtype=np.uint8)
-        elif parts == "union" or mask_utils.area(union) == sum(int(a) for a in mask_utils.area(rles)):
-            m = mask_utils.decode(union)  # parts that do not overlap: exactly one part is any part
-        else:
-            # the original's np.sum(..., axis=2).astype(np.uint8), then == 1; summing in uint8 wraps the same way
-            m = (mask_utils.decode(rles).sum(axis=2, dtype=np.uint8) == 1).view(np.uint8)
-        m = np.ascontiguousarray(m)  # pycocotools decodes column-major
+        ann_id = ann.get("id")
+        where = f"annotation {ann_id!r} (ref {ref_id!r}) of {self.dataset}"
+
+        def report(left_out: int, total: int, empty: bool) -> None:  # once per annotation
+            if ann_id not in self._degenerate_reported:
+                self._degenerate_reported.add(ann_id)
+                logger.warning(
+                    "%s: %d of its %d polygons have fewer than 3 points or no area and are left out%s",
+                    where, left_out, total, "; its mask is empty" if empty else "",
+                )  # fmt: skip
+
+        rles = segmentation_rles(ann.get("segmentation"), height, width, where, report)
+        m = combine_parts(rles, height, width, parts)
         return {"mask": m, "area": float(np.count_nonzero(m))}
 
     def getMaskByRef(
@@ -414,47 +337,11 @@ class REFER:
             ref = self._lookup(self.Refs, ref_id, "ref_id")
         return self.getMask(ref, parts)
 
-    # ------------------------------------------------------------------ plots (matplotlib imported here only)
+    # ------------------------------------------------------------------ plots (refer/plot.py)
     def showRef(self, ref: dict, seg_box: str = "seg") -> None:
         """Draw the image, the object's outline (``seg``) or box (``box``), and its sentences as the title."""
-        import matplotlib.pyplot as plt
-        from matplotlib.collections import PatchCollection
-        from matplotlib.patches import Polygon, Rectangle
-        from PIL import Image
-
-        if seg_box not in ("seg", "box"):
-            raise ValueError(f"seg_box must be 'seg' or 'box', got {seg_box!r}")
-        ax = plt.gca()
-        image = self._lookup(self.Imgs, ref["image_id"], "image_id")
-        path = Path(self.IMAGE_DIR) / image["file_name"]
-        if not path.is_file():
-            raise ReferFileNotFoundError(
-                f"image not found: {path} (expected the {self.dataset} image {image['file_name']} in {self.IMAGE_DIR})"
-            )
-        with Image.open(path) as im:
-            ax.imshow(np.asarray(im.convert("RGB")))
-        sentences = [f"{i + 1}. {s['sent']}" for i, s in enumerate(ref["sentences"])]
-        for line in sentences:
-            logger.info("%s", line)
-        ax.set_title("\n".join(sentences), fontsize=9)
-        ann = self.refToAnn[ref["ref_id"]]
-        if seg_box == "seg":
-            seg = ann["segmentation"]
-            if isinstance(seg, list) and seg and isinstance(seg[0], (list, tuple)):
-                polygons = [Polygon(np.asarray(p, dtype=float).reshape(-1, 2), closed=True) for p in seg]
-                ax.add_collection(PatchCollection(polygons, facecolors="none", edgecolors=(1, 1, 0, 1), linewidths=3))
-                ax.add_collection(PatchCollection(polygons, facecolors="none", edgecolors=(1, 0, 0, 1), linewidths=1))
-            else:
-                m = self.getMask(ref)["mask"]
-                overlay = np.zeros((*m.shape, 4))
-                overlay[..., :3] = np.array([2.0, 166.0, 101.0]) / 255
-                overlay[..., 3] = m * 0.5
-                ax.imshow(overlay)
-        else:
-            x, y, w, h = self.getRefBox(ref["ref_id"])
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="green", linewidth=3))
+        show_ref(self, ref, seg_box)
 
     def showMask(self, ref: dict) -> None:
-        import matplotlib.pyplot as plt
-
-        plt.gca().imshow(self.getMask(ref)["mask"])
+        """Draw the object's mask."""
+        show_mask(self, ref)

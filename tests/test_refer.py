@@ -296,7 +296,7 @@ def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
 
     refer = REFER(syn_root, "synthetic", "unc")
     ref = refer.data["refs"][0]
-    with caplog.at_level(logging.INFO, logger="refer.refer"):
+    with caplog.at_level(logging.INFO, logger="refer"):
         plt.figure()
         refer.showRef(ref, seg_box="box")
     assert f"1. {ref['sentences'][0]['sent']}" in caplog.messages
@@ -445,7 +445,7 @@ def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog
     expected = np.zeros((20, 30), np.uint8)
     expected[2:8, 2:8] = 1
     refer = _with_segmentation(hand_root, [[1, 1, 5, 5], square, [0, 0, 10, 0, 20, 0], [4.0, 4.0]])
-    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+    with caplog.at_level(logging.WARNING, logger="refer"):
         m = refer.getMask(refer.Refs[1])
         refer.getMask(refer.Refs[1])
     np.testing.assert_array_equal(m["mask"], expected)
@@ -453,13 +453,13 @@ def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "annotation 12 (ref 1) of refcoco: 3 of its 4 polygons" in warnings[0]
     only_degenerate = _with_segmentation(hand_root, [[3, 3, 9, 9, 3, 3], [1, 2]])
-    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+    with caplog.at_level(logging.WARNING, logger="refer"):
         m = only_degenerate.getMask(only_degenerate.Refs[1])
     assert m["mask"].shape == (20, 30) and m["mask"].sum() == 0 and m["area"] == 0.0
     assert "its mask is empty" in caplog.records[-1].getMessage()
     # another annotation of the same REFER warns for itself (once per annotation, not once in all)
     only_degenerate.refToAnn[0] = dict(only_degenerate.refToAnn[0], segmentation=[[1, 1, 2, 2]])
-    with caplog.at_level(logging.WARNING, logger="refer.refer"):
+    with caplog.at_level(logging.WARNING, logger="refer"):
         only_degenerate.getMask(only_degenerate.Refs[0])
     assert "annotation 11 (ref 0) of refcoco: 1 of its 1 polygons" in caplog.records[-1].getMessage()
 
