@@ -5,6 +5,7 @@ seconds)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -247,6 +248,7 @@ def test_benchmark_smoke(tmp_path, capsys):
         tr, ev, fl = r["train"], r["eval"], r["flops"]
         for key in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_mb", "achieved_flops_per_s"):
             assert tr[key] > 0, key
+        assert tr["first_call_s"] > 0 and ev["batch1"]["first_call_s"] > 0
         for bs in ("batch1", "batch3"):
             assert ev[bs]["expr_per_s"] > 0 and ev[bs]["achieved_flops_per_s"] > 0 and len(ev[bs]["times_ms"]) == 2
         assert fl["eval_per_image"] > 0 and fl["train_per_image"] > 2 * fl["eval_per_image"]
@@ -260,6 +262,21 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
     printed = capsys.readouterr().out
     assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
+
+
+def test_first_call_timed_apart_from_the_runs():
+    """The first call (with torch.compile: the compiling) is reported alone; warm-up + runs calls in all."""
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.05 if len(calls) == 1 else 0.0)
+
+    first, times = benchmark._first_and_timed(fn, torch.device("cpu"), benchmark.BenchSpec(warmup=3, runs=2))
+    assert len(calls) == 5 and len(times) == 2 and first >= 0.05 and max(times) < 0.05
+    calls.clear()
+    first, times = benchmark._first_and_timed(fn, torch.device("cpu"), benchmark.BenchSpec(warmup=0, runs=2))
+    assert first is None and len(calls) == 2 and len(times) == 2 and max(times) >= 0.05  # the first call is timed
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ def format_tables(results: list[dict[str, Any]], batch_size: int, eval_batch_siz
         "GFLOP/img eval/train",
         "achieved GFLOP/s train/eval",
         "matmul GFLOP/s",
+        "first call s train/eval B=1",
     ]
     rows = [head]
     for r in results:
@@ -82,6 +83,7 @@ def format_tables(results: list[dict[str, Any]], batch_size: int, eval_batch_siz
                     f"{e['achieved_flops_per_s'] / 1e9:.3g}" if "achieved_flops_per_s" in e else "-" for e in (tr, eb)
                 ),
                 "/".join(_fmt(v / 1e9, 0) for v in r["matmul_flops_per_s"].values()),
+                "/".join(_fmt(d.get("first_call_s"), 1) for d in (tr, e1)),
             ]
         )
     out = [_grid(rows)]

@@ -150,19 +150,28 @@ def run_variant(spec: BenchSpec) -> dict[str, Any]:
     step = eval_run = None
     if "train" in spec.phases:
         step, split = train_step(model, cfg, spec, device, amp)
-        result["train"] = train_summary(time_runs(step, device, spec.warmup, spec.runs), split, spec.warmup, spec.stat)
+        first, times = _first_and_timed(step, device, spec)
+        result["train"] = {**train_summary(times, split, spec.warmup, spec.stat), "first_call_s": first}
     if "eval" in spec.phases:
         result["eval"] = {}
         for bs in dict.fromkeys((1, spec.eval_batch_size)):
             eval_run = eval_step(model, cfg, bs, spec, device, amp)
             with autocast(amp if "cast_once" in v.switches else "", device):  # one region: weights cast once
-                result["eval"][f"batch{bs}"] = eval_summary(
-                    time_runs(eval_run, device, spec.warmup, spec.runs), bs, spec.stat
-                )
+                first, times = _first_and_timed(eval_run, device, spec)
+            result["eval"][f"batch{bs}"] = {**eval_summary(times, bs, spec.stat), "first_call_s": first}
     _finish(v)
     if spec.memory == "inline":  # memory last, one more step each with an allocator that returns what is freed
         _peak_memory(v, step, eval_run)
     return result
+
+
+def _first_and_timed(fn: Any, device: torch.device, spec: BenchSpec) -> tuple[float | None, list[float]]:
+    """The first call's seconds, apart (what a run pays once: with ``compile``, the compiling), then ``spec.runs``
+    timed calls after the rest of the warm-up."""
+    if spec.warmup < 1:
+        return None, time_runs(fn, device, 0, spec.runs)
+    first = time_runs(fn, device, 0, 1)[0]
+    return first, time_runs(fn, device, spec.warmup - 1, spec.runs)
 
 
 def _peak_memory(v: _Variant, step: Any, eval_run: Any) -> None:
