@@ -20,6 +20,8 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from configs import DEMO_CONFIG, get_config
+from configs.validate import ConfigError
+from models import checkpoint_format
 from utils.lock import STALE_AFTER_S
 
 # argparse dest -> config key. A flag left unset (None) leaves the key to the config file.
@@ -205,8 +207,8 @@ def is_demo(args: argparse.Namespace) -> bool:
 
 
 def check_flags(args: argparse.Namespace, cfg: CfgNode) -> None:
-    """Flags that contradict each other or the config (ValueError), a missing checkpoint to evaluate
-    (FileNotFoundError): refused before anything is written."""
+    """Flags that contradict each other or the config (ValueError), a missing or unreadable checkpoint to evaluate
+    (CheckpointError): refused before anything is written."""
     if args.overwrite and (args.eval or args.resume):
         other = "--eval" if args.eval else "--resume"
         raise ValueError(f"--overwrite (delete the run folder's previous run, then train) contradicts {other}")
@@ -214,8 +216,8 @@ def check_flags(args: argparse.Namespace, cfg: CfgNode) -> None:
         raise ValueError("--eval needs the weights to evaluate: --pretrain <checkpoint>")
     if args.eval and (args.resume or args.allow_change):
         raise ValueError("--eval evaluates --pretrain; --resume / --allow_change continue a training: choose one")
-    if args.eval and not Path(args.pretrain).is_file():  # before a folder for its results is made
-        raise FileNotFoundError(f"checkpoint not found: {args.pretrain} (--pretrain)")
+    if args.eval:  # a missing, empty or foreign file: before a folder for its results is made
+        checkpoint_format(args.pretrain)
     if not args.stale_lock_minutes > 0:
         raise ValueError(f"--stale_lock_minutes must be > 0, got {args.stale_lock_minutes}")
     if not cfg.MODEL.TEXT.ENCODER:
@@ -269,5 +271,5 @@ def config_from_args(args: argparse.Namespace) -> CfgNode:
         overrides += ["EVAL.BATCH_SIZE", repr(args.batch_size)]
     try:
         return get_config(args.cfg_file, overrides + list(args.opts or []))
-    except AssertionError as e:  # yacs asserts on unknown keys
-        raise KeyError(f"config (--cfg_file {args.cfg_file} / --opts): {e}") from e
+    except AssertionError as e:  # yacs asserts on unknown keys: "Non-existent key: A.B"
+        raise ConfigError(f"unknown config key in --cfg_file {args.cfg_file} / --opts: {e}") from e

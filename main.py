@@ -31,7 +31,7 @@ from args import (  # noqa: E402
     parse_args,
     rerun_hint,
 )
-from data import load_refer  # noqa: E402
+from data import check_refer_files, load_refer  # noqa: E402
 from data.checks import check_images  # noqa: E402
 from data.image_io import ImageReadError  # noqa: E402
 from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = config_from_args(args)
     validate_config(cfg)  # before anything is built or written
     check_flags(args, cfg)
+    check_refer_files(cfg)
     info = init_distributed_mode(args.device)
     try:
         return _run(args, cfg, info)

@@ -9,8 +9,8 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "ImageReadError", "ReferDataset", "build_dataset", "collate_eval", "load_refer", "load_rgb", "load_tokenizer",
-    "tokenize",
+    "ImageReadError", "ReferDataset", "build_dataset", "check_refer_files", "collate_eval", "load_refer", "load_rgb",
+    "load_tokenizer", "tokenize",
 ]
 
 

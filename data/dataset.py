@@ -261,6 +261,13 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def check_refer_files(cfg: Any) -> None:
+    """The config's REFER annotation files exist (``REFER.files``): refused naming them before a run writes anything.
+    The synthetic dataset is generated on first use, so it is not checked here."""
+    if cfg.DATA.DATASET != "synthetic":
+        REFER.files(cfg.DATA.ROOT, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY)
+
+
 def load_refer(cfg: Any) -> REFER:
     """The ``REFER`` of a config's dataset (DATA.ROOT, DATASET, SPLIT_BY, IMAGE_DIR), to share between splits."""
     return REFER(cfg.DATA.ROOT, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY, image_dir=cfg.DATA.IMAGE_DIR or None)

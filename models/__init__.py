@@ -6,6 +6,7 @@ from .official import to_official
 from .weights import (
     CheckpointError,
     checkpoint_filter_fn,
+    checkpoint_format,
     load_pretrained_swin,
     load_weights,
     read_checkpoint,
@@ -18,6 +19,7 @@ __all__ = [
     "build_model",
     "build_param_groups",
     "checkpoint_filter_fn",
+    "checkpoint_format",
     "infer_architecture",
     "load_pretrained_swin",
     "load_weights",

@@ -55,19 +55,54 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     return content
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The dict stored in ``path``: a ``torch.save`` file (safe loading; the official files' argparse Namespace
-    allowed) or a safetensors file (``read_safetensors``)."""
+def checkpoint_format(path: str | Path) -> str:
+    """``"safetensors"`` or ``"torch"`` (a ``torch.save`` zip archive, or its legacy pickle format), read from the
+    first bytes: a missing, empty or foreign file is refused (``CheckpointError``) before anything is loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path):
+        return "safetensors"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # a zip archive's local header (a damaged one too: torch.load then names the damage); legacy torch.save files
+    # open with a pickle protocol byte
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    what = "the file is empty" if not head else "neither a PyTorch (torch.save) nor a safetensors file"
+    raise CheckpointError(f"cannot read checkpoint {path}: {what}")
+
+
+def _load_failure(path: Path, err: Exception) -> CheckpointError:
+    """One line for a ``torch.load`` failure: torch's several-paragraph advice reduced to its cause."""
+    text = " ".join(str(err).split())
+    if isinstance(err, EOFError):
+        why = "the file is cut short"
+    elif "central directory" in text:  # a zip archive without its end
+        why = f"the file is cut short or damaged ({text.split('. ', 1)[0]})"
+    elif "WeightsUnpickler error:" in text:  # weights_only=True met something else than tensors and plain values
+        cause = text.split("WeightsUnpickler error:", 1)[1]
+        cause = cause.split(" Please use", 1)[0].split(" Check the documentation", 1)[0].strip()
+        if cause.startswith("Unsupported global"):
+            why = f"it holds objects other than tensors and plain values, which are never loaded ({cause})"
+        else:
+            why = f"damaged or not a checkpoint ({cause})"
+    else:
+        why = f"{type(err).__name__}: {text[:300]}"
+    return CheckpointError(f"cannot read checkpoint {path}: {why}")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict stored in ``path``: a ``torch.save`` file (safe loading; the official files' argparse Namespace
+    allowed) or a safetensors file (``read_safetensors``)."""
+    path = Path(path)
+    if checkpoint_format(path) == "safetensors":
         return read_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:500]}") from err
+        raise _load_failure(path, err) from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of weights")
     return obj

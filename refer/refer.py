@@ -100,8 +100,22 @@ class REFER:
         self.ROOT_DIR = str(Path(data_root))
         self.dataset = dataset
         self.splitBy = splitBy
+        ref_file, instances_file = self.files(data_root, dataset, splitBy)
 
-        data_dir = Path(self.DATA_DIR)
+        self.data: dict[str, Any] = {"dataset": dataset, "refs": self._load_refs(ref_file)}
+        instances = self._load_instances(instances_file)
+        for key in ("images", "annotations", "categories"):
+            self.data[key] = instances[key]
+        self._ref_file, self._instances_file = ref_file, instances_file
+        self._degenerate_reported: set[int] = set()  # annotations whose left-out polygons were logged
+        self.createIndex()
+        logger.info("DONE (t=%.2fs)", time.time() - tic)
+
+    @staticmethod
+    def files(data_root: str | Path, dataset: str, splitBy: str) -> tuple[Path, Path]:
+        """(refs file, instances file) of ``dataset`` split by ``splitBy``: missing ones are refused naming the path
+        and what belongs there (cheap: a run checks them before it writes anything)."""
+        data_dir = Path(REFER.paths(data_root, dataset)[0])
         if not data_dir.is_dir():
             raise ReferFileNotFoundError(
                 f"REFER annotation folder not found: {data_dir} (expected refs({splitBy}).p and instances.json of "
@@ -120,15 +134,7 @@ class REFER:
                 f"REFER instances file not found: {instances_file} (expected the COCO-style images, annotations "
                 f"and categories of {dataset})"
             )
-
-        self.data: dict[str, Any] = {"dataset": dataset, "refs": self._load_refs(ref_file)}
-        instances = self._load_instances(instances_file)
-        for key in ("images", "annotations", "categories"):
-            self.data[key] = instances[key]
-        self._ref_file, self._instances_file = ref_file, instances_file
-        self._degenerate_reported: set[int] = set()  # annotations whose left-out polygons were logged
-        self.createIndex()
-        logger.info("DONE (t=%.2fs)", time.time() - tic)
+        return ref_file, instances_file
 
     @staticmethod
     def _load_refs(ref_file: Path) -> list[dict]:

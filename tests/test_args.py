@@ -6,6 +6,8 @@ import pytest
 
 import args as cli
 from configs import DEMO_CONFIG
+from configs.validate import ConfigError
+from models import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +101,29 @@ def test_bad_values():
         cli.get_parser().parse_args(["--eval_mode", "mean"])
     with pytest.raises(FileNotFoundError, match="config file not found: nope.yaml"):
         cfg_of(["--cfg_file", "nope.yaml"])
-    with pytest.raises(KeyError, match="Non-existent.*TRAIN.NOT_A_KEY"):
+    with pytest.raises(ConfigError, match="^unknown config key in --cfg_file .* / --opts: Non-existent.*NOT_A_KEY"):
         cfg_of(["--opts", "TRAIN.NOT_A_KEY", "1"])
     with pytest.raises(ValueError, match="odd number"):
         cfg_of(["--opts", "TRAIN.LR"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "checkpoint not found: .*weights.pth$"),
+        (b"", "cannot read checkpoint .*weights.pth: the file is empty$"),
+        (b"PK but not a zip" * 4, "cannot read checkpoint .*weights.pth: neither a PyTorch .*nor a safetensors file$"),
+    ],
+)
+def test_eval_checkpoint_refused_before_anything_is_written(tmp_path, content, message):
+    """--eval of a missing, empty or foreign file is refused by the flag checks, which run before any folder is
+    made; the file itself is left as it was."""
+    path = tmp_path / "weights.pth"
+    if content is not None:
+        path.write_bytes(content)
+    argv = ["--eval", "--pretrain", str(path), "--opts", "MODEL.TEXT.ENCODER", "minilm-l6"]
+    a = cli.parse_args(argv)
+    with pytest.raises(CheckpointError, match=message):
+        cli.check_flags(a, cli.config_from_args(a))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["weights.pth"])
+    assert content is None or path.read_bytes() == content

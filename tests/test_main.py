@@ -207,6 +207,8 @@ def test_data_cache_with_workers_warns(env, tmp_path):
         ([], ["TRAIN.LR", "nan"], "ConfigError: TRAIN.LR must be a finite number > 0, got nan"),
         ([], ["TRAIN.EPOCHS", "0"], "ConfigError: TRAIN.EPOCHS must be >= 1, got 0"),
         ([], ["EVAL.RESOLUTION", "full"], "EVAL.RESOLUTION must be one of"),
+        ([], ["TRAIN.NOT_A_KEY", "1"], "ConfigError: unknown config key in --cfg_file  / --opts: Non-existent key"),
+        ([], ["DATA.DATASET", "refcoco"], "ReferFileNotFoundError: REFER annotation folder not found: "),
         (["--eval"], [], "--eval needs the weights to evaluate: --pretrain <checkpoint>"),
     ],
 )

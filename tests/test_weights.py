@@ -103,10 +103,22 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pth"):
         load_weights(model, tmp_path / "nope.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth: neither a PyTorch"):
         load_weights(model, tmp_path / "garbage.pth")
+    (tmp_path / "pickle_like.pth").write_bytes(b"\x80\x02garbage after a pickle protocol byte")
+    damaged = r"^cannot read checkpoint .*pickle_like.pth: damaged or not a checkpoint \(Unsupported operand \d+\)$"
+    with pytest.raises(CheckpointError, match=damaged):
+        load_weights(model, tmp_path / "pickle_like.pth")
+    full = tmp_path / "full.pth"
+    torch.save({"model": model.state_dict()}, full)
+    (tmp_path / "cut.pth").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"^cannot read checkpoint .*cut.pth: the file is cut short or damaged"):
+        load_weights(model, tmp_path / "cut.pth")
     torch.save({"model": model.state_dict(), "evil": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pth")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*pickled_module.pth"):
+    # torch's several paragraphs of advice come down to one line naming the class it refused
+    one_line = r"^cannot read checkpoint .*pickled_module.pth: it holds objects other than tensors and plain values, " \
+        r"which are never loaded \(Unsupported global: GLOBAL torch.nn.modules.linear.Linear[^\n]*\)$"
+    with pytest.raises(CheckpointError, match=one_line):
         load_weights(model, tmp_path / "pickled_module.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds a list"):
