@@ -21,7 +21,7 @@ from yacs.config import CfgNode
 
 from configs import DEMO_CONFIG, get_config
 from configs.validate import ConfigError
-from models import checkpoint_format
+from models import CheckpointError, checkpoint_format
 from utils.lock import STALE_AFTER_S
 
 # argparse dest -> config key. A flag left unset (None) leaves the key to the config file.
@@ -217,7 +217,10 @@ def check_flags(args: argparse.Namespace, cfg: CfgNode) -> None:
     if args.eval and (args.resume or args.allow_change):
         raise ValueError("--eval evaluates --pretrain; --resume / --allow_change continue a training: choose one")
     if args.eval:  # a missing, empty or foreign file: before a folder for its results is made
-        checkpoint_format(args.pretrain)
+        try:
+            checkpoint_format(args.pretrain)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (--pretrain)") from e
     if not args.stale_lock_minutes > 0:
         raise ValueError(f"--stale_lock_minutes must be > 0, got {args.stale_lock_minutes}")
     if not cfg.MODEL.TEXT.ENCODER:

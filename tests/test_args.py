@@ -110,9 +110,9 @@ def test_bad_values():
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (None, "checkpoint not found: .*weights.pth$"),
-        (b"", "cannot read checkpoint .*weights.pth: the file is empty$"),
-        (b"PK but not a zip" * 4, "cannot read checkpoint .*weights.pth: neither a PyTorch .*nor a safetensors file$"),
+        (None, r"^checkpoint not found: .*weights.pth \(--pretrain\)$"),
+        (b"", r"^cannot read checkpoint .*weights.pth: the file is empty \(--pretrain\)$"),
+        (b"PK but not a zip" * 4, r"^cannot read checkpoint .*weights.pth: neither a PyTorch .*safetensors file \("),
     ],
 )
 def test_eval_checkpoint_refused_before_anything_is_written(tmp_path, content, message):

@@ -21,7 +21,8 @@ import main as main_module
 from args import names_run_folder, parse_args
 from configs import get_config
 from engine.run_folder import LOCK_NAME, RunFolderError, eval_run_dir
-from refer import ReferFileNotFoundError
+from models import CheckpointError
+from refer import ReferDataError
 from utils.lock import RunLock, RunLockedError
 
 from .helpers_train import tiny_env, tiny_main_argv
@@ -143,8 +144,13 @@ def test_lock_released_on_sigterm(tmp_path):
 
 
 def test_lock_released_when_the_run_fails(env, tmp_path):
-    with pytest.raises(ReferFileNotFoundError):
-        main_module.main(tiny_main_argv(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(tmp_path / "none")))
+    # annotation files that exist (checked before the folder is claimed) but cannot be read (found once it is)
+    broken = tmp_path / "broken" / "refcoco"
+    broken.mkdir(parents=True)
+    (broken / "refs(unc).p").write_bytes(b"not a pickle")
+    (broken / "instances.json").write_text("{}")
+    with pytest.raises(ReferDataError, match="cannot read REFER refs pickle"):
+        main_module.main(tiny_main_argv(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(broken.parent)))
     assert (tmp_path / "tiny" / "config.yaml").is_file() and not (tmp_path / "tiny" / LOCK_NAME).exists()
     # the corrected command starts in that folder: a config.yaml without checkpoints or metrics is not a run
     main_module.main(tiny_main_argv(env, tmp_path, TRAIN__EPOCHS=1))
@@ -254,6 +260,6 @@ def test_what_names_the_run_folder_and_a_missing_checkpoint(env, tmp_path):
     assert names_run_folder(parse_args(["--model_id", "a"])) and names_run_folder(parse_args(["--output", "o"]))
     assert names_run_folder(parse_args(["--opts", "TRAIN.LR", "1e-4", "MODEL_ID", "a"]))
     assert not names_run_folder(parse_args(["--cfg_file", "configs/demo.yaml", "--opts", "TRAIN.LR", "1e-4"]))
-    with pytest.raises(FileNotFoundError, match="^checkpoint not found: .*nothing.pth \\(--pretrain\\)$"):
+    with pytest.raises(CheckpointError, match="^checkpoint not found: .*nothing.pth \\(--pretrain\\)$"):
         main_module.main(tiny_main_argv(env, tmp_path, "--eval", "--pretrain", str(tmp_path / "nothing.pth")))
     assert list(tmp_path.iterdir()) == []  # no folder made for results that cannot come
