@@ -3,6 +3,8 @@ checkpoint (an atomic rename, never a copy across file systems), and the refusal
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,20 @@ def test_the_temporary_file_is_written_next_to_the_checkpoint(tmp_path: Path, mo
     ck.save_checkpoint({"epoch": 3}, tmp_path / "last.pth")
     assert len(seen) == 1 and seen[0].startswith(".last.pth.") and seen[0].endswith(".tmp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_written_files_get_the_permissions_open_gives(tmp_path: Path):
+    """mkstemp makes 0600 files; checkpoints and text files get what open() would give them under the umask."""
+    old = os.umask(0o022)
+    try:
+        with open(tmp_path / "by_open.txt", "w") as f:
+            f.write("x")
+        ck.save_checkpoint({"epoch": 3}, tmp_path / "last.pth")
+        ck.write_text_atomic(tmp_path / "metrics.jsonl", "{}\n")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"by_open.txt": 0o644, "last.pth": 0o644, "metrics.jsonl": 0o644}
 
 
 def test_another_configuration_is_refused_in_one_sentence(tmp_path: Path):

@@ -103,7 +103,14 @@ def test_evaluate_against_hand_counts(val_set, mode, resolution):
     assert metrics == expected
     assert fake.text_calls == len(loader)  # the text encoder runs once per batch
     assert len(records) == len(inter)
-    assert [r["ref_id"] for r in records] == sorted(r["ref_id"] for r in records)
+    # records come object by object (ref_id), each object's expressions in the dataset's order
+    items = sorted((val_set[i] for i in range(len(val_set))), key=lambda item: item["ref_id"])
+    if mode == "each":
+        expected_order = [(it["ref_id"], s) for it in items for s in it["sent_ids"]]
+        assert [(r["ref_id"], r["sent_id"]) for r in records] == expected_order
+        assert any(len(it["sent_ids"]) > 1 for it in items)  # the order within an object is exercised
+    else:
+        assert [(r["ref_id"], r["sent_ids"]) for r in records] == [(it["ref_id"], it["sent_ids"]) for it in items]
 
 
 class ColumnRamp(torch.nn.Module):

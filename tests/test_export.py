@@ -10,7 +10,7 @@ import torch
 
 from configs import get_config
 from configs.defaults import architecture_keys
-from models import build_model, load_weights, read_checkpoint
+from models import CheckpointError, build_model, load_weights, read_checkpoint
 from tools.export import export
 from tools.open_checkpoint import open_checkpoint
 from utils.checkpoint import save_checkpoint
@@ -107,6 +107,10 @@ def test_safetensors_round_trip(trained, tmp_path):
     renamed = tmp_path / "no_suffix.bin"  # recognised by its content, not its name
     renamed.write_bytes(out.read_bytes())
     assert read_checkpoint(renamed)["config"] == cfg.dump()
+    cut = tmp_path / "cut.safetensors"  # the header intact, the tensors cut short
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size - 100])
+    with pytest.raises(CheckpointError, match=r"^cannot read safetensors checkpoint .*cut\.safetensors: \S"):
+        read_checkpoint(cut)
     # and back: safetensors -> official, the same tensors
     back = export(out, "official", tmp_path / "back.pth", packaging="lavt")
     assert_same_tensors(model, open_checkpoint(back, overrides=["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER])[1])

@@ -284,6 +284,8 @@ def test_plotting_is_lazy_and_works(syn: REFER):
     plt.close("all")
     with pytest.raises(ValueError, match="seg_box must be 'seg' or 'box'"):
         syn.showRef(ref, seg_box="outline")
+    with pytest.raises(ReferKeyError, match=r"^image_id 987654 is not in synthetic \(unc\)"):
+        syn.showRef({**ref, "image_id": 987654})
 
 
 def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
@@ -403,6 +405,9 @@ def test_unreadable_json(tmp_path: Path):
         REFER(tmp_path, "refcoco")
     (tmp_path / "refcoco" / "instances.json").write_text('{"images": [], "annotations": []}')
     with pytest.raises(ReferDataError, match=r"has no 'categories' entry"):
+        REFER(tmp_path, "refcoco")
+    write_refer(tmp_path, "refcoco", [], [{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1}], [])
+    with pytest.raises(ReferDataError, match=r"^malformed entry in .*refcoco.instances\.json: missing key 'id'$"):
         REFER(tmp_path, "refcoco")
 
 
