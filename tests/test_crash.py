@@ -185,6 +185,8 @@ def test_kill9_and_sigterm_then_same_command_equals_uninterrupted(zygote, tmp_pa
     first = stop_when(ranks, run_dir, lambda c: c["iteration"] > 0)
     ranks.signal_all(signal.SIGKILL)
     assert ranks.wait() is None  # killed: no exit status written
+    # the checkpoint the resume starts from: a later one may have been written between the read and the SIGSTOP
+    first = read_checkpoint(run_dir / "last.pth")
     assert first["epoch"] + 1 < OVER["TRAIN__EPOCHS"]
 
     # 2. the same command resumes; SIGTERM to rank 1 only, once it is past the checkpoint it resumed from
