@@ -1,0 +1,569 @@
+"""This repository's LAVT against the official LAVT code (github.com/yz93/LAVT-RIS), timed side by side in one process.
+
+What is measured, for both implementations on the same machine, model size, batch and input tensors:
+
+- training step: forward + loss (cross-entropy with class weights [0.9, 1.1]) + backward + AdamW step over the
+  official train.py's parameter groups, at ``--batch_size`` (default 2);
+- evaluation: one expression per forward (the official evaluation's batch 1), model in eval mode, no grad; reported
+  as milliseconds per expression.
+
+Each runs in float32 and under ``torch.autocast(device_type="cpu", dtype=torch.bfloat16)`` (``--amp``). After warm-up
+the implementations take turns within every repeat, the first one alternating (A B, B A, ...), so that other work on
+the machine slows each alike; every repeat's time is kept, and medians, min-max, the interquartile range and the
+ratios official / repo (of the medians and per repeat) are reported as a markdown table and as JSON (``--json``).
+
+The official model is its ``lavt`` packaging (``lib.segmentation.lavt``: Swin, PWAMs, SimpleDecoding) with its own
+vendored BERT (``bert.modeling_bert``) run outside it, as its train.py does. The repository's model is
+``configs/swin_tiny_refcoco.yaml`` built by ``models.build_model`` with the config defaults (the paper recipe and the
+default fast paths), timed through ``engine.train_step`` and ``engine.build_optimizer``: what training runs. Both get
+the same weights: the repository model is built first and its state dict, packed in the official layout
+(``models.official.to_official``), is loaded strictly into the official one; the evaluation outputs are compared.
+A third column, ``repo_unfused``, is the repository model with MODEL.FUSED_ATTENTION off (``--unfused``; by default
+in float32 only, where it is cheap to add).
+
+The text encoder is BERT-base shaped (12 layers, width 768) because the official backbone hard-codes a 768-wide
+language input. Its weights are random unless ``--bert`` names a local bert-base-uncased folder; the time does not
+depend on the values.
+
+The official checkout is only read (put on ``sys.path`` at run time); what it imports and this machine lacks
+(mmcv, mmseg: used only to load ImageNet checkpoints) is replaced by stub modules written to a temporary folder.
+
+Run from the repository root::
+
+    python docs/bench_official.py --official /path/to/LAVT-RIS --size 224 --batch_size 2 --repeats 7 --amp both \
+        --json bench_official.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+# run as a file from docs/: Python puts docs/ on the path, not the repository root
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from configs import get_config  # noqa: E402
+from engine import build_optimizer, train_step  # noqa: E402
+from models import build_model  # noqa: E402
+from models.official import to_official  # noqa: E402
+from tools.bench_workload import forward, make_batch  # noqa: E402
+from utils.amp import NativeScaler, autocast  # noqa: E402
+from utils.losses import build_criterion  # noqa: E402
+
+CONFIG = REPO / "configs" / "swin_tiny_refcoco.yaml"
+#: --amp value -> the precisions measured ("" is float32, as TRAIN.AMP spells it)
+AMP_CHOICES = {"fp32": [""], "bf16": ["bf16"], "both": ["", "bf16"]}
+PRECISION_NAMES = {"": "fp32", "bf16": "bf16"}
+#: official train.py optimises BERT's first 10 encoder layers (`range(10)`), nothing else of it
+OFFICIAL_BERT_TRAIN_LAYERS = 10
+#: official args.py defaults: --lr 0.00005, --wd 1e-2, --amsgrad off, --fusion_drop 0, --mha '' (one head per stage)
+OFFICIAL_LR, OFFICIAL_WD = 5e-5, 1e-2
+
+# Only what lib/mmcv_custom/checkpoint.py and lib/backbone.py import by name at import time; they are called only when
+# an ImageNet checkpoint is loaded, which this benchmark never does (random initialisation on both sides).
+STUBS: dict[str, str] = {
+    "mmcv/__init__.py": (
+        "__version__ = '0.0.0+stub'\n"
+        "from .utils import mkdir_or_exist\n"
+    ),
+    "mmcv/fileio/__init__.py": (
+        "class FileClient:\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        raise NotImplementedError('mmcv stub: FileClient is not available')\n"
+        "def load(*args, **kwargs):\n"
+        "    raise NotImplementedError('mmcv stub: fileio.load is not available')\n"
+    ),
+    "mmcv/parallel/__init__.py": (
+        "import torch\n"
+        "def is_module_wrapper(module):\n"
+        "    return isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel))\n"
+    ),
+    "mmcv/utils/__init__.py": (
+        "import os\n"
+        "def mkdir_or_exist(path, mode=0o777):\n"
+        "    if path:\n"
+        "        os.makedirs(path, mode=mode, exist_ok=True)\n"
+    ),
+    "mmcv/runner/__init__.py": "def get_dist_info():\n    return 0, 1\n",
+    "mmseg/__init__.py": "",
+    "mmseg/utils/__init__.py": (
+        "import logging\n"
+        "def get_root_logger(log_file=None, log_level=logging.INFO):\n"
+        "    return logging.getLogger('mmseg')\n"
+    ),
+}
+
+
+def write_stubs(folder: Path) -> list[str]:
+    """Stub packages under ``folder`` for those of mmcv / mmseg that are not installed; returns the stubbed names."""
+    stubbed = []
+    for package in ("mmcv", "mmseg"):
+        if importlib.util.find_spec(package) is not None:
+            continue
+        stubbed.append(package)
+        for rel, text in STUBS.items():
+            if rel.startswith(package + "/"):
+                path = folder / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    return stubbed
+
+
+def import_official(checkout: Path, stub_dir: Path) -> tuple[ModuleType, ModuleType, ModuleType, list[str]]:
+    """The official ``lib.segmentation``, ``bert.modeling_bert`` and ``bert.configuration_bert`` modules, and the
+    names stubbed. Their top-level packages (``lib``, ``bert``) do not exist in this repository, so putting the
+    checkout on ``sys.path`` only for the import cannot shadow the repository's ``utils`` / ``data``."""
+    for rel in ("lib/segmentation.py", "lib/_utils.py", "bert/modeling_bert.py"):
+        if not (checkout / rel).is_file():
+            raise FileNotFoundError(f"--official {checkout}: no {rel}; give a checkout of github.com/yz93/LAVT-RIS")
+    clashes = [name for name in ("lib", "bert") if name in sys.modules]
+    if clashes:
+        raise RuntimeError(f"modules {clashes} are already imported from elsewhere; cannot import the official ones")
+    stubbed = write_stubs(stub_dir)
+    sys.path[:0] = [str(stub_dir), str(checkout)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm.models.layers' deprecation notice, transformers-3 era warnings
+            segmentation = importlib.import_module("lib.segmentation")
+            modeling_bert = importlib.import_module("bert.modeling_bert")
+            configuration_bert = importlib.import_module("bert.configuration_bert")
+    finally:
+        del sys.path[:2]
+    for module in (segmentation, modeling_bert):
+        if not Path(module.__file__).resolve().is_relative_to(checkout.resolve()):
+            raise RuntimeError(f"{module.__name__} was imported from {module.__file__}, not from {checkout}")
+    return segmentation, modeling_bert, configuration_bert, stubbed
+
+
+# ----------------------------------------------------------------------------- the two setups
+
+
+def repo_config(args: argparse.Namespace, bert_dir: str, fused_attention: bool) -> Any:
+    """The repository's Swin-T config at the benchmark's size; only what the official tiny model also fixes (window
+    7 unless --window 12), no ImageNet file, and the text encoder folder are overridden. The rest keeps the defaults
+    (configs/defaults.py): FUSED_ATTENTION and FUSED_ADAMW on, TEXT.TRAIN_LAYERS 10, weighted CE."""
+    opts = [
+        "MODEL.SWIN.WINDOW_SIZE", args.window,
+        "MODEL.PRETRAINED_SWIN", "",
+        "MODEL.TEXT.ENCODER", bert_dir,
+        "DATA.SIZE", args.size,
+        "TRAIN.BATCH_SIZE", args.batch_size,
+        "TRAIN.SEED", args.seed,
+    ]  # fmt: skip
+    if not fused_attention:
+        opts += ["MODEL.FUSED_ATTENTION", False]
+    return get_config(CONFIG, opts)
+
+
+def bert_folder(args: argparse.Namespace, tmp: Path) -> tuple[str, bool, str]:
+    """(text encoder folder, whether to load its weights, a description). Without --bert: a BERT-base config alone,
+    randomly initialised on both sides (bert-base-uncased is not on this machine)."""
+    if args.bert:
+        return args.bert, True, f"bert from {args.bert} (pretrained weights, same on both sides)"
+    from transformers import BertConfig
+
+    folder = tmp / "bert-base-config"
+    BertConfig().save_pretrained(folder)  # transformers' BertConfig defaults are bert-base-uncased's shape
+    return str(folder), False, "BERT-base shape (12 layers, width 768, vocab 30522), random init, same on both sides"
+
+
+class Official(SimpleNamespace):
+    """The official model, its BERT and its optimizer, as train.py builds them (single process, CPU)."""
+
+    model: nn.Module
+    bert: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_official(
+    segmentation: ModuleType, modeling_bert: ModuleType, configuration_bert: ModuleType, bert_dir: str,
+    repo_model: nn.Module, args: argparse.Namespace,
+) -> tuple[Official, dict[str, Any]]:
+    """The official ``lavt`` Swin-T and its BERT, holding ``repo_model``'s weights, and train.py's AdamW."""
+    official_args = SimpleNamespace(swin_type="tiny", window12=args.window == 12, mha="", fusion_drop=0.0)
+    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 (its "Randomly initialize..." print)
+        model = segmentation.lavt(pretrained="", args=official_args)
+    config = configuration_bert.BertConfig.from_json_file(str(Path(bert_dir) / "config.json"))
+    bert = modeling_bert.BertModel(config)
+    # train.py: `bert_model.pooler = None`; BertModel.from_pretrained leaves the model in eval mode and train.py never
+    # calls bert_model.train(), so its dropout stays off while its layers train
+    bert.pooler = None
+    bert.eval()
+    packed = to_official(repo_model, "lavt")
+    model.load_state_dict(packed["model"], strict=True)
+    result = bert.load_state_dict(packed["bert_model"], strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
+    if result.missing_keys or unexpected:
+        raise RuntimeError(f"official BERT: missing {result.missing_keys}, unexpected {unexpected}")
+    # train.py's parameter groups, verbatim in content: backbone norms / position tables without weight decay, the
+    # rest of the backbone, the decoder, BERT's first 10 layers. Embeddings and later layers keep requires_grad (their
+    # gradients are computed, never applied), as there.
+    no_decay, decay = [], []
+    for name, p in model.backbone.named_parameters():
+        if "norm" in name or "absolute_pos_embed" in name or "relative_position_bias_table" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    trained = min(OFFICIAL_BERT_TRAIN_LAYERS, len(bert.encoder.layer))
+    groups = [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay},
+        {"params": [p for p in model.classifier.parameters() if p.requires_grad]},
+        {"params": [p for i in range(trained) for p in bert.encoder.layer[i].parameters() if p.requires_grad]},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=OFFICIAL_LR, weight_decay=OFFICIAL_WD, amsgrad=False)
+    info = {"bert_layers_trained": trained, "bert_layers": len(bert.encoder.layer),
+            "bert_ignored_keys": result.unexpected_keys}  # fmt: skip
+    return Official(model=model, bert=bert, optimizer=optimizer), info
+
+
+def official_criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """train.py's ``criterion`` with its ``.cuda()`` dropped: cross-entropy with class weights [0.9, 1.1]."""
+    weight = torch.FloatTensor([0.9, 1.1])
+    return nn.functional.cross_entropy(logits, target, weight=weight)
+
+
+def amp_context(amp: str) -> contextlib.AbstractContextManager:
+    # the one-line autocast the official code gets for bf16 (it has no mixed precision of its own)
+    return torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+
+
+def official_train_fn(off: Official, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], float]:
+    """train_one_epoch's body for one batch (its .cuda() copies, gc.collect and empty_cache left out)."""
+
+    def step() -> float:
+        off.model.train()
+        with amp_context(amp):
+            hidden = off.bert(batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            embedding = hidden.permute(0, 2, 1)
+            output = off.model(batch["image"], embedding, l_mask=batch["attention_mask"].unsqueeze(dim=-1))
+            loss = official_criterion(output, batch["target"])
+        off.optimizer.zero_grad()
+        loss.backward()
+        off.optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def official_eval_fn(off: Official, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], torch.Tensor]:
+    """evaluate()'s forward for one expression (the IoU bookkeeping left out)."""
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        off.model.eval()
+        with amp_context(amp):
+            hidden = off.bert(batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            embedding = hidden.permute(0, 2, 1)
+            return off.model(batch["image"], embedding, l_mask=batch["attention_mask"].unsqueeze(dim=-1)).float()
+
+    return run
+
+
+class Repo(SimpleNamespace):
+    """The repository's model with what training builds around it."""
+
+    model: nn.Module
+    cfg: Any
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: list[nn.Parameter]
+
+
+def build_repo(cfg: Any, pretrained_text: bool) -> Repo:
+    model = build_model(cfg, pretrained=pretrained_text)
+    optimizer = build_optimizer(model, cfg)  # also freezes the text layers the recipe keeps (requires_grad False)
+    criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Repo(model=model, cfg=cfg, optimizer=optimizer, criterion=criterion, params=params)
+
+
+def repo_train_fn(rep: Repo, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], float]:
+    """``engine.train_step``, the training loop's step (its NativeScaler and gradient norm included)."""
+    scaler = NativeScaler(amp, "cpu")
+    device = torch.device("cpu")
+
+    def step() -> float:
+        rep.model.train()
+        loss, _ = train_step(rep.model, rep.criterion, rep.optimizer, scaler, batch, device, rep.params,
+                             amp=amp, clip_grad=rep.cfg.TRAIN.CLIP_GRAD)  # fmt: skip
+        return loss
+
+    return step
+
+
+def repo_eval_fn(rep: Repo, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], torch.Tensor]:
+    """The evaluation forward of ``tools.bench_workload.eval_step`` on a given batch."""
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        rep.model.eval()
+        with autocast(amp, "cpu"):
+            return forward(rep.model, batch).float()
+
+    return run
+
+
+# ----------------------------------------------------------------------------- timing and statistics
+
+
+def alternate(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, inner: int = 1) -> dict[str, list]:
+    """Seconds per call of each function, per repeat (the mean of ``inner`` calls), the functions taking turns and
+    the first of each repeat alternating; ``warmup`` untimed rounds first. A collection runs before each timed
+    call, untimed, so that the garbage one side leaves is not collected on the other's clock."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def summary(seconds: list[float]) -> dict[str, Any]:
+    ms = [1e3 * s for s in seconds]
+    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
+            "q1_ms": quartiles[0], "q3_ms": quartiles[2], "times_ms": ms}  # fmt: skip
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """num / den repeat by repeat (both ran in the same round, under the same load): median, min, max."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_flags": {name: name in flags for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
+        "load_average_before": os.getloadavg(),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cell(s: dict[str, Any] | None) -> str:
+    return f"{s['median_ms']:.0f} ({s['min_ms']:.0f}-{s['max_ms']:.0f})" if s else "-"
+
+
+def format_table(results: dict[str, Any], impls: list[str]) -> str:
+    repos = [name for name in impls if name != "official"]
+    head = ["phase", "precision", *(f"{name} ms" for name in impls), *(f"official / {name}" for name in repos)]
+    rows = [head, ["---"] * len(head)]
+    for key, entry in results.items():
+        phase, precision = key.split("/")
+        label = f"train step (batch {entry['batch']})" if phase == "train" else "eval, per expression (batch 1)"
+        cells = [label, precision, *(_cell(entry["impls"].get(name)) for name in impls)]
+        for name in repos:
+            r = entry["ratios"].get(name)
+            paired = f" (per repeat {r['paired']['min']:.2f}-{r['paired']['max']:.2f})" if r else ""
+            cells.append(f"{r['of_medians']:.2f}x{paired}" if r else "-")
+        rows.append(cells)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def goals(results: dict[str, Any]) -> list[str]:
+    """Issue #17's targets, from the medians: repo best vs official fp32 (>= 2.0x), repo bf16 vs official bf16
+    (>= 1.3x), repo fp32 vs official fp32 (>= 1.0x)."""
+    lines = []
+    for phase in ("train", "eval"):
+        fp32, bf16 = results.get(f"{phase}/fp32"), results.get(f"{phase}/bf16")
+
+        def med(entry: dict[str, Any] | None, name: str) -> float | None:
+            return entry["impls"][name]["median_ms"] if entry else None
+
+        checks = []
+        if fp32:
+            checks.append(("repo fp32 vs official fp32", med(fp32, "official") / med(fp32, "repo"), 1.0))
+        if bf16:
+            checks.append(("repo bf16 vs official bf16", med(bf16, "official") / med(bf16, "repo"), 1.3))
+        if fp32 and bf16:
+            best = min(med(fp32, "repo"), med(bf16, "repo"))
+            checks.append(("repo best vs official fp32", med(fp32, "official") / best, 2.0))
+        for label, ratio, target in checks:
+            verdict = "met" if ratio >= target else "not met"
+            lines.append(f"- {phase}: {label}: {ratio:.2f}x (target >= {target:.1f}x: {verdict})")
+    return lines
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", required=True, type=Path, help="a checkout of github.com/yz93/LAVT-RIS (read only)")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels")
+    p.add_argument("--batch_size", type=int, default=2, help="training batch")
+    p.add_argument("--window", type=int, default=7, choices=[7, 12], help="Swin window (official: 7, or 12)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds per phase and precision")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--eval_inner", type=int, default=3, help="evaluation forwards per timed round (averaged)")
+    p.add_argument("--amp", choices=list(AMP_CHOICES), default="both", help="precisions measured")
+    p.add_argument(
+        "--unfused",
+        choices=["off", "fp32", "both"],
+        default="fp32",
+        help="where to time the repo with MODEL.FUSED_ATTENTION off as well (bf16 on a CPU without native bf16 is "
+        "slow: fp32 only by default)",
+    )
+    p.add_argument("--bert", default="", help="a local BERT-base folder for pretrained text weights (default: random)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("bench_official.json"), help="where every number is written")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    with tempfile.TemporaryDirectory(prefix="bench_official_") as tmp_name:
+        tmp = Path(tmp_name)
+        segmentation, modeling_bert, configuration_bert, stubbed = import_official(args.official, tmp / "stubs")
+        bert_dir, pretrained_text, text_note = bert_folder(args, tmp)
+        torch.manual_seed(args.seed)
+        repo = build_repo(repo_config(args, bert_dir, fused_attention=True), pretrained_text)
+        official, official_info = build_official(
+            segmentation, modeling_bert, configuration_bert, bert_dir, repo.model, args
+        )
+        impls: dict[str, Any] = {"official": official, "repo": repo}
+        if args.unfused != "off":
+            unfused = build_repo(repo_config(args, bert_dir, fused_attention=False), pretrained_text)
+            unfused.model.load_state_dict(repo.model.state_dict())
+            impls["repo_unfused"] = unfused
+
+    # one batch of each shape, given to every implementation: the repository's benchmark inputs (random images and
+    # targets, expressions of 10-20 of the 20 tokens, padded with mask 0)
+    torch.manual_seed(args.seed + 1)
+    train_batch = make_batch(repo.model, repo.cfg, args.batch_size, args.size, torch.device("cpu"))
+    eval_batch = make_batch(repo.model, repo.cfg, 1, args.size, torch.device("cpu"))
+
+    # same weights, same computation: the float32 evaluation outputs must agree up to round-off
+    check = {name: fn() for name, fn in (
+        ("official", official_eval_fn(official, eval_batch, "")), ("repo", repo_eval_fn(repo, eval_batch, "")),
+    )}  # fmt: skip
+    max_diff = (check["official"] - check["repo"]).abs().max().item()
+    if not max_diff < 1e-3:
+        raise RuntimeError(f"official and repo logits differ by {max_diff}: the weights did not carry over")
+
+    results: dict[str, Any] = {}
+    for amp in AMP_CHOICES[args.amp]:
+        precision = PRECISION_NAMES[amp]
+        for phase in ("train", "eval"):
+            fns: dict[str, Callable[[], object]] = {}
+            for name, impl in impls.items():
+                if name == "repo_unfused" and args.unfused == "fp32" and amp:
+                    continue
+                if phase == "train":
+                    make = official_train_fn if name == "official" else repo_train_fn
+                    fns[name] = make(impl, train_batch, amp)
+                else:
+                    make = official_eval_fn if name == "official" else repo_eval_fn
+                    fns[name] = make(impl, eval_batch, amp)
+            inner = 1 if phase == "train" else args.eval_inner
+            print(f"timing {phase} {precision}: {args.warmup} warm-up + {args.repeats} rounds of {', '.join(fns)}",
+                  flush=True)  # fmt: skip
+            times = alternate(fns, args.warmup, args.repeats, inner)
+            entry: dict[str, Any] = {
+                "batch": args.batch_size if phase == "train" else 1,
+                "inner": inner,
+                "impls": {name: summary(t) for name, t in times.items()},
+                "ratios": {},
+            }
+            for name in fns:
+                if name != "official":
+                    off, mine = entry["impls"]["official"]["median_ms"], entry["impls"][name]["median_ms"]
+                    entry["ratios"][name] = {"of_medians": off / mine, "paired": paired_ratio(times["official"],
+                                                                                                times[name])}
+            results[f"{phase}/{precision}"] = entry
+
+    machine["load_average_after"] = os.getloadavg()
+    names = list(impls)
+    setup = {
+        "official": f"{args.official} (lib.segmentation.lavt, swin_type tiny, window {args.window}, mha '', "
+        f"fusion_drop 0; its vendored BERT outside the model, eval mode; AdamW lr {OFFICIAL_LR} wd {OFFICIAL_WD}, "
+        f"train.py's 4 groups, BERT layers 0-{official_info['bert_layers_trained'] - 1} optimised, other BERT "
+        "parameters keep requires_grad; loss CE [0.9, 1.1])",
+        "repo": f"{CONFIG.relative_to(REPO)} + window {args.window}, DATA.SIZE {args.size}, no ImageNet file; "
+        f"defaults: FUSED_ATTENTION {repo.cfg.MODEL.FUSED_ATTENTION}, FUSED_ADAMW {repo.cfg.TRAIN.FUSED_ADAMW}, "
+        f"TEXT.TRAIN_LAYERS {repo.cfg.MODEL.TEXT.TRAIN_LAYERS}, "
+        f"LOSS {repo.cfg.TRAIN.LOSS} {list(repo.cfg.TRAIN.CE_WEIGHTS)}, "
+        f"CHANNELS_LAST {repo.cfg.MODEL.CHANNELS_LAST}, GRAD_CHECKPOINT {repo.cfg.MODEL.GRAD_CHECKPOINT}, "
+        f"COMPILE {repo.cfg.MODEL.COMPILE}",
+        "repo_unfused": "repo with MODEL.FUSED_ATTENTION False" if "repo_unfused" in impls else "not measured",
+        "text_encoder": text_note,
+        "stubbed_modules": stubbed,
+        "official_bert_ignored_keys": official_info["bert_ignored_keys"],
+        "eval_logits_max_abs_diff_fp32": max_diff,
+        "expression_tokens": {
+            "train": train_batch["attention_mask"].sum(1).tolist(),
+            "eval": eval_batch["attention_mask"].sum(1).tolist(),
+            "of": train_batch["input_ids"].shape[1],
+        },
+    }  # fmt: skip
+    report = {"machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "setup": setup, "results": results}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["cpu_flags"].items())
+    print(f"\n{machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch threads; "
+          f"torch {machine['torch']}; {flags}")  # fmt: skip
+    before, after = machine["load_average_before"], machine["load_average_after"]
+    print(f"load average (1/5/15 min) before {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, "
+          f"after {after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}")  # fmt: skip
+    print(f"Swin-T, window {args.window}, {args.size} px; text encoder: {text_note}; stubs: {stubbed or 'none'}")
+    print(f"fp32 eval logits, official vs repo, max |diff| {max_diff:.2e} (same weights)")
+    print(f"medians (min-max) of {args.repeats} alternating rounds after {args.warmup} warm-up; "
+          f"eval: mean of {args.eval_inner} forwards per round\n")  # fmt: skip
+    print(format_table(results, names))
+    print("\n" + "\n".join(goals(results)))
+    print(f"\nJSON: {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
