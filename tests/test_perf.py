@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,3 +329,28 @@ def test_benchmark_memory_in_its_own_process():
     assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}
     with pytest.raises(ValueError, match="BenchSpec.memory must be one of"):
         benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
+
+
+def _bench_official():
+    """docs/bench_official.py, loaded as the script it is (it is not a package module)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "bench_official.py"
+    spec = importlib.util.spec_from_file_location("bench_official", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_official_comparison_takes_turns_and_refuses_a_wrong_checkout(tmp_path):
+    bench = _bench_official()
+    calls = []
+    fns = {"official": lambda: calls.append("o"), "repo": lambda: calls.append("r")}
+    times = bench.alternate(fns, warmup=1, repeats=4, inner=2)
+    # one warm-up round, then each round's first alternates: o o r r | r r o o | o o r r | r r o o
+    assert "".join(calls) == "or" + "oorr" + "rroo" + "oorr" + "rroo"
+    assert {k: len(v) for k, v in times.items()} == {"official": 4, "repo": 4}
+    assert bench.paired_ratio([2.0, 3.0, 9.0], [1.0, 1.0, 3.0]) == {"median": 3.0, "min": 2.0, "max": 3.0}
+    with pytest.raises(FileNotFoundError, match=r"--official .*: no lib/segmentation.py; give a checkout"):
+        bench.main(["--official", str(tmp_path), "--json", str(tmp_path / "out.json")])
+    assert list(tmp_path.iterdir()) == []
