@@ -63,6 +63,17 @@ def tiny_opts(*, run: bool = False, **over: Any) -> list[str]:
     return flat
 
 
+def load_official_file(path: str | Path) -> dict:
+    """A file in the authors' layout, read as a user's torch would read it: ``weights_only=True``, their pickled
+    ``argparse.Namespace`` (``args``) the one class allowed (independent of ``models.read_checkpoint``)."""
+    import argparse
+
+    import torch
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict:
     """The recorded official outputs (tests/fixtures/lavt_small_w7_224.pt, read-only: never modify it)."""

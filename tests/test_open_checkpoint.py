@@ -15,6 +15,7 @@ from models import CheckpointError, build_model, to_official
 from tools.cli import run_cli
 from tools.open_checkpoint import open_checkpoint
 
+from .conftest import load_official_file
 from .helpers_model import save_tiny_bert
 from .helpers_train import make_tiny_text_encoder
 
@@ -93,7 +94,7 @@ def test_official_layout(official):
     """What the authors' strict load_state_dict expects: their Swin's relative_position_index buffers (their formula,
     written out here), BERT without pooler and beside the model for lavt, args naming the packaging and the heads."""
     cfg, model, path = official
-    content = torch.load(path, weights_only=False)
+    content = load_official_file(path)
     window = cfg.MODEL.SWIN.WINDOW_SIZE
     coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
     rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
