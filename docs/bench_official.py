@@ -47,7 +47,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +68,7 @@ from models.official import to_official  # noqa: E402
 from tools.bench_workload import forward, make_batch  # noqa: E402
 from utils.amp import NativeScaler, autocast  # noqa: E402
 from utils.losses import build_criterion  # noqa: E402
+from utils.profiling import time_interleaved  # noqa: E402
 
 CONFIG = REPO / "configs" / "swin_tiny_refcoco.yaml"
 #: --amp value -> the precisions measured ("" is float32, as TRAIN.AMP spells it)
@@ -332,19 +332,11 @@ def alternate(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, i
     the first of each repeat alternating; ``warmup`` untimed rounds first. A collection runs before each timed
     call, untimed, so that the garbage one side leaves is not collected on the other's clock."""
     names = list(fns)
-    for _ in range(warmup):
+    for _ in range(warmup):  # in a fixed order, so that timed round r starts with names[r % len]
         for name in names:
             fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            gc.collect()
-            start = time.perf_counter()
-            for _ in range(inner):
-                fns[name]()
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
+    timed = time_interleaved([fns[n] for n in names], torch.device("cpu"), 0, repeats, inner=inner, before=gc.collect)
+    return dict(zip(names, timed))
 
 
 def summary(seconds: list[float]) -> dict[str, Any]:

@@ -297,6 +297,10 @@ def test_interleaved_timing_rotates_turns():
     times = time_interleaved(fns, torch.device("cpu"), warmup=1, runs=2)
     assert "".join(calls) == "ABC" + "BCA" + "CAB"  # warm-up round, then two timed rounds
     assert [len(t) for t in times] == [2, 2, 2]
+    calls.clear()
+    times = time_interleaved(fns, torch.device("cpu"), warmup=1, runs=1, inner=2, before=lambda: calls.append("|"))
+    assert "".join(calls) == "|A|B|C" + "|BB|CC|AA"  # untimed hook before every turn; inner calls in timed turns only
+    assert [len(t) for t in times] == [1, 1, 1]
 
 
 def test_benchmark_interleaved_variants():

@@ -33,20 +33,28 @@ def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs:
 
 
 def time_interleaved(
-    fns: list[Callable[[], object]], device: torch.device, warmup: int, runs: int
+    fns: list[Callable[[], object]], device: torch.device, warmup: int, runs: int, inner: int = 1,
+    before: Callable[[], object] | None = None,
 ) -> list[list[float]]:
     """``time_runs`` for several functions taking turns, the first of each round rotating (A B C, B C A, ...):
-    the seconds of each one's timed calls. On a machine shared with other work, each is slowed alike."""
+    the seconds of each one's timed calls. On a machine shared with other work, each is slowed alike.
+
+    inner: calls per timed turn, their mean reported (warm-up turns call once). before: run untimed before every
+    turn (e.g. ``gc.collect``, so that the garbage one function leaves is not collected on another's clock)."""
     times: list[list[float]] = [[] for _ in fns]
     for r in range(warmup + runs):
+        calls = inner if r >= warmup else 1
         for k in range(len(fns)):
             i = (r + k) % len(fns)
+            if before is not None:
+                before()
             synchronize(device)
             start = time.perf_counter()
-            fns[i]()
+            for _ in range(calls):
+                fns[i]()
             synchronize(device)
             if r >= warmup:
-                times[i].append(time.perf_counter() - start)
+                times[i].append((time.perf_counter() - start) / calls)
     return times
 
 
