@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from .layers import DropPath, Mlp, trunc_normal_
 from .patch_embed import build_stem
 from .pwam import PWAM, LanguageGate, attention
 

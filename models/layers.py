@@ -1,0 +1,61 @@
+"""Small layers of the Swin backbone, with timm's semantics (the official LAVT code takes them from timm).
+
+Written here rather than imported: ``import timm`` pulls in torchvision and ``torch._dynamo`` (~2.5 s on a 2-core
+CPU), paid by every process that only wants to print an error or a help text. tests/test_layers.py checks each
+against timm's, seed for seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """Fill ``tensor`` in place from N(0, std^2) truncated to the absolute bounds [a, b] (timm's convention: the
+    bounds are not scaled by ``std``), by inverting the normal CDF on uniform samples. Returns ``tensor``."""
+
+    def cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    lo, hi = cdf(a / std), cdf(b / std)
+    tensor.uniform_(2 * lo - 1, 2 * hi - 1)
+    tensor.erfinv_()
+    tensor.mul_(std * math.sqrt(2.0))
+    return tensor.clamp_(min=a, max=b)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training each sample's residual branch is dropped with probability ``p`` and the kept
+    ones are scaled by ``1 / (1 - p)``; the identity in evaluation."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, ...] -> [B, ...]."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Sequential):
+    """The transformer block's feed-forward: ``fc2(GELU(fc1(x)))``, hidden width ``hidden`` (state-dict keys
+    ``fc1.*``, ``fc2.*`` as the official checkpoints)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
