@@ -7,6 +7,9 @@ import os
 # OpenMP threads busy-wait by default: with two processes on two cores (torchrun tests, a parallel job) a step
 # becomes ~40x slower. A short spin keeps the idle speed and stays fast under contention.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# pytest-xdist runs one worker per core: one intra-op thread each (their subprocesses inherit it), not cores^2
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
