@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -358,3 +359,41 @@ def test_official_comparison_takes_turns_and_refuses_a_wrong_checkout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--official .*: no lib/segmentation.py; give a checkout"):
         bench.main(["--official", str(tmp_path), "--json", str(tmp_path / "out.json")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_official_evaluation_as_its_test_loop_runs_it_one_expression_per_forward():
+    bench = _bench_official()
+    seen = []
+
+    class Head(torch.nn.Module):  # stands for the official segmentation model: records each forward's batch
+        def forward(self, image, embedding, l_mask):
+            seen.append(len(image))
+            return image.mean((1, 2, 3))[:, None] + (embedding * l_mask.transpose(1, 2)).sum((1, 2))[:, None]
+
+    def bert(ids, attention_mask):
+        return (ids[..., None].float().expand(-1, -1, 4),)
+
+    off = SimpleNamespace(model=Head(), bert=bert)
+    batch = {"image": torch.randn(3, 3, 8, 8), "input_ids": torch.randint(1, 50, (3, 5)),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])}  # fmt: skip
+    out = bench.official_eval_rows_fn(off, batch, "")()
+    assert seen == [1, 1, 1]
+    expected = batch["image"].mean((1, 2, 3)) + 4 * (batch["input_ids"] * batch["attention_mask"]).sum(1).float()
+    assert torch.allclose(out[:, 0], expected)
+
+
+def test_official_comparison_goals_read_the_medians():
+    bench = _bench_official()
+
+    def entry(official: float, repo: float) -> dict:
+        return {"impls": {"official": {"median_ms": official}, "repo": {"median_ms": repo}}}
+
+    results = {"train/fp32": entry(200.0, 100.0), "train/bf16": entry(90.0, 80.0), "eval/fp32": entry(30.0, 40.0),
+               "eval_batched/fp32": entry(30.0, 12.0)}  # fmt: skip
+    assert bench.goals(results) == [
+        "- train: repo fp32 vs official fp32: 2.00x (target >= 1.0x: met)",
+        "- train: repo bf16 vs official bf16: 1.12x (target >= 1.3x: not met)",
+        "- eval: repo fp32 vs official fp32: 0.75x (target >= 1.0x: not met)",
+        "- train: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",  # bf16's 80 ms against fp32's 200
+        "- eval_batched: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",
+    ]
