@@ -4,6 +4,7 @@ configuration itself: tests/conftest.py)."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -75,3 +76,10 @@ def tiny_main_argv(env: tuple[Path, Path], out: Path, *flags: str, named: bool =
     if not named:
         opts = [x for k, v in zip(opts[::2], opts[1::2]) if k not in ("OUTPUT", "MODEL_ID") for x in (k, v)]
     return ["--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,11 @@ import torch
 import main as main_module
 from models import CheckpointError, read_checkpoint
 
-from .helpers_train import tiny_env, tiny_opts
+from .helpers_train import free_port, tiny_env, tiny_opts
 
 ROOT = Path(__file__).resolve().parents[1]
 OVER = {"TRAIN__BATCH_SIZE": 4, "TRAIN__EPOCHS": 2, "TRAIN__CHECKPOINT_EVERY": 2, "DATA__AUGMENT": True,
         "EVAL__AFTER_TRAIN": False}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # What torchrun does for 2 processes on one machine: RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT set, then
@@ -81,7 +74,7 @@ class Zygote:
 
     def launch(self, folder: Path, argv: list[str]) -> int:
         """Start ``main.py argv`` as 2 ranks writing into ``folder``; returns the launch's process group."""
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
         self.proc.stdin.write(json.dumps([str(folder), argv, env]) + "\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
