@@ -1,8 +1,8 @@
 """Small layers of the Swin backbone, with timm's semantics (the official LAVT code takes them from timm).
 
-Written here rather than imported: ``import timm`` pulls in torchvision and ``torch._dynamo`` (~2.5 s on a 2-core
-CPU), paid by every process that only wants to print an error or a help text. tests/test_layers.py checks each
-against timm's, seed for seed.
+Written here rather than imported: ``import timm`` pulls in torchvision and ``torch._dynamo``, paid by every process
+that only wants to print an error or a help text (docs/performance.md, "Small choices"). tests/test_layers.py checks
+each against timm's, seed for seed.
 """
 
 from __future__ import annotations
