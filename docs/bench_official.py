@@ -27,6 +27,7 @@ depend on the values.
 
 The official checkout is only read (put on ``sys.path`` at run time); what it imports and this machine lacks
 (mmcv, mmseg: used only to load ImageNet checkpoints) is replaced by stub modules written to a temporary folder.
+How the official code is imported, built and run: ``docs/official_lavt.py``.
 
 Run from the repository root::
 
@@ -37,20 +38,15 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import importlib
-import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -64,97 +60,29 @@ if str(REPO) not in sys.path:
 from configs import get_config  # noqa: E402
 from engine import build_optimizer, train_step  # noqa: E402
 from models import build_model  # noqa: E402
-from models.official import to_official  # noqa: E402
+from tools import bench_report  # noqa: E402
 from tools.bench_workload import forward, make_batch  # noqa: E402
 from utils.amp import NativeScaler, autocast  # noqa: E402
 from utils.losses import build_criterion  # noqa: E402
 from utils.profiling import time_interleaved  # noqa: E402
 
+# beside this file (Python puts docs/ on the path when it is run as a file; a test loads it by its path)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_lavt import (  # noqa: E402
+    OFFICIAL_LR,
+    OFFICIAL_WD,
+    build_official,
+    import_official,
+    official_eval_fn,
+    official_eval_rows_fn,
+    official_train_fn,
+)
+
 CONFIG = REPO / "configs" / "swin_tiny_refcoco.yaml"
 #: --amp value -> the precisions measured ("" is float32, as TRAIN.AMP spells it)
 AMP_CHOICES = {"fp32": [""], "bf16": ["bf16"], "both": ["", "bf16"]}
 PRECISION_NAMES = {"": "fp32", "bf16": "bf16"}
-#: official train.py optimises BERT's first 10 encoder layers (`range(10)`), nothing else of it
-OFFICIAL_BERT_TRAIN_LAYERS = 10
-#: official args.py defaults: --lr 0.00005, --wd 1e-2, --amsgrad off, --fusion_drop 0, --mha '' (one head per stage)
-OFFICIAL_LR, OFFICIAL_WD = 5e-5, 1e-2
-
-# Only what lib/mmcv_custom/checkpoint.py and lib/backbone.py import by name at import time; they are called only when
-# an ImageNet checkpoint is loaded, which this benchmark never does (random initialisation on both sides).
-STUBS: dict[str, str] = {
-    "mmcv/__init__.py": (
-        "__version__ = '0.0.0+stub'\n"
-        "from .utils import mkdir_or_exist\n"
-    ),
-    "mmcv/fileio/__init__.py": (
-        "class FileClient:\n"
-        "    def __init__(self, *args, **kwargs):\n"
-        "        raise NotImplementedError('mmcv stub: FileClient is not available')\n"
-        "def load(*args, **kwargs):\n"
-        "    raise NotImplementedError('mmcv stub: fileio.load is not available')\n"
-    ),
-    "mmcv/parallel/__init__.py": (
-        "import torch\n"
-        "def is_module_wrapper(module):\n"
-        "    return isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel))\n"
-    ),
-    "mmcv/utils/__init__.py": (
-        "import os\n"
-        "def mkdir_or_exist(path, mode=0o777):\n"
-        "    if path:\n"
-        "        os.makedirs(path, mode=mode, exist_ok=True)\n"
-    ),
-    "mmcv/runner/__init__.py": "def get_dist_info():\n    return 0, 1\n",
-    "mmseg/__init__.py": "",
-    "mmseg/utils/__init__.py": (
-        "import logging\n"
-        "def get_root_logger(log_file=None, log_level=logging.INFO):\n"
-        "    return logging.getLogger('mmseg')\n"
-    ),
-}
-
-
-def write_stubs(folder: Path) -> list[str]:
-    """Stub packages under ``folder`` for those of mmcv / mmseg that are not installed; returns the stubbed names."""
-    stubbed = []
-    for package in ("mmcv", "mmseg"):
-        if importlib.util.find_spec(package) is not None:
-            continue
-        stubbed.append(package)
-        for rel, text in STUBS.items():
-            if rel.startswith(package + "/"):
-                path = folder / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    return stubbed
-
-
-def import_official(checkout: Path, stub_dir: Path) -> tuple[ModuleType, ModuleType, ModuleType, list[str]]:
-    """The official ``lib.segmentation``, ``bert.modeling_bert`` and ``bert.configuration_bert`` modules, and the
-    names stubbed. Their top-level packages (``lib``, ``bert``) do not exist in this repository, so putting the
-    checkout on ``sys.path`` only for the import cannot shadow the repository's ``utils`` / ``data``."""
-    for rel in ("lib/segmentation.py", "lib/_utils.py", "bert/modeling_bert.py"):
-        if not (checkout / rel).is_file():
-            raise FileNotFoundError(f"--official {checkout}: no {rel}; give a checkout of github.com/yz93/LAVT-RIS")
-    clashes = [name for name in ("lib", "bert") if name in sys.modules]
-    if clashes:
-        raise RuntimeError(f"modules {clashes} are already imported from elsewhere; cannot import the official ones")
-    stubbed = write_stubs(stub_dir)
-    sys.path[:0] = [str(stub_dir), str(checkout)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # timm.models.layers' deprecation notice, transformers-3 era warnings
-            segmentation = importlib.import_module("lib.segmentation")
-            modeling_bert = importlib.import_module("bert.modeling_bert")
-            configuration_bert = importlib.import_module("bert.configuration_bert")
-    finally:
-        del sys.path[:2]
-    for module in (segmentation, modeling_bert):
-        if not Path(module.__file__).resolve().is_relative_to(checkout.resolve()):
-            raise RuntimeError(f"{module.__name__} was imported from {module.__file__}, not from {checkout}")
-    return segmentation, modeling_bert, configuration_bert, stubbed
-
-
 # ----------------------------------------------------------------------------- the two setups
 
 
@@ -185,110 +113,6 @@ def bert_folder(args: argparse.Namespace, tmp: Path) -> tuple[str, bool, str]:
     folder = tmp / "bert-base-config"
     BertConfig().save_pretrained(folder)  # transformers' BertConfig defaults are bert-base-uncased's shape
     return str(folder), False, "BERT-base shape (12 layers, width 768, vocab 30522), random init, same on both sides"
-
-
-class Official(SimpleNamespace):
-    """The official model, its BERT and its optimizer, as train.py builds them (single process, CPU)."""
-
-    model: nn.Module
-    bert: nn.Module
-    optimizer: torch.optim.Optimizer
-
-
-def build_official(
-    segmentation: ModuleType, modeling_bert: ModuleType, configuration_bert: ModuleType, bert_dir: str,
-    repo_model: nn.Module, args: argparse.Namespace,
-) -> tuple[Official, dict[str, Any]]:
-    """The official ``lavt`` Swin-T and its BERT, holding ``repo_model``'s weights, and train.py's AdamW."""
-    official_args = SimpleNamespace(swin_type="tiny", window12=args.window == 12, mha="", fusion_drop=0.0)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 (its "Randomly initialize..." print)
-        model = segmentation.lavt(pretrained="", args=official_args)
-    config = configuration_bert.BertConfig.from_json_file(str(Path(bert_dir) / "config.json"))
-    bert = modeling_bert.BertModel(config)
-    # train.py: `bert_model.pooler = None`; BertModel.from_pretrained leaves the model in eval mode and train.py never
-    # calls bert_model.train(), so its dropout stays off while its layers train
-    bert.pooler = None
-    bert.eval()
-    packed = to_official(repo_model, "lavt")
-    model.load_state_dict(packed["model"], strict=True)
-    result = bert.load_state_dict(packed["bert_model"], strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
-    if result.missing_keys or unexpected:
-        raise RuntimeError(f"official BERT: missing {result.missing_keys}, unexpected {unexpected}")
-    # train.py's parameter groups, verbatim in content: backbone norms / position tables without weight decay, the
-    # rest of the backbone, the decoder, BERT's first 10 layers. Embeddings and later layers keep requires_grad (their
-    # gradients are computed, never applied), as there.
-    no_decay, decay = [], []
-    for name, p in model.backbone.named_parameters():
-        if "norm" in name or "absolute_pos_embed" in name or "relative_position_bias_table" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    trained = min(OFFICIAL_BERT_TRAIN_LAYERS, len(bert.encoder.layer))
-    groups = [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay},
-        {"params": [p for p in model.classifier.parameters() if p.requires_grad]},
-        {"params": [p for i in range(trained) for p in bert.encoder.layer[i].parameters() if p.requires_grad]},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=OFFICIAL_LR, weight_decay=OFFICIAL_WD, amsgrad=False)
-    info = {"bert_layers_trained": trained, "bert_layers": len(bert.encoder.layer),
-            "bert_ignored_keys": result.unexpected_keys}  # fmt: skip
-    return Official(model=model, bert=bert, optimizer=optimizer), info
-
-
-def official_criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """train.py's ``criterion`` with its ``.cuda()`` dropped: cross-entropy with class weights [0.9, 1.1]."""
-    weight = torch.FloatTensor([0.9, 1.1])
-    return nn.functional.cross_entropy(logits, target, weight=weight)
-
-
-def amp_context(amp: str) -> contextlib.AbstractContextManager:
-    # the one-line autocast the official code gets for bf16 (it has no mixed precision of its own)
-    return torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
-
-
-def official_train_fn(off: Official, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], float]:
-    """train_one_epoch's body for one batch (its .cuda() copies, gc.collect and empty_cache left out)."""
-
-    def step() -> float:
-        off.model.train()
-        with amp_context(amp):
-            hidden = off.bert(batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-            embedding = hidden.permute(0, 2, 1)
-            output = off.model(batch["image"], embedding, l_mask=batch["attention_mask"].unsqueeze(dim=-1))
-            loss = official_criterion(output, batch["target"])
-        off.optimizer.zero_grad()
-        loss.backward()
-        off.optimizer.step()
-        return loss.item()
-
-    return step
-
-
-def official_eval_fn(off: Official, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], torch.Tensor]:
-    """evaluate()'s forward for one expression (the IoU bookkeeping left out)."""
-
-    @torch.no_grad()
-    def run() -> torch.Tensor:
-        off.model.eval()
-        with amp_context(amp):
-            hidden = off.bert(batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-            embedding = hidden.permute(0, 2, 1)
-            return off.model(batch["image"], embedding, l_mask=batch["attention_mask"].unsqueeze(dim=-1)).float()
-
-    return run
-
-
-def official_eval_rows_fn(off: Official, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], torch.Tensor]:
-    """evaluate()'s loop over a batch's expressions as test.py runs them: one forward per expression (batch 1)."""
-    rows = [{key: value[i : i + 1] for key, value in batch.items()} for i in range(len(batch["image"]))]
-    forwards = [official_eval_fn(off, row, amp) for row in rows]
-
-    def run() -> torch.Tensor:
-        return torch.cat([fn() for fn in forwards])
-
-    return run
 
 
 class Repo(SimpleNamespace):
@@ -367,21 +191,8 @@ def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
 
 
 def machine_info() -> dict[str, Any]:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return {
-        "cpu": names[0] if names else platform.processor() or platform.machine(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_flags": {name: name in flags for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
-        "load_average_before": os.getloadavg(),
-    }
+    """``tools.benchmark``'s description of the machine, with the CPU features that decide the fast precision."""
+    return {**bench_report.machine_info(torch.device("cpu")), "cpu_flags": bench_report.cpu_flags()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -576,9 +387,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.json.write_text(json.dumps(report, indent=1))
 
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["cpu_flags"].items())
-    print(f"\n{machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch threads; "
+    print(f"\n{machine['cpu']}, {machine['cores']} logical CPUs, {machine['torch_threads']} torch threads; "
           f"torch {machine['torch']}; {flags}")  # fmt: skip
-    before, after = machine["load_average_before"], machine["load_average_after"]
+    before, after = machine["load_average"], machine["load_average_after"]
     print(f"load average (1/5/15 min) before {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, "
           f"after {after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}")  # fmt: skip
     print(f"Swin-T, window {args.window}, {args.size} px; text encoder: {text_note}; stubs: {stubbed or 'none'}")

@@ -159,6 +159,14 @@ def test_data_cache_with_workers_warns(env, tmp_path):
     assert "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS 1" in log
 
 
+def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[str]:
+    """``python main.py`` on the tiny run, runs under tmp_path/runs, ``extra`` after the tiny opts (the last value of
+    a key wins)."""
+    data_root, text = env
+    opts = tiny_opts(data_root, text, tmp_path / "runs") + extra
+    return [sys.executable, "main.py", "--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]
+
+
 @pytest.mark.parametrize(
     ("flags", "extra", "message"),
     [
@@ -171,11 +179,9 @@ def test_data_cache_with_workers_warns(env, tmp_path):
     ],
 )
 def test_user_errors_are_one_line_exit_2_nothing_written(env, tmp_path, flags, extra, message):
-    """A wrong value is refused before anything is built or written: one line on stderr, no traceback, status 2;
-    with --debug (checked once, for the first case: one process start each) the traceback."""
-    data_root, text = env
-    opts = tiny_opts(data_root, text, tmp_path / "runs") + extra  # the last value of a key wins
-    argv = [sys.executable, "main.py", "--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]
+    """A wrong value is refused before anything is built or written: one line on stderr, no traceback, status 2."""
+    data_root, _ = env
+    argv = _main_argv(env, tmp_path, flags, extra)
     before = sorted(p.name for p in data_root.rglob("*"))
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
@@ -185,6 +191,9 @@ def test_user_errors_are_one_line_exit_2_nothing_written(env, tmp_path, flags, e
     assert sorted(p.name for p in data_root.rglob("*")) == before
     if extra:
         assert not (tmp_path / "runs").exists()  # refused before the run folder was made
-    if extra[:2] == ["TRAIN.LR", "nan"]:
-        debug = subprocess.run(argv + ["--debug"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error(env, tmp_path):
+    argv = _main_argv(env, tmp_path, ["--debug"], ["TRAIN.LR", "nan"])
+    debug = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

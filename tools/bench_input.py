@@ -18,7 +18,6 @@ import inspect
 import json
 import os
 import pickle
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,18 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["make_refer_folder", "bench", "cpu_model", "main"]
+from .bench_report import cpu_model
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+__all__ = ["make_refer_folder", "bench", "main"]
 
 
 def make_refer_folder(root: Path, images: int = 16, width: int = 640, height: int = 480) -> Path:
