@@ -40,6 +40,8 @@ _C.MODEL.SWIN.STEM = "patch"
 
 # Width of the decoder's fused maps; 0 = the official 4 * EMBED_DIM (half the stage-4 channels).
 _C.MODEL.DECODER_HIDDEN = 0
+# Width of an edge refinement of the upsampled logits on the image (models/refine.py; not in LAVT); 0 = none.
+_C.MODEL.REFINE = 0
 
 _C.MODEL.FUSION = CN()
 _C.MODEL.FUSION.NUM_HEADS = [1, 1, 1, 1]  # per stage, the official `--mha`
@@ -100,6 +102,11 @@ _C.TRAIN.LR = 5e-5
 _C.TRAIN.WEIGHT_DECAY = 1e-2
 _C.TRAIN.POLY_POWER = 0.9
 _C.TRAIN.WARMUP_ITERS = 0  # linear LR warmup (not in the official recipe; helps training from scratch)
+# Progressive resizing (not in the official recipe): the first LOW_RES_EPOCHS epochs train on batches resized to
+# LOW_RES_SIZE x LOW_RES_SIZE (cheaper steps while the model learns coarse things); later epochs, every validation
+# and evaluation run at DATA.SIZE. 0 = off.
+_C.TRAIN.LOW_RES_SIZE = 0
+_C.TRAIN.LOW_RES_EPOCHS = 0
 _C.TRAIN.LOSS = "ce"  # ce | dice | ce+dice
 _C.TRAIN.CE_WEIGHTS = [0.9, 1.1]
 _C.TRAIN.AMP = ""  # "" (float32) | bf16 | fp16 | auto (bf16 where the device computes it natively, else float32)

@@ -22,6 +22,7 @@ from PIL import Image
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "RESIZE_METHODS", "resize_image", "resize_mask", "to_tensor", "TrainAugment",
+    "resize_batch",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,6 +84,22 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
         if not np.shares_memory(written, out):  # OpenCV allocated elsewhere instead of filling out[c]
             out[c] = written
     return torch.from_numpy(out)
+
+
+def resize_batch(images: torch.Tensor, targets: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch at another resolution (``TRAIN.LOW_RES_SIZE``): images [B, 3, S, S] (normalised) ->
+    [B, 3, size, size], bilinear with antialiasing; targets [B, S, S] -> [B, size, size], nearest at pixel centres.
+
+    Normalisation is an affine map per channel and bilinear weights sum to one, so resizing the normalised batch
+    equals normalising the resized image (up to rounding): no second pass over the uint8 images.
+    """
+    if size < 1:
+        raise ValueError(f"resize_batch: size must be positive, got {size}")
+    if images.shape[-2:] == (size, size):
+        return images, targets
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    labels = torch.nn.functional.interpolate(targets[:, None].float(), size=(size, size), mode="nearest-exact")
+    return images, labels[:, 0].to(targets.dtype)
 
 
 class TrainAugment:

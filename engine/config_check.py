@@ -121,6 +121,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "MODEL.SWIN.DROP_PATH_RATE": fraction,
         "MODEL.SWIN.STEM": one_of(STEMS),
         "MODEL.DECODER_HIDDEN": at_least(0),
+        "MODEL.REFINE": at_least(0),
         "MODEL.FUSION.NUM_HEADS": partial(_integers, length=4, minimum=1),
         "MODEL.FUSION.DROPOUT": fraction,
         "MODEL.TEXT.ENCODER": _text,
@@ -151,6 +152,8 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "TRAIN.WEIGHT_DECAY": non_negative,
         "TRAIN.POLY_POWER": non_negative,
         "TRAIN.WARMUP_ITERS": at_least(0),
+        "TRAIN.LOW_RES_SIZE": at_least(0),
+        "TRAIN.LOW_RES_EPOCHS": at_least(0),
         "TRAIN.LOSS": one_of(LOSSES),
         "TRAIN.CE_WEIGHTS": _ce_weights,
         "TRAIN.AMP": one_of((*AMP_DTYPES, "auto")),
@@ -191,6 +194,13 @@ def _cross_checks(get: Callable[[str], Any]) -> None:
                 f"set, MODEL.TEXT.TRAIN_LAYERS 0 and no text dropout (got ENCODER {get('MODEL.TEXT.ENCODER')!r}, "
                 f"TRAIN_LAYERS {get('MODEL.TEXT.TRAIN_LAYERS')}, NAME {name}, DROPOUT {dropout})"
             )
+    low, size = get("TRAIN.LOW_RES_SIZE"), get("DATA.SIZE")
+    if low and size is not None and low >= size:
+        raise ConfigError(f"TRAIN.LOW_RES_SIZE {low} must be below DATA.SIZE {size} (or 0: off)")
+    if get("TRAIN.LOW_RES_EPOCHS") and not low:
+        raise ConfigError(
+            f"TRAIN.LOW_RES_EPOCHS {get('TRAIN.LOW_RES_EPOCHS')} needs TRAIN.LOW_RES_SIZE (the size they train at)"
+        )
     if get("EVAL.SAVE_MASKS") and get("EVAL.MODE") not in (None, "each"):
         raise ConfigError(
             f"EVAL.SAVE_MASKS writes each expression's mask: it needs EVAL.MODE each, got {get('EVAL.MODE')!r}"

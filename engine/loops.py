@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.transforms import resize_batch
 from utils.amp import NativeScaler, autocast
 from utils.distributed import all_reduce_mean
 from utils.logger import MetricLogger, RunProgress, SmoothedValue
@@ -52,6 +53,7 @@ def train_step(
     where: str = "",
     mark: Callable[[str], None] | None = None,
     text_cache: TextFeatureCache | None = None,
+    size: int = 0,
 ) -> tuple[float, torch.Tensor]:
     """One optimisation step on ``batch``: forward and loss under ``amp``, backward, clip, AdamW step.
 
@@ -64,6 +66,7 @@ def train_step(
         where: where this step is, for the error message (e.g. "epoch 3, iteration 20").
         mark: called with "forward", "backward" and "optimizer" as each part ends (the benchmark's timer).
         text_cache: a frozen text encoder's features per expression (``MODEL.TEXT.CACHE``), instead of encoding.
+        size: > 0: train on the batch resized to size x size (``data.resize_batch``; ``TRAIN.LOW_RES_SIZE``).
     Raises:
         NonFiniteLossError: the loss (averaged over ranks, so every rank stops together) is NaN or Inf.
     Returns:
@@ -71,6 +74,8 @@ def train_step(
     """
     images = batch["image"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
+    if size:
+        images, target = resize_batch(images, target, size)
     with autocast(amp, device):
         if "lang_feats" in batch:
             logits = model(images, text=(batch["lang_feats"].to(device), batch["lang_mask"].to(device)))
@@ -117,6 +122,7 @@ def train_one_epoch(
     totals: dict[str, tuple[int, float]] | None = None,
     on_boundary: Callable[[int, dict[str, tuple[int, float]]], None] | None = None,
     run_progress: RunProgress | None = None,
+    size: int = 0,
 ) -> dict[str, float]:
     """One pass over ``loader`` (``train_step`` per batch), the LR scheduler stepped after every iteration.
 
@@ -127,6 +133,7 @@ def train_one_epoch(
         on_boundary: called after every iteration with (iterations of the epoch done, the running sums): where the
             trainer writes step checkpoints and stops on request.
         run_progress: where this epoch sits in the run, for the log's whole-run ETA and TensorBoard.
+        size: > 0: every batch trained at size x size (progressive resizing), see ``train_step``.
     Returns:
         averages over the epoch (all ranks): ``loss``, ``grad_norm``; and ``lr``, the last learning rate.
     """
@@ -142,7 +149,7 @@ def train_one_epoch(
     for it, batch in enumerate(batches, start=start):
         loss, norm = train_step(
             model, criterion, optimizer, scaler, batch, device, params,
-            amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache,
+            amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache, size=size,
         )  # fmt: skip
         lr_scheduler.step()
         logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=norm)

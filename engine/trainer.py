@@ -156,6 +156,9 @@ def train(
             for ds in datasets.values():
                 ds.set_epoch(epoch)
             epoch_generator = generator.get_state()  # the loader draws its workers' seeds from it as it starts
+            size = cfg.TRAIN.LOW_RES_SIZE if epoch < cfg.TRAIN.LOW_RES_EPOCHS else 0
+            if size:
+                logger.info("epoch %d trains at %dx%d (TRAIN.LOW_RES_SIZE)", epoch, size, size)
 
             stats = train_one_epoch(
                 model, criterion, optimizer, lr_scheduler, scaler, train_loader, info.device, epoch,
@@ -163,7 +166,7 @@ def train(
                 start=progress.iteration if epoch == progress.epoch else 0,
                 totals=progress.totals if epoch == progress.epoch else None,
                 on_boundary=partial(_at_boundary, checkpointer, progress, epoch, epoch_generator),
-                run_progress=RunProgress(step, iters_per_epoch, stop - epoch - 1, extra_s, tensorboard),
+                run_progress=RunProgress(step, iters_per_epoch, stop - epoch - 1, extra_s, tensorboard), size=size,
             )  # fmt: skip
             train_s, step = time.time() - tic, (epoch + 1) * iters_per_epoch  # the steps done: the next epoch's start
             val, _ = evaluate(

@@ -3,7 +3,8 @@
 Every shape-bearing setting is in the tensor shapes: the embed dim (the stem's LayerNorm), the depths (block
 indices per stage), the Swin heads and the window (``relative_position_bias_table`` is ``[(2w - 1)^2, heads]``),
 the patch size (the stem's kernel, or its stride-2 convolutions), the MLP ratio (``fc1`` rows over the width),
-the decoder width (``classifier.conv1_1`` input channels), the language width (the PWAM key projection's input),
+the decoder width (``classifier.conv1_1`` input channels), the refinement's width (``refine.conv1``, none in the
+official files), the language width (the PWAM key projection's input),
 the stem (``patch_embed.stem.*`` only in the convolutional one) and the text encoder (its width, layers and
 vocabulary, for checking the BERT folder given for it). The packaging is a hint: ``lavt_one`` holds the text encoder
 under ``text_encoder.``, ``lavt`` beside the model under ``bert_model`` (MODEL.NAME sets only the text dropout in
@@ -93,6 +94,7 @@ def infer_architecture(checkpoint: dict[str, Any], where: str = "checkpoint") ->
     f["MODEL.SWIN.MLP_RATIO"] = fc1 / embed
     hidden = _shape(state, "classifier.conv1_1.weight", where)[1]
     f["MODEL.DECODER_HIDDEN"] = 0 if hidden == 4 * embed else hidden  # 0: the official width
+    f["MODEL.REFINE"] = state["refine.conv1.weight"].shape[0] if "refine.conv1.weight" in state else 0
     lang_dim = _shape(state, "backbone.layers.0.fusion.image_lang_att.f_key.0.weight", where)[1]
     arch.text = _text_encoder(state)
     if arch.text is None:  # no text encoder to load: the model takes language features of this width

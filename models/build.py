@@ -8,6 +8,7 @@ from yacs.config import CfgNode
 
 from .decoder import build_decoder
 from .lavt import LAVT
+from .refine import build_refine
 from .swin import build_backbone
 from .text import build_text_encoder
 from .weights import load_pretrained_swin
@@ -51,7 +52,8 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
     decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN)
-    model = LAVT(backbone, decoder, text_encoder, text_dropout=text_dropout(m.NAME, m.TEXT.DROPOUT))
+    dropout = text_dropout(m.NAME, m.TEXT.DROPOUT)
+    model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=build_refine(m.REFINE))
     return compile_model(model) if m.COMPILE else model
 
 
@@ -70,7 +72,8 @@ def _no_decay(name: str) -> bool:
 def build_param_groups(model: LAVT, weight_decay: float, text_train_layers: int = 10) -> list[dict]:
     """AdamW groups of the official recipe.
 
-    Backbone norms and relative-position tables get no weight decay; the decoder gets it; of the text
+    Backbone norms and relative-position tables get no weight decay; the decoder (and the refinement, if any) gets
+    it; of the text
     encoder only the first ``text_train_layers`` encoder layers are optimised (its embeddings and later
     layers keep their pretrained values, and are set ``requires_grad=False`` so no gradient is computed).
     """
@@ -83,8 +86,8 @@ def build_param_groups(model: LAVT, weight_decay: float, text_train_layers: int 
     groups = [
         {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"},
         {"params": decay, "weight_decay": weight_decay, "name": "backbone"},
-        {"params": [p for p in model.classifier.parameters() if p.requires_grad], "weight_decay": weight_decay,
-         "name": "decoder"},
+        {"params": [p for part in (model.classifier, model.refine) if part is not None for p in part.parameters()
+                    if p.requires_grad], "weight_decay": weight_decay, "name": "decoder"},
     ]
     if model.text_encoder is not None:
         layers = model.text_encoder.encoder.layer

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import SimpleDecoder
+from .refine import EdgeRefine
 from .swin import MultiModalSwin
 from .text import text_features, used_columns
 
@@ -25,6 +26,7 @@ class LAVT(nn.Module):
             official packagings differ here: ``lavt`` builds BERT apart and never calls its ``train()`` (BERT stays in
             eval mode while its layers train), ``lavt_one`` holds it inside, so that ``model.train()`` turns its
             dropout on. With False the encoder stays in eval mode whatever ``train()`` is given.
+        refine: an ``EdgeRefine`` applied to the upsampled logits (``MODEL.REFINE``; not in LAVT), or None.
     """
 
     def __init__(
@@ -33,10 +35,12 @@ class LAVT(nn.Module):
         classifier: SimpleDecoder,
         text_encoder: nn.Module | None = None,
         text_dropout: bool = False,
+        refine: EdgeRefine | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
+        self.refine = refine
         self.text_encoder = text_encoder
         self.text_dropout = text_dropout
         if text_encoder is not None and not text_dropout:
@@ -71,7 +75,8 @@ class LAVT(nn.Module):
             )
         c1, c2, c3, c4 = self.backbone(images, lang_feats, lang_mask)
         logits = self.classifier(c4, c3, c2, c1)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        return logits if self.refine is None else self.refine(logits, images)
 
     def forward(
         self,

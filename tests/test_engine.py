@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from data import build_dataset, collate_eval
 from data.controls import ShuffledExpressions
+from data.transforms import resize_batch
 from engine import NonFiniteLossError, build_lr_scheduler, evaluate, poly_lr_lambda, train_one_epoch
 from engine.loops import train_step
 from models import build_model
@@ -233,6 +235,46 @@ def test_train_step_defaults_to_a_float32_step(cfg):
     assert marks == ["forward", "backward", "optimizer"]  # the benchmark's timer reads these names
     moved = [not torch.equal(a, p) for a, p in zip(before, params) if p.grad is not None and p.grad.abs().max() > 1e-6]
     assert moved and all(moved)
+
+
+def test_resize_batch_against_pil():
+    """Images as PIL resizes each float channel bilinearly (filtering when it shrinks); masks as PIL's nearest, which
+    samples the source at output pixel centres."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 48, 48, generator=g)
+    target = (torch.rand(2, 48, 48, generator=g) > 0.6).long()
+    small, labels = resize_batch(images, target, 32)
+    assert small.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64
+    for b in range(2):
+        for c in range(3):
+            ref = np.asarray(Image.fromarray(images[b, c].numpy()).resize((32, 32), Image.BILINEAR))
+            np.testing.assert_allclose(small[b, c].numpy(), ref, atol=1e-4)
+        ref = np.asarray(Image.fromarray(target[b].numpy().astype(np.uint8)).resize((32, 32), Image.NEAREST))
+        np.testing.assert_array_equal(labels[b].numpy(), ref)
+    kept = resize_batch(images, target, 48)
+    assert kept[0] is images and kept[1] is target
+    with pytest.raises(ValueError, match="size must be positive, got 0"):
+        resize_batch(images, target, 0)
+
+
+def test_train_step_at_a_lower_resolution(cfg):
+    """size=40 on a 48-px batch: the network runs at 40 px and the loss sees the mask resized to 40 px."""
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    batch = next(iter(DataLoader(build_dataset(cfg, "train", eval_mode=False), batch_size=2)))
+    assert batch["image"].shape[-1] == 48
+    params = [p for p in net.parameters() if p.requires_grad]
+    seen = {}
+
+    def criterion(logits, target):
+        seen.update(logits=logits.shape, target=target)
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    train_step(net, criterion, torch.optim.SGD(params, lr=0.1), NativeScaler(), batch, torch.device("cpu"), params,
+               size=40)  # fmt: skip
+    assert seen["logits"] == (2, 2, 40, 40)
+    # resize_batch itself is checked against PIL above
+    assert torch.equal(seen["target"], resize_batch(batch["image"], batch["target"], 40)[1])
 
 
 def test_train_one_epoch_steps_and_nan_guard(cfg):

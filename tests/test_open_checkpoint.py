@@ -179,7 +179,8 @@ def test_the_official_codes_own_state_dict():
         "MODEL.SWIN.EMBED_DIM": recorded["embed_dim"], "MODEL.SWIN.DEPTHS": recorded["depths"],
         "MODEL.SWIN.NUM_HEADS": recorded["num_heads"], "MODEL.SWIN.WINDOW_SIZE": recorded["window_size"],
         "MODEL.SWIN.PATCH_SIZE": recorded["patch_size"], "MODEL.SWIN.MLP_RATIO": recorded["mlp_ratio"],
-        "MODEL.SWIN.STEM": "patch", "MODEL.DECODER_HIDDEN": 0, "MODEL.TEXT.DIM": recorded["lang_dim"],
+        "MODEL.SWIN.STEM": "patch", "MODEL.DECODER_HIDDEN": 0, "MODEL.REFINE": 0,
+        "MODEL.TEXT.DIM": recorded["lang_dim"],
         "MODEL.FUSION.NUM_HEADS": recorded["num_heads_fusion"],
     }  # fmt: skip
     assert arch.hints == {"MODEL.TEXT.ENCODER": "", "MODEL.NAME": "lavt", "DATA.SIZE": 224} and arch.text is None

@@ -195,3 +195,30 @@ def test_resume_from_best_is_refused_in_one_line(recorded_run, tiny_run_env, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("main.py: error: ") and "best.pth" in err[-1] and "Traceback" not in "\n".join(err)
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # log.txt and config.yaml too
+
+
+def test_low_res_epochs_train_smaller(tiny_run_env, tmp_path):
+    """TRAIN.LOW_RES_SIZE 40 for 1 of 2 epochs: every step of epoch 0 sees 40-px logits and masks, every step of
+    epoch 1 the 48-px DATA.SIZE; the per-epoch validation stays at 48 px."""
+    sizes, evaluated = [], []
+    real_step, real_evaluate = loops_module.train_step, trainer_module.evaluate
+
+    def step(model, criterion, *args, **kw):
+        def recording(logits, target):
+            sizes.append((logits.shape[-1], target.shape[-1]))
+            return criterion(logits, target)
+
+        return real_step(model, recording, *args, **kw)
+
+    def evaluate(model, loader, *args, **kw):
+        evaluated.extend(batch["image"].shape[-1] for batch in loader)
+        return real_evaluate(model, loader, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loops_module, "train_step", step)
+        mp.setattr(trainer_module, "evaluate", evaluate)
+        _run(tiny_run_env, tmp_path, TRAIN__EPOCHS=2, TRAIN__LOW_RES_SIZE=40, TRAIN__LOW_RES_EPOCHS=1)
+    half = len(sizes) // 2
+    assert half >= 1 and len(sizes) == 2 * half
+    assert sizes[:half] == [(40, 40)] * half and sizes[half:] == [(48, 48)] * half
+    assert evaluated and set(evaluated) == {48}
