@@ -11,11 +11,12 @@ import torch
 from configs import get_config
 from configs.defaults import architecture_keys
 from models import CheckpointError, build_model, load_weights, read_checkpoint
-from tools.export import export
+from tools.export import export, official_gaps
 from tools.open_checkpoint import open_checkpoint
 from utils.checkpoint import save_checkpoint
 
 from .conftest import load_official_file
+from .helpers_model import tiny_cfg
 from .helpers_train import make_tiny_text_encoder
 
 
@@ -84,6 +85,13 @@ def test_official_round_trip(trained, tmp_path, packaging, caplog):
     for key in [k for k in architecture_keys() if k != "MODEL.NAME"] + ["DATA.SIZE", "DATA.DATASET", "DATA.SPLIT_BY"]:
         assert _get(opened_cfg, key) == _get(cfg, key), key
     assert opened_cfg.MODEL.NAME == packaging
+
+
+def test_a_refined_network_is_no_official_one():
+    cfg = tiny_cfg(MODEL__REFINE=6)
+    assert "edge refinement of width 6" in official_gaps(build_model(cfg, pretrained=False), cfg)
+    plain = tiny_cfg()
+    assert not any("refinement" in gap for gap in official_gaps(build_model(plain, pretrained=False), plain))
 
 
 def _get(cfg, key):
