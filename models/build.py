@@ -73,9 +73,8 @@ def build_param_groups(model: LAVT, weight_decay: float, text_train_layers: int 
     """AdamW groups of the official recipe.
 
     Backbone norms and relative-position tables get no weight decay; the decoder (and the refinement, if any) gets
-    it; of the text
-    encoder only the first ``text_train_layers`` encoder layers are optimised (its embeddings and later
-    layers keep their pretrained values, and are set ``requires_grad=False`` so no gradient is computed).
+    it; of the text encoder only the first ``text_train_layers`` encoder layers are optimised (its embeddings and
+    later layers keep their pretrained values, and are set ``requires_grad=False`` so no gradient is computed).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
