@@ -34,6 +34,12 @@ def val_set(cfg):
 
 
 @pytest.fixture(scope="module")
+def train_batch(cfg):
+    """The first two training items, as a loader batches them (tests must not change it)."""
+    return next(iter(DataLoader(build_dataset(cfg, "train", eval_mode=False), batch_size=2)))
+
+
+@pytest.fixture(scope="module")
 def model(cfg):
     torch.manual_seed(0)
     return build_model(cfg).eval()
@@ -215,12 +221,11 @@ def test_evaluate_bad_protocol(model, val_set):
         evaluate(model, [], torch.device("cpu"), resolution="480")
 
 
-def test_train_step_defaults_to_a_float32_step(cfg):
+def test_train_step_defaults_to_a_float32_step(cfg, train_batch):
     """Called with its defaults (no amp, no clipping), one step: float32 logits reach the criterion, the returned
     loss is the criterion's, every parameter with a (not round-off) gradient moves."""
     torch.manual_seed(0)
     net = build_model(cfg).train()
-    batch = next(iter(DataLoader(build_dataset(cfg, "train", eval_mode=False), batch_size=2)))
     params = [p for p in net.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     seen = []
@@ -230,7 +235,8 @@ def test_train_step_defaults_to_a_float32_step(cfg):
         return torch.nn.functional.cross_entropy(logits, target)
 
     opt, marks = torch.optim.SGD(params, lr=0.1), []
-    loss, norm = train_step(net, criterion, opt, NativeScaler(), batch, torch.device("cpu"), params, mark=marks.append)
+    cpu = torch.device("cpu")
+    loss, norm = train_step(net, criterion, opt, NativeScaler(), train_batch, cpu, params, mark=marks.append)
     assert seen == [torch.float32] and math.isfinite(loss) and loss > 0 and float(norm) > 0
     assert marks == ["forward", "backward", "optimizer"]  # the benchmark's timer reads these names
     moved = [not torch.equal(a, p) for a, p in zip(before, params) if p.grad is not None and p.grad.abs().max() > 1e-6]
@@ -257,12 +263,11 @@ def test_resize_batch_against_pil():
         resize_batch(images, target, 0)
 
 
-def test_train_step_at_a_lower_resolution(cfg):
+def test_train_step_at_a_lower_resolution(cfg, train_batch):
     """size=40 on a 48-px batch: the network runs at 40 px and the loss sees the mask resized to 40 px."""
     torch.manual_seed(0)
     net = build_model(cfg).train()
-    batch = next(iter(DataLoader(build_dataset(cfg, "train", eval_mode=False), batch_size=2)))
-    assert batch["image"].shape[-1] == 48
+    assert train_batch["image"].shape[-1] == 48
     params = [p for p in net.parameters() if p.requires_grad]
     seen = {}
 
@@ -270,11 +275,11 @@ def test_train_step_at_a_lower_resolution(cfg):
         seen.update(logits=logits.shape, target=target)
         return torch.nn.functional.cross_entropy(logits, target)
 
-    train_step(net, criterion, torch.optim.SGD(params, lr=0.1), NativeScaler(), batch, torch.device("cpu"), params,
-               size=40)  # fmt: skip
+    opt = torch.optim.SGD(params, lr=0.1)
+    train_step(net, criterion, opt, NativeScaler(), train_batch, torch.device("cpu"), params, size=40)
     assert seen["logits"] == (2, 2, 40, 40)
     # resize_batch itself is checked against PIL above
-    assert torch.equal(seen["target"], resize_batch(batch["image"], batch["target"], 40)[1])
+    assert torch.equal(seen["target"], resize_batch(train_batch["image"], train_batch["target"], 40)[1])
 
 
 def test_train_one_epoch_steps_and_nan_guard(cfg):
