@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .loops import unwrap
+
 
 class _SegmentTap(nn.Module):
     """``model`` for ``evaluate``: the same ``encode_text`` and ``segment``, each ``segment`` output also kept."""
@@ -70,8 +72,7 @@ class MaskWriter:
 
     def tap(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> tuple[nn.Module, Iterable[dict[str, Any]]]:
         """(model, loader) to hand to ``evaluate`` in ``each`` mode instead of the given ones."""
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        return _SegmentTap(model, self.kept), _Batches(loader, self)
+        return _SegmentTap(unwrap(model), self.kept), _Batches(loader, self)
 
     def write(self, batch: dict[str, Any]) -> None:
         """The masks of ``batch`` (an ``each``-mode batch of ``data.collate_eval``) from the logits kept for it."""

@@ -29,13 +29,15 @@ from yacs.config import CfgNode
 from data import build_dataset, collate_eval, load_refer
 from data.controls import ShuffledExpressions
 from refer import REFER
+from utils.amp import autocast
 from utils.atomic import staged
 from utils.distributed import DistInfo, ShardSampler, barrier
 from utils.logger import get_logger
 from utils.metrics import format_table, results_summary
 
 from .eval_masks import MaskWriter
-from .loops import evaluate
+from .loops import evaluate, unwrap
+from .text_cache import TextFeatureCache
 
 
 def eval_loader(cfg: CfgNode, dataset: Any, info: DistInfo, batch_size: int, collate: Any = None) -> DataLoader:
@@ -136,6 +138,7 @@ def run_evaluation(
     files = EvalFiles(Path(run_dir), cfg)
     for split in cfg.EVAL.SPLITS:
         dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
+        cache = _split_text_cache(cfg, model, dataset, info.device)
         for shuffled in variants(cfg):
             ds = ShuffledExpressions(dataset, seed=cfg.TRAIN.SEED) if shuffled else dataset
             tag = results_tag(cfg, split, shuffled)
@@ -149,7 +152,7 @@ def run_evaluation(
                 scored, loader = MaskWriter(folder, cfg.EVAL.RESOLUTION).tap(model, loader)
             metrics, records = evaluate(
                 scored, loader, info.device, mode=cfg.EVAL.MODE, resolution=cfg.EVAL.RESOLUTION, amp=cfg.TRAIN.AMP,
-                header=f"Eval {tag}",
+                header=f"Eval {tag}", text_cache=cache,
             )  # fmt: skip
             records_of[(split, shuffled)] = records
             summaries.append(
@@ -171,6 +174,22 @@ def run_evaluation(
         path = _write(files.first_free(), records_of, staging, summaries)
         logger.info("results (%s):\n%s", path, format_table(summaries))
     return summaries
+
+
+def _split_text_cache(
+    cfg: CfgNode, model: torch.nn.Module, dataset: Any, device: torch.device
+) -> TextFeatureCache | None:
+    """With ``MODEL.TEXT.CACHE`` (a frozen encoder), one split's expressions encoded once, in batches of similar
+    lengths, for its scoring as annotated and its shuffled control (the same sentences, moved between objects);
+    dropped with the split, so memory stays one split's. None without the cache: each batch encodes its own."""
+    encoder = unwrap(model).text_encoder
+    if not cfg.MODEL.TEXT.CACHE or encoder is None:
+        return None
+    cache = TextFeatureCache()
+    if cfg.EVAL.MODE != "cat":  # cat scores joined expressions: encoded batch by batch as they come
+        with torch.no_grad(), autocast(cfg.TRAIN.AMP, device):
+            cache.prime(encoder, dataset.input_ids, dataset.attention_masks)
+    return cache
 
 
 def _write(

@@ -84,7 +84,7 @@ def train_step(
             if text_cache is None:
                 logits = model(images, ids, mask)
             else:  # through the (DDP) model's own forward, so that gradients are still synchronised
-                logits = model(images, text=text_cache.features(_unwrap(model).text_encoder, ids, mask))
+                logits = model(images, text=text_cache.features(unwrap(model).text_encoder, ids, mask))
         loss = criterion(logits, target)
     if mark is not None:
         mark("forward")
@@ -163,7 +163,8 @@ def train_one_epoch(
     }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or ``model`` itself)."""
     # DDP's forward may broadcast buffers (a collective): with uneven shards one rank would wait forever
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -196,7 +197,7 @@ def evaluate(
         raise ValueError(f"EVAL.MODE must be one of {EVAL_MODES}, got {mode!r}")
     if resolution not in RESOLUTIONS:
         raise ValueError(f"EVAL.RESOLUTION must be one of {RESOLUTIONS}, got {resolution!r}")
-    model = _unwrap(model)
+    model = unwrap(model)
     model.eval()
     acc = IoUAccumulator()
     # one autocast region for the whole loop: its cache casts the weights once, not once per batch

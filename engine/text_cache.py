@@ -26,8 +26,10 @@ class TextFeatureCache:
       features computed under bf16 autocast are not served to a float32 run, nor the reverse.
     - ``prime`` encodes the expressions it is given in a fixed order (by length, then tokens) and fixed batches,
       whatever order they come in: a resumed run primes the same features.
-    - The encoder must be frozen: ``prime`` and ``features`` refuse one with a parameter that requires a gradient,
-      and ``features`` refuses one in training mode (its dropout would be on; the entries are its eval output).
+    - Where gradients are recorded (training), the encoder must be frozen: ``prime`` and ``features`` then refuse one
+      with a parameter that requires a gradient (the entries would go stale as it learns). Under ``torch.no_grad``
+      (evaluation) any encoder is served. ``features`` refuses an encoder in training mode (its dropout would be on;
+      the entries are its eval output).
 
     Nothing watches the encoder: whoever owns the cache calls ``clear`` when the encoder's weights change (a weight
     load); a move to another device or dtype only makes new entries, ``clear`` frees the old ones.
@@ -55,7 +57,7 @@ class TextFeatureCache:
 
     @staticmethod
     def _check_frozen(encoder: nn.Module) -> None:
-        if any(p.requires_grad for p in encoder.parameters()):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
             raise RuntimeError(
                 "the text feature cache (MODEL.TEXT.CACHE) needs a frozen text encoder, but some of its parameters "
                 "require gradients: freeze them (MODEL.TEXT.TRAIN_LAYERS 0), or train without the cache"

@@ -147,3 +147,45 @@ def test_save_masks_flag_and_its_mode():
     assert config_from_args(args).EVAL.SAVE_MASKS is True
     with pytest.raises(ConfigError, match="EVAL.SAVE_MASKS writes each expression's mask: it needs EVAL.MODE each"):
         validate_config(config_from_args(parse_args(["--save_masks", "--eval_mode", "avg"])))
+
+
+@pytest.mark.parametrize("mode", ["each", "cat"])
+def test_text_cache_encodes_each_split_once(setup, tmp_path, mode):
+    """With MODEL.TEXT.CACHE the text encoder runs once per 64 distinct expressions of a split, whose scoring as
+    annotated and shuffled control both read the cache (in ``cat`` mode the joined expressions are encoded as the
+    batches come, none twice); the records are those of the evaluation that encodes every batch."""
+    cfg, _, tokenizer = setup
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.TEXT.TRAIN_LAYERS = 0
+    cfg.EVAL.update(SPLITS=["val"], SHUFFLED_CONTROL=True, MODE=mode, BATCH_SIZE=2)
+    cfg.freeze()
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    calls = []
+    model.text_encoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    records = {}
+    for cache in (False, True):
+        calls.clear()
+        c = cfg.clone()
+        c.defrost()
+        c.MODEL.TEXT.CACHE = cache
+        c.freeze()
+        out = tmp_path / str(cache)
+        out.mkdir()
+        evaluation.run_evaluation(c, model, tokenizer, CPU, out, "a.pth")
+        records[cache] = sorted(out.glob("per_expression_*.jsonl"))
+        encoded = sum(len(k["input_ids"]) for k in calls)
+        if not cache:
+            batches = len(calls)
+        elif mode == "each":
+            ds = ReferDataset(cfg.DATA.ROOT, "synthetic", "unc", "val", tokenizer, image_size=48, max_tokens=12,
+                              eval_mode=True)  # fmt: skip
+            distinct = {tuple(row[m.bool()].tolist()) for row, m in zip(ds.input_ids, ds.attention_masks)}
+            assert encoded == len(distinct) and len(calls) == -(-len(distinct) // 64) < batches
+        else:  # joined expressions (the shuffled pass joins others) encoded as batches need them, none twice
+            rows = [tuple(r[m.bool()].tolist()) for k in calls for r, m in zip(k["input_ids"], k["attention_mask"])]
+            assert len(set(rows)) == encoded and len(calls) <= batches
+    assert len(records[True]) == len(records[False]) == 2
+    for a, b in zip(records[False], records[True]):
+        assert a.name == b.name and a.read_text() == b.read_text()

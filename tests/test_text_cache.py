@@ -116,6 +116,9 @@ def test_refuses_a_trainable_or_training_encoder(model, tiny_bert):
         cache.features(model.text_encoder, ids, att)
     with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
         cache.prime(model.text_encoder, ids, att)
+    with torch.no_grad():  # an evaluation: nothing learns, so the entries cannot go stale
+        cache.prime(model.text_encoder, ids, att)
+        assert len(cache) == 3 and cache.features(model.text_encoder, ids, att)[0].shape[0] == len(ids)
     one = build_model(tiny_cfg(MODEL__NAME="lavt_one", MODEL__TEXT__ENCODER=str(tiny_bert)))
     build_param_groups(one, 0.01, text_train_layers=0)
     one.train()  # lavt_one: BERT's dropout on while training
