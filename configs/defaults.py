@@ -67,7 +67,7 @@ _C.MODEL.TEXT.DROPOUT = "auto"
 _C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention
 _C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin block and decoder level (training only)
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format in the decoder
-# torch.compile the backbone and the decoder (in place: same parameter names). First steps compile (minutes).
+# torch.compile the backbone, decoder and MODEL.REFINE (in place: same parameter names). First steps compile (minutes).
 _C.MODEL.COMPILE = False
 
 # ----------------------------------------------------------------------------- data

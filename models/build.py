@@ -58,10 +58,12 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
 
 
 def compile_model(model: LAVT) -> LAVT:
-    """``torch.compile`` the backbone and the decoder in place (``nn.Module.compile``): the parameter names, the
-    state dict and the checkpoints stay as they are. The text encoder (Hugging Face code) runs eagerly."""
-    model.backbone.compile()
-    model.classifier.compile()
+    """``torch.compile`` the backbone, the decoder and the refinement (if any) in place (``nn.Module.compile``): the
+    parameter names, the state dict and the checkpoints stay as they are. The text encoder (Hugging Face code) runs
+    eagerly."""
+    for part in (model.backbone, model.classifier, model.refine):
+        if part is not None:
+            part.compile()
     return model
 
 

@@ -414,3 +414,13 @@ def test_compile_only_when_asked(monkeypatch):
     assert compiled == []
     asked = build_model(tiny_cfg(MODEL__COMPILE=True))
     assert compiled == [asked] and plain is not asked
+
+
+def test_compile_model_covers_the_image_parts():
+    """The backbone, the decoder and the refinement are compiled (lazily: nothing runs here); the text encoder not."""
+    from models.build import compile_model
+
+    model = compile_model(build_model(tiny_cfg(MODEL__REFINE=4)))
+    assert all(part._compiled_call_impl is not None for part in (model.backbone, model.classifier, model.refine))
+    assert model.text_encoder is None or model.text_encoder._compiled_call_impl is None
+    assert compile_model(build_model(tiny_cfg())).refine is None  # without a refinement: nothing more to compile
