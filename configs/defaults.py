@@ -65,7 +65,7 @@ _C.MODEL.TEXT.DROPOUT = "auto"
 
 # Fast paths (issue: performance). They change speed, not results (float32 round-off).
 _C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention
-_C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin block and decoder level (training only)
+_C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin block, decoder level, refinement (training only)
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format in the decoder
 # torch.compile the backbone, decoder and MODEL.REFINE (in place: same parameter names). First steps compile (minutes).
 _C.MODEL.COMPILE = False

@@ -53,7 +53,8 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
     decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN)
     dropout = text_dropout(m.NAME, m.TEXT.DROPOUT)
-    model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=build_refine(m.REFINE))
+    refine = build_refine(m.REFINE, m.GRAD_CHECKPOINT)
+    model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=refine)
     return compile_model(model) if m.COMPILE else model
 
 

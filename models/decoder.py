@@ -1,13 +1,11 @@
 """LAVT's lightweight top-down decoder (the official ``SimpleDecoding``)."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
+
+from .layers import checkpoint_batchnorm
 
 
 class SimpleDecoder(nn.Module):
@@ -58,10 +56,7 @@ class SimpleDecoder(nn.Module):
 
     def _fuse_checkpointed(self, x: torch.Tensor, skip: torch.Tensor, level: str) -> torch.Tensor:
         bns = [getattr(self, f"bn1_{level}"), getattr(self, f"bn2_{level}")]
-        return torch.utils.checkpoint.checkpoint(
-            self._fuse, x, skip, level, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _keep_running_stats(bns)),
-        )
+        return checkpoint_batchnorm(self._fuse, x, skip, level, bns=bns)
 
     def forward(self, x_c4: torch.Tensor, x_c3: torch.Tensor, x_c2: torch.Tensor, x_c1: torch.Tensor) -> torch.Tensor:
         """x_ci: [B, C_i, H_i, W_i] -> logits [B, 2, H_1, W_1]."""
@@ -71,20 +66,6 @@ class SimpleDecoder(nn.Module):
         x = fuse(x, x_c2, "3")
         x = fuse(x, x_c1, "2")
         return self.conv1_1(x)
-
-
-@contextlib.contextmanager
-def _keep_running_stats(bns: list[nn.BatchNorm2d]) -> Iterator[None]:
-    """The recomputation of a checkpointed level runs BatchNorm in training mode again: put its running
-    statistics back afterwards, so that they are updated once per step, as without checkpointing."""
-    saved = [[t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)] for bn in bns]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for bn, state in zip(bns, saved):
-                for t, s in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), state):
-                    t.copy_(s)
 
 
 def build_decoder(

@@ -2,14 +2,18 @@
 
 Written here rather than imported: ``import timm`` pulls in torchvision and ``torch._dynamo``, paid by every process
 that only wants to print an error or a help text (docs/performance.md, "Small choices"). tests/test_layers.py checks
-each against timm's, seed for seed.
+each against timm's, seed for seed. And ``checkpoint_batchnorm``, activation checkpointing of conv-BN blocks (the
+decoder's and the refinement's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -59,3 +63,24 @@ class Mlp(nn.Sequential):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+
+
+def checkpoint_batchnorm(fn: Callable[..., torch.Tensor], *args: object, bns: list[nn.BatchNorm2d]) -> torch.Tensor:
+    """``fn(*args)`` with its activations recomputed in the backward pass (``torch.utils.checkpoint``), where the
+    BatchNorms ``bns`` inside ``fn`` run in training mode a second time: their running statistics are put back after
+    the recomputation, so that they move once per step, as without checkpointing."""
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _keep_running_stats(bns))
+    )
+
+
+@contextlib.contextmanager
+def _keep_running_stats(bns: list[nn.BatchNorm2d]) -> Iterator[None]:
+    saved = [[t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)] for bn in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bn, state in zip(bns, saved):
+                for t, s in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), state):
+                    t.copy_(s)

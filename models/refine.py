@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import checkpoint_batchnorm
+
 __all__ = ["EdgeRefine", "build_refine"]
 
 
@@ -21,9 +23,11 @@ class EdgeRefine(nn.Module):
     Args:
         hidden: channels of the two 3x3 layers (their receptive field: 5x5 pixels around each output pixel).
         in_chans: the image's channels.
+        grad_checkpoint: in training, recompute the two hidden maps (full resolution: [B, hidden, H, W] each, with
+            their BatchNorm and ReLU outputs) in the backward pass instead of keeping them (``MODEL.GRAD_CHECKPOINT``).
     """
 
-    def __init__(self, hidden: int, in_chans: int = 3) -> None:
+    def __init__(self, hidden: int, in_chans: int = 3, grad_checkpoint: bool = False) -> None:
         super().__init__()
         if hidden < 1:
             raise ValueError(f"the refinement's width must be positive, got {hidden}")
@@ -35,14 +39,20 @@ class EdgeRefine(nn.Module):
         self.proj = nn.Conv2d(hidden, 2, 1)
         nn.init.zeros_(self.proj.weight)  # starts as the identity on the logits
         nn.init.zeros_(self.proj.bias)
+        self.grad_checkpoint = grad_checkpoint
 
-    def forward(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def _correction(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         x = torch.cat([logits, images.to(logits.dtype)], dim=1)  # [B, 2 + in_chans, H, W]
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
-        return logits + self.proj(x)
+        return self.proj(x)
+
+    def forward(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return logits + checkpoint_batchnorm(self._correction, logits, images, bns=[self.bn1, self.bn2])
+        return logits + self._correction(logits, images)
 
 
-def build_refine(hidden: int) -> EdgeRefine | None:
+def build_refine(hidden: int, grad_checkpoint: bool = False) -> EdgeRefine | None:
     """``MODEL.REFINE``: 0 is none (the official network), else an ``EdgeRefine`` of that width."""
-    return EdgeRefine(hidden) if hidden else None
+    return EdgeRefine(hidden, grad_checkpoint=grad_checkpoint) if hidden else None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from models import build_model, load_weights
 from models.decoder import SimpleDecoder
+from models.refine import EdgeRefine
 from tools import benchmark
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
@@ -131,6 +132,32 @@ def test_checkpointed_decoder_updates_batchnorm_once():
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         assert torch.equal(a, b), name  # running_mean, running_var, num_batches_tracked
     assert plain.bn1_2.num_batches_tracked.item() == 1
+
+
+def test_checkpointed_refinement_same_step_less_kept():
+    """MODEL.GRAD_CHECKPOINT covers the edge refinement: the same gradients and running statistics (moved once), and
+    the full-resolution hidden maps no longer kept for the backward pass."""
+    torch.manual_seed(9)
+    plain, ckpt = EdgeRefine(6).train(), EdgeRefine(6, grad_checkpoint=True).train()
+    torch.nn.init.normal_(plain.proj.weight)  # not the identity: gradients reach the hidden layers
+    ckpt.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 20, 24)
+    kept = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        logits = torch.randn(2, 2, 20, 24, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=sizes: s.append(t.numel()) or t, lambda t: t):
+            out = model(logits, images)
+        out.square().mean().backward()
+        kept[name] = (sum(sizes), logits.grad)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(kept["ckpt"][1], kept["plain"][1], rtol=1e-5, atol=1e-7)
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert plain.bn2.num_batches_tracked.item() == 1
+    assert kept["ckpt"][0] < kept["plain"][0] / 4  # only the inputs, not ~6 maps of [2, 6, 20, 24]
+    assert build_model(tiny_cfg(MODEL__REFINE=4, MODEL__GRAD_CHECKPOINT=True)).refine.grad_checkpoint
 
 
 def test_bf16_training_step_keeps_float32_state():
