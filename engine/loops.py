@@ -165,7 +165,6 @@ def train_one_epoch(
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or ``model`` itself)."""
-    # DDP's forward may broadcast buffers (a collective): with uneven shards one rank would wait forever
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -197,6 +196,7 @@ def evaluate(
         raise ValueError(f"EVAL.MODE must be one of {EVAL_MODES}, got {mode!r}")
     if resolution not in RESOLUTIONS:
         raise ValueError(f"EVAL.RESOLUTION must be one of {RESOLUTIONS}, got {resolution!r}")
+    # DDP's forward may broadcast buffers (a collective): with uneven shards one rank would wait forever
     model = unwrap(model)
     model.eval()
     acc = IoUAccumulator()

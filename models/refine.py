@@ -49,8 +49,10 @@ class EdgeRefine(nn.Module):
 
     def forward(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return logits + checkpoint_batchnorm(self._correction, logits, images, bns=[self.bn1, self.bn2])
-        return logits + self._correction(logits, images)
+            correction = checkpoint_batchnorm(self._correction, logits, images, bns=[self.bn1, self.bn2])
+        else:
+            correction = self._correction(logits, images)
+        return logits + correction
 
 
 def build_refine(hidden: int, grad_checkpoint: bool = False) -> EdgeRefine | None:
