@@ -37,6 +37,10 @@ _C.MODEL.SWIN.DROP_PATH_RATE = 0.3
 # then one of stride 1, and a 1x1 convolution: models/patch_embed.py; not in LAVT, no ImageNet weights: for training
 # from scratch)
 _C.MODEL.SWIN.STEM = "patch"
+# A stage map smaller than the window attended as one window of its own size, neither padded nor shifted (not in
+# LAVT, whose zero-padded tokens take part in attention: models/swin.py SwinBlock). For small inputs: the demo's
+# 3x3 stage-4 map at 96 px attends over 9 tokens instead of 36.
+_C.MODEL.SWIN.FIT_WINDOW = False
 
 # Width of the decoder's fused maps; 0 = the official 4 * EMBED_DIM (half the stage-4 channels).
 _C.MODEL.DECODER_HIDDEN = 0
@@ -102,11 +106,12 @@ _C.TRAIN.LR = 5e-5
 _C.TRAIN.WEIGHT_DECAY = 1e-2
 _C.TRAIN.POLY_POWER = 0.9
 _C.TRAIN.WARMUP_ITERS = 0  # linear LR warmup (not in the official recipe; helps training from scratch)
-# Progressive resizing (not in the official recipe): the first LOW_RES_EPOCHS epochs train on batches resized to
-# LOW_RES_SIZE x LOW_RES_SIZE (cheaper steps while the model learns coarse things); later epochs, every validation
-# and evaluation run at DATA.SIZE. 0 = off.
+# Progressive resizing (not in the official recipe): the first LOW_RES_EPOCHS epochs (a fraction counts: 1.5 is the
+# first epoch and the first half of the second's iterations) train on batches resized to LOW_RES_SIZE x LOW_RES_SIZE
+# (cheaper steps while the model learns coarse things); later steps, every validation and evaluation run at
+# DATA.SIZE. 0 = off.
 _C.TRAIN.LOW_RES_SIZE = 0
-_C.TRAIN.LOW_RES_EPOCHS = 0
+_C.TRAIN.LOW_RES_EPOCHS = 0.0
 _C.TRAIN.LOSS = "ce"  # ce | dice | ce+dice
 _C.TRAIN.CE_WEIGHTS = [0.9, 1.1]
 _C.TRAIN.AMP = ""  # "" (float32) | bf16 | fp16 | auto (bf16 where the device computes it natively, else float32)

@@ -120,6 +120,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "MODEL.SWIN.MLP_RATIO": positive,
         "MODEL.SWIN.DROP_PATH_RATE": fraction,
         "MODEL.SWIN.STEM": one_of(STEMS),
+        "MODEL.SWIN.FIT_WINDOW": _flag,
         "MODEL.DECODER_HIDDEN": at_least(0),
         "MODEL.REFINE": at_least(0),
         "MODEL.FUSION.NUM_HEADS": partial(_integers, length=4, minimum=1),
@@ -153,7 +154,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "TRAIN.POLY_POWER": non_negative,
         "TRAIN.WARMUP_ITERS": at_least(0),
         "TRAIN.LOW_RES_SIZE": at_least(0),
-        "TRAIN.LOW_RES_EPOCHS": at_least(0),
+        "TRAIN.LOW_RES_EPOCHS": non_negative,
         "TRAIN.LOSS": one_of(LOSSES),
         "TRAIN.CE_WEIGHTS": _ce_weights,
         "TRAIN.AMP": one_of((*AMP_DTYPES, "auto")),
@@ -199,7 +200,7 @@ def _cross_checks(get: Callable[[str], Any]) -> None:
         raise ConfigError(f"TRAIN.LOW_RES_SIZE {low} must be below DATA.SIZE {size} (or 0: off)")
     if get("TRAIN.LOW_RES_EPOCHS") and not low:
         raise ConfigError(
-            f"TRAIN.LOW_RES_EPOCHS {get('TRAIN.LOW_RES_EPOCHS')} needs TRAIN.LOW_RES_SIZE (the size they train at)"
+            f"TRAIN.LOW_RES_EPOCHS {get('TRAIN.LOW_RES_EPOCHS'):g} needs TRAIN.LOW_RES_SIZE (the size they train at)"
         )
     if get("EVAL.SAVE_MASKS") and get("EVAL.MODE") not in (None, "each"):
         raise ConfigError(

@@ -104,6 +104,13 @@ def train_step(
     return loss_value, norm
 
 
+def low_res_iterations(low_res_epochs: float, epoch: int, iters_per_epoch: int) -> int:
+    """How many of ``epoch``'s first iterations train at ``TRAIN.LOW_RES_SIZE``: those of the run's first
+    ``round(low_res_epochs * iters_per_epoch)`` iterations that fall in this epoch (0 to ``iters_per_epoch``)."""
+    low_res = round(low_res_epochs * iters_per_epoch)
+    return min(max(low_res - epoch * iters_per_epoch, 0), iters_per_epoch)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: Criterion,
@@ -123,6 +130,7 @@ def train_one_epoch(
     on_boundary: Callable[[int, dict[str, tuple[int, float]]], None] | None = None,
     run_progress: RunProgress | None = None,
     size: int = 0,
+    size_iters: int | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (``train_step`` per batch), the LR scheduler stepped after every iteration.
 
@@ -133,7 +141,9 @@ def train_one_epoch(
         on_boundary: called after every iteration with (iterations of the epoch done, the running sums): where the
             trainer writes step checkpoints and stops on request.
         run_progress: where this epoch sits in the run, for the log's whole-run ETA and TensorBoard.
-        size: > 0: every batch trained at size x size (progressive resizing), see ``train_step``.
+        size: > 0: the batches trained at size x size (progressive resizing), see ``train_step``.
+        size_iters: how many of the epoch's iterations (counted from its first, ``start`` included) train at
+            ``size``; None: all of them.
     Returns:
         averages over the epoch (all ranks): ``loss``, ``grad_norm``; and ``lr``, the last learning rate.
     """
@@ -149,7 +159,8 @@ def train_one_epoch(
     for it, batch in enumerate(batches, start=start):
         loss, norm = train_step(
             model, criterion, optimizer, scaler, batch, device, params,
-            amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache, size=size,
+            amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache,
+            size=size if size_iters is None or it < size_iters else 0,
         )  # fmt: skip
         lr_scheduler.step()
         logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=norm)

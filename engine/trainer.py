@@ -30,7 +30,7 @@ from utils.tensorboard import TensorBoardWriter
 from .checkpoint_config import check_config
 from .checkpointing import LAST, Checkpointer, Progress, clear_interrupted_writes, write_metrics
 from .evaluation import eval_loader
-from .loops import evaluate, train_one_epoch
+from .loops import evaluate, low_res_iterations, train_one_epoch
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import Preempted, stop_agreed, stop_reason, stop_signals_handled
 from .resume import EpochSampler, ResumePlan, restore
@@ -156,9 +156,13 @@ def train(
             for ds in datasets.values():
                 ds.set_epoch(epoch)
             epoch_generator = generator.get_state()  # the loader draws its workers' seeds from it as it starts
-            size = cfg.TRAIN.LOW_RES_SIZE if epoch < cfg.TRAIN.LOW_RES_EPOCHS else 0
+            low_res = low_res_iterations(cfg.TRAIN.LOW_RES_EPOCHS, epoch, iters_per_epoch)
+            size = cfg.TRAIN.LOW_RES_SIZE if low_res else 0
             if size:
-                logger.info("epoch %d trains at %dx%d (TRAIN.LOW_RES_SIZE)", epoch, size, size)
+                logger.info(
+                    "epoch %d trains %d of its %d iterations at %dx%d (TRAIN.LOW_RES_SIZE)",
+                    epoch, low_res, iters_per_epoch, size, size,
+                )  # fmt: skip
 
             stats = train_one_epoch(
                 model, criterion, optimizer, lr_scheduler, scaler, train_loader, info.device, epoch,
@@ -167,6 +171,7 @@ def train(
                 totals=progress.totals if epoch == progress.epoch else None,
                 on_boundary=partial(_at_boundary, checkpointer, progress, epoch, epoch_generator),
                 run_progress=RunProgress(step, iters_per_epoch, stop - epoch - 1, extra_s, tensorboard), size=size,
+                size_iters=low_res,
             )  # fmt: skip
             train_s, step = time.time() - tic, (epoch + 1) * iters_per_epoch  # the steps done: the next epoch's start
             val, _ = evaluate(

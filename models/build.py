@@ -47,7 +47,7 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     backbone = build_backbone(
         m.SWIN.EMBED_DIM, m.SWIN.DEPTHS, m.SWIN.NUM_HEADS, m.SWIN.WINDOW_SIZE, lang_dim, m.FUSION.NUM_HEADS,
         m.FUSION.DROPOUT, m.SWIN.PATCH_SIZE, m.SWIN.MLP_RATIO, m.SWIN.DROP_PATH_RATE, m.FUSED_ATTENTION,
-        m.GRAD_CHECKPOINT, m.SWIN.STEM,
+        m.GRAD_CHECKPOINT, m.SWIN.STEM, m.SWIN.FIT_WINDOW,
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)

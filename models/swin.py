@@ -7,6 +7,8 @@ Written to the official LAVT backbone's behaviour, which differs from Swin code 
   cyclic shift; the shift mask is built on the padded grid and padded tokens are not masked otherwise;
 - odd-numbered blocks always shift by ``window // 2``, even where the map is no larger than the window;
 - patch merging sits at the END of stages 0-2 and pads odd sizes by one on the bottom/right.
+
+``fit_window`` (``MODEL.SWIN.FIT_WINDOW``, not in LAVT) changes the first two for maps smaller than the window.
 """
 from __future__ import annotations
 
@@ -111,19 +113,27 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def position_bias(self) -> torch.Tensor:
-        """[heads, N, N] with N = window^2."""
-        N = self.window * self.window
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # [N * N, heads]
+    def position_bias(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[heads, N, N] with N = window^2, or for a window of ``size`` (rows, cols) no larger: N = rows * cols."""
+        index = self.relative_position_index  # [window^2, window^2]
+        if size is not None:  # the window's top-left rows x cols tokens: their offsets are the same
+            rows, cols = size
+            keep = (torch.arange(rows, device=index.device)[:, None] * self.window
+                    + torch.arange(cols, device=index.device)).flatten()  # fmt: skip
+            index = index[keep][:, keep]
+        N = index.shape[0]
+        bias = self.relative_position_bias_table[index.reshape(-1)]  # [N * N, heads]
         return bias.view(N, N, -1).permute(2, 0, 1)
 
     def attn_bias(
-        self, mask: torch.Tensor | None, mask_index: torch.Tensor | None, dtype: torch.dtype
+        self, mask: torch.Tensor | None, mask_index: torch.Tensor | None, dtype: torch.dtype,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The additive bias of both kernels, in ``dtype``: [1, h, N, N] without ``mask``, else [1, nW * h, N, N]
-        (windows outer, heads inner, as the merged head dim): the position bias plus window w's mask,
-        ``mask[mask_index[w]]`` (``mask``: [M, N, N]; ``mask_index``: [nW], or None for M = nW)."""
-        bias = self.position_bias().contiguous()  # [h, N, N]; contiguous, so that the sum below is too
+        (windows outer, heads inner, as the merged head dim): the position bias (of a window of ``size``, see
+        ``position_bias``) plus window w's mask, ``mask[mask_index[w]]`` (``mask``: [M, N, N]; ``mask_index``: [nW],
+        or None for M = nW)."""
+        bias = self.position_bias(size).contiguous()  # [h, N, N]; contiguous, so that the sum below is too
         if mask is None:
             return bias.unsqueeze(0).to(dtype)
         bias = (mask.unsqueeze(1) + bias).to(dtype)  # [M, h, N, N]
@@ -134,11 +144,13 @@ class WindowAttention(nn.Module):
         return bias.reshape(1, -1, *bias.shape[-2:])  # a view
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_index: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_index: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """x: [B, N, nW, C] with ``mask`` (windows as heads), or [B * nW, N, 1, C] without -> x's shape.
 
         mask: [M, N, N] additive masks; window w takes ``mask[mask_index[w]]`` (``mask_index`` [nW], or None: M = nW).
+        size: (rows, cols) of windows smaller than ``window`` (N = rows * cols; no ``mask``).
         """
         B, N, nW, C = x.shape
         h = self.num_heads
@@ -148,13 +160,19 @@ class WindowAttention(nn.Module):
             w, b = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
             q, k, v = (F.linear(x, w[i], b[i]).view(B, N, nW * h, -1).transpose(1, 2) for i in range(3))
         p = self.attn_drop.p if self.training else 0.0
-        bias = self.attn_bias(mask, mask_index, q.dtype)
+        bias = self.attn_bias(mask, mask_index, q.dtype, size)
         out = attention(q, k, v, bias, self.scale, p, self.fused_attn)  # [B, nW * h, N, d]
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, nW, C)))
 
 
 class SwinBlock(nn.Module):
-    """One Swin block; ``shift`` > 0 for the shifted blocks (odd indices); ``fused_attn``: see WindowAttention."""
+    """One Swin block; ``shift`` > 0 for the shifted blocks (odd indices); ``fused_attn``: see WindowAttention.
+
+    ``fit_window``: a map smaller than the window (both sides at most ``window``, not both equal to it) is attended
+    as one window of its own size, neither padded nor shifted. Officially it is padded to the window, and the zero
+    tokens take part in the unshifted blocks' attention: the demo's 3x3 stage-4 map at 96 px becomes 36 tokens, of
+    which 27 are padding (its 2x2 map at 48 px: 36 of which 32).
+    """
 
     def __init__(
         self,
@@ -165,11 +183,12 @@ class SwinBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         fused_attn: bool = True,
+        fit_window: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= shift < window:
             raise ValueError(f"shift must be in [0, window={window}), got {shift}")
-        self.window, self.shift = window, shift
+        self.window, self.shift, self.fit_window = window, shift, fit_window
         # a constant of the window and shift (like the relative-position index): not saved
         self.register_buffer("shift_masks", kind_masks(window, shift) if shift else None, persistent=False)
         self.norm1 = nn.LayerNorm(dim)
@@ -181,22 +200,29 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x: [B, H * W, C] -> [B, H * W, C]."""
         B, L, C = x.shape
-        ws, s = self.window, self.shift
+        ws = self.window
         y = self.norm1(x).view(B, H, W, C)
+        if self.fit_window and H <= ws and W <= ws and H * W < ws * ws:
+            y = self.attn(y.view(B, L, 1, C), size=(H, W)).view(B, H, W, C)
+        else:
+            y = self._windows(y, H, W)
+        # the padded border is dropped by viewing, not copying, the [B, H, W, C] corner
+        x = (x.view(B, H, W, C) + self.drop_path(y[:, :H, :W])).view(B, L, C)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _windows(self, y: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Window attention as the official code: y [B, H, W, C] -> [B, Hp, Wp, C] (padded to the windows)."""
+        ws, s = self.window, self.shift
         Hp, Wp = padded(H, ws), padded(W, ws)
         if Hp > H or Wp > W:
             y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))  # [B, Hp, Wp, C], zeros after norm1 as the official code
         if s:
             y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
             windows = window_partition(y, ws, as_heads=True)
-            kinds = window_kinds(Hp // ws, Wp // ws, x.device)
+            kinds = window_kinds(Hp // ws, Wp // ws, y.device)
             y = window_reverse(self.attn(windows, self.shift_masks, kinds), ws, Hp, Wp, as_heads=True)
-            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
-        else:
-            y = window_reverse(self.attn(window_partition(y, ws, as_heads=False)), ws, Hp, Wp, as_heads=False)
-        # the padded border is dropped by viewing, not copying, the [B, H, W, C] corner
-        x = (x.view(B, H, W, C) + self.drop_path(y[:, :H, :W])).view(B, L, C)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            return torch.roll(y, shifts=(s, s), dims=(1, 2))
+        return window_reverse(self.attn(window_partition(y, ws, as_heads=False)), ws, Hp, Wp, as_heads=False)
 
 
 class PatchMerging(nn.Module):
@@ -237,11 +263,13 @@ class MultiModalStage(nn.Module):
         drop_path: list[float] | None = None,
         downsample: bool = True,
         fused_attn: bool = True,
+        fit_window: bool = False,
     ) -> None:
         super().__init__()
         drop_path = drop_path or [0.0] * depth
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i], fused_attn)
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i], fused_attn,
+                      fit_window)
             for i in range(depth)
         )
         self.fusion = PWAM(dim, dim, lang_dim, dim, dim, num_heads=fusion_heads, dropout=fusion_drop,
@@ -293,6 +321,7 @@ class MultiModalSwin(nn.Module):
             round-off); False computes the attention matrices explicitly, as the official code.
         grad_checkpoint: recompute activations in the backward pass (per Swin block) to save memory.
         stem: ``patch`` (official: one strided convolution) or ``conv`` (``models.patch_embed.ConvStem``).
+        fit_window: attend maps smaller than the window unpadded and unshifted (``SwinBlock``; not in LAVT).
     """
 
     def __init__(
@@ -310,6 +339,7 @@ class MultiModalSwin(nn.Module):
         fused_attn: bool = True,
         grad_checkpoint: bool = False,
         stem: str = "patch",
+        fit_window: bool = False,
     ) -> None:
         super().__init__()
         if not len(depths) == len(num_heads) == len(fusion_heads):
@@ -330,7 +360,7 @@ class MultiModalSwin(nn.Module):
                 MultiModalStage(
                     self.num_features[i], depth, num_heads[i], window, lang_dim, fusion_heads[i], fusion_drop,
                     mlp_ratio, dpr[sum(depths[:i]): sum(depths[: i + 1])], downsample=i < self.num_stages - 1,
-                    fused_attn=fused_attn,
+                    fused_attn=fused_attn, fit_window=fit_window,
                 )
             )
         for i, c in enumerate(self.num_features):
@@ -389,8 +419,9 @@ def build_backbone(
     fused_attn: bool = True,
     grad_checkpoint: bool = False,
     stem: str = "patch",
+    fit_window: bool = False,
 ) -> MultiModalSwin:
     return MultiModalSwin(
         embed_dim, tuple(depths), tuple(num_heads), window, lang_dim, tuple(fusion_heads), fusion_drop, patch_size,
-        mlp_ratio, drop_path_rate, fused_attn, grad_checkpoint, stem,
+        mlp_ratio, drop_path_rate, fused_attn, grad_checkpoint, stem, fit_window,
     )

@@ -87,11 +87,13 @@ def test_official_round_trip(trained, tmp_path, packaging, caplog):
     assert opened_cfg.MODEL.NAME == packaging
 
 
-def test_a_refined_network_is_no_official_one():
-    cfg = tiny_cfg(MODEL__REFINE=6)
-    assert "edge refinement of width 6" in official_gaps(build_model(cfg, pretrained=False), cfg)
+def test_a_refined_or_fitted_network_is_no_official_one():
+    cfg = tiny_cfg(MODEL__REFINE=6, MODEL__SWIN__FIT_WINDOW=True)
+    gaps = official_gaps(build_model(cfg, pretrained=False), cfg)
+    assert "edge refinement of width 6" in gaps and any("MODEL.SWIN.FIT_WINDOW" in gap for gap in gaps)
     plain = tiny_cfg()
-    assert not any("refinement" in gap for gap in official_gaps(build_model(plain, pretrained=False), plain))
+    plain_gaps = official_gaps(build_model(plain, pretrained=False), plain)
+    assert not any("refinement" in gap or "FIT" in gap for gap in plain_gaps)
 
 
 def _get(cfg, key):

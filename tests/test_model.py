@@ -87,6 +87,72 @@ def test_block_gradients_match_official_reading():
         _close(a, b)
 
 
+def _fitted_block_by_hand(blk: SwinBlock, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """MODEL.SWIN.FIT_WINDOW's reading of a block on an H x W map within one window: every token attends to every
+    token (no padding, no shift, no mask) with the bias of their offset (dy, dx) from the window's table, row
+    (dy + window - 1) * (2 * window - 1) + dx + window - 1; then the residual and the MLP."""
+    B, L, C = x.shape
+    ws, h = blk.window, blk.attn.num_heads
+    cells = [(r, c) for r in range(H) for c in range(W)]
+    rows = [[(a[0] - b[0] + ws - 1) * (2 * ws - 1) + a[1] - b[1] + ws - 1 for b in cells] for a in cells]
+    bias = blk.attn.relative_position_bias_table[torch.tensor(rows)].permute(2, 0, 1)  # [h, L, L]
+    q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(B, L, 3, h, C // h).permute(2, 0, 3, 1, 4)
+    scores = (q * (C // h) ** -0.5) @ k.transpose(-2, -1) + bias
+    x = x + blk.attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, C))
+    return x + blk.mlp(blk.norm2(x))
+
+
+@pytest.mark.parametrize("fused_attn", [False, True])
+@pytest.mark.parametrize(
+    "shift,H,W,official", [(0, 3, 3, False), (3, 3, 3, True), (3, 2, 2, False), (0, 6, 4, False), (3, 5, 6, False),
+                           (3, 1, 6, False)],
+)
+def test_fit_window_attends_a_small_map_as_one_window(fused_attn, shift, H, W, official):
+    """With fit_window a map smaller than the window (6) is attended unpadded and unshifted, as written out by hand.
+    The official reading pads it to 6 x 6 and differs, but for a 3 x 3 map shifted by 3: its shift mask happens to
+    keep the 9 tokens together and the padding apart."""
+    torch.manual_seed(2)
+    blk = _random_bias(SwinBlock(8, 2, window=6, shift=shift, fused_attn=fused_attn, fit_window=True).eval())
+    x = torch.randn(2, H * W, 8)
+    with torch.no_grad():
+        out = blk(x, H, W)
+        _close(out, _fitted_block_by_hand(blk, x, H, W))
+        assert ((out - oracle.swin_block(blk, x, H, W)).abs().max() < 1e-5) == official
+
+
+@pytest.mark.parametrize("shift,H,W", [(3, 6, 6), (0, 6, 6), (3, 15, 10), (0, 7, 5)])
+def test_fit_window_leaves_other_maps_official(shift, H, W):
+    """A map of the window's size or larger (on one side) is attended as the official code does, fit_window or not."""
+    torch.manual_seed(3)
+    blk = _random_bias(SwinBlock(8, 2, window=6, shift=shift, fit_window=True).eval())
+    x = torch.randn(2, H * W, 8)
+    with torch.no_grad():
+        _close(blk(x, H, W), oracle.swin_block(blk, x, H, W))
+
+
+def test_fit_window_reaches_every_block_and_batches():
+    """MODEL.SWIN.FIT_WINDOW builds every Swin block fitting (the default: none); the same weights then give the same
+    stage 1 and 2 maps at 40 px (10x10, 5x5: larger than the window, 4) and other stage 3 and 4 maps (3x3, 2x2), one
+    sample as in a batch."""
+    torch.manual_seed(4)
+    official = build_model(tiny_cfg(), pretrained=False).eval()
+    assert not any(getattr(m, "fit_window", False) for m in official.modules())
+    cfg = tiny_cfg(MODEL__SWIN__FIT_WINDOW=True)
+    model = build_model(cfg, pretrained=False).eval()
+    model.load_state_dict(official.state_dict())
+    blocks = [m for m in model.modules() if isinstance(m, SwinBlock)]
+    assert blocks and all(b.fit_window for b in blocks)
+    image, lang, mask = torch.randn(3, 3, 40, 40), torch.randn(3, cfg.MODEL.TEXT.DIM, 5), torch.ones(3, 5, 1)
+    with torch.no_grad():
+        fitted, padded = model.backbone(image, lang, mask), official.backbone(image, lang, mask)
+        assert [tuple(f.shape[-2:]) for f in fitted] == [(10, 10), (5, 5), (3, 3), (2, 2)]
+        for stage, (a, b) in enumerate(zip(fitted, padded)):
+            assert ((a - b).abs().max() > 1e-2) == (stage >= 2), stage
+        batched = model.segment(image, lang, mask)
+        for i in range(3):
+            _close(model.segment(image[i : i + 1], lang[i : i + 1], mask[i : i + 1]), batched[i : i + 1])
+
+
 @pytest.mark.parametrize("H,W", [(15, 15), (15, 8), (7, 10), (4, 6)])
 def test_patch_merging_pads_bottom_right_like_official(H, W):
     torch.manual_seed(2)

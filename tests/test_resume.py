@@ -17,6 +17,7 @@ import main as main_module
 from data import build_dataset
 from engine import Preempted, request_checkpoint
 from engine import checkpointing as checkpointing_module
+from engine import loops as loops_module
 from engine import trainer as trainer_module
 from models import read_checkpoint
 from utils import checkpoint as checkpoint_io
@@ -332,3 +333,27 @@ def test_checkpoint_of_before_mid_epoch_resume_still_resumes(env, straight, tmp_
     (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], '{"epoch": 1, "stale": true}', *lines[1:]]) + "\n")
     run(env, tmp_path, "--resume", "auto")
     assert records(run_dir) == records(straight)
+
+
+def test_resumed_epoch_keeps_its_low_res_iterations(env, tmp_path, train_objects, monkeypatch):
+    """TRAIN.LOW_RES_EPOCHS covering epoch 0 and 3 iterations of epoch 1, the run stopped after epoch 1's first
+    iteration: the resumed epoch trains its iterations 2 and 3 at TRAIN.LOW_RES_SIZE and the rest at DATA.SIZE
+    (the iterations count from the epoch's start, not from the resume)."""
+    per_epoch = train_objects // BATCH
+    over = dict(TRAIN__LOW_RES_SIZE=40, TRAIN__LOW_RES_EPOCHS=(per_epoch + 3) / per_epoch)
+    stop_at_step(monkeypatch, per_epoch + 1)
+    with pytest.raises(Preempted):
+        run(env, tmp_path, **over)
+    monkeypatch.undo()
+    sides, real_step = [], loops_module.train_step
+
+    def step(model, criterion, *args, **kw):
+        def recording(logits, target):
+            sides.append(target.shape[-1])
+            return criterion(logits, target)
+
+        return real_step(model, recording, *args, **kw)
+
+    monkeypatch.setattr(loops_module, "train_step", step)
+    run(env, tmp_path, "--resume", "auto", **over)
+    assert sides == [40, 40] + [48] * (per_epoch - 3)

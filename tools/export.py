@@ -37,7 +37,8 @@ FORMATS = ("official", "safetensors")
 
 def official_gaps(model: torch.nn.Module, cfg: CfgNode) -> list[str]:
     """What of this network the authors' code cannot build (it reads ``swin_type`` and ``window12`` only, one patch
-    stem, the official decoder width and MLP ratio, no refinement); empty for the released architectures."""
+    stem, the official decoder width and MLP ratio, no refinement, padded windows); empty for the released
+    architectures."""
     args = official_args(model, cfg.MODEL.NAME)
     gaps = [] if "swin_type" in args else [
         f"embed dim {cfg.MODEL.SWIN.EMBED_DIM}, depths {list(cfg.MODEL.SWIN.DEPTHS)}, heads "
@@ -51,6 +52,8 @@ def official_gaps(model: torch.nn.Module, cfg: CfgNode) -> list[str]:
         gaps.append(f"decoder width {cfg.MODEL.DECODER_HIDDEN}, MLP ratio {cfg.MODEL.SWIN.MLP_RATIO}")
     if cfg.MODEL.REFINE:
         gaps.append(f"edge refinement of width {cfg.MODEL.REFINE}")
+    if cfg.MODEL.SWIN.FIT_WINDOW:
+        gaps.append("maps smaller than the window attended unpadded (MODEL.SWIN.FIT_WINDOW)")
     return gaps
 
 
