@@ -25,6 +25,8 @@ SWITCHES: dict[str, str] = {
     "checkpoint": "MODEL.GRAD_CHECKPOINT",
     "compile": "MODEL.COMPILE",
     "fused_adamw": "TRAIN.FUSED_ADAMW",
+    # changes the results too, not only the speed: maps smaller than the window attended unpadded (the demo sets it)
+    "fit_window": "MODEL.SWIN.FIT_WINDOW",
     # not a config key: the evaluation loop inside one autocast region, so that autocast casts the weights to
     # bf16/fp16 once (its cache) instead of once per batch (what an evaluation entering autocast per batch does)
     "cast_once": "",
