@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .swin import relative_position_index
 from .weights import TEXT_PREFIX
+from .windows import relative_position_index
 
 __all__ = ["PACKAGINGS", "SWIN_TYPES", "args_settings", "official_args", "to_official"]
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from configs import get_config
 from models import build_model, build_param_groups
 from models.pwam import PWAM, instance_norm_tokens
-from models.swin import PatchMerging, SwinBlock, kind_masks, window_kinds, window_partition, window_reverse
+from models.swin import PatchMerging, SwinBlock
+from models.windows import kind_masks, window_kinds, window_partition, window_reverse
 
 from . import oracle
 from .helpers_model import fixture_cfg, save_tiny_bert, tiny_cfg

@@ -198,8 +198,13 @@ def test_resume_from_best_is_refused_in_one_line(recorded_run, tiny_run_env, tmp
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # log.txt and config.yaml too
 
 
-def _sizes_trained(tiny_run_env, tmp_path, **over) -> tuple[list[tuple[int, int]], list[int]]:
-    """(per training step, the logits' and target's side; per validation batch, the images' side) of a run."""
+@pytest.mark.parametrize("epochs_at_40", ["1", "1 + 3 iterations", "2 iterations"])
+def test_low_res_epochs_train_smaller(tiny_run_env, tmp_path, tmp_path_factory, epochs_at_40):
+    """TRAIN.LOW_RES_SIZE 40 for the first epoch of two, or a fraction of epochs (epoch 0 and 3 iterations of epoch
+    1; 2 iterations of epoch 0): those steps see 40-px logits and masks, the others the 48-px DATA.SIZE; every
+    per-epoch validation stays at 48 px."""
+    per_epoch = len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False)) // 8  # batch 8, drop_last
+    low = {"1": per_epoch, "1 + 3 iterations": per_epoch + 3, "2 iterations": 2}[epochs_at_40]
     sizes, evaluated = [], []
     real_step, real_evaluate = loops_module.train_step, trainer_module.evaluate
 
@@ -217,20 +222,7 @@ def _sizes_trained(tiny_run_env, tmp_path, **over) -> tuple[list[tuple[int, int]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loops_module, "train_step", step)
         mp.setattr(trainer_module, "evaluate", evaluate)
-        _run(tiny_run_env, tmp_path, **over)
-    return sizes, evaluated
-
-
-@pytest.mark.parametrize("epochs_at_40", ["1", "1 + 3 iterations", "2 iterations"])
-def test_low_res_epochs_train_smaller(tiny_run_env, tmp_path, tmp_path_factory, epochs_at_40):
-    """TRAIN.LOW_RES_SIZE 40 for the first epoch of two, or a fraction of epochs (epoch 0 and 3 iterations of epoch
-    1; 2 iterations of epoch 0): those steps see 40-px logits and masks, the others the 48-px DATA.SIZE; every
-    per-epoch validation stays at 48 px."""
-    per_epoch = len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False)) // 8  # batch 8, drop_last
-    low = {"1": per_epoch, "1 + 3 iterations": per_epoch + 3, "2 iterations": 2}[epochs_at_40]
-    sizes, evaluated = _sizes_trained(
-        tiny_run_env, tmp_path, TRAIN__EPOCHS=2, TRAIN__LOW_RES_SIZE=40, TRAIN__LOW_RES_EPOCHS=low / per_epoch
-    )
+        _run(tiny_run_env, tmp_path, TRAIN__EPOCHS=2, TRAIN__LOW_RES_SIZE=40, TRAIN__LOW_RES_EPOCHS=low / per_epoch)
     assert per_epoch > 3 and len(sizes) == 2 * per_epoch
     assert sizes == [(40, 40)] * low + [(48, 48)] * (2 * per_epoch - low)
     assert evaluated and set(evaluated) == {48}
