@@ -143,7 +143,7 @@ def train_one_epoch(
         run_progress: where this epoch sits in the run, for the log's whole-run ETA and TensorBoard.
         size: > 0: the batches trained at size x size (progressive resizing), see ``train_step``.
         size_iters: how many of the epoch's iterations (counted from its first, ``start`` included) train at
-            ``size``; None: all of them.
+            ``size``; None: all of them, 0: none.
     Returns:
         averages over the epoch (all ranks): ``loss``, ``grad_norm``; and ``lr``, the last learning rate.
     """

@@ -156,9 +156,8 @@ def train(
             for ds in datasets.values():
                 ds.set_epoch(epoch)
             epoch_generator = generator.get_state()  # the loader draws its workers' seeds from it as it starts
-            low_res = low_res_iterations(cfg.TRAIN.LOW_RES_EPOCHS, epoch, iters_per_epoch)
-            size = cfg.TRAIN.LOW_RES_SIZE if low_res else 0
-            if size:
+            low_res, size = low_res_iterations(cfg.TRAIN.LOW_RES_EPOCHS, epoch, iters_per_epoch), cfg.TRAIN.LOW_RES_SIZE
+            if low_res:
                 logger.info(
                     "epoch %d trains %d of its %d iterations at %dx%d (TRAIN.LOW_RES_SIZE)",
                     epoch, low_res, iters_per_epoch, size, size,

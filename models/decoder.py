@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import checkpoint_batchnorm
+from .layers import checkpoint_batchnorm, recomputes
 
 
 class SimpleDecoder(nn.Module):
@@ -60,8 +60,7 @@ class SimpleDecoder(nn.Module):
 
     def forward(self, x_c4: torch.Tensor, x_c3: torch.Tensor, x_c2: torch.Tensor, x_c1: torch.Tensor) -> torch.Tensor:
         """x_ci: [B, C_i, H_i, W_i] -> logits [B, 2, H_1, W_1]."""
-        fuse = self._fuse_checkpointed if self.grad_checkpoint and self.training and torch.is_grad_enabled() \
-            else self._fuse
+        fuse = self._fuse_checkpointed if recomputes(self) else self._fuse
         x = fuse(x_c4, x_c3, "4")
         x = fuse(x, x_c2, "3")
         x = fuse(x, x_c1, "2")

@@ -2,8 +2,8 @@
 
 Written here rather than imported: ``import timm`` pulls in torchvision and ``torch._dynamo``, paid by every process
 that only wants to print an error or a help text (docs/performance.md, "Small choices"). tests/test_layers.py checks
-each against timm's, seed for seed. And ``checkpoint_batchnorm``, activation checkpointing of conv-BN blocks (the
-decoder's and the refinement's).
+each against timm's, seed for seed. And ``recomputes`` (whether a module checkpoints now) and
+``checkpoint_batchnorm``, activation checkpointing of conv-BN blocks (the decoder's and the refinement's).
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class Mlp(nn.Sequential):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+
+
+def recomputes(module: nn.Module) -> bool:
+    """Whether ``module`` checkpoints its activations in this call: its ``grad_checkpoint`` is set (``MODEL.
+    GRAD_CHECKPOINT``), it trains and gradients are recorded (nothing is kept for a backward pass otherwise)."""
+    return module.grad_checkpoint and module.training and torch.is_grad_enabled()
 
 
 def checkpoint_batchnorm(fn: Callable[..., torch.Tensor], *args: object, bns: list[nn.BatchNorm2d]) -> torch.Tensor:

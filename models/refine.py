@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import checkpoint_batchnorm
+from .layers import checkpoint_batchnorm, recomputes
 
 __all__ = ["EdgeRefine", "build_refine"]
 
@@ -48,7 +48,7 @@ class EdgeRefine(nn.Module):
         return self.proj(x)
 
     def forward(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+        if recomputes(self):
             correction = checkpoint_batchnorm(self._correction, logits, images, bns=[self.bn1, self.bn2])
         else:
             correction = self._correction(logits, images)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .layers import DropPath, Mlp, trunc_normal_
+from .layers import DropPath, Mlp, recomputes, trunc_normal_
 from .patch_embed import build_stem
 from .pwam import PWAM, LanguageGate, attention
 from .windows import kind_masks, padded, relative_position_index, window_kinds, window_partition, window_reverse
@@ -234,7 +234,7 @@ class MultiModalStage(nn.Module):
         self, x: torch.Tensor, H: int, W: int, lang: torch.Tensor, lang_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, H * W, C]; lang: [B, C_l, N]; lang_mask: [B, N, 1] -> (PWAM out [B, H * W, C], next [B, L', C'])."""
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+        if recomputes(self):
             # per block, not per stage: the backward then holds one block's activations at a time (a stage of
             # 18 blocks recomputed at once would hold all of them); the compute is the same, one extra forward
             for blk in self.blocks:
