@@ -71,6 +71,8 @@ _C.MODEL.TEXT.DROPOUT = "auto"
 _C.MODEL.FUSED_ATTENTION = True  # scaled_dot_product_attention in window and pixel-word attention
 _C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin block, decoder level, refinement (training only)
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format in the decoder
+# the decoder's 3x3 convolutions of >= 256 channels: weight gradients as matrix products in float32 CPU training
+_C.MODEL.CONV_GRAD_MATMUL = True
 # torch.compile the backbone, decoder and MODEL.REFINE (in place: same parameter names). First steps compile (minutes).
 _C.MODEL.COMPILE = False
 
@@ -160,6 +162,7 @@ NON_ARCHITECTURE_MODEL_KEYS: tuple[str, ...] = (
     "MODEL.FUSED_ATTENTION",
     "MODEL.GRAD_CHECKPOINT",
     "MODEL.CHANNELS_LAST",
+    "MODEL.CONV_GRAD_MATMUL",
     "MODEL.COMPILE",
 )
 # Keys (or whole sections) a resumed run may change freely because what it computes stays the same: where files

@@ -19,7 +19,9 @@ default fast paths), timed through ``engine.train_step`` and ``engine.build_opti
 the same weights: the repository model is built first and its state dict, packed in the official layout
 (``models.official.to_official``), is loaded strictly into the official one; the evaluation outputs are compared.
 A third column, ``repo_unfused``, is the repository model with MODEL.FUSED_ATTENTION off (``--unfused``; by default
-in float32 only, where it is cheap to add).
+in float32 only, where it is cheap to add); a fourth, ``repo_conv_grad_plain``, the repository model with
+MODEL.CONV_GRAD_MATMUL off (``--conv_grad_plain``: the decoder's weight gradients from oneDNN, as the official code's;
+a float32 CPU path only).
 
 The text encoder is BERT-base shaped (12 layers, width 768) because the official backbone hard-codes a 768-wide
 language input. Its weights are random unless ``--bert`` names a local bert-base-uncased folder; the time does not
@@ -86,7 +88,7 @@ PRECISION_NAMES = {"": "fp32", "bf16": "bf16"}
 # ----------------------------------------------------------------------------- the two setups
 
 
-def repo_config(args: argparse.Namespace, bert_dir: str, fused_attention: bool) -> Any:
+def repo_config(args: argparse.Namespace, bert_dir: str, fused_attention: bool, conv_grad_matmul: bool = True) -> Any:
     """The repository's Swin-T config at the benchmark's size; only what the official tiny model also fixes (window
     7 unless --window 12), no ImageNet file, and the text encoder folder are overridden. The rest keeps the defaults
     (configs/defaults.py): FUSED_ATTENTION and FUSED_ADAMW on, TEXT.TRAIN_LAYERS 10, weighted CE."""
@@ -100,6 +102,8 @@ def repo_config(args: argparse.Namespace, bert_dir: str, fused_attention: bool) 
     ]  # fmt: skip
     if not fused_attention:
         opts += ["MODEL.FUSED_ATTENTION", False]
+    if not conv_grad_matmul:
+        opts += ["MODEL.CONV_GRAD_MATMUL", False]
     return get_config(CONFIG, opts)
 
 
@@ -277,6 +281,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="where to time the repo with MODEL.FUSED_ATTENTION off as well (bf16 on a CPU without native bf16 is "
         "slow: fp32 only by default)",
     )
+    p.add_argument(
+        "--conv_grad_plain",
+        choices=["off", "fp32"],
+        default="fp32",
+        help="also time the repo with MODEL.CONV_GRAD_MATMUL off (float32 only: the switch acts in float32 alone)",
+    )
     p.add_argument("--bert", default="", help="a local BERT-base folder for pretrained text weights (default: random)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -303,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             unfused = build_repo(repo_config(args, bert_dir, fused_attention=False), pretrained_text)
             unfused.model.load_state_dict(repo.model.state_dict())
             impls["repo_unfused"] = unfused
+        if args.conv_grad_plain != "off":
+            plain = build_repo(repo_config(args, bert_dir, True, conv_grad_matmul=False), pretrained_text)
+            plain.model.load_state_dict(repo.model.state_dict())
+            impls["repo_conv_grad_plain"] = plain
 
     # one batch of each shape, given to every implementation: the repository's benchmark inputs (random images and
     # targets, expressions of 10-20 of the 20 tokens, padded with mask 0)
@@ -327,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fns: dict[str, Callable[[], object]] = {}
             for name, impl in impls.items():
                 if name == "repo_unfused" and args.unfused == "fp32" and amp:
+                    continue
+                if name == "repo_conv_grad_plain" and (amp or phase != "train"):  # it changes no forward
                     continue
                 if phase == "train":
                     make = official_train_fn if name == "official" else repo_train_fn
@@ -367,9 +383,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"defaults: FUSED_ATTENTION {repo.cfg.MODEL.FUSED_ATTENTION}, FUSED_ADAMW {repo.cfg.TRAIN.FUSED_ADAMW}, "
         f"TEXT.TRAIN_LAYERS {repo.cfg.MODEL.TEXT.TRAIN_LAYERS}, "
         f"LOSS {repo.cfg.TRAIN.LOSS} {list(repo.cfg.TRAIN.CE_WEIGHTS)}, "
+        f"CONV_GRAD_MATMUL {repo.cfg.MODEL.CONV_GRAD_MATMUL}, "
         f"CHANNELS_LAST {repo.cfg.MODEL.CHANNELS_LAST}, GRAD_CHECKPOINT {repo.cfg.MODEL.GRAD_CHECKPOINT}, "
         f"COMPILE {repo.cfg.MODEL.COMPILE}",
         "repo_unfused": "repo with MODEL.FUSED_ATTENTION False" if "repo_unfused" in impls else "not measured",
+        "repo_conv_grad_plain": "repo with MODEL.CONV_GRAD_MATMUL False"
+        if "repo_conv_grad_plain" in impls else "not measured",
         "text_encoder": text_note,
         "stubbed_modules": stubbed,
         "official_bert_ignored_keys": official_info["bert_ignored_keys"],

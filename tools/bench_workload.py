@@ -22,6 +22,7 @@ from utils.profiling import PartTimer, count_flops, median, synchronize
 SWITCHES: dict[str, str] = {
     "fused": "MODEL.FUSED_ATTENTION",
     "channels_last": "MODEL.CHANNELS_LAST",
+    "conv_grad_mm": "MODEL.CONV_GRAD_MATMUL",
     "checkpoint": "MODEL.GRAD_CHECKPOINT",
     "compile": "MODEL.COMPILE",
     "fused_adamw": "TRAIN.FUSED_ADAMW",

@@ -1,0 +1,101 @@
+"""The decoder's 3x3 convolution, with its weight gradient computed as nine matrix products on CPU.
+
+On CPU oneDNN computes a 3x3 convolution's weight gradient at about half the rate of its forward (Swin-T 224, batch
+2: the decoder's stage-1 convolutions, 480 and 384 channels at 56x56, ~56-75 GFLOP/s against ~115). The same
+gradient is a sum over the nine kernel offsets of [O, B*H*W] @ [B*H*W, C] products of the output gradient with the
+shifted input, which run at the matrix product's rate. With the input padded and laid out position-major and
+batch-minor, every shift is one contiguous block of rows, so the nine products read the input in place. Figures:
+docs/performance.md.
+
+Only the weight gradient changes (float32 round-off: a different summation order); the forward and the input
+gradient stay oneDNN's. It is used in float32 CPU training only: on GPU cuDNN is fast, and under autocast the
+convolution's low-precision kernels are left as they are. And only with 256 channels or more on both sides: below,
+oneDNN was as fast or faster (the demo's 64-wide decoder: 0.97x the training step with it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Conv3x3", "matmul_grad_pays", "weight_grad_3x3"]
+
+#: fewest input and output channels at which the matrix products beat oneDNN's weight gradient (docs/performance.md)
+MATMUL_GRAD_MIN_CHANNELS = 256
+
+
+def matmul_grad_pays(in_chans: int, out_chans: int) -> bool:
+    """Whether a 3x3 convolution of these widths trains faster with ``weight_grad_3x3`` (measured on CPU)."""
+    return min(in_chans, out_chans) >= MATMUL_GRAD_MIN_CHANNELS
+
+
+def weight_grad_3x3(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of a 3x3, stride-1, padding-1 convolution without groups or dilation.
+
+    Args:
+        x: the convolution's input [B, C, H, W].
+        grad_out: the gradient of its output [B, O, H, W].
+    Returns:
+        [O, C, 3, 3]: sum over b, y, x of grad_out[b, o, y, x] * x_padded[b, c, y + i, x + j] at [o, c, i, j].
+    """
+    b, c, h, w = x.shape
+    o = grad_out.shape[1]
+    wp = w + 2  # padded width; one spare zero row below keeps the last shift's block inside the buffer
+    rows = h * wp  # output positions over the padded width: the 2 extra columns get a zero gradient
+    x_rows = F.pad(x, (1, 1, 1, 2)).permute(2, 3, 0, 1).reshape((h + 3) * wp * b, c)  # [(H+3)*(W+2)*B, C]
+    g_rows = F.pad(grad_out, (0, 2)).permute(1, 2, 3, 0).reshape(o, rows * b)  # [O, H*(W+2)*B]
+    out = x.new_empty(3, 3, o, c)
+    for i in range(3):
+        for j in range(3):
+            start = (i * wp + j) * b
+            torch.mm(g_rows, x_rows[start : start + rows * b], out=out[i, j])
+    return out.permute(2, 3, 0, 1)
+
+
+class _Conv3x3MatmulGrad(torch.autograd.Function):
+    """conv2d(x, weight, padding=1) whose backward takes the weight gradient from ``weight_grad_3x3``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
+            )[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad_3x3(x, grad_out).contiguous()
+        return grad_x, grad_w
+
+
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False)`` (same parameter, same state-dict key) that, with
+    ``matmul_grad``, trains on CPU in float32 through ``weight_grad_3x3``.
+
+    x: [B, in_chans, H, W] -> [B, out_chans, H, W].
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, matmul_grad: bool = False) -> None:
+        super().__init__(in_chans, out_chans, 3, padding=1, bias=False)
+        self.matmul_grad = matmul_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.matmul_grad
+            and self.weight.requires_grad  # (under no_grad the Function records nothing: the same forward)
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return _Conv3x3MatmulGrad.apply(x, self.weight)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, matmul_grad={self.matmul_grad}"
