@@ -77,6 +77,9 @@ def test_conv3x3_leaves_the_other_cases_to_conv2d():
         assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"
     assert type(conv.double()(x.double()).grad_fn).__name__ == "ConvolutionBackward0"
     assert type(Conv3x3(3, 4)(x).grad_fn).__name__ == "ConvolutionBackward0"
+    # another device (a GPU has cuDNN): "meta" stands for it on a CPU-only machine
+    on_meta = Conv3x3(3, 4, matmul_grad=True).to("meta")
+    assert type(on_meta(x.to("meta")).grad_fn).__name__ == "ConvolutionBackward0"
 
 
 def _backward_names(out: torch.Tensor) -> list[str]:

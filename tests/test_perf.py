@@ -424,3 +424,14 @@ def test_official_comparison_goals_read_the_medians():
         "- train: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",  # bf16's 80 ms against fp32's 200
         "- eval_batched: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",
     ]
+
+
+@pytest.mark.parametrize("fused,conv_grad", [(True, True), (False, True), (True, False)])
+def test_official_comparison_columns_differ_by_their_switch_alone(fused, conv_grad):
+    """The repo columns beside the official one: the defaults, with only the named switch off."""
+    bench = _bench_official()
+    args = SimpleNamespace(window=7, size=224, batch_size=2, seed=0)
+    cfg = bench.repo_config(args, "some/bert", fused, conv_grad_matmul=conv_grad)
+    assert (cfg.MODEL.FUSED_ATTENTION, cfg.MODEL.CONV_GRAD_MATMUL) == (fused, conv_grad)
+    assert cfg.MODEL.TEXT.ENCODER == "some/bert" and cfg.DATA.SIZE == 224 and cfg.MODEL.SWIN.WINDOW_SIZE == 7
+    assert cfg.TRAIN.FUSED_ADAMW and cfg.MODEL.TEXT.TRAIN_LAYERS == 10  # the defaults the table's setup names
