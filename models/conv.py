@@ -77,14 +77,15 @@ class _Conv3x3MatmulGrad(torch.autograd.Function):
 
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False)`` (same parameter, same state-dict key) that, with
-    ``matmul_grad``, trains on CPU in float32 through ``weight_grad_3x3``.
+    ``matmul_grad`` and wide enough for it to pay (``matmul_grad_pays``), trains on CPU in float32 through
+    ``weight_grad_3x3``.
 
     x: [B, in_chans, H, W] -> [B, out_chans, H, W].
     """
 
     def __init__(self, in_chans: int, out_chans: int, matmul_grad: bool = False) -> None:
         super().__init__(in_chans, out_chans, 3, padding=1, bias=False)
-        self.matmul_grad = matmul_grad
+        self.matmul_grad = matmul_grad and matmul_grad_pays(in_chans, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv3x3, matmul_grad_pays
+from .conv import Conv3x3
 from .layers import checkpoint_batchnorm, recomputes
 
 
@@ -39,10 +39,10 @@ class SimpleDecoder(nn.Module):
         self.channels_last, self.grad_checkpoint = channels_last, grad_checkpoint
         # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
         for level, skip in (("4", c4_dims + c3), ("3", hidden + c2), ("2", hidden + c1)):
-            self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad and matmul_grad_pays(skip, hidden)))
+            self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad))
             self.add_module(f"bn1_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu1_{level}", nn.ReLU())
-            self.add_module(f"conv2_{level}", Conv3x3(hidden, hidden, matmul_grad and matmul_grad_pays(hidden, hidden)))
+            self.add_module(f"conv2_{level}", Conv3x3(hidden, hidden, matmul_grad))
             self.add_module(f"bn2_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu2_{level}", nn.ReLU())
         self.conv1_1 = nn.Conv2d(hidden, 2, 1)
