@@ -88,7 +88,9 @@ PRECISION_NAMES = {"": "fp32", "bf16": "bf16"}
 # ----------------------------------------------------------------------------- the two setups
 
 
-def repo_config(args: argparse.Namespace, bert_dir: str, fused_attention: bool, conv_grad_matmul: bool = True) -> Any:
+def repo_config(
+    args: argparse.Namespace, bert_dir: str, fused_attention: bool = True, conv_grad_matmul: bool = True
+) -> Any:
     """The repository's Swin-T config at the benchmark's size; only what the official tiny model also fixes (window
     7 unless --window 12), no ImageNet file, and the text encoder folder are overridden. The rest keeps the defaults
     (configs/defaults.py): FUSED_ATTENTION and FUSED_ADAMW on, TEXT.TRAIN_LAYERS 10, weighted CE."""
@@ -309,14 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             segmentation, modeling_bert, configuration_bert, bert_dir, repo.model, args
         )
         impls: dict[str, Any] = {"official": official, "repo": repo}
-        if args.unfused != "off":
-            unfused = build_repo(repo_config(args, bert_dir, fused_attention=False), pretrained_text)
-            unfused.model.load_state_dict(repo.model.state_dict())
-            impls["repo_unfused"] = unfused
-        if args.conv_grad_plain != "off":
-            plain = build_repo(repo_config(args, bert_dir, True, conv_grad_matmul=False), pretrained_text)
-            plain.model.load_state_dict(repo.model.state_dict())
-            impls["repo_conv_grad_plain"] = plain
+        # the repository with one switch off, same weights
+        switched = {"repo_unfused": (args.unfused, {"fused_attention": False}),
+                    "repo_conv_grad_plain": (args.conv_grad_plain, {"conv_grad_matmul": False})}  # fmt: skip
+        for name, (where, off) in switched.items():
+            if where != "off":
+                impls[name] = build_repo(repo_config(args, bert_dir, **off), pretrained_text)
+                impls[name].model.load_state_dict(repo.model.state_dict())
 
     # one batch of each shape, given to every implementation: the repository's benchmark inputs (random images and
     # targets, expressions of 10-20 of the 20 tokens, padded with mask 0)
