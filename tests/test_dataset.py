@@ -345,6 +345,32 @@ def test_augment_warps_the_mask_with_nearest_neighbour():
         np.testing.assert_array_equal(mask_a[ys[clear], xs[clear]], expected)
 
 
+def test_augment_warp_is_the_documented_scale_and_shift():
+    """The warp read back from a coordinate image (output pixel -> source pixel, fitted) is the inverse of the
+    documented one, written out here from the same five draws: a scale s in [0.9, 1.1] about the centre, a shift of
+    (2 r1 - 1) * shift * width across and (2 r2 - 1) * shift * height down. The image is wider than high, so that a
+    width taken for a height (or one draw for another) shows."""
+    h, w, shift = 40, 56, 0.1
+    # float32 coordinates (OpenCV warps them as it warps uint8), so that no rounding hides a fraction of a pixel
+    xs_, ys_ = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    image = np.stack([xs_, ys_, np.full_like(xs_, 128)], -1)
+    aug = TrainAugment(shift=shift, brightness=0, contrast=0)
+    for seed in range(4):
+        r = torch.rand(5, generator=torch.Generator().manual_seed(seed)).tolist()
+        out, _ = aug(image, np.zeros((h, w), np.uint8), torch.Generator().manual_seed(seed))
+        s = 0.9 + 0.2 * r[0]
+        offset = ((1 - s) * w / 2 + (2 * r[1] - 1) * shift * w, (1 - s) * h / 2 + (2 * r[2] - 1) * shift * h)
+        inside = out[..., 2] == 128
+        inside[[0, -1], :] = inside[:, [0, -1]] = False  # away from the border fill
+        ys, xs = np.nonzero(inside)
+        design = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
+        for c, off in enumerate(offset):
+            fitted = np.linalg.lstsq(design, out[ys, xs, c], rcond=None)[0]
+            expected = np.zeros(3)
+            expected[c], expected[2] = 1 / s, -off / s  # source = (output - offset) / s
+            np.testing.assert_allclose(fitted, expected, atol=0.02)
+
+
 def test_augment_jitters_brightness_and_contrast():
     """With the same random draws, the photometric augmentation is the geometric one's image under one affine map
     of the intensities (contrast 1 +- 0.2, brightness within +- 0.2 * 255), not the identity; the mask is the same."""

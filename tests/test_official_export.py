@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models import build_model, to_official
+from models.official import official_args
 
 from .helpers_model import tiny_cfg
 
@@ -20,3 +21,19 @@ def test_a_model_without_text_encoder_packs_no_bert_model():
     assert to_official(model, "lavt").keys() == packed.keys()
     with pytest.raises(ValueError, match="packaging"):
         to_official(model, "LAVT")
+
+
+@pytest.mark.parametrize(
+    ("embed", "depths", "heads", "window", "swin_type"),
+    [(96, [2, 2, 6, 2], [3, 6, 12, 24], 7, "tiny"), (128, [2, 2, 18, 2], [4, 8, 16, 32], 12, "base"),
+     (128, [2, 2, 6, 2], [4, 8, 16, 32], 12, None)],
+)  # fmt: skip
+def test_official_args_name_the_swin_and_window(embed, depths, heads, window, swin_type):
+    """The official --swin_type is read from the backbone's shape (written out here from the official builder's
+    table), --window12 from its window; a shape the official code cannot build gets no swin_type."""
+    cfg = tiny_cfg(MODEL__SWIN__EMBED_DIM=embed, MODEL__SWIN__DEPTHS=depths, MODEL__SWIN__NUM_HEADS=heads,
+                   MODEL__SWIN__WINDOW_SIZE=window, MODEL__FUSION__NUM_HEADS=[1, 1, 1, 1])  # fmt: skip
+    model = build_model(cfg)
+    got = official_args(model, "lavt", img_size=480)
+    assert got.get("swin_type") == swin_type and got["window12"] == (window == 12)
+    assert got["model"] == "lavt" and got["mha"] == "" and got["img_size"] == 480
