@@ -85,6 +85,12 @@ CONFIG = REPO / "configs" / "swin_tiny_refcoco.yaml"
 #: --amp value -> the precisions measured ("" is float32, as TRAIN.AMP spells it)
 AMP_CHOICES = {"fp32": [""], "bf16": ["bf16"], "both": ["", "bf16"]}
 PRECISION_NAMES = {"": "fp32", "bf16": "bf16"}
+#: the repository columns with one switch off (same weights): column -> (its command-line flag, the repo_config
+#: keyword and config key turned off, the phases the switch can change; the flag says in which precisions)
+SWITCHED = {
+    "repo_unfused": ("unfused", "fused_attention", "MODEL.FUSED_ATTENTION", ("train", "eval", "eval_batched")),
+    "repo_conv_grad_plain": ("conv_grad_plain", "conv_grad_matmul", "MODEL.CONV_GRAD_MATMUL", ("train",)),
+}
 # ----------------------------------------------------------------------------- the two setups
 
 
@@ -311,12 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             segmentation, modeling_bert, configuration_bert, bert_dir, repo.model, args
         )
         impls: dict[str, Any] = {"official": official, "repo": repo}
-        # the repository with one switch off, same weights
-        switched = {"repo_unfused": (args.unfused, {"fused_attention": False}),
-                    "repo_conv_grad_plain": (args.conv_grad_plain, {"conv_grad_matmul": False})}  # fmt: skip
-        for name, (where, off) in switched.items():
-            if where != "off":
-                impls[name] = build_repo(repo_config(args, bert_dir, **off), pretrained_text)
+        for name, (flag, keyword, _, _) in SWITCHED.items():
+            if getattr(args, flag) != "off":
+                impls[name] = build_repo(repo_config(args, bert_dir, **{keyword: False}), pretrained_text)
                 impls[name].model.load_state_dict(repo.model.state_dict())
 
     # one batch of each shape, given to every implementation: the repository's benchmark inputs (random images and
@@ -341,10 +344,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for phase in phases:
             fns: dict[str, Callable[[], object]] = {}
             for name, impl in impls.items():
-                if name == "repo_unfused" and args.unfused == "fp32" and amp:
-                    continue
-                if name == "repo_conv_grad_plain" and (amp or phase != "train"):  # it changes no forward
-                    continue
+                if name in SWITCHED:
+                    flag, _, _, changes = SWITCHED[name]
+                    if phase not in changes or (amp and getattr(args, flag) == "fp32"):
+                        continue
                 if phase == "train":
                     make = official_train_fn if name == "official" else repo_train_fn
                     fns[name] = make(impl, train_batch, amp)
@@ -387,9 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"CONV_GRAD_MATMUL {repo.cfg.MODEL.CONV_GRAD_MATMUL}, "
         f"CHANNELS_LAST {repo.cfg.MODEL.CHANNELS_LAST}, GRAD_CHECKPOINT {repo.cfg.MODEL.GRAD_CHECKPOINT}, "
         f"COMPILE {repo.cfg.MODEL.COMPILE}",
-        "repo_unfused": "repo with MODEL.FUSED_ATTENTION False" if "repo_unfused" in impls else "not measured",
-        "repo_conv_grad_plain": "repo with MODEL.CONV_GRAD_MATMUL False"
-        if "repo_conv_grad_plain" in impls else "not measured",
+        **{name: f"repo with {key} False" if name in impls else "not measured"
+           for name, (_, _, key, _) in SWITCHED.items()},  # fmt: skip
         "text_encoder": text_note,
         "stubbed_modules": stubbed,
         "official_bert_ignored_keys": official_info["bert_ignored_keys"],
