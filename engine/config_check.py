@@ -34,20 +34,19 @@ def _integer(key: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
 
 
-def _real(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
-          high_open: bool = False) -> None:
-    """``value`` finite and in the interval from ``low`` to ``high`` (each end closed unless said open)."""
+def _real(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """``value`` finite, from ``low`` (included unless ``low_open``) to below ``high`` (never included: the only
+    bounded keys are rates below 1)."""
     if high == math.inf:
         rule = f"> {low:g}" if low_open else f">= {low:g}"
     else:
-        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        rule = f"in {'(' if low_open else '['}{low:g}, {high:g})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key} must be a number {rule}, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number {rule}, got {value!r}")
     below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:
+    if below or value >= high:
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
@@ -106,7 +105,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         if len(set(value)) != len(value):
             raise ConfigError(f"{key} names a split twice: {list(value)!r}")
 
-    fraction = partial(_real, low=0.0, high=1.0, high_open=True)
+    fraction = partial(_real, low=0.0, high=1.0)
     positive = partial(_real, low=0.0, low_open=True)
     non_negative = partial(_real, low=0.0)
     return {

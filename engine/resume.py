@@ -172,7 +172,9 @@ def restore(
     if progress.iteration and not progress.totals:
         logger.info("epoch %d's training averages cover the iterations after the resume only", progress.epoch)
     where = f"epoch {progress.epoch}, iteration {progress.iteration} of {iters_per_epoch}"
-    logger.info("resumed from %s at %s (best oIoU %.2f)", path, where, progress.best["oIoU"])
+    best = progress.best
+    best_text = f"best oIoU {best['oIoU']:.2f}, epoch {best['epoch']}" if best["epoch"] >= 0 else "no epoch validated"
+    logger.info("resumed from %s at %s (%s)", path, where, best_text)
     return progress
 
 

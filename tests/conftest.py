@@ -17,7 +17,7 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from utils.logger import PACKAGE_LOGGERS  # noqa: E402
+from utils.logger import LOGGER_NAME, PACKAGE_LOGGERS  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lavt_small_w7_224.pt"
 TINY_IMAGES = 33  # synthetic images of a tiny run: 24 train, 3 val, 3 testA, 3 testB
@@ -95,9 +95,9 @@ def tiny_run_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(autouse=True)
 def library_logs_reach_caplog():
-    """A test that ran main.py left the library loggers writing to that run's handlers only (``setup_logging``):
-    give their records back to the root logger, where pytest's caplog listens."""
-    for name in PACKAGE_LOGGERS:
+    """A test that ran main.py left the ``lavt`` and library loggers writing to that run's handlers only
+    (``setup_logging``): give their records back to the root logger, where pytest's caplog listens."""
+    for name in (LOGGER_NAME, *PACKAGE_LOGGERS):
         logger = logging.getLogger(name)
         logger.propagate = True
         for handler in list(logger.handlers):

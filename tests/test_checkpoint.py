@@ -62,8 +62,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_save_into_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ck.save_checkpoint({}, tmp_path / "nope" / "last.pth")
+    """One line naming what was being saved, where, and the missing folder; nothing written."""
+    folder = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError) as e:
+        ck.save_checkpoint({}, folder / "last.pth")
+    assert str(e.value) == f"cannot save checkpoint {folder / 'last.pth'}: folder {folder} does not exist"
+    with pytest.raises(FileNotFoundError) as e:
+        ck.write_text_atomic(folder / "metrics.jsonl", "{}")
+    assert str(e.value) == f"cannot save file {folder / 'metrics.jsonl'}: folder {folder} does not exist"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rng_round_trip():

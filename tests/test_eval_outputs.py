@@ -4,6 +4,7 @@ nothing; ``--save_masks`` PNGs that are the masks the evaluation scored; finding
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -70,12 +71,19 @@ def test_names_numbered_never_replaced(setup, tmp_path):
         "a.pth"
     ] * 2
     assert [s["mIoU"] for s in numbered] == [s["mIoU"] for s in second] == [s["mIoU"] for s in first]
+    assert [s["resolution"] for s in first] == ["network 48x48"] * 2  # the setting named in the results
 
 
-def test_control_and_original_resolution_names(setup, tmp_path):
+def test_control_and_original_resolution_names(setup, tmp_path, caplog):
     cfg, model, tokenizer = setup
     cfg = with_eval(cfg, SPLITS=["val"], SHUFFLED_CONTROL=True, RESOLUTION="original")
-    evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    with caplog.at_level(logging.INFO, logger="lavt"):
+        summaries = evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    assert [(s["split"], s["resolution"]) for s in summaries] == [
+        ("val", "original"), ("val (expressions shuffled)", "original")
+    ]
+    progress = {m.split(" total time")[0] for m in caplog.messages if " total time: " in m}  # one line per scoring
+    assert progress == {"Eval synthetic_unc_val_each_original", "Eval synthetic_unc_val_each_original_shuffled"}
     assert {p.name for p in tmp_path.iterdir()} == {
         "results_synthetic_unc_val_each_original_control.json",
         "per_expression_synthetic_unc_val_each_original.jsonl",

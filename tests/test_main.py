@@ -156,7 +156,11 @@ def test_data_cache_with_workers_warns(env, tmp_path):
     for h in logging.getLogger("lavt").handlers:
         h.flush()
     log = (Path(out["run_dir"]) / "log.txt").read_text()
-    assert "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS 1" in log
+    assert (
+        "WARNING DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS 1 the workers, and their "
+        "caches, end with every epoch (not persistent: the datasets learn each epoch as it starts); set DATA.WORKERS "
+        "0 to use the cache\n"
+    ) in log
 
 
 def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[str]:

@@ -171,7 +171,10 @@ def test_interrupted_in_every_way_then_resumed_equals_straight_run(env, straight
     assert main_module.cli(command) == 0
     assert_same_run(straight, run_dir)
     log = (run_dir / "log.txt").read_text()
-    assert "resumed from" in log and f"removed {stale}" in log
+    last = run_dir / "last.pth"
+    assert f"resumed from {last} at epoch 0, iteration 5 of 11 (no epoch validated)" in log
+    after_epoch_0 = rf"resumed from {re.escape(str(last))} at epoch 1, iteration 0 of 11 \(best oIoU [\d.]+, epoch 0\)"
+    assert re.search(after_epoch_0, log) and f"removed {stale}" in log
 
 
 def test_resume_auto_starts_fresh_then_continues(env, straight, tmp_path):

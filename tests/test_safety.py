@@ -196,6 +196,14 @@ def test_type_mismatch_in_a_file_names_it(tmp_path: Path):
         (["--size", "96", "--opts", "TRAIN.LOW_RES_SIZE", "96"],
          r"^TRAIN\.LOW_RES_SIZE 96 must be below DATA\.SIZE 96 \(or 0: off\)$"),
         (["--opts", "TRAIN.LOW_RES_EPOCHS", "1"], r"^TRAIN\.LOW_RES_EPOCHS 1 needs TRAIN\.LOW_RES_SIZE"),
+        # the text feature cache: a trained encoder (the paper's 10 layers), or a frozen one with its dropout on
+        (["--opts", "MODEL.TEXT.CACHE", "True"],
+         r"^MODEL\.TEXT\.CACHE keeps .* \(got ENCODER 'pretrained/bert-base-uncased', TRAIN_LAYERS 10, NAME lavt, "
+         r"DROPOUT auto\)$"),
+        (["--opts", "MODEL.TEXT.CACHE", "True", "MODEL.TEXT.TRAIN_LAYERS", "0", "MODEL.TEXT.DROPOUT", "enabled"],
+         r"^MODEL\.TEXT\.CACHE keeps .* \(got .* TRAIN_LAYERS 0, NAME lavt, DROPOUT enabled\)$"),
+        (["--opts", "MODEL.TEXT.CACHE", "True", "MODEL.TEXT.TRAIN_LAYERS", "0", "MODEL.TEXT.ENCODER", "''"],
+         r"^MODEL\.TEXT\.CACHE keeps .* \(got ENCODER '', TRAIN_LAYERS 0, NAME lavt, DROPOUT auto\)$"),
         (["--dataset", "synthetic", "--opts", "DATA.SYNTHETIC_IMAGES", "3"],
          r"^DATA\.SYNTHETIC_IMAGES / DATA\.SYNTHETIC_EVAL_IMAGES: num_images=3 is too small"),
         (["--dataset", "synthetic", "--opts", "DATA.SYNTHETIC_IMAGES", "9", "DATA.SYNTHETIC_EVAL_IMAGES", "3"],
@@ -230,6 +238,19 @@ def test_integer_bounds_are_inclusive(key: str, lowest: int):
     assert validate_config(get_config(None, [key, lowest])) is None
     with pytest.raises(ConfigError, match=f"{key} must be >= {lowest}, got {lowest - 1}"):
         validate_config(get_config(None, [key, lowest - 1]))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["MODEL.TEXT.CACHE", True, "MODEL.TEXT.TRAIN_LAYERS", 0],  # frozen, the official dropout (off in lavt)
+        ["MODEL.TEXT.CACHE", True, "MODEL.TEXT.TRAIN_LAYERS", 0, "MODEL.TEXT.DROPOUT", "disabled"],
+        ["MODEL.FUSION.DROPOUT", 0.0, "MODEL.SWIN.DROP_PATH_RATE", 0.999],  # rates: 0 included, 1 not
+    ],
+)
+def test_allowed_edges_pass(opts: list):
+    """The settings just inside each rule pass (the refusals above are not all there is)."""
+    assert validate_config(get_config(None, opts)) is None
 
 
 def leaves(node: dict, prefix: str = "") -> list[str]:

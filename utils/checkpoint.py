@@ -29,10 +29,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")), what="file")
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str = "file") -> None:
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str) -> None:
     """Call ``write(f)`` on a temporary file ``.<name>.<random>.tmp`` beside ``path``, fsync it, then
     ``os.replace`` it onto ``path``: a crash at any point leaves either the previous file or the new one, never a
-    truncated file (and at worst a temporary file, which ``remove_stale_temporaries`` clears)."""
+    truncated file (and at worst a temporary file, which ``remove_stale_temporaries`` clears). ``what`` names the
+    kind of file in errors ("checkpoint")."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
