@@ -35,6 +35,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "metrics": ("utils/metrics.py",),
     "losses": ("utils/losses.py",),
     "checkpoint": ("utils/checkpoint.py",),
+    "checks": ("data/checks.py", "data/controls.py"),
+    "synthetic": ("data/synthetic",),
+    "infra": ("utils/amp.py", "utils/atomic.py", "utils/lock.py", "utils/launcher.py", "utils/distributed.py"),
+    "tools": ("tools/",),
 }
 KILLED = {"killed", "caught by type check"}
 

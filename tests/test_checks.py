@@ -101,7 +101,7 @@ def test_bad_images_are_named_in_one_error(bad: REFER):
 
 
 def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Path, monkeypatch):
-    cache = tmp_path / "cache" / "images.json"
+    cache = tmp_path / "cache" / "lavt" / "images.json"  # folders made as needed
     image_dir = Path(bad.IMAGE_DIR)
     good = [n for n in ("a_good.jpg", "h_good.png")]
     for name in os.listdir(image_dir):  # keep the good ones only; the others' refs go to an unused split
@@ -170,6 +170,7 @@ def test_expression_report(tokenizer, reuse: bool):
     assert report.empty_examples == ["\u200b", "\U0001f600", "", "\U0001f600 \u200b"]
     assert report.truncated_examples == [(LONG, 27)]
     assert not expression_report(tokenizer, ["the red circle", FITS], 20)
+    assert expression_report(tokenizer, ["\u200b"], 20) and expression_report(tokenizer, [LONG], 20)  # either
 
 
 def test_warned_once_with_examples(tokenizer, caplog):

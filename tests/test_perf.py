@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from models import build_model, load_weights
 from models.decoder import SimpleDecoder
 from models.refine import EdgeRefine
-from tools import benchmark
+from tools import bench_input, benchmark
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from . import oracle
@@ -291,6 +291,27 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
     printed = capsys.readouterr().out
     assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
+    for r in saved["results"]:  # the table's GFLOP per image, eval / train, from the saved counts
+        fl = r["flops"]
+        assert f"| {fl['eval_per_image'] / 1e9:.3g}/{fl['train_per_image'] / 1e9:.3g} " in printed
+
+
+def test_benchmark_help_shows_the_defaults():
+    """``--help`` says what a run measures when a flag is left out (the size, the batch, the variants)."""
+    text = benchmark.get_parser().format_help()
+    assert "(default: 224)" in text and "(default: fused,bf16,fused+bf16)" in text
+
+
+def test_input_benchmark_smoke(capsys):
+    """``tools.bench_input``: one row per preprocessing and form, printed as JSON lines, then the machine line."""
+    rows = bench_input.main(["--size", "48", "--items", "3", "--repeats", "1"])
+    assert [(r["resize"], r["mask_parts"], r["form"], r["size"]) for r in rows] == [
+        ("pil", "official", "train", 48), ("pil", "official", "eval", 48),
+        ("cv2", "union", "train", 48), ("cv2", "union", "eval", 48),
+    ]  # fmt: skip
+    assert all(r["items_per_cpu_s"] > 0 for r in rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines[:-1]] == rows and lines[-1].startswith("# ")
 
 
 def test_first_call_timed_apart_from_the_runs():
