@@ -395,6 +395,26 @@ def _bench_official():
     return module
 
 
+def test_float32_floor_counts_the_work_and_divides_by_the_matmul_rate():
+    """docs/bench_floor.py: each function's FLOPs (a 96^3 product: 2 x 96^3; a 3x3 convolution of 4 -> 8 channels
+    on 10x10: 2 x 8 x 4 x 9 x 100), its floor at the median matmul rate of the timed rounds, time over floor."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "bench_floor.py"
+    spec = importlib.util.spec_from_file_location("bench_floor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a, x, w = torch.randn(96, 96), torch.randn(1, 4, 10, 10), torch.randn(8, 4, 3, 3)
+    out = bench.floor({"mm": lambda: a @ a, "conv": lambda: F.conv2d(x, w, padding=1)}, repeats=3, matmul_size=128)
+    assert out["mm"]["gflop"] * 1e9 == 2 * 96**3 and out["conv"]["gflop"] * 1e9 == 2 * 8 * 4 * 9 * 100
+    rounds = out["matmul_rounds"]
+    assert len(rounds) == 3 and out["matmul_gflop_per_s"] == sorted(rounds)[1]  # the warm-up round left out
+    for name in ("mm", "conv"):
+        entry = out[name]
+        assert entry["floor_ms"] == pytest.approx(entry["gflop"] / out["matmul_gflop_per_s"] * 1e3)
+        assert entry["over_floor"] == pytest.approx(entry["median_ms"] / entry["floor_ms"]) and entry["median_ms"] > 0
+
+
 def test_official_comparison_takes_turns_and_refuses_a_wrong_checkout(tmp_path):
     bench = _bench_official()
     calls = []
