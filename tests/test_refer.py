@@ -422,8 +422,12 @@ def test_inconsistent_files(tmp_path: Path):
 
 
 def test_unknown_ids(hand: REFER):
-    with pytest.raises(ReferKeyError, match=r"ref_id 1234 is not in refcoco \(unc\)"):
+    with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
         hand.loadRefs([0, 1234])
+    with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
+        hand.getImgIds(ref_ids=[0, 1234])
+    with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
+        hand.getAnnIds(ref_ids=[1234])
     with pytest.raises(ReferKeyError, match=r"image_id 77 is not in refcoco"):
         hand.loadImgs(77)
     with pytest.raises(ReferKeyError, match=r"category_id 9"):

@@ -51,6 +51,23 @@ def test_a_fitting_file_loads_and_reports_what_it_skips(tmp_path, caplog, layout
     assert "skipped from the file: norm.weight, norm.bias, head.weight" in caplog.text
 
 
+def test_a_file_of_the_backbone_alone_skips_nothing(tmp_path, caplog):
+    """The log line counts what loaded and what kept its init, and says when the file held nothing else."""
+    torch.manual_seed(0)
+    path = _imagenet_file(tmp_path, _backbone(), "plain")
+    state = {k: v for k, v in torch.load(path, weights_only=True).items() if k not in ("norm.weight", "norm.bias",
+                                                                                        "head.weight")}  # fmt: skip
+    torch.save(state, path)
+    target = _backbone()
+    with caplog.at_level(logging.INFO, logger="models.weights"):
+        assert load_pretrained_swin(target, path) == []
+    own = len(target.state_dict())
+    assert caplog.messages[-1] == (
+        f"Swin init from {path}: {len(state)} tensors loaded; skipped from the file: nothing; left at their init: "
+        f"{own - len(state)} tensors (PWAM, gates, stage norms)"
+    )
+
+
 @pytest.mark.parametrize(
     "source,message",
     [

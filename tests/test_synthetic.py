@@ -170,7 +170,7 @@ def test_every_expression_singles_out_its_object(refer: REFER, attributes: dict)
 
 def test_positions_hold_with_the_documented_margin(refer: REFER, attributes: dict):
     """docs/data.md: a position or relation is used only when it holds by 8% of the image side along its axis
-    (here between visible-box centres, objects not occluded: a shape's box is centred on it)."""
+    (checked here between the visible-box centres of objects that are not occluded)."""
     axis = {"left": ("cx", "width"), "right": ("cx", "width"), "top": ("cy", "height"), "bottom": ("cy", "height"),
             "above": ("cy", "height"), "below": ("cy", "height")}  # fmt: skip
     gaps = []
