@@ -302,6 +302,9 @@ def test_train_one_epoch_steps_and_nan_guard(cfg):
 
     with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 3, iteration 0"):
         train_one_epoch(net, nan_loss, opt, sched, NativeScaler(), loader, torch.device("cpu"), 3)
+    params = [p for p in net.parameters() if p.requires_grad]  # a step outside an epoch (the benchmark's) says so
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at a training step: training stopped; the checkpoints"):
+        train_step(net, nan_loss, opt, NativeScaler(), next(iter(loader)), torch.device("cpu"), params)
 
 
 def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):

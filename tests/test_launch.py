@@ -106,6 +106,23 @@ def test_detect_launch(env, expected):
     assert detect_launch(env) == expected
 
 
+def test_launch_describes_itself_in_one_line():
+    assert Launch("slurm", 3, 8, 1, "gpu01", 13456).describe() == (
+        "slurm (srun): rank 3 of 8, local rank 1, rendezvous gpu01:13456"
+    )
+    assert Launch("torchrun", 1, 2, 1).describe() == "torchrun: rank 1 of 2, local rank 1"  # env:// rendezvous
+    assert Launch("none", 0, 1, 0).describe() == "no launcher (RANK/WORLD_SIZE and SLURM_NTASKS unset): one process"
+
+
+def test_one_process_logs_its_launcher(monkeypatch, caplog):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level("INFO", logger="utils.distributed"):
+        info = init_distributed_mode("cpu")
+    assert (info.world_size, info.distributed) == (1, False)
+    assert "launcher: no launcher (RANK/WORLD_SIZE and SLURM_NTASKS unset): one process" in caplog.messages
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -320,6 +337,27 @@ def test_submit_refuses_before_creating_anything(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0]
     assert not job_dir.exists()
+
+
+@pytest.mark.parametrize("delay,grace", [(120, 90), (30, 10)])
+def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, delay, grace):
+    """The run is told to stop 30 s after the signal, and never less than 10 s before it must (``grace_s``)."""
+    seen = {}
+
+    def fake_submit(executor, argv_main, grace_s):
+        seen.update(executor=executor, argv=argv_main, grace_s=grace_s)
+        return type("Job", (), {"job_id": "7", "paths": type("P", (), {"stdout": "o.log", "stderr": "e.log"})})()
+
+    monkeypatch.setattr(submit_module, "build_executor", lambda args: "executor")
+    monkeypatch.setattr(submit_module, "submit", fake_submit)
+    assert submit_module.cli(["--signal_delay_s", str(delay), "--", "--cfg_file", "c.yaml"]) == 0
+    assert seen["grace_s"] == grace and seen["executor"] == "executor" and "--resume" in seen["argv"]
+    assert capsys.readouterr().out == "submitted job 7: logs o.log and e.log\n"
+
+
+def test_submit_help_explains_its_flags():
+    text = " ".join(submit_module.get_parser().format_help().split())
+    assert "one task (process) per GPU (default: 4)" in text and "job logs (%j: job id)" in text
 
 
 def test_submit_slurm_resources(tmp_path, monkeypatch):

@@ -291,9 +291,11 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
     printed = capsys.readouterr().out
     assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
-    for r in saved["results"]:  # the table's GFLOP per image, eval / train, from the saved counts
-        fl = r["flops"]
+    for r in saved["results"]:  # the table's cells from the saved figures
+        tr, ev, fl = r["train"], r["eval"], r["flops"]
         assert f"| {fl['eval_per_image'] / 1e9:.3g}/{fl['train_per_image'] / 1e9:.3g} " in printed
+        assert f"| {tr['forward_ms']:.0f}/{tr['backward_ms']:.0f}/{tr['optimizer_ms']:.0f} " in printed
+        assert f"| {ev['batch1']['expr_per_s']:.2f}" in printed and f"| {ev['batch3']['peak_mb']:.0f} " in printed
 
 
 def test_benchmark_help_shows_the_defaults():
@@ -352,14 +354,12 @@ def test_interleaved_timing_rotates_turns():
     assert [len(t) for t in times] == [1, 1, 1]
 
 
-def test_benchmark_interleaved_variants():
-    specs = [
-        benchmark.BenchSpec(
-            variant=v, opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train", "eval"], threads=1, matmul_size=64
-        )
-        for v in ("base", "fused+bf16")
-    ]
-    results = benchmark.run_interleaved(specs)
+def test_benchmark_interleaved_variants(tmp_path):
+    """``--interleave``: the variants in one process, taking turns (``run_interleaved``), from the command line."""
+    argv = ["--opts", *TINY_OPTS, "--size", "64", "--warmup", "0", "--runs", "1", "--phases", "train,eval",
+            "--threads", "1", "--matmul_size", "64", "--compare", "fused+bf16", "--interleave",
+            "--output", str(tmp_path / "b.json")]  # fmt: skip
+    results = benchmark.main(argv)["results"]
     assert [r["variant"] for r in results] == ["base", "fused+bf16"]
     for r in results:
         assert r["train"]["step_ms"] > 0 and "peak_mb" not in r["train"]

@@ -263,3 +263,13 @@ def test_what_names_the_run_folder_and_a_missing_checkpoint(env, tmp_path):
     with pytest.raises(CheckpointError, match="^checkpoint not found: .*nothing.pth \\(--pretrain\\)$"):
         main_module.main(tiny_main_argv(env, tmp_path, "--eval", "--pretrain", str(tmp_path / "nothing.pth")))
     assert list(tmp_path.iterdir()) == []  # no folder made for results that cannot come
+
+
+def test_process_start_read_past_a_name_with_parentheses():
+    """/proc/<pid>/stat's second field is the executable's name in parentheses, which may hold ") " itself."""
+    from utils.lock import _process_start, start_from_stat
+
+    fields = " ".join(str(n) for n in range(3, 30))  # field n holds n, from the state (field 3) on
+    assert start_from_stat(f"42 (train) {fields}\n") == 22
+    assert start_from_stat(f"42 (evil) 1 2) {fields}\n") == 22
+    assert _process_start(os.getpid()) == int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])

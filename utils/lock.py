@@ -60,10 +60,15 @@ class LockHolder:
 def _process_start(pid: int) -> int | None:
     """Start time of process ``pid`` in clock ticks since boot (field 22 of /proc/<pid>/stat), None if unknown."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])  # the fields after "pid (comm)" start at field 3
+        return start_from_stat(Path(f"/proc/{pid}/stat").read_text())
     except (OSError, ValueError, IndexError):
         return None
+
+
+def start_from_stat(stat: str) -> int:
+    """Field 22 (start time) of a /proc/<pid>/stat line "pid (comm) state ...": ``comm``, the executable's name,
+    may itself hold ")" and spaces, so the fields are counted from its last ")" (they start at field 3)."""
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _pid_running(pid: int) -> bool:
