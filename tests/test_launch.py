@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import submitit
@@ -346,7 +347,7 @@ def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, delay, gr
 
     def fake_submit(executor, argv_main, grace_s):
         seen.update(executor=executor, argv=argv_main, grace_s=grace_s)
-        return type("Job", (), {"job_id": "7", "paths": type("P", (), {"stdout": "o.log", "stderr": "e.log"})})()
+        return SimpleNamespace(job_id="7", paths=SimpleNamespace(stdout="o.log", stderr="e.log"))
 
     monkeypatch.setattr(submit_module, "build_executor", lambda args: "executor")
     monkeypatch.setattr(submit_module, "submit", fake_submit)
