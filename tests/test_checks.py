@@ -136,6 +136,7 @@ def test_unreadable_cache_is_rebuilt(bad: REFER, tmp_path: Path, caplog):
         ref["split"] = "train" if ref["file_name"] == "a_good.jpg" else "testB"
     with caplog.at_level(logging.WARNING, logger="data.checks"):
         assert check_images(bad, ["train"], cache_file=cache).checked == 1
+    assert [r.name for r in caplog.records] == ["data.checks"]  # the library's logger, which main.py's log file gets
     assert "is unreadable or outdated: checking anew" in caplog.text
     assert json.loads(cache.read_text())["version"] == checks.CACHE_VERSION
     path = os.path.join(bad.IMAGE_DIR, "a_good.jpg")

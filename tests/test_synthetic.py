@@ -28,7 +28,7 @@ from data.synthetic import (
     synthetic_sizes,
 )
 from data.synthetic_draw import _shape_points
-from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS
+from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
 from refer import REFER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +192,17 @@ def test_positions_hold_with_the_documented_margin(refer: REFER, attributes: dic
                 if not (target["occluded"] or other["occluded"]):
                     gaps.append(abs(target[key] - other[key]) / img[side])
     assert len(gaps) > 100 and min(gaps) >= 0.08 - 1e-3, (len(gaps), min(gaps))
+
+
+@pytest.mark.parametrize("twin_x,offered", [(39.5, True), (40.5, False)])
+def test_a_relation_is_offered_only_when_no_look_alike_lies_that_way(twin_x: float, offered: bool):
+    """"the circle right of the square": the target lies right of the landmark by the margin, and no other object
+    the words fit lies right of it at all (a look-alike half a pixel to the right makes the phrase ambiguous)."""
+    circle = dict(size="small", colour="red", kind="circle", cy=50.0)
+    objects = [dict(circle, cx=80.0), dict(size="big", colour="blue", kind="square", cx=40.0, cy=50.0),
+               dict(circle, cx=twin_x)]  # fmt: skip
+    _, _, relations = _candidates(objects, 0, 100, 100)
+    assert any(r["relation"]["direction"] == "right" for r in relations) is offered
 
 
 def test_heart_stands_upright():

@@ -127,6 +127,11 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     msg = r"(?s)other_config.pth does not fit.*shape mismatches: backbone.*EMBED_DIM is 16 in the file, 8 here"
     with pytest.raises(CheckpointError, match=msg):
         load_weights(model, tmp_path / "other_config.pth")
+    lacking = {k: v for k, v in model.state_dict().items() if k != "backbone.patch_embed.norm.weight"}
+    torch.save({"model": lacking}, tmp_path / "no_width.pth")  # no token width in the file: none is claimed for it
+    with pytest.raises(CheckpointError, match="backbone.patch_embed.norm.weight") as e:
+        load_weights(model, tmp_path / "no_width.pth")
+    assert "EMBED_DIM" not in str(e.value)
     with_text = build_model(fixture_cfg(reference, MODEL__TEXT__ENCODER=str(bert768)), pretrained=False)
     with pytest.raises(CheckpointError, match="needs its 'bert_model'"):
         load_weights(with_text, tmp_path / "other_config.pth")
