@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_floor_") as tmp_name:
         tmp = Path(tmp_name)
         modules = bo.import_official(args.official, tmp / "stubs")[:3]
+        bert_dir, _, _ = bo.bert_folder(argparse.Namespace(bert=""), tmp)  # BERT-base shape, random, every phase
         for phase, size, batch_size in PHASES:
             setup = argparse.Namespace(size=size, batch_size=batch_size, window=7, seed=0, bert="")
-            bert_dir, _, _ = bo.bert_folder(setup, tmp)
             torch.manual_seed(0)
             repo = bo.build_repo(bo.repo_config(setup, bert_dir, fused_attention=True), False)
             official, _ = bo.build_official(*modules, bert_dir, repo.model, setup)

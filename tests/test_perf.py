@@ -384,26 +384,25 @@ def test_benchmark_memory_in_its_own_process():
         benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
 
 
-def _bench_official():
-    """docs/bench_official.py, loaded as the script it is (it is not a package module)."""
+def _docs_script(name: str):
+    """docs/<name>.py, loaded as the script it is (docs/ is not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "bench_official.py"
-    spec = importlib.util.spec_from_file_location("bench_official", path)
+    path = Path(__file__).resolve().parents[1] / "docs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _bench_official():
+    return _docs_script("bench_official")
+
+
 def test_float32_floor_counts_the_work_and_divides_by_the_matmul_rate():
     """docs/bench_floor.py: each function's FLOPs (a 96^3 product: 2 x 96^3; a 3x3 convolution of 4 -> 8 channels
     on 10x10: 2 x 8 x 4 x 9 x 100), its floor at the median matmul rate of the timed rounds, time over floor."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "docs" / "bench_floor.py"
-    spec = importlib.util.spec_from_file_location("bench_floor", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _docs_script("bench_floor")
     a, x, w = torch.randn(96, 96), torch.randn(1, 4, 10, 10), torch.randn(8, 4, 3, 3)
     out = bench.floor({"mm": lambda: a @ a, "conv": lambda: F.conv2d(x, w, padding=1)}, repeats=3, matmul_size=128)
     assert out["mm"]["gflop"] * 1e9 == 2 * 96**3 and out["conv"]["gflop"] * 1e9 == 2 * 8 * 4 * 9 * 100

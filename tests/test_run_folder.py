@@ -272,4 +272,10 @@ def test_process_start_read_past_a_name_with_parentheses():
     fields = " ".join(str(n) for n in range(3, 30))  # field n holds n, from the state (field 3) on
     assert start_from_stat(f"42 (train) {fields}\n") == 22
     assert start_from_stat(f"42 (evil) 1 2) {fields}\n") == 22
-    assert _process_start(os.getpid()) == int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:  # a live process: a start time in clock ticks, the child's no earlier than its parent's
+        assert 0 < _process_start(os.getpid()) <= _process_start(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert _process_start(child.pid) is None  # gone: unknown
