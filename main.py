@@ -42,6 +42,7 @@ from engine.resume import ResumePlan, plan_resume  # noqa: E402
 from engine.run_folder import RunFolder, run_dir_of  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
+from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import resolve_amp  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
@@ -88,6 +89,7 @@ def _run_in(
     run_dir = folder.path
     logger = setup_logging(run_dir / "log.txt", info.rank)
     logger.info("config: %s", describe_config(args))
+    logger.info(keep_freed_memory())  # before the first tensor of the run is allocated
     for warning in folder.warnings:
         logger.warning(warning)
     if amp_auto:

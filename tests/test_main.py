@@ -163,6 +163,15 @@ def test_data_cache_with_workers_warns(env, tmp_path):
     ) in log
 
 
+def test_the_run_sets_malloc_and_says_so(env, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(main_module, "keep_freed_memory", lambda: calls.append(1) or "malloc: as a test set it")
+    out = run(env, tmp_path, "--stop_after", "0")
+    for h in logging.getLogger("lavt").handlers:
+        h.flush()
+    assert calls == [1] and " INFO malloc: as a test set it\n" in (Path(out["run_dir"]) / "log.txt").read_text()
+
+
 def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[str]:
     """``python main.py`` on the tiny run, runs under tmp_path/runs, ``extra`` after the tiny opts (the last value of
     a key wins)."""

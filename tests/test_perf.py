@@ -384,6 +384,20 @@ def test_benchmark_memory_in_its_own_process():
         benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
 
 
+def test_benchmark_times_with_mains_malloc_unless_told(monkeypatch):
+    """--malloc keep (the default): the timings run with the allocator main.py sets; default: glibc's own; the
+    memory-only process returns freed memory instead."""
+    calls = []
+    monkeypatch.setattr(benchmark, "keep_freed_memory", lambda: calls.append(1) or "")
+    for malloc, memory, expected in (("keep", "skip", [1]), ("default", "skip", []), ("keep", "only", [])):
+        calls.clear()
+        benchmark._prepare(benchmark.BenchSpec(opts=TINY_OPTS, size=64, phases=[], malloc=malloc, memory=memory))
+        assert calls == expected, (malloc, memory)
+    with pytest.raises(ValueError, match="BenchSpec.malloc must be one of \\('keep', 'default'\\), got 'off'"):
+        benchmark._prepare(benchmark.BenchSpec(opts=TINY_OPTS, malloc="off"))
+    assert benchmark.get_parser().parse_args([]).malloc == "keep"
+
+
 def _docs_script(name: str):
     """docs/<name>.py, loaded as the script it is (docs/ is not a package)."""
     import importlib.util

@@ -36,6 +36,7 @@ SWITCHES: dict[str, str] = {
 PRECISIONS: dict[str, str] = {"float32": "", "bf16": "bf16", "fp16": "fp16"}
 PHASES = ("train", "eval", "flops", "breakdown")
 MEMORY_MODES = ("inline", "skip", "only")
+MALLOC_MODES = ("keep", "default")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class BenchSpec:
     memory: str = "inline"
     # side of the square matmul that measures the machine's FLOP/s (0: 2048 on CPU, 8192 on GPU)
     matmul_size: int = 0
+    # glibc's malloc while timing: "keep" freed memory for reuse, as main.py does (utils.allocator), or "default"
+    malloc: str = "keep"
 
 
 

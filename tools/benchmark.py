@@ -31,18 +31,13 @@ import torch
 from configs import get_config
 from models import build_model
 from models.build import compile_model
+from utils.allocator import keep_freed_memory, return_freed_memory
 from utils.amp import AMP_DTYPES, autocast
-from utils.profiling import (
-    PeakMemory,
-    current_rss_bytes,
-    matmul_flops_per_s,
-    return_freed_memory,
-    time_interleaved,
-    time_runs,
-)
+from utils.profiling import PeakMemory, current_rss_bytes, matmul_flops_per_s, time_interleaved, time_runs
 
 from .bench_report import format_tables, machine_info
 from .bench_workload import (
+    MALLOC_MODES,
     MEMORY_MODES,
     PHASES,
     PRECISIONS,
@@ -100,6 +95,10 @@ class _Variant:
 
 
 def _prepare(spec: BenchSpec) -> _Variant:
+    if spec.malloc not in MALLOC_MODES:
+        raise ValueError(f"BenchSpec.malloc must be one of {MALLOC_MODES}, got {spec.malloc!r}")
+    if spec.malloc == "keep" and spec.memory != "only":  # (measure_memory returns freed memory instead)
+        keep_freed_memory()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
@@ -313,6 +312,12 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="all variants in one process, their timed runs taking turns: ratios that hold on a shared machine "
         "(no peak memory; not with cast_once)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=list(MALLOC_MODES),
+        default="keep",
+        help="glibc's malloc while timing: keep freed memory for reuse (as main.py does) or its default thresholds",
     )
     p.add_argument("--output", default="benchmark.json", help="JSON file written with every number")
     p.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,6 @@ process reset (``/proc/self/clear_refs``); see ``PeakMemory``.
 
 from __future__ import annotations
 
-import ctypes
 import resource
 import statistics
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from .allocator import return_freed_memory, trim_heap
 
 aten = torch.ops.aten
 
@@ -77,36 +78,10 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def return_freed_memory() -> bool:
-    """glibc: serve blocks of 64 KiB and more by mmap, so that a freed tensor leaves the resident set at once, and
-    trim what the heap holds free now. Call it before the model is built for an RSS that follows live tensors;
-    later, what earlier steps left in the heap stays counted (measured: +25% on a Swin-B 480 step). False without
-    glibc."""
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # also ends glibc's dynamic threshold for this process
-    libc.malloc_trim(0)
-    return True
-
-
 def current_rss_bytes() -> int:
     """Resident set size of this process now (0 where /proc is unavailable), after handing the allocator's free
     memory back to the system (glibc), so that it is not counted."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    trim_heap()
     kb = _status_kb("VmRSS")
     return (kb or 0) * 1024
 
