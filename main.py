@@ -89,7 +89,7 @@ def _run_in(
     run_dir = folder.path
     logger = setup_logging(run_dir / "log.txt", info.rank)
     logger.info("config: %s", describe_config(args))
-    logger.info(keep_freed_memory())  # before the first tensor of the run is allocated
+    logger.info(keep_freed_memory())  # before the data, the model and their tensors are built
     for warning in folder.warnings:
         logger.warning(warning)
     if amp_auto:
