@@ -64,6 +64,7 @@ from engine import build_optimizer, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from tools import bench_report  # noqa: E402
 from tools.bench_workload import forward, make_batch  # noqa: E402
+from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import NativeScaler, autocast  # noqa: E402
 from utils.losses import build_criterion  # noqa: E402
 from utils.profiling import time_interleaved  # noqa: E402
@@ -297,6 +298,13 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bert", default="", help="a local BERT-base folder for pretrained text weights (default: random)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="glibc's malloc for the whole process, both implementations: keep freed memory for reuse (as main.py "
+        "does, utils/allocator.py) or its default thresholds",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("bench_official.json"), help="where every number is written")
     return p
@@ -306,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: glibc's default thresholds"
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="bench_official_") as tmp_name:
         tmp = Path(tmp_name)
@@ -394,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            for name, (_, _, key, _) in SWITCHED.items()},  # fmt: skip
         "text_encoder": text_note,
         "stubbed_modules": stubbed,
+        "malloc": malloc,
         "official_bert_ignored_keys": official_info["bert_ignored_keys"],
         "eval_logits_max_abs_diff_fp32": max_diff,
         "expression_tokens": {
@@ -415,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"load average (1/5/15 min) before {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, "
           f"after {after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}")  # fmt: skip
     print(f"Swin-T, window {args.window}, {args.size} px; text encoder: {text_note}; stubs: {stubbed or 'none'}")
+    print(f"{malloc} (both implementations)")
     print(f"fp32 eval logits, official vs repo, max |diff| {max_diff:.2e} (same weights)")
     print(f"medians (min-max) of {args.repeats} alternating rounds after {args.warmup} warm-up; "
           f"eval: mean of {args.eval_inner} forwards per round\n")  # fmt: skip

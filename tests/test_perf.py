@@ -442,6 +442,17 @@ def test_official_comparison_takes_turns_and_refuses_a_wrong_checkout(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_official_comparison_sets_mains_malloc_for_both_unless_told(tmp_path, monkeypatch):
+    bench = _bench_official()
+    kept = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: kept.append(1) or "")
+    for flags, expected in (([], [1]), (["--malloc", "default"], [])):
+        kept.clear()
+        with pytest.raises(FileNotFoundError, match="no lib/segmentation.py"):  # set before the checkout is read
+            bench.main(["--official", str(tmp_path), "--json", str(tmp_path / "out.json"), *flags])
+        assert kept == expected, flags
+
+
 def test_official_evaluation_as_its_test_loop_runs_it_one_expression_per_forward():
     bench = _bench_official()
     seen = []
