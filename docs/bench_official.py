@@ -63,7 +63,7 @@ from configs import get_config  # noqa: E402
 from engine import build_optimizer, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from tools import bench_report  # noqa: E402
-from tools.bench_workload import forward, make_batch  # noqa: E402
+from tools.bench_workload import MALLOC_MODES, forward, make_batch  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import NativeScaler, autocast  # noqa: E402
 from utils.losses import build_criterion  # noqa: E402
@@ -300,7 +300,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--malloc",
-        choices=["keep", "default"],
+        choices=list(MALLOC_MODES),
         default="keep",
         help="glibc's malloc for the whole process, both implementations: keep freed memory for reuse (as main.py "
         "does, utils/allocator.py) or its default thresholds",

@@ -37,7 +37,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("utils/checkpoint.py",),
     "checks": ("data/checks.py", "data/controls.py"),
     "synthetic": ("data/synthetic",),
-    "infra": ("utils/amp.py", "utils/atomic.py", "utils/lock.py", "utils/launcher.py", "utils/distributed.py"),
+    "infra": (
+        "utils/amp.py", "utils/atomic.py", "utils/lock.py", "utils/launcher.py", "utils/distributed.py",
+        "utils/allocator.py",
+    ),  # fmt: skip
     "tools": ("tools/",),
 }
 KILLED = {"killed", "caught by type check"}

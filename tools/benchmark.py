@@ -98,7 +98,7 @@ def _prepare(spec: BenchSpec) -> _Variant:
     if spec.malloc not in MALLOC_MODES:
         raise ValueError(f"BenchSpec.malloc must be one of {MALLOC_MODES}, got {spec.malloc!r}")
     if spec.malloc == "keep" and spec.memory != "only":  # (measure_memory returns freed memory instead)
-        keep_freed_memory()
+        logger.info(keep_freed_memory())
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
