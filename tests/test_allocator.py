@@ -61,6 +61,13 @@ def test_returned_memory_leaves_the_resident_set_after_it_was_kept():
     assert faults > 6 * (64 << 20) // 4096
 
 
+@pytest.fixture
+def no_user_settings(monkeypatch):
+    """An environment without the user's own malloc settings."""
+    for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+
+
 class _FakeLibc:
     def __init__(self, accepts: bool = True) -> None:
         self.calls: list[tuple[int, int]] = []
@@ -75,11 +82,9 @@ class _FakeLibc:
         return 1
 
 
-def test_thresholds_set_and_said(monkeypatch):
+def test_thresholds_set_and_said(monkeypatch, no_user_settings):
     fake = _FakeLibc()
     monkeypatch.setattr(allocator, "glibc", lambda: fake)
-    for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
-        monkeypatch.delenv(name, raising=False)
     said = allocator.keep_freed_memory()
     assert fake.calls == [(-3, 256 << 20), (-1, 1 << 30)]  # glibc's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     assert said.startswith("malloc: freed memory kept") and "mmap threshold 256 MiB, trim threshold 1024 MiB" in said
@@ -107,9 +112,7 @@ def test_the_users_malloc_settings_are_kept(monkeypatch, name, value, shown):
     assert fake.calls == []
 
 
-def test_without_glibc_or_when_refused_the_defaults_stay(monkeypatch):
-    for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
-        monkeypatch.delenv(name, raising=False)
+def test_without_glibc_or_when_refused_the_defaults_stay(monkeypatch, no_user_settings):
     monkeypatch.setattr(allocator, "glibc", lambda: None)
     assert allocator.keep_freed_memory() == "malloc: the C library's defaults (no glibc mallopt)"
     assert allocator.return_freed_memory() is False

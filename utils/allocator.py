@@ -80,7 +80,7 @@ def return_freed_memory() -> bool:
         return False
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # also ends glibc's dynamic threshold for this process
     libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)  # glibc's initial value (keep_freed_memory may have raised it)
-    libc.malloc_trim(0)
+    trim_heap()
     return True
 
 

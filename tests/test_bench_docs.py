@@ -1,0 +1,115 @@
+"""The scripts in docs/ that measure this code against the official one (``bench_official.py``, side by side;
+``bench_floor.py``, the float32 floor): their timing, ratios and setup, without the official checkout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _docs_script(name: str):
+    """docs/<name>.py, loaded as the script it is (docs/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_official():
+    return _docs_script("bench_official")
+
+
+def test_float32_floor_counts_the_work_and_divides_by_the_matmul_rate():
+    """docs/bench_floor.py: each function's FLOPs (a 96^3 product: 2 x 96^3; a 3x3 convolution of 4 -> 8 channels
+    on 10x10: 2 x 8 x 4 x 9 x 100), its floor at the median matmul rate of the timed rounds, time over floor."""
+    bench = _docs_script("bench_floor")
+    a, x, w = torch.randn(96, 96), torch.randn(1, 4, 10, 10), torch.randn(8, 4, 3, 3)
+    out = bench.floor({"mm": lambda: a @ a, "conv": lambda: F.conv2d(x, w, padding=1)}, repeats=3, matmul_size=128)
+    assert out["mm"]["gflop"] * 1e9 == 2 * 96**3 and out["conv"]["gflop"] * 1e9 == 2 * 8 * 4 * 9 * 100
+    rounds = out["matmul_rounds"]
+    assert len(rounds) == 3 and out["matmul_gflop_per_s"] == sorted(rounds)[1]  # the warm-up round left out
+    for name in ("mm", "conv"):
+        entry = out[name]
+        assert entry["floor_ms"] == pytest.approx(entry["gflop"] / out["matmul_gflop_per_s"] * 1e3)
+        assert entry["over_floor"] == pytest.approx(entry["median_ms"] / entry["floor_ms"]) and entry["median_ms"] > 0
+
+
+def test_official_comparison_takes_turns_and_refuses_a_wrong_checkout(tmp_path):
+    bench = _bench_official()
+    calls = []
+    fns = {"official": lambda: calls.append("o"), "repo": lambda: calls.append("r")}
+    times = bench.alternate(fns, warmup=1, repeats=4, inner=2)
+    # one warm-up round, then each round's first alternates: o o r r | r r o o | o o r r | r r o o
+    assert "".join(calls) == "or" + "oorr" + "rroo" + "oorr" + "rroo"
+    assert {k: len(v) for k, v in times.items()} == {"official": 4, "repo": 4}
+    assert bench.paired_ratio([2.0, 3.0, 9.0], [1.0, 1.0, 3.0]) == {"median": 3.0, "min": 2.0, "max": 3.0}
+    with pytest.raises(FileNotFoundError, match=r"--official .*: no lib/segmentation.py; give a checkout"):
+        bench.main(["--official", str(tmp_path), "--json", str(tmp_path / "out.json")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_official_comparison_sets_mains_malloc_for_both_unless_told(tmp_path, monkeypatch):
+    bench = _bench_official()
+    kept = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: kept.append(1) or "")
+    for flags, expected in (([], [1]), (["--malloc", "default"], [])):
+        kept.clear()
+        with pytest.raises(FileNotFoundError, match="no lib/segmentation.py"):  # set before the checkout is read
+            bench.main(["--official", str(tmp_path), "--json", str(tmp_path / "out.json"), *flags])
+        assert kept == expected, flags
+
+
+def test_official_evaluation_as_its_test_loop_runs_it_one_expression_per_forward():
+    bench = _bench_official()
+    seen = []
+
+    class Head(torch.nn.Module):  # stands for the official segmentation model: records each forward's batch
+        def forward(self, image, embedding, l_mask):
+            seen.append(len(image))
+            return image.mean((1, 2, 3))[:, None] + (embedding * l_mask.transpose(1, 2)).sum((1, 2))[:, None]
+
+    def bert(ids, attention_mask):
+        return (ids[..., None].float().expand(-1, -1, 4),)
+
+    off = SimpleNamespace(model=Head(), bert=bert)
+    batch = {"image": torch.randn(3, 3, 8, 8), "input_ids": torch.randint(1, 50, (3, 5)),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])}  # fmt: skip
+    out = bench.official_eval_rows_fn(off, batch, "")()
+    assert seen == [1, 1, 1]
+    expected = batch["image"].mean((1, 2, 3)) + 4 * (batch["input_ids"] * batch["attention_mask"]).sum(1).float()
+    assert torch.allclose(out[:, 0], expected)
+
+
+def test_official_comparison_goals_read_the_medians():
+    bench = _bench_official()
+
+    def entry(official: float, repo: float) -> dict:
+        return {"impls": {"official": {"median_ms": official}, "repo": {"median_ms": repo}}}
+
+    results = {"train/fp32": entry(200.0, 100.0), "train/bf16": entry(90.0, 80.0), "eval/fp32": entry(30.0, 40.0),
+               "eval_batched/fp32": entry(30.0, 12.0)}  # fmt: skip
+    assert bench.goals(results) == [
+        "- train: repo fp32 vs official fp32: 2.00x (target >= 1.0x: met)",
+        "- train: repo bf16 vs official bf16: 1.12x (target >= 1.3x: not met)",
+        "- eval: repo fp32 vs official fp32: 0.75x (target >= 1.0x: not met)",
+        "- train: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",  # bf16's 80 ms against fp32's 200
+        "- eval_batched: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",
+    ]
+
+
+@pytest.mark.parametrize("fused,conv_grad", [(True, True), (False, True), (True, False)])
+def test_official_comparison_columns_differ_by_their_switch_alone(fused, conv_grad):
+    """The repo columns beside the official one: the defaults, with only the named switch off."""
+    bench = _bench_official()
+    args = SimpleNamespace(window=7, size=224, batch_size=2, seed=0)
+    cfg = bench.repo_config(args, "some/bert", fused, conv_grad_matmul=conv_grad)
+    assert (cfg.MODEL.FUSED_ATTENTION, cfg.MODEL.CONV_GRAD_MATMUL) == (fused, conv_grad)
+    assert cfg.MODEL.TEXT.ENCODER == "some/bert" and cfg.DATA.SIZE == 224 and cfg.MODEL.SWIN.WINDOW_SIZE == 7
+    assert cfg.TRAIN.FUSED_ADAMW and cfg.MODEL.TEXT.TRAIN_LAYERS == 10  # the defaults the table's setup names
