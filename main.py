@@ -11,6 +11,9 @@ locks; an evaluation into the folder engine/run_folder.py chooses.
 from __future__ import annotations
 
 import os
+import time
+
+_STARTED = time.monotonic()  # `python main.py`'s wall time counts from here, before the imports (torch: seconds)
 
 # Set before torch loads OpenMP (libgomp): by default its threads busy-wait at every barrier, and a CPU step gets
 # many times slower as soon as another process shares the cores. 1000 spins keeps the idle speed and degrades
@@ -40,6 +43,7 @@ from engine.config_check import validate_config  # noqa: E402
 from engine.preemption import Preempted  # noqa: E402
 from engine.resume import ResumePlan, plan_resume  # noqa: E402
 from engine.run_folder import RunFolder, run_dir_of  # noqa: E402
+from engine.timing import report_timing  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
@@ -48,10 +52,14 @@ from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode 
 from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
+from utils.machine import describe_machine  # noqa: E402
+from utils.stopwatch import Stopwatch  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run what ``argv`` asks; returns ``{"run_dir", "summaries", "best"}`` (the files are in the run folder)."""
+def main(argv: list[str] | None = None, started: float | None = None) -> dict[str, Any]:
+    """Run what ``argv`` asks; returns ``{"run_dir", "summaries", "best", "timing"}`` (the files are in the run
+    folder). ``started``: when the process began (``time.monotonic``), for the wall time; default: now."""
+    stopwatch = Stopwatch(started)
     args = parse_args(argv)
     cfg = config_from_args(args)
     validate_config(cfg)  # before anything is built or written
@@ -59,12 +67,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_refer_files(cfg)
     info = init_distributed_mode(args.device)
     try:
-        return _run(args, cfg, info)
+        return _run(args, cfg, info, stopwatch)
     finally:
         cleanup()
 
 
-def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
+def _run(args: Any, cfg: CfgNode, info: DistInfo, stopwatch: Stopwatch) -> dict[str, Any]:
     amp_auto = cfg.TRAIN.AMP == "auto"
     if amp_auto:  # resolved before a resume compares the config with the checkpoint's (which stores it resolved)
         cfg.defrost()
@@ -80,15 +88,23 @@ def _run(args: Any, cfg: CfgNode, info: DistInfo) -> dict[str, Any]:
         resume=bool(args.resume), overwrite=args.overwrite, stale_after_s=args.stale_lock_minutes * 60,
         hint=rerun_hint(args),
     ) as folder:  # fmt: skip
-        return _run_in(args, cfg, info, folder, resume, amp_auto)
+        return _run_in(args, cfg, info, folder, resume, amp_auto, stopwatch)
 
 
 def _run_in(
-    args: Any, cfg: CfgNode, info: DistInfo, folder: RunFolder, resume: ResumePlan | None, amp_auto: bool
+    args: Any,
+    cfg: CfgNode,
+    info: DistInfo,
+    folder: RunFolder,
+    resume: ResumePlan | None,
+    amp_auto: bool,
+    stopwatch: Stopwatch,
 ) -> dict[str, Any]:
     run_dir = folder.path
     logger = setup_logging(run_dir / "log.txt", info.rank)
     logger.info("config: %s", describe_config(args))
+    logger.info("machine: %s", describe_machine(info.device))
+    stopwatch.lap("start-up")  # imports, parsing and checks, the run folder
     logger.info(keep_freed_memory())  # before the data, the model and their tensors are built
     for warning in folder.warnings:
         logger.warning(warning)
@@ -112,6 +128,7 @@ def _run_in(
             sizes = synthetic_sizes(cfg.DATA.SYNTHETIC_IMAGES, cfg.DATA.SYNTHETIC_EVAL_IMAGES)
             ensure_synthetic(cfg.DATA.ROOT, **sizes)
         barrier()
+        stopwatch.lap("synthetic data")  # generated, or found complete
     refer = load_refer(cfg)  # the annotations, read once for the image check, training and evaluation
     if info.rank == 0:  # every image the run will read, checked before the first step (headers, cached)
         after = list(cfg.EVAL.SPLITS) if cfg.EVAL.AFTER_TRAIN else []
@@ -123,18 +140,22 @@ def _run_in(
 
     # a full LAVT checkpoint replaces every weight: skip loading the pretrained parts first
     model = build_model(cfg, pretrained=not (args.eval or resume or args.pretrain)).to(info.device)
+    stopwatch.lap("loading")  # annotations, image checks, tokenizer, model
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     if args.eval:
         load_pretrained(model, args.pretrain, cfg)
         out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, args.pretrain, refer)
-        return out
-    result = train(cfg, args, model, tokenizer, info, run_dir, refer, resume=resume)
-    out["best"] = result["best"]
-    if result["finished"] and cfg.EVAL.AFTER_TRAIN:
-        best_path = run_dir / "best.pth"
-        load_pretrained(result["model_without_ddp"], str(best_path), cfg)
-        model = result["model_without_ddp"]
-        out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, str(best_path), refer)
+        stopwatch.lap("evaluation")
+    else:
+        result = train(cfg, args, model, tokenizer, info, run_dir, refer, resume=resume, stopwatch=stopwatch)
+        out["best"] = result["best"]
+        if result["finished"] and cfg.EVAL.AFTER_TRAIN:
+            best_path = run_dir / "best.pth"
+            load_pretrained(result["model_without_ddp"], str(best_path), cfg)
+            model = result["model_without_ddp"]
+            out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, str(best_path), refer)
+            stopwatch.lap("final evaluation")
+    out["timing"] = report_timing(stopwatch, cfg, info, run_dir, "evaluation" if args.eval else "training")
     return out
 
 
@@ -157,13 +178,13 @@ def _is_first_rank() -> bool:
         return True
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, started: float | None = None) -> int:
     """``main`` for the command line: returns the exit status (0; 2 after a one-line error from rank 0;
     ``EXIT_PREEMPTED`` after a stop request, with one line saying where the checkpoint is)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        main(argv)
+        main(argv, started)
     except Preempted as e:
         if _is_first_rank():
             print(f"main.py: preempted: {e}", file=sys.stderr)
@@ -178,4 +199,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli(started=_STARTED))

@@ -62,8 +62,8 @@ if str(REPO) not in sys.path:
 from configs import get_config  # noqa: E402
 from engine import build_optimizer, train_step  # noqa: E402
 from models import build_model  # noqa: E402
-from tools import bench_report  # noqa: E402
 from tools.bench_workload import MALLOC_MODES, forward, make_batch  # noqa: E402
+from utils import machine  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import NativeScaler, autocast  # noqa: E402
 from utils.losses import build_criterion  # noqa: E402
@@ -205,7 +205,7 @@ def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
 
 def machine_info() -> dict[str, Any]:
     """``tools.benchmark``'s description of the machine, with the CPU features that decide the fast precision."""
-    return {**bench_report.machine_info(torch.device("cpu")), "cpu_flags": bench_report.cpu_flags()}
+    return {**machine.machine_info(torch.device("cpu")), "cpu_flags": machine.cpu_flags()}
 
 
 # ----------------------------------------------------------------------------- report

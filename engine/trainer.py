@@ -25,6 +25,7 @@ from utils.amp import NativeScaler, autocast
 from utils.distributed import DistInfo
 from utils.logger import RunProgress, get_logger
 from utils.losses import build_criterion
+from utils.stopwatch import Stopwatch
 from utils.tensorboard import TensorBoardWriter
 
 from .checkpoint_config import check_config
@@ -60,12 +61,14 @@ def train(
     run_dir: Path,
     refer: REFER | None = None,
     resume: ResumePlan | None = None,
+    stopwatch: Stopwatch | None = None,
 ) -> dict[str, Any]:
     """The training loop: every epoch, train, validate on val (one random expression per object), checkpoint;
     ``last.pth`` also every TRAIN.CHECKPOINT_EVERY iterations and, followed by ``Preempted``, on a stop request.
 
     ``refer``: the dataset's annotations if already read (``data.load_refer``), shared by both splits.
     ``resume``: the checkpoint to continue (``engine.resume.plan_resume``), or None to start fresh.
+    ``stopwatch``: the run's, given a lap (group "training") for what comes before the first epoch and one per epoch.
     """
     logger = get_logger()
     refer = load_refer(cfg) if refer is None else refer
@@ -147,6 +150,8 @@ def train(
     # rank 0's scalars; a resumed run has TensorBoard drop what the interrupted one logged past the checkpoint
     step = progress.epoch * iters_per_epoch + progress.iteration
     tensorboard = TensorBoardWriter(run_dir, cfg.LOG.TENSORBOARD and info.rank == 0, purge_step=step + 1)
+    stopwatch = Stopwatch() if stopwatch is None else stopwatch
+    stopwatch.lap("datasets and text features" if cache is not None else "datasets", group="training")
     extra_s = 0.0  # per epoch, the seconds outside its iterations (validation, checkpoints), as last measured
     with stop_signals_handled(), tensorboard:
         for epoch in range(progress.epoch, stop):
@@ -195,12 +200,22 @@ def train(
                 "epoch %d: loss %.4f, val (one random expression per object) mIoU %.2f oIoU %.2f%s, %.0fs",
                 epoch, stats["loss"], val["mIoU"], val["oIoU"], " (best)" if is_best else "", time.time() - tic,
             )  # fmt: skip
+            stopwatch.lap(_epoch_name(epoch, low_res, iters_per_epoch, size), group="training")
             if stop_agreed(info.device):
                 _stop(run_dir / LAST, progress)
     finished = progress.epoch >= cfg.TRAIN.EPOCHS
     if resume is not None and progress.epoch == resume.ckpt["epoch"] + 1 and finished:
         logger.info("%s holds a finished run (%d epochs): nothing left to train", resume.path, cfg.TRAIN.EPOCHS)
     return {"best": progress.best, "model_without_ddp": model_without_ddp, "finished": finished}
+
+
+def _epoch_name(epoch: int, low_res: int, iters_per_epoch: int, size: int) -> str:
+    """"epoch 0 at 48 px", "epoch 1 (120 iterations at 48 px)" or "epoch 2": its lap's name."""
+    if not low_res:
+        return f"epoch {epoch}"
+    if low_res == iters_per_epoch:
+        return f"epoch {epoch} at {size} px"
+    return f"epoch {epoch} ({low_res} iterations at {size} px)"
 
 
 def _at_boundary(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -63,7 +66,7 @@ def test_resumed_run_equals_uninterrupted_run(env, tmp_path, cache):
 def trained(env, tmp_path_factory):
     """One epoch of training, then the final evaluation of best.pth on val and testA."""
     out_dir = tmp_path_factory.mktemp("trained")
-    out = run(env, out_dir, "--epochs", "1", EVAL__AFTER_TRAIN=True, EVAL__SPLITS=["val", "testA"])
+    out = run(env, out_dir, TRAIN__EPOCHS=1, EVAL__AFTER_TRAIN=True, EVAL__SPLITS=["val", "testA"])
     return out_dir, out
 
 
@@ -170,6 +173,59 @@ def test_the_run_sets_malloc_and_says_so(env, tmp_path, monkeypatch):
     for h in logging.getLogger("lavt").handlers:
         h.flush()
     assert calls == [1] and " INFO malloc: as a test set it\n" in (Path(out["run_dir"]) / "log.txt").read_text()
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_run_says_where_its_wall_time_went(trained):
+    """timing.jsonl: contiguous laps from the start to the final evaluation, the machine and the code's commit; the
+    log's last line says the same."""
+    tmp_path, out = trained
+    run_dir = tmp_path / "tiny"
+    record = json.loads((run_dir / "timing.jsonl").read_text().splitlines()[0])
+    assert record == json.loads(json.dumps(out["timing"]))  # (JSON: the load average's tuple becomes a list)
+    assert record["run"] == "training" and record["precision"] == "float32"
+    laps = record["laps"]
+    assert [(lap["name"], lap["group"]) for lap in laps] == [
+        ("start-up", ""), ("synthetic data", ""), ("loading", ""), ("datasets", "training"), ("epoch 0", "training"),
+        ("final evaluation", ""),
+    ]  # fmt: skip
+    assert all(lap["seconds"] >= 0 for lap in laps)
+    assert sum(lap["seconds"] for lap in laps) == pytest.approx(record["wall_s"], abs=0.01)
+    started, finished = (datetime.fromisoformat(record[k]) for k in ("started", "finished"))
+    assert (finished - started).total_seconds() == pytest.approx(record["wall_s"], abs=0.01)
+    epoch_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["epoch_time_s"]
+    assert epoch_s - 0.01 <= laps[4]["seconds"] < epoch_s + 5  # its training and validation, then its checkpoint
+    head = _git("rev-parse", "HEAD")
+    assert record["code"].removesuffix("+changes") == head[: len(record["code"].removesuffix("+changes"))]
+    assert record["code"].endswith("+changes") == bool(_git("status", "--porcelain", "--untracked-files=no"))
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [x.split(":", 1)[1].strip() for x in cpuinfo.read_text().splitlines() if x.startswith("model name")]
+        assert record["machine"]["cpu"] == names[0]
+    assert record["machine"]["cores"] == os.cpu_count() and record["processes"] == 1
+    wall = [x for x in (run_dir / "log.txt").read_text().splitlines() if " INFO wall time " in x]
+    assert wall and wall[0].endswith(", float32") and f" {record['machine']['cpu']}, " in wall[0]
+    assert ", training " in wall[0] and "(epoch 0 " not in wall[0] and ": datasets " in wall[0]
+
+
+def test_python_main_py_counts_its_imports(env, trained, tmp_path):
+    """`python main.py`: the wall time starts before the imports (which take seconds), not when main() begins; an
+    evaluation appends its own record."""
+    best = trained[0] / "tiny" / "best.pth"
+    argv = _main_argv(env, tmp_path, ["--eval", "--pretrain", str(best)], [])
+    launched = time.time()
+    subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    [timing] = list((tmp_path / "runs").rglob("timing.jsonl"))
+    [record] = [json.loads(x) for x in timing.read_text().splitlines()]
+    assert record["run"] == "evaluation"
+    assert [lap["name"] for lap in record["laps"]] == ["start-up", "synthetic data", "loading", "evaluation"]
+    first_log = (timing.parent / "log.txt").read_text().splitlines()[0][:23]  # "2026-12-04 04:49:49,753"
+    logged = datetime.strptime(first_log, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    started = datetime.fromisoformat(record["started"]).timestamp()
+    assert launched - 0.01 <= started < launched + (logged - launched) / 2  # the imports lie between
 
 
 def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[str]:

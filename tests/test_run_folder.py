@@ -76,7 +76,7 @@ def test_overwrite_clears_the_previous_run_then_trains(env, finished, tmp_path):
     old_config = (run_dir / "config.yaml").read_bytes()
     main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0", "--seed", "5"))
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json", "tensorboard"}  # before epoch 0
+    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json", "tensorboard", "timing.jsonl"}
     assert not (run_dir / "tensorboard" / "events.out.tfevents.old").exists()
     assert (run_dir / "notes.md").read_text() == "mine"
     assert (run_dir / "config.yaml").read_bytes() != old_config and "SEED: 5" in (run_dir / "config.yaml").read_text()
@@ -84,7 +84,7 @@ def test_overwrite_clears_the_previous_run_then_trains(env, finished, tmp_path):
     assert "epoch 0:" not in log  # the previous run's log went with it
     assert (
         f"--overwrite: removed the previous run's .image_check.json, best.pth, config.yaml, last.pth, log.txt, "
-        f"metrics.jsonl, tensorboard/ from {run_dir}; kept notes.md (not written by a run)"
+        f"metrics.jsonl, tensorboard/, timing.jsonl from {run_dir}; kept notes.md (not written by a run)"
     ) in log
 
 

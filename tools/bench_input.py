@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bench_report import cpu_model
+from utils.machine import cpu_model
 
 __all__ = ["make_refer_folder", "bench", "main"]
 

@@ -1,51 +1,8 @@
-"""The benchmark's report: the machine it ran on, and its results as text tables (``tools.benchmark``)."""
+"""The benchmark's results as text tables (``tools.benchmark``; the machine: ``utils.machine``)."""
 
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
 from typing import Any
-
-import torch
-
-#: CPU features that decide which precision is fast (native bf16 needs avx512_bf16 or AMX)
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        return []
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    names = [line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Which of ``CPU_FLAGS`` /proc/cpuinfo lists (all False where it cannot be read)."""
-    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
-    return {name: name in flags for name in CPU_FLAGS}
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
-        "amx": torch.cpu._is_amx_tile_supported(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average": os.getloadavg(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

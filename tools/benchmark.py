@@ -33,9 +33,10 @@ from models import build_model
 from models.build import compile_model
 from utils.allocator import keep_freed_memory, return_freed_memory
 from utils.amp import AMP_DTYPES, autocast
+from utils.machine import machine_info
 from utils.profiling import PeakMemory, current_rss_bytes, matmul_flops_per_s, time_interleaved, time_runs
 
-from .bench_report import format_tables, machine_info
+from .bench_report import format_tables
 from .bench_workload import (
     MALLOC_MODES,
     MEMORY_MODES,

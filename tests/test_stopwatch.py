@@ -1,0 +1,131 @@
+"""utils.stopwatch (laps that add up to the run) and utils.machine (what every timing names beside its figures)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import machine
+from utils.stopwatch import Stopwatch, format_seconds
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_laps_are_contiguous_and_add_up_to_the_wall_time():
+    clock = FakeClock()
+    watch = Stopwatch(start=90.0, clock=clock)  # the process began 10 s before the stopwatch was made
+    for seconds, name, group in [(3, "start-up", ""), (49, "data", ""), (24, "setup", "training"),
+                                 (232, "epoch 0", "training"), (622, "epoch 1", "training"), (57, "evaluation", "")]:
+        clock.now += seconds
+        assert watch.lap(name, group) == (seconds + 10 if name == "start-up" else seconds)
+    assert [(lap.name, lap.seconds, lap.group) for lap in watch.laps][:2] == [("start-up", 13, ""), ("data", 49, "")]
+    assert watch.total == 997 == sum(lap.seconds for lap in watch.laps)
+    assert watch.summary() == (
+        "16 min 37 s: start-up 13 s (1%), data 49 s (5%), training 14 min 38 s (88%: setup 24 s, epoch 0 3 min 52 s, "
+        "epoch 1 10 min 22 s), evaluation 57 s (6%)"
+    )
+    assert watch.as_dict() == {"wall_s": 997, "laps": [
+        {"name": "start-up", "seconds": 13, "group": ""}, {"name": "data", "seconds": 49, "group": ""},
+        {"name": "setup", "seconds": 24, "group": "training"}, {"name": "epoch 0", "seconds": 232, "group": "training"},
+        {"name": "epoch 1", "seconds": 622, "group": "training"}, {"name": "evaluation", "seconds": 57, "group": ""},
+    ]}  # fmt: skip
+
+
+def test_a_group_is_one_entry_only_where_its_laps_follow_each_other():
+    clock = FakeClock(0.0)
+    watch = Stopwatch(clock=clock)
+    for name, group in [("a", "g"), ("b", ""), ("c", "g"), ("d", "g")]:
+        clock.now += 10
+        watch.lap(name, group)
+    assert watch.summary() == "40 s: g 10 s (25%: a 10 s), b 10 s (25%), g 20 s (50%: c 10 s, d 10 s)"
+
+
+def test_no_lap_yet():
+    watch = Stopwatch(clock=FakeClock())
+    assert watch.total == 0 and watch.summary() == "0.0 s: " and watch.as_dict() == {"wall_s": 0, "laps": []}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.04, "0.0 s"), (9.94, "9.9 s"), (10.2, "10 s"), (59.4, "59 s"), (59.6, "1 min 0 s"), (1000, "16 min 40 s"),
+     (3599.4, "59 min 59 s"), (3600, "1 h 00 min"), (7530, "2 h 05 min")],
+)  # fmt: skip
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 sha_ni
+processor\t: 1
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 sha_ni
+"""
+
+
+def test_cpu_model_and_flags_from_cpuinfo(monkeypatch):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: CPUINFO.splitlines())
+    assert machine.cpu_model() == "AMD EPYC 9R14 96-Core Processor"
+    flags = machine.cpu_flags()
+    assert flags == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False, "amx_tile": False}
+    assert machine.vector_units(flags) == "AVX-512 bf16, native bf16"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert machine.describe_machine(torch.device("cpu")).startswith(
+        "AMD EPYC 9R14 96-Core Processor, "
+    ) and ", 3 threads, AVX-512 bf16, native bf16, torch " in machine.describe_machine(torch.device("cpu"))
+
+
+def test_no_cpuinfo(monkeypatch):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: [])
+    monkeypatch.setattr(machine.platform, "processor", lambda: "")
+    monkeypatch.setattr(machine.platform, "machine", lambda: "arm64")
+    assert machine.cpu_model() == "arm64"
+    assert machine.cpu_flags() == dict.fromkeys(machine.CPU_FLAGS, False)
+    assert machine.vector_units(machine.cpu_flags()) == "no AVX2 (CPU features unknown)"
+
+
+@pytest.mark.parametrize(
+    ("present", "text"),
+    [({"amx_tile", "avx512_bf16", "avx512f", "avx2"}, "AMX, native bf16"), ({"amx_bf16"}, "AMX, native bf16"),
+     ({"avx512f", "avx2"}, "AVX-512 without bf16"), ({"avx2"}, "AVX2 only, no native bf16"), ({"sse2"}, "no AVX2")],
+)  # fmt: skip
+def test_vector_units(present, text):
+    flags = {name: name in present for name in (*machine.CPU_FLAGS, "sse2")}
+    assert machine.vector_units(flags) == text
+
+
+def test_code_version(tmp_path):
+    assert machine.code_version(tmp_path) is None  # not a git checkout
+
+    def git(*args: str) -> str:
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}  # fmt: skip
+        return subprocess.run(["git", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    commit = git("rev-parse", "HEAD")
+    version = machine.code_version(tmp_path)
+    assert version is not None and len(version) >= 7 and commit.startswith(version)
+    (tmp_path / "new.py").write_text("untracked files do not count\n")
+    assert machine.code_version(tmp_path) == version
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert machine.code_version(tmp_path) == version + "+changes"
+
+
+def test_code_version_without_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found
+    assert machine.code_version(Path(__file__).parent) is None
