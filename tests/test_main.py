@@ -206,7 +206,9 @@ def test_the_run_says_where_its_wall_time_went(trained):
         names = [x.split(":", 1)[1].strip() for x in cpuinfo.read_text().splitlines() if x.startswith("model name")]
         assert record["machine"]["cpu"] == names[0]
     assert record["machine"]["cores"] == os.cpu_count() and record["processes"] == 1
-    wall = [x for x in (run_dir / "log.txt").read_text().splitlines() if " INFO wall time " in x]
+    log = (run_dir / "log.txt").read_text()
+    assert f" INFO machine: {record['machine']['cpu']}, {os.cpu_count()} cores, " in log  # at the start too
+    wall = [x for x in log.splitlines() if " INFO wall time " in x]
     assert wall and wall[0].endswith(", float32") and f" {record['machine']['cpu']}, " in wall[0]
     assert ", training " in wall[0] and "(epoch 0 " not in wall[0] and ": datasets " in wall[0]
 
