@@ -49,6 +49,14 @@ def test_a_group_is_one_entry_only_where_its_laps_follow_each_other():
     assert watch.summary() == "40 s: g 10 s (25%: a 10 s), b 10 s (25%), g 20 s (50%: c 10 s, d 10 s)"
 
 
+def test_json_keeps_milliseconds():
+    clock = FakeClock(0.0)
+    watch = Stopwatch(clock=clock)
+    clock.now = 1.23456
+    watch.lap("a")
+    assert watch.as_dict() == {"wall_s": 1.235, "laps": [{"name": "a", "seconds": 1.235, "group": ""}]}
+
+
 def test_no_lap_yet():
     watch = Stopwatch(clock=FakeClock())
     assert watch.total == 0 and watch.summary() == "0.0 s: " and watch.as_dict() == {"wall_s": 0, "laps": []}
@@ -57,7 +65,7 @@ def test_no_lap_yet():
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(0.04, "0.0 s"), (9.94, "9.9 s"), (10.2, "10 s"), (59.4, "59 s"), (59.6, "1 min 0 s"), (1000, "16 min 40 s"),
-     (3599.4, "59 min 59 s"), (3600, "1 h 00 min"), (7530, "2 h 05 min")],
+     (3599.4, "59 min 59 s"), (3600, "1 h 00 min"), (6600, "1 h 50 min"), (7199, "1 h 59 min"), (7530, "2 h 05 min")],
 )  # fmt: skip
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
@@ -83,6 +91,9 @@ def test_cpu_model_and_flags_from_cpuinfo(monkeypatch):
     assert machine.describe_machine(torch.device("cpu")).startswith(
         "AMD EPYC 9R14 96-Core Processor, "
     ) and ", 3 threads, AVX-512 bf16, native bf16, torch " in machine.describe_machine(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {device}")
+    gpu_line = machine.describe_machine(torch.device("cuda", 1))
+    assert gpu_line.startswith("GPU cuda:1 on AMD EPYC 9R14 96-Core Processor, ")
 
 
 def test_no_cpuinfo(monkeypatch):
