@@ -148,6 +148,14 @@ _C.LOG.TENSORBOARD = True  # scalars in <OUTPUT>/<MODEL_ID>/tensorboard (train l
 _C.OUTPUT = "checkpoint"
 _C.MODEL_ID = "lavt"
 
+# The speed switches: the same arithmetic in another kernel, layout or order (float rounding only).
+SPEED_SWITCHES: tuple[str, ...] = (
+    "MODEL.FUSED_ATTENTION",
+    "MODEL.GRAD_CHECKPOINT",
+    "MODEL.CHANNELS_LAST",
+    "MODEL.CONV_GRAD_MATMUL",
+    "MODEL.COMPILE",
+)
 # MODEL keys that leave the weights' shapes and meaning alone (paths, regularisation, caches, speed switches): a
 # checkpoint loads whatever their values. Every other MODEL key is an architecture key (``architecture_keys``).
 NON_ARCHITECTURE_MODEL_KEYS: tuple[str, ...] = (
@@ -159,17 +167,16 @@ NON_ARCHITECTURE_MODEL_KEYS: tuple[str, ...] = (
     "MODEL.TEXT.TRAIN_LAYERS",
     "MODEL.TEXT.CACHE",
     "MODEL.TEXT.DROPOUT",
-    "MODEL.FUSED_ATTENTION",
-    "MODEL.GRAD_CHECKPOINT",
-    "MODEL.CHANNELS_LAST",
-    "MODEL.CONV_GRAD_MATMUL",
-    "MODEL.COMPILE",
+    *SPEED_SWITCHES,
 )
 # Keys (or whole sections) a resumed run may change freely because what it computes stays the same: where files
-# are, how many loader processes read them, how often checkpoints are written, what is evaluated after training.
+# are, how many loader processes read them, how often checkpoints are written, what is evaluated after training,
+# and the speed switches (so that a run resumed on another kind of node may trade memory for time, and a run saved
+# before a switch existed resumes).
 # Any other difference from the stored configuration is refused unless applied on purpose (main.py --allow_change).
 RESUME_FREE_KEYS: tuple[str, ...] = (
     "MODEL.PRETRAINED_SWIN",
+    *SPEED_SWITCHES,
     "DATA.ROOT",
     "DATA.IMAGE_DIR",
     "DATA.WORKERS",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from yacs.config import CfgNode
 
 import main as main_module
 from data import build_dataset
@@ -193,6 +194,23 @@ def test_mid_epoch_resume_with_other_workers_equals_straight_run(env, straight, 
     """Items are seeded by (seed, epoch, index): DataLoader workers may change on resume, the run stays exact."""
     run_dir = copy_run(stopped, tmp_path)
     run(env, tmp_path, "--resume", "auto", DATA__WORKERS=1)
+    assert_same_run(straight, run_dir)
+
+
+def test_speed_switches_change_freely_and_an_older_run_without_one_resumes(env, straight, stopped, tmp_path):
+    """A last.pth saved before MODEL.CONV_GRAD_MATMUL existed, resumed with activation checkpointing on: no
+    --allow_change needed, both named in the log, and the run ends as the straight one (the same arithmetic)."""
+    run_dir = copy_run(stopped, tmp_path)
+    ckpt = read_checkpoint(run_dir / "last.pth")
+    saved = CfgNode.load_cfg(ckpt["config"])
+    del saved.MODEL["CONV_GRAD_MATMUL"]
+    ckpt["config"] = saved.dump()
+    checkpoint_io.save_checkpoint(ckpt, run_dir / "last.pth")
+    run(env, tmp_path, "--resume", "auto", MODEL__GRAD_CHECKPOINT=True)
+    log = (run_dir / "log.txt").read_text()
+    said = re.search(r" INFO resume: (.*) \(settings that leave the results alone\)\n", log)
+    assert said and "MODEL.GRAD_CHECKPOINT: checkpoint False, now True; OUTPUT: " in said[1]
+    assert said[1].endswith("; MODEL.CONV_GRAD_MATMUL: checkpoint '<missing>', now True")
     assert_same_run(straight, run_dir)
 
 
