@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ def run(env, out: Path, *flags: str, **over) -> dict:
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["encoder", "cached_text"])
-def test_resumed_run_equals_uninterrupted_run(env, tmp_path, cache):
+def test_resumed_run_equals_uninterrupted_run(env, tmp_path, tmp_path_factory, cache):
     over = {"MODEL__TEXT__CACHE": True, "MODEL__TEXT__TRAIN_LAYERS": 0} if cache else {}
     run(env, tmp_path / "straight", **over)
     run(env, tmp_path / "stopped", "--stop_after", "1", **over)
@@ -60,6 +61,15 @@ def test_resumed_run_equals_uninterrupted_run(env, tmp_path, cache):
     assert any(not torch.equal(x, y) for x, y in zip(first["model"].values(), a["model"].values()))  # it trained
     lines = (tmp_path / "stopped" / "tiny" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+    if cache:  # every train and val expression, each distinct token sequence once
+        cfg = tiny_cfg(tmp_path_factory)
+        distinct = set()
+        for split, eval_mode in (("train", False), ("val", True)):
+            ds = build_dataset(cfg, split, eval_mode=eval_mode)
+            distinct |= {tuple(i[m.bool()].tolist()) for i, m in zip(ds.input_ids, ds.attention_masks)}
+        said = re.search(r" text features of (\d+) distinct expressions cached in [\d.]+s\n",
+                         (tmp_path / "straight" / "tiny" / "log.txt").read_text())  # fmt: skip
+        assert said and int(said[1]) == len(distinct)
 
 
 @pytest.fixture(scope="module")

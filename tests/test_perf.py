@@ -355,10 +355,10 @@ def test_interleaved_timing_rotates_turns():
 def test_benchmark_interleaved_variants(tmp_path):
     """``--interleave``: the variants in one process, taking turns (``run_interleaved``), from the command line."""
     argv = ["--opts", *TINY_OPTS, "--size", "64", "--warmup", "0", "--runs", "1", "--phases", "train,eval",
-            "--threads", "1", "--matmul_size", "64", "--compare", "fused+bf16", "--interleave",
+            "--threads", "1", "--matmul_size", "64", "--compare", "fused+bf16,fused", "--interleave",
             "--output", str(tmp_path / "b.json")]  # fmt: skip
     results = benchmark.main(argv)["results"]
-    assert [r["variant"] for r in results] == ["base", "fused+bf16"]
+    assert [r["variant"] for r in results] == ["base", "fused+bf16", "fused"]
     for r in results:
         assert r["train"]["step_ms"] > 0 and "peak_mb" not in r["train"]
         assert r["eval"]["batch8"]["expr_per_s"] > 0

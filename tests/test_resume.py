@@ -356,6 +356,22 @@ def test_checkpoint_of_before_mid_epoch_resume_still_resumes(env, straight, tmp_
     assert records(run_dir) == records(straight)
 
 
+def test_mid_epoch_checkpoint_without_the_epochs_averages(env, straight, stopped, tmp_path):
+    """A mid-epoch last.pth without the training meters (as written before they were kept) resumes exactly; the log
+    says that the epoch's training averages then cover only the iterations after the resume."""
+    run_dir = copy_run(stopped, tmp_path)
+    ckpt = read_checkpoint(run_dir / "last.pth")
+    del ckpt["meters"]
+    checkpoint_io.save_checkpoint(ckpt, run_dir / "last.pth")
+    run(env, tmp_path, "--resume", "auto")
+    log = (run_dir / "log.txt").read_text()
+    assert " INFO epoch 0's training averages cover the iterations after the resume only\n" in log
+    x, y = read_checkpoint(straight / "last.pth"), read_checkpoint(run_dir / "last.pth")
+    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+    first = [records(d)[0] for d in (straight, run_dir)]
+    assert first[0]["train_loss"] != first[1]["train_loss"] and first[0]["val_oIoU"] == first[1]["val_oIoU"]
+
+
 def test_resumed_epoch_keeps_its_low_res_iterations(env, tmp_path, train_objects, monkeypatch):
     """TRAIN.LOW_RES_EPOCHS covering epoch 0 and 3 iterations of epoch 1, the run stopped after epoch 1's first
     iteration: the resumed epoch trains its iterations 2 and 3 at TRAIN.LOW_RES_SIZE and the rest at DATA.SIZE

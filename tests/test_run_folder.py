@@ -176,7 +176,6 @@ def test_stale_rule_for_a_holder_on_another_host(tmp_path):
     assert not lock.exists()
 
 
-
 def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypatch):
     lock = tmp_path / LOCK_NAME
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
@@ -190,6 +189,7 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypa
     assert "(it was taken by an earlier run of this SLURM job (4242.0; this is 4242.1))" in taker.acquire()
     assert json.loads(lock.read_text())["slurm_job"] == "4242.1"
     taker.release()
+
 
 def test_stale_rule_on_this_host_and_unreadable_locks(tmp_path):
     lock, host = tmp_path / LOCK_NAME, socket.gethostname()
@@ -254,6 +254,16 @@ def test_eval_folder_named_on_the_command_line(finished, tmp_path):
     fresh = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "fresh"])
     assert eval_run_dir(fresh, finished / "best.pth", named=True)[0] == tmp_path / "fresh"
     assert eval_run_dir(fresh, finished / "best.pth", named=False)[0] == finished
+
+
+def test_same_folder_by_name_where_it_cannot_be_looked_up(tmp_path):
+    """A folder that cannot be stat'ed (gone, or no permission) is compared by its resolved path."""
+    from engine.run_folder import _same_folder
+
+    gone = tmp_path / "gone"
+    assert _same_folder(gone / "run", tmp_path / "gone" / "x" / ".." / "run")
+    assert not _same_folder(gone / "run", gone / "other")
+    assert _same_folder(tmp_path, tmp_path / ".") and not _same_folder(tmp_path, gone.parent.parent)
 
 
 def test_what_names_the_run_folder_and_a_missing_checkpoint(env, tmp_path):

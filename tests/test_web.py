@@ -204,8 +204,10 @@ def post(url: str, data: bytes, **query: str) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(url + "predict?" + urllib.parse.urlencode(query), data=data, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.headers["Content-Type"] == "application/json"
             return response.status, json.load(response)
     except urllib.error.HTTPError as e:
+        assert e.headers["Content-Type"] == "application/json"
         return e.code, json.load(e)
 
 
