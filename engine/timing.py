@@ -4,7 +4,7 @@ code's version, so that a figure measured anywhere can be compared (README: the 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,10 @@ def report_timing(stopwatch: Stopwatch, cfg: CfgNode, info: DistInfo, run_dir: P
     record per process run: a resumed training adds its own)."""
     precision = cfg.TRAIN.AMP or "float32"
     get_logger().info("wall time %s; %s, %s", stopwatch.summary(), describe_machine(info.device), precision)
-    now = datetime.now(timezone.utc)
     record = {
         "run": run,
-        "started": (now - timedelta(seconds=stopwatch.total)).isoformat(timespec="milliseconds"),
-        "finished": now.isoformat(timespec="milliseconds"),
+        "started": _iso(stopwatch.started_wall),
+        "finished": _iso(stopwatch.ended_wall),
         "code": code_version(Path(__file__).resolve().parents[1]),
         "machine": machine_info(info.device),
         "processes": info.world_size,
@@ -40,3 +39,7 @@ def report_timing(stopwatch: Stopwatch, cfg: CfgNode, info: DistInfo, run_dir: P
         with open(run_dir / TIMING_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     return record
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
