@@ -70,16 +70,16 @@ def test_a_paused_machine_counts_in_the_lap_it_paused():
     watch = stopwatch(clock)
     for name, group, seconds, ahead in [("data", "", 50, 0.9), ("epoch 0", "training", 200, 0.15),
                                         ("epoch 1", "training", 524, 25.0), ("evaluation", "", 52, 3.0),
-                                        ("after", "", 10, -60.0)]:  # fmt: skip
+                                        ("long", "", 5000, 3.0), ("after", "", 10, -60.0)]:  # fmt: skip
         clock.now += seconds
         clock.ahead += ahead
         watch.lap(name, group)
-    assert [lap.paused for lap in watch.laps] == [0, 0, 25, 3, 0]
-    assert [lap.seconds for lap in watch.laps] == [50, 200, 549, 55, 10]
-    assert watch.total == 864 and watch.paused == 28
+    assert [lap.paused for lap in watch.laps] == [0, 0, 25, 3, 0, 0]  # 3 s in 5000: within the slew
+    assert [lap.seconds for lap in watch.laps] == [50, 200, 549, 55, 5000, 10]
+    assert watch.total == 5864 and watch.paused == 28
     assert watch.summary() == (
-        "14 min 24 s: data 50 s (6%), training 12 min 29 s (87%: epoch 0 3 min 20 s, epoch 1 9 min 9 s with 25 s "
-        "paused), evaluation 55 s (6%, 3.0 s paused), after 10 s (1%)"
+        "1 h 37 min: data 50 s (1%), training 12 min 29 s (13%: epoch 0 3 min 20 s, epoch 1 9 min 9 s with 25 s "
+        "paused), evaluation 55 s (1%, 3.0 s paused), long 1 h 23 min (85%), after 10 s (0%)"
     )
     assert watch.as_dict()["paused_s"] == 28 and watch.as_dict()["laps"][2]["paused"] == 25
     assert watch.ended_wall == clock.wall()
