@@ -1,7 +1,7 @@
 """Where a run's wall time went: contiguous laps from the process's start, so that they add up to the whole.
 
 Laps are measured on the monotonic clock, which no setting of the system clock moves. A virtual machine paused by
-its host (a Firecracker VM here: 25 s within one epoch) stops that clock too, and its wall clock jumps ahead when it
+its host (a Firecracker VM, for one) stops that clock too, and its wall clock jumps ahead when it
 resumes: the seconds by which the wall clock outran the monotonic one within a lap are kept as that lap's
 ``paused``, so that the total is the time a person waited, as the log's timestamps and ``/usr/bin/time`` count it.
 """
