@@ -50,6 +50,42 @@ def test_against_a_hand_computation():
         torch.testing.assert_close(refine(logits, images), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_convolutions_run_channels_last_on_cpu():
+    """On CPU the full-resolution convolutions get channels-last inputs (oneDNN's faster layout for few channels), in
+    training and in evaluation, and give what the layers give on contiguous inputs (forward and gradients)."""
+    torch.manual_seed(0)
+    refine = EdgeRefine(4)
+    _randomise(refine)
+    seen = []
+    for conv in (refine.conv1, refine.conv2, refine.proj):
+        conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    logits, images = torch.randn(2, 2, 9, 11, requires_grad=True), torch.randn(2, 3, 9, 11)
+    out = refine.train()(logits, images)
+    with torch.no_grad():
+        refine.eval()(logits, images)
+    assert seen == [True] * 6
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+
+    # the same layers, by hand on contiguous tensors, BatchNorm in training mode (batch statistics)
+    ref_logits = logits.detach().clone().requires_grad_()
+    sd = {k: v.detach().clone().requires_grad_(v.is_floating_point() and "running" not in k)
+          for k, v in refine.state_dict().items()}  # fmt: skip
+
+    def bn(x, p):
+        return F.batch_norm(x, None, None, sd[f"{p}.weight"], sd[f"{p}.bias"], training=True, eps=1e-5)
+
+    x = torch.cat([ref_logits, images], 1).contiguous()
+    x = bn(F.conv2d(x, sd["conv1.weight"], padding=1), "bn1").clamp_min(0)
+    x = bn(F.conv2d(x, sd["conv2.weight"], padding=1), "bn2").clamp_min(0)
+    expected = ref_logits + F.conv2d(x, sd["proj.weight"], sd["proj.bias"])
+    (expected * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # gradients: sums over the batch and the map, float32 round-off of the two layouts' summation orders
+    torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-4, rtol=1e-4)
+    for name, param in refine.named_parameters():
+        torch.testing.assert_close(param.grad, sd[name].grad, atol=1e-4, rtol=1e-4)
+
+
 def test_lavt_refines_its_upsampled_logits():
     """The same backbone and decoder with and without MODEL.REFINE: the refined network's output is the refinement
     of the plain one's, given the image; the plain network's state dict has no refinement keys (official layout)."""
