@@ -21,6 +21,15 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5 if positive else torch.randn(t.shape, generator=g))
 
 
+def _by_hand(logits: torch.Tensor, images: torch.Tensor, sd: dict, bn) -> torch.Tensor:
+    """logits + 1x1(relu(bn(3x3(relu(bn(3x3([logits, image]))))))) from the state dict ``sd``, on contiguous
+    tensors, the 1x1 as an einsum; ``bn(x, prefix)`` is the BatchNorm."""
+    x = torch.cat([logits, images], 1).contiguous()
+    x = bn(F.conv2d(x, sd["conv1.weight"], padding=1), "bn1").clamp_min(0)
+    x = bn(F.conv2d(x, sd["conv2.weight"], padding=1), "bn2").clamp_min(0)
+    return logits + torch.einsum("bchw,oc->bohw", x, sd["proj.weight"][:, :, 0, 0]) + sd["proj.bias"][:, None, None]
+
+
 def test_starts_as_the_identity():
     refine = EdgeRefine(4)
     logits, images = torch.randn(2, 2, 12, 10), torch.randn(2, 3, 12, 10)
@@ -42,10 +51,7 @@ def test_against_a_hand_computation():
         scale = sd[f"{p}.weight"] / torch.sqrt(sd[f"{p}.running_var"] + 1e-5)
         return (x - sd[f"{p}.running_mean"][:, None, None]) * scale[:, None, None] + sd[f"{p}.bias"][:, None, None]
 
-    x = torch.cat([logits, images], 1)
-    x = bn(F.conv2d(x, sd["conv1.weight"], padding=1), "bn1").clamp_min(0)
-    x = bn(F.conv2d(x, sd["conv2.weight"], padding=1), "bn2").clamp_min(0)
-    expected = logits + torch.einsum("bchw,oc->bohw", x, sd["proj.weight"][:, :, 0, 0]) + sd["proj.bias"][:, None, None]
+    expected = _by_hand(logits, images, sd, bn)
     with torch.no_grad():
         torch.testing.assert_close(refine(logits, images), expected, atol=1e-5, rtol=1e-5)
 
@@ -74,10 +80,7 @@ def test_convolutions_run_channels_last_on_cpu():
     def bn(x, p):
         return F.batch_norm(x, None, None, sd[f"{p}.weight"], sd[f"{p}.bias"], training=True, eps=1e-5)
 
-    x = torch.cat([ref_logits, images], 1).contiguous()
-    x = bn(F.conv2d(x, sd["conv1.weight"], padding=1), "bn1").clamp_min(0)
-    x = bn(F.conv2d(x, sd["conv2.weight"], padding=1), "bn2").clamp_min(0)
-    expected = ref_logits + F.conv2d(x, sd["proj.weight"], sd["proj.bias"])
+    expected = _by_hand(ref_logits, images, sd, bn)
     (expected * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # gradients: sums over the batch and the map, float32 round-off of the two layouts' summation orders

@@ -62,7 +62,6 @@ def test_a_group_is_one_entry_only_where_its_laps_follow_each_other():
     assert watch.summary() == "40 s: g 10 s (25%: a 10 s), b 10 s (25%), g 20 s (50%: c 10 s, d 10 s)"
 
 
-
 def test_a_paused_machine_counts_in_the_lap_it_paused():
     """A virtual machine paused by its host: its monotonic clock stops, its system clock jumps ahead on resuming.
     The lap holds the pause (the total is the time waited); a slew within 0.1% or 1 s, or a clock set back, is none."""
@@ -83,6 +82,7 @@ def test_a_paused_machine_counts_in_the_lap_it_paused():
     )
     assert watch.as_dict()["paused_s"] == 28 and watch.as_dict()["laps"][2]["paused"] == 25
     assert watch.ended_wall == clock.wall()
+
 
 def test_json_keeps_milliseconds():
     clock = FakeClock(0.0)
