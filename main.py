@@ -10,15 +10,13 @@ locks; an evaluation into the folder engine/run_folder.py chooses.
 
 from __future__ import annotations
 
-import os
 import time
 
 _STARTED = time.monotonic()  # `python main.py`'s wall time counts from here, before the imports (torch: seconds)
 
-# Set before torch loads OpenMP (libgomp): by default its threads busy-wait at every barrier, and a CPU step gets
-# many times slower as soon as another process shares the cores. 1000 spins keeps the idle speed and degrades
-# gracefully under load (docs/performance.md); set it yourself to override.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+from utils.openmp import set_spin_count  # noqa: E402 (imports no torch)
+
+set_spin_count()  # before torch loads OpenMP (utils/openmp.py); GOMP_SPINCOUNT in the environment overrides it
 
 import sys  # noqa: E402 (after the OpenMP setting)
 from typing import Any  # noqa: E402

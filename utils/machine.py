@@ -48,7 +48,8 @@ def vector_units(flags: dict[str, bool]) -> str:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """The machine as JSON: CPU, cores, torch's threads, native bf16 as torch sees it, versions, load average."""
+    """The machine as JSON: CPU, cores, torch's threads, native bf16 as torch sees it, versions, load average, OpenMP's
+    spin count."""
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -58,6 +59,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
+        "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # None: libgomp's default (utils/openmp.py)
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
