@@ -289,11 +289,28 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
     p.add_argument("--ck_bert", default=None, help='the text encoder: a local BERT folder or "minilm-l6"')
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860, help="port (0: any free one)")
-    p.add_argument("--max_megabytes", type=float, default=Limits.max_bytes / 1e6, help="largest image file, MB")
-    p.add_argument("--max_megapixels", type=float, default=Limits.max_pixels / 1e6, help="largest image, megapixels")
-    p.add_argument("--max_expressions", type=int, default=Limits.max_expressions, help="expressions per upload")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free one)")
+    p.add_argument(
+        "--max_megabytes",
+        type=float,
+        default=Limits.max_bytes / 1e6,
+        help="largest image file, MB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max_megapixels",
+        type=float,
+        default=Limits.max_pixels / 1e6,
+        help="largest image, megapixels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max_expressions",
+        type=int,
+        default=Limits.max_expressions,
+        help="expressions per upload (default: %(default)s)",
+    )
     p.add_argument("--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides")
     return p
 
