@@ -44,8 +44,8 @@ class EdgeRefine(nn.Module):
     def _correction(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         x = torch.cat([logits, images.to(logits.dtype)], dim=1)  # [B, 2 + in_chans, H, W]
         if x.device.type == "cpu":
-            # oneDNN runs these few-channel convolutions at full resolution faster channels-last (the demo's training
-            # step 1.04-1.05x at 96 px, float32 and bf16: docs/performance.md); other devices are left as they are
+            # oneDNN runs these few-channel, full-resolution convolutions faster channels-last (measured in
+            # docs/performance.md); other devices are left as they are
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))

@@ -70,7 +70,8 @@ def test_convolutions_run_channels_last_on_cpu():
     with torch.no_grad():
         refine.eval()(logits, images)
     assert seen == [True] * 6
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)  # a loss whose gradient differs at every position
+    (out * weights).sum().backward()
 
     # the same layers, by hand on contiguous tensors, BatchNorm in training mode (batch statistics)
     ref_logits = logits.detach().clone().requires_grad_()
@@ -81,7 +82,7 @@ def test_convolutions_run_channels_last_on_cpu():
         return F.batch_norm(x, None, None, sd[f"{p}.weight"], sd[f"{p}.bias"], training=True, eps=1e-5)
 
     expected = _by_hand(ref_logits, images, sd, bn)
-    (expected * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (expected * weights).sum().backward()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # gradients: sums over the batch and the map, float32 round-off of the two layouts' summation orders
     torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-4, rtol=1e-4)

@@ -15,7 +15,7 @@ from collections.abc import MutableMapping
 
 __all__ = ["SPIN_COUNT", "set_spin_count"]
 
-#: spins before an idle OpenMP thread sleeps (libgomp's default: 300000; 1000 was this code's choice before)
+#: spins before an idle OpenMP thread sleeps (libgomp's default: 300000)
 SPIN_COUNT = 3000
 
 
