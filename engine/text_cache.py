@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models.text import attended_lengths, text_features, used_columns
+from utils.distributed import all_gather_object, get_rank, get_world_size
 
 
 class TextFeatureCache:
@@ -70,8 +71,9 @@ class TextFeatureCache:
         rows = zip(input_ids.tolist(), attention_mask.tolist(), lengths)
         return [(context, tuple(ids[:n]), tuple(mask[:n])) for ids, mask, n in rows]
 
-    def _encode(self, encoder: nn.Module, keys: list[tuple]) -> None:
-        """Run ``encoder`` once on the expressions ``keys`` (padded to the longest) and store their features."""
+    @staticmethod
+    def _run(encoder: nn.Module, keys: list[tuple]) -> torch.Tensor:
+        """The encoder's eval-mode output for the expressions ``keys``, padded to the longest: [M, n, C]."""
         n = max(1, max(len(k[1]) for k in keys))
         ids = torch.zeros(len(keys), n, dtype=torch.int64)
         mask = torch.zeros(len(keys), n, dtype=torch.int64)
@@ -83,9 +85,12 @@ class TextFeatureCache:
         encoder.eval()  # the features of a frozen encoder are its eval-mode output (no dropout)
         try:
             with torch.no_grad():
-                hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device))[0]  # [M, n, C]
+                return encoder(input_ids=ids.to(device), attention_mask=mask.to(device))[0]
         finally:
             encoder.train(training)
+
+    def _keep(self, keys: list[tuple], hidden: torch.Tensor) -> None:
+        """Store row i of ``hidden`` [M, n, C] as the features of ``keys[i]``, trimmed to its tokens."""
         for row, key in enumerate(keys):
             self._store[key] = hidden[row, : len(key[1])].clone()  # [n_i, C], not a view of the whole batch
 
@@ -94,14 +99,33 @@ class TextFeatureCache:
     ) -> None:
         """Encode every distinct expression of ``input_ids`` / ``attention_mask`` [S, N] (on any device) not cached
         yet, in batches of ``batch_size`` similar lengths, in a fixed order (sorted by tokens). Call it under the
-        autocast the model will run under: the entries are keyed by it."""
+        autocast the model will run under: the entries are keyed by it.
+
+        Under ``torch.distributed`` every process calls it with the same expressions and its cache in the same state
+        (else a RuntimeError on every process): process r encodes batches r, r + W, ... of the same batches and the
+        features are exchanged, so that each process ends with all of them, equal to what one process primes.
+        """
         self._check_frozen(encoder)
         todo = sorted(
             {k for k in self._keys(input_ids, attention_mask, self._context(encoder)) if k not in self._store},
             key=lambda k: (len(k[1]), k[1], k[2]),
         )
-        for start in range(0, len(todo), batch_size):
-            self._encode(encoder, todo[start : start + batch_size])
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        world, rank = get_world_size(), get_rank()
+        if world > 1:  # the keys without their context (the device differs between processes) must be equal
+            todo_of = all_gather_object((len(todo), hash(tuple(k[1:] for k in todo))))
+            if len(set(todo_of)) > 1:
+                raise RuntimeError(
+                    f"text feature cache: the {world} processes would prime different expressions (counts "
+                    f"{[count for count, _ in todo_of]}); each must prime the same dataset, its cache in the same state"
+                )
+        for start in range(0, len(batches), world):
+            group = batches[start : start + world]
+            mine = self._run(encoder, group[rank]) if rank < len(group) else None
+            # through the CPU: a CUDA tensor would unpickle onto its sender's device
+            hidden = [mine] if world == 1 else all_gather_object(None if mine is None else mine.cpu())
+            for owner, keys in enumerate(group):
+                self._keep(keys, mine if owner == rank else hidden[owner].to(keys[0][0][0]))
 
     def features(
         self, encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -119,7 +143,7 @@ class TextFeatureCache:
         keys = self._keys(input_ids, attention_mask, self._context(encoder))
         missing = list(dict.fromkeys(k for k in keys if k not in self._store))
         if missing:
-            self._encode(encoder, missing)
+            self._keep(missing, self._run(encoder, missing))
         feats = [self._store[k] for k in keys]
         hidden = feats[0].new_zeros(len(keys), used_columns(attention_mask), feats[0].shape[-1])  # [B, n, C]
         for row, f in enumerate(feats):

@@ -1,13 +1,18 @@
 """engine.text_cache.TextFeatureCache: a frozen text encoder's features kept per expression, outside the model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from engine.text_cache import TextFeatureCache
 from models import build_model, build_param_groups
 
 from .helpers_model import save_tiny_bert, tiny_cfg
+from .helpers_train import free_port
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +131,66 @@ def test_refuses_a_trainable_or_training_encoder(model, tiny_bert):
     assert one.text_encoder.training
     with pytest.raises(RuntimeError, match="in training mode, so its dropout is on"):
         cache.features(one.text_encoder, ids, att)
+
+
+def _many_tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    """Nine distinct expressions of 2 to 9 tokens (three of 2), each given twice: [18, 12] ids and attention mask."""
+    rows = [[2, 5 + i, *range(20 + i, 20 + i + n), 3] for i, n in enumerate([0, 0, 0, 1, 2, 3, 4, 5, 7])]
+    ids = torch.zeros(2 * len(rows), 12, dtype=torch.long)
+    for r, row in enumerate(rows + rows[::-1]):
+        ids[r, : len(row)] = torch.tensor(row)
+    return ids, (ids > 0).long()
+
+
+def _prime_shard(rank: int, world: int, port: int, bert: str, out: str, extra: bool) -> None:
+    """One process of a Gloo group: prime a cache with _many_tokens() (rank 1 one expression more if ``extra``)
+    in batches of 2; write its entries, the batches its encoder ran and any error to ``out``/rank<r>.pt."""
+    from transformers import BertModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    encoder = BertModel.from_pretrained(bert).requires_grad_(False)
+    calls = _count_runs(encoder)
+    ids, att = _many_tokens()
+    if extra and rank == 1:
+        ids, att = torch.cat([ids, torch.full((1, 12), 7)]), torch.cat([att, torch.ones(1, 12, dtype=torch.long)])
+    cache, error = TextFeatureCache(), None
+    try:
+        cache.prime(encoder, ids, att, batch_size=2)
+    except RuntimeError as e:
+        error = str(e)
+    dist.destroy_process_group()
+    store = {k[1:]: v for k, v in cache._store.items()}
+    torch.save({"store": store, "calls": calls, "error": error}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_processes_share_the_priming(tiny_bert, tmp_path):
+    """Under torch.distributed (2 Gloo processes) each process encodes every other batch of the single-process
+    order and ends with all the features, equal to one process's; processes that would prime different
+    expressions stop with one line, every one of them."""
+    from transformers import BertModel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the two processes: the same kernels, so the same bits
+    try:
+        encoder = BertModel.from_pretrained(tiny_bert).requires_grad_(False)
+        calls = _count_runs(encoder)
+        single = TextFeatureCache()
+        single.prime(encoder, *_many_tokens(), batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(single) == 9 and len(calls) == 5  # batches of 2, the last one alone
+
+    mp.spawn(_prime_shard, args=(2, free_port(), str(tiny_bert), str(tmp_path), False), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["calls"] for r in ranks] == [calls[0::2], calls[1::2]]  # batches 0, 2, 4 and 1, 3
+    expected = {k[1:]: v for k, v in single._store.items()}
+    for r in ranks:
+        assert r["error"] is None and r["store"].keys() == expected.keys()
+        assert all(torch.equal(r["store"][k], v) for k, v in expected.items())
+
+    mp.spawn(_prime_shard, args=(2, free_port(), str(tiny_bert), str(tmp_path), True), nprocs=2)
+    errors = [torch.load(tmp_path / f"rank{r}.pt")["error"] for r in range(2)]
+    assert errors[0] == errors[1] and "processes would prime different expressions (counts [9, 10])" in errors[0]
+    assert "\n" not in errors[0]
