@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.test_demo import first_image, make_tiny_run
+from tools import failures
 from tools import visualize as vis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,13 +135,13 @@ def test_analysis_runs_the_evaluation_and_draws_its_figures(official, monkeypatc
     env = {**official, "LAVT_DEVICE": "cpu", "LAVT_NUM_WORST": "3", "LAVT_MIN_COUNT": "2"}
     nb = execute("AnalysisFailure.ipynb", env, monkeypatch)
     assert results.is_file(), "the notebook must evaluate when the per-expression results are missing"
-    records = vis.load_results(results)
+    records = failures.load_results(results)
     assert images_shown(nb) == 3  # IoU histogram, worst cases, word statistics
     text = stdout(nb)
     ious = [r["IoU"] for r in records]
-    assert vis.text_table(vis.failure_buckets(ious)) in text
-    assert vis.text_table(vis.group_failure_stats([r["sentence"] for r in records], ious, 0.5)) in text
+    assert failures.text_table(failures.failure_buckets(ious)) in text
+    assert failures.text_table(failures.group_failure_stats([r["sentence"] for r in records], ious, 0.5)) in text
     sentences = [r["sentence"] for r in records]
     columns = ["word", "group", "count", "fail_count", "success_count", "fail_share", "success_share", "ratio"]
-    assert vis.text_table(vis.word_failure_stats(sentences, ious, 0.5, 2)[:20], columns) in text
+    assert failures.text_table(failures.word_failure_stats(sentences, ious, 0.5, 2)[:20], columns) in text
     assert f"{results}: {len(records)} expressions" in text

@@ -10,6 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
+from tools import failures
 from tools import visualize as vis
 
 
@@ -114,13 +115,13 @@ def test_side_by_side_figure_titles_and_iou(tmp_path):
 
 def test_histogram_figure_counts():
     ious = [0.0, 0.05, 0.2, 0.55, 0.95, 1.0]
-    fig = vis.figure_iou_histogram(ious, bins=10)
+    fig = failures.figure_iou_histogram(ious, bins=10)
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == [2, 0, 1, 0, 0, 1, 0, 0, 0, 2]  # 1.0 falls in the last bin
     assert [round(p.get_height(), 6) for p in fig.axes[1].patches] == [round(100 * 2 / 6, 6), round(100 / 6, 6),
                                                                         50.0]  # fmt: skip
     with pytest.raises(ValueError, match="no IoU values"):
-        vis.figure_iou_histogram([])
+        failures.figure_iou_histogram([])
 
 
 def test_cases_figure_grid():
@@ -134,32 +135,32 @@ def test_cases_figure_grid():
 
 
 def test_word_figure_rows():
-    stats = vis.word_failure_stats(*SENTENCES_IOUS, min_count=2)
-    fig = vis.figure_word_failures(stats, top=2)
+    stats = failures.word_failure_stats(*SENTENCES_IOUS, min_count=2)
+    fig = failures.figure_word_failures(stats, top=2)
     ax = fig.axes[0]
     position = {t.get_text(): y for t, y in zip(ax.get_yticklabels(), ax.get_yticks())}
     assert set(position) == {"left (position, n=2)", "ball (other, n=3)"}
     assert position["left (position, n=2)"] > position["ball (other, n=3)"], "the top-ranked word is drawn highest"
     assert len(ax.patches) == 4  # a failure bar and a success bar per word
     with pytest.raises(ValueError, match="no words"):
-        vis.figure_word_failures([])
+        failures.figure_word_failures([])
 
 
 # ----------------------------------------------------------------------------- statistics
 def test_failure_buckets_edges():
-    rows = vis.failure_buckets([0.0, 0.05, 0.1, 0.3, 0.5, 0.9])  # 0.1 and 0.5 belong to the upper buckets
+    rows = failures.failure_buckets([0.0, 0.05, 0.1, 0.3, 0.5, 0.9])  # 0.1 and 0.5 belong to the upper buckets
     assert [r["bucket"] for r in rows] == ["IoU < 0.1", "0.1 <= IoU < 0.5", "IoU >= 0.5"]
     assert [r["count"] for r in rows] == [2, 2, 2] and [r["share"] for r in rows] == [pytest.approx(1 / 3)] * 3
-    assert all(math.isnan(r["share"]) for r in vis.failure_buckets([]))
+    assert all(math.isnan(r["share"]) for r in failures.failure_buckets([]))
     with pytest.raises(ValueError, match=r"0 <= lo < hi <= 1, got \(0.5, 0.1\)"):
-        vis.failure_buckets([0.2], edges=(0.5, 0.1))
+        failures.failure_buckets([0.2], edges=(0.5, 0.1))
 
 
 SENTENCES_IOUS = (["Left red ball", "left blue ball, ball", "right red ball", "red cup"], [0.1, 0.2, 0.9, 0.8])
 
 
 def test_word_failure_stats_hand_values():
-    stats = vis.word_failure_stats(*SENTENCES_IOUS, fail_below=0.5, min_count=2)
+    stats = failures.word_failure_stats(*SENTENCES_IOUS, fail_below=0.5, min_count=2)
     by_word = {r["word"]: r for r in stats}
     assert [r["word"] for r in stats] == ["left", "ball", "red"]  # blue, right, cup: one expression each
     left = by_word["left"]  # in both failures, no success
@@ -170,11 +171,11 @@ def test_word_failure_stats_hand_values():
     assert ball["ratio"] == pytest.approx(2.5 / 1.5) and ball["fail_rate"] == pytest.approx(2 / 3)
     assert by_word["red"]["ratio"] == pytest.approx(1.5 / 2.5) and by_word["red"]["group"] == "colour"
     with pytest.raises(ValueError, match="4 sentences but 3 IoU values"):
-        vis.word_failure_stats(SENTENCES_IOUS[0], [0.1, 0.2, 0.3])
+        failures.word_failure_stats(SENTENCES_IOUS[0], [0.1, 0.2, 0.3])
 
 
 def test_group_failure_stats_hand_values():
-    rows = {r["group"]: r for r in vis.group_failure_stats(*SENTENCES_IOUS)}
+    rows = {r["group"]: r for r in failures.group_failure_stats(*SENTENCES_IOUS)}
     assert rows["position"]["expressions"] == 3 and rows["position"]["fail_rate"] == pytest.approx(2 / 3)
     assert rows["position"]["mean_IoU"] == pytest.approx(0.4)
     assert rows["colour"]["expressions"] == 4 and rows["colour"]["fail_rate"] == 0.5
@@ -183,33 +184,33 @@ def test_group_failure_stats_hand_values():
 
 
 def test_words_and_groups():
-    assert vis.words("The LEFT-most man's hat, left") == ["the", "left", "most", "man's", "hat"]
-    assert vis.word_group("leftmost") == "position" and vis.word_group("under") == "relation"
-    assert vis.word_group("giraffe") == "other"
+    assert failures.words("The LEFT-most man's hat, left") == ["the", "left", "most", "man's", "hat"]
+    assert failures.word_group("leftmost") == "position" and failures.word_group("under") == "relation"
+    assert failures.word_group("giraffe") == "other"
 
 
 def test_text_table():
-    text = vis.text_table([{"a": 1, "b": 0.5}, {"a": 22, "b": float("nan")}])
+    text = failures.text_table([{"a": 1, "b": 0.5}, {"a": 22, "b": float("nan")}])
     assert text.splitlines() == ["a   b", "-----", "1   0.500", "22  nan"]
-    assert vis.text_table([]) == "(no rows)"
+    assert failures.text_table([]) == "(no rows)"
 
 
 def test_load_results(tmp_path):
     good = {"ref_id": 1, "sent_id": 2, "sentence": "left dog", "IoU": 0.5, "I": 5, "U": 10}
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "sent_id": 3}) + "\n")
-    assert [r["sent_id"] for r in vis.load_results(path)] == [2, 3]
+    assert [r["sent_id"] for r in failures.load_results(path)] == [2, 3]
     path.write_text(json.dumps(good) + "\n" + json.dumps({"ref_id": 1, "sentences": ["a"], "IoU": 0.1}) + "\n")
     with pytest.raises(ValueError, match=r"r.jsonl, line 2: missing \['sentence', 'I', 'U'\]"):
-        vis.load_results(path)
+        failures.load_results(path)
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1: not JSON"):
-        vis.load_results(path)
+        failures.load_results(path)
     path.write_text("")
     with pytest.raises(ValueError, match="holds no records"):
-        vis.load_results(path)
+        failures.load_results(path)
     with pytest.raises(FileNotFoundError, match="per-expression results not found"):
-        vis.load_results(tmp_path / "missing.jsonl")
+        failures.load_results(tmp_path / "missing.jsonl")
 
 
 def test_png_pair_written_all_or_nothing(tmp_path):
