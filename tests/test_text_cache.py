@@ -164,7 +164,6 @@ def _prime_shard(rank: int, world: int, port: int, bert: str, out: str, extra: b
     torch.save({"store": store, "calls": calls, "error": error}, Path(out) / f"rank{rank}.pt")
 
 
-@pytest.mark.slow
 def test_processes_share_the_priming(tiny_bert, tmp_path):
     """Under torch.distributed (2 Gloo processes) each process encodes every other batch of the single-process
     order and ends with all the features, equal to one process's; processes that would prime different
