@@ -30,7 +30,7 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     opts = tiny_opts(data_root, text, tmp_path, TRAIN__BATCH_SIZE=4, EVAL__BATCH_SIZE=2, EVAL__SPLITS=["val", "testB"])
     envvars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
-    def torchrun(*flags: str) -> None:
+    def torchrun(*flags: str, opts: list[str] = opts) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "main.py", "--cfg_file", "", "--device", "cpu", *flags, "--opts", *opts]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, env=envvars, capture_output=True, text=True, timeout=300)
@@ -56,3 +56,13 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     # the first evaluation's files are kept; this one's are numbered
     assert (run_dir / "per_expression_synthetic_unc_val_each_network48-2.jsonl").read_text() == per_expr
     assert json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48-2.json").read_text()) == sharded
+
+    # with the text feature cache the two processes share the encoding of each split's expressions (each encodes
+    # every other batch, then they exchange): the sharded evaluation equals one process's with the cache
+    cached = [*opts, "MODEL.TEXT.CACHE", "True", "MODEL.TEXT.TRAIN_LAYERS", "0"]  # an evaluation: nothing trains
+    torchrun("--eval", "--pretrain", str(run_dir / "best.pth"), opts=cached)
+    sharded_cached = json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48-3.json").read_text())
+    single_cached = main_module.main(
+        ["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(run_dir / "best.pth"), "--opts", *cached]
+    )["summaries"]
+    assert single_cached == sharded_cached
