@@ -330,14 +330,17 @@ def test_first_call_timed_apart_from_the_runs():
 
 
 @pytest.mark.slow
-def test_benchmark_isolated_worker():
-    """On CPU each variant runs in a fresh process (its own peak RSS); the result comes back as JSON."""
-    spec = benchmark.BenchSpec(
-        variant="fused", opts=TINY_OPTS, size=64, warmup=0, runs=1, phases=["train"], threads=1, matmul_size=64
-    )
-    result = benchmark.run_isolated(spec)
+def test_benchmark_isolated_worker(tmp_path):
+    """On CPU (``--isolate auto``) each variant is timed in a fresh process and its peak memory measured in another
+    (its own peak RSS); the results come back as JSON and are merged."""
+    out = tmp_path / "bench.json"
+    report = benchmark.main(["--opts", *TINY_OPTS, "--size", "64", "--warmup", "0", "--runs", "1", "--phases", "train",
+                             "--threads", "1", "--matmul_size", "64", "--no_base", "--compare", "fused",
+                             "--output", str(out)])  # fmt: skip
+    (result,) = report["results"]
     assert "error" not in result, result.get("error")
-    assert result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0
+    assert result["variant"] == "fused" and result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0
+    assert json.loads(out.read_text())["results"] == report["results"]
 
 
 def test_interleaved_timing_rotates_turns():

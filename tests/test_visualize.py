@@ -215,7 +215,7 @@ def test_load_results(tmp_path):
 
 def test_png_pair_written_all_or_nothing(tmp_path):
     """An overlay and its mask appear together: if one cannot be written, neither target changes."""
-    overlay, mask = tmp_path / "out" / "overlay.png", tmp_path / "out" / "mask.png"
+    overlay, mask = tmp_path / "out" / "run" / "overlay.png", tmp_path / "out" / "run" / "mask.png"  # folders made
     vis.save_pngs({overlay: np.full((4, 5, 3), 7, np.uint8), mask: np.zeros((4, 5), np.uint8)})
     before = overlay.read_bytes(), mask.read_bytes()
     with pytest.raises(TypeError):  # PIL cannot make an image of float64 RGB: the second file fails
