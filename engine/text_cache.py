@@ -112,7 +112,9 @@ class TextFeatureCache:
         )
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         world, rank = get_world_size(), get_rank()
-        if world > 1:  # the keys without their context (the device differs between processes) must be equal
+        # the keys without their context (the device differs between processes) must be equal; a hash of int tuples
+        # is the same in every process (PYTHONHASHSEED salts str and bytes only)
+        if world > 1:
             todo_of = all_gather_object((len(todo), hash(tuple(k[1:] for k in todo))))
             if len(set(todo_of)) > 1:
                 raise RuntimeError(
