@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+from utils.openmp import set_spin_count  # imports no torch
+
 # OpenMP threads busy-wait by default: with two processes on two cores (torchrun tests, a parallel job) a step
 # becomes ~40x slower. The suite keeps every core busy, so it spins less than main.py does (utils/openmp.py).
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+set_spin_count(count=1000)
 # pytest-xdist runs one worker per core: one intra-op thread each (their subprocesses inherit it), not cores^2
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -19,7 +19,7 @@ __all__ = ["SPIN_COUNT", "set_spin_count"]
 SPIN_COUNT = 3000
 
 
-def set_spin_count(environ: MutableMapping[str, str] = os.environ) -> str:
-    """``GOMP_SPINCOUNT`` = ``SPIN_COUNT`` unless the environment sets it (the user's value is kept); call before
-    torch is imported: libgomp reads it when it loads. Returns the value in effect."""
-    return environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+def set_spin_count(environ: MutableMapping[str, str] = os.environ, count: int = SPIN_COUNT) -> str:
+    """``GOMP_SPINCOUNT`` = ``count`` unless the environment sets it (the user's value is kept); call before torch
+    is imported: libgomp reads it when it loads. Returns the value in effect."""
+    return environ.setdefault("GOMP_SPINCOUNT", str(count))
