@@ -21,7 +21,8 @@ the same weights: the repository model is built first and its state dict, packed
 A third column, ``repo_unfused``, is the repository model with MODEL.FUSED_ATTENTION off (``--unfused``; by default
 in float32 only, where it is cheap to add); a fourth, ``repo_conv_grad_plain``, the repository model with
 MODEL.CONV_GRAD_MATMUL off (``--conv_grad_plain``: the decoder's weight gradients from oneDNN, as the official code's;
-a float32 CPU path only).
+a float32 CPU path only); a fifth, ``repo_no_winograd``, with MODEL.CONV_WINOGRAD off (``--no_winograd``: the
+decoder's convolutions by oneDNN, as the official code's).
 
 The text encoder is BERT-base shaped (12 layers, width 768) because the official backbone hard-codes a 768-wide
 language input. Its weights are random unless ``--bert`` names a local bert-base-uncased folder; the time does not
@@ -91,12 +92,14 @@ PRECISION_NAMES = {"": "fp32", "bf16": "bf16"}
 SWITCHED = {
     "repo_unfused": ("unfused", "fused_attention", "MODEL.FUSED_ATTENTION", ("train", "eval", "eval_batched")),
     "repo_conv_grad_plain": ("conv_grad_plain", "conv_grad_matmul", "MODEL.CONV_GRAD_MATMUL", ("train",)),
+    "repo_no_winograd": ("no_winograd", "winograd", "MODEL.CONV_WINOGRAD", ("train", "eval", "eval_batched")),
 }
 # ----------------------------------------------------------------------------- the two setups
 
 
 def repo_config(
-    args: argparse.Namespace, bert_dir: str, fused_attention: bool = True, conv_grad_matmul: bool = True
+    args: argparse.Namespace, bert_dir: str, fused_attention: bool = True, conv_grad_matmul: bool = True,
+    winograd: bool = True,
 ) -> Any:
     """The repository's Swin-T config at the benchmark's size; only what the official tiny model also fixes (window
     7 unless --window 12), no ImageNet file, and the text encoder folder are overridden. The rest keeps the defaults
@@ -113,6 +116,8 @@ def repo_config(
         opts += ["MODEL.FUSED_ATTENTION", False]
     if not conv_grad_matmul:
         opts += ["MODEL.CONV_GRAD_MATMUL", False]
+    if not winograd:
+        opts += ["MODEL.CONV_WINOGRAD", False]
     return get_config(CONFIG, opts)
 
 
@@ -296,6 +301,12 @@ def get_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="also time the repo with MODEL.CONV_GRAD_MATMUL off (float32 only: the switch acts in float32 alone)",
     )
+    p.add_argument(
+        "--no_winograd",
+        choices=["off", "fp32", "both"],
+        default="off",
+        help="also time the repo with MODEL.CONV_WINOGRAD off (the decoder's convolutions by oneDNN)",
+    )
     p.add_argument("--bert", default="", help="a local BERT-base folder for pretrained text weights (default: random)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
@@ -396,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"defaults: FUSED_ATTENTION {repo.cfg.MODEL.FUSED_ATTENTION}, FUSED_ADAMW {repo.cfg.TRAIN.FUSED_ADAMW}, "
         f"TEXT.TRAIN_LAYERS {repo.cfg.MODEL.TEXT.TRAIN_LAYERS}, "
         f"LOSS {repo.cfg.TRAIN.LOSS} {list(repo.cfg.TRAIN.CE_WEIGHTS)}, "
-        f"CONV_GRAD_MATMUL {repo.cfg.MODEL.CONV_GRAD_MATMUL}, "
+        f"CONV_GRAD_MATMUL {repo.cfg.MODEL.CONV_GRAD_MATMUL}, CONV_WINOGRAD {repo.cfg.MODEL.CONV_WINOGRAD}, "
         f"CHANNELS_LAST {repo.cfg.MODEL.CHANNELS_LAST}, GRAD_CHECKPOINT {repo.cfg.MODEL.GRAD_CHECKPOINT}, "
         f"COMPILE {repo.cfg.MODEL.COMPILE}",
         **{name: f"repo with {key} False" if name in impls else "not measured"

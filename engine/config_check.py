@@ -134,6 +134,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "MODEL.GRAD_CHECKPOINT": _flag,
         "MODEL.CHANNELS_LAST": _flag,
         "MODEL.CONV_GRAD_MATMUL": _flag,
+        "MODEL.CONV_WINOGRAD": _flag,
         "MODEL.COMPILE": _flag,
         "DATA.DATASET": one_of(DATASETS),
         "DATA.SPLIT_BY": one_of(SPLIT_BYS),

@@ -51,7 +51,9 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
-    decoder = build_decoder(m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN, m.CONV_GRAD_MATMUL)
+    decoder = build_decoder(
+        m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN, m.CONV_GRAD_MATMUL, m.CONV_WINOGRAD
+    )
     dropout = text_dropout(m.NAME, m.TEXT.DROPOUT)
     refine = build_refine(m.REFINE, m.GRAD_CHECKPOINT)
     model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=refine)

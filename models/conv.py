@@ -1,4 +1,5 @@
-"""The decoder's 3x3 convolution, with its weight gradient computed as nine matrix products on CPU.
+"""The decoder's 3x3 convolution: on CPU by Winograd's F(2x2, 3x3) where that pays (``models.winograd``), else with
+its weight gradient computed as nine matrix products (below).
 
 On CPU oneDNN computes a 3x3 convolution's weight gradient at about half the rate of its forward (Swin-T 224, batch
 2: the decoder's stage-1 convolutions, 480 and 384 channels at 56x56, ~56-75 GFLOP/s against ~115). The same
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .winograd import compute_dtype, output_tiles, winograd_conv3x3, winograd_pays
 
 __all__ = ["Conv3x3", "matmul_grad_pays", "weight_grad_3x3"]
 
@@ -76,18 +79,26 @@ class _Conv3x3MatmulGrad(torch.autograd.Function):
 
 
 class Conv3x3(nn.Conv2d):
-    """``nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False)`` (same parameter, same state-dict key) that, with
-    ``matmul_grad`` and wide enough for it to pay (``matmul_grad_pays``), trains on CPU in float32 through
+    """``nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False)`` (same parameter, same state-dict key) that on CPU,
+    with ``winograd``, runs by F(2x2, 3x3) where it pays (``models.winograd``, in any precision, training or not);
+    otherwise, with ``matmul_grad`` and wide enough for it to pay (``matmul_grad_pays``), trains in float32 through
     ``weight_grad_3x3``.
 
     x: [B, in_chans, H, W] -> [B, out_chans, H, W].
     """
 
-    def __init__(self, in_chans: int, out_chans: int, matmul_grad: bool = False) -> None:
+    def __init__(self, in_chans: int, out_chans: int, matmul_grad: bool = False, winograd: bool = False) -> None:
         super().__init__(in_chans, out_chans, 3, padding=1, bias=False)
         self.matmul_grad = matmul_grad and matmul_grad_pays(in_chans, out_chans)
+        self.winograd = winograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.winograd
+            and x.device.type == "cpu"  # elsewhere cuDNN chooses its own algorithms, Winograd's among them
+            and winograd_pays(self.in_channels, self.out_channels, output_tiles(x), compute_dtype(x))
+        ):
+            return winograd_conv3x3(x, self.weight)
         if (
             self.matmul_grad
             and self.weight.requires_grad  # (under no_grad the Function records nothing: the same forward)
@@ -99,4 +110,4 @@ class Conv3x3(nn.Conv2d):
         return super().forward(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, matmul_grad={self.matmul_grad}"
+        return f"{super().extra_repr()}, matmul_grad={self.matmul_grad}, winograd={self.winograd}"

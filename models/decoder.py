@@ -25,11 +25,13 @@ class SimpleDecoder(nn.Module):
             activations (at 480 px the largest a training step holds); BatchNorm statistics are updated once.
         matmul_grad: the 3x3 convolutions' weight gradients as matrix products in float32 CPU training, in those
             wide enough for it to pay (``models.conv``; the same results to round-off).
+        winograd: the 3x3 convolutions on CPU by Winograd's F(2x2, 3x3) where it pays (``models.winograd``; the same
+            results to round-off, bf16's about 2-3x oneDNN's).
     """
 
     def __init__(
         self, c4_dims: int, factor: int = 2, channels_last: bool = False, grad_checkpoint: bool = False,
-        hidden: int | None = None, matmul_grad: bool = False,
+        hidden: int | None = None, matmul_grad: bool = False, winograd: bool = False,
     ):
         super().__init__()
         c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
@@ -39,10 +41,10 @@ class SimpleDecoder(nn.Module):
         self.channels_last, self.grad_checkpoint = channels_last, grad_checkpoint
         # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
         for level, skip in (("4", c4_dims + c3), ("3", hidden + c2), ("2", hidden + c1)):
-            self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad))
+            self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad, winograd))
             self.add_module(f"bn1_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu1_{level}", nn.ReLU())
-            self.add_module(f"conv2_{level}", Conv3x3(hidden, hidden, matmul_grad))
+            self.add_module(f"conv2_{level}", Conv3x3(hidden, hidden, matmul_grad, winograd))
             self.add_module(f"bn2_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu2_{level}", nn.ReLU())
         self.conv1_1 = nn.Conv2d(hidden, 2, 1)
@@ -72,7 +74,7 @@ class SimpleDecoder(nn.Module):
 
 def build_decoder(
     embed_dim: int, channels_last: bool = False, grad_checkpoint: bool = False, hidden: int = 0,
-    matmul_grad: bool = False,
+    matmul_grad: bool = False, winograd: bool = False,
 ) -> SimpleDecoder:
     """The decoder of a Swin with ``embed_dim``; ``hidden`` 0 is the official width (``4 * embed_dim``)."""
-    return SimpleDecoder(8 * embed_dim, 2, channels_last, grad_checkpoint, hidden or None, matmul_grad)
+    return SimpleDecoder(8 * embed_dim, 2, channels_last, grad_checkpoint, hidden or None, matmul_grad, winograd)

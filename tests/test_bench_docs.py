@@ -1,8 +1,10 @@
 """The scripts in docs/ that measure this code against the official one (``bench_official.py``, side by side;
-``bench_floor.py``, the float32 floor): their timing, ratios and setup, without the official checkout."""
+``bench_floor.py``, the float32 floor) and the decoder's convolutions (``bench_winograd.py``): their timing, ratios
+and setup, without the official checkout."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +41,34 @@ def test_float32_floor_counts_the_work_and_divides_by_the_matmul_rate():
         entry = out[name]
         assert entry["floor_ms"] == pytest.approx(entry["gflop"] / out["matmul_gflop_per_s"] * 1e3)
         assert entry["over_floor"] == pytest.approx(entry["median_ms"] / entry["floor_ms"]) and entry["median_ms"] > 0
+
+
+def test_winograd_bench_times_the_official_decoders_convolutions_both_ways(tmp_path, monkeypatch):
+    """docs/bench_winograd.py: the six convolutions of the official decoder (Swin-T at 224: 1152 and 384 channels at
+    14x14, 576 and 384 at 28x28, 480 and 384 at 56x56), oneDNN against Winograd, whose side runs Winograd."""
+    bench = _docs_script("bench_winograd")
+    assert bench.decoder_convolutions(96, 224) == [
+        (1152, 384, 14), (384, 384, 14), (576, 384, 28), (384, 384, 28), (480, 384, 56), (384, 384, 56)
+    ]
+    assert bench.decoder_convolutions(128, 480)[4] == (640, 512, 120)  # Swin-B at the paper's size
+    ran = []
+
+    def counted(x, weight):
+        ran.append(x.shape)
+        return F.conv2d(x, weight, padding=1)
+
+    monkeypatch.setattr(bench.conv_module, "winograd_conv3x3", counted)
+    chunk = bench.winograd.CHUNK_TILES
+    monkeypatch.setattr(bench.winograd, "CHUNK_TILES", chunk)  # put back after the test
+    rows = bench.main(["--sizes", "32", "--batches", "1", "--embed_dim", "4", "--repeats", "1", "--threads", "1",
+                       "--chunk_tiles", "7", "--json", str(tmp_path / "w.json")])  # fmt: skip
+    assert bench.winograd.CHUNK_TILES == 7
+    assert len(rows) == 2 * 2 * 6 and rows == json.loads((tmp_path / "w.json").read_text())
+    assert len(ran) == 2 * 2 * 6 * 2  # each row: the warm-up and one timed turn on the Winograd side
+    assert {(r["in_chans"], r["side"]) for r in rows} == {(48, 2), (16, 2), (24, 4), (16, 4), (20, 8), (16, 8)}
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["onednn_ms"] / r["winograd_ms"]) and not r["rule_takes_it"]
+    assert bench.conv_module.winograd_pays is bench.winograd.winograd_pays  # the rule put back
 
 
 def test_official_comparison_takes_turns_and_refuses_a_wrong_checkout(tmp_path):
@@ -104,12 +134,15 @@ def test_official_comparison_goals_read_the_medians():
     ]
 
 
-@pytest.mark.parametrize("fused,conv_grad", [(True, True), (False, True), (True, False)])
-def test_official_comparison_columns_differ_by_their_switch_alone(fused, conv_grad):
+@pytest.mark.parametrize(
+    "fused,conv_grad,winograd", [(True, True, True), (False, True, True), (True, False, True), (True, True, False)]
+)
+def test_official_comparison_columns_differ_by_their_switch_alone(fused, conv_grad, winograd):
     """The repo columns beside the official one: the defaults, with only the named switch off."""
     bench = _bench_official()
     args = SimpleNamespace(window=7, size=224, batch_size=2, seed=0)
-    cfg = bench.repo_config(args, "some/bert", fused, conv_grad_matmul=conv_grad)
-    assert (cfg.MODEL.FUSED_ATTENTION, cfg.MODEL.CONV_GRAD_MATMUL) == (fused, conv_grad)
+    cfg = bench.repo_config(args, "some/bert", fused, conv_grad_matmul=conv_grad, winograd=winograd)
+    switches = cfg.MODEL.FUSED_ATTENTION, cfg.MODEL.CONV_GRAD_MATMUL, cfg.MODEL.CONV_WINOGRAD
+    assert switches == (fused, conv_grad, winograd)
     assert cfg.MODEL.TEXT.ENCODER == "some/bert" and cfg.DATA.SIZE == 224 and cfg.MODEL.SWIN.WINDOW_SIZE == 7
     assert cfg.TRAIN.FUSED_ADAMW and cfg.MODEL.TEXT.TRAIN_LAYERS == 10  # the defaults the table's setup names

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model, load_weights
+from models import build_model, conv, load_weights, winograd
 from models.decoder import SimpleDecoder
 from models.refine import EdgeRefine
 from tools import bench_input, benchmark
@@ -54,12 +54,34 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("fused_attn", [True, False])
-def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, fused_attn):
-    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=fused_attn, MODEL__CHANNELS_LAST=True)
+@pytest.fixture
+def winograd_calls(monkeypatch) -> list[int]:
+    """Every decoder convolution of MODEL.CONV_WINOGRAD taken by Winograd (the tiny models are below where it pays),
+    each call counted."""
+    calls = []
+
+    def counted(x, weight):
+        calls.append(1)
+        return winograd.winograd_conv3x3(x, weight)
+
+    monkeypatch.setattr(winograd, "has_amx", lambda: False)
+    monkeypatch.setattr(winograd, "MIN_TILES_FLOAT32", 1)
+    monkeypatch.setattr(winograd, "MIN_TILES_LOW_PRECISION", 1)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "winograd_conv3x3", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fused_attn,winograd", [(True, False), (False, False), (True, True)])
+def test_float32_fast_paths_reproduce_fixture(reference, fixture_file, fused_attn, winograd, winograd_calls):
+    model = _fixture_model(
+        reference, fixture_file, MODEL__FUSED_ATTENTION=fused_attn, MODEL__CHANNELS_LAST=True,
+        MODEL__CONV_WINOGRAD=winograd,
+    )
     with torch.no_grad():
         logits = model.eval().segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
     _close(logits, reference["logits"])
+    assert len(winograd_calls) == (6 if winograd else 0)
 
 
 def test_training_mode_paths_reproduce_fixture(reference, fixture_file):
@@ -76,7 +98,7 @@ def test_training_mode_paths_reproduce_fixture(reference, fixture_file):
     _close(out.detach(), reference["logits"])
 
 
-def test_fast_training_paths_give_the_same_gradients():
+def test_fast_training_paths_give_the_same_gradients(winograd_calls):
     torch.manual_seed(7)
     plain = build_model(tiny_cfg(MODEL__FUSED_ATTENTION=False, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).train()
     fast = build_model(
@@ -84,6 +106,7 @@ def test_fast_training_paths_give_the_same_gradients():
             MODEL__FUSED_ATTENTION=True,
             MODEL__GRAD_CHECKPOINT=True,
             MODEL__CHANNELS_LAST=True,
+            MODEL__CONV_WINOGRAD=True,
             MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4],
         )
     ).train()
@@ -98,11 +121,12 @@ def test_fast_training_paths_give_the_same_gradients():
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
         if p.requires_grad:
             assert (q.grad - p.grad).abs().max().item() < 2e-5 * scale, name
+    assert len(winograd_calls) >= 6  # (checkpointing runs each decoder level again in the backward)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_bf16_autocast_within_tolerance(reference, fixture_file, fused):
-    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=fused).eval()
+@pytest.mark.parametrize("fused,winograd", [(True, False), (False, False), (True, True)])
+def test_bf16_autocast_within_tolerance(reference, fixture_file, fused, winograd, winograd_calls):
+    model = _fixture_model(reference, fixture_file, MODEL__FUSED_ATTENTION=fused, MODEL__CONV_WINOGRAD=winograd).eval()
     args = reference["image"], reference["lang_feats"], reference["lang_mask"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         feats = model.backbone(*args)
@@ -114,6 +138,7 @@ def test_bf16_autocast_within_tolerance(reference, fixture_file, fused):
     assert (logits.argmax(1) == ref.argmax(1)).float().mean() > BF16_ARGMAX_AGREE
     for i, (f, r) in enumerate(zip(feats, reference["stage_features"], strict=True)):
         assert _rel_l2(f, r) < BF16_REL_L2, f"stage {i + 1}"
+    assert len(winograd_calls) == (6 if winograd else 0)
 
 
 def test_checkpointed_decoder_updates_batchnorm_once():
@@ -298,7 +323,7 @@ def test_benchmark_smoke(tmp_path, capsys):
 
 def test_benchmark_help_shows_the_defaults():
     """``--help`` says what a run measures when a flag is left out (the size, the batch, the variants)."""
-    text = benchmark.get_parser().format_help()
+    text = " ".join(benchmark.get_parser().format_help().split())  # wherever argparse wraps the lines
     assert "(default: 224)" in text and "(default: fused,bf16,fused+bf16)" in text
 
 

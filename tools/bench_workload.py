@@ -23,6 +23,7 @@ SWITCHES: dict[str, str] = {
     "fused": "MODEL.FUSED_ATTENTION",
     "channels_last": "MODEL.CHANNELS_LAST",
     "conv_grad_mm": "MODEL.CONV_GRAD_MATMUL",
+    "winograd": "MODEL.CONV_WINOGRAD",
     "checkpoint": "MODEL.GRAD_CHECKPOINT",
     "compile": "MODEL.COMPILE",
     "fused_adamw": "TRAIN.FUSED_ADAMW",
