@@ -9,6 +9,8 @@ Run from the repository root (the figures: docs/performance.md)::
     python docs/bench_winograd.py --sizes 224 --batches 1,2,8 --json bench_winograd_224.json
     python docs/bench_winograd.py --sizes 480 --batches 1,2 --json bench_winograd_480.json
     python docs/bench_winograd.py --sizes 224 --batches 8 --chunk_tiles 100000   # all of a map at once
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python docs/bench_winograd.py --sizes 224 --batches 1,2 --precisions float32   # as on a CPU without AVX-512
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--batches", default="1,2,8", help="batch sizes, comma-separated (default: 1,2,8)")
     p.add_argument("--embed_dim", type=int, default=96, help="Swin's embed dim: 96 Swin-T/S, 128 Swin-B (default: 96)")
     p.add_argument("--repeats", type=int, default=5, help="timed turns of each (default: 5)")
+    p.add_argument("--precisions", default="bf16,float32", help="bf16 and/or float32 (default: bf16,float32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--chunk_tiles", type=int, default=winograd.CHUNK_TILES,
                    help=f"tiles Winograd transforms and multiplies at a time (default: {winograd.CHUNK_TILES})")
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(a.threads)
     winograd.CHUNK_TILES = a.chunk_tiles
     ints = [[int(v) for v in s.split(",")] for s in (a.sizes, a.batches)]
-    rows = measure(ints[0], ints[1], a.embed_dim, a.repeats)
+    rows = measure(ints[0], ints[1], a.embed_dim, a.repeats, precisions=tuple(a.precisions.split(",")))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return rows

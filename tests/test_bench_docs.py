@@ -60,11 +60,12 @@ def test_winograd_bench_times_the_official_decoders_convolutions_both_ways(tmp_p
     monkeypatch.setattr(bench.conv_module, "winograd_conv3x3", counted)
     chunk = bench.winograd.CHUNK_TILES
     monkeypatch.setattr(bench.winograd, "CHUNK_TILES", chunk)  # put back after the test
-    rows = bench.main(["--sizes", "32", "--batches", "1", "--embed_dim", "4", "--repeats", "1", "--threads", "1",
-                       "--chunk_tiles", "7", "--json", str(tmp_path / "w.json")])  # fmt: skip
+    args = ["--sizes", "32", "--batches", "1", "--embed_dim", "4", "--repeats", "1", "--threads", "1"]
+    rows = bench.main(args + ["--chunk_tiles", "7", "--precisions", "float32", "--json", str(tmp_path / "w.json")])
     assert bench.winograd.CHUNK_TILES == 7
-    assert len(rows) == 2 * 2 * 6 and rows == json.loads((tmp_path / "w.json").read_text())
-    assert len(ran) == 2 * 2 * 6 * 2  # each row: the warm-up and one timed turn on the Winograd side
+    assert len(rows) == 2 * 6 and rows == json.loads((tmp_path / "w.json").read_text())  # train, eval x 6 convs
+    assert {r["precision"] for r in rows} == {"float32"} and {r["phase"] for r in rows} == {"train", "eval"}
+    assert len(ran) == 2 * 6 * 2  # each row: the warm-up and one timed turn on the Winograd side
     assert {(r["in_chans"], r["side"]) for r in rows} == {(48, 2), (16, 2), (24, 4), (16, 4), (20, 8), (16, 8)}
     for r in rows:
         assert r["speedup"] == pytest.approx(r["onednn_ms"] / r["winograd_ms"]) and not r["rule_takes_it"]
