@@ -7,10 +7,10 @@ runs at the matrix product's rate. The transforms are sums and differences, done
 input's tiles overlap by two pixels, so its transform reads the input four times over.
 
 The backward runs the adjoint of each step: the output gradient through A, the input gradient's products with U^T and
-the weight gradient's products with the transformed input (recomputed: cheaper than keeping it, 4x the input's size),
+the weight gradient's products with the transformed input (recomputed rather than kept: it is 4x the input's size),
 then back through B (overlapping tiles add up) and G. Figures, and where it pays: docs/performance.md.
 
-Precision: in float32 as close to a float64 convolution as oneDNN's; under bf16 the transformed input and the
+Precision: in float32 at least as close to a float64 convolution as oneDNN's; under bf16 the transformed input and the
 products are rounded to bf16 on the way, so outputs differ from a float64 convolution about 2-3x as much as oneDNN's
 bf16 convolution does (tests/test_winograd.py states the bound).
 """
