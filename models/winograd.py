@@ -71,23 +71,20 @@ def _combine(terms: list[torch.Tensor], coefs: tuple, outs: list[torch.Tensor] |
     Without ``outs``, a row with a single +1 returns that term itself (a view: not to be written to)."""
     results = []
     for r, row in enumerate(coefs):
+        kwargs = {} if outs is None else {"out": outs[r]}
         nonzero = [(c, t) for c, t in zip(row, terms) if c]
-        out = None if outs is None else outs[r]
-        (c0, t0), rest = nonzero[0], nonzero[1:]
-        if not rest:
-            if c0 == 1:
-                out = t0 if out is None else out.copy_(t0)
-            else:
-                out = torch.neg(t0) if out is None else torch.neg(t0, out=out)
+        # the first +1 term leads, where the row has one: with the next term it makes one add (or sub)
+        lead = next((i for i, (c, _) in enumerate(nonzero) if c == 1), 0)
+        (c0, t0), *rest = [nonzero[lead], *nonzero[:lead], *nonzero[lead + 1 :]]
+        if c0 == -1:
+            out = torch.neg(t0, **kwargs)
+        elif not rest:
+            out = t0 if outs is None else outs[r].copy_(t0)
         else:
-            (c1, t1), rest = rest[0], rest[1:]
-            first, second, alpha = (t0, t1, c1) if c0 == 1 else (t1, t0, -1) if c1 == 1 else (t0, t1, 1)
-            kwargs = {} if out is None else {"out": out}
-            out = torch.add(first, second, alpha=alpha, **kwargs)
-            if c0 == c1 == -1:
-                out.neg_()
-            for c, t in rest:
-                out.add_(t, alpha=c)
+            (c1, t1), *rest = rest
+            out = torch.add(t0, t1, alpha=c1, **kwargs)
+        for c, t in rest:
+            out.add_(t, alpha=c)
         results.append(out)
     return results
 
@@ -174,23 +171,30 @@ def _padded_rows(rows: slice) -> slice:
     return slice(2 * rows.start, 2 * rows.stop + 2)
 
 
-def _kernel_matrix(like: torch.Tensor) -> torch.Tensor:
-    """G (x) G [16, 9] in float32 (float64 for float64): row (a, b) maps a 3x3 kernel to entry (a, b) of G g G^T."""
-    g = torch.tensor(_G, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+@functools.cache
+def _kernel_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """G (x) G [16, 9] (built once per dtype and device; read only): row (a, b) maps a 3x3 kernel to entry (a, b) of
+    G g G^T."""
+    g = torch.tensor(_G, dtype=dtype, device=device)
     return torch.kron(g, g)
+
+
+def _kernel_matrix_for(t: torch.Tensor) -> torch.Tensor:
+    """``_kernel_matrix`` in float32 (float64 for float64) on t's device."""
+    return _kernel_matrix(torch.promote_types(t.dtype, torch.float32), t.device)
 
 
 def weight_transform(weight: torch.Tensor) -> torch.Tensor:
     """G g G^T of every kernel of weight [O, C, 3, 3], in float32 (or float64): [16, C, O]."""
     o, c = weight.shape[:2]
-    k = _kernel_matrix(weight)
+    k = _kernel_matrix_for(weight)
     return (k @ weight.to(k.dtype).permute(2, 3, 1, 0).reshape(9, c * o)).view(16, c, o)
 
 
 def weight_transform_adjoint(du: torch.Tensor) -> torch.Tensor:
     """The adjoint of ``weight_transform``: du [16, C, O] -> [O, C, 3, 3] in float32 (or float64)."""
     _, c, o = du.shape
-    k = _kernel_matrix(du)
+    k = _kernel_matrix_for(du)
     return (k.t() @ du.to(k.dtype).view(16, c * o)).view(3, 3, c, o).permute(3, 2, 0, 1)
 
 
@@ -207,23 +211,22 @@ class _WinogradConv3x3(torch.autograd.Function):
         for images, rows in _chunks(b, th, tw):
             v = input_transform(padded[images, _padded_rows(rows)])
             output_transform(torch.bmm(v, u), out=y[images, rows])
-        ctx.save_for_backward(x, u)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(padded, u)  # the padded input, which the weight gradient transforms again
+        ctx.size, ctx.weight_dtype = (h, w), weight.dtype
         return y.view(b, 2 * th, 2 * tw, -1)[:, :h, :w].permute(0, 3, 1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, u = ctx.saved_tensors
-        b, c, h, w = x.shape
+        padded, u = ctx.saved_tensors  # [B, 2Th + 2, 2Tw + 2, C], [16, C, O]
+        (h, w), b = ctx.size, padded.shape[0]
         th, tw = (h + 1) // 2, (w + 1) // 2
         dy = grad_out.to(u.dtype).permute(0, 2, 3, 1)
         if (h, w) != (2 * th, 2 * tw):  # odd sizes: the output's missing row or column has a zero gradient
             dy = F.pad(dy, (0, 0, 0, 2 * tw - w, 0, 2 * th - h))
         dy = dy.reshape(b, th, 2, tw, 2, -1)
         need_x, need_w = ctx.needs_input_grad
-        padded = _pad(x.permute(0, 2, 3, 1), th, tw) if need_w else None
-        dx = x.new_zeros(b, 2 * th + 2, 2 * tw + 2, c) if need_x else None
+        dx = torch.zeros_like(padded) if need_x else None
         du = u.new_zeros(u.shape, dtype=torch.promote_types(u.dtype, torch.float32)) if need_w else None
         for images, rows in _chunks(b, th, tw):
             dm = output_transform_adjoint(dy[images, rows])  # [16, n, O]
