@@ -35,7 +35,7 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 #: are paid back by the products saved, in float32 and in bf16 / fp16, training or not; and fewest channels on either
 #: side (docs/performance.md)
 MIN_TILES_FLOAT32 = 225
-MIN_TILES_LOW_PRECISION = 784
+MIN_TILES_LOW_PRECISION = 392
 MIN_CHANNELS = 256
 #: tiles transformed and multiplied at a time (docs/performance.md)
 CHUNK_TILES = 1024

@@ -167,11 +167,12 @@ def test_pays_only_for_wide_convolutions_over_many_tiles(dtype):
 
 
 def test_which_decoder_convolutions_take_it():
-    """Swin-T at 224 px, batch 2 (docs/performance.md): in float32 the 28x28 (392 tiles) and 56x56 (1568) levels, not
-    the 14x14 (98); in bf16 the 56x56 level alone; the demo's 64-wide decoder never."""
+    """Swin-T at 224 px (docs/performance.md): at batch 2 the 28x28 (392 tiles) and 56x56 (1568) levels, not the
+    14x14 (98), in either precision; at batch 1 not the 28x28 level (196 tiles); the demo's 64-wide decoder never."""
     f32, bf16 = torch.float32, torch.bfloat16
     assert [winograd_pays(c, 384, t, f32) for c, t in ((1152, 98), (576, 392), (480, 1568))] == [False, True, True]
-    assert [winograd_pays(c, 384, t, bf16) for c, t in ((1152, 98), (576, 392), (480, 1568))] == [False, False, True]
+    assert [winograd_pays(c, 384, t, bf16) for c, t in ((1152, 98), (576, 392), (480, 1568))] == [False, True, True]
+    assert [winograd_pays(576, 384, 196, dtype) for dtype in (f32, bf16)] == [False, False]
     assert not winograd_pays(64 + 32, 64, 100_000, f32) and not winograd_pays(64, 64, 100_000, bf16)
 
 
