@@ -234,31 +234,40 @@ def format_table(results: dict[str, Any], impls: list[str]) -> str:
         cells = [label, precision, *(_cell(entry["impls"].get(name)) for name in impls)]
         for name in repos:
             r = entry["ratios"].get(name)
-            paired = f" (per repeat {r['paired']['min']:.2f}-{r['paired']['max']:.2f})" if r else ""
-            cells.append(f"{r['of_medians']:.2f}x{paired}" if r else "-")
+            if r:
+                p = r["paired"]
+                cells.append(f"{r['of_medians']:.2f}x (per repeat {p['median']:.2f}, {p['min']:.2f}-{p['max']:.2f})")
+            else:
+                cells.append("-")
         rows.append(cells)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def goals(results: dict[str, Any]) -> list[str]:
-    """Issue #17's targets, from the medians: this code's float32 no slower than the official float32 (>= 1.0x) and
-    >= 1.3x the official under the same bf16 autocast, per forward; its fastest mode >= 2.0x the official float32,
-    for the training step and for evaluation as each code runs it (``eval_batched`` when measured)."""
+    """Issue #17's targets: this code's float32 no slower than the official float32 (>= 1.0x) and >= 1.3x the
+    official under the same bf16 autocast, per forward; its fastest mode >= 2.0x the official float32, for the
+    training step and for evaluation as each code runs it (``eval_batched`` when measured). Each ratio is of the
+    medians; a comparison within one precision, whose rounds paired the two codes, also gives the median of the
+    per-round ratios, and is met only when both reach the target (on a machine whose speed drifts, the two can
+    disagree)."""
 
     def med(entry: dict[str, Any], name: str) -> float:
         return entry["impls"][name]["median_ms"]
 
     lines = []
 
-    def check(label: str, ratio: float, target: float) -> None:
-        lines.append(f"- {label}: {ratio:.2f}x (target >= {target:.1f}x: {'met' if ratio >= target else 'not met'})")
+    def check(label: str, ratio: float, target: float, entry: dict[str, Any] | None = None) -> None:
+        per_round = (entry or {}).get("ratios", {}).get("repo", {}).get("paired", {}).get("median")
+        shown = f"{ratio:.2f}x" + ("" if per_round is None else f", per repeat {per_round:.2f}x")
+        met = ratio >= target and (per_round is None or per_round >= target)
+        lines.append(f"- {label}: {shown} (target >= {target:.1f}x: {'met' if met else 'not met'})")
 
     for phase in ("train", "eval"):
         fp32, bf16 = results.get(f"{phase}/fp32"), results.get(f"{phase}/bf16")
         if fp32:
-            check(f"{phase}: repo fp32 vs official fp32", med(fp32, "official") / med(fp32, "repo"), 1.0)
+            check(f"{phase}: repo fp32 vs official fp32", med(fp32, "official") / med(fp32, "repo"), 1.0, fp32)
         if bf16:
-            check(f"{phase}: repo bf16 vs official bf16", med(bf16, "official") / med(bf16, "repo"), 1.3)
+            check(f"{phase}: repo bf16 vs official bf16", med(bf16, "official") / med(bf16, "repo"), 1.3, bf16)
     for phase in ("train", "eval_batched" if "eval_batched/fp32" in results else "eval"):
         fp32 = results.get(f"{phase}/fp32")
         entries = [e for e in (fp32, results.get(f"{phase}/bf16")) if e]

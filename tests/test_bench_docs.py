@@ -5,6 +5,7 @@ and setup, without the official checkout."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,6 +134,30 @@ def test_official_comparison_goals_read_the_medians():
         "- train: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",  # bf16's 80 ms against fp32's 200
         "- eval_batched: repo fastest vs official fp32: 2.50x (target >= 2.0x: met)",
     ]
+
+
+def test_official_comparison_goals_need_the_per_round_ratio_too():
+    """Paired rounds (one precision) count only when the median of their ratios also reaches the target."""
+    bench = _bench_official()
+    official, repo = [130.0, 100.0, 140.0], [100.0, 90.0, 100.0]  # medians 130 / 100; per round 1.30, 1.11, 1.40
+
+    def entry(ratio: dict) -> dict:
+        impls = {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)}
+                 for name, t in (("official", official), ("repo", repo))}  # fmt: skip
+        return {"impls": impls, "ratios": {"repo": ratio}}
+
+    paired = bench.paired_ratio(official, repo)
+    assert paired["median"] == pytest.approx(1.3) and paired["min"] == pytest.approx(100 / 90)
+    assert bench.goals({"train/bf16": entry({"of_medians": 1.3, "paired": paired})}) == [
+        "- train: repo bf16 vs official bf16: 1.30x, per repeat 1.30x (target >= 1.3x: met)"
+    ]
+    low = {**paired, "median": 1.25}
+    assert bench.goals({"train/bf16": entry({"of_medians": 1.3, "paired": low})}) == [
+        "- train: repo bf16 vs official bf16: 1.30x, per repeat 1.25x (target >= 1.3x: not met)"
+    ]
+    table = bench.format_table({"train/bf16": {"batch": 2, **entry({"of_medians": 1.3, "paired": low})}},
+                               ["official", "repo"])  # fmt: skip
+    assert "1.30x (per repeat 1.25, 1.11-1.40)" in table
 
 
 @pytest.mark.parametrize(
