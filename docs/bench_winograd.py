@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from models import conv as conv_module  # noqa: E402
 from models import winograd  # noqa: E402
 from models.conv import Conv3x3  # noqa: E402
+from utils.profiling import median, time_interleaved  # noqa: E402
 
 
 def decoder_convolutions(embed_dim: int, size: int) -> list[tuple[int, int, int]]:
@@ -43,20 +43,17 @@ def decoder_convolutions(embed_dim: int, size: int) -> list[tuple[int, int, int]
 def time_pair(direct: Conv3x3, forced: Conv3x3, x: torch.Tensor, train: bool, bf16: bool, repeats: int) -> list[float]:
     """Median seconds of ``direct`` and ``forced`` on x, taking turns after one warm-up call each."""
 
-    def call(conv: Conv3x3) -> float:
-        tic = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
-            out = conv(x.requires_grad_(train))
-        if train:
-            out.backward(torch.ones_like(out))
-        return time.perf_counter() - tic
+    def call(conv: Conv3x3) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
+                out = conv(x.requires_grad_(train))
+            if train:
+                out.backward(torch.ones_like(out))
 
-    call(direct), call(forced)
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for i, conv in enumerate((direct, forced)):
-            times[i].append(call(conv))
-    return [statistics.median(t) for t in times]
+        return run
+
+    times = time_interleaved([call(direct), call(forced)], torch.device("cpu"), warmup=1, runs=repeats)
+    return [median(t) for t in times]
 
 
 def measure(

@@ -227,13 +227,14 @@ class _WinogradConv3x3(torch.autograd.Function):
         dy = dy.reshape(b, th, 2, tw, 2, -1)
         need_x, need_w = ctx.needs_input_grad
         dx = torch.zeros_like(padded) if need_x else None
-        du = u.new_zeros(u.shape, dtype=torch.promote_types(u.dtype, torch.float32)) if need_w else None
+        du = None  # [16, C, O], summed over the chunks in float32 (or float64)
         for images, rows in _chunks(b, th, tw):
             dm = output_transform_adjoint(dy[images, rows])  # [16, n, O]
             if need_x:
                 input_transform_adjoint(torch.bmm(dm, u.transpose(1, 2)), out=dx[images, _padded_rows(rows)])
             if need_w:
-                du += torch.bmm(input_transform(padded[images, _padded_rows(rows)]).transpose(1, 2), dm)
+                part = torch.bmm(input_transform(padded[images, _padded_rows(rows)]).transpose(1, 2), dm)
+                du = part.to(torch.promote_types(part.dtype, torch.float32)) if du is None else du.add_(part)
         grad_x = dx[:, 1 : h + 1, 1 : w + 1].permute(0, 3, 1, 2) if need_x else None
         grad_w = weight_transform_adjoint(du).to(ctx.weight_dtype) if need_w else None
         return grad_x, grad_w
