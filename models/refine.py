@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import checkpoint_batchnorm, recomputes
+from .layers import BatchNorm2d, checkpoint_batchnorm, recomputes
 
 __all__ = ["EdgeRefine", "build_refine"]
 
@@ -32,9 +32,9 @@ class EdgeRefine(nn.Module):
         if hidden < 1:
             raise ValueError(f"the refinement's width must be positive, got {hidden}")
         self.conv1 = nn.Conv2d(2 + in_chans, hidden, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(hidden)
+        self.bn1 = BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(hidden)
+        self.bn2 = BatchNorm2d(hidden)
         self.relu = nn.ReLU()
         self.proj = nn.Conv2d(hidden, 2, 1)
         nn.init.zeros_(self.proj.weight)  # starts as the identity on the logits

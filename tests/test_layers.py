@@ -1,4 +1,5 @@
-"""models/layers.py against timm's layers (the official LAVT code's), seed for seed, and against the formulas."""
+"""models/layers.py against timm's layers (the official LAVT code's), seed for seed, and against the formulas; its
+BatchNorm2d against nn.BatchNorm2d."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 import timm.layers
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.layers import DropPath, Mlp, trunc_normal_
+from models.layers import BatchNorm2d, DropPath, Mlp, trunc_normal_
 
 
 @pytest.mark.parametrize(("shape", "std", "a", "b"), [((7, 9), 0.02, -2.0, 2.0), ((4000,), 1.0, -0.5, 1.5)])
@@ -62,3 +65,69 @@ def test_mlp_is_fc2_gelu_fc1_with_the_official_keys() -> None:
     theirs.load_state_dict(mlp.state_dict())
     assert torch.equal(mlp(x), theirs(x))
     assert not torch.allclose(mlp(x), F.linear(F.relu(F.linear(x, w1, b1)), w2, b2))
+
+
+class _BatchNormLayouts(TorchDispatchMode):
+    """Records, for each batch-norm kernel called, whether its 4-d tensor arguments are contiguous (NCHW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, list[bool]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if "batch_norm" in name:
+            self.seen[name] = [a.is_contiguous() for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("channels", "narrow"), [(8, True), (16, False)])
+def test_batch_norm_trains_narrow_channels_last_maps_in_the_contiguous_layout(
+    dtype: torch.dtype, channels: int, narrow: bool
+) -> None:
+    """A channels-last map of fewer than 16 channels reaches the CPU kernels contiguous, forward (input) and backward
+    (input and output gradient), and comes back channels-last; results, gradients and running statistics are
+    nn.BatchNorm2d's. At 16 channels the kernels get the channels-last map itself."""
+    torch.manual_seed(0)
+    ours, ref = BatchNorm2d(channels), nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            m.bias.copy_(torch.linspace(-1, 1, channels))
+    x0 = (3 * torch.randn(4, channels, 10, 12) + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x0.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)  # as from a conv
+    outs, grads, layouts = [], [], []
+    for m in (ours, ref):
+        x = x0.detach().requires_grad_()
+        with _BatchNormLayouts() as mode:
+            y = m(x)
+            y.backward(grad)
+        outs.append(y)
+        grads.append((x.grad, m.weight.grad, m.bias.grad))
+        layouts.append(mode.seen)
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    assert layouts[1] == {"native_batch_norm": [False], "native_batch_norm_backward": [False, False]}
+    assert layouts[0] == ({"native_batch_norm": [True], "native_batch_norm_backward": [True, True]} if narrow
+                          else layouts[1])  # fmt: skip
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, **tol)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_norm_evaluates_channels_last_maps_as_they_are() -> None:
+    """In evaluation the narrow path is not taken (channels-last is the faster layout there): the kernel gets the
+    channels-last map, and the output is nn.BatchNorm2d's to the bit."""
+    ours, ref = BatchNorm2d(8).eval(), nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.running_mean.copy_(torch.linspace(-1, 1, 8))
+            m.running_var.copy_(torch.linspace(0.5, 2, 8))
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), _BatchNormLayouts() as mode:
+        out = ours(x)
+    assert list(mode.seen.values()) == [[False]]
+    assert torch.equal(out, ref(x)) and out.is_contiguous(memory_format=torch.channels_last)
