@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv import Conv3x3
-from .layers import checkpoint_batchnorm, recomputes
+from .layers import checkpoint_batchnorm, grad_in_layout, recomputes
 
 
 class SimpleDecoder(nn.Module):
@@ -53,6 +53,8 @@ class SimpleDecoder(nn.Module):
         """x: [B, C, h, w] (coarser); skip: [B, C_s, H, W] -> [B, hidden, H, W]."""
         if x.shape[-2] < skip.shape[-2] or x.shape[-1] < skip.shape[-1]:
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+            if x.device.type == "cpu":  # its gradient, a channel slice of the concatenation's, is strided
+                x = grad_in_layout(x)
         x = torch.cat([x, skip], dim=1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

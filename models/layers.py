@@ -3,8 +3,9 @@
 Written here rather than imported: ``import timm`` pulls in torchvision and ``torch._dynamo``, paid by every process
 that only wants to print an error or a help text (docs/performance.md, "Small choices"). tests/test_layers.py checks
 each against timm's, seed for seed. And ``recomputes`` (whether a module checkpoints now),
-``checkpoint_batchnorm``, activation checkpointing of conv-BN blocks (the decoder's and the refinement's), and
-``BatchNorm2d``, which trains narrow channels-last maps on CPU in the contiguous layout.
+``checkpoint_batchnorm``, activation checkpointing of conv-BN blocks (the decoder's and the refinement's),
+``grad_in_layout``, which hands a gradient on in its tensor's layout, and ``BatchNorm2d``, which trains narrow
+channels-last maps on CPU in the contiguous layout.
 """
 
 from __future__ import annotations
@@ -97,16 +98,25 @@ def _keep_running_stats(bns: list[nn.BatchNorm2d]) -> Iterator[None]:
 NARROW_CHANNELS = 16
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """The identity; its backward hands on the gradient in the contiguous layout."""
+class _GradInLayout(torch.autograd.Function):
+    """The identity; its backward hands on the gradient contiguous in the input's memory format."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+        return grad.contiguous(memory_format=ctx.memory_format)
+
+
+def grad_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself; in the backward pass its gradient is made contiguous in x's memory format (NCHW or channels-last)
+    before it reaches the operation that made x. CPU kernels given a gradient in another layout than their input, or
+    a strided one (a channel slice of a concatenation's gradient), take 3-4x longer (docs/performance.md)."""
+    return _GradInLayout.apply(x)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -122,6 +132,6 @@ class BatchNorm2d(nn.BatchNorm2d):
         narrow = self.num_features < NARROW_CHANNELS and x.is_contiguous(memory_format=torch.channels_last)
         if not (narrow and self.training and x.device.type == "cpu"):
             return super().forward(x)
-        # the barrier makes the gradient arriving from the channels-last copy contiguous before the kernel's backward
-        y = _ContiguousGrad.apply(super().forward(x.contiguous()))
+        # the gradient arrives from the channels-last copy channels-last: made contiguous for the kernel's backward
+        y = grad_in_layout(super().forward(x.contiguous()))
         return y.contiguous(memory_format=torch.channels_last)

@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs import get_config
 
 from .conftest import FIXTURE, tiny_opts
 
-__all__ = ["FIXTURE", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
+__all__ = ["FIXTURE", "KernelLayouts", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
 
 
 def tiny_cfg(**over):
@@ -34,3 +35,27 @@ def save_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, vocab: int =
                      intermediate_size=2 * hidden, max_position_embeddings=64)
     BertModel(cfg, add_pooling_layer=True).save_pretrained(folder)
     return folder
+
+
+class KernelLayouts(TorchDispatchMode):
+    """Records, for each call of a kernel whose name contains ``part`` (``batch_norm``, ``upsample``), the layouts of
+    its 4-d tensor arguments, "nchw" (contiguous), "cl" (channels-last) or "strided": ``seen[kernel]``, one list a
+    call."""
+
+    def __init__(self, part: str) -> None:
+        super().__init__()
+        self.part = part
+        self.seen: dict[str, list[list[str]]] = {}
+
+    @staticmethod
+    def layout(t: torch.Tensor) -> str:
+        if t.is_contiguous():
+            return "nchw"
+        return "cl" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.part in name:
+            layouts = [self.layout(a) for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+            self.seen.setdefault(name, []).append(layouts)
+        return func(*args, **(kwargs or {}))

@@ -8,9 +8,10 @@ import timm.layers
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.layers import BatchNorm2d, DropPath, Mlp, trunc_normal_
+from models.layers import BatchNorm2d, DropPath, Mlp, grad_in_layout, trunc_normal_
+
+from .helpers_model import KernelLayouts
 
 
 @pytest.mark.parametrize(("shape", "std", "a", "b"), [((7, 9), 0.02, -2.0, 2.0), ((4000,), 1.0, -0.5, 1.5)])
@@ -67,20 +68,6 @@ def test_mlp_is_fc2_gelu_fc1_with_the_official_keys() -> None:
     assert not torch.allclose(mlp(x), F.linear(F.relu(F.linear(x, w1, b1)), w2, b2))
 
 
-class _BatchNormLayouts(TorchDispatchMode):
-    """Records, for each batch-norm kernel called, whether its 4-d tensor arguments are contiguous (NCHW)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, list[bool]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if "batch_norm" in name:
-            self.seen[name] = [a.is_contiguous() for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("channels", "narrow"), [(8, True), (16, False)])
 def test_batch_norm_trains_narrow_channels_last_maps_in_the_contiguous_layout(
@@ -100,15 +87,15 @@ def test_batch_norm_trains_narrow_channels_last_maps_in_the_contiguous_layout(
     outs, grads, layouts = [], [], []
     for m in (ours, ref):
         x = x0.detach().requires_grad_()
-        with _BatchNormLayouts() as mode:
+        with KernelLayouts("batch_norm") as mode:
             y = m(x)
             y.backward(grad)
         outs.append(y)
         grads.append((x.grad, m.weight.grad, m.bias.grad))
         layouts.append(mode.seen)
     assert outs[0].is_contiguous(memory_format=torch.channels_last)
-    assert layouts[1] == {"native_batch_norm": [False], "native_batch_norm_backward": [False, False]}
-    assert layouts[0] == ({"native_batch_norm": [True], "native_batch_norm_backward": [True, True]} if narrow
+    assert layouts[1] == {"native_batch_norm": [["cl"]], "native_batch_norm_backward": [["cl", "cl"]]}
+    assert layouts[0] == ({"native_batch_norm": [["nchw"]], "native_batch_norm_backward": [["nchw", "nchw"]]} if narrow
                           else layouts[1])  # fmt: skip
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
     torch.testing.assert_close(outs[0], outs[1], **tol)
@@ -127,7 +114,26 @@ def test_batch_norm_evaluates_channels_last_maps_as_they_are() -> None:
             m.running_mean.copy_(torch.linspace(-1, 1, 8))
             m.running_var.copy_(torch.linspace(0.5, 2, 8))
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), _BatchNormLayouts() as mode:
+    with torch.no_grad(), KernelLayouts("batch_norm") as mode:
         out = ours(x)
-    assert list(mode.seen.values()) == [[False]]
+    assert list(mode.seen.values()) == [[["cl"]]]
     assert torch.equal(out, ref(x)) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_grad_in_layout_hands_the_gradient_on_contiguous_in_the_tensors_layout(layout: str) -> None:
+    """Forward: x itself. Backward: the gradient that reaches x's maker (here a strided channel slice of a
+    concatenation's gradient) arrives contiguous in x's layout, its values unchanged."""
+    x = torch.randn(2, 3, 4, 5)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaf = x.clone().requires_grad_()
+    seen = []
+    y = leaf * 1.0  # the maker: its backward records the gradient it gets
+    y.register_hook(lambda g: seen.append(KernelLayouts.layout(g)))
+    z = grad_in_layout(y)
+    assert z is y or torch.equal(z, y)
+    grad = torch.randn(2, 7, 4, 5).contiguous(memory_format=torch.channels_last)
+    torch.cat([z, torch.zeros(2, 4, 4, 5)], 1).backward(grad)
+    assert seen == [layout]
+    assert torch.equal(leaf.grad, grad[:, :3])
