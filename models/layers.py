@@ -103,7 +103,7 @@ class _GradInLayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return x
 
