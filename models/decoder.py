@@ -53,7 +53,8 @@ class SimpleDecoder(nn.Module):
         """x: [B, C, h, w] (coarser); skip: [B, C_s, H, W] -> [B, hidden, H, W]."""
         if x.shape[-2] < skip.shape[-2] or x.shape[-1] < skip.shape[-1]:
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
-            if x.device.type == "cpu":  # its gradient, a channel slice of the concatenation's, is strided
+            # its gradient, a channel slice of the concatenation's, would reach the upsampling's backward strided
+            if x.device.type == "cpu" and x.requires_grad:
                 x = grad_in_layout(x)
         x = torch.cat([x, skip], dim=1)
         if self.channels_last:
