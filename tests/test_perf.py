@@ -162,8 +162,6 @@ def test_decoder_upsampling_gets_its_gradient_in_its_layout(monkeypatch, channel
     """On CPU the upsampled map's gradient, a channel slice of the concatenation's, reaches the upsampling's backward
     contiguous in the upsampled map's layout (strided it takes 3-4x longer); the gradients are those without it,
     bit for bit."""
-    import models.decoder
-
     torch.manual_seed(3)
     decoder = SimpleDecoder(64, channels_last=channels_last).train()
     feats = [torch.randn(2, 8 * 2**i, 16 // 2**i, 12 // 2**i) for i in range(4)]
@@ -171,7 +169,7 @@ def test_decoder_upsampling_gets_its_gradient_in_its_layout(monkeypatch, channel
     grads = []
     for barrier in (True, False):
         if not barrier:
-            monkeypatch.setattr(models.decoder, "grad_in_layout", lambda x: x)
+            monkeypatch.setattr("models.decoder.grad_in_layout", lambda x: x)
         decoder.zero_grad()
         with KernelLayouts("upsample") as mode:
             decoder(feats[3], feats[2], feats[1], feats[0]).square().mean().backward()
