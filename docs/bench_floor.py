@@ -1,15 +1,17 @@
-"""The float32 floor: how much faster than the official LAVT code any implementation of the same arithmetic could run.
+"""The floor: how much faster than the official LAVT code any implementation of the same arithmetic could run.
 
 For each phase of ``docs/bench_official.py`` (a training step, an evaluation forward), the FLOPs each implementation
 computes (``utils.profiling.count_flops``: matrix products, convolutions, attention) divided by this CPU's dense
-float32 matrix-product rate (``utils.profiling.matmul_flops_per_s``, a 2048x2048 product, measured in every round
-beside the two implementations) is the time of an implementation that ran every FLOP at the matrix units' best rate
-and everything else for free. The official time over that floor bounds the float32 speed-up any implementation of
-the same network could reach on this machine. Same builders, batches and weights as ``docs/bench_official.py``.
+matrix-product rate in the phase's precision (``utils.profiling.matmul_flops_per_s``, a 2048x2048 product, measured
+in every round beside the two implementations) is the time of an implementation that ran every FLOP at the matrix
+units' best rate and everything else for free. The official time over that floor bounds the speed-up any
+implementation of the same network could reach on this machine. Same builders, batches and weights as
+``docs/bench_official.py``; ``--amp bf16`` runs both under bf16 autocast and divides by the bf16 rate.
 
 Run from the repository root (the figures: docs/performance.md)::
 
     python docs/bench_floor.py --official /path/to/LAVT-RIS --json docs/benchmarks/floor_fp32.json
+    python docs/bench_floor.py --official /path/to/LAVT-RIS --amp bf16 --json docs/benchmarks/floor_bf16.json
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ from utils.profiling import count_flops, matmul_flops_per_s  # noqa: E402
 PHASES = (("train", 224, 2), ("eval", 224, 1), ("eval", 480, 1))
 
 
-def floor(fns: dict[str, Callable[[], object]], repeats: int, matmul_size: int = 2048) -> dict[str, Any]:
-    """Time ``fns`` taking turns (``bench_official.alternate``) with the matmul rate measured before each round;
-    returns per function its FLOPs, median ms, floor ms (FLOPs at the median rate) and time / floor."""
+def floor(
+    fns: dict[str, Callable[[], object]], repeats: int, matmul_size: int = 2048, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Time ``fns`` taking turns (``bench_official.alternate``) with the ``dtype`` matmul rate measured before each
+    round; returns per function its FLOPs, median ms, floor ms (FLOPs at the median rate) and time / floor."""
     flops = {name: count_flops(fn)[0] for name, fn in fns.items()}
     rates: list[float] = []
 
     def rate() -> None:
-        rates.append(matmul_flops_per_s(torch.float32, torch.device("cpu"), size=matmul_size, runs=3))
+        rates.append(matmul_flops_per_s(dtype, torch.device("cpu"), size=matmul_size, runs=3))
 
     times = bo.alternate({"matmul_rate": rate, **fns}, warmup=1, repeats=repeats)
     rates = rates[1:]  # the warm-up round's left out
@@ -59,11 +63,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--official", required=True, type=Path, help="a checkout of github.com/yz93/LAVT-RIS (read only)")
     p.add_argument("--repeats", type=int, default=4, help="timed rounds per phase")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
+                   help="precision of both implementations (bf16: under autocast) and of the matmul rate")
     p.add_argument("--json", type=Path, default=Path("bench_floor.json"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"machine": bo.machine_info(), "phases": {}}
+    amp, dtype = ("bf16", torch.bfloat16) if args.amp == "bf16" else ("", torch.float32)
+    results: dict[str, Any] = {"machine": bo.machine_info(), "amp": args.amp, "phases": {}}
     with tempfile.TemporaryDirectory(prefix="bench_floor_") as tmp_name:
         tmp = Path(tmp_name)
         modules = bo.import_official(args.official, tmp / "stubs")[:3]
@@ -74,11 +81,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             repo = bo.build_repo(bo.repo_config(setup, bert_dir, fused_attention=True), False)
             official, _ = bo.build_official(*modules, bert_dir, repo.model, setup)
             batch = bo.make_batch(repo.model, repo.cfg, batch_size, size, torch.device("cpu"))
-            if phase == "train":
-                fns = {"official": bo.official_train_fn(official, batch, ""), "repo": bo.repo_train_fn(repo, batch, "")}
-            else:
-                fns = {"official": bo.official_eval_fn(official, batch, ""), "repo": bo.repo_eval_fn(repo, batch, "")}
-            entry = floor(fns, args.repeats)
+            official_fn, repo_fn = (
+                (bo.official_train_fn, bo.repo_train_fn) if phase == "train" else (bo.official_eval_fn, bo.repo_eval_fn)
+            )
+            fns = {"official": official_fn(official, batch, amp), "repo": repo_fn(repo, batch, amp)}
+            entry = floor(fns, args.repeats, dtype=dtype)
             key = f"{phase} {size} px, batch {batch_size}"
             results["phases"][key] = entry
             off, mine = entry["official"], entry["repo"]

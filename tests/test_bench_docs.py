@@ -1,11 +1,12 @@
 """The scripts in docs/ that measure this code against the official one (``bench_official.py``, side by side;
-``bench_floor.py``, the float32 floor) and the decoder's convolutions (``bench_winograd.py``): their timing, ratios
-and setup, without the official checkout."""
+``bench_floor.py``, the floor in float32 or bf16), the decoder's convolutions (``bench_winograd.py``) and the step
+part by part (``bench_split.py``): their timing, ratios and setup, without the official checkout."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +43,23 @@ def test_float32_floor_counts_the_work_and_divides_by_the_matmul_rate():
         entry = out[name]
         assert entry["floor_ms"] == pytest.approx(entry["gflop"] / out["matmul_gflop_per_s"] * 1e3)
         assert entry["over_floor"] == pytest.approx(entry["median_ms"] / entry["floor_ms"]) and entry["median_ms"] > 0
+
+
+def test_bf16_floor_divides_by_the_bf16_matmul_rate(monkeypatch):
+    """docs/bench_floor.py --amp bf16: the rate is measured in bf16 in every round (a fixed rate here, so the floor is
+    the FLOPs over it exactly)."""
+    bench = _docs_script("bench_floor")
+    asked = []
+
+    def rate(dtype, device, size=None, runs=5):
+        asked.append(dtype)
+        return 4e9
+
+    monkeypatch.setattr(bench, "matmul_flops_per_s", rate)
+    a = torch.randn(64, 64)
+    out = bench.floor({"mm": lambda: a @ a}, repeats=2, dtype=torch.bfloat16)
+    assert asked == [torch.bfloat16] * 3  # the warm-up round and 2 timed ones
+    assert out["matmul_gflop_per_s"] == 4 and out["mm"]["floor_ms"] == pytest.approx(2 * 64**3 / 4e9 * 1e3)
 
 
 def test_winograd_bench_times_the_official_decoders_convolutions_both_ways(tmp_path, monkeypatch):
@@ -172,3 +190,66 @@ def test_official_comparison_columns_differ_by_their_switch_alone(fused, conv_gr
     assert switches == (fused, conv_grad, winograd)
     assert cfg.MODEL.TEXT.ENCODER == "some/bert" and cfg.DATA.SIZE == 224 and cfg.MODEL.SWIN.WINDOW_SIZE == 7
     assert cfg.TRAIN.FUSED_ADAMW and cfg.MODEL.TEXT.TRAIN_LAYERS == 10  # the defaults the table's setup names
+
+
+class _Slow(torch.autograd.Function):
+    """Identity whose backward sleeps ``seconds``."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+class _Part(torch.nn.Module):
+    def __init__(self, forward_s: float, backward_s: float) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.forward_s, self.backward_s = forward_s, backward_s
+
+    def forward(self, x):
+        time.sleep(self.forward_s)
+        return _Slow.apply(self.lin(x), self.backward_s)
+
+
+def test_split_gives_each_part_its_own_forward_and_backward():
+    """docs/bench_split.py: a part that sleeps 60 ms in its forward and one that sleeps 60 ms in its backward (two of
+    them, 30 ms each, counted as one part) are told apart; a part never called has no time; the step's total
+    includes both, the rest what is outside the parts; the hooks are removed afterwards."""
+    bench = _docs_script("bench_split")
+    first, second = _Part(0.06, 0.0), [_Part(0.0, 0.03), _Part(0.0, 0.03)]
+    x = torch.randn(2, 4, requires_grad=True)
+
+    def step():
+        y = x
+        for part in (first, *second):
+            y = part(y)
+        y.sum().backward()
+        time.sleep(0.02)  # outside every part
+
+    out = bench.split(step, {"first": [first], "second": second, "unused": [_Part(0, 0)]}, warmup=1, repeats=3)
+    parts = out["parts"]
+    assert parts["unused"] == {"forward": None, "backward": None}  # never called: not a time of 0
+    assert parts["first"]["forward"] >= 60 and parts["second"]["backward"] >= 60
+    assert parts["first"]["backward"] < 20 and parts["second"]["forward"] < 20
+    assert out["step_ms"] >= 140 and out["rest_ms"] >= 20
+    assert not first._forward_hooks and not first._forward_pre_hooks and not second[0]._backward_hooks
+
+
+def test_split_names_the_lavt_parts():
+    bench = _docs_script("bench_split")
+    from models import build_model
+
+    from .helpers_model import tiny_cfg
+
+    model = build_model(tiny_cfg(), pretrained=False)
+    parts = bench.model_parts(model)
+    assert parts["decoder"] == [model.classifier] and "text encoder" not in parts  # the tiny model has none
+    assert parts["stage 1 blocks"] == list(model.backbone.layers[0].blocks)
+    assert parts["stage 4 PWAM"] == [model.backbone.layers[3].fusion] and "stage 4 merging" not in parts
+    assert "stage 3 merging" in parts
