@@ -39,9 +39,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from data.opencv import cv2
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
 from data.synthetic_text import describe_object
 

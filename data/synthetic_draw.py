@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from data.opencv import cv2
 
 __all__ = ["COLOURS", "CATEGORIES", "CAT_ID", "SUPERCATEGORY", "SIZE_RANGES", "MIN_VISIBLE", "make_image"]
 

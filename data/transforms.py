@@ -15,10 +15,11 @@ is off by default and never flips left/right or changes hue: expressions say "le
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
+
+from .opencv import cv2
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "RESIZE_METHODS", "resize_image", "resize_mask", "to_tensor", "TrainAugment",

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from data.opencv import cv2
 from utils.atomic import staged
 from utils.metrics import intersection_union, iou_from_counts
 
