@@ -1,11 +1,10 @@
 """Where this code's training step goes, part by part: the forward and the backward of the text encoder, each Swin
 stage's blocks, PWAM, language gate and patch merging, and the decoder, timed by module hooks.
 
-A part's forward is the time between its forward pre-hook and its forward hook; its backward the time between its
-full-backward pre-hook (its output's gradient is ready) and its full-backward hook (its input's gradient is): the
-autograd engine runs one node at a time on CPU, so nothing else runs between the two. The text encoder's backward is
-not seen this way (its inputs are token ids, which have no gradient) and is left to the remainder of the step, with
-the loss and the optimizer. Same builders, batch and weights as ``docs/bench_official.py`` (Swin-T, window 7, a
+The hooks are ``utils.profiling.PartTimer``'s (forward: pre-hook to hook; backward: the full-backward pre-hook, when
+the output's gradient is ready, to the full-backward hook, when the input's is). The text encoder's backward is not
+seen this way (its inputs are token ids, which have no gradient) and is left to the remainder of the step, with the
+loss and the optimizer. Same builders, batch and weights as ``docs/bench_official.py`` (Swin-T, window 7, a
 BERT-base shaped text encoder, random weights); the official code is not needed.
 
 Run from the repository root (the figures: docs/performance.md)::
@@ -16,7 +15,6 @@ Run from the repository root (the figures: docs/performance.md)::
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import sys
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_official besid
 import bench_official as bo  # noqa: E402
 
 from utils.allocator import keep_freed_memory  # noqa: E402
+from utils.profiling import PartTimer  # noqa: E402
 
 
 def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -50,52 +49,24 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def split(step: Callable[[], object], parts: dict[str, list[nn.Module]], warmup: int, repeats: int) -> dict[str, Any]:
-    """Median ms per part (forward and backward) and of the whole ``step`` over ``repeats`` calls after ``warmup``."""
-    sums: dict[tuple[str, str], float] = collections.defaultdict(float)
-    started: dict[tuple[str, int], float] = {}
-    handles = []
-
-    def hooks(name: str, module: nn.Module) -> None:
-        def begin(phase: str) -> Callable[..., None]:
-            return lambda *_: started.__setitem__((phase, id(module)), time.perf_counter())
-
-        def end(phase: str) -> Callable[..., None]:
-            def record(*_) -> None:
-                sums[(name, phase)] += time.perf_counter() - started.pop((phase, id(module)))
-
-            return record
-
-        handles.extend([
-            module.register_forward_pre_hook(begin("forward")), module.register_forward_hook(end("forward")),
-            module.register_full_backward_pre_hook(begin("backward")),
-            module.register_full_backward_hook(end("backward")),
-        ])  # fmt: skip
-
-    for name, modules in parts.items():
-        for module in modules:
-            hooks(name, module)
+    """Median ms per part, forward and backward (None where a part never ran), and of the whole ``step``, over
+    ``repeats`` calls after ``warmup`` (``utils.profiling.PartTimer``)."""
+    timer = PartTimer(parts, torch.device("cpu"), backward=True)
     try:
         for _ in range(warmup):
             step()
-        samples: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-        seen: set[tuple[str, str]] = set()
         totals = []
         for _ in range(repeats):
-            sums.clear()
-            t0 = time.perf_counter()
-            step()
-            totals.append(time.perf_counter() - t0)
-            seen.update(sums)
-            for name in parts:
-                for phase in ("forward", "backward"):
-                    samples[(name, phase)].append(sums[(name, phase)])
+            with timer.recording():
+                t0 = time.perf_counter()
+                step()
+                totals.append(time.perf_counter() - t0)
     finally:
-        for h in handles:
-            h.remove()
+        timer.remove()
+    medians = {phase: timer.medians(phase) for phase in ("forward", "backward")}
     out: dict[str, Any] = {"step_ms": 1e3 * statistics.median(totals), "parts": {}}
     for name in parts:  # None: never ran (the text encoder's backward; a module the model does not call)
-        out["parts"][name] = {ph: 1e3 * statistics.median(samples[(name, ph)]) if (name, ph) in seen else None
-                              for ph in ("forward", "backward")}  # fmt: skip
+        out["parts"][name] = {ph: 1e3 * m[name] if name in m else None for ph, m in medians.items()}
     timed = sum(t or 0.0 for p in out["parts"].values() for t in p.values())
     out["rest_ms"] = out["step_ms"] - timed  # the text encoder's backward, the loss, the optimizer
     return out

@@ -123,10 +123,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters and buffers, the same results up to round-off) that, in CPU training,
     normalises a channels-last map of fewer than ``NARROW_CHANNELS`` channels in the contiguous (NCHW) layout, forward
     and backward, and hands it back channels-last: PyTorch's CPU kernels train such maps faster that way, the two
-    copies included (8 channels,
-    96 x 96, batch 32, forward and backward: bf16 3.7 against 11.2 ms, float32 9.1 against 11.0; at 16 and 32
-    channels channels-last is the faster; docs/performance.md). Evaluation, other devices and wider maps go to
-    ``nn.BatchNorm2d`` as they are."""
+    copies included (8 channels, 96 x 96, batch 32, forward and backward: bf16 3.7 against 11.2 ms, float32 9.1
+    against 11.0; at 16 and 32 channels channels-last is the faster; docs/performance.md). Evaluation, other devices
+    and wider maps go to ``nn.BatchNorm2d`` as they are."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] -> [B, C, H, W], in x's memory format."""

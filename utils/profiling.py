@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -165,36 +165,49 @@ def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int | Non
 
 # ----------------------------------------------------------------------------- per-part timing
 class PartTimer:
-    """Forward time of named submodules (nested ones allowed), with forward pre-hooks and hooks.
+    """Forward (and, with ``backward``, backward) time of named submodules (nested ones allowed), by module hooks.
 
-    ``with timer.recording(): model(...)`` times one call; ``timer.medians()`` gives the median seconds per
-    part over the recorded calls. Outside ``recording`` the hooks do nothing (e.g. the recomputation of a
-    checkpointed stage during backward is not counted).
+    A part is one module or several (a stage's blocks), whose times add up. Its forward runs from the forward
+    pre-hook to the forward hook; its backward from the full-backward pre-hook (the output's gradient is ready) to the
+    full-backward hook (the input's is): the autograd engine runs one node at a time on CPU. A module whose inputs
+    need no gradient (a text encoder fed token ids) has no backward hook call, and no backward time.
+
+    ``with timer.recording(): ...`` times one call; ``timer.medians()`` (or ``medians("backward")``) gives the median
+    seconds per part over the recorded calls, for the parts that ran. Outside ``recording`` the hooks do nothing
+    (e.g. the recomputation of a checkpointed stage during backward is not counted).
     """
 
-    def __init__(self, parts: dict[str, nn.Module], device: torch.device) -> None:
+    def __init__(
+        self, parts: dict[str, nn.Module | Sequence[nn.Module]], device: torch.device, backward: bool = False
+    ) -> None:
         self.device = device
-        self.samples: dict[str, list[float]] = {name: [] for name in parts}
-        self._current: dict[str, float] = {}
+        self.samples: dict[str, dict[str, list[float]]] = {"forward": {}, "backward": {}}
+        self._current: dict[tuple[str, int], float] = {}
         self._active = False
         self._handles = []
-        for name, module in parts.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
-            self._handles.append(module.register_forward_hook(self._post(name)))
+        for name, modules in parts.items():
+            for m in [modules] if isinstance(modules, nn.Module) else modules:
+                hooks = [("forward", m.register_forward_pre_hook, m.register_forward_hook)]
+                if backward:
+                    hooks.append(("backward", m.register_full_backward_pre_hook, m.register_full_backward_hook))
+                for phase, on_start, on_stop in hooks:
+                    self._handles += [on_start(self._start(phase, m)), on_stop(self._stop(phase, name, m))]
 
-    def _pre(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: object) -> None:
+    def _start(self, phase: str, module: nn.Module) -> Callable:
+        def hook(*_: object) -> None:
             if self._active:
                 synchronize(self.device)
-                self._current[name] = time.perf_counter()
+                self._current[(phase, id(module))] = time.perf_counter()
 
         return hook
 
-    def _post(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if self._active and name in self._current:
+    def _stop(self, phase: str, name: str, module: nn.Module) -> Callable:
+        def hook(*_: object) -> None:
+            started = self._current.pop((phase, id(module)), None) if self._active else None
+            if started is not None:
                 synchronize(self.device)
-                self._pending[name] = self._pending.get(name, 0.0) + time.perf_counter() - self._current.pop(name)
+                key = (phase, name)
+                self._pending[key] = self._pending.get(key, 0.0) + time.perf_counter() - started
 
         return hook
 
@@ -205,11 +218,11 @@ class PartTimer:
             yield
         finally:
             self._active = False
-            for name, seconds in self._pending.items():
-                self.samples[name].append(seconds)
+            for (phase, name), seconds in self._pending.items():
+                self.samples[phase].setdefault(name, []).append(seconds)
 
-    def medians(self) -> dict[str, float]:
-        return {name: median(values) for name, values in self.samples.items() if values}
+    def medians(self, phase: str = "forward") -> dict[str, float]:
+        return {name: median(values) for name, values in self.samples[phase].items()}
 
     def remove(self) -> None:
         for handle in self._handles:
