@@ -45,7 +45,7 @@ from engine.timing import report_timing  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
-from utils.amp import resolve_amp  # noqa: E402
+from utils.amp import amp_dtype, resolve_amp  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
@@ -137,7 +137,8 @@ def _run_in(
     tokenizer = load_tokenizer(cfg.MODEL.TEXT.ENCODER)
 
     # a full LAVT checkpoint replaces every weight: skip loading the pretrained parts first
-    model = build_model(cfg, pretrained=not (args.eval or resume or args.pretrain)).to(info.device)
+    pretrained = not (args.eval or resume or args.pretrain)
+    model = build_model(cfg, pretrained, device=info.device, dtype=amp_dtype(cfg.TRAIN.AMP))
     stopwatch.lap("loading")  # annotations, image checks, tokenizer, model
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     if args.eval:

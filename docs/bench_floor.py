@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         modules = bo.import_official(args.official, tmp / "stubs")[:3]
         bert_dir, _, _ = bo.bert_folder(argparse.Namespace(bert=""), tmp)  # BERT-base shape, random, every phase
         for phase, size, batch_size in PHASES:
-            setup = argparse.Namespace(size=size, batch_size=batch_size, window=7, seed=0, bert="")
+            setup = argparse.Namespace(size=size, batch_size=batch_size, window=7, seed=0, bert="", amp=args.amp)
             torch.manual_seed(0)
             repo = bo.build_repo(bo.repo_config(setup, bert_dir, fused_attention=True), False)
             official, _ = bo.build_official(*modules, bert_dir, repo.model, setup)

@@ -66,7 +66,7 @@ from models import build_model  # noqa: E402
 from tools.bench_workload import MALLOC_MODES, forward, make_batch  # noqa: E402
 from utils import machine  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
-from utils.amp import NativeScaler, autocast  # noqa: E402
+from utils.amp import NativeScaler, amp_dtype, autocast  # noqa: E402
 from utils.losses import build_criterion  # noqa: E402
 from utils.profiling import time_interleaved  # noqa: E402
 
@@ -111,6 +111,9 @@ def repo_config(
         "DATA.SIZE", args.size,
         "TRAIN.BATCH_SIZE", args.batch_size,
         "TRAIN.SEED", args.seed,
+        # as training in bf16 builds it (the decoder's weight layouts, models.decoder.decoder_layouts); the same
+        # model is timed in float32 too
+        "TRAIN.AMP", "" if args.amp == "fp32" else "bf16",
     ]  # fmt: skip
     if not fused_attention:
         opts += ["MODEL.FUSED_ATTENTION", False]
@@ -144,7 +147,7 @@ class Repo(SimpleNamespace):
 
 
 def build_repo(cfg: Any, pretrained_text: bool) -> Repo:
-    model = build_model(cfg, pretrained=pretrained_text)
+    model = build_model(cfg, pretrained=pretrained_text, dtype=amp_dtype(cfg.TRAIN.AMP))
     optimizer = build_optimizer(model, cfg)  # also freezes the text layers the recipe keeps (requires_grad False)
     criterion = build_criterion(cfg.TRAIN.LOSS, cfg.TRAIN.CE_WEIGHTS)
     params = [p for p in model.parameters() if p.requires_grad]

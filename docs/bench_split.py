@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as main.py and docs/bench_official.py (by default) run
-    setup = argparse.Namespace(size=args.size, batch_size=args.batch_size, window=7, seed=0, bert="")
+    setup = argparse.Namespace(size=args.size, batch_size=args.batch_size, window=7, seed=0, bert="", amp=args.amp)
     with tempfile.TemporaryDirectory(prefix="bench_split_") as tmp:
         bert_dir, _, _ = bo.bert_folder(setup, Path(tmp))
         torch.manual_seed(0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 from yacs.config import CfgNode
 
@@ -27,13 +28,19 @@ def text_dropout(name: str, setting: str) -> bool:
     return name == "lavt_one" if forced is None else forced
 
 
-def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
-    """LAVT from ``cfg.MODEL``.
+def build_model(
+    cfg: CfgNode, pretrained: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LAVT:
+    """LAVT from ``cfg.MODEL``, on ``device``.
 
     Args:
         cfg: the config (``configs.get_config``).
         pretrained: load the text encoder's pretrained weights and ``MODEL.PRETRAINED_SWIN``; False builds the
             architecture only (e.g. before loading a full LAVT checkpoint).
+        device: where it will run.
+        dtype: the precision training computes in (``TRAIN.AMP``, resolved: ``utils.amp.amp_dtype``). With ``device``,
+            ``TRAIN.BATCH_SIZE`` and ``DATA.SIZE`` it decides the memory order of the decoder's weights
+            (``models.decoder.decoder_layouts``): speed only, the values are the same.
     """
     m = cfg.MODEL
     if m.NAME not in ("lavt", "lavt_one"):
@@ -51,12 +58,14 @@ def build_model(cfg: CfgNode, pretrained: bool = True) -> LAVT:
     )
     if pretrained and m.PRETRAINED_SWIN:
         load_pretrained_swin(backbone, m.PRETRAINED_SWIN)
+    device = torch.device(device)
     decoder = build_decoder(
-        m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN, m.CONV_GRAD_MATMUL, m.CONV_WINOGRAD
+        m.SWIN.EMBED_DIM, m.CHANNELS_LAST, m.GRAD_CHECKPOINT, m.DECODER_HIDDEN, m.CONV_GRAD_MATMUL, m.CONV_WINOGRAD,
+        cfg.TRAIN.BATCH_SIZE, cfg.DATA.SIZE, dtype, device.type,
     )
     dropout = text_dropout(m.NAME, m.TEXT.DROPOUT)
     refine = build_refine(m.REFINE, m.GRAD_CHECKPOINT)
-    model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=refine)
+    model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=refine).to(device)
     return compile_model(model) if m.COMPILE else model
 
 

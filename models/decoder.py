@@ -1,11 +1,14 @@
 """LAVT's lightweight top-down decoder (the official ``SimpleDecoding``)."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv3x3
+from .conv import Conv3x3, training_layout
 from .layers import checkpoint_batchnorm, grad_in_layout, recomputes
 
 
@@ -27,11 +30,14 @@ class SimpleDecoder(nn.Module):
             wide enough for it to pay (``models.conv``; the same results to round-off).
         winograd: the 3x3 convolutions on CPU by Winograd's F(2x2, 3x3) where it pays (``models.winograd``; the same
             results to round-off, bf16's about 2-3x oneDNN's).
+        weight_layouts: the storage orders of the two 3x3 weights of levels 4, 3 and 2 (``models.conv.training_layout``,
+            ``decoder_layouts``): speed only, the values are the same.
     """
 
     def __init__(
         self, c4_dims: int, factor: int = 2, channels_last: bool = False, grad_checkpoint: bool = False,
         hidden: int | None = None, matmul_grad: bool = False, winograd: bool = False,
+        weight_layouts: Sequence[tuple[str, str]] = (("oihw", "oihw"),) * 3,
     ):
         super().__init__()
         c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
@@ -40,11 +46,12 @@ class SimpleDecoder(nn.Module):
             raise ValueError(f"decoder hidden width must be positive, got {hidden}")
         self.channels_last, self.grad_checkpoint = channels_last, grad_checkpoint
         # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
-        for level, skip in (("4", c4_dims + c3), ("3", hidden + c2), ("2", hidden + c1)):
-            self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad, winograd))
+        levels = zip("432", (c4_dims + c3, hidden + c2, hidden + c1), weight_layouts, strict=True)
+        for level, skip, (layout1, layout2) in levels:
+            self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad, winograd, layout1))
             self.add_module(f"bn1_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu1_{level}", nn.ReLU())
-            self.add_module(f"conv2_{level}", Conv3x3(hidden, hidden, matmul_grad, winograd))
+            self.add_module(f"conv2_{level}", Conv3x3(hidden, hidden, matmul_grad, winograd, layout2))
             self.add_module(f"bn2_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu2_{level}", nn.ReLU())
         self.conv1_1 = nn.Conv2d(hidden, 2, 1)
@@ -75,9 +82,33 @@ class SimpleDecoder(nn.Module):
         return self.conv1_1(x)
 
 
+def decoder_layouts(
+    embed_dim: int, hidden: int, batch: int, image_size: int, dtype: torch.dtype, device_type: str,
+    matmul_grad: bool, winograd: bool,
+) -> tuple[tuple[str, str], ...]:
+    """``training_layout`` of the two 3x3 weights of levels 4, 3 and 2 in training on ``batch`` images of
+    ``image_size`` px: they run at the stage-3, 2 and 1 maps (``image_size / 16``, ``/ 8``, ``/ 4``, rounded up)."""
+    layouts = []
+    for level, skip in ((3, 12 * embed_dim), (2, hidden + 2 * embed_dim), (1, hidden + embed_dim)):
+        side = math.ceil(image_size / 2 ** (level + 1))
+        tiles = batch * math.ceil(side / 2) ** 2
+        layouts.append(tuple(
+            training_layout(c, hidden, tiles, dtype, device_type, matmul_grad, winograd)
+            for c in (skip, hidden)
+        ))  # fmt: skip
+    return tuple(layouts)
+
+
 def build_decoder(
     embed_dim: int, channels_last: bool = False, grad_checkpoint: bool = False, hidden: int = 0,
-    matmul_grad: bool = False, winograd: bool = False,
+    matmul_grad: bool = False, winograd: bool = False, train_batch: int = 0, image_size: int = 0,
+    dtype: torch.dtype = torch.float32, device_type: str = "cpu",
 ) -> SimpleDecoder:
-    """The decoder of a Swin with ``embed_dim``; ``hidden`` 0 is the official width (``4 * embed_dim``)."""
-    return SimpleDecoder(8 * embed_dim, 2, channels_last, grad_checkpoint, hidden or None, matmul_grad, winograd)
+    """The decoder of a Swin with ``embed_dim``; ``hidden`` 0 is the official width (``4 * embed_dim``). With
+    ``train_batch`` > 0 its 3x3 weights are stored as training on ``train_batch`` images of ``image_size`` px in
+    ``dtype`` on ``device_type`` reads them (``decoder_layouts``); else in the usual [O, C, 3, 3] order."""
+    hidden = hidden or 4 * embed_dim
+    layouts = (("oihw", "oihw"),) * 3
+    if train_batch > 0:
+        layouts = decoder_layouts(embed_dim, hidden, train_batch, image_size, dtype, device_type, matmul_grad, winograd)
+    return SimpleDecoder(8 * embed_dim, 2, channels_last, grad_checkpoint, hidden, matmul_grad, winograd, layouts)

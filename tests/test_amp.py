@@ -58,6 +58,14 @@ def test_bf16_autocast_on_cpu():
         NativeScaler("fp8")
 
 
+def test_amp_dtype_names_the_products_precision():
+    from utils.amp import amp_dtype
+
+    assert [amp_dtype(a) for a in ("", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="TRAIN.AMP must be one of"):
+        amp_dtype("auto")  # resolved first (resolve_amp): it depends on the device
+
+
 def test_resolve_auto_amp(monkeypatch):
     from utils.amp import resolve_amp
 

@@ -184,12 +184,15 @@ def test_official_comparison_goals_need_the_per_round_ratio_too():
 def test_official_comparison_columns_differ_by_their_switch_alone(fused, conv_grad, winograd):
     """The repo columns beside the official one: the defaults, with only the named switch off."""
     bench = _bench_official()
-    args = SimpleNamespace(window=7, size=224, batch_size=2, seed=0)
+    args = SimpleNamespace(window=7, size=224, batch_size=2, seed=0, amp="both")
     cfg = bench.repo_config(args, "some/bert", fused, conv_grad_matmul=conv_grad, winograd=winograd)
     switches = cfg.MODEL.FUSED_ATTENTION, cfg.MODEL.CONV_GRAD_MATMUL, cfg.MODEL.CONV_WINOGRAD
     assert switches == (fused, conv_grad, winograd)
     assert cfg.MODEL.TEXT.ENCODER == "some/bert" and cfg.DATA.SIZE == 224 and cfg.MODEL.SWIN.WINDOW_SIZE == 7
     assert cfg.TRAIN.FUSED_ADAMW and cfg.MODEL.TEXT.TRAIN_LAYERS == 10  # the defaults the table's setup names
+    assert cfg.TRAIN.AMP == "bf16"  # built as bf16 training builds it (the decoder's weight layouts)
+    args.amp = "fp32"
+    assert bench.repo_config(args, "some/bert").TRAIN.AMP == ""
 
 
 class _Slow(torch.autograd.Function):

@@ -36,7 +36,7 @@ from configs import get_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.build import compile_model  # noqa: E402
 from utils.allocator import keep_freed_memory, return_freed_memory  # noqa: E402
-from utils.amp import AMP_DTYPES, autocast  # noqa: E402
+from utils.amp import amp_dtype, autocast  # noqa: E402
 from utils.machine import machine_info  # noqa: E402
 from utils.profiling import PeakMemory, current_rss_bytes, matmul_flops_per_s, time_interleaved, time_runs  # noqa: E402
 
@@ -77,8 +77,10 @@ def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], 
     return switches, amp
 
 
-def variant_config(spec: BenchSpec, switches: set[str]) -> Any:
-    opts = list(spec.opts)
+def variant_config(spec: BenchSpec, switches: set[str], amp: str = "") -> Any:
+    """The config of a variant: ``spec``'s file and overrides, its switches, and the measured shape and precision
+    (which decide the decoder's weight layouts, ``models.decoder.decoder_layouts``)."""
+    opts = [*spec.opts, "DATA.SIZE", spec.size, "TRAIN.BATCH_SIZE", spec.batch_size, "TRAIN.AMP", amp]
     for switch, key in SWITCHES.items():
         if key:
             opts += [key, switch in switches]
@@ -112,8 +114,8 @@ def _prepare(spec: BenchSpec) -> _Variant:
     if amp == "fp16" and device.type == "cpu":
         raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
     base_rss = current_rss_bytes()
-    cfg = variant_config(spec, switches - {"compile"})
-    model = build_model(cfg, pretrained=False).to(device)
+    cfg = variant_config(spec, switches - {"compile"}, amp)
+    model = build_model(cfg, pretrained=False, device=device, dtype=amp_dtype(amp))
     result = {
         "variant": spec.variant,
         "switches": sorted(switches),
@@ -136,7 +138,7 @@ def _finish(v: _Variant) -> dict[str, Any]:
         result["flops"] = count_model_flops(v.model, v.cfg, spec, v.device, v.amp)
     if "breakdown" in spec.phases and "compile" not in v.switches:
         result["breakdown"] = part_breakdown(v.model, v.cfg, spec, v.device, v.amp)
-    dtypes = {"float32": torch.float32, result["amp"]: AMP_DTYPES[v.amp] or torch.float32}  # float32 measured once
+    dtypes = {"float32": torch.float32, result["amp"]: amp_dtype(v.amp)}  # float32 measured once
     size = spec.matmul_size or None
     result["matmul_flops_per_s"] = {name: matmul_flops_per_s(dtype, v.device, size) for name, dtype in dtypes.items()}
     _achieved(result, spec)

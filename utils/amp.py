@@ -21,6 +21,12 @@ def _check_amp(amp: str) -> None:
         raise ValueError(f"TRAIN.AMP must be one of {sorted(AMP_DTYPES)} or 'auto', got {amp!r}")
 
 
+def amp_dtype(amp: str) -> torch.dtype:
+    """The dtype that ``amp`` ("", "bf16", "fp16"; resolved, not "auto") computes the products in: float32 for ""."""
+    _check_amp(amp)
+    return AMP_DTYPES[amp] or torch.float32
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bf16 natively (a CUDA GPU with bf16, or a CPU with AVX-512 bf16 / AMX); elsewhere
     CPU bf16 is emulated and slower than float32."""
