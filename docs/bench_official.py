@@ -15,7 +15,8 @@ ratios official / repo (of the medians and per repeat) are reported as a markdow
 The official model is its ``lavt`` packaging (``lib.segmentation.lavt``: Swin, PWAMs, SimpleDecoding) with its own
 vendored BERT (``bert.modeling_bert``) run outside it, as its train.py does. The repository's model is
 ``configs/swin_tiny_refcoco.yaml`` built by ``models.build_model`` with the config defaults (the paper recipe and the
-default fast paths), timed through ``engine.train_step`` and ``engine.build_optimizer``: what training runs. Both get
+default fast paths; its decoder's weights laid out as bf16 training lays them out, unless only float32 is measured),
+timed through ``engine.train_step`` and ``engine.build_optimizer``: what training runs. Both get
 the same weights: the repository model is built first and its state dict, packed in the official layout
 (``models.official.to_official``), is loaded strictly into the official one; the evaluation outputs are compared.
 A third column, ``repo_unfused``, is the repository model with MODEL.FUSED_ATTENTION off (``--unfused``; by default
@@ -421,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"LOSS {repo.cfg.TRAIN.LOSS} {list(repo.cfg.TRAIN.CE_WEIGHTS)}, "
         f"CONV_GRAD_MATMUL {repo.cfg.MODEL.CONV_GRAD_MATMUL}, CONV_WINOGRAD {repo.cfg.MODEL.CONV_WINOGRAD}, "
         f"CHANNELS_LAST {repo.cfg.MODEL.CHANNELS_LAST}, GRAD_CHECKPOINT {repo.cfg.MODEL.GRAD_CHECKPOINT}, "
-        f"COMPILE {repo.cfg.MODEL.COMPILE}",
+        f"COMPILE {repo.cfg.MODEL.COMPILE}; built as TRAIN.AMP {repo.cfg.TRAIN.AMP or 'float32'} training builds it "
+        "(the decoder's weight layouts), timed in every precision",
         **{name: f"repo with {key} False" if name in impls else "not measured"
            for name, (_, _, key, _) in SWITCHED.items()},  # fmt: skip
         "text_encoder": text_note,
