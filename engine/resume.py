@@ -34,6 +34,7 @@ from .checkpoint_config import (
     resume_differences,
 )
 from .checkpointing import LAST, METRICS, RESUME_ENTRIES, Progress
+from .optim import load_optimizer_state
 
 logger = logging.getLogger("lavt")
 
@@ -152,7 +153,7 @@ def restore(
         logger.info("--allow_change %s: no difference from %s, nothing to apply", " ".join(plan.unused), path)
     load_weights(model, path, ckpt)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's settings
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if "TRAIN.AMP" in changes:
         logger.info("TRAIN.AMP changed on purpose: the loss scaler starts afresh")

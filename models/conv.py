@@ -110,6 +110,14 @@ class _Conv3x3MatmulGrad(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _contiguous_weight(module: nn.Module, state: dict, prefix: str, metadata: dict) -> None:
+    """State dicts (checkpoints, exports) hold the weight as [O, C, 3, 3] contiguous, whatever its layout in memory:
+    files look as any other's, and ``.view`` works on what they hold (loading copies back into the layout)."""
+    key = prefix + "weight"
+    if key in state and not isinstance(state[key], nn.Parameter):  # (keep_vars=True asks for the parameter itself)
+        state[key] = state[key].contiguous()
+
+
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False)`` (same parameter, same state-dict key) that on CPU,
     with ``winograd``, runs by F(2x2, 3x3) where it pays (``models.winograd``, in any precision, training or not);
@@ -127,6 +135,7 @@ class Conv3x3(nn.Conv2d):
         self.winograd = winograd
         self.weight = nn.Parameter(laid_out(self.weight.detach(), layout))
         self.layout = layout
+        self.register_state_dict_post_hook(_contiguous_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

@@ -4,6 +4,8 @@ the weight's copy in Winograd's forward and the gradient's copy back into the we
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -180,3 +182,51 @@ def test_decoder_trains_the_same_in_any_layout(no_amx):
     fresh.load_state_dict(plain.state_dict())
     assert fresh.conv1_2.weight.stride() == laid.conv1_2.weight.stride()
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), plain.state_dict().values()))
+
+
+def test_state_dicts_hold_the_usual_layout(tmp_path):
+    """Checkpoints hold [O, C, 3, 3] contiguous weights (``.view`` works on them); loading one copies the values
+    into the module's own layout."""
+    torch.manual_seed(0)
+    laid = SimpleDecoder(256, hidden=256, winograd=True, weight_layouts=(("ohwi", "hwio"),) * 3)
+    state = laid.state_dict()
+    assert all(state[f"conv{i}_{lv}.weight"].is_contiguous() for lv in "432" for i in (1, 2))
+    assert torch.equal(state["conv2_2.weight"], laid.conv2_2.weight) and not laid.conv2_2.weight.is_contiguous()
+    assert laid.state_dict(keep_vars=True)["conv2_2.weight"] is laid.conv2_2.weight
+    torch.save(state, tmp_path / "decoder.pth")
+    other = SimpleDecoder(256, hidden=256, winograd=True, weight_layouts=(("hwio", "oihw"),) * 3)
+    other.load_state_dict(torch.load(tmp_path / "decoder.pth", weights_only=True))
+    assert other.conv1_2.weight.stride() == laid_out(other.conv1_2.weight, "hwio").stride()
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), state.values()))
+
+
+def test_optimizer_state_takes_the_layout_of_its_parameter():
+    """Moments saved beside a weight in one layout, resumed beside the same weight in another (a checkpoint of older
+    code, or of a run at another batch): the fused AdamW continues exactly as the uninterrupted run. Loaded as they
+    were saved, they would be paired with the wrong elements."""
+    from engine.optim import load_optimizer_state
+
+    torch.manual_seed(0)
+    w, grads = torch.randn(8, 16, 3, 3), [torch.randn(8, 16, 3, 3) for _ in range(3)]
+    saved = torch.nn.Parameter(w.clone())
+    opt = torch.optim.AdamW([saved], lr=0.1, fused=True)
+    saved.grad = grads[0]
+    opt.step()
+    checkpoint = copy.deepcopy(opt.state_dict())
+    results = {}
+    for loader in ("load_optimizer_state", "load_state_dict"):
+        resumed = torch.nn.Parameter(laid_out(saved.detach(), "hwio"))
+        opt2 = torch.optim.AdamW([resumed], lr=0.1, fused=True)
+        if loader == "load_optimizer_state":
+            load_optimizer_state(opt2, copy.deepcopy(checkpoint))
+        else:
+            opt2.load_state_dict(copy.deepcopy(checkpoint))
+        for g in grads[1:]:
+            resumed.grad = laid_out(g, "hwio")
+            opt2.step()
+        results[loader] = resumed.detach()
+    for g in grads[1:]:  # the uninterrupted run
+        saved.grad = g
+        opt.step()
+    assert torch.equal(results["load_optimizer_state"], saved.detach())
+    assert not torch.allclose(results["load_state_dict"], saved.detach())  # what the layout fix is for

@@ -214,6 +214,25 @@ def test_speed_switches_change_freely_and_an_older_run_without_one_resumes(env, 
     assert_same_run(straight, run_dir)
 
 
+def test_moments_saved_in_another_layout_resume_as_the_straight_run(env, straight, stopped, tmp_path):
+    """A last.pth whose optimizer moments for the decoder's 3x3 weights are [O, C, 3, 3] contiguous (older code, or a
+    run at another batch), resumed where those weights are laid out otherwise (models.conv.training_layout): the
+    moments are put in their weights' layout (engine.optim.load_optimizer_state) and the run ends as the straight one
+    (the fused AdamW would otherwise pair them with the wrong elements)."""
+    run_dir = copy_run(stopped, tmp_path)
+    ckpt = read_checkpoint(run_dir / "last.pth")
+    moved = 0
+    for state in ckpt["optimizer"]["state"].values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() == 4 and not value.is_contiguous():
+                state[key] = value.contiguous()
+                moved += 1
+    assert moved >= 12  # both moments of the six 3x3 weights
+    checkpoint_io.save_checkpoint(ckpt, run_dir / "last.pth")
+    run(env, tmp_path, "--resume", "auto")
+    assert_same_run(straight, run_dir)
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())  # tensorboard/ included
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
