@@ -89,8 +89,8 @@ def decoder_layouts(
     """``training_layout`` of the two 3x3 weights of levels 4, 3 and 2 in training on ``batch`` images of
     ``image_size`` px: they run at the stage-3, 2 and 1 maps (``image_size / 16``, ``/ 8``, ``/ 4``, rounded up)."""
     layouts = []
-    for level, skip in ((3, 12 * embed_dim), (2, hidden + 2 * embed_dim), (1, hidden + embed_dim)):
-        side = math.ceil(image_size / 2 ** (level + 1))
+    for stage, skip in ((3, 12 * embed_dim), (2, hidden + 2 * embed_dim), (1, hidden + embed_dim)):
+        side = math.ceil(image_size / 2 ** (stage + 1))
         tiles = batch * math.ceil(side / 2) ** 2
         layouts.append(tuple(
             training_layout(c, hidden, tiles, dtype, device_type, matmul_grad, winograd)
