@@ -44,12 +44,12 @@ def build_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.AdamW:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict(state)``, each per-parameter state tensor of its parameter's shape then stored in
-    that parameter's memory layout. The fused AdamW walks a parameter, its gradient and its moments as flat arrays:
-    moments saved in another layout (a checkpoint from a run whose decoder weights were laid out otherwise,
-    ``models.conv.training_layout``) would be paired with the wrong elements, silently."""
+    """``optimizer.load_state_dict(state)`` (which gives each moment its parameter's dtype and device), each moment
+    then stored in its parameter's memory layout too. The fused AdamW walks a parameter, its gradient and its moments
+    as flat arrays: moments saved in another layout (a checkpoint from a run whose decoder weights were laid out
+    otherwise, ``models.conv.training_layout``) would be paired with the wrong elements, silently."""
     optimizer.load_state_dict(state)
     for param, entries in optimizer.state.items():
         for key, value in entries.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                entries[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                entries[key] = torch.empty_like(param).copy_(value)

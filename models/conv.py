@@ -72,8 +72,7 @@ def laid_out(weight: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def training_layout(
-    in_chans: int, out_chans: int, tiles: int, dtype: torch.dtype, device_type: str, matmul_grad: bool = False,
-    winograd: bool = False,
+    in_chans: int, out_chans: int, tiles: int, dtype: torch.dtype, device_type: str, matmul_grad: bool, winograd: bool
 ) -> str:
     """The layout (``WEIGHT_LAYOUTS``) in which a ``Conv3x3``'s training path reads its weight without copying it, on
     maps of ``tiles`` output tiles (``models.winograd.output_tiles``) computed in ``dtype`` on ``device_type``: [3, 3,

@@ -79,8 +79,12 @@ def test_decoder_layouts_from_the_training_shape(no_amx):
     # 100 px: maps 7x7 / 13x13 / 25x25 (rounded up), 32 / 98 / 338 tiles: Winograd at level 2 in float32 only
     assert decoder_layouts(96, 384, 2, 100, BF16, "cpu", True, True) == per_level("ohwi", "ohwi", "ohwi")
     assert decoder_layouts(96, 384, 2, 100, F32, "cpu", True, True) == per_level("oihw", "oihw", "hwio")
-    # a decoder wider than level 4's input (96 channels): its first convolution narrow, its second wide
+    # Swin-T at 480 px: level 4 at 30x30, 450 tiles: Winograd there too (stage 3's map, not stage 4's 15x15)
+    assert decoder_layouts(96, 384, 2, 480, BF16, "cpu", True, True)[0] == ("hwio", "hwio")
+    # a decoder wider than level 4's input (12 x embed dim: 96 and 240 channels, below 256): its first convolution
+    # narrow, its second wide
     assert decoder_layouts(8, 256, 2, 128, F32, "cpu", True, True)[0] == ("ohwi", "oihw")
+    assert decoder_layouts(20, 256, 2, 128, F32, "cpu", True, True)[0] == ("ohwi", "oihw")
 
 
 def test_build_model_lays_the_decoder_out_for_its_config(no_amx):
