@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_official beside this file, also when loaded by path
 import bench_official as bo  # noqa: E402
 
+from utils.amp import amp_dtype  # noqa: E402
 from utils.profiling import count_flops, matmul_flops_per_s  # noqa: E402
 
 #: (phase, image side, batch): the training step and evaluation of README's table, and evaluation at 480 px
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    amp, dtype = ("bf16", torch.bfloat16) if args.amp == "bf16" else ("", torch.float32)
     results: dict[str, Any] = {"machine": bo.machine_info(), "amp": args.amp, "phases": {}}
     with tempfile.TemporaryDirectory(prefix="bench_floor_") as tmp_name:
         tmp = Path(tmp_name)
@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             repo = bo.build_repo(bo.repo_config(setup, bert_dir, fused_attention=True), False)
             official, _ = bo.build_official(*modules, bert_dir, repo.model, setup)
             batch = bo.make_batch(repo.model, repo.cfg, batch_size, size, torch.device("cpu"))
+            amp = repo.cfg.TRAIN.AMP  # "bf16", or "" for float32 (bench_official.repo_config)
             official_fn, repo_fn = (
                 (bo.official_train_fn, bo.repo_train_fn) if phase == "train" else (bo.official_eval_fn, bo.repo_eval_fn)
             )
             fns = {"official": official_fn(official, batch, amp), "repo": repo_fn(repo, batch, amp)}
-            entry = floor(fns, args.repeats, dtype=dtype)
+            entry = floor(fns, args.repeats, dtype=amp_dtype(amp))
             key = f"{phase} {size} px, batch {batch_size}"
             results["phases"][key] = entry
             off, mine = entry["official"], entry["repo"]

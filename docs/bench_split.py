@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(0)
         repo = bo.build_repo(bo.repo_config(setup, bert_dir), False)
         batch = bo.make_batch(repo.model, repo.cfg, args.batch_size, args.size, torch.device("cpu"))
-        step = bo.repo_train_fn(repo, batch, "bf16" if args.amp == "bf16" else "")
+        step = bo.repo_train_fn(repo, batch, repo.cfg.TRAIN.AMP)  # "bf16", or "" for float32
         result = split(step, model_parts(repo.model), args.warmup, args.repeats)
     result["machine"], result["settings"] = bo.machine_info(), vars(args) | {"json": str(args.json)}
     print(f"training step {result['step_ms']:.0f} ms ({args.amp}, {args.size} px, batch {args.batch_size})")

@@ -40,14 +40,10 @@ class SimpleDecoder(nn.Module):
         weight_layouts: Sequence[tuple[str, str]] = (("oihw", "oihw"),) * 3,
     ):
         super().__init__()
-        c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
-        hidden = c3 if hidden is None else hidden
-        if hidden < 1:
-            raise ValueError(f"decoder hidden width must be positive, got {hidden}")
+        hidden, skips = decoder_widths(c4_dims, factor, hidden)
         self.channels_last, self.grad_checkpoint = channels_last, grad_checkpoint
         # flat attributes (conv1_4, bn1_4, ...) keep the official checkpoint key names
-        levels = zip("432", (c4_dims + c3, hidden + c2, hidden + c1), weight_layouts, strict=True)
-        for level, skip, (layout1, layout2) in levels:
+        for level, skip, (layout1, layout2) in zip("432", skips, weight_layouts, strict=True):
             self.add_module(f"conv1_{level}", Conv3x3(skip, hidden, matmul_grad, winograd, layout1))
             self.add_module(f"bn1_{level}", nn.BatchNorm2d(hidden))
             self.add_module(f"relu1_{level}", nn.ReLU())
@@ -82,6 +78,17 @@ class SimpleDecoder(nn.Module):
         return self.conv1_1(x)
 
 
+def decoder_widths(c4_dims: int, factor: int = 2, hidden: int | None = None) -> tuple[int, tuple[int, int, int]]:
+    """(the fused maps' width, the input widths of levels 4, 3 and 2): each level's first 3x3 convolution reads the
+    coarser map (stage 4's, then ``hidden``) concatenated with stage 3's, 2's, 1's (``c4_dims // factor**k``).
+    ``hidden`` None is the official ``c4_dims // factor``."""
+    c3, c2, c1 = c4_dims // factor, c4_dims // factor**2, c4_dims // factor**3
+    hidden = c3 if hidden is None else hidden
+    if hidden < 1:
+        raise ValueError(f"decoder hidden width must be positive, got {hidden}")
+    return hidden, (c4_dims + c3, hidden + c2, hidden + c1)
+
+
 def decoder_layouts(
     embed_dim: int, hidden: int, batch: int, image_size: int, dtype: torch.dtype, device_type: str,
     matmul_grad: bool, winograd: bool,
@@ -89,7 +96,7 @@ def decoder_layouts(
     """``training_layout`` of the two 3x3 weights of levels 4, 3 and 2 in training on ``batch`` images of
     ``image_size`` px: they run at the stage-3, 2 and 1 maps (``image_size / 16``, ``/ 8``, ``/ 4``, rounded up)."""
     layouts = []
-    for stage, skip in ((3, 12 * embed_dim), (2, hidden + 2 * embed_dim), (1, hidden + embed_dim)):
+    for stage, skip in zip((3, 2, 1), decoder_widths(8 * embed_dim, 2, hidden)[1]):
         side = math.ceil(image_size / 2 ** (stage + 1))
         tiles = batch * math.ceil(side / 2) ** 2
         layouts.append(tuple(
@@ -107,7 +114,7 @@ def build_decoder(
     """The decoder of a Swin with ``embed_dim``; ``hidden`` 0 is the official width (``4 * embed_dim``). With
     ``train_batch`` > 0 its 3x3 weights are stored as training on ``train_batch`` images of ``image_size`` px in
     ``dtype`` on ``device_type`` reads them (``decoder_layouts``); else in the usual [O, C, 3, 3] order."""
-    hidden = hidden or 4 * embed_dim
+    hidden = decoder_widths(8 * embed_dim, 2, hidden or None)[0]
     layouts = (("oihw", "oihw"),) * 3
     if train_batch > 0:
         layouts = decoder_layouts(embed_dim, hidden, train_batch, image_size, dtype, device_type, matmul_grad, winograd)
