@@ -1,6 +1,7 @@
 """The scripts in docs/ that measure this code against the official one (``bench_official.py``, side by side;
 ``bench_floor.py``, the floor in float32 or bf16), the decoder's convolutions (``bench_winograd.py``) and the step
-part by part (``bench_split.py``): their timing, ratios and setup, without the official checkout."""
+part by part (``bench_split.py``), and the predictions in float32 and bf16 (``bench_predict.py``): their timing,
+ratios and setup, without the official checkout."""
 
 from __future__ import annotations
 
@@ -256,3 +257,37 @@ def test_split_names_the_lavt_parts():
     assert parts["stage 1 blocks"] == list(model.backbone.layers[0].blocks)
     assert parts["stage 4 PWAM"] == [model.backbone.layers[3].fusion] and "stage 4 merging" not in parts
     assert "stage 3 merging" in parts
+
+
+def test_predict_bench_times_the_precisions_in_turns(monkeypatch):
+    """docs/bench_predict.py: one warm-up call each, then rounds in turn; medians and per-round ratios from the
+    clock (a fake one here: float32 calls take 3, 5, 4 s, bf16 ones 2 s)."""
+    bench = _docs_script("bench_predict")
+    now, calls = [0.0], []
+    durations = {"float32": iter([9.0, 3.0, 5.0, 4.0]), "bf16": iter([9.0, 2.0, 2.0, 2.0])}
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def predict(self, image, texts):
+            calls.append((self.name, tuple(texts)))
+            now[0] += next(durations[self.name])
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    out = bench.time_predictors({"float32": Fake("float32"), "bf16": Fake("bf16")}, None, ["a", "b"], rounds=3)
+    assert [name for name, _ in calls] == ["float32", "bf16"] * 4 and {t for _, t in calls} == {("a", "b")}
+    assert out["expressions"] == 2 and out["median_s"] == {"float32": 4.0, "bf16": 2.0}
+    assert out["float32_over_bf16"] == {"per_round": [1.5, 2.5, 2.0], "median": 2.0}
+
+
+def test_predict_bench_end_to_end(tmp_path):
+    """docs/bench_predict.py on the demo's small model: both precisions' rows, the machine and the setup in the JSON."""
+    bench = _docs_script("bench_predict")
+    out = tmp_path / "p.json"
+    rows = bench.main(["--cfg_file", "configs/demo.yaml", "--opts", "DATA.SIZE", "48", "--image_size", "30x40",
+                       "--expressions", "2", "--rounds", "1", "--json", str(out)])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and len(rows) == 1 and rows[0]["expressions"] == 2
+    assert set(rows[0]["median_s"]) == {"float32", "bf16"} and len(rows[0]["float32_over_bf16"]["per_round"]) == 1
+    assert saved["setup"]["input"] == 48 and saved["setup"]["image"] == [30, 40] and "cpu" in saved["setup"]["machine"]

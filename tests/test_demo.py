@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,12 @@ def first_image(cfg: Any) -> np.ndarray:
     return load_rgb(sorted(folder.glob("*.jpg"))[0])
 
 
-def reference_margins(model: torch.nn.Module, tokenizer: Any, image: np.ndarray, texts: list[str]) -> np.ndarray:
+def reference_margins(
+    model: torch.nn.Module, tokenizer: Any, image: np.ndarray, texts: list[str], amp: torch.dtype | None = None
+) -> np.ndarray:
     """The model's own answer, one expression at a time: official tokenisation (encode, slice, zero-pad), the
     official image path written out (PIL bilinear, torchvision to_tensor and normalize), logits resized bilinearly
-    to the image. Returns [E, H, W] logit margins."""
+    to the image; ``amp``: the forward under ``torch.autocast`` to that dtype. Returns [E, H, W] logit margins."""
     import torchvision.transforms.functional as TF
 
     resized = Image.fromarray(image).resize((SIZE, SIZE), Image.BILINEAR)
@@ -78,7 +81,8 @@ def reference_margins(model: torch.nn.Module, tokenizer: Any, image: np.ndarray,
             ids = tokenizer.encode(text, add_special_tokens=True)[:MAX_TOKENS]
             input_ids = torch.zeros(1, MAX_TOKENS, dtype=torch.long)
             input_ids[0, : len(ids)] = torch.tensor(ids)
-            logits = model(x, input_ids, (input_ids != 0).long())
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                logits = model(x, input_ids, (input_ids != 0).long()).float()
             up = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
             out.append((up[0, 1] - up[0, 0]).numpy())
     return np.stack(out)
@@ -137,6 +141,53 @@ def test_predict_is_the_models_prediction(run, predictor):
     assert 0.05 < masks[0].mean() < 0.95, "calibrated tiny model: both classes present"
 
 
+def linear_output_dtypes(model: torch.nn.Module) -> tuple[dict[str, set[torch.dtype]], list[Any]]:
+    """Forward hooks on every nn.Linear: the dtypes its outputs came in, per top-level part of the model (image
+    side, text encoder, ...); and the hooks' handles."""
+    seen: dict[str, set[torch.dtype]] = {}
+
+    def record(part: str):
+        return lambda module, inputs, out: seen.setdefault(part, set()).add(out.dtype)
+
+    handles = [
+        module.register_forward_hook(record(name.split(".")[0]))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    return seen, handles
+
+
+@pytest.mark.parametrize("amp, dtype", [("", torch.float32), ("bf16", torch.bfloat16)])
+def test_predict_runs_in_the_precision_asked_for(run, predictor, amp, dtype):
+    """``amp``: the text encoder and the image side both compute in that precision, and the masks are the model's
+    own answer computed so (where its margin is clear of the precision's round-off)."""
+    other = demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu", amp=amp)
+    assert other.amp == amp
+    seen, handles = linear_output_dtypes(other.model)
+    image, texts = first_image(run["cfg"])[:, :-5], ["the red circle", "the big star on the left"]
+    try:
+        masks = other.predict(image, texts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {"text_encoder", "backbone"} <= set(seen) and all(dtypes == {dtype} for dtypes in seen.values()), seen
+    margins = reference_margins(other.model, other.tokenizer, image, texts, amp=dtype if amp else None)
+    # the untrained model's margins are ~1e-2; bf16 moves them by up to ~4e-3, and batched against one by one rounds
+    # differently in bf16
+    sure = np.abs(margins) > (2e-3 if amp else 1e-4)
+    assert sure.mean() > 0.8
+    assert masks.shape == margins.shape and np.array_equal(masks[sure], margins[sure] > 0)
+
+
+def test_predict_precision_auto_and_bad(run):
+    from utils.amp import native_bf16
+
+    tiny = demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu", amp="auto")
+    assert tiny.amp == ("bf16" if native_bf16("cpu") else "")
+    with pytest.raises(ValueError, match="must be one of .* got 'float16'"):
+        demo.Predictor(tiny.model, tiny.cfg, tiny.tokenizer, "cpu", amp="float16")
+
+
 def test_cli_writes_overlay_and_masks(run, predictor, tmp_path):
     rgb = np.asarray(Image.fromarray(first_image(run["cfg"])).resize((90, 70)))
     image_file = tmp_path / "photo.png"
@@ -170,12 +221,22 @@ def test_cli_example_uses_a_dataset_image_and_its_expressions(run, predictor, tm
     assert Image.open(tmp_path / "o.png").size[0] == n * rgb.shape[1] + (n - 1) * 4
 
 
+def test_cli_amp_reaches_the_predictor(run, tmp_path, caplog):
+    argv = ["--checkpoint", str(run["checkpoint"]), "--example", "0", "--out", str(tmp_path / "o.png"), "--device"]
+    with caplog.at_level(logging.INFO, logger="tools.demo"):
+        demo.main(argv + ["cpu", "--amp", "bf16"])
+        demo.main(argv + ["cpu"])
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model of ")]
+    assert [line.rsplit(", ", 1)[1] for line in loaded] == ["bf16", "float32"], loaded
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--image", "x.png"], "--image needs at least one --text"),
         (["--image", "x.png", "--example", "0", "--text", "a"], "not allowed with argument"),
         (["--text", "a"], "one of the arguments --image --example is required"),
+        (["--image", "x.png", "--text", "a", "--amp", "fp32"], "argument --amp: invalid choice: 'fp32'"),
     ],
 )
 def test_cli_usage_errors(argv, message, capsys):

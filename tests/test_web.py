@@ -159,7 +159,7 @@ def test_page_shows_and_downloads_the_models_masks(page, files, predictor, tmp_p
     """After the bad uploads above (same page, same server): the masks of two expressions."""
     submit(page, files["photo"], "\n".join(TEXTS) + "\n\n")
     assert page.inner_text("#error") == ""
-    assert page.inner_text("#model") == f"lavt.pth on cpu, input {SIZE}x{SIZE}"  # the size read from the file
+    assert page.inner_text("#model") == f"lavt.pth on cpu, input {SIZE}x{SIZE}, float32"  # the size read from the file
     rgb = np.asarray(Image.open(files["photo"]).convert("RGB"))
     expected = predictor.predict(rgb, TEXTS)  # [2, H, W] bool
     assert 0.05 < expected[0].mean() < 0.95, "calibrated tiny model: both classes present"
@@ -236,6 +236,16 @@ def test_preview_of_a_big_image_is_shrunk():
     assert shown.shape == (300, 1024, 3)
     small = np.asarray(Image.fromarray(image).resize((1024, 300), Image.BILINEAR))
     assert np.array_equal(shown, vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[0]))
+
+
+def test_amp_flag_sets_the_precision_the_page_names(run):
+    argv = ["--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0", "--amp", "bf16"]
+    server = web.build(argv)
+    try:
+        assert server.app.predictor.amp == "bf16"
+        assert f"<code id=\"model\">best.pth on cpu, input {SIZE}x{SIZE}, bf16</code>" in server.app.page.decode("utf-8")
+    finally:
+        server.server_close()
 
 
 def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):

@@ -28,6 +28,7 @@ from data import load_refer, load_rgb, tokenize
 from data.transforms import resize_image, to_tensor
 from engine.evaluation import find_per_expression, run_evaluation
 from models.text import load_tokenizer
+from utils.amp import autocast, resolve_amp
 from utils.distributed import DistInfo, resolve_device
 
 from .cli import run_cli
@@ -47,10 +48,16 @@ class Predictor:
     """A LAVT model with its tokenizer and input size: image + expressions -> masks at the image's size.
 
     Build it with ``Predictor.from_checkpoint(path)``; ``predict(image, texts)`` returns ``[E, H, W]`` bool.
+
+    amp: "" predicts in float32, as the official code evaluates; "bf16" / "fp16" under autocast, as ``engine.evaluate``
+    runs with ``TRAIN.AMP``; "auto": bf16 where the device computes it natively, else float32 (``utils.amp``).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: CfgNode, tokenizer: Any, device: torch.device | str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cfg: CfgNode, tokenizer: Any, device: torch.device | str, amp: str = ""
+    ) -> None:
         self.device = torch.device(device)
+        self.amp = resolve_amp(amp, self.device)
         self.model = model.to(self.device).eval()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.size, self.max_tokens = int(cfg.DATA.SIZE), int(cfg.MODEL.TEXT.MAX_TOKENS)
@@ -62,18 +69,23 @@ class Predictor:
         device: str | torch.device | None = None,
         cfg_file: str | Path | None = None,
         opts: Sequence[Any] = (),
+        amp: str = "",
     ) -> Predictor:
         """Any LAVT checkpoint (``tools.open_checkpoint``: this project's, exported or official); ``cfg_file`` and
-        ``opts`` (KEY VALUE ...) as there. device: None = cuda if available."""
+        ``opts`` (KEY VALUE ...) as there. device: None = cuda if available; amp: as for ``Predictor``."""
         device = resolve_device(device)
+        resolve_amp(amp, device)  # a wrong precision fails before the checkpoint is read
         cfg, model = open_checkpoint(path, cfg_file, opts)
         if not cfg.MODEL.TEXT.ENCODER:
             raise ValueError(
                 f"checkpoint {path}: MODEL.TEXT.ENCODER is empty, but predicting from text needs the "
                 "text encoder (set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>)"
             )
-        logger.info("model of %s on %s, input %dx%d", path, device, cfg.DATA.SIZE, cfg.DATA.SIZE)
-        return cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device)
+        predictor = cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device, amp)
+        logger.info(
+            "model of %s on %s, input %dx%d, %s", path, device, cfg.DATA.SIZE, cfg.DATA.SIZE, predictor.amp or "float32"
+        )
+        return predictor
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input_ids [E, N], attention_mask [E, N]) int64, exactly as ``data.ReferDataset``."""
@@ -99,8 +111,10 @@ class Predictor:
             raise ValueError(f"predict needs an RGB uint8 image [H, W, 3], got {got}")
         ids, mask = self.tokenize(texts)
         x = self.prepare(image).to(self.device)
-        lang_feats, lang_mask = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-        logits = self.model.segment(x.expand(len(texts), -1, -1, -1), lang_feats, lang_mask).float()  # [E, 2, S, S]
+        with autocast(self.amp, self.device):
+            lang_feats, lang_mask = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+            logits = self.model.segment(x.expand(len(texts), -1, -1, -1), lang_feats, lang_mask)
+        logits = logits.float()  # [E, 2, S, S]
         # resizing is linear, so the resized logit difference decides the argmax (ties go to background)
         margin = F.interpolate(
             logits[:, 1:] - logits[:, :1], size=image.shape[:2], mode="bilinear", align_corners=False
@@ -217,6 +231,17 @@ def worst_cases(predictor: Predictor, records: Sequence[dict[str, Any]], refer: 
 
 
 # ----------------------------------------------------------------------------- command line
+def add_amp_argument(p: argparse.ArgumentParser) -> None:
+    """``--amp``, the precision of the predictions (``Predictor``'s ``amp``; absent: float32)."""
+    p.add_argument(
+        "--amp",
+        default=None,
+        choices=["bf16", "fp16", "auto"],
+        help="predict under mixed precision (default: float32, as the official code); auto: bf16 where the device "
+        "computes it natively, else float32",
+    )
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.demo",
@@ -237,6 +262,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="overlay.png", help="overlay PNG")
     p.add_argument("--mask_out", default=None, help="mask PNG (0/255); several expressions: <stem>_<i>.png")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    add_amp_argument(p)
     p.add_argument(
         "--cfg_file", default=None, help="config for a checkpoint without one, where its weights leave a setting open"
     )
@@ -253,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--image needs at least one --text")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     predictor = Predictor.from_checkpoint(
-        args.checkpoint or default_checkpoint(), args.device, args.cfg_file, args.opts
+        args.checkpoint or default_checkpoint(), args.device, args.cfg_file, args.opts, args.amp or ""
     )
     image, texts = args.image, args.text
     if args.example is not None:

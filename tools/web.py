@@ -42,7 +42,7 @@ from data.checks import ExpressionError, check_user_text
 from data.image_io import ImageReadError, open_rgb
 
 from .cli import run_cli
-from .demo import Predictor
+from .demo import Predictor, add_amp_argument
 from .visualize import PALETTE, overlay_mask
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,10 @@ class WebApp:
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), model_name: str = "") -> None:
         self.predictor, self.limits = predictor, limits
         self._lock = threading.Lock()
-        model = f"{model_name or 'LAVT'} on {predictor.device}, input {predictor.size}x{predictor.size}"
+        model = (
+            f"{model_name or 'LAVT'} on {predictor.device}, input {predictor.size}x{predictor.size}, "
+            f"{predictor.amp or 'float32'}"
+        )
         self.page = (
             PAGE.read_text(encoding="utf-8")
             .replace("{{MODEL}}", html.escape(model))
@@ -289,6 +292,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
     p.add_argument("--ck_bert", default=None, help='the text encoder: a local BERT folder or "minilm-l6"')
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    add_amp_argument(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
     )
@@ -322,7 +326,7 @@ def build(argv: Sequence[str] | None = None) -> _Server:
     if min(limits.max_bytes, limits.max_pixels, limits.max_expressions) < 1:
         raise ValueError(f"--max_megabytes, --max_megapixels and --max_expressions must be positive, got {limits}")
     opts = list(args.opts) + (["MODEL.TEXT.ENCODER", args.ck_bert] if args.ck_bert else [])
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.cfg_file, opts)
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.cfg_file, opts, args.amp or "")
     return WebApp(predictor, limits, Path(args.checkpoint).name).make_server(args.host, args.port)
 
 
