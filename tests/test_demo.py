@@ -179,13 +179,15 @@ def test_predict_runs_in_the_precision_asked_for(run, predictor, amp, dtype):
     assert masks.shape == margins.shape and np.array_equal(masks[sure], margins[sure] > 0)
 
 
-def test_predict_precision_auto_and_bad(run):
+def test_predict_precision_auto_and_bad(run, tmp_path):
     from utils.amp import native_bf16
 
     tiny = demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu", amp="auto")
     assert tiny.amp == ("bf16" if native_bf16("cpu") else "")
     with pytest.raises(ValueError, match="must be one of .* got 'float16'"):
         demo.Predictor(tiny.model, tiny.cfg, tiny.tokenizer, "cpu", amp="float16")
+    with pytest.raises(ValueError, match="must be one of .* got 'float16'"):  # before the checkpoint is looked for
+        demo.Predictor.from_checkpoint(tmp_path / "nothing.pth", device="cpu", amp="float16")
 
 
 def test_cli_writes_overlay_and_masks(run, predictor, tmp_path):
