@@ -229,7 +229,23 @@ def test_cli_amp_reaches_the_predictor(run, tmp_path, caplog):
         demo.main(argv + ["cpu", "--amp", "bf16"])
         demo.main(argv + ["cpu"])
     loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model of ")]
-    assert [line.rsplit(", ", 1)[1] for line in loaded] == ["bf16", "float32"], loaded
+    assert loaded == [f"model of {run['checkpoint']} on cpu, input {SIZE}x{SIZE}, {amp}" for amp in ("bf16", "float32")]
+    for amp in ("bf16", "fp16", "auto"):
+        assert demo.get_parser().parse_args(["--image", "x.png", "--amp", amp]).amp == amp
+
+
+def test_checkpoint_without_text_encoder_cannot_predict(run, tmp_path):
+    from models import build_model
+    from utils.checkpoint import save_checkpoint
+
+    cfg = run["cfg"].clone()
+    cfg.defrost()
+    cfg.MODEL.TEXT.ENCODER, cfg.MODEL.TEXT.DIM = "", 16  # a model trained on given text features
+    state = build_model(cfg, pretrained=False).state_dict()
+    save_checkpoint({"model": state, "config": cfg.dump()}, tmp_path / "f.pth")
+    with pytest.raises(ValueError, match=r"f.pth: MODEL.TEXT.ENCODER is empty, but predicting from text needs the "
+                       r"text encoder \(set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>\)$"):
+        demo.Predictor.from_checkpoint(tmp_path / "f.pth", device="cpu")
 
 
 @pytest.mark.parametrize(

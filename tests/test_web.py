@@ -12,6 +12,7 @@ LAVT_SCREENSHOT=docs/web_page.png also writes the page's screenshot there (the o
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -238,22 +239,45 @@ def test_preview_of_a_big_image_is_shrunk():
     assert np.array_equal(shown, vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[0]))
 
 
-def test_amp_flag_sets_the_precision_the_page_names(run):
-    argv = ["--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0", "--amp", "bf16"]
+def test_startup_flags_reach_the_server(run, tmp_path):
+    """``build`` without a browser: the limits (MB and megapixels as decimals), the port, the precision, a config
+    file for a checkpoint without one, and the page's model and limits lines."""
+    from models import read_checkpoint
+
+    bare = tmp_path / "bare.pth"  # weights only: its heads are ambiguous without --cfg_file
+    torch.save({"model": read_checkpoint(run["checkpoint"])["model"]}, bare)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(run["cfg"].dump())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free a moment ago
+    argv = ["--checkpoint", str(bare), "--cfg_file", str(cfg_file), "--device", "cpu", "--port", str(port), "--amp",
+            "bf16", "--max_megabytes", "1.5", "--max_megapixels", "2.5", "--max_expressions", "1"]  # fmt: skip
     server = web.build(argv)
     try:
+        assert server.server_address[1] == port
         assert server.app.predictor.amp == "bf16"
-        assert f"<code id=\"model\">best.pth on cpu, input {SIZE}x{SIZE}, bf16</code>" in server.app.page.decode("utf-8")
+        assert server.app.limits == web.Limits(1_500_000, 2_500_000, 1)
+        page = server.app.page.decode("utf-8")
+        assert f"<code id=\"model\">bare.pth on cpu, input {SIZE}x{SIZE}, bf16</code>" in page
+        assert html.escape(web.Limits(1_500_000, 2_500_000, 1).describe()) in page and "{{" not in page
     finally:
         server.server_close()
+    with pytest.raises(ValueError, match="bare.pth stores no config"):
+        web.build(argv[:2] + argv[4:])
+
+
+def test_page_names_the_model_lavt_without_a_name(predictor):
+    assert f">LAVT on cpu, input {SIZE}x{SIZE}, float32<" in web.WebApp(predictor).page.decode("utf-8")
 
 
 def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m tools.web: error: CheckpointError: checkpoint not found") and err.count("\n") == 1
-    assert web.main(["--checkpoint", "x.pth", "--max_expressions", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    for flag in ("--max_megabytes", "--max_megapixels", "--max_expressions"):
+        assert web.main(["--checkpoint", "x.pth", flag, "0"]) == 2
+        assert "must be positive" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
