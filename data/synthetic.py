@@ -356,23 +356,27 @@ def _remove_generation(root: Path, num_images: int) -> int:
     return removed
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic REFER-format referring segmentation dataset.")
-    parser.add_argument("--root", default="data/synthetic_refer", help="REFER root (DATA.ROOT)")
-    parser.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
-    parser.add_argument("--eval-images", type=int, default=0,
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write the synthetic REFER-format referring segmentation dataset.")
+    p.add_argument("--root", default="data/synthetic_refer", help="REFER root (DATA.ROOT)")
+    p.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
+    p.add_argument("--eval-images", type=int, default=0,
                         help="images in each of val, testA and testB (0: one eleventh of --num-images each)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-size", type=int, default=128, help="smallest shorter image side")
-    parser.add_argument("--max-size", type=int, default=256, help="largest image side")
-    parser.add_argument("--min-objects", type=int, default=2)
-    parser.add_argument("--max-objects", type=int, default=5)
-    parser.add_argument("--max-expressions", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0,
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-size", type=int, default=128, help="smallest shorter image side")
+    p.add_argument("--max-size", type=int, default=256, help="largest image side")
+    p.add_argument("--min-objects", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=5)
+    p.add_argument("--max-expressions", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0,
                         help="processes drawing images (0: one per available CPU); the files do not depend on it")
-    parser.add_argument("--force", action="store_true",
+    p.add_argument("--force", action="store_true",
                         help="regenerate even if an identical dataset exists (its files are removed first)")
-    a = parser.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     kwargs = dict(
         **synthetic_sizes(a.num_images, a.eval_images),

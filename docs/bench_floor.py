@@ -59,7 +59,7 @@ def floor(
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official", required=True, type=Path, help="a checkout of github.com/yz93/LAVT-RIS (read only)")
     p.add_argument("--repeats", type=int, default=4, help="timed rounds per phase")
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
                    help="precision of both implementations (bf16: under autocast) and of the matmul rate")
     p.add_argument("--json", type=Path, default=Path("bench_floor.json"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"machine": bo.machine_info(), "amp": args.amp, "phases": {}}

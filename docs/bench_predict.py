@@ -55,7 +55,7 @@ def time_predictors(
     return out
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cfg_file", default="configs/swin_base_refcoco.yaml")
     p.add_argument("--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides")
@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = get_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,7 +72,7 @@ def split(step: Callable[[], object], parts: dict[str, list[nn.Module]], warmup:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=2)
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as main.py and docs/bench_official.py (by default) run

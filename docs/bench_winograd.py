@@ -88,7 +88,7 @@ def measure(
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="224", help="image sides, comma-separated (default: 224)")
     p.add_argument("--batches", default="1,2,8", help="batch sizes, comma-separated (default: 1,2,8)")
@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--chunk_tiles", type=int, default=winograd.CHUNK_TILES,
                    help=f"tiles Winograd transforms and multiplies at a time (default: {winograd.CHUNK_TILES})")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    a = get_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     winograd.CHUNK_TILES = a.chunk_tiles
     ints = [[int(v) for v in s.split(",")] for s in (a.sizes, a.batches)]

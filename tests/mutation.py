@@ -108,7 +108,7 @@ def statuses(workdir: Path) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lavt-mutation"))
     p.add_argument("--per-group", type=int, default=8, help="mutants sampled per module group")
@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
     p.add_argument("--only", nargs="+", default=None, help="re-run these mutants in the existing workdir")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_parser().parse_args(argv)
 
     if args.only:  # the tests as they are now (new tests get their coverage measured), the mutants as generated
         for dest in (args.workdir / "tests", args.workdir / "mutants" / "tests"):

@@ -80,12 +80,16 @@ def bench(dataset: torch.utils.data.Dataset, items: int, repeats: int) -> float:
     return best
 
 
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=480)
+    p.add_argument("--items", type=int, default=120)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=480)
-    parser.add_argument("--items", type=int, default=120)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = get_parser().parse_args(argv)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     from data import ReferDataset
