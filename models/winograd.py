@@ -245,6 +245,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+# Under torch.compile it runs as one eager call: traced, its chunk loops and strided ``out=`` writes split a compiled
+# decoder into 27 graphs (Swin-T 224, float32); an opaque call per convolution is all the graph needs.
+@torch.compiler.disable
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for x [B, C, H, W] and weight [O, C, 3, 3] by F(2x2, 3x3), computed in
     ``compute_dtype(x)``. Returns [B, O, H, W], channels-last."""

@@ -216,3 +216,25 @@ def test_config_switch_reaches_every_decoder_convolution():
         model = build_model(tiny_cfg(MODEL__CONV_WINOGRAD=on))
         convs = [m for m in model.classifier.modules() if isinstance(m, Conv3x3)]
         assert len(convs) == 6 and all(m.winograd is on for m in convs)
+
+
+def test_compiled_it_is_one_eager_call_with_the_same_values():
+    """Under ``torch.compile`` each Winograd convolution is one call out of the graph (traced, its chunk loops and
+    strided ``out=`` writes split it many times over), and the compiled function gives eager's values and gradients."""
+    import torch._dynamo
+
+    def block(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return winograd_conv3x3(x.relu(), weight).sigmoid()
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    weight = torch.randn(8, 8, 3, 3, requires_grad=True)
+    explained = torch._dynamo.explain(block)(x, weight)
+    assert (explained.graph_count, explained.graph_break_count) == (2, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=False)
+    out, out_eager = compiled(x, weight), block(x, weight)
+    torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.sum(), (x, weight))
+    for g, g_eager in zip(grads, torch.autograd.grad(out_eager.sum(), (x, weight)), strict=True):
+        torch.testing.assert_close(g, g_eager, rtol=0, atol=0)
