@@ -24,25 +24,31 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDERS = {"...", "$ARGS"}
 # where a command ends in the shell: what follows is another command or a redirection
 SHELL_END = re.compile(r"\s(?:;|&&|\|\||\||&|>|2>)\s|;\s|\s&$")
+# VAR=value words before a command
+ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")
 
 
 def _blocks(text: str) -> list[str]:
     """The commands of the fenced blocks (continuation lines joined, comments cut) and of the inline code spans."""
     found = []
-    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+    for block in re.findall(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", text, re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
             found.append(line.split("  #")[0].strip())
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    text = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text, flags=re.S | re.M)
     found += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text)]
-    return [c for c in found if re.match(r"(python|torchrun) ", c)]
+    return [c for c in found if re.search(r"(^|[\s;])(python|torchrun) ", c)]
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(file name, command) of every ``python ...`` / ``torchrun ...`` command in the docs, up to its shell end."""
+    """(file name, command) of every ``python ...`` / ``torchrun ...`` command in the docs: each of a line's shell
+    commands, without the environment variables set before it."""
     out = []
     for path in DOCS:
-        for command in _blocks(path.read_text(encoding="utf-8")):
-            out.append((path.relative_to(ROOT).as_posix(), SHELL_END.split(command)[0].strip()))
+        for line in _blocks(path.read_text(encoding="utf-8")):
+            for command in SHELL_END.split(line):
+                command = ENV_PREFIX.sub("", command.strip())
+                if re.match(r"(python|torchrun) ", command):
+                    out.append((path.relative_to(ROOT).as_posix(), command))
     return sorted(set(out))
 
 
@@ -69,12 +75,14 @@ PARSERS: dict[str, Callable[[], Callable[[], argparse.ArgumentParser]]] = {
                                                                               "bench_split", "bench_winograd",
                                                                               "bench_predict")},  # fmt: skip
 }
-# not this repository's commands: pytest, ruff, pip, and a shell one-liner that loads the machine
-FOREIGN = {"pytest", "ruff", "pip", "-c"}
+# not this repository's commands
+FOREIGN = {"pytest", "ruff", "pip"}
 
 
 def split_command(command: str) -> tuple[str, list[str]] | None:
     """(what runs, its arguments), or None for a command of another program or a torchrun fragment."""
+    if command.startswith("python -c "):  # a Python one-liner, not a command of this repository
+        return None
     words = [w for w in shlex.split(command) if w not in PLACEHOLDERS]
     if words[0] == "torchrun":  # torchrun's own options, then the script
         scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
