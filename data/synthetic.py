@@ -361,7 +361,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="data/synthetic_refer", help="REFER root (DATA.ROOT)")
     p.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
     p.add_argument("--eval-images", type=int, default=0,
-                        help="images in each of val, testA and testB (0: one eleventh of --num-images each)")
+                   help="images in each of val, testA and testB (0: one eleventh of --num-images each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-size", type=int, default=128, help="smallest shorter image side")
     p.add_argument("--max-size", type=int, default=256, help="largest image side")
@@ -369,9 +369,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--max-expressions", type=int, default=3)
     p.add_argument("--workers", type=int, default=0,
-                        help="processes drawing images (0: one per available CPU); the files do not depend on it")
+                   help="processes drawing images (0: one per available CPU); the files do not depend on it")
     p.add_argument("--force", action="store_true",
-                        help="regenerate even if an identical dataset exists (its files are removed first)")
+                   help="regenerate even if an identical dataset exists (its files are removed first)")
     return p
 
 

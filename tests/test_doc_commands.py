@@ -9,7 +9,6 @@ import importlib
 import importlib.util
 import re
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,14 @@ ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")
 
 
 def _blocks(text: str) -> list[str]:
-    """The commands of the fenced blocks (continuation lines joined, comments cut) and of the inline code spans."""
+    """The lines of the fenced blocks (continuation lines joined, comments cut) and the inline code spans."""
     found = []
     for block in re.findall(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", text, re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
             found.append(line.split("  #")[0].strip())
     text = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text, flags=re.S | re.M)
     found += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text)]
-    return [c for c in found if re.search(r"(^|[\s;])(python|torchrun) ", c)]
+    return found
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -52,29 +51,28 @@ def documented_commands() -> list[tuple[str, str]]:
     return sorted(set(out))
 
 
-def _script_parser(relative: str) -> Callable[[], argparse.ArgumentParser]:
-    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+# what a command runs -> the module whose get_parser() parses it (docs/*.py: the script itself, loaded by its path)
+MODULES: dict[str, str] = {
+    "main.py": "args",
+    "tools/submit.py": "tools.submit",
+    **{m: m for m in ("tools.demo", "tools.web", "tools.export", "tools.benchmark", "tools.bench_input",
+                      "tests.mutation", "data.synthetic")},  # fmt: skip
+    **{f"docs/{s}.py": f"docs/{s}.py" for s in ("bench_official", "bench_floor", "bench_split", "bench_winograd",
+                                                "bench_predict")},  # fmt: skip
+}
+
+
+def parser_of(target: str) -> argparse.ArgumentParser:
+    assert target in MODULES, f"{target}: a documented command this test does not know: add it to MODULES"
+    name = MODULES[target]
+    if not name.endswith(".py"):
+        return importlib.import_module(name).get_parser()
+    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_parser
+    return module.get_parser()
 
 
-def _module_parser(name: str) -> Callable[[], argparse.ArgumentParser]:
-    return importlib.import_module(name).get_parser
-
-
-# what a command runs -> its parser; modules run as python -m, scripts as python path.py
-PARSERS: dict[str, Callable[[], Callable[[], argparse.ArgumentParser]]] = {
-    "main.py": lambda: main_args.get_parser,
-    "tools/submit.py": lambda: _module_parser("tools.submit"),
-    **{f"tools.{m}": (lambda m=m: _module_parser(f"tools.{m}")) for m in ("demo", "web", "export", "benchmark",
-                                                                           "bench_input")},  # fmt: skip
-    "tests.mutation": lambda: _module_parser("tests.mutation"),
-    "data.synthetic": lambda: _module_parser("data.synthetic"),
-    **{f"docs/{s}.py": (lambda s=s: _script_parser(f"docs/{s}.py")) for s in ("bench_official", "bench_floor",
-                                                                              "bench_split", "bench_winograd",
-                                                                              "bench_predict")},  # fmt: skip
-}
 # not this repository's commands
 FOREIGN = {"pytest", "ruff", "pip"}
 
@@ -97,8 +95,7 @@ def split_command(command: str) -> tuple[str, list[str]] | None:
 
 def check_command(target: str, argv: list[str]) -> None:
     """Parse ``argv`` with ``target``'s parser (``--help``: exits 0), then build the config it names."""
-    assert target in PARSERS, f"{target}: a documented command this test does not know: add its parser to PARSERS"
-    parser = PARSERS[target]()()
+    parser = parser_of(target)
     if target == "tools/submit.py" and "--" in argv:  # its options, then main.py's
         argv, main_argv = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
         if main_argv:

@@ -82,10 +82,13 @@ class Predictor:
                 "text encoder (set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>)"
             )
         predictor = cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device, amp)
-        logger.info(
-            "model of %s on %s, input %dx%d, %s", path, device, cfg.DATA.SIZE, cfg.DATA.SIZE, predictor.amp or "float32"
-        )
+        logger.info("model of %s %s", path, predictor.describe())
         return predictor
+
+    def describe(self) -> str:
+        """The device, input size and precision ("on cpu, input 480x480, float32"), as the demo logs them and the web
+        page shows them after the model's name."""
+        return f"on {self.device}, input {self.size}x{self.size}, {self.amp or 'float32'}"
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input_ids [E, N], attention_mask [E, N]) int64, exactly as ``data.ReferDataset``."""

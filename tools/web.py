@@ -252,10 +252,7 @@ class WebApp:
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), model_name: str = "") -> None:
         self.predictor, self.limits = predictor, limits
         self._lock = threading.Lock()
-        model = (
-            f"{model_name or 'LAVT'} on {predictor.device}, input {predictor.size}x{predictor.size}, "
-            f"{predictor.amp or 'float32'}"
-        )
+        model = f"{model_name or 'LAVT'} {predictor.describe()}"
         self.page = (
             PAGE.read_text(encoding="utf-8")
             .replace("{{MODEL}}", html.escape(model))
