@@ -73,7 +73,8 @@ _C.MODEL.GRAD_CHECKPOINT = False  # activation checkpointing per Swin block, dec
 _C.MODEL.CHANNELS_LAST = False  # channels_last memory format in the decoder
 # the decoder's 3x3 convolutions of >= 256 channels: weight gradients as matrix products in float32 CPU training
 _C.MODEL.CONV_GRAD_MATMUL = True
-# the decoder's 3x3 convolutions on CPU by Winograd's F(2x2, 3x3) where it pays (>= 256 channels, enough tiles)
+# the decoder's 3x3 convolutions on CPU by Winograd (F(4x4, 3x3) in float32, F(2x2, 3x3) in bf16) where it pays
+# (>= 256 channels, enough tiles)
 _C.MODEL.CONV_WINOGRAD = True
 # torch.compile the backbone, decoder and MODEL.REFINE (in place: same parameter names). First steps compile (minutes).
 _C.MODEL.COMPILE = False

@@ -1,14 +1,15 @@
 """The decoder's 3x3 convolutions, one by one: oneDNN (``Conv3x3`` as it runs without ``MODEL.CONV_WINOGRAD``,
-with its float32 weight gradient as matrix products) against Winograd's F(2x2, 3x3) (``models.winograd``, taken
-whatever ``winograd_pays`` says), the two taking turns; for each image size, batch, phase (a forward and backward
-with the input's and the weight's gradients, or a forward without gradients) and precision. What sets
-``models.winograd.MIN_TILES_FLOAT32``, ``MIN_TILES_LOW_PRECISION`` and ``CHUNK_TILES``.
+with its float32 weight gradient as matrix products) against Winograd (``models.winograd``: F(4x4, 3x3) in float32,
+F(2x2, 3x3) in bf16; taken whatever ``winograd_pays`` says), the two taking turns; for each image size, batch, phase
+(a forward and backward with the input's and the weight's gradients, or a forward without gradients) and precision.
+What sets ``models.winograd.MIN_TILES_FLOAT32``, ``MIN_TILES_LOW_PRECISION``, ``CHUNK_PIXELS`` and ``FLOAT32_TILE``.
 
 Run from the repository root (the figures: docs/performance.md)::
 
     python docs/bench_winograd.py --sizes 224 --batches 1,2,8 --json bench_winograd_224.json
     python docs/bench_winograd.py --sizes 480 --batches 1,2 --json bench_winograd_480.json
-    python docs/bench_winograd.py --sizes 224 --batches 8 --chunk_tiles 100000   # all of a map at once
+    python docs/bench_winograd.py --sizes 224 --batches 8 --chunk_pixels 1000000   # all of a map at once
+    python docs/bench_winograd.py --sizes 224 --batches 1,2 --precisions float32 --float32_tile 2   # F(2x2, 3x3)
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python docs/bench_winograd.py --sizes 224 --batches 1,2 --precisions float32   # as on a CPU without AVX-512
 """
@@ -96,8 +97,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed turns of each (default: 5)")
     p.add_argument("--precisions", default="bf16,float32", help="bf16 and/or float32 (default: bf16,float32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    p.add_argument("--chunk_tiles", type=int, default=winograd.CHUNK_TILES,
-                   help=f"tiles Winograd transforms and multiplies at a time (default: {winograd.CHUNK_TILES})")
+    p.add_argument("--chunk_pixels", type=int, default=0,
+                   help=f"output pixels Winograd transforms and multiplies at a time (default: by tile side, "
+                        f"{winograd.CHUNK_PIXELS})")
+    p.add_argument("--float32_tile", type=int, choices=[2, 4], default=winograd.FLOAT32_TILE,
+                   help=f"output tile side in float32: 4 F(4x4, 3x3), 2 F(2x2, 3x3) (default: {winograd.FLOAT32_TILE})")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     return p
 
@@ -105,7 +109,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     a = get_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
-    winograd.CHUNK_TILES = a.chunk_tiles
+    if a.chunk_pixels:
+        winograd.CHUNK_PIXELS = dict.fromkeys(winograd.CHUNK_PIXELS, a.chunk_pixels)
+    winograd.FLOAT32_TILE = a.float32_tile
     ints = [[int(v) for v in s.split(",")] for s in (a.sizes, a.batches)]
     rows = measure(ints[0], ints[1], a.embed_dim, a.repeats, precisions=tuple(a.precisions.split(",")))
     if a.json:

@@ -1,5 +1,5 @@
-"""The decoder's 3x3 convolution: on CPU by Winograd's F(2x2, 3x3) where that pays (``models.winograd``), else with
-its weight gradient computed as nine matrix products (below).
+"""The decoder's 3x3 convolution: on CPU by Winograd (F(4x4, 3x3) in float32, F(2x2, 3x3) in bf16) where that pays
+(``models.winograd``), else with its weight gradient computed as nine matrix products (below).
 
 On CPU oneDNN computes a 3x3 convolution's weight gradient at about half the rate of its forward (Swin-T 224, batch
 2: the decoder's stage-1 convolutions, 480 and 384 channels at 56x56, ~56-75 GFLOP/s against ~115). The same
@@ -119,7 +119,7 @@ def _contiguous_weight(module: nn.Module, state: dict, prefix: str, metadata: di
 
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False)`` (same parameter, same state-dict key) that on CPU,
-    with ``winograd``, runs by F(2x2, 3x3) where it pays (``models.winograd``, in any precision, training or not);
+    with ``winograd``, runs by Winograd where it pays (``models.winograd``, in any precision, training or not);
     otherwise, with ``matmul_grad`` and wide enough for it to pay (``matmul_grad_pays``), trains in float32 through
     ``weight_grad_3x3``. ``layout``: the weight's storage order (``training_layout``; the values do not depend on it).
 

@@ -28,8 +28,8 @@ class SimpleDecoder(nn.Module):
             activations (at 480 px the largest a training step holds); BatchNorm statistics are updated once.
         matmul_grad: the 3x3 convolutions' weight gradients as matrix products in float32 CPU training, in those
             wide enough for it to pay (``models.conv``; the same results to round-off).
-        winograd: the 3x3 convolutions on CPU by Winograd's F(2x2, 3x3) where it pays (``models.winograd``; the same
-            results to round-off, bf16's about 2-3x oneDNN's).
+        winograd: the 3x3 convolutions on CPU by Winograd where it pays (``models.winograd``; the same results to
+            round-off: float32's within ~3x oneDNN's, bf16's about 2-3x).
         weight_layouts: the storage orders of the two 3x3 weights of levels 4, 3 and 2 (``models.conv.training_layout``,
             ``decoder_layouts``): speed only, the values are the same.
     """
