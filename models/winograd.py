@@ -3,10 +3,10 @@ in float32 (and float64) on maps that divide into 4x4 tiles, F(2x2, 3x3) on othe
 
 A 3x3, stride-1, padding-1 convolution computes each m x m tile of its output from an (m + 2) x (m + 2) tile d of its
 (padded) input as A^T [(G g G^T) * (B^T d B)] A, with g the 3x3 kernel. Summed over the input channels, the
-(m + 2)^2 elementwise products become as many matrix products [tiles, C] @ [C, O]: 36 / 4 = 9 multiply-adds per
-output pixel and channel pair become 16 / 4 = 4 with m = 2 (2.25x fewer), 36 / 16 = 2.25 with m = 4 (4x fewer); the
-direct convolution runs at the matrix product's rate (oneDNN), so these are what is saved. The transforms are sums
-of scaled terms, done here with strided slices; the input's tiles overlap by two pixels.
+(m + 2)^2 elementwise products become as many matrix products [tiles, C] @ [C, O]: the direct convolution's 9
+multiply-adds per output pixel and channel pair become 16 / 4 = 4 with m = 2 (2.25x fewer), 36 / 16 = 2.25 with m = 4
+(4x fewer); oneDNN runs the direct convolution at the matrix product's rate, so these are what is saved. The
+transforms are sums of scaled terms, done here with strided slices; the input's tiles overlap by two pixels.
 
 The backward runs the adjoint of each step: the output gradient through A, the input gradient's products with U^T and
 the weight gradient's products with the transformed input (recomputed rather than kept: it is (m + 2)^2 / m^2 times
@@ -14,10 +14,10 @@ the input's size), then back through B (overlapping tiles add up) and G. Figures
 docs/performance.md.
 
 Precision: the larger tile's transforms scale by up to 8 (A) and 5 (B), so its round-off grows with them: in float32
-F(4x4, 3x3) stays within ~3x oneDNN's error against a float64 convolution (~1e-6 relative), F(2x2, 3x3) within it.
+F(4x4, 3x3)'s error against a float64 convolution is 2-4x oneDNN's (~1e-6 relative), F(2x2, 3x3)'s below it.
 Under bf16 the transformed input and the products are rounded to bf16 on the way, where F(2x2, 3x3)'s outputs differ
-from a float64 convolution about 2-3x as much as oneDNN's bf16 convolution does and F(4x4, 3x3) would lose several
-times more: low precision keeps the small tile (tests/test_winograd.py states the bounds).
+from a float64 convolution about 2-3x as much as oneDNN's bf16 convolution does; the larger tile's scaling would add
+to that (not measured), so low precision keeps the small tile (tests/test_winograd.py states the bounds).
 """
 
 from __future__ import annotations

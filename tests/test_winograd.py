@@ -81,6 +81,7 @@ def test_convolution_and_its_gradients_equal_conv2d(b, c, o, h, w, chunk, float_
     out = winograd_conv3x3(x, weight)
     expected = F.conv2d(x, weight, padding=1)
     assert out.shape == expected.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)  # also where the tiles overhang the map and are cropped
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     got, want = torch.autograd.grad(out, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad)
     for name, g, e in zip(("input", "weight"), got, want, strict=True):
