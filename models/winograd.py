@@ -47,12 +47,12 @@ class Tiling:
         """The input tile's side, m + 2."""
         return self.m + 2
 
-    @property
+    @functools.cached_property
     def B(self) -> tuple[tuple[float, ...], ...]:  # noqa: N802 (the paper's name)
         """The adjoint of ``BT``, for the backward."""
         return tuple(zip(*self.BT))
 
-    @property
+    @functools.cached_property
     def A(self) -> tuple[tuple[float, ...], ...]:  # noqa: N802
         """The adjoint of ``AT``, for the backward."""
         return tuple(zip(*self.AT))
@@ -270,11 +270,12 @@ class _WinogradConv3x3(torch.autograd.Function):
         u = weight_transform(weight, t).to(x.dtype)  # [n^2, C, O]
         padded = _pad(x.permute(0, 2, 3, 1), th, tw, t.m)
         y = x.new_empty(b, th, t.m, tw, t.m, u.shape[2])
-        for images, rows in _chunks_for(b, th, tw, t.m):
+        chunks = _chunks_for(b, th, tw, t.m)
+        for images, rows in chunks:
             v = input_transform(padded[images, _padded_rows(rows, t.m)], t)
             output_transform(torch.bmm(v, u), y[images, rows], t)
         ctx.save_for_backward(padded, u)  # the padded input, which the weight gradient transforms again
-        ctx.size, ctx.weight_dtype, ctx.tiling = (h, w), weight.dtype, t
+        ctx.size, ctx.tiles, ctx.chunks, ctx.weight_dtype, ctx.tiling = (h, w), (th, tw), chunks, weight.dtype, t
         y = y.view(b, t.m * th, t.m * tw, -1)
         if (h, w) != y.shape[1:3]:  # cropped to the map's size: made contiguous again, as the layers after expect
             y = y[:, :h, :w].contiguous()
@@ -284,8 +285,7 @@ class _WinogradConv3x3(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         padded, u = ctx.saved_tensors  # [B, m Th + 2, m Tw + 2, C], [n^2, C, O]
-        (h, w), b, t = ctx.size, padded.shape[0], ctx.tiling
-        th, tw = -(-h // t.m), -(-w // t.m)
+        (h, w), (th, tw), b, t = ctx.size, ctx.tiles, padded.shape[0], ctx.tiling
         dy = grad_out.to(u.dtype).permute(0, 2, 3, 1)
         if (h, w) != (t.m * th, t.m * tw):  # sizes not whole tiles: the missing rows and columns have zero gradient
             dy = F.pad(dy, (0, 0, 0, t.m * tw - w, 0, t.m * th - h))
@@ -293,7 +293,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad
         dx = torch.zeros_like(padded) if need_x else None
         du = None  # [n^2, C, O], summed over the chunks in float32 (or float64)
-        for images, rows in _chunks_for(b, th, tw, t.m):
+        for images, rows in ctx.chunks:
             dm = output_transform_adjoint(dy[images, rows], t)  # [n^2, N, O]
             if need_x:
                 input_transform_adjoint(torch.bmm(dm, u.transpose(1, 2)), dx[images, _padded_rows(rows, t.m)], t)

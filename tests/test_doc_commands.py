@@ -5,6 +5,7 @@ this red. (Whether a documented command does what its text says is for the tests
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import re
@@ -62,6 +63,7 @@ MODULES: dict[str, str] = {
 }
 
 
+@functools.cache  # each docs script loaded once, however many commands run it (parsing leaves a parser as it was)
 def parser_of(target: str) -> argparse.ArgumentParser:
     assert target in MODULES, f"{target}: a documented command this test does not know: add it to MODULES"
     name = MODULES[target]
