@@ -156,14 +156,15 @@ def build_repo(cfg: Any, pretrained_text: bool) -> Repo:
 
 
 def repo_train_fn(rep: Repo, batch: dict[str, torch.Tensor], amp: str) -> Callable[[], float]:
-    """``engine.train_step``, the training loop's step (its NativeScaler and gradient norm included)."""
+    """``engine.train_step``, the training loop's step (its NativeScaler; without the gradient norm, as the loop runs
+    all but one step in --print_freq)."""
     scaler = NativeScaler(amp, "cpu")
     device = torch.device("cpu")
 
     def step() -> float:
         rep.model.train()
         loss, _ = train_step(rep.model, rep.criterion, rep.optimizer, scaler, batch, device, rep.params,
-                             amp=amp, clip_grad=rep.cfg.TRAIN.CLIP_GRAD)  # fmt: skip
+                             amp=amp, clip_grad=rep.cfg.TRAIN.CLIP_GRAD, grad_norm=False)  # fmt: skip
         return loss
 
     return step

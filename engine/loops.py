@@ -54,7 +54,8 @@ def train_step(
     mark: Callable[[str], None] | None = None,
     text_cache: TextFeatureCache | None = None,
     size: int = 0,
-) -> tuple[float, torch.Tensor]:
+    grad_norm: bool = True,
+) -> tuple[float, torch.Tensor | None]:
     """One optimisation step on ``batch``: forward and loss under ``amp``, backward, clip, AdamW step.
 
     The training loop and the benchmark both call this, so what is timed is what trains.
@@ -67,10 +68,12 @@ def train_step(
         mark: called with "forward", "backward" and "optimizer" as each part ends (the benchmark's timer).
         text_cache: a frozen text encoder's features per expression (``MODEL.TEXT.CACHE``), instead of encoding.
         size: > 0: train on the batch resized to size x size (``data.resize_batch``; ``TRAIN.LOW_RES_SIZE``).
+        grad_norm: compute the gradient norm; False skips it unless clipping needs it (a pass over every gradient:
+            ~2% of the Swin-T step, docs/performance.md).
     Raises:
         NonFiniteLossError: the loss (averaged over ranks, so every rank stops together) is NaN or Inf.
     Returns:
-        (the loss averaged over ranks, the gradient norm before clipping).
+        (the loss averaged over ranks, the gradient norm before clipping, or None where it was skipped).
     """
     images = batch["image"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
@@ -98,7 +101,7 @@ def train_step(
     scaler.backward(loss)
     if mark is not None:
         mark("backward")
-    norm = scaler.step(optimizer, params, clip_grad)
+    norm = scaler.step(optimizer, params, clip_grad, norm=grad_norm)
     if mark is not None:
         mark("optimizer")
     return loss_value, norm
@@ -134,6 +137,11 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader`` (``train_step`` per batch), the LR scheduler stepped after every iteration.
 
+    The gradient norm (a pass over every gradient) is computed at every ``print_freq``-th iteration of the epoch and
+    at its last, unless clipping needs it at every one: its meter (log lines, TensorBoard, the epoch's average) holds
+    the norms of those iterations. They are counted from the epoch's first iteration, also in a resumed epoch, so
+    that a resumed run averages the same norms as one that ran straight through.
+
     Args:
         start: iterations of this epoch done before (a resumed epoch: ``loader`` yields the rest only).
         totals: this process's running sums of the epoch so far, ``{meter: (count, total)}``, as ``on_boundary``
@@ -155,15 +163,18 @@ def train_one_epoch(
         logger.add_meter(name, SmoothedValue())
     for name, (count, total) in (totals or {}).items():
         logger.meters[name].count, logger.meters[name].total = count, total
+    # the epoch's iterations (a resumed epoch's loader yields those after ``start``)
+    epoch_iters = start + len(loader) if hasattr(loader, "__len__") else None
     batches = logger.log_every(loader, print_freq, f"Epoch [{epoch}]", run_progress=run_progress)
     for it, batch in enumerate(batches, start=start):
+        sampled = (print_freq > 0 and (it + 1) % print_freq == 0) or it + 1 == epoch_iters
         loss, norm = train_step(
             model, criterion, optimizer, scaler, batch, device, params,
             amp=amp, clip_grad=clip_grad, where=f"epoch {epoch}, iteration {it}", text_cache=text_cache,
-            size=size if size_iters is None or it < size_iters else 0,
+            size=size if size_iters is None or it < size_iters else 0, grad_norm=sampled,
         )  # fmt: skip
         lr_scheduler.step()
-        logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=norm)
+        logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], **({} if norm is None else {"grad_norm": norm}))
         if on_boundary is not None:
             on_boundary(it + 1, {name: (logger.meters[name].count, logger.meters[name].total) for name in TOTALS})
     logger.synchronize_between_processes()

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["F2", "F4", "Tiling", "compute_dtype", "has_amx", "output_tiles", "tiling_for", "winograd_conv3x3",
-           "winograd_pays"]
+__all__ = ["F2", "F4", "Tiling", "compute_dtype", "cpu_capability", "has_amx", "output_tiles", "tiling_for",
+           "winograd_conv3x3", "winograd_pays"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,24 @@ F4 = Tiling(
 )
 
 #: fewest 2x2 output tiles (batch x H/2 x W/2, whatever tile computes them) at which the transforms' memory traffic and
-#: the kernels' transform are paid back by the products saved, in float32 and in bf16 / fp16, training or not; and
-#: fewest channels on either side (docs/performance.md)
+#: the kernels' transform are paid back by the products saved, training or not: in float32 on AVX-512 CPUs (and on
+#: any CPU not measured), in float32 on AVX2-only ones (whose products run at half the AVX-512 rate while the
+#: transforms' memory traffic costs the same: the products saved weigh more), and in bf16 / fp16; and fewest channels
+#: on either side (docs/performance.md)
 MIN_TILES_FLOAT32 = 225
+MIN_TILES_FLOAT32_AVX2 = 98
 MIN_TILES_LOW_PRECISION = 392
 MIN_CHANNELS = 256
 #: output pixels transformed and multiplied at a time, by tile side (docs/performance.md)
 CHUNK_PIXELS = {2: 4096, 4: 8192}
 #: the tile side of float32 and float64 convolutions (docs/bench_winograd.py sets 2 to compare)
 FLOAT32_TILE = 4
+
+
+@functools.cache
+def cpu_capability() -> str:
+    """ATen's vector capability on this CPU: "AVX512", "AVX2", "DEFAULT"... (``ATEN_CPU_CAPABILITY`` caps it)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @functools.cache
@@ -97,7 +106,7 @@ def winograd_pays(in_chans: int, out_chans: int, tiles: int, dtype: torch.dtype)
     """Whether a convolution of these widths over ``tiles`` 2x2 output tiles, computed in ``dtype``, runs faster by
     Winograd than by oneDNN (CPU, measured)."""
     if dtype in (torch.float32, torch.float64):
-        min_tiles = MIN_TILES_FLOAT32
+        min_tiles = MIN_TILES_FLOAT32_AVX2 if cpu_capability() == "AVX2" else MIN_TILES_FLOAT32
     elif has_amx():
         return False
     else:

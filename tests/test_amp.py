@@ -32,6 +32,23 @@ def test_clipping_limits_the_step():
     assert torch.linalg.vector_norm(step).item() == pytest.approx(0.1, rel=1e-4)  # lr * clipped norm 1
 
 
+def test_step_without_the_norm_steps_the_same():
+    """norm=False: no norm returned, the same update; clipping computes it anyway (it needs it)."""
+    m1, o1 = _setup()
+    m2, o2 = _setup()
+    x = torch.randn(3, 4)
+    for m in (m1, m2):
+        m(x).pow(2).sum().backward()
+    assert NativeScaler("").step(o1, list(m1.parameters())) is not None
+    assert NativeScaler("").step(o2, list(m2.parameters()), norm=False) is None
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    m2(x).sum().mul(1000).backward()
+    ref = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m2.parameters()]))
+    clipped = NativeScaler("").step(o2, list(m2.parameters()), clip_grad=1.0, norm=False)
+    assert clipped.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_fp16_scaler_state_round_trip():
     model, opt = _setup()
     s = NativeScaler("fp16", "cpu")

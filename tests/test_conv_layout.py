@@ -23,8 +23,10 @@ CL = torch.channels_last
 
 @pytest.fixture
 def no_amx(monkeypatch):
-    """Winograd's bf16 threshold as on CPUs without AMX (on AMX, bf16 convolutions stay with oneDNN)."""
+    """Winograd's thresholds as on AVX-512 CPUs without AMX (on AMX, bf16 convolutions stay with oneDNN; on AVX2 float32
+    takes it from fewer tiles)."""
     monkeypatch.setattr(winograd, "has_amx", lambda: False)
+    monkeypatch.setattr(winograd, "cpu_capability", lambda: "AVX512")
 
 
 class WeightCopies(TorchDispatchMode):

@@ -307,6 +307,42 @@ def test_train_one_epoch_steps_and_nan_guard(cfg):
         train_step(net, nan_loss, opt, NativeScaler(), next(iter(loader)), torch.device("cpu"), params)
 
 
+class NormRecorder(torch.optim.SGD):
+    """SGD that records, before each step, the gradient norm computed here in float64."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.norms: list[float] = []
+
+    def step(self, closure=None):
+        grads = [p.grad.double().flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("print_freq,clip,start,sampled", [
+    (3, 0.0, 0, [3, 6, 7]),  # where the log prints: every 3rd iteration and the epoch's last
+    (3, 1e9, 0, [1, 2, 3, 4, 5, 6, 7]),  # clipping needs it at every one
+    (0, 0.0, 0, [7]),  # no log lines: the last iteration only
+    (3, 0.0, 2, [1, 4, 5]),  # resumed before iteration 2 of 7: its 3rd, 6th and 7th, as in a straight run
+])  # fmt: skip
+def test_train_one_epoch_samples_the_gradient_norm_where_it_logs(cfg, print_freq, clip, start, sampled):
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    train = torch.utils.data.Subset(build_dataset(cfg, "train", eval_mode=False), range(2 * (7 - start)))
+    loader = DataLoader(train, batch_size=2, shuffle=False)
+    opt = NormRecorder([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    sched = build_lr_scheduler(opt, 7)
+    stats = train_one_epoch(
+        net, torch.nn.functional.cross_entropy, opt, sched, NativeScaler(), loader, torch.device("cpu"), 0,
+        print_freq=print_freq, clip_grad=clip, start=start,
+    )  # fmt: skip
+    assert len(opt.norms) == 7 - start
+    expected = np.mean([opt.norms[i - 1] for i in sampled])
+    assert stats["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert stats["grad_norm"] != pytest.approx(np.mean(opt.norms), rel=1e-5) or len(sampled) == len(opt.norms)
+
+
 def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
     train_mode_val = build_dataset(cfg, "val", eval_mode=False)
     shuffled = ShuffledExpressions(val_set, seed=0)

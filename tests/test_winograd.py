@@ -5,6 +5,11 @@ tiling each precision takes, and where Conv3x3 takes it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +33,8 @@ from models.winograd import (
 )
 
 from .helpers_model import tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # B, C, O, H, W; the last three divide into 4x4 tiles (float32 and float64 take F(4x4, 3x3) there)
 SHAPES = [(1, 3, 4, 5, 7), (3, 5, 2, 6, 4), (2, 4, 3, 1, 1), (2, 6, 8, 2, 9), (1, 2, 3, 8, 8), (2, 3, 5, 4, 12),
@@ -225,8 +232,9 @@ def test_bf16_training_keeps_float32_weight_gradients():
 
 @pytest.fixture(autouse=True)
 def no_amx(monkeypatch):
-    """The rule as on the CPUs it was measured on (without AMX), whatever this one has."""
+    """The rule as on the CPU most of it was measured on (AVX-512, without AMX), whatever this one has."""
     monkeypatch.setattr(winograd, "has_amx", lambda: False)
+    monkeypatch.setattr(winograd, "cpu_capability", lambda: "AVX512")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -247,6 +255,29 @@ def test_which_decoder_convolutions_take_it():
     assert [winograd_pays(c, 384, t, bf16) for c, t in ((1152, 98), (576, 392), (480, 1568))] == [False, True, True]
     assert [winograd_pays(576, 384, 196, dtype) for dtype in (f32, bf16)] == [False, False]
     assert not winograd_pays(64 + 32, 64, 100_000, f32) and not winograd_pays(64, 64, 100_000, bf16)
+
+
+def test_float32_pays_from_fewer_tiles_on_avx2(monkeypatch):
+    """On an AVX2-only CPU Swin-T's 14x14 level at batch 2 (98 tiles) and its 28x28 level at batch 1 (196) take it in
+    float32 (docs/performance.md), not the 14x14 level at batch 1 (49); bf16 keeps its threshold."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    monkeypatch.setattr(winograd, "cpu_capability", lambda: "AVX2")
+    assert [winograd_pays(1152, 384, t, f32) for t in (49, 97, 98, 196)] == [False, False, True, True]
+    assert not winograd_pays(255, 384, 10_000, f32)
+    assert [winograd_pays(1152, 384, t, bf16) for t in (98, 391, 392)] == [False, False, True]
+    monkeypatch.setattr(winograd, "cpu_capability", lambda: "DEFAULT")  # not measured: the AVX-512 threshold
+    assert [winograd_pays(1152, 384, t, f32) for t in (98, 224, 225)] == [False, False, True]
+
+
+@pytest.mark.parametrize("capped,expected", [("avx2", "AVX2 True"), ("default", "DEFAULT False")])
+def test_the_capability_is_atens(capped, expected):
+    """The real rule in a fresh process whose ATen is capped (``ATEN_CPU_CAPABILITY``): 98 tiles in float32 take
+    Winograd under AVX2 only."""
+    code = "import torch; from models import winograd as w; "
+    code += "print(w.cpu_capability(), w.winograd_pays(1152, 384, 98, torch.float32))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capped}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == expected
 
 
 def test_bf16_stays_with_onednn_on_amx(monkeypatch):

@@ -126,9 +126,10 @@ def train_step(
         model.train()
         synchronize(device)
         last[0] = time.perf_counter()
+        # without the gradient norm, as the training loop runs all but one step in --print_freq (engine.loops)
         engine_train_step(
             model, criterion, optimizer, scaler, batch, device, trainable, amp=amp, clip_grad=cfg.TRAIN.CLIP_GRAD,
-            mark=mark,
+            mark=mark, grad_norm=False,
         )
 
     return step, split

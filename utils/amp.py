@@ -86,20 +86,26 @@ class NativeScaler:
         """The backward pass, of the scaled loss for fp16."""
         (loss if self._scaler is None else self._scaler.scale(loss)).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip_grad: float = 0.0):
-        """Unscale (fp16), clip, step and update after ``backward``; returns the total gradient norm (unscaled)."""
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip_grad: float = 0.0,
+        norm: bool = True,
+    ) -> torch.Tensor | None:
+        """Unscale (fp16), clip, step and update after ``backward``; returns the total gradient norm (unscaled), or
+        None where ``norm`` is False and nothing is clipped (the norm is one more pass over every gradient)."""
         if self._scaler is not None:
             self._scaler.unscale_(optimizer)
         if clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            total = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        elif norm:
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            total = None
         if self._scaler is None:
             optimizer.step()
         else:
             self._scaler.step(optimizer)  # skipped when the scaled gradients overflowed
             self._scaler.update()
-        return norm
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         return {"amp": self.amp, **(self._scaler.state_dict() if self._scaler is not None else {})}
