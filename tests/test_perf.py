@@ -286,6 +286,17 @@ def test_variant_names():
         benchmark.run_variant(benchmark.BenchSpec(variant="fp16", opts=TINY_OPTS, size=64, phases=[]))
 
 
+def test_the_timed_step_is_the_loops_usual_one(monkeypatch):
+    """The benchmark times the step the training loop runs at all but one iteration in --print_freq: without the
+    gradient norm (engine.loops)."""
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = benchmark.BenchSpec(opts=TINY_OPTS, size=64, phases=["train"], warmup=1, runs=1, memory="skip")
+    result = benchmark.run_variant(spec)
+    assert result["train"]["step_ms"] > 0 and not calls
+
+
 def test_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = benchmark.main(
