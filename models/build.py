@@ -9,6 +9,7 @@ from yacs.config import CfgNode
 
 from .decoder import build_decoder
 from .lavt import LAVT
+from .linear import few_rows_linear_
 from .refine import build_refine
 from .swin import build_backbone
 from .text import build_text_encoder
@@ -66,6 +67,7 @@ def build_model(
     dropout = text_dropout(m.NAME, m.TEXT.DROPOUT)
     refine = build_refine(m.REFINE, m.GRAD_CHECKPOINT)
     model = LAVT(backbone, decoder, text_encoder, text_dropout=dropout, refine=refine).to(device)
+    few_rows_linear_(model)  # evaluation's layers of few rows as W x^T on CPU (models/linear.py)
     return compile_model(model) if m.COMPILE else model
 
 
