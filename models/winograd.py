@@ -1,5 +1,6 @@
 """3x3 convolutions by Winograd's minimal filtering F(m x m, 3x3) (Lavin and Gray, CVPR 2016), for CPU: F(4x4, 3x3)
-in float32 (and float64) on maps that divide into 4x4 tiles, F(2x2, 3x3) on others and in bf16 and fp16.
+in float32 (and float64) on maps that divide into 4x4 tiles (from 392 2x2 output tiles), F(2x2, 3x3) on others and
+in bf16 and fp16.
 
 A 3x3, stride-1, padding-1 convolution computes each m x m tile of its output from an (m + 2) x (m + 2) tile d of its
 (padded) input as A^T [(G g G^T) * (B^T d B)] A, with g the 3x3 kernel. Summed over the input channels, the
@@ -85,8 +86,10 @@ MIN_TILES_LOW_PRECISION = 392
 MIN_CHANNELS = 256
 #: output pixels transformed and multiplied at a time, by tile side (docs/performance.md)
 CHUNK_PIXELS = {2: 4096, 4: 8192}
-#: the tile side of float32 and float64 convolutions (docs/bench_winograd.py sets 2 to compare)
+#: the tile side of float32 and float64 convolutions (docs/bench_winograd.py sets 2 to compare), from this many 2x2
+#: output tiles (below it F(2x2, 3x3) was the faster: docs/performance.md)
 FLOAT32_TILE = 4
+MIN_TILES_F4 = 392
 
 
 @functools.cache
@@ -114,13 +117,14 @@ def winograd_pays(in_chans: int, out_chans: int, tiles: int, dtype: torch.dtype)
     return min(in_chans, out_chans) >= MIN_CHANNELS and tiles >= min_tiles
 
 
-def tiling_for(dtype: torch.dtype, height: int, width: int) -> Tiling:
-    """F(4x4, 3x3) in float32 and float64 (``FLOAT32_TILE``) on maps that divide into 4x4 tiles; F(2x2, 3x3) on
-    others (14x14: the padding to 16x16 and the larger transforms cost it 0.8-0.95x of F(2x2, 3x3)'s speed) and in
-    bf16 and fp16 (its round-off)."""
-    if dtype in (torch.float32, torch.float64) and FLOAT32_TILE == 4 and height % 4 == 0 and width % 4 == 0:
-        return F4
-    return F2
+def tiling_for(dtype: torch.dtype, batch: int, height: int, width: int) -> Tiling:
+    """F(4x4, 3x3) in float32 and float64 (``FLOAT32_TILE``) on ``batch`` maps that divide into 4x4 tiles, from
+    ``MIN_TILES_F4`` 2x2 output tiles; F(2x2, 3x3) on others (14x14: the padding to 16x16 and the larger transforms
+    cost it 0.8-0.95x of F(2x2, 3x3)'s speed; 28x28 at batch 1: its transforms, 1.15-1.19x of oneDNN in training
+    against 1.28-1.30x), and in bf16 and fp16 (its round-off)."""
+    if dtype not in (torch.float32, torch.float64) or FLOAT32_TILE != 4 or height % 4 or width % 4:
+        return F2
+    return F4 if batch * (height // 2) * (width // 2) >= MIN_TILES_F4 else F2
 
 
 def output_tiles(x: torch.Tensor) -> int:
@@ -274,7 +278,7 @@ class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = tiling_for(x.dtype, h, w)
+        t = tiling_for(x.dtype, b, h, w)
         th, tw = -(-h // t.m), -(-w // t.m)
         u = weight_transform(weight, t).to(x.dtype)  # [n^2, C, O]
         padded = _pad(x.permute(0, 2, 3, 1), th, tw, t.m)
@@ -324,8 +328,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 @torch.compiler.disable
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for x [B, C, H, W] and weight [O, C, 3, 3] by Winograd, computed in
-    ``compute_dtype(x)``, tiled as ``tiling_for`` says (F(4x4, 3x3) in float32 where the map divides into 4x4 tiles,
-    else F(2x2, 3x3)). Returns [B, O, H, W], channels-last."""
+    ``compute_dtype(x)``, tiled as ``tiling_for`` says (F(4x4, 3x3) in float32 where the maps divide into 4x4 tiles
+    and are many enough, else F(2x2, 3x3)). Returns [B, O, H, W], channels-last."""
     x = x.to(compute_dtype(x))
     with torch.autocast(x.device.type, enabled=False):
         return _WinogradConv3x3.apply(x, weight)

@@ -83,7 +83,7 @@ def test_winograd_bench_times_the_official_decoders_convolutions_both_ways(tmp_p
     args = ["--sizes", "32", "--batches", "1", "--embed_dim", "4", "--repeats", "1", "--threads", "1"]
     rows = bench.main(args + ["--chunk_pixels", "7", "--float32_tile", "2", "--precisions", "float32",
                               "--json", str(tmp_path / "w.json")])
-    assert bench.winograd.CHUNK_PIXELS == {2: 7, 4: 7} and bench.winograd.tiling_for(torch.float32, 8, 8).m == 2
+    assert bench.winograd.CHUNK_PIXELS == {2: 7, 4: 7} and bench.winograd.tiling_for(torch.float32, 99, 8, 8).m == 2
     assert len(rows) == 2 * 6 and rows == json.loads((tmp_path / "w.json").read_text())  # train, eval x 6 convs
     assert {r["precision"] for r in rows} == {"float32"} and {r["phase"] for r in rows} == {"train", "eval"}
     assert len(ran) == 2 * 6 * 2  # each row: the warm-up and one timed turn on the Winograd side

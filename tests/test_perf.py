@@ -67,6 +67,7 @@ def winograd_calls(monkeypatch) -> list[int]:
     monkeypatch.setattr(winograd, "has_amx", lambda: False)
     monkeypatch.setattr(winograd, "MIN_TILES_FLOAT32", 1)
     monkeypatch.setattr(winograd, "MIN_TILES_FLOAT32_AVX2", 1)
+    monkeypatch.setattr(winograd, "MIN_TILES_F4", 1)  # float32 by the larger tile, as on large maps
     monkeypatch.setattr(winograd, "MIN_TILES_LOW_PRECISION", 1)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(conv, "winograd_conv3x3", counted)

@@ -61,8 +61,9 @@ TILINGS = [F2, F4]
 
 @pytest.fixture(params=[2, 4], ids=["F2", "F4"])
 def float_tile(request, monkeypatch) -> int:
-    """float32 and float64 convolutions run by this tile side."""
+    """float32 and float64 convolutions run by this tile side (F(4x4, 3x3) whatever the tile count)."""
     monkeypatch.setattr(winograd, "FLOAT32_TILE", request.param)
+    monkeypatch.setattr(winograd, "MIN_TILES_F4", 1)
     return request.param
 
 
@@ -197,13 +198,18 @@ def test_error_beside_onednn(autocast, float_tile):
 
 
 def test_each_precision_and_map_takes_its_tiling(monkeypatch):
-    """float32 and float64 by F(4x4, 3x3) where the map divides into 4x4 tiles, by F(2x2, 3x3) where it does not;
-    bf16 (autocast or not) and fp16 always by F(2x2, 3x3): seen in what the convolution transforms."""
+    """float32 and float64 by F(4x4, 3x3) where the maps divide into 4x4 tiles and make at least MIN_TILES_F4 2x2
+    output tiles, else by F(2x2, 3x3); bf16 (autocast or not) and fp16 always by F(2x2, 3x3): seen in what the
+    convolution transforms."""
     floats, low = (torch.float32, torch.float64), (torch.bfloat16, torch.float16)
-    assert [tiling_for(d, 8, 12).m for d in floats + low] == [4, 4, 2, 2]
-    assert [tiling_for(torch.float32, h, w).m for h, w in ((56, 56), (14, 14), (28, 30), (30, 28), (4, 4))] == [
+    assert winograd.MIN_TILES_F4 == 392  # Swin-T's 28x28 level at batch 2 (docs/performance.md)
+    assert [tiling_for(d, 17, 8, 12).m for d in floats + low] == [4, 4, 2, 2]  # 17 x 24 = 408 tiles
+    assert [tiling_for(torch.float32, 2, h, w).m for h, w in ((56, 56), (14, 14), (28, 30), (30, 28), (28, 28))] == [
         4, 2, 2, 2, 4
     ]
+    assert [tiling_for(torch.float32, 1, 28, 28).m, tiling_for(torch.float32, 1, 56, 56).m] == [2, 4]  # 196, 784
+    assert [tiling_for(torch.float32, b, 4, 4).m for b in (97, 98)] == [2, 4]  # 4 tiles an image
+    monkeypatch.setattr(winograd, "MIN_TILES_F4", 1)
     seen = []
     original = winograd.input_transform
     monkeypatch.setattr(winograd, "input_transform", lambda padded, t: seen.append(t.m) or original(padded, t))
