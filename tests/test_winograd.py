@@ -220,6 +220,11 @@ def test_each_precision_and_map_takes_its_tiling(monkeypatch):
         winograd_conv3x3(x, weight)
     winograd_conv3x3(x.bfloat16(), weight.bfloat16())
     assert seen == [4, 2, 2, 2]
+    monkeypatch.setattr(winograd, "MIN_TILES_F4", 32)  # the convolution counts its whole batch's tiles
+    seen.clear()
+    winograd_conv3x3(torch.cat([x, x]), weight)  # 2 x 16
+    winograd_conv3x3(x, weight)
+    assert seen == [4, 2]
 
 
 def test_bf16_training_keeps_float32_weight_gradients():
