@@ -2,7 +2,7 @@
 with its float32 weight gradient as matrix products) against Winograd (``models.winograd``: F(4x4, 3x3) in float32,
 F(2x2, 3x3) in bf16; taken whatever ``winograd_pays`` says), the two taking turns; for each image size, batch, phase
 (a forward and backward with the input's and the weight's gradients, or a forward without gradients) and precision.
-What sets ``models.winograd.MIN_TILES_FLOAT32``, ``MIN_TILES_LOW_PRECISION``, ``CHUNK_PIXELS`` and ``FLOAT32_TILE``.
+What sets ``models.winograd.MIN_TILES_FLOAT32``, ``MIN_TILES_LOW_PRECISION``, ``CHUNK_PIXELS`` and ``MIN_TILES_F4``.
 
 Run from the repository root (the figures: docs/performance.md)::
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,8 +101,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_pixels", type=int, default=0,
                    help=f"output pixels Winograd transforms and multiplies at a time (default: by tile side, "
                         f"{winograd.CHUNK_PIXELS})")
-    p.add_argument("--float32_tile", type=int, choices=[2, 4], default=winograd.FLOAT32_TILE,
-                   help=f"output tile side in float32: 4 F(4x4, 3x3), 2 F(2x2, 3x3) (default: {winograd.FLOAT32_TILE})")
+    p.add_argument("--float32_tile", type=int, choices=[2, 4], default=4,
+                   help=f"float32 by 4: F(4x4, 3x3) where the rule takes it (from {winograd.MIN_TILES_F4} tiles), 2: "
+                        "F(2x2, 3x3) everywhere (default: 4)")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     return p
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(a.threads)
     if a.chunk_pixels:
         winograd.CHUNK_PIXELS = dict.fromkeys(winograd.CHUNK_PIXELS, a.chunk_pixels)
-    winograd.FLOAT32_TILE = a.float32_tile
+    if a.float32_tile == 2:
+        winograd.MIN_TILES_F4 = math.inf
     ints = [[int(v) for v in s.split(",")] for s in (a.sizes, a.batches)]
     rows = measure(ints[0], ints[1], a.embed_dim, a.repeats, precisions=tuple(a.precisions.split(",")))
     if a.json:

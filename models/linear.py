@@ -34,11 +34,11 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``FewRowsLinear`` takes the W x^T path for input x: float32 on CPU, autograd and autocast off, at most
     ``FEW_ROWS`` rows."""
     return (
-        x.dtype == torch.float32
+        not torch.is_grad_enabled()  # first: in training every call stops here
+        and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and 0 < x.numel() <= FEW_ROWS * x.shape[-1]
-        and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
     )
 

@@ -86,9 +86,8 @@ MIN_TILES_LOW_PRECISION = 392
 MIN_CHANNELS = 256
 #: output pixels transformed and multiplied at a time, by tile side (docs/performance.md)
 CHUNK_PIXELS = {2: 4096, 4: 8192}
-#: the tile side of float32 and float64 convolutions (docs/bench_winograd.py sets 2 to compare), from this many 2x2
-#: output tiles (below it F(2x2, 3x3) was the faster: docs/performance.md)
-FLOAT32_TILE = 4
+#: fewest 2x2 output tiles from which float32 and float64 convolutions take F(4x4, 3x3) (below it F(2x2, 3x3) was the
+#: faster: docs/performance.md; docs/bench_winograd.py raises it past any map to compare)
 MIN_TILES_F4 = 392
 
 
@@ -118,20 +117,24 @@ def winograd_pays(in_chans: int, out_chans: int, tiles: int, dtype: torch.dtype)
 
 
 def tiling_for(dtype: torch.dtype, batch: int, height: int, width: int) -> Tiling:
-    """F(4x4, 3x3) in float32 and float64 (``FLOAT32_TILE``) on ``batch`` maps that divide into 4x4 tiles, from
+    """F(4x4, 3x3) in float32 and float64 on ``batch`` maps that divide into 4x4 tiles, from
     ``MIN_TILES_F4`` 2x2 output tiles; F(2x2, 3x3) on others (14x14: the padding to 16x16 and the larger transforms
     cost it 0.8-0.95x of F(2x2, 3x3)'s speed; 28x28 at batch 1: its transforms, 1.15-1.19x of oneDNN in training
     against 1.28-1.30x), and in bf16 and fp16 (its round-off)."""
-    if dtype not in (torch.float32, torch.float64) or FLOAT32_TILE != 4 or height % 4 or width % 4:
+    if dtype not in (torch.float32, torch.float64) or height % 4 or width % 4:
         return F2
-    return F4 if batch * (height // 2) * (width // 2) >= MIN_TILES_F4 else F2
+    return F4 if _tiles(batch, height, width) >= MIN_TILES_F4 else F2
 
 
 def output_tiles(x: torch.Tensor) -> int:
     """The 2x2 output tiles of a convolution of x [B, C, H, W] (the unit of ``winograd_pays``' thresholds):
     B * ceil(H / 2) * ceil(W / 2)."""
     b, _, h, w = x.shape
-    return b * ((h + 1) // 2) * ((w + 1) // 2)
+    return _tiles(b, h, w)
+
+
+def _tiles(batch: int, height: int, width: int) -> int:
+    return batch * ((height + 1) // 2) * ((width + 1) // 2)
 
 
 def _combine(terms: list[torch.Tensor], coefs: tuple, outs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

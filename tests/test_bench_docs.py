@@ -78,7 +78,7 @@ def test_winograd_bench_times_the_official_decoders_convolutions_both_ways(tmp_p
         return F.conv2d(x, weight, padding=1)
 
     monkeypatch.setattr(bench.conv_module, "winograd_conv3x3", counted)
-    for name in ("CHUNK_PIXELS", "FLOAT32_TILE"):  # put back after the test
+    for name in ("CHUNK_PIXELS", "MIN_TILES_F4"):  # put back after the test
         monkeypatch.setattr(bench.winograd, name, getattr(bench.winograd, name))
     args = ["--sizes", "32", "--batches", "1", "--embed_dim", "4", "--repeats", "1", "--threads", "1"]
     rows = bench.main(args + ["--chunk_pixels", "7", "--float32_tile", "2", "--precisions", "float32",

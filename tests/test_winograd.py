@@ -5,6 +5,7 @@ tiling each precision takes, and where Conv3x3 takes it."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -62,8 +63,7 @@ TILINGS = [F2, F4]
 @pytest.fixture(params=[2, 4], ids=["F2", "F4"])
 def float_tile(request, monkeypatch) -> int:
     """float32 and float64 convolutions run by this tile side (F(4x4, 3x3) whatever the tile count)."""
-    monkeypatch.setattr(winograd, "FLOAT32_TILE", request.param)
-    monkeypatch.setattr(winograd, "MIN_TILES_F4", 1)
+    monkeypatch.setattr(winograd, "MIN_TILES_F4", 1 if request.param == 4 else math.inf)
     return request.param
 
 
