@@ -57,7 +57,7 @@ def resolution_name(cfg: CfgNode) -> str:
     return f"network{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
 
 
-def results_tag(cfg: CfgNode, split: str, shuffled: bool = False) -> str:
+def results_tag(cfg: CfgNode, split: str, shuffled: bool) -> str:
     """``<dataset>_<splitBy>_<split>_<mode>_<resolution>[_shuffled]``: one split's evaluation (no number)."""
     base = f"{cfg.DATA.DATASET}_{cfg.DATA.SPLIT_BY}_{split}_{cfg.EVAL.MODE}_{resolution_name(cfg)}"
     return base + ("_shuffled" if shuffled else "")

@@ -161,16 +161,13 @@ def _mismatch_message(
     path: str | Path, missing: list[str], unexpected: list[str], wrong: list[str], embed_dims: tuple[int, int],
     stems: tuple[str, str] = ("patch", "patch"),
 ) -> str:
-    def show(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-
     lines = [f"checkpoint {path} does not fit this model (is it another configuration?):"]
     if wrong:
-        lines.append(f"  {len(wrong)} shape mismatches: {show(wrong)}")
+        lines.append(f"  {len(wrong)} shape mismatches: {_listed(wrong)}")
     if missing:
-        lines.append(f"  {len(missing)} weights missing from the file: {show(missing)}")
+        lines.append(f"  {len(missing)} weights missing from the file: {_listed(missing)}")
     if unexpected:
-        lines.append(f"  {len(unexpected)} weights in the file that the model lacks: {show(unexpected)}")
+        lines.append(f"  {len(unexpected)} weights in the file that the model lacks: {_listed(unexpected)}")
     if any(k.startswith(TEXT_PREFIX) for k in missing):
         lines.append("  the model has a text encoder the file lacks: an official 'lavt' file needs its 'bert_model'.")
     if any(k.startswith(TEXT_PREFIX) for k in unexpected):
@@ -179,7 +176,7 @@ def _mismatch_message(
         lines.append(f"  MODEL.SWIN.STEM is {stems[0]} in the file, {stems[1]} here.")
     if embed_dims[0] != -1 and embed_dims[0] != embed_dims[1]:
         lines.append(f"  MODEL.SWIN.EMBED_DIM is {embed_dims[0]} in the file, {embed_dims[1]} here.")
-    if any("relative_position_bias_table" in w or "attn_mask" in w for w in wrong):
+    if any("relative_position_bias_table" in w for w in wrong):  # (attention masks are never in a state dict)
         lines.append("  relative-position tables differ: check MODEL.SWIN.WINDOW_SIZE (the released files use 12).")
     return "\n".join(lines)
 

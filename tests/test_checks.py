@@ -100,6 +100,14 @@ def test_bad_images_are_named_in_one_error(bad: REFER):
         check_images(bad, ["testA"])
 
 
+def test_a_folder_in_place_of_an_image_is_named(bad: REFER):
+    image = Path(bad.IMAGE_DIR) / "h_good.png"
+    image.unlink()
+    image.mkdir()
+    with pytest.raises(ImageCheckError, match=r"^3 of 3 images .*; h_good\.png \(not a file\)$"):
+        check_images(bad, ["val"], workers=1)
+
+
 def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Path, monkeypatch):
     cache = tmp_path / "cache" / "lavt" / "images.json"  # folders made as needed
     image_dir = Path(bad.IMAGE_DIR)
@@ -212,3 +220,8 @@ def test_user_text(tokenizer):
             check_user_text(tokenizer, text, 20)
     with pytest.raises(ExpressionError, match="must be text, got int"):
         check_user_text(tokenizer, 3, 20)
+    # quoted whole up to 60 characters, else its first 57 and "..."
+    for n, shown in ((60, "\U0001f600" * 60), (61, "\U0001f600" * 57 + "...")):
+        with pytest.raises(ExpressionError) as e:
+            check_user_text(tokenizer, "\U0001f600" * n, 20)
+        assert str(e.value).startswith(f"the expression '{shown}' holds no word")

@@ -21,7 +21,7 @@ import torch
 import main as main_module
 from models import read_checkpoint
 from tools import submit as submit_module
-from utils.distributed import LaunchError, init_distributed_mode
+from utils.distributed import LaunchError, cuda_index, init_distributed_mode
 from utils.launcher import PORT_BASE, Launch, detect_launch, expand_nodelist, port_from_job_id
 
 from .helpers_train import tiny_env, tiny_opts
@@ -68,8 +68,23 @@ def test_expand_nodelist(nodelist, hosts):
     ],
 )
 def test_expand_nodelist_refuses(nodelist, message):
-    with pytest.raises(ValueError, match=message):
+    named = "" if not nodelist else re.escape(f"host list {nodelist!r}: ") + ".*"  # the whole list, then the fault
+    with pytest.raises(ValueError, match=f"^{named}{message}"):
         expand_nodelist(nodelist)
+
+
+def test_cuda_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cuda_index(3) == 0  # one GPU shown to each task: it is that one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [cuda_index(r) for r in range(4)] == [0, 1, 2, 3]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LaunchError) as e:
+        cuda_index(2)
+    assert str(e.value) == (
+        "local rank 2 but 2 GPU(s) visible on this node: start one process per GPU "
+        "(torchrun --nproc_per_node / srun --ntasks-per-node = GPUs per node)"
+    )
 
 
 def test_port_from_job_id():

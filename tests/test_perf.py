@@ -445,6 +445,24 @@ def test_benchmark_memory_in_its_own_process():
         benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
 
 
+def test_benchmark_memory_returns_freed_memory_before_building_on_cpu(monkeypatch):
+    """memory='only' on CPU hands freed memory back from before the model is built (what the model build and the
+    first step leave in the allocator would count in the peak otherwise); a GPU's peak counts tensors only."""
+    calls = []
+
+    def prepare(spec):
+        calls.append("prepare")
+        raise InterruptedError  # stands for the rest: only the order matters here
+
+    monkeypatch.setattr(benchmark, "return_freed_memory", lambda: calls.append("freed"))
+    monkeypatch.setattr(benchmark, "_prepare", prepare)
+    for device, expected in (("cpu", ["freed", "prepare"]), ("cuda", ["prepare"])):
+        calls.clear()
+        with pytest.raises(InterruptedError):
+            benchmark.measure_memory(benchmark.BenchSpec(device=device, memory="only"))
+        assert calls == expected
+
+
 def test_benchmark_times_with_mains_malloc_unless_told(monkeypatch):
     """--malloc keep (the default): the timings run with the allocator main.py sets; default: glibc's own; the
     memory-only process returns freed memory instead."""

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +174,31 @@ def test_stale_rule_for_a_holder_on_another_host(tmp_path):
     assert note.startswith(f"took over the stale lock {lock} (its holder on another host has not touched it for 120")
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     taker.release()
+    assert not lock.exists()
+
+
+def test_the_heartbeat_keeps_the_lock_fresh_and_ends_with_release(tmp_path, monkeypatch):
+    lock = tmp_path / LOCK_NAME
+    holder = RunLock(lock, heartbeat_s=0.02)
+    holder.acquire()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    deadline = time.time() + 30
+    while lock.stat().st_mtime < old + 60:
+        assert time.time() < deadline, "the heartbeat did not touch the lock"
+        time.sleep(0.01)
+    # release while a beat is touching the file: it waits for that beat, so no thread outlives it
+    touching, utime = threading.Event(), os.utime
+
+    def slow_utime(*args, **kwargs):
+        touching.set()
+        time.sleep(0.3)
+        return utime(*args, **kwargs)
+
+    monkeypatch.setattr(os, "utime", slow_utime)
+    assert touching.wait(30)
+    holder.release()
+    assert not [t for t in threading.enumerate() if t.name == "run-lock-heartbeat"]
     assert not lock.exists()
 
 

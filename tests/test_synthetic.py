@@ -135,6 +135,7 @@ def test_pixels_agree_with_annotations(refer: REFER, attributes: dict):
     """The inside of every object has the colour its attributes name; small shapes are smaller than big ones."""
     palette = np.array(list(COLOURS.values()), dtype=float)
     names = list(COLOURS)
+    sizes = set()
     for image_id, img in list(refer.Imgs.items())[:30]:
         pixels = np.asarray(Image.open(Path(refer.IMAGE_DIR) / img["file_name"]).convert("RGB"), dtype=float)
         short = min(img["height"], img["width"])
@@ -148,11 +149,13 @@ def test_pixels_agree_with_annotations(refer: REFER, attributes: dict):
             mean = pixels[inner].mean(0)
             assert names[int(np.argmin(((palette - mean) ** 2).sum(1)))] == obj["colour"]
             extent = max(ann["bbox"][2:]) / short
+            sizes.add(obj["size"])
             if obj["size"] == "small":
                 assert extent < SIZE_RANGES["small"][1] + 0.02  # polygon rounding
             elif not obj["occluded"]:
                 assert len(ann["segmentation"]) == 1 and len(ann["segmentation"][0]) == 2 * NATIVE_POINTS[obj["kind"]]
                 assert extent > 0.8 * SIZE_RANGES["big"][0] > SIZE_RANGES["small"][1] + 0.02  # a square fills 0.85
+    assert sizes == {"small", "big"}  # both were checked
 
 
 def test_every_expression_singles_out_its_object(refer: REFER, attributes: dict):
@@ -203,6 +206,16 @@ def test_a_relation_is_offered_only_when_no_look_alike_lies_that_way(twin_x: flo
                dict(circle, cx=twin_x)]  # fmt: skip
     _, _, relations = _candidates(objects, 0, 100, 100)
     assert any(r["relation"]["direction"] == "right" for r in relations) is offered
+
+
+def test_square_and_circle_outlines():
+    """Unrotated, a square's corners lie at (+-0.85 r, +-0.85 r); rotated, its sides stay 1.7 r; a circle's points
+    lie at r from the centre."""
+    corners = sorted(map(tuple, _shape_points("square", 10.0, 0.0).round(9)))
+    assert corners == [(-8.5, -8.5), (-8.5, 8.5), (8.5, -8.5), (8.5, 8.5)]
+    square = _shape_points("square", 10.0, 0.3)
+    assert np.linalg.norm(np.roll(square, -1, 0) - square, axis=1) == pytest.approx([17.0] * 4)
+    assert np.linalg.norm(_shape_points("circle", 10.0, 0.0), axis=1) == pytest.approx([10.0] * 36)
 
 
 def test_heart_stands_upright():

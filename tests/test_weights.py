@@ -145,6 +145,25 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing half-loaded
 
 
+def test_a_file_of_another_window_names_the_window_and_lists_at_most_eight_keys(tmp_path):
+    # tiny Swin of 8 blocks: window 4 -> 6 changes every block's relative-position table ([49, h] -> [121, h])
+    torch.save({"model": build_model(tiny_cfg(MODEL__SWIN__WINDOW_SIZE=6)).state_dict()}, tmp_path / "w6.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_weights(build_model(tiny_cfg()), tmp_path / "w6.pth")
+    lines = str(e.value).splitlines()
+    assert lines[1].startswith("  8 shape mismatches: backbone.layers.0.blocks.0.attn.relative_position_bias_table: ")
+    assert lines[1].count("relative_position_bias_table") == 8 and "more" not in lines[1]  # eight: all of them
+    assert lines[-1] == "  relative-position tables differ: check MODEL.SWIN.WINDOW_SIZE (the released files use 12)."
+    # two stages deeper: 10 tables, 8 listed
+    deeper = tiny_cfg(MODEL__SWIN__WINDOW_SIZE=6, MODEL__SWIN__DEPTHS=[2, 2, 3, 3])
+    torch.save({"model": build_model(deeper).state_dict()}, tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_weights(build_model(tiny_cfg(MODEL__SWIN__DEPTHS=[2, 2, 3, 3])), tmp_path / "deeper.pth")
+    wrong = str(e.value).splitlines()[1]
+    assert wrong.startswith("  10 shape mismatches: ") and wrong.endswith(" and 2 more")
+    assert wrong.count("relative_position_bias_table") == 8
+
+
 def _swin_imagenet_state(window: int) -> dict:
     """A checkpoint in the original Swin classification layout (no PWAM/gates, a final norm, a head)."""
     torch.manual_seed(7)
