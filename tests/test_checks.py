@@ -100,6 +100,18 @@ def test_bad_images_are_named_in_one_error(bad: REFER):
         check_images(bad, ["testA"])
 
 
+def test_image_dir_is_the_folder_checked(bad: REFER, tmp_path: Path):
+    good = tmp_path / "elsewhere"
+    good.mkdir()
+    for name in ("f_text.jpg", "g_cut.png", "h_good.png"):  # the val images, whole and of the right size
+        (good / name).write_bytes(encoded("PNG" if name.endswith(".png") else "JPEG", 40, 30))
+    assert check_images(bad, ["val"], image_dir=good, workers=1).checked == 3
+    with pytest.raises(ImageCheckError, match=r"^2 of 3 images of refcoco \(unc\) val in .*elsewhere are "):
+        (good / "f_text.jpg").write_bytes(b"")
+        (good / "h_good.png").unlink()
+        check_images(bad, ["val"], image_dir=good, workers=1)
+
+
 def test_a_folder_in_place_of_an_image_is_named(bad: REFER):
     image = Path(bad.IMAGE_DIR) / "h_good.png"
     image.unlink()

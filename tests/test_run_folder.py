@@ -202,6 +202,22 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_ends_with_release(tmp_path, monk
     assert not lock.exists()
 
 
+def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
+    """What tells a live holder from a reused pid (its process's start time) and two takers apart (the token)."""
+    lock = tmp_path / LOCK_NAME
+    tokens = []
+    for _ in range(2):
+        with RunLock(lock):
+            written = json.loads(lock.read_text())
+        assert written["pid"] == os.getpid() and written["host"] == socket.gethostname()
+        # /proc/<pid>/stat field 22, counted after the parenthesised command name (field 2)
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        assert written["pid_start"] == start
+        assert len(written["token"]) == 16 and int(written["token"], 16) >= 0
+        tokens.append(written["token"])
+    assert tokens[0] != tokens[1]
+
+
 def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypatch):
     lock = tmp_path / LOCK_NAME
     monkeypatch.setenv("SLURM_JOB_ID", "4242")

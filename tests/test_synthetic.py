@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import data.synthetic as synthetic
 from data.synthetic import (
     CATEGORIES,
     COLOURS,
@@ -111,6 +112,8 @@ def test_files_and_format(root: Path, refer: REFER):
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, img["height"], img["width"]))
         assert ann["area"] == mask_utils.area(rle) > 0
         assert ann["bbox"] == pytest.approx(mask_utils.toBbox(rle).tolist(), abs=0.01)
+    coords = [c for ann in instances["annotations"] for poly in ann["segmentation"] for c in poly]
+    assert all(round(c, 2) == c for c in coords) and any(c != round(c) for c in coords)  # 0.01-px outlines
     for split, n_images in (("train", 48), ("val", 6), ("testA", 6), ("testB", 6)):  # 66 images, 8:1:1:1
         assert 0.75 * n_images <= len({r["image_id"] for r in refer.data["refs"] if r["split"] == split}) <= n_images
     for ref in refer.data["refs"]:
@@ -216,6 +219,16 @@ def test_square_and_circle_outlines():
     square = _shape_points("square", 10.0, 0.3)
     assert np.linalg.norm(np.roll(square, -1, 0) - square, axis=1) == pytest.approx([17.0] * 4)
     assert np.linalg.norm(_shape_points("circle", 10.0, 0.0), axis=1) == pytest.approx([10.0] * 36)
+
+
+def test_an_object_without_expressions_leaves_the_others_described(tmp_path, monkeypatch):
+    """An object that nothing tells apart (identical twins side by side) gets no ref; the objects after it still do."""
+    args = dict(min_size=128, max_size=256, min_objects=4, max_objects=4, max_expressions=3, repeat_prob=0.0,
+                spatial_weight=0.5)  # fmt: skip
+    real = synthetic.describe_object
+    monkeypatch.setattr(synthetic, "describe_object", lambda objects, t, *a: [] if t == 1 else real(objects, t, *a))
+    _, objects, described = synthetic._draw_image(0, "train", seed=3, args=args, jpeg_quality=90, image_dir=tmp_path)
+    assert len(objects) == 4 and [t for t, _ in described] == [0, 2, 3]
 
 
 def test_heart_stands_upright():

@@ -181,6 +181,8 @@ def test_page_shows_and_downloads_the_models_masks(page, files, predictor, tmp_p
         assert overlay.evaluate("img => img.complete ? img.naturalWidth : -1") == rgb.shape[1]  # decoded, shown
         shown = decode_data_url(overlay.get_attribute("src"))
         assert np.array_equal(shown, vis.overlay_mask(rgb, expected[e], vis.PALETTE[e]))
+        swatch = figure.locator(".swatch").evaluate("s => getComputedStyle(s).backgroundColor")
+        assert swatch == "rgb({}, {}, {})".format(*vis.PALETTE[e])  # the caption's colour is the overlay's
     targets = [tmp_path / "web_page.png"] + (
         [Path(os.environ["LAVT_SCREENSHOT"])] if "LAVT_SCREENSHOT" in os.environ else []
     )
@@ -227,6 +229,14 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
     long = " ".join(["red"] * 20)  # more tokens than MAX_TOKENS: segmented, with a warning
     status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts=long)
     assert status == 200 and "more than the 12 the model reads" in answer["results"][0]["warning"]
+
+
+def test_other_paths_are_not_found(url):
+    for method, path in (("GET", "nope"), ("GET", "predict"), ("POST", ""), ("POST", "index.html")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url + path, data=b"" if method == "POST" else None,
+                                                          method=method), timeout=60)
+        assert (e.value.code, e.value.headers["Content-Type"], e.value.read()) == (404, "text/plain", b"not found")
 
 
 def test_preview_of_a_big_image_is_shrunk():

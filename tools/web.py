@@ -198,16 +198,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, answer: dict[str, Any]) -> None:
         self._send(status, json.dumps(answer).encode("utf-8"), "application/json")
 
+    def _not_found(self) -> None:
+        self._send(404, b"not found", "text/plain")
+
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
         if urlsplit(self.path).path in ("/", "/index.html"):
             self._send(200, self.server.app.page, "text/html; charset=utf-8")
         else:
-            self._send(404, b"not found", "text/plain")
+            self._not_found()
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         if url.path != "/predict":
-            self._send(404, b"not found", "text/plain")
+            self._not_found()
             return
         query = parse_qs(url.query, keep_blank_values=True)
         name, text = query.get("name", [""])[0], query.get("texts", [""])[0]
