@@ -89,6 +89,9 @@ def test_rng_round_trip():
     first = draw()
     ck.set_rng_state(state, g)
     assert draw() == first
+    without = {k: v for k, v in state.items() if k != "generator"}  # saved with no data-loader generator
+    with pytest.raises(KeyError, match="^'checkpoint RNG state holds no data-loader generator state'$"):
+        ck.set_rng_state(without, g)
 
 
 def test_check_config():

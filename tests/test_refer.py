@@ -313,6 +313,7 @@ def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
     plt.figure()
     refer.showRef(ref, seg_box="seg")
     overlay = plt.gca().images[-1].get_array()
+    assert not np.ma.is_masked(overlay)  # imshow masks NaN, which a comparison of masked arrays would skip
     np.testing.assert_array_equal(overlay[..., 3], mask * 0.5)
     np.testing.assert_allclose(overlay[mask == 1][:, :3], np.tile([2 / 255, 166 / 255, 101 / 255], (mask.sum(), 1)))
     plt.close("all")
@@ -379,6 +380,12 @@ def test_missing_folder(tmp_path: Path):
 def test_missing_refs_file(hand_root: Path):
     with pytest.raises(ReferFileNotFoundError, match=r"refs\(google\)\.p.*this folder has \['refs\(unc\)\.p'\]"):
         REFER(hand_root, "refcoco", "google")
+
+
+def test_a_folder_without_any_refs_file(tmp_path: Path):
+    (tmp_path / "refcoco+").mkdir()
+    with pytest.raises(ReferFileNotFoundError, match=r"refs\(unc\)\.p .*; this folder has no refs\(\*\)\.p file\)$"):
+        REFER(tmp_path, "refcoco+")
 
 
 def test_missing_instances(tmp_path: Path):
