@@ -282,7 +282,8 @@ def test_unreadable_and_missing_images(hand_root: Path, tokenizer):
 def test_bad_arguments(hand_root: Path, tmp_path: Path, tokenizer):
     with pytest.raises(ValueError, match=r"split 'val' of refcoco \(unc\) .* holds no refs; its refs have splits"):
         ReferDataset(hand_root, "refcoco", "unc", "val", tokenizer)
-    with pytest.raises(ReferFileNotFoundError, match=r"image folder not found: .*nowhere"):
+    with pytest.raises(ReferFileNotFoundError, match=r"image folder not found: .*nowhere \(expected the images of "
+                       r"refcoco \(unc\) in .*; COCO train2014 for RefCOCO/\+/g; set image_dir / DATA.IMAGE_DIR\)$"):
         ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_dir=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"no_such_tokenizer.* not found"):
         ReferDataset(hand_root, "refcoco", "unc", "train", str(tmp_path / "no_such_tokenizer"))

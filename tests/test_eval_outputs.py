@@ -148,6 +148,11 @@ def test_find_per_expression(setup, tmp_path):
         os.utime(path, (1_000_000 + stamp, 1_000_000 + stamp))
     assert evaluation.find_per_expression(tmp_path, cfg, "val") == new
     assert evaluation.find_per_expression(tmp_path, cfg, "testA") is None
+    assert evaluation.find_per_expression(tmp_path, cfg, "val", shuffled=True) is None  # the control's are apart
+    shuffled = tmp_path / "per_expression_synthetic_unc_val_each_network48_shuffled.jsonl"
+    shuffled.write_text("{}\n")
+    assert evaluation.find_per_expression(tmp_path, cfg, "val", shuffled=True) == shuffled
+    assert evaluation.find_per_expression(tmp_path, cfg, "val") == new
 
 
 def test_save_masks_flag_and_its_mode():

@@ -389,3 +389,7 @@ def test_submit_slurm_resources(tmp_path, monkeypatch):
     expected = {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--partition=gpu",
                 "--account=proj", "--time=600", "--signal=USR2@120"}  # fmt: skip
     assert expected <= header, header
+    assert not any(h.startswith("--mem") for h in header)  # the partition's default memory
+    args = submit_module.get_parser().parse_args([*flags, "--mem_gb", "64", "--job_dir", str(tmp_path / "jobs")])
+    text = submit_module.build_executor(args)._executor._make_submission_file_text("python -m x", "uid")
+    assert "--mem=64GB" in {line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")}

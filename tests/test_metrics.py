@@ -103,6 +103,9 @@ def test_all_empty_masks_score_zero():
 def test_empty_accumulator():
     metrics, records = IoUAccumulator().compute()
     assert metrics["num_expressions"] == 0 and math.isnan(metrics["mIoU"]) and records == []
+    summary = results_summary(metrics, dataset="d", split="s", protocol="each", resolution="r", checkpoint="c")
+    # N, mIoU, oIoU (0 / 0 counted as 0, as summarize_counts does), P@t
+    assert format_table([summary]).splitlines()[2].split()[4:] == ["0", "nan", "0.00"] + ["nan"] * 5
 
 
 def test_summary_and_table_state_setting_and_labels():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -461,6 +462,25 @@ def test_benchmark_memory_returns_freed_memory_before_building_on_cpu(monkeypatc
         with pytest.raises(InterruptedError):
             benchmark.measure_memory(benchmark.BenchSpec(device=device, memory="only"))
         assert calls == expected
+
+
+def test_benchmark_reports_peaks_in_mib(monkeypatch):
+    class Fake:  # a PeakMemory whose every block peaked at 3 MiB + 512 KiB
+        def __init__(self, device, base):
+            self.peak_bytes, self.exact = 3 * 2**20 + 2**19, False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(benchmark, "PeakMemory", Fake)
+    v = SimpleNamespace(device=torch.device("cpu"), base_rss=0, spec=SimpleNamespace(eval_batch_size=3),
+                        result={"train": {}, "eval": {}})  # fmt: skip
+    benchmark._peak_memory(v, lambda: None, lambda: None)
+    assert v.result == {"train": {"peak_mb": 3.5, "peak_exact": False},
+                        "eval": {"batch3": {"peak_mb": 3.5, "peak_exact": False}}}  # fmt: skip
 
 
 def test_benchmark_times_with_mains_malloc_unless_told(monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def test_queries_on_generated(syn: REFER):
     assert syn.getRefIds() == [r["ref_id"] for r in syn.data["refs"]]
     assert syn.getAnnIds() == [a["id"] for a in syn.data["annotations"]]
     assert syn.getAnnIds(image_ids=image_id) == [a["id"] for a in syn.imgToAnns[image_id]]
+    assert syn.getAnnIds(image_ids=[987654, image_id]) == syn.getAnnIds(image_ids=image_id)  # no such image: no anns
     assert syn.getAnnIds(image_ids=image_id, ref_ids=ref_ids[0]) == [syn.Refs[ref_ids[0]]["ann_id"]]
     assert all(syn.Anns[a]["category_id"] == cat for a in syn.getAnnIds(cat_ids=[cat]))
     assert syn.getImgIds(ref_ids) == [image_id] and syn.getImgIds() == list(syn.Imgs)
@@ -286,6 +288,12 @@ def test_plotting_is_lazy_and_works(syn: REFER):
         syn.showRef(ref, seg_box="outline")
     with pytest.raises(ReferKeyError, match=r"^image_id 987654 is not in synthetic \(unc\)"):
         syn.showRef({**ref, "image_id": 987654})
+
+
+def test_loading_logs_its_time(syn_root: Path, caplog):
+    with caplog.at_level(logging.INFO, logger="refer"):
+        REFER(syn_root, "synthetic", "unc")
+    assert re.fullmatch(r"DONE \(t=\d+\.\d\ds\)", caplog.messages[-1])
 
 
 def test_plot_details(syn_root: Path, tmp_path: Path, caplog):

@@ -136,7 +136,8 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     with pytest.raises(CheckpointError, match="needs its 'bert_model'"):
         load_weights(with_text, tmp_path / "other_config.pth")
     torch.save(to_official(with_text, "lavt"), tmp_path / "has_text.pth")
-    with pytest.raises(CheckpointError, match="set MODEL.TEXT.ENCODER"):
+    hint = r"\n  the file has a text encoder: set MODEL.TEXT.ENCODER \(--ck_bert\) to a folder of that BERT\.(\n|$)"
+    with pytest.raises(CheckpointError, match=hint):
         load_weights(build_model(fixture_cfg(reference)), tmp_path / "has_text.pth")
     fresh = build_model(tiny_cfg())
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
