@@ -95,6 +95,24 @@ def tiny_run_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tiny_env(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated REFER dataset (22 images of 64-96 px), made once per test module that asks for it."""
+    from data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("syn")
+    generate(root, num_images=22, seed=3, min_size=64, max_size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def syn(syn_root: Path):
+    """``syn_root`` read by the REFER port."""
+    from refer import REFER
+
+    return REFER(syn_root, "synthetic", "unc")
+
+
 @pytest.fixture(autouse=True)
 def library_logs_reach_caplog():
     """A test that ran main.py left the ``lavt`` and library loggers writing to that run's handlers only
