@@ -94,6 +94,21 @@ def test_rng_round_trip():
         ck.set_rng_state(without, g)
 
 
+def test_rng_state_carries_every_cuda_device(monkeypatch):
+    """A GPU run's checkpoint holds each device's CUDA generator state, and resuming on CUDA restores them all; a
+    CPU run's (none) leaves a GPU's generators alone. CUDA stood in for by its four calls."""
+    devices = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append([s.tolist() for s in states]))
+    state = ck.get_rng_state()
+    ck.set_rng_state(state)
+    assert restored == [[[1, 2], [3, 4]]]
+    ck.set_rng_state({**state, "cuda": []})  # saved where there was no CUDA
+    assert len(restored) == 1
+
+
 def test_check_config():
     cfg = get_config()
     ckpt = {"config": cfg.dump()}

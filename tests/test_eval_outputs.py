@@ -18,6 +18,7 @@ from data import ReferDataset
 from engine.config_check import ConfigError, validate_config
 from models import build_model
 from models.text import load_tokenizer
+from refer import REFER
 from utils.distributed import DistInfo
 
 from .helpers_train import tiny_cfg
@@ -89,6 +90,24 @@ def test_control_and_original_resolution_names(setup, tmp_path, caplog):
         "per_expression_synthetic_unc_val_each_original.jsonl",
         "per_expression_synthetic_unc_val_each_original_shuffled.jsonl",
     }
+
+
+@pytest.mark.parametrize("mode", ["cat", "avg"])
+def test_joined_protocols_record_each_object_with_all_its_expressions(setup, tmp_path, mode):
+    """In ``cat`` and ``avg`` an object is scored once: its record names the object, its image and every one of its
+    expressions (ids and words, in the annotation's order), as the REFER annotations give them."""
+    cfg, model, tokenizer = setup
+    evaluation.run_evaluation(with_eval(cfg, SPLITS=["val"], MODE=mode), model, tokenizer, CPU, tmp_path, "a.pth")
+    lines = (tmp_path / f"per_expression_synthetic_unc_val_{mode}_network48.jsonl").read_text().splitlines()
+    records = {r["ref_id"]: r for r in map(json.loads, lines)}
+    refer = REFER(cfg.DATA.ROOT, "synthetic", "unc")
+    refs = refer.getRefIds(split="val")
+    assert sorted(records) == sorted(refs) and len(lines) == len(refs)  # one record an object
+    for ref_id, r in records.items():
+        ref = refer.Refs[ref_id]
+        assert (r["image_id"], r["file_name"]) == (ref["image_id"], refer.Imgs[ref["image_id"]]["file_name"])
+        assert r["sent_ids"] == ref["sent_ids"] and r["sentences"] == [s["raw"] for s in ref["sentences"]]
+        assert 0 <= r["I"] <= r["U"] and "sent_id" not in r
 
 
 @pytest.mark.parametrize("resolution", ["network", "original"])

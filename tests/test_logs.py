@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main as main_module
 from data import build_dataset
+from engine import trainer as trainer_module
 from utils.logger import MetricLogger, RunProgress, peak_memory_note, run_eta_seconds, setup_logging
 from utils.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
 
@@ -102,11 +103,19 @@ def test_tensorboard_writer_disabled_writes_nothing(tmp_path):
     }  # fmt: skip
 
 
-def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(env, tmp_path, tmp_path_factory):
+def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(env, tmp_path, tmp_path_factory, monkeypatch):
     """Epoch 0, stopped, then epoch 1 by --resume: the event files read as one uninterrupted run whose values are
-    metrics.jsonl's; the run log gives the global batch and the whole run's ETA."""
+    metrics.jsonl's; the run log gives the global batch and the whole run's ETA, each epoch told the steps before it
+    and the epochs the run (the invocation: --stop_after ends it) still trains after it."""
     run_dir = tmp_path / "tiny"
     per_epoch = len(build_dataset(tiny_cfg(tmp_path_factory), "train", eval_mode=False)) // 8  # batch 8, drop_last
+    told, real = [], trainer_module.train_one_epoch
+
+    def train_one_epoch(*args, run_progress, **kwargs):
+        told.append((run_progress.first_step, run_progress.iters_per_epoch, run_progress.epochs_after))
+        return real(*args, run_progress=run_progress, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_one_epoch", train_one_epoch)
     main_module.main(tiny_main_argv(env, tmp_path, "--stop_after", "1", "--print_freq", "1"))
     next_second()
     with TensorBoardWriter(run_dir) as died:  # what a run that died after its checkpoint had logged past it
@@ -131,6 +140,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(env, tmp_path, 
     log = (run_dir / "log.txt").read_text()
     assert "global batch 8 = 8 per process x 1 process(es) (the paper: 32 = 8 per GPU x 4 GPUs)" in log
     assert f"Epoch [0] [1/{per_epoch}] eta: " in log and " (run: " in log
+    assert told == [(0, per_epoch, 0), (per_epoch, per_epoch, 0)]  # 2 epochs: the first run stopped after 1
 
 
 def test_no_tensorboard_writes_no_event_files(env, tmp_path):

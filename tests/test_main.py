@@ -164,16 +164,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, tmp_path_f
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_data_cache_with_workers_warns(env, tmp_path):
-    out = run(env, tmp_path, "--stop_after", "0", DATA__CACHE=True, DATA__WORKERS=1)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_cache_with_workers_warns(env, tmp_path, workers):
+    out = run(env, tmp_path, "--stop_after", "0", DATA__CACHE=True, DATA__WORKERS=workers)
     for h in logging.getLogger("lavt").handlers:
         h.flush()
     log = (Path(out["run_dir"]) / "log.txt").read_text()
-    assert (
+    warning = (
         "WARNING DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS 1 the workers, and their "
         "caches, end with every epoch (not persistent: the datasets learn each epoch as it starts); set DATA.WORKERS "
         "0 to use the cache\n"
-    ) in log
+    )
+    if workers:
+        assert warning in log
+    else:  # the cache's own setting: nothing to warn of
+        assert "WARNING DATA.CACHE" not in log
 
 
 def test_the_run_sets_malloc_and_says_so(env, tmp_path, monkeypatch):

@@ -82,6 +82,22 @@ def test_accumulator_sorts_by_key_and_fills_records():
     assert [(r["I"], r["U"], r["IoU"]) for r in records] == [(1, 2, 0.5), (4, 5, 0.8), (0, 0, 0.0), (0, 1, 0.0)]
 
 
+def test_a_rank_without_expressions_changes_nothing(monkeypatch):
+    """Two ranks, one of which scored nothing (more ranks than expressions): the same metrics and integer records as
+    the other rank alone (its empty share must not turn the counts into floats)."""
+    import utils.metrics as metrics_module
+
+    inter, union = intersection_union(PRED, GT)
+    full, empty, shared = IoUAccumulator(), IoUAccumulator(), []
+    full.update(torch.arange(4), inter, union, [{"sent_id": i} for i in range(4)])
+    monkeypatch.setattr(metrics_module, "all_gather_object", lambda obj: shared.append(obj) or [obj])
+    alone = full.compute()
+    monkeypatch.setattr(metrics_module, "all_gather_object", lambda obj: [shared[0], obj])  # rank 0's share, then ours
+    metrics, records = empty.compute()
+    assert (metrics, records) == alone and metrics["cum_I"] == 5
+    assert all(type(r["I"]) is int and type(r["U"]) is int for r in records)
+
+
 def test_accumulator_rejects_duplicates_and_mixed_records():
     acc = IoUAccumulator()
     acc.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
@@ -120,6 +136,11 @@ def test_summary_and_table_state_setting_and_labels():
     for field in ("refcoco", "testA", "cat", "network 480x480", "ck.pth", MIOU_LABEL, OIOU_LABEL, "32.50", "62.50"):
         assert field in table
     header, rule, row = table.splitlines()[:3]
+    wide = format_table([s, {**s, "dataset": "refcocog", "resolution": "original", "split": "val"}]).splitlines()
+    for line in wide[2:4]:  # every column starts where its name does, past the widest value ("network 480x480")
+        for column, value in (("protocol", "cat "), ("N", f"{len(PRED)} "), ("mIoU", "32.50 "), ("oIoU", "62.50 ")):
+            assert line[wide[0].index(f" {column} ") + 1 :].startswith(value), (column, line)
+    assert len(wide[1]) == len(wide[0]) and wide[2].index("32.50") > wide[2].index("480x480") + len("480x480")
     assert header.split() == ["dataset", "split", "protocol", "resolution", "N", "mIoU", "oIoU", "P@0.5", "P@0.6",
                               "P@0.7", "P@0.8", "P@0.9"] and set(rule) == {"-"}  # fmt: skip
     assert row.split()[:4] == ["refcoco", "testA", "cat", "network"] and row.split()[5] == str(len(PRED))

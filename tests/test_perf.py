@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from models import build_model, conv, load_weights, winograd
 from models.decoder import SimpleDecoder
 from models.refine import EdgeRefine
-from tools import bench_input, benchmark
+from tools import bench_input, bench_workload, benchmark
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from . import oracle
@@ -288,6 +288,20 @@ def test_variant_names():
         benchmark.run_variant(benchmark.BenchSpec(variant="fp16", opts=TINY_OPTS, size=64, phases=[]))
 
 
+def test_benchmark_inputs_have_the_pipelines_shapes_and_both_classes():
+    """What the benchmark feeds the model: images [B, 3, S, S], targets [B, S, S] holding background and object
+    (the loss of an all-object target is not the training's), MAX_TOKENS columns of which at least half attended."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    batch = bench_workload.make_batch(build_model(cfg), cfg, 4, 32, torch.device("cpu"))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["target"].shape == (4, 32, 32)
+    assert set(batch["target"].unique().tolist()) == {0, 1} and batch["target"].dtype == torch.int64
+    n = cfg.MODEL.TEXT.MAX_TOKENS
+    assert batch["lang_feats"].shape == (4, cfg.MODEL.TEXT.DIM, n) and batch["lang_mask"].shape == (4, n, 1)
+    attended = batch["lang_mask"][..., 0].sum(1)
+    assert ((n // 2 <= attended) & (attended <= n)).all()
+
+
 def test_the_timed_step_is_the_loops_usual_one(monkeypatch):
     """The benchmark times the step the training loop runs at all but one iteration in --print_freq: without the
     gradient norm (engine.loops)."""
@@ -350,11 +364,19 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
     printed = capsys.readouterr().out
     assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
-    for r in saved["results"]:  # the table's cells from the saved figures
+    table = next(block for block in printed.split("\n\n") if block.startswith("variant "))
+    grid = [line.split(" | ") for line in table.splitlines() if " | " in line]
+    head = [c.strip() for c in grid[0]]
+    for r, cells in zip(saved["results"], grid[1:]):  # each cell under its column's name, from the saved figures
         tr, ev, fl = r["train"], r["eval"], r["flops"]
-        assert f"| {fl['eval_per_image'] / 1e9:.3g}/{fl['train_per_image'] / 1e9:.3g} " in printed
-        assert f"| {tr['forward_ms']:.0f}/{tr['backward_ms']:.0f}/{tr['optimizer_ms']:.0f} " in printed
-        assert f"| {ev['batch1']['expr_per_s']:.2f}" in printed and f"| {ev['batch3']['peak_mb']:.0f} " in printed
+        row = dict(zip(head, (c.strip() for c in cells)))
+        assert row["variant"] == f"{r['variant']} [{r['amp']}]"
+        assert row["GFLOP/img eval/train"] == f"{fl['eval_per_image'] / 1e9:.3g}/{fl['train_per_image'] / 1e9:.3g}"
+        assert row["fwd/bwd/opt ms"] == f"{tr['forward_ms']:.0f}/{tr['backward_ms']:.0f}/{tr['optimizer_ms']:.0f}"
+        assert row["eval expr/s B=1"].startswith(f"{ev['batch1']['expr_per_s']:.2f}")
+        assert row["eval peak MB (B=3)"] == f"{ev['batch3']['peak_mb']:.0f}"
+        assert row["train step ms (B=2)"].startswith(f"{tr['step_ms']:.0f}")
+    assert len(grid) == 3 and len(head) == 11
 
 
 def test_benchmark_help_shows_the_defaults():

@@ -28,7 +28,7 @@ from data.synthetic import (
     main,
     synthetic_sizes,
 )
-from data.synthetic_draw import _shape_points
+from data.synthetic_draw import _background, _shape_points
 from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
 from refer import REFER
 
@@ -103,7 +103,10 @@ def test_files_and_format(root: Path, refer: REFER):
         with Image.open(Path(refer.IMAGE_DIR) / img["file_name"]) as im:
             assert im.format == "JPEG" and im.size == (img["width"], img["height"])
         assert 128 <= min(img["height"], img["width"]) and max(img["height"], img["width"]) <= 256
+        assert max(img["height"], img["width"]) <= round(4 / 3 * min(img["height"], img["width"]))
         assert 2 <= len(refer.imgToAnns[img["id"]]) <= 5
+    shapes = [(img["height"] > img["width"]) - (img["height"] < img["width"]) for img in instances["images"]]
+    assert {-1, 1} <= set(shapes)  # upright and lying images (up to 4:3, above)
     for ann in instances["annotations"]:
         assert set(ann) == {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"}
         seg = ann["segmentation"]
@@ -229,6 +232,17 @@ def test_an_object_without_expressions_leaves_the_others_described(tmp_path, mon
     monkeypatch.setattr(synthetic, "describe_object", lambda objects, t, *a: [] if t == 1 else real(objects, t, *a))
     _, objects, described = synthetic._draw_image(0, "train", seed=3, args=args, jpeg_quality=90, image_dir=tmp_path)
     assert len(objects) == 4 and [t for t, _ in described] == [0, 2, 3]
+
+
+def test_background_varies_in_brightness_not_in_hue():
+    """The textured background: muted, its brightness changing across the picture (so that a plain colour does not
+    mark the background), with little hue (object colours stay the most saturated thing). Over 6x6 blocks of 16 px
+    (finer than the smooth noise, coarser than the stripes, checks and pixel noise), for 20 draws."""
+    for seed in range(20):
+        blocks = _background(np.random.default_rng(seed), 96, 96).reshape(6, 16, 6, 16, 3).mean((1, 3))
+        brightness = blocks.mean(-1)
+        assert brightness.max() - brightness.min() > 25, seed
+        assert np.abs(blocks - brightness[..., None]).max() < 30, seed
 
 
 def test_heart_stands_upright():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import http.client
 import io
 import json
 import os
@@ -229,6 +230,29 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
     long = " ".join(["red"] * 20)  # more tokens than MAX_TOKENS: segmented, with a warning
     status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts=long)
     assert status == 200 and "more than the 12 the model reads" in answer["results"][0]["warning"]
+
+
+@pytest.mark.parametrize(
+    "length, answer",
+    [
+        (None, (400, {"error": "no image: choose an image file first"})),  # no body announced: an empty upload
+        ("abc", (400, {"error": "bad Content-Length header"})),
+        ("-5", (400, {"error": "bad Content-Length header"})),
+    ],
+)
+def test_content_length_header(url, length, answer):
+    """The upload's length as the request states it: absent is nothing, not a number or negative is refused at
+    once (the server does not wait for a body), and the server keeps serving."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    connection.putrequest("POST", "/predict?name=x.png&texts=a")
+    if length is not None:
+        connection.putheader("Content-Length", length)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert (response.status, json.load(response)) == answer and response.headers["Content-Type"] == "application/json"
+    connection.close()
+    assert urllib.request.urlopen(url, timeout=60).status == 200
 
 
 def test_other_paths_are_not_found(url):

@@ -217,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
+            length = -1
+        if length < 0:  # (a negative length would read until the client gives up)
             self._json(400, {"error": "bad Content-Length header"})
             return
         app = self.server.app
