@@ -68,7 +68,6 @@ class MaskWriter:
         self.folder, self.resolution = Path(folder), resolution
         self.folder.mkdir(parents=True, exist_ok=True)
         self.kept: list[torch.Tensor] = []
-        self.written = 0
 
     def tap(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> tuple[nn.Module, Iterable[dict[str, Any]]]:
         """(model, loader) to hand to ``evaluate`` in ``each`` mode instead of the given ones."""
@@ -91,4 +90,3 @@ class MaskWriter:
                 up = F.interpolate(logits[e : e + 1], size=size, mode="bilinear", align_corners=False)
                 mask = up[0].argmax(0) == 1
             Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
-        self.written += len(names)

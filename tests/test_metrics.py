@@ -144,4 +144,10 @@ def test_summary_and_table_state_setting_and_labels():
     assert header.split() == ["dataset", "split", "protocol", "resolution", "N", "mIoU", "oIoU", "P@0.5", "P@0.6",
                               "P@0.7", "P@0.8", "P@0.9"] and set(rule) == {"-"}  # fmt: skip
     assert row.split()[:4] == ["refcoco", "testA", "cat", "network"] and row.split()[5] == str(len(PRED))
-    assert "\nprotocol: each = every expression scored alone (the paper's tables); cat = an object's" in table
+    assert table.splitlines()[-3:-1] == [  # the definitions a reader of the table needs, all of them
+        f"{MIOU_LABEL}; {OIOU_LABEL}; P@t: % of expressions with IoU >= t. All in percent.",
+        "protocol: each = every expression scored alone (the paper's tables); cat = an object's expressions joined "
+        "into one; avg = their logits averaged. resolution: network = the NxN network input (official), original = "
+        "the image's own size.",
+    ]
+    assert table.splitlines()[-1] == "checkpoint: ck.pth"

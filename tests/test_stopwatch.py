@@ -138,6 +138,8 @@ def test_no_cpuinfo(monkeypatch):
     monkeypatch.setattr(machine.platform, "processor", lambda: "")
     monkeypatch.setattr(machine.platform, "machine", lambda: "arm64")
     assert machine.cpu_model() == "arm64"
+    monkeypatch.setattr(machine.platform, "machine", lambda: "")
+    assert machine.cpu_model() == "unknown"
     assert machine.cpu_flags() == dict.fromkeys(machine.CPU_FLAGS, False)
     assert machine.vector_units(machine.cpu_flags()) == "no AVX2 (CPU features unknown)"
 

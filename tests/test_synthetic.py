@@ -4,6 +4,7 @@ object (checked by an evaluator written here, independent of the generator's), w
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -214,14 +215,21 @@ def test_a_relation_is_offered_only_when_no_look_alike_lies_that_way(twin_x: flo
     assert any(r["relation"]["direction"] == "right" for r in relations) is offered
 
 
-def test_square_and_circle_outlines():
+def test_square_circle_triangle_and_heart_outlines():
     """Unrotated, a square's corners lie at (+-0.85 r, +-0.85 r); rotated, its sides stay 1.7 r; a circle's points
-    lie at r from the centre."""
+    lie at r from the centre; the triangle (corners at 1.1 r, one up) and the heart have their boxes centred on the
+    object's centre, where the expressions' positions are measured from."""
     corners = sorted(map(tuple, _shape_points("square", 10.0, 0.0).round(9)))
     assert corners == [(-8.5, -8.5), (-8.5, 8.5), (8.5, -8.5), (8.5, 8.5)]
     square = _shape_points("square", 10.0, 0.3)
     assert np.linalg.norm(np.roll(square, -1, 0) - square, axis=1) == pytest.approx([17.0] * 4)
     assert np.linalg.norm(_shape_points("circle", 10.0, 0.0), axis=1) == pytest.approx([10.0] * 36)
+    # corners at 1.1 r towards -90, 30 and 150 degrees: y -11, 5.5, 5.5, moved up by (5.5 - 11) / 2
+    triangle = sorted(map(tuple, _shape_points("triangle", 10.0, 0.0)))
+    x = 11 * math.cos(math.radians(30))
+    assert triangle == [pytest.approx((-x, 8.25)), pytest.approx((0.0, -8.25), abs=1e-9), pytest.approx((x, 8.25))]
+    heart = _shape_points("heart", 10.0, 0.0)
+    assert heart.max(0) + heart.min(0) == pytest.approx([0.0, 0.0], abs=1e-9)
 
 
 def test_an_object_without_expressions_leaves_the_others_described(tmp_path, monkeypatch):
@@ -343,7 +351,9 @@ def test_command_line(tmp_path: Path):
 
 
 def test_synthetic_sizes():
-    assert synthetic_sizes(2400) == {"num_images": 2400}  # the default split, one eleventh each
+    assert synthetic_sizes(2400) == {"num_images": 2400}  # the default split, one eleventh each:
+    assert synthetic._split_sizes(2400, None) == {"train": 1746, "val": 218, "testA": 218, "testB": 218}  # 218.2
+    assert synthetic._split_sizes(9654, None) == {"train": 7020, "val": 878, "testA": 878, "testB": 878}  # 877.6
     assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
     with pytest.raises(ValueError, match="9 synthetic images leave none for train after 3 x 3"):
         synthetic_sizes(9, 3)
