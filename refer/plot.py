@@ -17,7 +17,7 @@ __all__ = ["show_mask", "show_ref"]
 logger = logging.getLogger(__name__)
 
 
-def show_ref(refer: Any, ref: dict, seg_box: str = "seg") -> None:
+def show_ref(refer: Any, ref: dict, seg_box: str) -> None:
     """Draw the image, the object's outline (``seg``) or box (``box``), and its sentences as the title (also
     logged, one line each), on matplotlib's current axes."""
     import matplotlib.pyplot as plt

@@ -151,3 +151,4 @@ def test_summary_and_table_state_setting_and_labels():
         "the image's own size.",
     ]
     assert table.splitlines()[-1] == "checkpoint: ck.pth"
+    assert format_table([{**s, "checkpoint": "b.pth"}, s, s]).splitlines()[-1] == "checkpoint: b.pth, ck.pth"

@@ -302,6 +302,23 @@ def test_benchmark_inputs_have_the_pipelines_shapes_and_both_classes():
     assert ((n // 2 <= attended) & (attended <= n)).all()
 
 
+def test_compiled_variant_counts_flops_on_the_eager_model_and_skips_the_breakdown(monkeypatch):
+    """With ``compile`` the FLOPs are counted before compiling (the same count as eager) and no per-part breakdown is
+    taken (its hooks would break the graphs); compiling itself stood in for, it takes minutes."""
+    compiled = []
+    monkeypatch.setattr(benchmark, "compile_model", lambda model: compiled.append(model))
+    monkeypatch.setattr(benchmark, "matmul_flops_per_s", lambda dtype, device, size: 1e9)
+    eager, result = (
+        benchmark.run_variant(
+            benchmark.BenchSpec(variant=v, opts=TINY_OPTS, size=64, phases=["flops", "breakdown"], memory="skip")
+        )
+        for v in ("base", "compile")
+    )
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert result["flops"] == eager["flops"] and result["flops"]["eval_per_image"] > 0
+    assert "breakdown" in eager and "breakdown" not in result
+
+
 def test_the_timed_step_is_the_loops_usual_one(monkeypatch):
     """The benchmark times the step the training loop runs at all but one iteration in --print_freq: without the
     gradient norm (engine.loops)."""

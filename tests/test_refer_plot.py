@@ -24,9 +24,11 @@ def test_plotting_is_lazy_and_works(syn: REFER):
     import matplotlib.pyplot as plt
 
     ref = syn.data["refs"][0]
-    plt.figure()
-    syn.showRef(ref, seg_box="seg")
-    assert len(plt.gca().collections) == 2 and ref["sentences"][0]["sent"] in plt.gca().get_title()
+    for seg_box in ({"seg_box": "seg"}, {}):  # the outline, also by default
+        plt.figure()
+        syn.showRef(ref, **seg_box)
+        assert len(plt.gca().collections) == 2 and ref["sentences"][0]["sent"] in plt.gca().get_title()
+        assert not plt.gca().patches
     plt.figure()
     syn.showRef(ref, seg_box="box")
     assert len(plt.gca().patches) == 1

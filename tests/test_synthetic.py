@@ -116,6 +116,12 @@ def test_files_and_format(root: Path, refer: REFER):
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, img["height"], img["width"]))
         assert ann["area"] == mask_utils.area(rle) > 0
         assert ann["bbox"] == pytest.approx(mask_utils.toBbox(rle).tolist(), abs=0.01)
+    for ann in instances["annotations"]:  # whole inside the picture, 1 px from its edges (0.01-px rounding)
+        img = refer.Imgs[ann["image_id"]]
+        for poly in ann["segmentation"]:
+            xs, ys = poly[0::2], poly[1::2]
+            assert 0.99 <= min(xs) <= max(xs) <= img["width"] - 0.99
+            assert 0.99 <= min(ys) <= max(ys) <= img["height"] - 0.99
     coords = [c for ann in instances["annotations"] for poly in ann["segmentation"] for c in poly]
     assert all(round(c, 2) == c for c in coords) and any(c != round(c) for c in coords)  # 0.01-px outlines
     for split, n_images in (("train", 48), ("val", 6), ("testA", 6), ("testB", 6)):  # 66 images, 8:1:1:1

@@ -11,7 +11,9 @@ def test_single_process_without_torchrun(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     info = init_distributed_mode("cpu")
-    assert (info.rank, info.world_size, info.distributed, info.device) == (0, 1, False, torch.device("cpu"))
+    assert (info.rank, info.world_size, info.local_rank, info.distributed, info.device) == (
+        0, 1, 0, False, torch.device("cpu")
+    )  # fmt: skip
     assert get_world_size() == 1 and all_gather_object(3) == [3]
     t = torch.tensor([1.0])
     assert torch.equal(all_reduce_sum(t), t)
