@@ -401,8 +401,14 @@ def test_bad_configs_and_inputs():
     no_text = "^LAVT.forward needs input_ids and attention_mask, or precomputed text features$"
     with pytest.raises(ValueError, match=no_text):
         model(torch.randn(1, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"lang_mask \[B, N, 1\]"):
-        model.segment(torch.randn(1, 3, 32, 32), torch.randn(1, 12, 4), torch.ones(1, 4))
+    bad = [
+        (torch.randn(1, 3, 32, 32), torch.randn(1, 12, 4), torch.ones(1, 4)),  # each input of the wrong rank alone
+        (torch.randn(3, 32, 32), torch.randn(1, 12, 4), torch.ones(1, 4, 1)),
+        (torch.randn(1, 3, 32, 32), torch.randn(12, 4), torch.ones(1, 4, 1)),
+    ]
+    for images, lang_feats, lang_mask in bad:
+        with pytest.raises(ValueError, match=r"^expected images \[B, 3, H, W\], lang_feats \[B, C, N\], lang_mask"):
+            model.segment(images, lang_feats, lang_mask)
     with pytest.raises(ValueError, match="29x29 is too small"):
         model.segment(torch.randn(1, 3, 29, 29), torch.randn(1, 12, 4), torch.ones(1, 4, 1))
     with pytest.raises(FileNotFoundError, match="no config.json"):

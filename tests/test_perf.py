@@ -381,6 +381,7 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
     printed = capsys.readouterr().out
     assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
+    assert any(line.startswith("total ") for line in printed.splitlines())  # the breakdown's sum of its parts
     table = next(block for block in printed.split("\n\n") if block.startswith("variant "))
     grid = [line.split(" | ") for line in table.splitlines() if " | " in line]
     head = [c.strip() for c in grid[0]]

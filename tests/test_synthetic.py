@@ -349,6 +349,9 @@ def test_command_line(tmp_path: Path):
     assert "--num-images" in out and "--root" in out
     main(["--root", str(tmp_path), "--num-images", "4", "--min-size", "64", "--max-size", "64", "--seed", "2"])
     assert len(REFER(tmp_path, "synthetic").Imgs) == 4
+    generate(tmp_path / "a", num_images=4, min_size=64, max_size=64, seed=2)  # --seed 2 is the seed 2
+    for name in ("instances.json", "generator.json"):  # the same images, and the seed recorded as the number 2
+        assert (tmp_path / "synthetic" / name).read_bytes() == (tmp_path / "a" / "synthetic" / name).read_bytes()
     main(["--root", str(tmp_path / "b"), "--num-images", "9", "--eval-images", "2", "--min-size", "64",
           "--max-size", "64"])
     refer = REFER(tmp_path / "b", "synthetic")
