@@ -17,7 +17,6 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from data import ImageReadError, ReferDataset, build_dataset, collate_eval
-from data.synthetic import generate
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
 from refer import REFER, ReferDataError, ReferFileNotFoundError
 
@@ -41,13 +40,6 @@ INDEX = {name: i for i, (name, *_) in enumerate(HAND_IMAGES)}
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("syn")
-    generate(root, num_images=22, seed=1, min_size=64, max_size=96)
-    return root
 
 
 @pytest.fixture(scope="module")

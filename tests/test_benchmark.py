@@ -1,0 +1,301 @@
+"""The benchmark (tools.benchmark, tools.bench_*) and what it measures with (utils.profiling): FLOP counts, peak
+memory, interleaved timing, the tables and JSON it writes, each on a tiny config in seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from tools import bench_input, bench_workload, benchmark
+from utils.profiling import PeakMemory, count_flops, time_interleaved
+
+from .conftest import tiny_opts
+from .helpers_model import tiny_cfg
+
+TINY_OPTS = tiny_opts()
+
+
+def test_flop_count_includes_fused_attention():
+    q, k, v = torch.randn(2, 3, 49, 16), torch.randn(2, 3, 49, 16), torch.randn(2, 3, 49, 16)
+    bias = torch.randn(1, 3, 49, 49)
+    fused, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    expected = 2 * (2 * 2 * 3 * 49 * 49 * 16)  # q @ k^T and attn @ v
+    assert fused == expected
+    lin = torch.nn.Linear(16, 8)
+    assert count_flops(lambda: lin(torch.randn(5, 16)))[0] == 2 * 5 * 16 * 8
+
+
+def test_peak_memory_sees_a_large_allocation():
+    device = torch.device("cpu")
+    with PeakMemory(device) as small:
+        torch.zeros(1000).sum()
+    with PeakMemory(device) as big:
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del t
+    if not big.exact:
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert big.peak_bytes - small.peak_bytes > 48 * 2**20
+
+
+def test_variant_names():
+    assert benchmark.parse_variant("fused+bf16") == ({"fused"}, "bf16")
+    assert benchmark.parse_variant("base", "bf16") == (set(), "bf16")
+    with pytest.raises(ValueError, match="unknown switch 'fast' in variant 'fused\\+fast'"):
+        benchmark.parse_variant("fused+fast")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        benchmark.run_variant(benchmark.BenchSpec(variant="fp16", opts=TINY_OPTS, size=64, phases=[]))
+
+
+def test_benchmark_inputs_have_the_pipelines_shapes_and_both_classes():
+    """What the benchmark feeds the model: images [B, 3, S, S], targets [B, S, S] holding background and object
+    (the loss of an all-object target is not the training's), MAX_TOKENS columns of which at least half attended."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    batch = bench_workload.make_batch(build_model(cfg), cfg, 4, 32, torch.device("cpu"))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["target"].shape == (4, 32, 32)
+    assert set(batch["target"].unique().tolist()) == {0, 1} and batch["target"].dtype == torch.int64
+    n = cfg.MODEL.TEXT.MAX_TOKENS
+    assert batch["lang_feats"].shape == (4, cfg.MODEL.TEXT.DIM, n) and batch["lang_mask"].shape == (4, n, 1)
+    attended = batch["lang_mask"][..., 0].sum(1)
+    assert ((n // 2 <= attended) & (attended <= n)).all()
+
+
+def test_compiled_variant_counts_flops_on_the_eager_model_and_skips_the_breakdown(monkeypatch):
+    """With ``compile`` the FLOPs are counted before compiling (the same count as eager) and no per-part breakdown is
+    taken (its hooks would break the graphs); compiling itself stood in for, it takes minutes."""
+    compiled = []
+    monkeypatch.setattr(benchmark, "compile_model", lambda model: compiled.append(model))
+    monkeypatch.setattr(benchmark, "matmul_flops_per_s", lambda dtype, device, size: 1e9)
+    eager, result = (
+        benchmark.run_variant(
+            benchmark.BenchSpec(variant=v, opts=TINY_OPTS, size=64, phases=["flops", "breakdown"], memory="skip")
+        )
+        for v in ("base", "compile")
+    )
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert result["flops"] == eager["flops"] and result["flops"]["eval_per_image"] > 0
+    assert "breakdown" in eager and "breakdown" not in result
+
+
+def test_the_timed_step_is_the_loops_usual_one(monkeypatch):
+    """The benchmark times the step the training loop runs at all but one iteration in --print_freq: without the
+    gradient norm (engine.loops)."""
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = benchmark.BenchSpec(opts=TINY_OPTS, size=64, phases=["train"], warmup=1, runs=1, memory="skip")
+    result = benchmark.run_variant(spec)
+    assert result["train"]["step_ms"] > 0 and not calls
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = benchmark.main(
+        [
+            "--matmul_size",
+            "128",  # a CPU without native bf16 takes minutes over the default 2048
+            "--opts",
+            *TINY_OPTS,
+            "--size",
+            "64",
+            "--batch_size",
+            "2",
+            "--eval_batch_size",
+            "3",
+            "--warmup",
+            "1",
+            "--runs",
+            "2",
+            "--compare",
+            "fused+bf16+checkpoint",
+            "--isolate",
+            "no",
+            "--threads",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert (
+        saved["settings"]["variants"] == ["base", "fused+bf16+checkpoint"] == [r["variant"] for r in report["results"]]
+    )
+    for r in saved["results"]:
+        assert "error" not in r
+        tr, ev, fl = r["train"], r["eval"], r["flops"]
+        for key in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_mb", "achieved_flops_per_s"):
+            assert tr[key] > 0, key
+        assert tr["first_call_s"] > 0 and ev["batch1"]["first_call_s"] > 0
+        for bs in ("batch1", "batch3"):
+            assert ev[bs]["expr_per_s"] > 0 and ev[bs]["achieved_flops_per_s"] > 0 and len(ev[bs]["times_ms"]) == 2
+        assert fl["eval_per_image"] > 0 and fl["train_per_image"] > 2 * fl["eval_per_image"]
+        assert all(v > 0 for v in r["matmul_flops_per_s"].values())
+        parts = r["breakdown"]["eval_forward_batch1"]["parts_ms"]
+        assert {"patch embed", "stage 1", "stage 4", "decoder"} <= set(parts) and all(v > 0 for v in parts.values())
+        assert (
+            sum(v for k, v in parts.items() if "PWAM" not in k)
+            <= r["breakdown"]["eval_forward_batch1"]["total_ms"] * 1.05
+        )
+    assert saved["results"][1]["amp"] == "bf16" and saved["results"][1]["switches"] == ["checkpoint", "fused"]
+    printed = capsys.readouterr().out
+    assert "fused+bf16+checkpoint [bf16]" in printed and "stage 4" in printed
+    assert any(line.startswith("total ") for line in printed.splitlines())  # the breakdown's sum of its parts
+    table = next(block for block in printed.split("\n\n") if block.startswith("variant "))
+    grid = [line.split(" | ") for line in table.splitlines() if " | " in line]
+    head = [c.strip() for c in grid[0]]
+    for r, cells in zip(saved["results"], grid[1:]):  # each cell under its column's name, from the saved figures
+        tr, ev, fl = r["train"], r["eval"], r["flops"]
+        row = dict(zip(head, (c.strip() for c in cells)))
+        assert row["variant"] == f"{r['variant']} [{r['amp']}]"
+        assert row["GFLOP/img eval/train"] == f"{fl['eval_per_image'] / 1e9:.3g}/{fl['train_per_image'] / 1e9:.3g}"
+        assert row["fwd/bwd/opt ms"] == f"{tr['forward_ms']:.0f}/{tr['backward_ms']:.0f}/{tr['optimizer_ms']:.0f}"
+        assert row["eval expr/s B=1"].startswith(f"{ev['batch1']['expr_per_s']:.2f}")
+        assert row["eval peak MB (B=3)"] == f"{ev['batch3']['peak_mb']:.0f}"
+        assert row["train step ms (B=2)"].startswith(f"{tr['step_ms']:.0f}")
+    assert len(grid) == 3 and len(head) == 11
+
+
+def test_benchmark_help_shows_the_defaults():
+    """``--help`` says what a run measures when a flag is left out (the size, the batch, the variants)."""
+    text = " ".join(benchmark.get_parser().format_help().split())  # wherever argparse wraps the lines
+    assert "(default: 224)" in text and "(default: fused,bf16,fused+bf16)" in text
+
+
+def test_input_benchmark_smoke(capsys):
+    """``tools.bench_input``: one row per preprocessing and form, printed as JSON lines, then the machine line."""
+    rows = bench_input.main(["--size", "48", "--items", "3", "--repeats", "1"])
+    assert [(r["resize"], r["mask_parts"], r["form"], r["size"]) for r in rows] == [
+        ("pil", "official", "train", 48), ("pil", "official", "eval", 48),
+        ("cv2", "union", "train", 48), ("cv2", "union", "eval", 48),
+    ]  # fmt: skip
+    assert all(r["items_per_cpu_s"] > 0 for r in rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines[:-1]] == rows and lines[-1].startswith("# ")
+
+
+def test_first_call_timed_apart_from_the_runs():
+    """The first call (with torch.compile: the compiling) is reported alone; warm-up + runs calls in all."""
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.05 if len(calls) == 1 else 0.0)
+
+    first, times = benchmark._first_and_timed(fn, torch.device("cpu"), benchmark.BenchSpec(warmup=3, runs=2))
+    assert len(calls) == 5 and len(times) == 2 and first >= 0.05 and max(times) < 0.05
+    calls.clear()
+    first, times = benchmark._first_and_timed(fn, torch.device("cpu"), benchmark.BenchSpec(warmup=0, runs=2))
+    assert first is None and len(calls) == 2 and len(times) == 2 and max(times) >= 0.05  # the first call is timed
+
+
+@pytest.mark.slow
+def test_benchmark_isolated_worker(tmp_path):
+    """On CPU (``--isolate auto``) each variant is timed in a fresh process and its peak memory measured in another
+    (its own peak RSS); the results come back as JSON and are merged."""
+    out = tmp_path / "bench.json"
+    report = benchmark.main(["--opts", *TINY_OPTS, "--size", "64", "--warmup", "0", "--runs", "1", "--phases", "train",
+                             "--threads", "1", "--matmul_size", "64", "--no_base", "--compare", "fused",
+                             "--output", str(out)])  # fmt: skip
+    (result,) = report["results"]
+    assert "error" not in result, result.get("error")
+    assert result["variant"] == "fused" and result["train"]["step_ms"] > 0 and result["train"]["peak_mb"] > 0
+    assert json.loads(out.read_text())["results"] == report["results"]
+
+
+def test_interleaved_timing_rotates_turns():
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "ABC"]
+    times = time_interleaved(fns, torch.device("cpu"), warmup=1, runs=2)
+    assert "".join(calls) == "ABC" + "BCA" + "CAB"  # warm-up round, then two timed rounds
+    assert [len(t) for t in times] == [2, 2, 2]
+    calls.clear()
+    times = time_interleaved(fns, torch.device("cpu"), warmup=1, runs=1, inner=2, before=lambda: calls.append("|"))
+    assert "".join(calls) == "|A|B|C" + "|BB|CC|AA"  # untimed hook before every turn; inner calls in timed turns only
+    assert [len(t) for t in times] == [1, 1, 1]
+
+
+def test_benchmark_interleaved_variants(tmp_path):
+    """``--interleave``: the variants in one process, taking turns (``run_interleaved``), from the command line."""
+    argv = ["--opts", *TINY_OPTS, "--size", "64", "--warmup", "0", "--runs", "1", "--phases", "train,eval",
+            "--threads", "1", "--matmul_size", "64", "--compare", "fused+bf16,fused", "--interleave",
+            "--output", str(tmp_path / "b.json")]  # fmt: skip
+    results = benchmark.main(argv)["results"]
+    assert [r["variant"] for r in results] == ["base", "fused+bf16", "fused"]
+    for r in results:
+        assert r["train"]["step_ms"] > 0 and "peak_mb" not in r["train"]
+        assert r["eval"]["batch8"]["expr_per_s"] > 0
+    with pytest.raises(ValueError, match="cast_once needs one autocast region"):
+        benchmark.run_interleaved([benchmark.BenchSpec(variant="bf16+cast_once", opts=TINY_OPTS, phases=[])])
+
+
+def test_benchmark_memory_in_its_own_process():
+    """memory='only': no timing, the peak of a training step and of an evaluation forward, in a fresh process."""
+    spec = benchmark.BenchSpec(
+        opts=TINY_OPTS, size=64, eval_batch_size=3, phases=["train", "eval"], threads=1, memory="only"
+    )
+    result = benchmark.run_isolated(spec)
+    assert "error" not in result, result.get("error")
+    assert result["train"]["peak_mb"] > 0 and "step_ms" not in result["train"]
+    assert result["eval"]["batch3"]["peak_mb"] > 0
+    merged = benchmark._merge_memory({"train": {"step_ms": 1.0}, "eval": {"batch3": {"expr_per_s": 2.0}}}, result)
+    assert merged["train"]["step_ms"] == 1.0 and merged["train"]["peak_mb"] == result["train"]["peak_mb"]
+    assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}
+    with pytest.raises(ValueError, match="BenchSpec.memory must be one of"):
+        benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
+
+
+def test_benchmark_memory_returns_freed_memory_before_building_on_cpu(monkeypatch):
+    """memory='only' on CPU hands freed memory back from before the model is built (what the model build and the
+    first step leave in the allocator would count in the peak otherwise); a GPU's peak counts tensors only."""
+    calls = []
+
+    def prepare(spec):
+        calls.append("prepare")
+        raise InterruptedError  # stands for the rest: only the order matters here
+
+    monkeypatch.setattr(benchmark, "return_freed_memory", lambda: calls.append("freed"))
+    monkeypatch.setattr(benchmark, "_prepare", prepare)
+    for device, expected in (("cpu", ["freed", "prepare"]), ("cuda", ["prepare"])):
+        calls.clear()
+        with pytest.raises(InterruptedError):
+            benchmark.measure_memory(benchmark.BenchSpec(device=device, memory="only"))
+        assert calls == expected
+
+
+def test_benchmark_reports_peaks_in_mib(monkeypatch):
+    class Fake:  # a PeakMemory whose every block peaked at 3 MiB + 512 KiB
+        def __init__(self, device, base):
+            self.peak_bytes, self.exact = 3 * 2**20 + 2**19, False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(benchmark, "PeakMemory", Fake)
+    v = SimpleNamespace(device=torch.device("cpu"), base_rss=0, spec=SimpleNamespace(eval_batch_size=3),
+                        result={"train": {}, "eval": {}})  # fmt: skip
+    benchmark._peak_memory(v, lambda: None, lambda: None)
+    assert v.result == {"train": {"peak_mb": 3.5, "peak_exact": False},
+                        "eval": {"batch3": {"peak_mb": 3.5, "peak_exact": False}}}  # fmt: skip
+
+
+def test_benchmark_times_with_mains_malloc_unless_told(monkeypatch):
+    """--malloc keep (the default): the timings run with the allocator main.py sets; default: glibc's own; the
+    memory-only process returns freed memory instead."""
+    calls = []
+    monkeypatch.setattr(benchmark, "keep_freed_memory", lambda: calls.append(1) or "")
+    for malloc, memory, expected in (("keep", "skip", [1]), ("default", "skip", []), ("keep", "only", [])):
+        calls.clear()
+        benchmark._prepare(benchmark.BenchSpec(opts=TINY_OPTS, size=64, phases=[], malloc=malloc, memory=memory))
+        assert calls == expected, (malloc, memory)
+    with pytest.raises(ValueError, match="BenchSpec.malloc must be one of \\('keep', 'default'\\), got 'off'"):
+        benchmark._prepare(benchmark.BenchSpec(opts=TINY_OPTS, malloc="off"))
+    assert benchmark.get_parser().parse_args([]).malloc == "keep"
