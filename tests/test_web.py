@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -255,6 +256,45 @@ def test_content_length_header(url, length, answer):
     assert urllib.request.urlopen(url, timeout=60).status == 200
 
 
+def _answer(sock: socket.socket) -> tuple[int, dict[str, Any], float]:
+    """Read one HTTP answer until the server closes: status, JSON body and the seconds it took."""
+    start, received = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), time.monotonic() - start
+
+
+def test_stalled_upload_is_answered_and_a_slow_one_served(predictor, files):
+    """An upload that stops sending is answered 408 after ``idle_seconds`` of silence (not held open for ever),
+    a request that never comes is closed, and one that keeps sending in pauses shorter than that is served
+    however long it takes in all; the server keeps serving throughout."""
+    server = web.WebApp(predictor, web.Limits(idle_seconds=0.6)).make_server(port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = ("127.0.0.1", server.server_address[1])
+    head = "POST /predict?name=photo.png&texts=the%20red%20circle HTTP/1.1\r\nContent-Length: {}\r\n\r\n"
+    try:
+        with socket.create_connection(address, timeout=60) as sock:
+            sock.sendall(head.format(1000).encode() + b"\x89PNG")
+            status, answer, seconds = _answer(sock)
+        assert (status, answer) == (408, {"error": "the upload stopped: 1000 bytes announced, nothing more for 0.6 s"})
+        assert 0.5 < seconds < 10
+        with socket.create_connection(address, timeout=60) as sock:  # not even a request line
+            start = time.monotonic()
+            assert sock.recv(1) == b"" and 0.5 < time.monotonic() - start < 10
+        photo = files["photo"].read_bytes()
+        with socket.create_connection(address, timeout=60) as sock:
+            sock.sendall(head.format(len(photo)).encode())
+            for part in np.array_split(np.frombuffer(photo, np.uint8), 4):  # 4 x 0.3 s: longer than 0.6 in all
+                time.sleep(0.3)
+                sock.sendall(part.tobytes())
+            status, answer, _ = _answer(sock)
+        assert status == 200 and answer["results"][0]["text"] == "the red circle"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_other_paths_are_not_found(url):
     for method, path in (("GET", "nope"), ("GET", "predict"), ("POST", ""), ("POST", "index.html")):
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -286,12 +326,13 @@ def test_startup_flags_reach_the_server(run, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # free a moment ago
     argv = ["--checkpoint", str(bare), "--cfg_file", str(cfg_file), "--device", "cpu", "--port", str(port), "--amp",
-            "bf16", "--max_megabytes", "1.5", "--max_megapixels", "2.5", "--max_expressions", "1"]  # fmt: skip
+            "bf16", "--max_megabytes", "1.5", "--max_megapixels", "2.5", "--max_expressions", "1",
+            "--idle_seconds", "7.5"]  # fmt: skip
     server = web.build(argv)
     try:
         assert server.server_address[1] == port
         assert server.app.predictor.amp == "bf16"
-        assert server.app.limits == web.Limits(1_500_000, 2_500_000, 1)
+        assert server.app.limits == web.Limits(1_500_000, 2_500_000, 1, idle_seconds=7.5)
         page = server.app.page.decode("utf-8")
         assert f"<code id=\"model\">bare.pth on cpu, input {SIZE}x{SIZE}, bf16</code>" in page
         assert html.escape(web.Limits(1_500_000, 2_500_000, 1).describe()) in page and "{{" not in page
@@ -312,6 +353,9 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     for flag in ("--max_megabytes", "--max_megapixels", "--max_expressions"):
         assert web.main(["--checkpoint", "x.pth", flag, "0"]) == 2
         assert "must be positive" in capsys.readouterr().err
+    for value in ("0", "-1", "nan"):
+        assert web.main(["--checkpoint", "x.pth", "--idle_seconds", value]) == 2
+        assert f"--idle_seconds must be positive, got {value}" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -13,7 +13,8 @@ Protocol (what the page's script does, and what ``tests/test_web.py`` drives):
   ``{"results": [{"text", "warning", "coverage", "colour", "overlay", "mask", "mask_name"}, ...], "summary"}``
   (``overlay``: PNG data URL of the image with the mask blended in, at most PREVIEW_SIDE px on its long side;
   ``mask``: PNG data URL, 0/255 at the image's own size after its EXIF orientation), or ``{"error": one line}``
-  with status 400 (413 for a file over the byte limit). A bad upload never stops the server.
+  with status 400 (413 for a file over the byte limit, 408 for an upload that stopped sending for
+  ``Limits.idle_seconds``). A bad upload never stops the server.
 
 Predictions run one at a time (a lock): a burst of uploads queues instead of multiplying the memory.
 """
@@ -60,6 +61,9 @@ class Limits:
     max_pixels: int = 12_000_000  # a 12-megapixel phone photo (4000x3000) fits
     max_expressions: int = 5
     max_text_chars: int = 2000
+    # a connection that sends nothing for this long is closed (a stalled upload would hold its thread for ever);
+    # per read, so a slow upload that keeps sending is never cut
+    idle_seconds: float = 60.0
 
     def describe(self) -> str:
         return (f"Images: PNG, JPEG, WebP, BMP, TIFF ... up to {self.max_bytes / 1e6:g} MB and "
@@ -184,6 +188,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
 
+    def setup(self) -> None:
+        self.timeout = self.server.app.limits.idle_seconds  # the socket's timeout, set by the base class's setup
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         logger.info("%s %s", self.address_string(), format % args)
 
@@ -223,12 +231,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         app = self.server.app
         try:
-            check_bytes(length, name, app.limits)
-        except UploadError as e:
-            self._drain(length)  # browsers show an answer only once their upload went through
-            self._json(e.status, {"error": str(e)})
+            try:
+                check_bytes(length, name, app.limits)
+            except UploadError as e:
+                self._drain(length)  # browsers show an answer only once their upload went through
+                self._json(e.status, {"error": str(e)})
+                return
+            data = self.rfile.read(length)
+        except TimeoutError:
+            idle = app.limits.idle_seconds
+            self._json(408, {"error": f"the upload stopped: {length} bytes announced, nothing more for {idle:g} s"})
             return
-        data = self.rfile.read(length)
         try:
             self._json(200, app.segment(data, name, text))
         except UploadError as e:
@@ -317,6 +330,12 @@ def get_parser() -> argparse.ArgumentParser:
         default=Limits.max_expressions,
         help="expressions per upload (default: %(default)s)",
     )
+    p.add_argument(
+        "--idle_seconds",
+        type=float,
+        default=Limits.idle_seconds,
+        help="a connection silent this long is closed, a stalled upload answered 408 (default: %(default)s)",
+    )
     p.add_argument("--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides")
     return p
 
@@ -324,9 +343,14 @@ def get_parser() -> argparse.ArgumentParser:
 def build(argv: Sequence[str] | None = None) -> _Server:
     """Parse the command line, load the model, bind the server (not yet serving)."""
     args = get_parser().parse_args(argv)
-    limits = Limits(round(args.max_megabytes * 1e6), round(args.max_megapixels * 1e6), args.max_expressions)
+    limits = Limits(
+        round(args.max_megabytes * 1e6), round(args.max_megapixels * 1e6), args.max_expressions,
+        idle_seconds=args.idle_seconds,
+    )  # fmt: skip
     if min(limits.max_bytes, limits.max_pixels, limits.max_expressions) < 1:
         raise ValueError(f"--max_megabytes, --max_megapixels and --max_expressions must be positive, got {limits}")
+    if not limits.idle_seconds > 0:  # (0 would make every socket non-blocking, nan never times out)
+        raise ValueError(f"--idle_seconds must be positive, got {args.idle_seconds}")
     opts = list(args.opts) + (["MODEL.TEXT.ENCODER", args.ck_bert] if args.ck_bert else [])
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.cfg_file, opts, args.amp or "")
     return WebApp(predictor, limits, Path(args.checkpoint).name).make_server(args.host, args.port)
