@@ -10,7 +10,15 @@ from configs import get_config
 
 from .conftest import FIXTURE, tiny_opts
 
-__all__ = ["FIXTURE", "KernelLayouts", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
+__all__ = ["FIXTURE", "KernelLayouts", "assert_close", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """``out`` is ``ref`` up to float32 round-off: within 1e-5 of ref's largest magnitude (of 1 when that is
+    smaller), the same shape."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    err = (out - ref).abs().max().item()
+    assert err < 1e-5 * max(ref.abs().max().item(), 1.0), f"max abs error {err:.3g}"
 
 
 def tiny_cfg(**over):

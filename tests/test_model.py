@@ -8,21 +8,14 @@ import torch.nn.functional as F
 from configs import get_config
 from models import build_model, build_param_groups
 from models.pwam import PWAM, instance_norm_tokens
-from models.swin import PatchMerging, SwinBlock
-from models.windows import kind_masks, window_kinds, window_partition, window_reverse
 
 from . import oracle
-from .helpers_model import fixture_cfg, save_tiny_bert, tiny_cfg
+from .helpers_model import assert_close, fixture_cfg, save_tiny_bert, tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("bert"))
-
-
-def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() < 1e-5 * max(ref.abs().max().item(), 1.0)
 
 
 def _fixture_state(reference: dict) -> dict:
@@ -37,8 +30,8 @@ def test_reproduces_official_fixture(reference, fused_attn):
         feats = model.backbone(reference["image"], reference["lang_feats"], reference["lang_mask"])
         logits = model.segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
     for out, ref in zip(feats, reference["stage_features"], strict=True):
-        _close(out, ref)
-    _close(logits, reference["logits"])
+        assert_close(out, ref)
+    assert_close(logits, reference["logits"])
 
 
 def test_oracle_reproduces_official_fixture(reference):
@@ -49,225 +42,7 @@ def test_oracle_reproduces_official_fixture(reference):
     with torch.no_grad():
         feats = oracle.backbone(model.backbone, reference["image"], reference["lang_feats"], reference["lang_mask"])
     for out, ref in zip(feats, reference["stage_features"], strict=True):
-        _close(out, ref)
-
-
-def _random_bias(blk: SwinBlock) -> SwinBlock:
-    with torch.no_grad():
-        blk.attn.relative_position_bias_table.normal_()  # far from its init, so that a misplaced entry shows
-    return blk
-
-
-@pytest.mark.parametrize("fused_attn", [False, True])
-@pytest.mark.parametrize(
-    "window,shift,H,W",
-    [(6, 3, 15, 10), (6, 3, 5, 5), (6, 3, 12, 18), (6, 0, 15, 10), (12, 6, 30, 30), (12, 6, 15, 15), (12, 0, 15, 15)],
-)
-def test_block_matches_official_reading(fused_attn, window, shift, H, W):
-    """Padded maps (15 and 30 with window 12, as 480 px gives): pad bottom/right after norm1 and before the shift,
-    mask on the padded grid, crop after the reverse shift."""
-    torch.manual_seed(0)
-    blk = _random_bias(SwinBlock(dim=8, num_heads=2, window=window, shift=shift, fused_attn=fused_attn).eval())
-    x = torch.randn(2, H * W, 8)
-    with torch.no_grad():
-        _close(blk(x, H, W), oracle.swin_block(blk, x, H, W))
-
-
-def test_block_gradients_match_official_reading():
-    torch.manual_seed(1)
-    blk = _random_bias(SwinBlock(dim=8, num_heads=2, window=6, shift=3).eval())
-    x = torch.randn(2, 15 * 10, 8)
-    weights = torch.randn(2, 15 * 10, 8)
-    grads = []
-    for fn in (lambda t: blk(t, 15, 10), lambda t: oracle.swin_block(blk, t, 15, 10)):
-        t = x.clone().requires_grad_()
-        blk.zero_grad()
-        (fn(t) * weights).sum().backward()
-        grads.append([t.grad, *(p.grad.clone() for p in blk.parameters())])
-    for a, b in zip(*grads, strict=True):
-        _close(a, b)
-
-
-def _fitted_block_by_hand(blk: SwinBlock, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """MODEL.SWIN.FIT_WINDOW's reading of a block on an H x W map within one window: every token attends to every
-    token (no padding, no shift, no mask) with the bias of their offset (dy, dx) from the window's table, row
-    (dy + window - 1) * (2 * window - 1) + dx + window - 1; then the residual and the MLP."""
-    B, L, C = x.shape
-    ws, h = blk.window, blk.attn.num_heads
-    cells = [(r, c) for r in range(H) for c in range(W)]
-    rows = [[(a[0] - b[0] + ws - 1) * (2 * ws - 1) + a[1] - b[1] + ws - 1 for b in cells] for a in cells]
-    bias = blk.attn.relative_position_bias_table[torch.tensor(rows)].permute(2, 0, 1)  # [h, L, L]
-    q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(B, L, 3, h, C // h).permute(2, 0, 3, 1, 4)
-    scores = (q * (C // h) ** -0.5) @ k.transpose(-2, -1) + bias
-    x = x + blk.attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, C))
-    return x + blk.mlp(blk.norm2(x))
-
-
-@pytest.mark.parametrize("fused_attn", [False, True])
-@pytest.mark.parametrize(
-    "shift,H,W,official", [(0, 3, 3, False), (3, 3, 3, True), (3, 2, 2, False), (0, 6, 4, False), (3, 5, 6, False),
-                           (3, 1, 6, False)],
-)
-def test_fit_window_attends_a_small_map_as_one_window(fused_attn, shift, H, W, official):
-    """With fit_window a map smaller than the window (6) is attended unpadded and unshifted, as written out by hand.
-    The official reading pads it to 6 x 6 and differs, but for a 3 x 3 map shifted by 3: its shift mask happens to
-    keep the 9 tokens together and the padding apart."""
-    torch.manual_seed(2)
-    blk = _random_bias(SwinBlock(8, 2, window=6, shift=shift, fused_attn=fused_attn, fit_window=True).eval())
-    x = torch.randn(2, H * W, 8)
-    with torch.no_grad():
-        out = blk(x, H, W)
-        _close(out, _fitted_block_by_hand(blk, x, H, W))
-        assert ((out - oracle.swin_block(blk, x, H, W)).abs().max() < 1e-5) == official
-
-
-@pytest.mark.parametrize("shift,H,W", [(3, 6, 6), (0, 6, 6), (3, 15, 10), (0, 7, 5)])
-def test_fit_window_leaves_other_maps_official(shift, H, W):
-    """A map of the window's size or larger (on one side) is attended as the official code does, fit_window or not."""
-    torch.manual_seed(3)
-    blk = _random_bias(SwinBlock(8, 2, window=6, shift=shift, fit_window=True).eval())
-    x = torch.randn(2, H * W, 8)
-    with torch.no_grad():
-        _close(blk(x, H, W), oracle.swin_block(blk, x, H, W))
-
-
-def test_fit_window_reaches_every_block_and_batches():
-    """MODEL.SWIN.FIT_WINDOW builds every Swin block fitting (the default: none); the same weights then give the same
-    stage 1 and 2 maps at 40 px (10x10, 5x5: larger than the window, 4) and other stage 3 and 4 maps (3x3, 2x2), one
-    sample as in a batch."""
-    torch.manual_seed(4)
-    official = build_model(tiny_cfg(), pretrained=False).eval()
-    assert not any(getattr(m, "fit_window", False) for m in official.modules())
-    cfg = tiny_cfg(MODEL__SWIN__FIT_WINDOW=True)
-    model = build_model(cfg, pretrained=False).eval()
-    model.load_state_dict(official.state_dict())
-    blocks = [m for m in model.modules() if isinstance(m, SwinBlock)]
-    assert blocks and all(b.fit_window for b in blocks)
-    image, lang, mask = torch.randn(3, 3, 40, 40), torch.randn(3, cfg.MODEL.TEXT.DIM, 5), torch.ones(3, 5, 1)
-    with torch.no_grad():
-        fitted, padded = model.backbone(image, lang, mask), official.backbone(image, lang, mask)
-        assert [tuple(f.shape[-2:]) for f in fitted] == [(10, 10), (5, 5), (3, 3), (2, 2)]
-        for stage, (a, b) in enumerate(zip(fitted, padded)):
-            assert ((a - b).abs().max() > 1e-2) == (stage >= 2), stage
-        batched = model.segment(image, lang, mask)
-        for i in range(3):
-            _close(model.segment(image[i : i + 1], lang[i : i + 1], mask[i : i + 1]), batched[i : i + 1])
-
-
-@pytest.mark.parametrize("H,W", [(15, 15), (15, 8), (7, 10), (4, 6)])
-def test_patch_merging_pads_bottom_right_like_official(H, W):
-    torch.manual_seed(2)
-    pm = PatchMerging(8).eval()
-    x = torch.randn(2, H * W, 8)
-    with torch.no_grad():
-        out = pm(x, H, W)
-        assert out.shape == (2, ((H + 1) // 2) * ((W + 1) // 2), 16)
-        _close(out, oracle.patch_merging(pm, x, H, W))
-
-
-@pytest.mark.parametrize("qkv_bias", [True, False])
-@pytest.mark.parametrize("fused_attn", [False, True])
-def test_window_attention_windows_as_heads_matches_official(qkv_bias, fused_attn):
-    """Several windows per row (each [M, N, N] mask picked by index), with and without a qkv bias, against the
-    official per-window reading."""
-    from models.swin import WindowAttention
-
-    torch.manual_seed(10)
-    attn = WindowAttention(8, 3, 2, qkv_bias=qkv_bias, fused_attn=fused_attn).eval()
-    _random_bias(type("Blk", (), {"attn": attn})())
-    B, nW, N = 2, 4, 9
-    x, masks = torch.randn(B, N, nW, 8), torch.randn(2, N, N)
-    index = torch.tensor([0, 1, 1, 0])
-    with torch.no_grad():
-        out = attn(x, masks, index)  # [B, N, nW, C]
-        ref = oracle.window_attention(attn, x.permute(0, 2, 1, 3).reshape(B * nW, N, 8), masks[index])
-    _close(out.permute(0, 2, 1, 3).reshape(B * nW, N, 8), ref)
-
-
-@pytest.mark.parametrize("H,W", [(3, 5), (4, 3), (5, 5)])
-def test_patch_merging_odd_sides_by_hand(H, W):
-    """Every output token written out: the 2x2 neighbours (row 2i / 2i + 1, column 2j / 2j + 1) in the checkpoints'
-    order, a neighbour past the bottom or right edge zero (official: pad bottom/right, never top/left)."""
-    torch.manual_seed(9)
-    pm = PatchMerging(4).eval()
-    x = torch.randn(2, H * W, 4)
-    grid = x.view(2, H, W, 4)
-
-    def at(r: int, c: int) -> torch.Tensor:
-        return grid[:, r, c] if r < H and c < W else torch.zeros(2, 4)
-
-    tokens = [torch.cat([at(2 * i, 2 * j), at(2 * i + 1, 2 * j), at(2 * i, 2 * j + 1), at(2 * i + 1, 2 * j + 1)], -1)
-              for i in range((H + 1) // 2) for j in range((W + 1) // 2)]  # row-major over the merged grid
-    with torch.no_grad():
-        expected = pm.reduction(F.layer_norm(torch.stack(tokens, 1), (16,), pm.norm.weight, pm.norm.bias))
-        _close(pm(x, H, W), expected)
-
-
-@pytest.mark.parametrize("fused_attn", [False, True])
-@pytest.mark.parametrize("heads", [1, 2])
-def test_pwam_matches_official_reading(fused_attn, heads):
-    torch.manual_seed(3)
-    pwam = PWAM(8, 8, 12, 8, 8, num_heads=heads, fused_attn=fused_attn).eval()
-    x, lang, mask = torch.randn(2, 20, 8), torch.randn(2, 12, 6), torch.ones(2, 6, 1)
-    mask[1, 4:] = 0
-    with torch.no_grad():
-        _close(pwam(x, lang, mask), oracle.pwam(pwam, x, lang, mask))
-
-
-@pytest.fixture(scope="module", params=[(480, 480, 12), (70, 46, 4)], ids=["480px_window12", "70x46_window4"])
-def padded_backbone_case(request):
-    """A tiny backbone whose stages need padding, and the official reading's outputs. 480 px with window 12 (the
-    paper's setting): stages 120, 60, 30, 15, of which 30 and 15 pad to 36 and 24 (every merge there sees even
-    sides). 70 x 46 with window 4: stages 18x12, 9x6, 5x3, 3x2; every stage pads, and the merges of
-    9x6 and 5x3 pad an odd side by one (what a bottom/right vs top/left padding tells apart)."""
-    H, W, window = request.param
-    torch.manual_seed(4)
-    model = build_model(tiny_cfg(MODEL__SWIN__WINDOW_SIZE=window, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4])).eval()
-    for stage in model.backbone.layers:
-        for blk in stage.blocks:
-            _random_bias(blk)
-    img, lang, mask = torch.randn(2, 3, H, W), torch.randn(2, 12, 7), torch.ones(2, 7, 1)
-    mask[1, 4:] = 0
-    with torch.no_grad():
-        ref = oracle.backbone(model.backbone, img, lang, mask)
-    return model.state_dict(), (img, lang, mask), ref, window
-
-
-@pytest.mark.parametrize("fused_attn", [False, True])
-def test_padded_backbone_matches_official_reading(padded_backbone_case, fused_attn):
-    state, args, ref, window = padded_backbone_case
-    model = build_model(tiny_cfg(MODEL__SWIN__WINDOW_SIZE=window, MODEL__FUSION__NUM_HEADS=[1, 2, 2, 4],
-                                 MODEL__FUSED_ATTENTION=fused_attn)).eval()
-    model.load_state_dict(state)
-    with torch.no_grad():
-        feats = model.backbone(*args)
-    for out, r in zip(feats, ref, strict=True):
-        _close(out, r)
-
-
-@pytest.mark.parametrize("as_heads", [False, True])
-def test_window_partition_round_trip(as_heads):
-    x = torch.randn(2, 12, 18, 5)
-    w = window_partition(x, 6, as_heads)
-    assert w.shape == ((2, 36, 6, 5) if as_heads else (2 * 6, 36, 1, 5))
-    assert torch.equal(window_reverse(w, 6, 12, 18, as_heads), x)
-    second = w[0, :, 1] if as_heads else w[1, :, 0]
-    assert torch.equal(second.view(6, 6, 5), x[0, :6, 6:12])  # windows row-major
-
-
-def _shift_mask(Hp: int, Wp: int, window: int) -> torch.Tensor:
-    """The model's shift mask of every window: [nW, N, N]."""
-    return kind_masks(window, window // 2)[window_kinds(Hp // window, Wp // window)]
-
-
-def test_shift_mask_regions():
-    m = _shift_mask(12, 12, 6)
-    assert m.shape == (4, 36, 36)
-    assert m[0].abs().sum() == 0  # the top-left window holds one region only
-    assert set(m.unique().tolist()) == {0.0, -100.0}
-    assert (m[3] == 0).sum() == 4 * 9 * 9  # bottom-right window: 4 regions of 3x3 tokens
-    for Hp, Wp, window in ((12, 18, 6), (36, 24, 12), (8, 4, 4), (7, 7, 7), (12, 6, 6)):
-        assert torch.equal(_shift_mask(Hp, Wp, window), oracle.shift_mask(Hp, Wp, window, window // 2))
+        assert_close(out, ref)
 
 
 @pytest.mark.parametrize("cfg_file", ["swin_tiny", "swin_small", "swin_base", "swin_large"])
@@ -316,7 +91,7 @@ def test_batched_equals_per_sample():
     with torch.no_grad():
         batched = model.segment(img, lang, mask)
         single = torch.cat([model.segment(img[i:i + 1], lang[i:i + 1], mask[i:i + 1]) for i in range(3)])
-    _close(batched, single)
+    assert_close(batched, single)
 
 
 def test_padding_words_are_ignored():
@@ -327,7 +102,7 @@ def test_padding_words_are_ignored():
     lang2 = lang.clone()
     lang2[..., 4:] = 100.0  # padding positions hold anything
     with torch.no_grad():
-        _close(pwam(x, lang2, mask), pwam(x, lang, mask))
+        assert_close(pwam(x, lang2, mask), pwam(x, lang, mask))
 
 
 def test_sentence_changes_output_and_forward_matches_segment(tiny_bert):
@@ -339,7 +114,7 @@ def test_sentence_changes_output_and_forward_matches_segment(tiny_bert):
     with torch.no_grad():
         out = model(img, ids, att)
         assert (out[0] - out[1]).abs().max() > 1e-4  # same image, other sentence
-        _close(out, model.segment(img, *model.encode_text(ids, att)))
+        assert_close(out, model.segment(img, *model.encode_text(ids, att)))
         assert torch.equal(model(img, text=model.encode_text(ids, att)), out)  # precomputed: no tokens needed
 
 
@@ -429,8 +204,8 @@ def test_padding_columns_are_dropped_without_changing_outputs(tiny_bert):
         assert feats.shape[-1] == 6 and mask.shape == (2, 6, 1)
         full = model.text_encoder(input_ids=ids, attention_mask=att)[0].transpose(1, 2)  # [B, C, 12]
         padded = model.segment(img, full, att.unsqueeze(-1).float())
-        _close(model(img, ids, att), padded)
-        _close(model(img[:1], ids[:1], att[:1]), padded[:1])  # alone: trimmed to its own 4 tokens
+        assert_close(model(img, ids, att), padded)
+        assert_close(model(img[:1], ids[:1], att[:1]), padded[:1])  # alone: trimmed to its own 4 tokens
 
 
 @pytest.mark.parametrize(

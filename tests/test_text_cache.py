@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from engine.text_cache import TextFeatureCache
 from models import build_model, build_param_groups
 
-from .helpers_model import save_tiny_bert, tiny_cfg
+from .helpers_model import assert_close, save_tiny_bert, tiny_cfg
 from .helpers_train import free_port
 
 
@@ -45,11 +45,6 @@ def _count_runs(encoder: torch.nn.Module) -> list:
     return calls
 
 
-def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() < 1e-5 * max(ref.abs().max().item(), 1.0)
-
-
 def test_cached_features_equal_the_encoder(model):
     """features() gives encode_text's layout and values; the logits through forward(text=...) equal the uncached
     model's; each distinct expression is encoded once, and hits run no encoder."""
@@ -62,14 +57,14 @@ def test_cached_features_equal_the_encoder(model):
         assert len(calls) == 2 and len(cache) == 3 and calls[-1] == [[2, 30, 3]]
         ref_feats, ref_mask = model.encode_text(ids, att)
         assert feats.shape == ref_feats.shape == (3, 32, 6) and torch.equal(mask, ref_mask)
-        _close(feats * mask.transpose(1, 2), ref_feats * ref_mask.transpose(1, 2))
+        assert_close(feats * mask.transpose(1, 2), ref_feats * ref_mask.transpose(1, 2))
         assert not feats[2, :, 3:].any()  # padding positions are zeros
         model.eval()
         img = torch.randn(3, 3, 40, 40)
         runs = len(calls)
         cached = model(img, text=cache.features(model.text_encoder, ids, att))
         assert len(calls) == runs  # all hits
-        _close(cached, model(img, ids, att))
+        assert_close(cached, model(img, ids, att))
         one = cache.features(model.text_encoder, ids[2:], att[2:])  # alone: trimmed to its own 3 tokens
         assert one[0].shape == (1, 32, 3) and len(calls) == runs + 1
     model.train()  # grads on: the frozen encoder, in eval mode, is accepted
