@@ -96,10 +96,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch_size", type=int, default=None, help="per process; with --eval it sets the evaluation batch size"
     )
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--weight_decay", type=float, default=None)
-    g.add_argument("--loss", type=str, default=None, choices=["ce", "dice", "ce+dice"])
+    g.add_argument("--epochs", type=int, default=None, help="training epochs")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW; polynomial decay)")
+    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
+    g.add_argument("--loss", type=str, default=None, choices=["ce", "dice", "ce+dice"], help="training loss")
     g.add_argument("--amp", type=str, default=None, choices=["bf16", "fp16", "auto"],
                    help="mixed precision; auto: bf16 where the device computes it natively, else float32")
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (0: off)")
@@ -149,9 +149,11 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate --pretrain on --type")
     g.add_argument("--type", type=str, nargs="+", default=None, help="split(s) to evaluate, e.g. val testA testB")
-    g.add_argument("--eval_mode", type=str, default=None, choices=["each", "cat", "avg"])
-    g.add_argument("--eval_resolution", type=str, default=None, choices=["network", "original"])
-    g.add_argument("--eval_batch_size", type=int, default=None)
+    g.add_argument("--eval_mode", type=str, default=None, choices=["each", "cat", "avg"],
+                   help="each expression alone (the paper), an object's joined (cat) or their logits averaged (avg)")
+    g.add_argument("--eval_resolution", type=str, default=None, choices=["network", "original"],
+                   help="IoU at the network's input size (official) or the image's own size")
+    g.add_argument("--eval_batch_size", type=int, default=None, help="expressions per evaluation batch")
     g.add_argument(
         "--shuffle_expressions",
         action="store_true",

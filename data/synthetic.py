@@ -362,12 +362,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
     p.add_argument("--eval-images", type=int, default=0,
                    help="images in each of val, testA and testB (0: one eleventh of --num-images each)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed and arguments write the same files")
     p.add_argument("--min-size", type=int, default=128, help="smallest shorter image side")
     p.add_argument("--max-size", type=int, default=256, help="largest image side")
-    p.add_argument("--min-objects", type=int, default=2)
-    p.add_argument("--max-objects", type=int, default=5)
-    p.add_argument("--max-expressions", type=int, default=3)
+    p.add_argument("--min-objects", type=int, default=2, help="fewest objects in an image")
+    p.add_argument("--max-objects", type=int, default=5, help="most objects in an image")
+    p.add_argument("--max-expressions", type=int, default=3, help="most expressions for an object")
     p.add_argument("--workers", type=int, default=0,
                    help="processes drawing images (0: one per available CPU); the files do not depend on it")
     p.add_argument("--force", action="store_true",

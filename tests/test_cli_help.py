@@ -3,9 +3,13 @@ needs and the defaults it would use (argparse formats help only when asked: a st
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from models.official import PACKAGINGS
 from tools.export import FORMATS
@@ -40,6 +44,7 @@ def test_web_help_states_the_upload_limits_it_enforces() -> None:
         ("--max_expressions", limits.max_expressions),
         ("--port", 7860),
         ("--host", "127.0.0.1"),
+        ("--idle_seconds", limits.idle_seconds),
     ]:
         described = text.split(f" {flag} {flag[2:].upper()} ", 1)[1].split(" --", 1)[0]  # the flag's own help
         assert f"default: {default}" in described, (flag, described)
@@ -49,3 +54,16 @@ def test_export_help_lists_formats_and_packagings() -> None:
     text = _help("tools.export")
     assert "{" + ",".join(FORMATS) + "}" in text and "{" + ",".join(PACKAGINGS) + "}" in text
     assert "[--force] checkpoint " in text  # the usage ends with the positional checkpoint
+
+
+@pytest.mark.parametrize(
+    "module", ["args", "data.synthetic", "tools.demo", "tools.web", "tools.export", "tools.benchmark",
+               "tools.bench_input", "tools.submit"],
+)  # fmt: skip
+def test_every_option_says_what_it_does(module: str) -> None:
+    """Each command line's options all carry a help line (the hidden ones aside): --help leaves none unexplained."""
+    parser = importlib.import_module(module).get_parser()
+    unexplained = [a.option_strings or [a.dest] for a in parser._actions if not (a.help and a.help.strip())]
+    assert unexplained == [], unexplained
+    hidden = [a.option_strings for a in parser._actions if a.help == argparse.SUPPRESS]
+    assert all(name.startswith("--_") for names in hidden for name in names)  # only internal ones are hidden

@@ -1,6 +1,8 @@
 """The LAVT network: fidelity to the official outputs, shapes, gradients, language use, fast paths."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,21 @@ def test_oracle_reproduces_official_fixture(reference):
         feats = oracle.backbone(model.backbone, reference["image"], reference["lang_feats"], reference["lang_mask"])
     for out, ref in zip(feats, reference["stage_features"], strict=True):
         assert_close(out, ref)
+
+
+def test_backbone_builder_defaults_are_the_config_defaults():
+    """``build_backbone`` called without its optional arguments (the tests and scripts that build a bare Swin) builds
+    the paper's backbone: each default is the config's (configs/defaults.py), and the MLP is 4x wide."""
+    from models.swin import build_backbone
+
+    m = get_config(None, []).MODEL
+    expected = {"fusion_drop": m.FUSION.DROPOUT, "patch_size": m.SWIN.PATCH_SIZE, "mlp_ratio": m.SWIN.MLP_RATIO,
+                "drop_path_rate": m.SWIN.DROP_PATH_RATE, "fused_attn": m.FUSED_ATTENTION,
+                "grad_checkpoint": m.GRAD_CHECKPOINT, "stem": m.SWIN.STEM, "fit_window": m.SWIN.FIT_WINDOW}  # fmt: skip
+    defaults = {k: p.default for k, p in inspect.signature(build_backbone).parameters.items() if k in expected}
+    assert defaults == expected
+    backbone = build_backbone(8, [2, 2, 2, 2], [1, 2, 2, 4], 7, 12, [1, 1, 1, 1])
+    assert [stage.blocks[0].mlp.fc1.out_features for stage in backbone.layers] == [32, 64, 128, 256]
 
 
 @pytest.mark.parametrize("cfg_file", ["swin_tiny", "swin_small", "swin_base", "swin_large"])

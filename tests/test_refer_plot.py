@@ -29,6 +29,9 @@ def test_plotting_is_lazy_and_works(syn: REFER):
         syn.showRef(ref, **seg_box)
         assert len(plt.gca().collections) == 2 and ref["sentences"][0]["sent"] in plt.gca().get_title()
         assert not plt.gca().patches
+        # the official outline: a wide yellow line under a thin red one
+        lines = [(c.get_edgecolor().tolist(), c.get_linewidth().tolist()) for c in plt.gca().collections]
+        assert lines == [([[1, 1, 0, 1]], [3]), ([[1, 0, 0, 1]], [1])]
     plt.figure()
     syn.showRef(ref, seg_box="box")
     assert len(plt.gca().patches) == 1

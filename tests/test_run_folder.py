@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import main as main_module
 from args import names_run_folder, parse_args
@@ -331,3 +332,26 @@ def test_process_start_read_past_a_name_with_parentheses():
         child.kill()
         child.wait()
     assert _process_start(child.pid) is None  # gone: unknown
+
+
+def test_other_ranks_get_rank_zeros_folder_or_its_error(tmp_path, monkeypatch):
+    """Rank 0 alone chooses and locks the folder; every other rank gets its path and reason (no lock of its own), or
+    raises its error. The gathering across processes is stood in for: each rank receives rank 0's verdict first."""
+    import engine.run_folder as run_folder
+    from utils.distributed import DistInfo
+
+    verdicts: list = []
+    monkeypatch.setattr(run_folder, "all_gather_object", lambda obj: verdicts.append(obj) or [verdicts[0], obj])
+    cpu = torch.device("cpu")
+    ranks = [DistInfo(rank, 2, rank, True, cpu) for rank in (0, 1)]
+    cfg = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "run"])
+    with run_folder.prepare_run_dir(cfg, ranks[0]) as zero:
+        one = run_folder.prepare_run_dir(cfg, ranks[1])
+        assert zero.lock is not None and (one.path, one.reason, one.lock) == (tmp_path / "run", zero.reason, None)
+    (tmp_path / "run" / "last.pth").write_bytes(b"")  # now the folder holds a run: rank 0 refuses it
+    verdicts.clear()
+    with pytest.raises(RunFolderError) as refused:
+        run_folder.prepare_run_dir(cfg, ranks[0])
+    with pytest.raises(RunFolderError) as also:
+        run_folder.prepare_run_dir(cfg, ranks[1])
+    assert also.value is refused.value

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from models.pwam import PWAM
+from models.pwam import PWAM, attention
 from models.swin import PatchMerging, SwinBlock
 from models.windows import kind_masks, window_kinds, window_partition, window_reverse
 
@@ -233,3 +233,20 @@ def test_shift_mask_regions():
     assert (m[3] == 0).sum() == 4 * 9 * 9  # bottom-right window: 4 regions of 3x3 tokens
     for Hp, Wp, window in ((12, 18, 6), (36, 24, 12), (8, 4, 4), (7, 7, 7), (12, 6, 6)):
         assert torch.equal(_shift_mask(Hp, Wp, window), oracle.shift_mask(Hp, Wp, window, window // 2))
+
+
+def test_attention_dropout_drops_attention_weights_in_training():
+    """Attention dropout (Swin's ``attn_drop``; 0 in LAVT's recipe) zeroes entries of the softmax weights and scales
+    the rest by 1 / (1 - p) before they take the values, on the path that trains on CPU; without it, the plain
+    attention. Written out here: the same random draws, as a mask of kept weights."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    bias, scale, p = torch.randn(5, 5), 0.5, 0.4
+    weights = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(-1)
+    torch.manual_seed(1)
+    kept = torch.empty_like(weights).bernoulli_(1 - p)  # the draws dropout makes for a tensor of this shape
+    torch.manual_seed(1)
+    out = attention(q, k, v, bias, scale, p, fused=True)  # with a gradient on CPU: the matmul path either way
+    assert (kept == 0).any() and (kept == 1).any()
+    assert_close(out, (weights * kept / (1 - p)) @ v)
+    assert_close(attention(q, k, v, bias, scale, 0.0, fused=False), weights @ v)

@@ -97,6 +97,9 @@ def test_files_and_format(root: Path, refer: REFER):
         "generator.json",
     }
     instances = json.loads((data_dir / "instances.json").read_text())
+    assert set(instances) == {"info", "images", "annotations", "categories"}  # COCO's layout (pycocotools' info())
+    generator = json.loads((data_dir / "generator.json").read_text())
+    assert instances["info"] == {"description": "LAVT synthetic referring dataset", "version": generator["version"]}
     assert {c["supercategory"] for c in instances["categories"]} == {"round", "angular"}
     for img in instances["images"]:
         assert set(img) >= {"id", "file_name", "height", "width"}

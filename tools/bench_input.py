@@ -82,9 +82,9 @@ def bench(dataset: torch.utils.data.Dataset, items: int, repeats: int) -> float:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=480)
-    p.add_argument("--items", type=int, default=120)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=int, default=480, help="network input size (square)")
+    p.add_argument("--items", type=int, default=120, help="dataset items timed in each repeat")
+    p.add_argument("--repeats", type=int, default=3, help="repeats: the best is reported")
     return p
 
 

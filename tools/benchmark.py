@@ -288,7 +288,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="image side in pixels")
     p.add_argument("--batch_size", type=int, default=2, help="training batch")
     p.add_argument("--eval_batch_size", type=int, default=8, help="the larger evaluation batch (expressions)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when available")
     p.add_argument("--dtype", default="float32", choices=list(PRECISIONS), help="precision of variants naming none")
     p.add_argument(
         "--compare",
@@ -327,7 +328,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="glibc's malloc while timing: keep freed memory for reuse (as main.py does) or its default thresholds",
     )
     p.add_argument("--output", default="benchmark.json", help="JSON file written with every number")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the inputs")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     return p

@@ -167,16 +167,16 @@ def get_parser() -> argparse.ArgumentParser:
         "time-out. Usage: tools/submit.py [options] -- <main.py arguments>",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes per job")
     p.add_argument("--gpus_per_node", type=int, default=4, help="one task (process) per GPU")
     p.add_argument("--cpus_per_task", type=int, default=8, help="data loader workers + 1 is a good start")
     p.add_argument("--mem_gb", type=int, default=0, help="memory per node (0: the partition's default)")
     p.add_argument("--time", type=int, default=2880, help="time limit of each job, minutes")
-    p.add_argument("--partition", type=str, default=None)
-    p.add_argument("--account", type=str, default=None)
-    p.add_argument("--qos", type=str, default=None)
+    p.add_argument("--partition", type=str, default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--account", type=str, default=None, help="SLURM account to charge")
+    p.add_argument("--qos", type=str, default=None, help="SLURM quality of service")
     p.add_argument("--constraint", type=str, default=None, help='node features, e.g. "a100"')
-    p.add_argument("--job_name", type=str, default="lavt")
+    p.add_argument("--job_name", type=str, default="lavt", help="the job's name in the queue")
     p.add_argument(
         "--job_dir",
         type=str,
