@@ -76,9 +76,9 @@ def _split_sizes(num_images: int, split_sizes: dict[str, int] | None) -> dict[st
         if unknown:
             raise ValueError(f"split_sizes has unknown splits {sorted(unknown)}; expected {SPLIT_ORDER}")
         return {s: int(split_sizes.get(s, 0)) for s in SPLIT_ORDER}
-    held_out = max(1, round(num_images / 11))
-    if num_images < 4 * held_out:
+    if num_images < 4:  # (from 4 on, one eleventh each, at least one, leaves at least one to train on)
         raise ValueError(f"num_images={num_images} is too small for train/val/testA/testB; give at least 4")
+    held_out = max(1, round(num_images / 11))
     return {"train": num_images - 3 * held_out, "val": held_out, "testA": held_out, "testB": held_out}
 
 

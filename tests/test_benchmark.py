@@ -158,6 +158,14 @@ def test_benchmark_smoke(tmp_path, capsys):
         assert row["eval expr/s B=1"].startswith(f"{ev['batch1']['expr_per_s']:.2f}")
         assert row["eval peak MB (B=3)"] == f"{ev['batch3']['peak_mb']:.0f}"
         assert row["train step ms (B=2)"].startswith(f"{tr['step_ms']:.0f}")
+        rates = "/".join(f"{v / 1e9:.0f}" for v in r["matmul_flops_per_s"].values())
+        assert row["matmul GFLOP/s"] == rates
+        assert row["achieved GFLOP/s train/eval"] == "/".join(
+            f"{d['achieved_flops_per_s'] / 1e9:.3g}" for d in (tr, ev["batch3"])
+        )
+        assert row["first call s train/eval B=1"] == f"{tr['first_call_s']:.1f}/{ev['batch1']['first_call_s']:.1f}"
+        assert row["train peak MB"].startswith(f"{tr['peak_mb']:.0f}")
+        assert row["eval expr/s B=3"].startswith(f"{ev['batch3']['expr_per_s']:.2f}")
     assert len(grid) == 3 and len(head) == 11
 
 

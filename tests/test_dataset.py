@@ -319,6 +319,9 @@ def test_build_dataset_from_config(syn_root: Path, tokenizer):
     aug = get_config(opts=opts + ["DATA.AUGMENT", True])
     assert build_dataset(aug, "train", eval_mode=False, tokenizer=tokenizer).augment is not None
     assert build_dataset(aug, "val", eval_mode=False, tokenizer=tokenizer, augment=False).augment is None
+    for cache in (True, False):  # DATA.CACHE reaches the training dataset
+        cfg = get_config(opts=opts + ["DATA.CACHE", cache])
+        assert build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer).cache is cache
 
 
 def test_splits_share_one_refer(syn_root: Path, tokenizer, tmp_path: Path):

@@ -91,6 +91,12 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path):
     assert np.array_equal(load_rgb(path), grey([0, 1, 4, 128, 255, 1]))
 
 
+def test_dark_16_bit_image_keeps_the_16_bit_scale():
+    """A 16-bit image whose values all fit 0..255 is still 16-bit: v / 257, near black (not read as 8-bit levels)."""
+    im = Image.frombytes("I;16", (3, 1), np.array([0, 100, 255], dtype="<u2").tobytes())
+    assert np.array_equal(np.asarray(to_rgb(im)), grey([0, 0, 1]))  # 100 / 257 = 0.39, 255 / 257 = 0.99
+
+
 @pytest.mark.parametrize("mode, dtype", [("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")])
 def test_16_bit_byte_orders(mode: str, dtype: str):
     im = Image.frombytes(mode, (3, 1), np.array([0, 514, 65535], dtype=dtype).tobytes())

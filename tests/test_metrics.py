@@ -46,6 +46,12 @@ def test_intersection_union_hand_counted():
 def test_intersection_union_shape_mismatch():
     with pytest.raises(ValueError, match=r"pred \(4, 2, 3\) and target \(4, 3, 2\)"):
         intersection_union(PRED, GT.transpose(1, 2))
+    # one mask without its batch dimension is refused, not counted as two masks of one row each
+    with pytest.raises(ValueError, match=r"pred \(2, 3\) and target \(2, 3\) must be equal shapes \[B, H, W\]"):
+        intersection_union(PRED[1], GT[1])
+    with pytest.raises(ValueError, match=r"pred \(1, 4, 2, 3\)"):
+        intersection_union(PRED[None], GT[None])
+    assert [t.tolist() for t in intersection_union(PRED[1:2], GT[1:2])] == [[4], [5]]  # a batch of one
 
 
 def test_summary_hand_computed():

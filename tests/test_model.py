@@ -173,6 +173,9 @@ def test_param_groups_follow_official_recipe(tiny_bert):
     assert groups["backbone_no_decay"]["weight_decay"] == 0.0
     assert all("norm" in n or "relative_position_bias_table" in n for n in no_decay)
     assert not any("norm" in names[id(p)] for p in groups["backbone"]["params"])
+    # the relative position bias tables are not decayed either (the official recipe, as Swin's)
+    tables = {n for n, _ in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert len(tables) == 8 and tables <= set(no_decay)
     text = {names[id(p)] for p in groups["text_encoder"]["params"]}
     assert text and all(n.startswith("text_encoder.encoder.layer.0.") for n in text)
     n_all = sum(len(g["params"]) for g in groups.values())

@@ -279,9 +279,12 @@ def test_wording_matches_description(refer: REFER, attributes: dict):
     colour_words, size_words = set(COLOURS), {w for ws in SIZE_WORDS.values() for w in ws}
     kind_words = {w for ws in KIND_WORDS.values() for w in ws}
     kinds_seen = {"position": 0, "relation": 0, "attributes": 0}
+    # one article per noun phrase: never "the the ..." nor "the left the ..."
+    before_the = {w for group in POSITION_WORDS.values() for before, _ in group.values() for w in before} | {"the"}
     for sent_id, sent in refer.Sents.items():
         desc = attributes["sentences"][str(sent_id)]
         tokens, text = set(sent["tokens"]), " " + sent["sent"] + " "
+        assert not any(f" {w} the " in text for w in before_the), sent["sent"]
         parts = [desc] + ([desc["relation"]["landmark"]] if "relation" in desc else [])
         assert tokens & colour_words == {p["colour"] for p in parts if "colour" in p}, sent["sent"]
         assert tokens & kind_words == {w for p in parts if "kind" in p for w in KIND_WORDS[p["kind"]]} & tokens
@@ -366,6 +369,11 @@ def test_synthetic_sizes():
     assert synthetic_sizes(2400) == {"num_images": 2400}  # the default split, one eleventh each:
     assert synthetic._split_sizes(2400, None) == {"train": 1746, "val": 218, "testA": 218, "testB": 218}  # 218.2
     assert synthetic._split_sizes(9654, None) == {"train": 7020, "val": 878, "testA": 878, "testB": 878}  # 877.6
+    assert synthetic._split_sizes(4, None) == {"train": 1, "val": 1, "testA": 1, "testB": 1}  # the fewest
+    for n in range(4, 400):  # every split gets images, and all of them are used
+        sizes = synthetic._split_sizes(n, None)
+        assert sum(sizes.values()) == n and min(sizes.values()) >= 1
+        assert sizes["val"] == sizes["testA"] == sizes["testB"]
     assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
     with pytest.raises(ValueError, match="9 synthetic images leave none for train after 3 x 3"):
         synthetic_sizes(9, 3)

@@ -19,6 +19,25 @@ def test_single_process_without_torchrun(monkeypatch):
     assert torch.equal(all_reduce_sum(t), t)
 
 
+def test_collectives_inside_a_process_group(tmp_path):
+    """The same calls inside a real (Gloo, one-process) group go through torch.distributed: the sum is a new
+    tensor, the input left as it was; the mean divides by the group's size; the gathered list holds each rank's."""
+    import torch.distributed as dist
+
+    from utils.distributed import all_reduce_mean, cleanup, is_dist_avail_and_initialized
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        t = torch.tensor([1.0, 2.5])
+        total = all_reduce_sum(t)
+        assert is_dist_avail_and_initialized() and get_world_size() == 1
+        assert torch.equal(total, t) and total.data_ptr() != t.data_ptr()
+        assert torch.equal(all_reduce_mean(t), t) and all_gather_object({"rank": 0}) == [{"rank": 0}]
+    finally:
+        cleanup()
+    assert not is_dist_avail_and_initialized()
+
+
 def test_bad_environment(monkeypatch):
     monkeypatch.setenv("RANK", "zero")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -33,7 +33,7 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     Returns:
         (I [B] int64, U [B] int64), on the input's device.
     """
-    if pred.shape != target.shape or pred.dim() < 2:
+    if pred.shape != target.shape or pred.dim() != 3:  # (one [H, W] mask would count as H masks of one row)
         raise ValueError(
             f"intersection_union: pred {tuple(pred.shape)} and target {tuple(target.shape)} must be "
             "equal shapes [B, H, W]"
