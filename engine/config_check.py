@@ -218,12 +218,8 @@ def validate_config(cfg: Any) -> None:
     """Check every value of ``cfg`` (a yacs CfgNode or nested dicts) against its key's rule: types, ranges,
     choices, finite numbers, and a few rules between keys. Raises ConfigError (one line) at the first bad value."""
 
-    def get(key: str) -> Any:
-        known, value = lookup(cfg, key)
-        return value if known else None
-
     for key, rule in _rules().items():
         known, value = lookup(cfg, key)
         if known:
             rule(key, value)
-    _cross_checks(get)
+    _cross_checks(lambda key: lookup(cfg, key)[1])  # None for a key the config lacks

@@ -9,7 +9,9 @@ import logging
 import os
 import pickle
 import re
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +153,19 @@ def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Pat
         check_images(bad, ["train", "val"], cache_file=cache)
 
 
+def test_an_unreadable_header_is_named_with_its_reason(tmp_path: Path):
+    """A header PIL refuses to open (here a PNG that announces 20000x20000 pixels: a decompression bomb) is one
+    more bad image, with PIL's reason, not a crash of the check."""
+    png = bytearray(encoded("PNG", 40, 30))
+    header = png[12:29]  # the IHDR chunk's type and data
+    header[4:12] = struct.pack(">II", 20000, 20000)
+    png[12:29], png[29:33] = header, struct.pack(">I", zlib.crc32(bytes(header)))
+    refer = write_dataset(tmp_path, {"bomb.png": bytes(png)}, {"bomb.png": (40, 30)}, {"bomb.png": "train"})
+    with pytest.raises(ImageCheckError, match=r"bomb\.png \(unreadable header \(DecompressionBombError: Image size "
+                       r"\(400000000 pixels\) exceeds limit"):  # fmt: skip
+        check_images(refer, ["train"])
+
+
 def test_unreadable_cache_is_rebuilt(bad: REFER, tmp_path: Path, caplog):
     cache = tmp_path / "images.json"
     cache.write_text("{broken")
@@ -159,7 +174,7 @@ def test_unreadable_cache_is_rebuilt(bad: REFER, tmp_path: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="data.checks"):
         assert check_images(bad, ["train"], cache_file=cache).checked == 1
     assert [r.name for r in caplog.records] == ["data.checks"]  # the library's logger, which main.py's log file gets
-    assert "is unreadable or outdated: checking anew" in caplog.text
+    assert f"image check cache {cache} is unreadable or outdated: checking anew" in caplog.text
     assert json.loads(cache.read_text())["version"] == checks.CACHE_VERSION
     path = os.path.join(bad.IMAGE_DIR, "a_good.jpg")
     cache.write_text(json.dumps({"version": checks.CACHE_VERSION, "images": {path: "junk"}}))  # edited by hand

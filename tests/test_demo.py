@@ -223,6 +223,13 @@ def test_cli_example_uses_a_dataset_image_and_its_expressions(run, predictor, tm
     assert Image.open(tmp_path / "o.png").size[0] == n * rgb.shape[1] + (n - 1) * 4
 
 
+def test_cli_writes_overlay_png_by_default(run, tmp_path, monkeypatch):
+    """Without --out the overlay is overlay.png in the current folder, and no mask file is written."""
+    monkeypatch.chdir(tmp_path)
+    demo.main(["--checkpoint", str(run["checkpoint"]), "--example", "0", "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.png"] and Image.open("overlay.png").format == "PNG"
+
+
 def test_cli_amp_reaches_the_predictor(run, tmp_path, caplog):
     argv = ["--checkpoint", str(run["checkpoint"]), "--example", "0", "--out", str(tmp_path / "o.png"), "--device"]
     with caplog.at_level(logging.INFO, logger="tools.demo"):

@@ -413,3 +413,8 @@ def test_resumed_epoch_keeps_its_low_res_iterations(env, tmp_path, train_objects
     monkeypatch.setattr(loops_module, "train_step", step)
     run(env, tmp_path, "--resume", "auto", **over)
     assert sides == [40, 40] + [48] * (per_epoch - 3)
+    [log] = list(tmp_path.rglob("log.txt"))  # each run of the folder says how its epochs train
+    said = [x.split(" INFO ", 1)[1] for x in log.read_text().splitlines() if "(TRAIN.LOW_RES_SIZE)" in x]
+    expected = [f"epoch {e} trains {n} of its {per_epoch} iterations at 40x40 (TRAIN.LOW_RES_SIZE)"
+                for e, n in ((0, per_epoch), (1, 3), (1, 3))]  # fmt: skip
+    assert said == expected

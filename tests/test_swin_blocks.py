@@ -139,6 +139,7 @@ def test_window_attention_windows_as_heads_matches_official(qkv_bias, fused_attn
 
     torch.manual_seed(10)
     attn = WindowAttention(8, 3, 2, qkv_bias=qkv_bias, fused_attn=fused_attn).eval()
+    assert (attn.qkv.bias is not None) == qkv_bias
     _random_bias(type("Blk", (), {"attn": attn})())
     B, nW, N = 2, 4, 9
     x, masks = torch.randn(B, N, nW, 8), torch.randn(2, N, N)

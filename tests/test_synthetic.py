@@ -228,6 +228,8 @@ def test_square_circle_triangle_and_heart_outlines():
     """Unrotated, a square's corners lie at (+-0.85 r, +-0.85 r); rotated, its sides stay 1.7 r; a circle's points
     lie at r from the centre; the triangle (corners at 1.1 r, one up) and the heart have their boxes centred on the
     object's centre, where the expressions' positions are measured from."""
+    with pytest.raises(ValueError, match=r"unknown shape kind 'oval'; expected one of \['circle', "):
+        _shape_points("oval", 10.0, 0.0)
     corners = sorted(map(tuple, _shape_points("square", 10.0, 0.0).round(9)))
     assert corners == [(-8.5, -8.5), (-8.5, 8.5), (8.5, -8.5), (8.5, 8.5)]
     square = _shape_points("square", 10.0, 0.3)
@@ -353,10 +355,13 @@ def test_command_line(tmp_path: Path):
         [sys.executable, "-m", "data.synthetic", "--help"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert "--num-images" in out and "--root" in out
-    main(["--root", str(tmp_path), "--num-images", "4", "--min-size", "64", "--max-size", "64", "--seed", "2"])
+    main(["--root", str(tmp_path), "--num-images", "4", "--min-size", "64", "--max-size", "64", "--seed", "2",
+          "--min-objects", "2", "--max-objects", "3", "--max-expressions", "2"])
     assert len(REFER(tmp_path, "synthetic").Imgs) == 4
-    generate(tmp_path / "a", num_images=4, min_size=64, max_size=64, seed=2)  # --seed 2 is the seed 2
-    for name in ("instances.json", "generator.json"):  # the same images, and the seed recorded as the number 2
+    # --seed 2 is the seed 2, --max-expressions 2 the number 2, ...
+    generate(tmp_path / "a", num_images=4, min_size=64, max_size=64, seed=2, min_objects=2, max_objects=3,
+             max_expressions=2)  # fmt: skip
+    for name in ("instances.json", "generator.json"):  # the same images, and the arguments recorded as numbers
         assert (tmp_path / "synthetic" / name).read_bytes() == (tmp_path / "a" / "synthetic" / name).read_bytes()
     main(["--root", str(tmp_path / "b"), "--num-images", "9", "--eval-images", "2", "--min-size", "64",
           "--max-size", "64"])

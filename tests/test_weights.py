@@ -115,6 +115,10 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     cut = r"^cannot read checkpoint .*cut.pth: the file is cut short or damaged \(PytorchStreamReader failed "
     with pytest.raises(CheckpointError, match=cut + r"reading zip archive: failed finding central directory\)"):
         load_weights(model, tmp_path / "cut.pth")
+    torch.save({"model": model.state_dict()}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy_cut.pth").write_bytes((tmp_path / "legacy.pth").read_bytes()[:40])  # torch: EOFError
+    with pytest.raises(CheckpointError, match=r"^cannot read checkpoint .*legacy_cut.pth: the file is cut short$"):
+        load_weights(model, tmp_path / "legacy_cut.pth")
     torch.save({"model": model.state_dict(), "evil": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pth")
     # torch's several paragraphs of advice come down to one line naming the class it refused
     one_line = r"^cannot read checkpoint .*pickled_module.pth: it holds objects other than tensors and plain values, " \
@@ -173,9 +177,11 @@ def _swin_imagenet_state(window: int) -> dict:
     state = {k: v.normal_() if v.is_floating_point() else v for k, v in src.state_dict().items()
              if ".fusion." not in k and ".res_gate." not in k and not k.startswith("norm")}
     state.update({"norm.weight": torch.ones(64), "norm.bias": torch.zeros(64), "head.weight": torch.randn(10, 64),
-                  "head.bias": torch.zeros(10), "layers.0.blocks.1.attn_mask": torch.zeros(4, 49, 49),
-                  "layers.0.blocks.0.attn.relative_position_index": torch.zeros(49, 49, dtype=torch.long)})
-    return state
+                  "head.bias": torch.zeros(10)})
+    # buffers the original files carry, first here: among the weights, as in those files, not after them
+    derived = {"layers.0.blocks.1.attn_mask": torch.zeros(4, 49, 49),
+               "layers.0.blocks.0.attn.relative_position_index": torch.zeros(49, 49, dtype=torch.long)}
+    return {**derived, **state}
 
 
 def test_swin_imagenet_init_resizes_tables(tmp_path):
@@ -189,6 +195,8 @@ def test_swin_imagenet_init_resizes_tables(tmp_path):
     assert torch.equal(own["layers.2.blocks.1.attn.qkv.weight"], state["layers.2.blocks.1.attn.qkv.weight"])
     assert torch.equal(own["layers.1.downsample.reduction.weight"], state["layers.1.downsample.reduction.weight"])
     assert torch.equal(own["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+    loaded = [k for k in state if k in own and "relative_position_bias_table" not in k]
+    assert len(loaded) > 50 and all(torch.equal(own[k], state[k]) for k in loaded)  # every weight of the file
     table = state["layers.3.blocks.0.attn.relative_position_bias_table"]  # [13 * 13, 4]
     expect = F.interpolate(table.T.reshape(1, 4, 13, 13), size=(23, 23), mode="bicubic").reshape(4, 529).T
     assert own["layers.3.blocks.0.attn.relative_position_bias_table"].shape == (529, 4)
