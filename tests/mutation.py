@@ -135,13 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.seed})",
             flush=True,
         )
+    # the tests' temporary folders (runs, datasets, checkpoints: GBs over a round) in one place, removed after it:
+    # pytest's own clean-up keeps those of the mutants it cannot lock, and a full disk fails the clean run
+    temp_root = args.workdir / "pytest-tmp"
+    shutil.rmtree(temp_root, ignore_errors=True)
+    temp_root.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env["PYTEST_DEBUG_TEMPROOT"] = str(temp_root)
     todo = [n for names in chosen.values() for n in names]
-    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *todo],
-                         cwd=args.workdir, env=env, capture_output=True, text=True)  # fmt: skip
+    try:
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *todo],
+                             cwd=args.workdir, env=env, capture_output=True, text=True)  # fmt: skip
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
     (args.workdir / "mutmut_run.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
-        sys.exit(f"mutmut failed (exit {run.returncode}); see {args.workdir / 'mutmut_run.log'}")
+        free_gb = shutil.disk_usage(args.workdir).free / 1e9
+        sys.exit(f"mutmut failed (exit {run.returncode}); see {args.workdir / 'mutmut_run.log'} ({free_gb:.1f} GB "
+                 "free on its disk now: a full disk fails mutmut's clean run)")  # fmt: skip
     status = statuses(args.workdir)
     summary: dict = {"groups": {}, "survivors": {}}
     for g, names in chosen.items():

@@ -174,7 +174,8 @@ def test_unreadable_cache_is_rebuilt(bad: REFER, tmp_path: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="data.checks"):
         assert check_images(bad, ["train"], cache_file=cache).checked == 1
     assert [r.name for r in caplog.records] == ["data.checks"]  # the library's logger, which main.py's log file gets
-    assert f"image check cache {cache} is unreadable or outdated: checking anew" in caplog.text
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"image check cache {cache} is unreadable or outdated: checking anew"]
     assert json.loads(cache.read_text())["version"] == checks.CACHE_VERSION
     path = os.path.join(bad.IMAGE_DIR, "a_good.jpg")
     cache.write_text(json.dumps({"version": checks.CACHE_VERSION, "images": {path: "junk"}}))  # edited by hand
