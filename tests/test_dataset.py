@@ -294,7 +294,7 @@ def test_tokenizer_by_folder_and_alias(syn_root: Path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation
-# (the augmentation itself: tests/test_augment.py)
+# (the augmentation itself: tests/test_transforms.py)
 def test_augment_only_in_training(syn_root: Path, tokenizer):
     assert ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True).augment
     ds = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16, augment=True, eval_mode=True)
@@ -385,18 +385,3 @@ def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, to
     # evaluation items carry the original-size mask: never cached
     ev = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=32, eval_mode=True, cache=True)
     assert ev[0]["target_orig"].ndim == 2 and not ev.cache and not ev._masks and not ev._images
-
-
-def test_to_tensor_is_torchvisions_also_where_opencv_writes_elsewhere(monkeypatch):
-    """``to_tensor`` is torchvision's ``normalize(to_tensor(img))`` bit for bit, also where OpenCV's table look-up
-    returns an array of its own instead of filling the one it was given (the fallback copy)."""
-    import cv2
-
-    from data.transforms import to_tensor
-
-    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    expected = TF.normalize(TF.to_tensor(image), list(IMAGENET_MEAN), list(IMAGENET_STD))
-    assert torch.equal(to_tensor(image), expected)
-    real = cv2.LUT
-    monkeypatch.setattr(cv2, "LUT", lambda src, lut, dst=None: real(src, lut))  # never into dst
-    assert torch.equal(to_tensor(image), expected)

@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.run_folder as run_folder
 import main as main_module
 from args import names_run_folder, parse_args
 from configs import get_config
 from engine.run_folder import LOCK_NAME, RunFolderError, eval_run_dir
 from models import CheckpointError
 from refer import ReferDataError
+from utils.distributed import DistInfo
 from utils.lock import RunLock, RunLockedError
 
 from .helpers_train import tiny_env, tiny_main_argv
@@ -337,9 +339,6 @@ def test_process_start_read_past_a_name_with_parentheses():
 def test_other_ranks_get_rank_zeros_folder_or_its_error(tmp_path, monkeypatch):
     """Rank 0 alone chooses and locks the folder; every other rank gets its path and reason (no lock of its own), or
     raises its error. The gathering across processes is stood in for: each rank receives rank 0's verdict first."""
-    import engine.run_folder as run_folder
-    from utils.distributed import DistInfo
-
     verdicts: list = []
     monkeypatch.setattr(run_folder, "all_gather_object", lambda obj: verdicts.append(obj) or [verdicts[0], obj])
     cpu = torch.device("cpu")

@@ -2,8 +2,17 @@ import logging
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from utils.distributed import all_gather_object, all_reduce_sum, get_world_size, init_distributed_mode
+from utils.distributed import (
+    all_gather_object,
+    all_reduce_mean,
+    all_reduce_sum,
+    cleanup,
+    get_world_size,
+    init_distributed_mode,
+    is_dist_avail_and_initialized,
+)
 from utils.logger import MetricLogger, SmoothedValue, setup_logging
 
 
@@ -22,10 +31,6 @@ def test_single_process_without_torchrun(monkeypatch):
 def test_collectives_inside_a_process_group(tmp_path):
     """The same calls inside a real (Gloo, one-process) group go through torch.distributed: the sum is a new
     tensor, the input left as it was; the mean divides by the group's size; the gathered list holds each rank's."""
-    import torch.distributed as dist
-
-    from utils.distributed import all_reduce_mean, cleanup, is_dist_avail_and_initialized
-
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         t = torch.tensor([1.0, 2.5])

@@ -1,13 +1,16 @@
-"""data.transforms.TrainAugment, the training augmentation: image and mask warped together (nearest neighbour for
-the mask, never flipped: expressions say left and right), the warp read back as the documented scale and shift,
-and the photometric jitter as one affine map of the intensities, saturated as uint8."""
+"""data.transforms: ``to_tensor`` against torchvision's normalisation, and ``TrainAugment``, the training
+augmentation: image and mask warped together (nearest neighbour for the mask, never flipped: expressions say left
+and right), the warp read back as the documented scale and shift, and the photometric jitter as one affine map of
+the intensities, saturated as uint8."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 
-from data.transforms import TrainAugment
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, to_tensor
 
 
 def _coordinate_image(size: int) -> np.ndarray:
@@ -123,3 +126,14 @@ def test_augment_jitter_saturates_dark_pixels_at_zero():
         darkened += (a * g + b < -5).any()
         brightened += (a * g + b > 260).any()
     assert darkened and brightened  # both saturations were exercised
+
+
+def test_to_tensor_is_torchvisions_also_where_opencv_writes_elsewhere(monkeypatch):
+    """``to_tensor`` is torchvision's ``normalize(to_tensor(img))`` bit for bit, also where OpenCV's table look-up
+    returns an array of its own instead of filling the one it was given (the fallback copy)."""
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = TF.normalize(TF.to_tensor(image), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert torch.equal(to_tensor(image), expected)
+    real = cv2.LUT
+    monkeypatch.setattr(cv2, "LUT", lambda src, lut, dst=None: real(src, lut))  # never into dst
+    assert torch.equal(to_tensor(image), expected)
