@@ -308,3 +308,14 @@ def test_benchmark_times_with_mains_malloc_unless_told(monkeypatch):
     with pytest.raises(ValueError, match="BenchSpec.malloc must be one of \\('keep', 'default'\\), got 'off'"):
         benchmark._prepare(benchmark.BenchSpec(opts=TINY_OPTS, malloc="off"))
     assert benchmark.get_parser().parse_args([]).malloc == "keep"
+
+
+def test_a_bf16_variant_builds_the_model_a_bf16_run_trains(monkeypatch):
+    """The decoder's weight layouts follow the precision training computes in (``build_model``'s ``dtype``): a bf16
+    variant must be built as ``TRAIN.AMP bf16`` builds it, float32 ones as float32."""
+    dtypes = []
+    real = benchmark.build_model
+    monkeypatch.setattr(benchmark, "build_model", lambda *a, **k: dtypes.append(k["dtype"]) or real(*a, **k))
+    for variant in ("bf16", "base", "fused+bf16"):
+        benchmark._prepare(benchmark.BenchSpec(variant=variant, opts=TINY_OPTS, size=64, phases=[], malloc="default"))
+    assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16]

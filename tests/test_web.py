@@ -17,8 +17,13 @@ import http.client
 import io
 import json
 import os
+import queue
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -340,6 +345,34 @@ def test_startup_flags_reach_the_server(run, tmp_path):
         server.server_close()
     with pytest.raises(ValueError, match="bare.pth stores no config"):
         web.build(argv[:2] + argv[4:])
+
+
+def test_the_command_serves_until_ctrl_c(run):
+    """``python -m tools.web`` as a user starts it: an INFO line with the address it listens on (port 0: the one it
+    was given) after the model's, the page served there, and Ctrl-C ending it with status 0 and no traceback."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    argv = [sys.executable, "-m", "tools.web", "--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0"]
+    proc = subprocess.Popen(argv, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        shown = [lines.get(timeout=60)]  # the model's INFO lines, then the address
+        while "serving on" not in shown[-1]:
+            shown.append(lines.get(timeout=60))
+        ready = re.fullmatch(r"INFO serving on http://127\.0\.0\.1:(\d+)/ \(Ctrl-C stops\)\n", shown[-1])
+        assert ready, shown
+        url = f"http://127.0.0.1:{ready[1]}/"
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            assert answer.status == 200 and b"<code id=\"model\">" in answer.read()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    proc.wait()
+    time.sleep(0.2)  # the reader thread drains what is left
+    rest = "".join(lines.queue)
+    assert "Traceback" not in rest, rest
 
 
 def test_page_names_the_model_lavt_without_a_name(predictor):

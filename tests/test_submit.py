@@ -1,0 +1,198 @@
+"""tools/submit.py, the submitit launcher: its command line, the sbatch header it asks for, the forwarding of
+SLURM's signals to main.py, and a preempt/requeue cycle on submitit's local executor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import submitit
+import torch
+
+import main as main_module
+from models import read_checkpoint
+from tools import submit as submit_module
+
+from .helpers_train import tiny_env, tiny_opts, wait_for
+
+
+@pytest.mark.slow
+def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path_factory, tmp_path, monkeypatch):
+    """A training submitted with tools/submit.py to submitit's local executor, preempted mid-epoch the way SLURM
+    does it (submitit's signal to the task and to everything it started) and requeued, ends with exactly the weights
+    and optimizer state of the same training never interrupted.
+
+    Submitit's own ``LocalJob._interrupt`` signals its local controller process, which has no handler for it and
+    dies without requeueing (submitit 1.5.4), so the test signals the task's processes itself."""
+    data_root, text = tiny_env(tmp_path_factory)
+    # one epoch of 11 iterations (89 objects, batch 8), last.pth after iterations 2, 4, ...
+    over = dict(TRAIN__EPOCHS=1, TRAIN__BATCH_SIZE=8, TRAIN__CHECKPOINT_EVERY=2, EVAL__AFTER_TRAIN=False)
+
+    def argv(out: Path) -> list[str]:
+        return ["--cfg_file", "", "--device", "cpu", "--opts", *tiny_opts(data_root, text, out, **over)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's processes (OMP_NUM_THREADS=1): the same arithmetic
+    try:
+        main_module.main(argv(tmp_path / "straight"))
+    finally:
+        torch.set_num_threads(threads)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=30)
+    job = submit_module.submit(executor, submit_module.main_argv(argv(tmp_path / "submitted")), grace_s=60)
+    run_dir = tmp_path / "submitted" / "tiny"
+    try:
+        wait_for(lambda: (run_dir / "last.pth").is_file(), "the first periodic checkpoint")  # after iteration 2
+        task_pid, main_pid = map(int, re.search(r"\(pid (\d+)\): main.py started, pid (\d+)",
+                                                Path(job.paths.stderr).read_text()).groups())  # fmt: skip
+        os.kill(main_pid, signal.SIGSTOP)  # held mid-epoch until the stop request is on its way
+        for pid in (task_pid, main_pid):  # SLURM signals every process of the task; main.py ignores submitit's
+            os.kill(pid, submit_module.submitit_signal())
+        wait_for(lambda: "forwarded to main.py" in Path(job.paths.stderr).read_text(), "the forwarded signal")
+        os.kill(main_pid, signal.SIGCONT)
+        wait_for(job.done, "the requeued job to finish", timeout=300)
+    finally:
+        if not job.done():
+            job.cancel()
+    assert job.result() is None
+    log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert "requeueing: main.py" in log and "Requeued job" in log
+    assert log.count("main.py started") == 2  # the first run and the requeued one
+    run_log = (run_dir / "log.txt").read_text()
+    stopped = re.search(r"stopped: SIGUSR1 received: checkpoint .* written at epoch 0, iteration (\d+)", run_log)
+    assert stopped and 2 <= int(stopped.group(1)) < 11, run_log  # mid-epoch
+    assert "resumed from" in run_log
+
+    a = read_checkpoint(tmp_path / "straight" / "tiny" / "last.pth")
+    b = read_checkpoint(run_dir / "last.pth")
+    assert (a["epoch"], a["iteration"], a["best"]) == (b["epoch"], b["iteration"], b["best"]) and a["epoch"] == 0
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+
+
+
+def test_submit_refuses_before_creating_anything(tmp_path, capsys):
+    """tools/submit.py adds --resume auto itself; a --resume of the user's, or no main.py arguments, is one line and
+    exit status 2 before the job folder exists."""
+    assert submit_module.main_argv(["--epochs", "3"]) == ["--epochs", "3", "--resume", "auto"]
+    job_dir = tmp_path / "jobs"
+    for argv, message in [
+        (["--", "--epochs", "3", "--resume"], "adds --resume auto itself: remove --resume"),
+        (["--", "--resume=auto"], "adds --resume auto itself"),
+        (["--", "--eval", "--pretrain", "x.pth"], "submits training"),
+        ([], "no main.py arguments"),
+    ]:
+        assert submit_module.cli(["--job_dir", str(job_dir), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0]
+    assert not job_dir.exists()
+
+
+@pytest.mark.parametrize("delay,grace", [(120, 90), (30, 10)])
+def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, delay, grace):
+    """The run is told to stop 30 s after the signal, and never less than 10 s before it must (``grace_s``)."""
+    seen = {}
+
+    def fake_submit(executor, argv_main, grace_s):
+        seen.update(executor=executor, argv=argv_main, grace_s=grace_s)
+        return SimpleNamespace(job_id="7", paths=SimpleNamespace(stdout="o.log", stderr="e.log"))
+
+    monkeypatch.setattr(submit_module, "build_executor", lambda args: "executor")
+    monkeypatch.setattr(submit_module, "submit", fake_submit)
+    assert submit_module.cli(["--signal_delay_s", str(delay), "--", "--cfg_file", "c.yaml"]) == 0
+    assert seen["grace_s"] == grace and seen["executor"] == "executor" and "--resume" in seen["argv"]
+    assert capsys.readouterr().out == "submitted job 7: logs o.log and e.log\n"
+
+
+def test_submit_help_explains_its_flags():
+    text = " ".join(submit_module.get_parser().format_help().split())
+    assert "one task (process) per GPU (default: 4)" in text and "job logs (%j: job id)" in text
+
+
+def test_submit_slurm_resources(tmp_path, monkeypatch):
+    """The sbatch header submitit writes for tools/submit.py's flags: one task per GPU, submitit's signal 120 s
+    before the limit (``srun`` faked: submitit refuses to build a SLURM executor without it)."""
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    flags = ["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu", "--account", "proj", "--time", "600"]
+    args = submit_module.get_parser().parse_args([*flags, "--job_dir", str(tmp_path / "jobs")])
+    text = submit_module.build_executor(args)._executor._make_submission_file_text("python -m x", "uid")
+    header = {line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")}
+    expected = {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--partition=gpu",
+                "--account=proj", "--time=600", "--signal=USR2@120"}  # fmt: skip
+    assert expected <= header, header
+    assert not any(h.startswith("--mem") for h in header)  # the partition's default memory
+    args = submit_module.get_parser().parse_args([*flags, "--mem_gb", "64", "--job_dir", str(tmp_path / "jobs")])
+    text = submit_module.build_executor(args)._executor._make_submission_file_text("python -m x", "uid")
+    assert "--mem=64GB" in {line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")}
+
+
+# a stand-in for main.py: says when it is ready, counts the SIGUSR1s it gets, and ends on the first unless told to
+# hold on (then it waits to be killed, as a training stuck past its grace period)
+CHILD = """
+import signal, sys, time
+got = []
+def on_stop(signum, frame):
+    got.append(signum)
+    print("stop", flush=True)
+    if sys.argv[1] == "obeys":
+        time.sleep(0.3)  # a second signal meanwhile would be counted
+        sys.exit(0)
+signal.signal(signal.SIGUSR1, on_stop)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _started(trainer: submit_module.Trainer, mode: str) -> list[str]:
+    """``trainer`` given the stand-in as its running main.py (what ``__call__`` starts), reaped as it reaps it."""
+    trainer._proc = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdout=subprocess.PIPE, text=True)
+    assert trainer._proc.stdout.readline() == "ready\n"
+    threading.Thread(target=trainer._reap, daemon=True).start()
+    return []
+
+
+def test_signals_reach_main_py_once_and_checkpoint_waits_for_it(caplog):
+    """Every signal the task gets calls submitit's handler, but main.py is asked to stop once (a second SIGUSR1
+    would be another stop request); ``checkpoint`` waits for it to exit and requeues the same command; a main.py that
+    does not stop within ``grace_s`` is killed; and nothing is sent to a main.py that has exited."""
+    caplog.set_level("INFO", logger="tools.submit")
+    trainer = submit_module.Trainer(["--epochs", "3", "--resume", "auto"], grace_s=30)
+    handled = _started(trainer, "obeys")
+    for signum in (signal.SIGUSR2, signal.SIGTERM):
+        trainer._on_signal(lambda s, f: handled.append(s), signum, None)
+    requeued = trainer.checkpoint()
+    assert handled == [signal.SIGUSR2, signal.SIGTERM] and trainer._returncode == 0  # exited by itself
+    assert trainer._proc.stdout.read() == "stop\n"  # one request
+    assert f"forwarded to main.py (pid {trainer._proc.pid}) as SIGUSR1" in caplog.text and "killed" not in caplog.text
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission)
+    again = requeued.function
+    assert isinstance(again, submit_module.Trainer) and again is not trainer and again._proc is None
+    assert (again.argv, again.grace_s, again.script) == (trainer.argv, 30, trainer.script)
+    trainer._stop_sent = False  # even unsent: an exited main.py is not signalled (its pid may be another's now)
+    trainer._stop_child()
+    assert caplog.text.count("forwarded to main.py") == 1
+
+    stuck = submit_module.Trainer([], grace_s=0.5)
+    _started(stuck, "holds")
+    t0 = time.monotonic()
+    stuck.checkpoint()
+    assert stuck._proc.wait(timeout=10) == -signal.SIGKILL and 0.5 <= time.monotonic() - t0 < 5
+    assert stuck._proc.stdout.read() == "stop\n"  # asked first, by checkpoint itself
+    assert "main.py did not stop within 0 s: killed" in caplog.text
