@@ -20,7 +20,6 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from configs import DEMO_CONFIG, get_config
-from configs.validate import ConfigError
 from models import CheckpointError, checkpoint_format
 from utils.lock import STALE_AFTER_S
 
@@ -274,7 +273,4 @@ def config_from_args(args: argparse.Namespace) -> CfgNode:
         overrides += [key, repr(list(value)) if isinstance(value, list | tuple) else repr(value)]
     if getattr(args, "eval", False) and args.batch_size is not None and args.eval_batch_size is None:
         overrides += ["EVAL.BATCH_SIZE", repr(args.batch_size)]
-    try:
-        return get_config(args.cfg_file, overrides + list(args.opts or []))
-    except AssertionError as e:  # yacs asserts on unknown keys: "Non-existent key: A.B"
-        raise ConfigError(f"unknown config key in --cfg_file {args.cfg_file} / --opts: {e}") from e
+    return get_config(args.cfg_file, overrides + list(args.opts or []))

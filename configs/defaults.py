@@ -232,14 +232,37 @@ def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = 
         path = Path(cfg_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            loaded = cfg.load_cfg(f)
-        cfg.merge_from_other_cfg(coerce_tree(cfg, loaded, f"in {path}"))
+        cfg.merge_from_other_cfg(coerce_tree(cfg, read_config_file(path), f"in {path}"))
     if opts:
         cfg.merge_from_list(coerce_pairs(cfg, override_pairs(opts)))
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def read_config_file(path: Path) -> CN:
+    """The keys a YAML config file sets (none for an empty file). A file that is not UTF-8 YAML, or whose YAML is
+    not a mapping of keys, is a ``ConfigError`` of one line with the place of the mistake (yacs: a traceback)."""
+    import yaml
+
+    from .validate import ConfigError
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it a YAML file?") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from e
+    if loaded is None:
+        return CN()
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {path} must map config keys to values (e.g. TRAIN: {{LR: 5e-05}}), got {repr(loaded)[:60]}"
+        )
+    return CN(loaded)
 
 
 def override_pairs(opts: Sequence[Any]) -> list[str]:

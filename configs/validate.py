@@ -7,10 +7,11 @@ above ``configs`` that act on them.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ConfigError", "coerce_value", "coerce_pairs", "coerce_tree"]
+__all__ = ["ConfigError", "coerce_value", "coerce_pairs", "coerce_tree", "known_default"]
 
 # the datasets this reproduction trains and evaluates on (refer.DATASETS also reads refclef)
 DATASETS = ("refcoco", "refcoco+", "refcocog", "synthetic")
@@ -71,35 +72,54 @@ def lookup(cfg: Any, key: str) -> tuple[bool, Any]:
     return True, node
 
 
+def known_default(cfg: Any, key: str, value: Any, where: str, group: bool = False) -> Any:
+    """The default of the config key ``key``, which is being given ``value`` (a group of keys itself if ``group``).
+    A key ``cfg`` does not have, or a group's name given a value, is a ConfigError naming the keys of the nearest
+    group and the closest of them (yacs' own errors: a traceback for a config file, the whole group for a group)."""
+    known, default = lookup(cfg, key)
+    if known and isinstance(default, dict) and not group:
+        keys = ", ".join(sorted(default))
+        raise ConfigError(f"{key} is a group of keys ({keys}), not a value: got {value!r} {where}")
+    if known:
+        return default
+    parts, parent, group = key.split("."), "", cfg
+    for n in range(1, len(parts)):  # the deepest group on the key's path
+        known, node = lookup(cfg, ".".join(parts[:n]))
+        if not (known and isinstance(node, dict)):
+            break
+        parent, group = ".".join(parts[:n]), node
+    names = sorted(map(str, group))
+    prefix = parent + "." if parent else ""
+    close = difflib.get_close_matches(key[len(prefix):].split(".")[0], names, n=1)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    raise ConfigError(
+        f"unknown config key {key} {where} ({hint}{parent or 'the top level'} has {', '.join(names)})"
+    )
+
+
 def coerce_pairs(cfg: Any, pairs: Sequence[Any], where: str = "in the overrides") -> list[Any]:
     """``[KEY, VALUE, ...]`` as ``cfg.merge_from_list`` takes them, each value coerced to its key's type
-    (``coerce_value``). Unknown keys pass unchanged: yacs refuses them, naming the key."""
+    (``coerce_value``); an unknown key, or a group's name, is a ConfigError (``known_default``)."""
     from yacs.config import CfgNode
 
     out: list[Any] = []
     for key, raw in zip(pairs[0::2], pairs[1::2]):
-        known, default = lookup(cfg, key)
-        if known and not isinstance(default, dict):
-            value = CfgNode._decode_cfg_value(raw)  # as merge_from_list reads it: literal_eval of strings
-            coerced = coerce_value(key, value, default, where)
-            # a string goes back as given: merge_from_list decodes strings again ("'12'" -> "12" -> 12)
-            raw = raw if coerced is value else coerced
-        out += [key, raw]
+        value = CfgNode._decode_cfg_value(raw)  # as merge_from_list reads it: literal_eval of strings
+        coerced = coerce_value(key, value, known_default(cfg, key, value, where), where)
+        # a string goes back as given: merge_from_list decodes strings again ("'12'" -> "12" -> 12)
+        out += [key, raw if coerced is value else coerced]
     return out
 
 
 def coerce_tree(cfg: Any, tree: dict, where: str, prefix: str = "") -> dict:
-    """``tree`` (a config read from YAML) with its leaves coerced to the types of ``cfg``'s (in place)."""
+    """``tree`` (a config read from YAML) with its leaves coerced to the types of ``cfg``'s (in place); an unknown
+    key, or a group given a value, is a ConfigError (``known_default``)."""
     for name, value in tree.items():
-        key = prefix + name
-        known, default = lookup(cfg, key)
-        if not known:
-            continue  # yacs refuses it, naming the key
-        if isinstance(value, dict) and isinstance(default, dict):
+        key = prefix + str(name)
+        default = known_default(cfg, key, value, where, group=isinstance(value, dict))
+        if isinstance(default, dict):
             coerce_tree(cfg, value, where, key + ".")
-        elif not isinstance(default, dict):
-            tree[name] = coerce_value(key, value, default, where)
+        else:
+            tree[name] = coerce_value(key, value, default, where)  # a mapping for a value is refused here
     return tree
 
-
-# ---------------------------------------------------------------------------------------------------- rules

@@ -264,7 +264,7 @@ def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[
         ([], ["TRAIN.LR", "nan"], "ConfigError: TRAIN.LR must be a finite number > 0, got nan"),
         ([], ["TRAIN.EPOCHS", "0"], "ConfigError: TRAIN.EPOCHS must be >= 1, got 0"),
         ([], ["EVAL.RESOLUTION", "full"], "EVAL.RESOLUTION must be one of"),
-        ([], ["TRAIN.NOT_A_KEY", "1"], "ConfigError: unknown config key in --cfg_file  / --opts: Non-existent key"),
+        ([], ["TRAIN.NOT_A_KEY", "1"], "ConfigError: unknown config key TRAIN.NOT_A_KEY in the overrides (TRAIN has"),
         ([], ["DATA.DATASET", "refcoco"], "ReferFileNotFoundError: REFER annotation folder not found: "),
         (["--eval"], [], "--eval needs the weights to evaluate: --pretrain <checkpoint>"),
     ],
