@@ -9,6 +9,7 @@ from .defaults import (
     is_resume_free,
     leaf_keys,
     override_pairs,
+    read_config_file,
 )
 
 # The built-in demo: what `python main.py` runs with no arguments.
@@ -22,4 +23,5 @@ __all__ = [
     "is_resume_free",
     "leaf_keys",
     "override_pairs",
+    "read_config_file",
 ]

@@ -296,16 +296,20 @@ def test_checkpoint_without_config_needs_a_config_file(run, predictor, tmp_path)
 
 
 def test_config_overrides_and_errors(run, tmp_path):
+    from configs.validate import ConfigError
     from models import CheckpointError, read_checkpoint
     from tools.open_checkpoint import checkpoint_cfg
 
     ckpt = read_checkpoint(run["checkpoint"])
     cfg = checkpoint_cfg(ckpt, run["checkpoint"], overrides=["DATA.ROOT", "/elsewhere", "EVAL.BATCH_SIZE", 3])
     assert cfg.DATA.ROOT == "/elsewhere" and cfg.EVAL.BATCH_SIZE == 3 and cfg.MODEL.SWIN.EMBED_DIM == 8
-    with pytest.raises(ValueError, match=r"overrides \['MODEL.NOPE', '1'\] do not fit configs/defaults.py"):
+    with pytest.raises(ConfigError, match=r"^unknown config key MODEL.NOPE in the overrides \(MODEL has "):
         checkpoint_cfg(ckpt, run["checkpoint"], overrides=["MODEL.NOPE", "1"])
-    with pytest.raises(ValueError, match="the config stored in checkpoint x.pth does not fit"):
+    with pytest.raises(ConfigError, match=r"^unknown config key MODEL.NOPE in the config stored in checkpoint x.pth"):
         checkpoint_cfg({"config": "MODEL:\n  NOPE: 1\n"}, "x.pth")
+    (tmp_path / "bad.yaml").write_text("MODEL: [\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad.yaml is not valid YAML at line 2, column 1: "):
+        checkpoint_cfg(ckpt, run["checkpoint"], cfg_file=tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="KEY VALUE pairs"):
         checkpoint_cfg(ckpt, run["checkpoint"], overrides=["DATA.ROOT"])
     with pytest.raises(FileNotFoundError, match="config file not found: .*missing.yaml"):

@@ -20,7 +20,7 @@ from typing import Any
 
 from yacs.config import CfgNode
 
-from configs import get_config, override_pairs
+from configs import get_config, override_pairs, read_config_file
 from configs.validate import coerce_pairs, coerce_tree, lookup
 from engine.checkpoint_config import checkpoint_config
 from engine.config_check import validate_config
@@ -47,22 +47,20 @@ def checkpoint_cfg(
 ) -> CfgNode:
     """The frozen config of ``checkpoint`` (the content of ``path``), as the module docstring says.
 
-    Raises ValueError (one line) for a config file or overrides that do not fit ``configs/defaults.py``, a config
-    file that contradicts the weights, and a setting neither the file nor the user gives; FileNotFoundError for a
-    missing ``cfg_file``; ``models.CheckpointError`` for weights that are not LAVT's.
+    Raises ValueError (one line) for a config file or overrides that do not fit ``configs/defaults.py``
+    (``configs.validate.ConfigError``), a config file that contradicts the weights, and a setting neither the file
+    nor the user gives; FileNotFoundError for a missing ``cfg_file``; ``models.CheckpointError`` for weights that
+    are not LAVT's.
     """
     if cfg_file and not Path(cfg_file).is_file():
         raise FileNotFoundError(f"config file not found: {cfg_file}")
     pairs = override_pairs(overrides)
     cfg = get_config(freeze=False)
     stored = checkpoint_config(checkpoint, path)
-    given = CfgNode.load_cfg(Path(cfg_file).read_text(encoding="utf-8")) if cfg_file else CfgNode()
+    given = read_config_file(Path(cfg_file)) if cfg_file else CfgNode()
 
-    def merge(tree: CfgNode, what: str) -> None:
-        try:  # coerced as get_config coerces a file; yacs asserts on keys the defaults lack
-            cfg.merge_from_other_cfg(coerce_tree(cfg, tree, f"in {what}"))
-        except (KeyError, AssertionError) as e:
-            raise ValueError(f"{what} does not fit configs/defaults.py: {e}") from e
+    def merge(tree: CfgNode, what: str) -> None:  # checked and coerced as get_config does a file
+        cfg.merge_from_other_cfg(coerce_tree(cfg, tree, f"in {what}"))
 
     if stored is not None:
         merge(stored, f"the config stored in checkpoint {path}")
@@ -70,10 +68,7 @@ def checkpoint_cfg(
         merge(given, f"config file {cfg_file}")
     if stored is None:
         _apply_weights(cfg, checkpoint, path, given, cfg_file, pairs)
-    try:
-        cfg.merge_from_list(coerce_pairs(cfg, pairs))
-    except (KeyError, AssertionError) as e:
-        raise ValueError(f"overrides {list(overrides)} do not fit configs/defaults.py: {e}") from e
+    cfg.merge_from_list(coerce_pairs(cfg, pairs))
     cfg.freeze()
     return cfg
 
