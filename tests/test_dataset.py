@@ -280,8 +280,13 @@ def test_bad_arguments(hand_root: Path, tmp_path: Path, tokenizer):
         ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_dir=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"no_such_tokenizer.* not found"):
         ReferDataset(hand_root, "refcoco", "unc", "train", str(tmp_path / "no_such_tokenizer"))
-    with pytest.raises(ValueError, match="must be positive"):
-        ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=0)
+    for name in ("image_size", "max_tokens", "cat_max_tokens"):
+        with pytest.raises(ValueError, match="must be positive"):
+            ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, **{name: 0})
+    least = ReferDataset(hand_root, "refcoco", "unc", "train", tokenizer, image_size=1, eval_mode=True, max_tokens=1,
+                         cat_max_tokens=1)
+    assert least.input_ids.shape[1] == 1 and (least.input_ids[:, 0] == tokenizer.cls_token_id).all()  # [CLS] alone
+    assert least.cat_input_ids.shape[1] == 1
     with pytest.raises(ReferFileNotFoundError, match=r"refs\(umd\)\.p"):
         ReferDataset(hand_root, "refcoco", "umd", "train", tokenizer)
 

@@ -223,6 +223,41 @@ def test_group_that_cannot_form_is_one_clear_error(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+
+def _as_srun_rank_1_of_2(monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "127.0.0.1",
+           "MASTER_PORT": "29999"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_group_formed_already_is_used_as_it_is(monkeypatch):
+    """Inside a process group formed before (``dist.is_initialized()``) nothing is joined again, and the process
+    is where the launch's variables put it: rank 1 of 2, local rank 1, on the CPU with Gloo."""
+    _as_srun_rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined again"))
+    info = init_distributed_mode("cpu")
+    assert (info.rank, info.world_size, info.local_rank, info.distributed) == (1, 2, 1, True)
+    assert info.device == torch.device("cpu")
+    assert info.launcher.startswith("slurm (srun): rank 1 of 2, local rank 1")
+
+
+def test_a_rendezvous_error_without_a_message_is_named_by_its_type(monkeypatch):
+    class StoreTimeout(RuntimeError):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise StoreTimeout("  ")
+
+    _as_srun_rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    with pytest.raises(LaunchError, match=r"the group of 2 processes did not form \(StoreTimeout\); were all 2"):
+        init_distributed_mode("cpu")
+
+
 FAKE_SLURM = {  # stand-ins for SLURM's commands: they record how the script calls them
     "srun": """#!/bin/bash
 echo "$@" > "$FAKE/srun_args"; echo $$ > "$FAKE/srun.pid"

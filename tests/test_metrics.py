@@ -41,6 +41,8 @@ def test_intersection_union_hand_counted():
     assert inter.tolist() == [1, 4, 0, 0]
     assert union.tolist() == [2, 5, 0, 1]
     assert iou_from_counts(inter, union).tolist() == [0.5, 0.8, 0.0, 0.0]
+    # one pixel predicted where the one object pixel is: a union of 1 scores 1, an empty union 0
+    assert iou_from_counts(torch.tensor([1, 0]), torch.tensor([1, 0])).tolist() == [1.0, 0.0]
 
 
 def test_intersection_union_shape_mismatch():

@@ -124,7 +124,8 @@ def test_refuses_a_trainable_or_training_encoder(model, tiny_bert):
     one.train()  # lavt_one: BERT's dropout on while training
     cache.prime(one.text_encoder, ids, att)  # priming computes eval-mode features whatever the mode
     assert one.text_encoder.training
-    with pytest.raises(RuntimeError, match="in training mode, so its dropout is on"):
+    advice = r"\(MODEL\.TEXT\.DROPOUT disabled, or MODEL\.NAME lavt\), or train without the cache$"  # the config's keys
+    with pytest.raises(RuntimeError, match="in training mode, so its dropout is on.*" + advice):
         cache.features(one.text_encoder, ids, att)
 
 
