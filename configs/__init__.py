@@ -9,6 +9,7 @@ from .defaults import (
     is_resume_free,
     leaf_keys,
     override_pairs,
+    parse_config,
     read_config_file,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "is_resume_free",
     "leaf_keys",
     "override_pairs",
+    "parse_config",
     "read_config_file",
 ]

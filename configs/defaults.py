@@ -241,27 +241,34 @@ def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = 
 
 
 def read_config_file(path: Path) -> CN:
-    """The keys a YAML config file sets (none for an empty file). A file that is not UTF-8 YAML, or whose YAML is
-    not a mapping of keys, is a ``ConfigError`` of one line with the place of the mistake (yacs: a traceback)."""
+    """The keys a YAML config file sets (``parse_config``); a file that is not UTF-8 text is a ``ConfigError``."""
+    from .validate import ConfigError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it a YAML file?") from e
+    return parse_config(text, f"config file {path}")
+
+
+def parse_config(text: str, what: str) -> CN:
+    """The keys YAML ``text`` sets (none for an empty text). Text that is not YAML, or whose YAML is not a mapping of
+    keys, is a ``ConfigError`` of one line naming ``what`` and the place of the mistake (yacs: a traceback)."""
     import yaml
 
     from .validate import ConfigError
 
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it a YAML file?") from e
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from e
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from e
     if loaded is None:
         return CN()
     if not isinstance(loaded, dict):
-        raise ConfigError(
-            f"config file {path} must map config keys to values (e.g. TRAIN: {{LR: 5e-05}}), got {repr(loaded)[:60]}"
-        )
+        raise ConfigError(f"{what} must map config keys to values (e.g. TRAIN: {{LR: 5e-05}}), got {repr(loaded)[:60]}")
     return CN(loaded)
 
 

@@ -13,20 +13,21 @@ from typing import Any
 
 from yacs.config import CfgNode
 
-from configs import architecture_keys, is_resume_free, leaf_keys
+from configs import architecture_keys, is_resume_free, leaf_keys, parse_config
 
 MISSING = "<missing>"
 WORLD_SIZE = "WORLD_SIZE"  # not a config key: the number of processes, compared on resume as if it were one
 
 
 def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> CfgNode | None:
-    """The config stored in ``ckpt`` (YAML text) as a CfgNode, or None for files without one (e.g. official)."""
+    """The config stored in ``ckpt`` (YAML text) as a CfgNode, or None for files without one (e.g. official);
+    ``configs.validate.ConfigError`` (a ValueError) for one that is not YAML text of config keys."""
     text = ckpt.get("config")
     if text is None:
         return None
     if not isinstance(text, str):
         raise ValueError(f"checkpoint {path}: 'config' must be YAML text, got {type(text).__name__}")
-    return CfgNode.load_cfg(text)
+    return parse_config(text, f"the config stored in checkpoint {path}")
 
 
 def config_value(cfg: CfgNode, key: str) -> Any:

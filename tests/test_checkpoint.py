@@ -120,6 +120,17 @@ def test_check_config():
         check_config(ckpt, other, "x.pth")
     check_config(ckpt, get_config(opts=["TRAIN.EPOCHS", 2]), "x.pth")  # another schedule is fine for loading weights
     check_config({"model": {}}, cfg, "official.pth")  # official files carry no config
+    # a stored config that is no YAML mapping of keys (another project's file, an edited one): one line, no traceback
+    for text, message in [
+        ("runs/x.yaml", "the config stored in checkpoint x.pth must map config keys to values (e.g. TRAIN: "
+         "{LR: 5e-05}), got 'runs/x.yaml'"),
+        ("TRAIN: [", "the config stored in checkpoint x.pth is not valid YAML at line 1, column 9: expected the node "
+         "content, but found '<stream end>'"),
+        (b"TRAIN: {}", "checkpoint x.pth: 'config' must be YAML text, got bytes"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError) as e:
+            check_config({"config": text}, cfg, "x.pth")
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize(("key", "value"), [("MODEL.SWIN.STEM", "conv"), ("MODEL.DECODER_HIDDEN", 64)])
