@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -44,6 +45,7 @@ import numpy as np
 from data.opencv import cv2
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
 from data.synthetic_text import describe_object
+from utils.cli import run_cli
 
 __all__ = [
     "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
@@ -392,4 +394,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("python -m data.synthetic", main))

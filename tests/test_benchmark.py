@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models import build_model
 from tools import bench_input, bench_workload, benchmark
+from tools.cli import run_cli
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from .conftest import tiny_opts
@@ -319,3 +320,28 @@ def test_a_bf16_variant_builds_the_model_a_bf16_run_trains(monkeypatch):
     for variant in ("bf16", "base", "fused+bf16"):
         benchmark._prepare(benchmark.BenchSpec(variant=variant, opts=TINY_OPTS, size=64, phases=[], malloc="default"))
     assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16]
+
+
+def test_command_line_mistakes_and_failed_variants(monkeypatch, tmp_path, capsys):
+    """A count flag below its least value, an unknown phase: one line and status 2, nothing measured or written (the
+    input benchmark's flags too); a variant that failed in its process: the report written, then status 1 naming
+    it."""
+    out = tmp_path / "bench.json"
+    for flags, message in [
+        (["--size", "0"], "--size must be >= 1, got 0"),
+        (["--runs", "0"], "--runs must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--eval_batch_size", "0"], "--eval_batch_size must be >= 1, got 0"),
+        (["--phases", "train,nope"], "--phases: unknown ['nope']"),
+    ]:
+        assert benchmark.cli([*flags, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m tools.benchmark: error: ValueError: {message}") and err.count("\n") == 1
+    assert not out.exists()
+    assert run_cli("python -m tools.bench_input", bench_input.main, ["--repeats", "0"]) == 2
+    assert capsys.readouterr().err == "python -m tools.bench_input: error: ValueError: --repeats must be >= 1, got 0\n"
+    monkeypatch.setattr(benchmark, "run_isolated", lambda spec: {"variant": spec.variant, "error": "exit 1: boom"})
+    argv = ["--opts", *TINY_OPTS, "--size", "64", "--phases", "flops", "--compare", "bf16", "--isolate", "yes"]
+    assert benchmark.cli([*argv, "--output", str(out)]) == 1
+    assert capsys.readouterr().err.endswith("python -m tools.benchmark: 2 variant(s) failed: base, bf16\n")
+    assert [r["error"] for r in json.loads(out.read_text())["results"]] == ["exit 1: boom"] * 2

@@ -9,6 +9,8 @@ import logging
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,29 @@ def test_foreign_folder_is_refused_untouched(tmp_path: Path):
     (tmp_path / "file_root").write_text("x")
     with pytest.raises(SyntheticRootError, match=r"root .*file_root is a file, not a folder"):
         ensure_synthetic(tmp_path / "file_root", num_images=4, **SMALL)
+
+
+
+def test_the_command_line_refuses_in_one_line(tmp_path: Path):
+    """``python -m data.synthetic`` into a foreign folder or a file: one line naming the root, status 2, nothing
+    written (the same refusals as above, through the command line's own entry point)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "file_root").write_text("x")
+    before = snapshot(tmp_path)
+    for root, message in [
+        ("mine", "refusing to write the synthetic dataset into {}: the folder holds files but no synthetic dataset"),
+        ("file_root", "the synthetic dataset's root {} is a file, not a folder (DATA.ROOT)"),
+    ]:
+        where = (tmp_path / root).resolve()
+        done = subprocess.run([sys.executable, "-m", "data.synthetic", "--root", str(where), "--num-images", "4"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "python -m data.synthetic: error: SyntheticRootError: " + message.format(where)
+        ), done.stderr
+    assert snapshot(tmp_path) == before
 
 
 def test_other_arguments_remove_the_previous_generation_first(tmp_path: Path, caplog):

@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import pickle
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.cli import require_at_least
 from utils.machine import cpu_model
+
+from .cli import run_cli
 
 __all__ = ["make_refer_folder", "bench", "main"]
 
@@ -90,6 +94,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = get_parser().parse_args(argv)
+    require_at_least(args, {"size": 1, "items": 1, "repeats": 1})
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     from data import ReferDataset
@@ -114,4 +119,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("python -m tools.bench_input", main))

@@ -82,3 +82,17 @@ def _grid(rows: list[list[str]]) -> str:
     lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The machine line (load average before and after), the settings line, then ``format_tables``."""
+    m, st = report["machine"], report["settings"]
+    gpu = f", {m['gpu']}" if "gpu" in m else ""
+    return (
+        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads{gpu}), torch {m['torch']}; load average "
+        f"{m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after\n"
+        f"config {st['cfg_file'] or 'defaults'} {' '.join(map(str, st['opts']))}; {st['size']} px; "
+        f"{'medians' if st['stat'] == 'median' else 'minima'} of {st['runs']} runs after {st['warmup']} warm-up"
+        f"{', variants interleaved' if st['interleave'] else ''}\n\n"
+        + format_tables(report["results"], st["batch_size"], st["eval_batch_size"])
+    )

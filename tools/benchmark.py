@@ -37,10 +37,11 @@ from models import build_model  # noqa: E402
 from models.build import compile_model  # noqa: E402
 from utils.allocator import keep_freed_memory, return_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, autocast  # noqa: E402
+from utils.cli import require_at_least  # noqa: E402
 from utils.machine import machine_info  # noqa: E402
 from utils.profiling import PeakMemory, current_rss_bytes, matmul_flops_per_s, time_interleaved, time_runs  # noqa: E402
 
-from .bench_report import format_tables  # noqa: E402
+from .bench_report import format_report  # noqa: E402
 from .bench_workload import (  # noqa: E402
     MALLOC_MODES,
     MEMORY_MODES,
@@ -56,6 +57,7 @@ from .bench_workload import (  # noqa: E402
     train_step,
     train_summary,
 )
+from .cli import run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -271,6 +273,10 @@ def run_isolated(spec: BenchSpec) -> dict[str, Any]:
         return json.loads(out_path.read_text())
 
 
+# the least value of each count flag (0: "the default" where the help says so)
+LEAST = {"size": 1, "batch_size": 1, "eval_batch_size": 1, "warmup": 0, "runs": 1, "threads": 0, "matmul_size": 0}
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.benchmark",
@@ -341,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = run_variant(BenchSpec(**json.loads(Path(args._worker).read_text())))
         Path(args._result).write_text(json.dumps(result))
         return result
+    require_at_least(args, LEAST)
     phases = [p for p in args.phases.split(",") if p]
     if unknown := set(phases) - set(PHASES):
         raise ValueError(f"--phases: unknown {sorted(unknown)}, choose from {PHASES}")
@@ -377,20 +384,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["results"] = results
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
-    m = report["machine"]
-    print(
-        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}), "
-        f"torch {m['torch']}; load average {m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after"
-    )
-    print(
-        f"config {args.cfg_file or 'defaults'} {' '.join(map(str, args.opts))}; {args.size} px; "
-        f"{'medians' if args.stat == 'median' else 'minima'} of {args.runs} runs after {args.warmup} warm-up"
-        f"{', variants interleaved' if args.interleave else ''}\n"
-    )
-    print(format_tables(results, args.batch_size, args.eval_batch_size))
+    print(format_report(report))
     print(f"\nJSON: {args.output}")
     return report
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: a mistake in the flags or config is one line and status 2; 1 if a variant failed (its
+    error is in the table and the JSON)."""
+    reports: list[dict[str, Any]] = []
+    status = run_cli("python -m tools.benchmark", lambda a: reports.append(main(a)), argv)
+    failed = [r["variant"] for report in reports for r in report.get("results", ()) if "error" in r]
+    if failed:
+        print(f"python -m tools.benchmark: {len(failed)} variant(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed and status == 0 else status
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from data.image_io import ImageReadError
 from models import CheckpointError
+from utils.cli import STANDARD_USER_ERRORS
+from utils.cli import run_cli as _run_cli
 
 # What a user can get wrong (files, checkpoints, config, flags); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImageReadError, CheckpointError)
+USER_ERRORS = (*STANDARD_USER_ERRORS, ImageReadError, CheckpointError)
 
 
 def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """``main(argv)``; a ``USER_ERRORS`` exception becomes ``<prog>: error: <Type>: <message>`` on one line of stderr
-    and status 2 (``--debug`` in ``argv`` shows the traceback instead). Returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        main([a for a in argv if a != "--debug"])
-    except USER_ERRORS as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
-        return 2
-    return 0
+    """``utils.cli.run_cli`` with ``USER_ERRORS``: a user's mistake is one line and status 2."""
+    return _run_cli(prog, main, argv, USER_ERRORS)
