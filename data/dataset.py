@@ -21,6 +21,7 @@ from refer.refer import MASK_PARTS
 
 from .checks import expression_report, warn_expressions
 from .image_io import ImageReadError, load_rgb, open_rgb  # re-exported: data.load_rgb, data.ImageReadError
+from .synthetic import check_synthetic_root
 from .transforms import RESIZE_METHODS, TrainAugment, resize_image, resize_mask, to_tensor
 
 __all__ = [
@@ -263,8 +264,10 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def check_refer_files(cfg: Any) -> None:
     """The config's REFER annotation files exist (``REFER.files``): refused naming them before a run writes anything.
-    The synthetic dataset is generated on first use, so it is not checked here."""
-    if cfg.DATA.DATASET != "synthetic":
+    The synthetic dataset is generated on first use: its root is checked for what generation would refuse."""
+    if cfg.DATA.DATASET == "synthetic":
+        check_synthetic_root(cfg.DATA.ROOT)
+    else:
         REFER.files(cfg.DATA.ROOT, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY)
 
 

@@ -301,19 +301,44 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     wanted = _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "workers")})
     root = Path(root)
     where = root.resolve()
-    if root.exists() and not root.is_dir():
-        raise SyntheticRootError(f"the synthetic dataset's root {where} is a file, not a folder (DATA.ROOT)")
-    data_dir = root / "synthetic"
-    markers = [data_dir / m for m in (RUNNING, COMPLETE) if (data_dir / m).is_file()]
-    if not markers:
-        if root.is_dir() and any(files for _, _, files in os.walk(root)):
-            raise SyntheticRootError(
-                f"refusing to write the synthetic dataset into {where}: the folder holds files but no synthetic "
-                f"dataset (no synthetic/{COMPLETE}); give DATA.ROOT (--root) a new or empty folder"
-            )
+    records, count = check_synthetic_root(root)
+    if not records:
         logger.warning("generating a new synthetic dataset in %s (there was none: check DATA.ROOT if you meant "
                        "an existing one)", where)
         return generate(root, **kwargs)
+    previous = records.get(COMPLETE)
+    # RUNNING wins over COMPLETE: both are present only when a run was cut off right after its start or before its end
+    if RUNNING in records:
+        reason = "was cut off while being generated"
+    elif previous == wanted:
+        if not force:
+            return root / "synthetic"
+        reason = "is regenerated on request (force)"
+    else:
+        changed = [f"{k} {previous.get(k)!r} -> {wanted.get(k)!r}"
+                   for k in sorted(set(previous) | set(wanted)) if previous.get(k) != wanted.get(k)]
+        reason = "was made with other arguments (" + "; ".join(changed) + ")"
+    removed = _remove_generation(root, count)
+    logger.warning("synthetic dataset in %s %s: removed the %d files it wrote (its images and annotation files), "
+                   "generating it anew", where, reason, removed)
+    return generate(root, **kwargs)
+
+
+def check_synthetic_root(root: str | Path) -> tuple[dict[str, dict], int]:
+    """What ``ensure_synthetic`` refuses, checked without writing anything (``main.py`` does so before its run
+    folder): ``root`` a file, a folder holding files but no synthetic dataset, a dataset whose marker files cannot
+    be read (SyntheticRootError). Returns the markers found (name -> record; none for a new or empty folder) and
+    the most images they say were written."""
+    root = Path(root)
+    where = root.resolve()
+    if root.exists() and not root.is_dir():
+        raise SyntheticRootError(f"the synthetic dataset's root {where} is a file, not a folder (DATA.ROOT)")
+    markers = [root / "synthetic" / m for m in (RUNNING, COMPLETE) if (root / "synthetic" / m).is_file()]
+    if not markers and root.is_dir() and any(files for _, _, files in os.walk(root)):
+        raise SyntheticRootError(
+            f"refusing to write the synthetic dataset into {where}: the folder holds files but no synthetic "
+            f"dataset (no synthetic/{COMPLETE}); give DATA.ROOT (--root) a new or empty folder"
+        )
     records, count = {}, 0
     for marker in markers:
         try:
@@ -324,22 +349,7 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
                 f"cannot tell which files the synthetic dataset in {where} holds: {marker} is unreadable "
                 f"({type(e).__name__}: {e}); remove that dataset by hand"
             ) from None
-    previous = records.get(COMPLETE)
-    # RUNNING wins over COMPLETE: both are present only when a run was cut off right after its start or before its end
-    if RUNNING in records:
-        reason = "was cut off while being generated"
-    elif previous == wanted:
-        if not force:
-            return data_dir
-        reason = "is regenerated on request (force)"
-    else:
-        changed = [f"{k} {previous.get(k)!r} -> {wanted.get(k)!r}"
-                   for k in sorted(set(previous) | set(wanted)) if previous.get(k) != wanted.get(k)]
-        reason = "was made with other arguments (" + "; ".join(changed) + ")"
-    removed = _remove_generation(root, count)
-    logger.warning("synthetic dataset in %s %s: removed the %d files it wrote (its images and annotation files), "
-                   "generating it anew", where, reason, removed)
-    return generate(root, **kwargs)
+    return records, count
 
 
 def _remove_generation(root: Path, num_images: int) -> int:

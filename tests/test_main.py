@@ -266,6 +266,7 @@ def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[
         ([], ["EVAL.RESOLUTION", "full"], "EVAL.RESOLUTION must be one of"),
         ([], ["TRAIN.NOT_A_KEY", "1"], "ConfigError: unknown config key TRAIN.NOT_A_KEY in the overrides (TRAIN has"),
         ([], ["DATA.DATASET", "refcoco"], "ReferFileNotFoundError: REFER annotation folder not found: "),
+        ([], ["DATA.ROOT", "docs"], f"SyntheticRootError: refusing to write the synthetic dataset into {ROOT}/docs:"),
         (["--eval"], [], "--eval needs the weights to evaluate: --pretrain <checkpoint>"),
     ],
 )
