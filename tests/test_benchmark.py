@@ -18,6 +18,7 @@ from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from .conftest import tiny_opts
 from .helpers_model import tiny_cfg
+from .helpers_train import make_tiny_text_encoder
 
 TINY_OPTS = tiny_opts()
 
@@ -345,3 +346,19 @@ def test_command_line_mistakes_and_failed_variants(monkeypatch, tmp_path, capsys
     assert benchmark.cli([*argv, "--output", str(out)]) == 1
     assert capsys.readouterr().err.endswith("python -m tools.benchmark: 2 variant(s) failed: base, bf16\n")
     assert [r["error"] for r in json.loads(out.read_text())["results"]] == ["exit 1: boom"] * 2
+
+
+@pytest.mark.parametrize("encoder", [False, True], ids=["text_features", "text_encoder"])
+def test_flops_per_part_are_each_parts_own(tmp_path, encoder):
+    """The breakdown's FLOPs are each part's own count: a PWAM less than the stage that holds it, every part some,
+    and the parts together no more than the whole forward; on text features (``segment``) as with a text encoder
+    (the model called whole), whose module names differ in the counter's table."""
+    cfg = tiny_cfg(MODEL__TEXT__ENCODER=str(make_tiny_text_encoder(tmp_path / "bert"))) if encoder else tiny_cfg()
+    spec = benchmark.BenchSpec(opts=TINY_OPTS, size=64, batch_size=2)
+    flops = bench_workload.count_model_flops(build_model(cfg), cfg, spec, torch.device("cpu"), "")
+    parts = flops["eval_parts"]
+    for i in range(1, 5):
+        assert 0 < parts[f"  of which PWAM {i}"] < parts[f"stage {i}"], (i, parts)
+    assert 0 < parts["decoder"] and 0 < parts["patch embed"] and ("text encoder" in parts) == encoder
+    outer = [v for name, v in parts.items() if not name.startswith(" ")]
+    assert sum(outer) <= flops["eval_per_image"] < 1.5 * sum(outer)

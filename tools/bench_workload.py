@@ -184,15 +184,18 @@ def count_model_flops(model: nn.Module, cfg: Any, spec: BenchSpec, device: torch
 
     train_flops, _ = count_flops(train_step)
     model.zero_grad(set_to_none=True)
-    parts = {name: per_module.get(_module_path(model, module), 0) for name, module in model_parts(model).items()}
+    parts = {name: _counted(per_module, model, module) for name, module in model_parts(model).items()}
     return {"eval_per_image": eval_flops, "train_per_image": train_flops / spec.batch_size, "eval_parts": parts}
 
 
-def _module_path(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{type(model).__name__}.{name}"
-    return ""
+def _counted(per_module: dict[str, int], model: nn.Module, module: nn.Module) -> int:
+    """``module``'s FLOPs in ``count_flops``' table, which names a module by its path below the outermost module
+    called, under that one's class name: ``LAVT.backbone.layers.0`` when the model itself is called (with a text
+    encoder), ``MultiModalSwin.layers.0`` when ``segment`` calls its parts (on text features)."""
+    path = next(name for name, m in model.named_modules() if m is module)
+    top, _, rest = path.partition(".")
+    below = type(getattr(model, top)).__name__ + (f".{rest}" if rest else "")
+    return per_module.get(f"{type(model).__name__}.{path}", per_module.get(below, 0))
 
 
 def part_breakdown(model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.device, amp: str) -> dict[str, Any]:
