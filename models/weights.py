@@ -80,6 +80,8 @@ def _load_failure(path: Path, err: Exception) -> CheckpointError:
         why = "the file is cut short"
     elif "central directory" in text:  # a zip archive without its end
         why = f"the file is cut short or damaged ({text.split('. ', 1)[0]})"
+    elif 'hasRecord("version")' in text:  # a whole zip archive, but not one torch.save wrote
+        why = "a zip archive without PyTorch's records: not a torch.save file (a zip of the weights? unpack it)"
     elif "WeightsUnpickler error:" in text:  # weights_only=True met something else than tensors and plain values
         cause = text.split("WeightsUnpickler error:", 1)[1]
         cause = cause.split(" Please use", 1)[0].split(" Check the documentation", 1)[0].strip()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from data.synthetic import generate
+from data.synthetic import get_parser as synthetic_parser
 from models.official import PACKAGINGS
 from tools.export import FORMATS
 from tools.web import Limits
@@ -67,3 +70,13 @@ def test_every_option_says_what_it_does(module: str) -> None:
     assert unexplained == [], unexplained
     hidden = [a.option_strings for a in parser._actions if a.help == argparse.SUPPRESS]
     assert all(name.startswith("--_") for names in hidden for name in names)  # only internal ones are hidden
+
+
+def test_the_synthetic_command_lines_defaults_are_generates() -> None:
+    """``python -m data.synthetic`` without options writes what ``generate`` writes without arguments."""
+    given = vars(synthetic_parser().parse_args(["--root", "x"]))
+    defaults = {k: p.default for k, p in inspect.signature(generate).parameters.items() if p.default is not p.empty}
+    shared = given.keys() & defaults.keys()
+    assert shared >= {"num_images", "seed", "min_size", "max_size", "min_objects", "max_objects", "max_expressions",
+                      "workers"}  # fmt: skip
+    assert {k: given[k] for k in shared} == {k: defaults[k] for k in shared}

@@ -68,8 +68,9 @@ def assert_same_tensors(model: torch.nn.Module, other: torch.nn.Module) -> None:
 @pytest.mark.parametrize("packaging", ["lavt", "lavt_one"])
 def test_official_round_trip(trained, tmp_path, packaging, caplog):
     cfg, model, path = trained
-    with caplog.at_level("WARNING", logger="tools.export"):
+    with caplog.at_level("INFO", logger="tools.export"):
         out = export(path, "official", tmp_path / f"{packaging}.pth", packaging=packaging)
+    assert caplog.records[-1].getMessage() == f"{path} -> {out} (official, {packaging})"  # what was done
     # the tiny network is none the authors' code builds: said, and written all the same
     assert (
         "cannot build this network (embed dim 8, depths [1, 2, 1, 1], heads [1, 2, 2, 4] are no official "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import zipfile
 
 import pytest
 import torch
@@ -122,9 +123,17 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     torch.save({"model": model.state_dict(), "evil": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pth")
     # torch's several paragraphs of advice come down to one line naming the class it refused
     one_line = r"^cannot read checkpoint .*pickled_module.pth: it holds objects other than tensors and plain values, " \
-        r"which are never loaded \(Unsupported global: GLOBAL torch.nn.modules.linear.Linear[^\n]*\)$"
+        r"which are never loaded \(Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an allowed " \
+        r"global by default\.\)$"
     with pytest.raises(CheckpointError, match=one_line):
         load_weights(model, tmp_path / "pickled_module.pth")
+    with zipfile.ZipFile(tmp_path / "notes.pth", "w") as archive:  # a zip, not one torch.save wrote
+        archive.writestr("notes/read_me.txt", "weights elsewhere")
+    with pytest.raises(CheckpointError, match=r"notes.pth: a zip archive without PyTorch's records: not a torch.save"):
+        load_weights(model, tmp_path / "notes.pth")
+    (tmp_path / "magic.pth").write_bytes(b"\x80\x02K\x05.")  # a pickle of 5: no torch file's magic number
+    with pytest.raises(CheckpointError, match=r"^cannot read checkpoint .*magic.pth: RuntimeError: Invalid magic "):
+        load_weights(model, tmp_path / "magic.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds a list"):
         load_weights(model, tmp_path / "list.pth")
