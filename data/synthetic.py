@@ -45,7 +45,6 @@ import numpy as np
 from data.opencv import cv2
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
 from data.synthetic_text import describe_object
-from utils.cli import run_cli
 
 __all__ = [
     "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
@@ -404,4 +403,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("python -m data.synthetic", main))
+    try:
+        main()
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # a user's mistake: one line, as main.py says it
+        print(f"python -m data.synthetic: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)

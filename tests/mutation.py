@@ -39,7 +39,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "synthetic": ("data/synthetic",),
     "infra": (
         "utils/amp.py", "utils/atomic.py", "utils/lock.py", "utils/launcher.py", "utils/distributed.py",
-        "utils/allocator.py", "utils/machine.py", "utils/stopwatch.py", "utils/cli.py",
+        "utils/allocator.py", "utils/machine.py", "utils/stopwatch.py",
     ),  # fmt: skip
     "tools": ("tools/",),
 }

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.cli import require_at_least
 from utils.machine import cpu_model
 
-from .cli import run_cli
+from .cli import require_at_least, run_cli
 
 __all__ = ["make_refer_folder", "bench", "main"]
 

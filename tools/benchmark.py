@@ -37,7 +37,6 @@ from models import build_model  # noqa: E402
 from models.build import compile_model  # noqa: E402
 from utils.allocator import keep_freed_memory, return_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, autocast  # noqa: E402
-from utils.cli import require_at_least  # noqa: E402
 from utils.machine import machine_info  # noqa: E402
 from utils.profiling import PeakMemory, current_rss_bytes, matmul_flops_per_s, time_interleaved, time_runs  # noqa: E402
 
@@ -57,7 +56,7 @@ from .bench_workload import (  # noqa: E402
     train_step,
     train_summary,
 )
-from .cli import run_cli  # noqa: E402
+from .cli import require_at_least, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from data.image_io import ImageReadError
 from models import CheckpointError
-from utils.cli import STANDARD_USER_ERRORS
-from utils.cli import run_cli as _run_cli
 
 # What a user can get wrong (files, checkpoints, config, flags); anything else is a bug and keeps its traceback.
-USER_ERRORS = (*STANDARD_USER_ERRORS, ImageReadError, CheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImageReadError, CheckpointError)
 
 
 def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """``utils.cli.run_cli`` with ``USER_ERRORS``: a user's mistake is one line and status 2."""
-    return _run_cli(prog, main, argv, USER_ERRORS)
+    """``main(argv)``; a ``USER_ERRORS`` exception becomes ``<prog>: error: <Type>: <message>`` on one line of stderr
+    and status 2 (``--debug`` in ``argv`` shows the traceback instead). Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        main([a for a in argv if a != "--debug"])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    return 0
+
+
+def require_at_least(args: Any, least: dict[str, int]) -> None:
+    """ValueError ``--NAME must be >= N, got V`` for the first flag of ``least`` (flag name -> least value) that
+    ``args`` (argparse's namespace) holds below it."""
+    for name, lowest in least.items():
+        value = getattr(args, name)
+        if value < lowest:
+            raise ValueError(f"--{name} must be >= {lowest}, got {value}")
