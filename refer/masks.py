@@ -71,7 +71,7 @@ def _polygon_rles(seg: list, height: int, width: int, where: str, on_degenerate:
     # pycocotools reads a first polygon of 4 values as a box: polygons of < 3 points never reach it
     long_enough = [p for p in polygons if len(p) >= 6]
     rles = mask_utils.frPyObjects(long_enough, height, width) if long_enough else []
-    kept = [r for r, a in zip(rles, mask_utils.area(rles) if rles else []) if a > 0]
+    kept = [r for r, a in zip(rles, mask_utils.area(rles)) if a > 0]  # area([]) is []
     if len(kept) < len(polygons) and on_degenerate is not None:
         on_degenerate(len(polygons) - len(kept), len(polygons), not kept)
     return kept

@@ -190,15 +190,18 @@ def test_predict_precision_auto_and_bad(run, tmp_path):
         demo.Predictor.from_checkpoint(tmp_path / "nothing.pth", device="cpu", amp="float16")
 
 
-def test_cli_writes_overlay_and_masks(run, predictor, tmp_path):
+def test_cli_writes_overlay_and_masks(run, predictor, tmp_path, caplog):
     rgb = np.asarray(Image.fromarray(first_image(run["cfg"])).resize((90, 70)))
     image_file = tmp_path / "photo.png"
     Image.fromarray(rgb).convert("RGBA").save(image_file)  # any image file: here RGBA, not from the dataset
     texts = ["the red circle", "big star"]
     out, mask_out = tmp_path / "out" / "overlay.png", tmp_path / "out" / "mask.png"
     argv = ["--checkpoint", str(run["checkpoint"]), "--image", str(image_file), "--text", texts[0], "--text", texts[1]]
-    written = demo.main(argv + ["--out", str(out), "--mask_out", str(mask_out), "--device", "cpu"])
+    with caplog.at_level("INFO", logger="tools.demo"):
+        written = demo.main(argv + ["--out", str(out), "--mask_out", str(mask_out), "--device", "cpu"])
     assert written["mask_out"] == [tmp_path / "out" / "mask_0.png", tmp_path / "out" / "mask_1.png"]
+    masks_line = f"overlay: {out}; masks: {tmp_path}/out/mask_0.png, {tmp_path}/out/mask_1.png"
+    assert caplog.records[-1].getMessage() == masks_line  # where the files went, said last
     masks = np.stack([np.asarray(Image.open(p)) for p in written["mask_out"]])
     assert masks.shape == (2, 70, 90) and set(np.unique(masks)) <= {0, 255}
     assert_masks_match(masks > 0, reference_margins(predictor.model, predictor.tokenizer, rgb, texts))

@@ -293,8 +293,14 @@ def test_eval_folder_named_on_the_command_line(finished, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(finished, other)
     cfg = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "other"])
-    with pytest.raises(RunFolderError, match=f"would write into {other}, which holds another run .*--model_id"):
+    with pytest.raises(RunFolderError, match=f"would write into {other}, which holds another run .*--model_id "
+                       f"/ --output, or leave them out to write beside it in {finished}$"):
         eval_run_dir(cfg, finished / "best.pth", named=True)
+    (tmp_path / "loose").mkdir()
+    shutil.copy(finished / "best.pth", tmp_path / "loose" / "best.pth")  # no run folder of its own to suggest
+    with pytest.raises(RunFolderError, match=r"which holds another run .*: name another folder with --model_id / "
+                       r"--output$"):
+        eval_run_dir(cfg, tmp_path / "loose" / "best.pth", named=True)
     assert eval_run_dir(cfg, other / "best.pth", named=True) == (other, "named by --model_id / --output")
     fresh = get_config(None, ["OUTPUT", str(tmp_path), "MODEL_ID", "fresh"])
     assert eval_run_dir(fresh, finished / "best.pth", named=True)[0] == tmp_path / "fresh"

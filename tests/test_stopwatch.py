@@ -121,6 +121,10 @@ flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 sha_ni
 def test_cpu_model_and_flags_from_cpuinfo(monkeypatch):
     monkeypatch.setattr(machine, "_cpuinfo", lambda: CPUINFO.splitlines())
     assert machine.cpu_model() == "AMD EPYC 9R14 96-Core Processor"
+    engineering_sample = "model name\t: AMD Eng Sample: 100-000000314-04_30/24_N"  # a colon in the name itself
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: [engineering_sample])
+    assert machine.cpu_model() == "AMD Eng Sample: 100-000000314-04_30/24_N"
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: CPUINFO.splitlines())
     flags = machine.cpu_flags()
     assert flags == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False, "amx_tile": False}
     assert machine.vector_units(flags) == "AVX-512 bf16, native bf16"

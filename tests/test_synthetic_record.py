@@ -38,7 +38,7 @@ def fingerprint(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("record")
-    generate(root, **ARGS)
+    generate(root, **ARGS, workers=1)  # drawn in this process: the mutation tool sees which functions it ran
     return fingerprint(root)
 
 

@@ -75,6 +75,8 @@ def test_draw_outline_touches_only_the_border():
     out = vis.draw_outline(image, mask, colour=(255, 255, 255), width=1)
     changed = np.any(out != image, axis=2)
     assert changed[mask].any() and not changed[~mask].any() and not changed[15:25, 12:23].any()
+    with pytest.raises(ValueError, match=r"^ground-truth mask is \(40, 49\), expected the image's \[H, W\] = \(40, "):
+        vis.draw_outline(image, mask[:, :49])
 
 
 def test_compose_panels_layout_and_content():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import CheckpointError, build_model, load_pretrained_swin, load_weights, to_official
+from models import CheckpointError, build_model, load_pretrained_swin, load_weights, read_checkpoint, to_official
 from models.swin import build_backbone
 
 from .helpers_model import FIXTURE, fixture_cfg, save_tiny_bert, tiny_cfg
@@ -97,6 +97,21 @@ def test_to_official_round_trip(tmp_path, bert768, packaging):
     other = build_model(cfg, pretrained=False)
     load_weights(other, tmp_path / "x.pth")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+
+def test_an_unforeseen_load_error_is_one_short_line(tmp_path, monkeypatch):
+    """A ``torch.load`` failure of no known kind: its type and the first 300 characters of its text, on one line."""
+    path = tmp_path / "x.pth"
+    torch.save({}, path)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("word\n" * 100)
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(e.value) == f"cannot read checkpoint {path}: RuntimeError: " + " ".join(["word"] * 100)[:300]
 
 
 def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
