@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models import build_model
 from tools import bench_input, bench_workload, benchmark
+from tools.bench_report import format_tables
 from tools.cli import run_cli
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
@@ -362,3 +363,19 @@ def test_flops_per_part_are_each_parts_own(tmp_path, encoder):
     assert 0 < parts["decoder"] and 0 < parts["patch embed"] and ("text encoder" in parts) == encoder
     outer = [v for name, v in parts.items() if not name.startswith(" ")]
     assert sum(outer) <= flops["eval_per_image"] < 1.5 * sum(outer)
+
+
+def test_table_of_a_variant_measuring_more_than_the_first(capsys):
+    """Speed-ups are against the first row, which may lack a measurement another row has (no ratio then), and
+    --isolate takes only its three values."""
+    rows = [
+        {"variant": "base", "amp": "float32", "train": {"step_ms": 10.0}, "matmul_flops_per_s": {"float32": 1e9}},
+        {"variant": "bf16", "amp": "bf16", "train": {"step_ms": 4.0}, "eval": {"batch8": {"expr_per_s": 3.0}},
+         "matmul_flops_per_s": {"float32": 1e9, "bf16": 2e9}},
+    ]  # fmt: skip
+    line = [row for row in format_tables(rows, 2, 8).splitlines() if row.startswith("bf16")][0]
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[1] == "4 (2.50x)" and cells[5] == "3.00" and cells[9] == "1/2"
+    with pytest.raises(SystemExit):
+        benchmark.get_parser().parse_args(["--isolate", "maybe"])
+    assert "invalid choice: 'maybe'" in capsys.readouterr().err
