@@ -230,8 +230,6 @@ def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = 
     cfg = get_cfg_defaults()
     if cfg_file:
         path = Path(cfg_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
         cfg.merge_from_other_cfg(coerce_tree(cfg, read_config_file(path), f"in {path}"))
     if opts:
         cfg.merge_from_list(coerce_pairs(cfg, override_pairs(opts)))
@@ -241,9 +239,12 @@ def get_config(cfg_file: str | Path | None = None, opts: Sequence[Any] | None = 
 
 
 def read_config_file(path: Path) -> CN:
-    """The keys a YAML config file sets (``parse_config``); a file that is not UTF-8 text is a ``ConfigError``."""
+    """The keys a YAML config file sets (``parse_config``): FileNotFoundError for a missing file, ``ConfigError`` for
+    one that is not UTF-8 text."""
     from .validate import ConfigError
 
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -93,3 +93,13 @@ def wait_for(condition, what: str, timeout: float = 180.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def assert_same_weights_and_optimizer(a: dict, b: dict) -> None:
+    """Two checkpoints (``read_checkpoint``) hold exactly (``torch.equal``) the same weights and optimizer state."""
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)

@@ -22,7 +22,7 @@ from engine import trainer as trainer_module
 from models import read_checkpoint
 from refer import ReferFileNotFoundError
 
-from .helpers_train import tiny_cfg, tiny_env, tiny_opts
+from .helpers_train import assert_same_weights_and_optimizer, tiny_cfg, tiny_env, tiny_opts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,12 +51,7 @@ def test_resumed_run_equals_uninterrupted_run(env, tmp_path, tmp_path_factory, c
     a = read_checkpoint(tmp_path / "straight" / "tiny" / "last.pth")
     b = read_checkpoint(tmp_path / "stopped" / "tiny" / "last.pth")
     assert a["epoch"] == b["epoch"] == 1 and a["best"] == b["best"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, state in a["optimizer"]["state"].items():
-        for name, t in state.items():
-            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    assert_same_weights_and_optimizer(a, b)
     assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
     assert any(not torch.equal(x, y) for x, y in zip(first["model"].values(), a["model"].values()))  # it trained
     lines = (tmp_path / "stopped" / "tiny" / "metrics.jsonl").read_text().splitlines()

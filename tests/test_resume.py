@@ -23,7 +23,7 @@ from engine import trainer as trainer_module
 from models import read_checkpoint
 from utils import checkpoint as checkpoint_io
 
-from .helpers_train import tiny_cfg, tiny_env, tiny_opts
+from .helpers_train import assert_same_weights_and_optimizer, tiny_cfg, tiny_env, tiny_opts
 
 BATCH, LR = 8, 1e-3  # TRAIN.BATCH_SIZE of these runs; TRAIN.LR of tiny_opts
 
@@ -79,12 +79,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     """Two run folders ended with bit-identical weights and optimizer states, and the same metrics lines."""
     x, y = read_checkpoint(a / "last.pth"), read_checkpoint(b / "last.pth")
     assert (x["epoch"], x["iteration"], x["best"]) == (y["epoch"], y["iteration"], y["best"])
-    assert x["model"].keys() == y["model"].keys()
-    for k in x["model"]:
-        assert torch.equal(x["model"][k], y["model"][k]), k
-    for k, state in x["optimizer"]["state"].items():
-        for name, t in state.items():
-            assert torch.equal(t, y["optimizer"]["state"][k][name]), (k, name)
+    assert_same_weights_and_optimizer(x, y)
     assert records(a) == records(b) and len(records(a)) == x["epoch"] + 1
 
 

@@ -21,7 +21,7 @@ import main as main_module
 from models import read_checkpoint
 from tools import submit as submit_module
 
-from .helpers_train import tiny_env, tiny_opts, wait_for
+from .helpers_train import assert_same_weights_and_optimizer, tiny_env, tiny_opts, wait_for
 
 
 @pytest.mark.slow
@@ -76,12 +76,7 @@ def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path
     a = read_checkpoint(tmp_path / "straight" / "tiny" / "last.pth")
     b = read_checkpoint(run_dir / "last.pth")
     assert (a["epoch"], a["iteration"], a["best"]) == (b["epoch"], b["iteration"], b["best"]) and a["epoch"] == 0
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, state in a["optimizer"]["state"].items():
-        for name, t in state.items():
-            assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    assert_same_weights_and_optimizer(a, b)
 
 
 

@@ -52,12 +52,10 @@ def checkpoint_cfg(
     nor the user gives; FileNotFoundError for a missing ``cfg_file``; ``models.CheckpointError`` for weights that
     are not LAVT's.
     """
-    if cfg_file and not Path(cfg_file).is_file():
-        raise FileNotFoundError(f"config file not found: {cfg_file}")
+    given = read_config_file(Path(cfg_file)) if cfg_file else CfgNode()
     pairs = override_pairs(overrides)
     cfg = get_config(freeze=False)
     stored = checkpoint_config(checkpoint, path)
-    given = read_config_file(Path(cfg_file)) if cfg_file else CfgNode()
 
     def merge(tree: CfgNode, what: str) -> None:  # checked and coerced as get_config does a file
         cfg.merge_from_other_cfg(coerce_tree(cfg, tree, f"in {what}"))
