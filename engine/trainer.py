@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
-from data import build_dataset, load_refer
+from data import ReferDataset, build_dataset, load_refer
 from models import load_weights, read_checkpoint
 from refer import REFER
 from utils.amp import NativeScaler, autocast
@@ -71,38 +71,9 @@ def train(
     ``stopwatch``: the run's, given a lap (group "training") for what comes before the first epoch and one per epoch.
     """
     logger = get_logger()
-    refer = load_refer(cfg) if refer is None else refer
-    # the per-epoch val takes the training form (one random expression per object), never augmented
-    datasets = {
-        "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer, refer=refer),
-        "val": build_dataset(cfg, "val", eval_mode=False, tokenizer=tokenizer, augment=False, refer=refer),
-    }
-    if cfg.DATA.CACHE and cfg.DATA.WORKERS > 0:
-        logger.warning(
-            "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS %d the workers, and their "
-            "caches, end with every epoch (not persistent: the datasets learn each epoch as it starts); set "
-            "DATA.WORKERS 0 to use the cache",
-            cfg.DATA.WORKERS,
-        )
-    generator = torch.Generator().manual_seed(cfg.TRAIN.SEED + info.rank)
-    sampler = EpochSampler(DistributedSampler(
-        datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.TRAIN.SEED
-    ))  # fmt: skip
-    train_loader = DataLoader(
-        datasets["train"],
-        batch_size=cfg.TRAIN.BATCH_SIZE,
-        sampler=sampler,
-        num_workers=cfg.DATA.WORKERS,
-        pin_memory=info.device.type == "cuda",
-        drop_last=True,
-        generator=generator,
-    )
+    datasets = _datasets(cfg, tokenizer, load_refer(cfg) if refer is None else refer)
+    train_loader, sampler, generator = _train_loader(cfg, datasets["train"], info)
     iters_per_epoch = len(train_loader)
-    if iters_per_epoch == 0:
-        raise ValueError(
-            f"train split of {cfg.DATA.DATASET} has {len(datasets['train'])} objects: fewer than one batch of "
-            f"{cfg.TRAIN.BATCH_SIZE} per process x {info.world_size} processes"
-        )
     val_loader = eval_loader(cfg, datasets["val"], info, cfg.TRAIN.BATCH_SIZE)
 
     # the optimizer first: its parameter groups freeze the text layers the recipe keeps, which DDP must know
@@ -134,15 +105,7 @@ def train(
         if resume is not None:  # the records of the checkpoint continued, none more, none less
             write_metrics(run_dir, progress.history)
 
-    # built after every weight load: the cache holds the features of the encoder's final weights
-    cache = TextFeatureCache() if cfg.MODEL.TEXT.CACHE else None
-    if cache is not None:  # every train and val expression encoded up front, in a fixed order (exact resume)
-        tic = time.time()
-        with autocast(cfg.TRAIN.AMP, info.device):
-            for ds in datasets.values():
-                cache.prime(model_without_ddp.text_encoder, ds.input_ids, ds.attention_masks)
-        logger.info("text features of %d distinct expressions cached in %.1fs", len(cache), time.time() - tic)
-
+    cache = _cached_text_features(cfg, model_without_ddp.text_encoder, datasets, info.device)
     checkpointer = Checkpointer(
         run_dir, cfg, info, model_without_ddp, optimizer, lr_scheduler, scaler, generator, iters_per_epoch
     )
@@ -185,13 +148,9 @@ def train(
             is_best = val["oIoU"] > progress.best["oIoU"]
             best = {"oIoU": val["oIoU"], "mIoU": val["mIoU"], "epoch": epoch} if is_best else progress.best
             record = {
-                "epoch": epoch,
-                **{f"train_{k}": v for k, v in stats.items()},
-                "val_mIoU": val["mIoU"],
-                "val_oIoU": val["oIoU"],
-                "best_oIoU": best["oIoU"],
-                "epoch_time_s": round(time.time() - tic, 2),
-            }
+                "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, "val_mIoU": val["mIoU"],
+                "val_oIoU": val["oIoU"], "best_oIoU": best["oIoU"], "epoch_time_s": round(time.time() - tic, 2),
+            }  # fmt: skip
             progress = Progress(epoch + 1, 0, best, [*progress.history, record])
             checkpointer.save(progress, best=is_best)
             tensorboard.epoch_record(step, record)
@@ -207,6 +166,64 @@ def train(
     if resume is not None and progress.epoch == resume.ckpt["epoch"] + 1 and finished:
         logger.info("%s holds a finished run (%d epochs): nothing left to train", resume.path, cfg.TRAIN.EPOCHS)
     return {"best": progress.best, "model_without_ddp": model_without_ddp, "finished": finished}
+
+
+def _datasets(cfg: CfgNode, tokenizer: Any, refer: REFER) -> dict[str, ReferDataset]:
+    """The train split (augmented) and the per-epoch val, which takes the training form (one random expression per
+    object), never augmented."""
+    datasets = {
+        "train": build_dataset(cfg, "train", eval_mode=False, tokenizer=tokenizer, refer=refer),
+        "val": build_dataset(cfg, "val", eval_mode=False, tokenizer=tokenizer, augment=False, refer=refer),
+    }
+    if cfg.DATA.CACHE and cfg.DATA.WORKERS > 0:
+        get_logger().warning(
+            "DATA.CACHE keeps images in the process that reads them: with DATA.WORKERS %d the workers, and their "
+            "caches, end with every epoch (not persistent: the datasets learn each epoch as it starts); set "
+            "DATA.WORKERS 0 to use the cache",
+            cfg.DATA.WORKERS,
+        )
+    return datasets
+
+
+def _train_loader(
+    cfg: CfgNode, dataset: ReferDataset, info: DistInfo
+) -> tuple[DataLoader, EpochSampler, torch.Generator]:
+    """This process's share of the train split in full batches, its sampler (which can skip a resumed epoch's done
+    samples) and the generator the loader draws its workers' seeds from (saved in checkpoints)."""
+    generator = torch.Generator().manual_seed(cfg.TRAIN.SEED + info.rank)
+    sampler = EpochSampler(DistributedSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.TRAIN.SEED
+    ))  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.TRAIN.BATCH_SIZE,
+        sampler=sampler,
+        num_workers=cfg.DATA.WORKERS,
+        pin_memory=info.device.type == "cuda",
+        drop_last=True,
+        generator=generator,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"train split of {cfg.DATA.DATASET} has {len(dataset)} objects: fewer than one batch of "
+            f"{cfg.TRAIN.BATCH_SIZE} per process x {info.world_size} processes"
+        )
+    return loader, sampler, generator
+
+
+def _cached_text_features(
+    cfg: CfgNode, text_encoder: torch.nn.Module, datasets: dict[str, ReferDataset], device: torch.device
+) -> TextFeatureCache | None:
+    """With MODEL.TEXT.CACHE, every train and val expression encoded up front, in a fixed order (exact resume).
+    Called after every weight load: the cache holds the features of the encoder's final weights."""
+    if not cfg.MODEL.TEXT.CACHE:
+        return None
+    cache, tic = TextFeatureCache(), time.time()
+    with autocast(cfg.TRAIN.AMP, device):
+        for ds in datasets.values():
+            cache.prime(text_encoder, ds.input_ids, ds.attention_masks)
+    get_logger().info("text features of %d distinct expressions cached in %.1fs", len(cache), time.time() - tic)
+    return cache
 
 
 def _epoch_name(epoch: int, low_res: int, iters_per_epoch: int, size: int) -> str:

@@ -6,9 +6,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # transformers is imported where a text encoder is loaded, not at import
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ def build_text_encoder(name: str, pretrained: bool = True) -> nn.Module:
     return model
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a text encoder folder (or alias), loaded locally."""
     from transformers import AutoTokenizer
 

@@ -69,7 +69,9 @@ def overlay_mask(
     return out
 
 
-def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = GT_COLOUR, width: int = 1):
+def draw_outline(
+    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = GT_COLOUR, width: int = 1
+) -> np.ndarray:
     """A copy of ``image`` with the outer contour of ``mask`` drawn (e.g. the ground truth over a prediction)."""
     _check_image(image)
     mask = _check_mask(mask, image.shape, "ground-truth mask")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,11 +130,15 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def _cpu_flash_flop(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+Shape = Sequence[int]
+
+
+def _cpu_flash_flop(query_shape: Shape, key_shape: Shape, value_shape: Shape, *args: Any, **kwargs: Any) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_flash_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+def _cpu_flash_backward_flop(grad_out_shape: Shape, query_shape: Shape, key_shape: Shape, value_shape: Shape,
+                             *args: Any, **kwargs: Any) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
