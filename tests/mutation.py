@@ -9,7 +9,8 @@ The committed tree (tracked and untracked, not ignored files) is copied to ``--w
 every mutant of the core modules, a random sample of each group is drawn (seeded: the same sample for the same
 code), and mutmut runs only those, each against the tests that reach the mutated function. Prints and writes
 ``<workdir>/mutation_summary.json``: per group the sampled mutants, killed, survived, and the diff of each
-survivor. docs/mutation.md has the last scores and the survivors judged equivalent.
+survivor. docs/mutation.md has the last scores and the survivors judged equivalent. mutmut stops when a test
+fails on the unmutated code; the error then names it (its reason: ``<workdir>/unmutated_failures.txt``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def statuses(workdir: Path) -> dict[str, str]:
     return out
 
 
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lavt-mutation"))
@@ -142,6 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     temp_root.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     env["PYTEST_DEBUG_TEMPROOT"] = str(temp_root)
+    # tests failing on the unmutated code are logged (tests/mutation_log.py), from a folder holding that plugin only:
+    # the workdir's own copies of the packages must not shadow the mutated ones
+    plugins, failures = args.workdir / "plugins", args.workdir / "unmutated_failures.txt"
+    plugins.mkdir(exist_ok=True)
+    shutil.copyfile(REPO / "tests" / "mutation_log.py", plugins / "mutation_failure_log.py")
+    failures.unlink(missing_ok=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugins), env.get("PYTHONPATH")]))
+    env["PYTEST_PLUGINS"] = ",".join(filter(None, [env.get("PYTEST_PLUGINS"), "mutation_failure_log"]))
+    env["MUTATION_FAILURE_LOG"] = str(failures)
     todo = [n for names in chosen.values() for n in names]
     try:
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *todo],
@@ -151,8 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     (args.workdir / "mutmut_run.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
         free_gb = shutil.disk_usage(args.workdir).free / 1e9
-        sys.exit(f"mutmut failed (exit {run.returncode}); see {args.workdir / 'mutmut_run.log'} ({free_gb:.1f} GB "
-                 "free on its disk now: a full disk fails mutmut's clean run)")  # fmt: skip
+        failed = [line[4:].split(" (")[0] for line in _lines(failures) if line.startswith("=== ")]
+        where = f"tests failing on the unmutated code: {', '.join(failed)} (reasons in {failures}); " if failed else ""
+        sys.exit(f"mutmut failed (exit {run.returncode}); {where}see {args.workdir / 'mutmut_run.log'} "
+                 f"({free_gb:.1f} GB free on its disk now: a full disk fails mutmut's clean run)")  # fmt: skip
     status = statuses(args.workdir)
     summary: dict = {"groups": {}, "survivors": {}}
     for g, names in chosen.items():
