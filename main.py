@@ -18,7 +18,8 @@ from utils.openmp import set_spin_count  # noqa: E402 (imports no torch)
 
 set_spin_count()  # before torch loads OpenMP (utils/openmp.py); GOMP_SPINCOUNT in the environment overrides it
 
-import sys  # noqa: E402 (after the OpenMP setting)
+import signal  # noqa: E402 (after the OpenMP setting)
+import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 from yacs.config import CfgNode  # noqa: E402
@@ -164,8 +165,10 @@ USER_ERRORS = (
     ValueError, FileNotFoundError, PermissionError, ImageReadError, CheckpointError, NonFiniteLossError, RunLockedError,
 )  # fmt: skip
 # Training stopped on SIGTERM / SIGUSR1 after writing last.pth (engine.Preempted): 75 (EX_TEMPFAIL, "try again
-# later"), so that a job script can requeue the same command with --resume auto.
+# later"), so that a job script can requeue the same command with --resume auto. Stopped by Ctrl-C: 130, as a shell
+# reports an interrupted command (a job script must not requeue what its user stopped).
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _is_first_rank() -> bool:
@@ -179,15 +182,23 @@ def _is_first_rank() -> bool:
 
 def cli(argv: list[str] | None = None, started: float | None = None) -> int:
     """``main`` for the command line: returns the exit status (0; 2 after a one-line error from rank 0;
-    ``EXIT_PREEMPTED`` after a stop request, with one line saying where the checkpoint is)."""
+    ``EXIT_PREEMPTED`` after a stop request, ``EXIT_INTERRUPTED`` after Ctrl-C, with one line saying where the
+    checkpoint is)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
         main(argv, started)
     except Preempted as e:
         if _is_first_rank():
-            print(f"main.py: preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+            print(f"main.py: {'interrupted' if e.interrupted else 'preempted'}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED if e.interrupted else EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C outside training's iterations, or twice
+        if debug:
+            raise
+        if _is_first_rank():
+            print("main.py: interrupted (Ctrl-C); a training continues from its last checkpoint with --resume auto",
+                  file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
     except USER_ERRORS as e:
         if debug:
             raise

@@ -33,7 +33,7 @@ from .checkpointing import LAST, Checkpointer, Progress, clear_interrupted_write
 from .evaluation import eval_loader
 from .loops import evaluate, low_res_iterations, train_one_epoch
 from .optim import build_lr_scheduler, build_optimizer
-from .preemption import Preempted, stop_agreed, stop_reason, stop_signals_handled
+from .preemption import Preempted, ignore_ctrl_c, stop_agreed, stop_reason, stop_signals_handled, stopped_by_ctrl_c
 from .resume import EpochSampler, ResumePlan, restore
 from .text_cache import TextFeatureCache
 
@@ -202,6 +202,7 @@ def _train_loader(
         pin_memory=info.device.type == "cuda",
         drop_last=True,
         generator=generator,
+        worker_init_fn=ignore_ctrl_c,
     )
     if len(loader) == 0:
         raise ValueError(
@@ -255,6 +256,6 @@ def _at_boundary(
 
 def _stop(path: Path, at: Progress) -> None:
     """After the checkpoint of a stop request: say so and raise ``Preempted`` (every rank)."""
-    error = Preempted(str(path), at.epoch, at.iteration, stop_reason())
+    error = Preempted(str(path), at.epoch, at.iteration, stop_reason(), interrupted=stopped_by_ctrl_c())
     get_logger().warning("stopped: %s", error)
     raise error

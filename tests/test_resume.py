@@ -173,6 +173,64 @@ def test_interrupted_in_every_way_then_resumed_equals_straight_run(env, straight
     assert re.search(after_epoch_0, log) and f"removed {stale}" in log
 
 
+
+@pytest.fixture
+def ctrl_c_default():
+    """SIGINT as in a terminal (Python's KeyboardInterrupt), whatever the test process was started with."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_the_same_command_continues(
+    env, straight, tmp_path, monkeypatch, capsys, ctrl_c_default
+):
+    """Ctrl-C during iteration 6: last.pth at the next boundary, exit status 130 and one line, Python's own Ctrl-C
+    back after training; the same command then ends as the uninterrupted run."""
+    run_dir = tmp_path / "tiny"
+    command = argv(env, tmp_path, "--resume", "auto")
+    stop_at_step(monkeypatch, 6, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert main_module.cli(command) == main_module.EXIT_INTERRUPTED == 130
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("main.py:")]
+    assert lines == [f"main.py: interrupted: Ctrl-C (SIGINT) received: checkpoint {run_dir / 'last.pth'} written at "
+                     "epoch 0, iteration 6; run the same command with --resume auto to continue exactly"]  # fmt: skip
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert read_checkpoint(run_dir / "last.pth")["iteration"] == 6
+    monkeypatch.undo()
+    assert main_module.cli(command) == 0
+    assert_same_run(straight, run_dir)
+
+
+def test_a_second_ctrl_c_stops_at_once(env, tmp_path, monkeypatch, capsys, ctrl_c_default):
+    """Ctrl-C twice in iteration 6: no checkpoint waited for; the one of iteration 4 (TRAIN.CHECKPOINT_EVERY) is
+    kept, the run folder released, and one line says how to continue."""
+    run_dir = tmp_path / "tiny"
+    stop_at_step(monkeypatch, 6, lambda: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+    assert main_module.cli(argv(env, tmp_path, "--resume", "auto")) == 130
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("main.py:")]
+    assert lines == ["main.py: interrupted (Ctrl-C); a training continues from its last checkpoint with --resume auto"]
+    assert read_checkpoint(run_dir / "last.pth")["iteration"] == 4
+    assert sorted(p.name for p in run_dir.glob("*.lock")) == []
+
+
+def test_the_first_stop_request_names_the_stop(env, tmp_path, monkeypatch, capsys, ctrl_c_default):
+    """Ctrl-C, then the SIGTERM that torchrun adds to it: still stopped by Ctrl-C (status 130, not 75)."""
+    stop_at_step(monkeypatch, 2, lambda: [os.kill(os.getpid(), s) for s in (signal.SIGINT, signal.SIGTERM)])
+    assert main_module.cli(argv(env, tmp_path, TRAIN__EPOCHS=1)) == 130
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("main.py:")]
+    assert len(lines) == 1 and lines[0].startswith("main.py: interrupted: Ctrl-C (SIGINT) received: checkpoint "), lines
+
+def test_ctrl_c_ignored_by_the_process_stays_ignored(env, tmp_path, monkeypatch):
+    """A run started with SIGINT ignored (a job put in the background by a shell) does not start to take Ctrl-C."""
+    seen = []
+    stop_at_step(monkeypatch, 2, lambda: seen.append(signal.getsignal(signal.SIGINT)))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run(env, tmp_path, TRAIN__EPOCHS=1)
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 def test_resume_auto_starts_fresh_then_continues(env, straight, tmp_path):
     log = (straight / "log.txt").read_text()
     assert f"--resume auto: no {straight / 'last.pth'} yet, starting fresh" in log
@@ -413,3 +471,24 @@ def test_resumed_epoch_keeps_its_low_res_iterations(env, tmp_path, train_objects
     expected = [f"epoch {e} trains {n} of its {per_epoch} iterations at 40x40 (TRAIN.LOW_RES_SIZE)"
                 for e, n in ((0, per_epoch), (1, 3), (1, 3))]  # fmt: skip
     assert said == expected
+
+
+class _SigintInWorker(torch.utils.data.Dataset):
+    """Each item: whether the process reading it ignores SIGINT."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return int(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+
+
+def test_the_train_loaders_workers_leave_ctrl_c_to_the_training_process(tmp_path_factory, ctrl_c_default):
+    """Ctrl-C reaches every process of a terminal's group: the DataLoader workers ignore it (a worker ending on it
+    would leave the training process waiting for its batches), the training process keeps taking it."""
+    from utils.distributed import DistInfo
+
+    cfg = tiny_cfg(tmp_path_factory, DATA__WORKERS=1, TRAIN__BATCH_SIZE=2)
+    loader, _, _ = trainer_module._train_loader(cfg, _SigintInWorker(), DistInfo(0, 1, 0, False, torch.device("cpu")))
+    assert [batch.tolist() for batch in loader] == [[1, 1], [1, 1]]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
