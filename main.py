@@ -18,8 +18,7 @@ from utils.openmp import set_spin_count  # noqa: E402 (imports no torch)
 
 set_spin_count()  # before torch loads OpenMP (utils/openmp.py); GOMP_SPINCOUNT in the environment overrides it
 
-import signal  # noqa: E402 (after the OpenMP setting)
-import sys  # noqa: E402
+import sys  # noqa: E402 (after the OpenMP setting)
 from typing import Any  # noqa: E402
 
 from yacs.config import CfgNode  # noqa: E402
@@ -39,7 +38,7 @@ from data.image_io import ImageReadError  # noqa: E402
 from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
 from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
 from engine.config_check import validate_config  # noqa: E402
-from engine.preemption import Preempted  # noqa: E402
+from engine.preemption import EXIT_INTERRUPTED, Preempted  # noqa: E402
 from engine.resume import ResumePlan, plan_resume  # noqa: E402
 from engine.run_folder import RunFolder, run_dir_of  # noqa: E402
 from engine.timing import report_timing  # noqa: E402
@@ -168,7 +167,6 @@ USER_ERRORS = (
 # later"), so that a job script can requeue the same command with --resume auto. Stopped by Ctrl-C: 130, as a shell
 # reports an interrupted command (a job script must not requeue what its user stopped).
 EXIT_PREEMPTED = 75
-EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _is_first_rank() -> bool:

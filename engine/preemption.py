@@ -23,6 +23,8 @@ from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: how the log and the stop line name each signal
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)"}
+#: the exit status of a command stopped by Ctrl-C, as a shell reports one killed by SIGINT
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 _requested = threading.Event()
 _reason: list[str] = []  # what set the flag, for the log
 

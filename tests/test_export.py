@@ -156,3 +156,23 @@ def test_command_line(trained, tmp_path, capsys):
         err == f"python -m tools.export: error: FileExistsError: {tmp_path / 'm.st'} exists: choose another "
         "--out, or --force to replace it\n"
     )
+
+
+def test_ctrl_c_while_writing_leaves_nothing_and_says_so(trained, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of the write: one line, status 130 as a shell reports it, no file and no temporary left;
+    ``--debug`` shows the traceback instead."""
+    from tools import export as export_module
+    from tools.cli import run_cli
+
+    def interrupted(obj, f):
+        with open(f, "wb") as half:
+            half.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module.torch, "save", interrupted)
+    argv = [str(trained[2]), "--to", "official", "--out", str(tmp_path / "m.pth")]
+    assert run_cli("python -m tools.export", export_module.main, argv) == 130
+    assert capsys.readouterr().err == "python -m tools.export: interrupted (Ctrl-C)\n"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("python -m tools.export", export_module.main, [*argv, "--debug"])

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from data.image_io import ImageReadError
+from engine.preemption import EXIT_INTERRUPTED
 from models import CheckpointError
 
 # What a user can get wrong (files, checkpoints, config, flags); anything else is a bug and keeps its traceback.
@@ -15,7 +16,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 
 def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
     """``main(argv)``; a ``USER_ERRORS`` exception becomes ``<prog>: error: <Type>: <message>`` on one line of stderr
-    and status 2 (``--debug`` in ``argv`` shows the traceback instead). Returns the exit status."""
+    and status 2, Ctrl-C ``<prog>: interrupted (Ctrl-C)`` and status 130, as a shell reports it (``--debug`` in
+    ``argv`` shows the traceback instead). Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -25,6 +27,11 @@ def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str]
             raise
         print(f"{prog}: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
