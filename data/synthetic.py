@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -142,15 +143,8 @@ def generate(
         raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: one per available CPU), got {workers}")
-    args = dict(
-        min_size=min_size,
-        max_size=max_size,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        max_expressions=max_expressions,
-        repeat_prob=repeat_prob,
-        spatial_weight=spatial_weight,
-    )
+    args = dict(min_size=min_size, max_size=max_size, min_objects=min_objects, max_objects=max_objects,
+                max_expressions=max_expressions, repeat_prob=repeat_prob, spatial_weight=spatial_weight)  # fmt: skip
     params = _params(num_images, split_sizes, seed=seed, jpeg_quality=jpeg_quality, **args)
     sizes = params["split_sizes"]
 
@@ -229,15 +223,8 @@ def generate(
     _atomic_write(data_dir / attributes_file, json.dumps(attributes, separators=(",", ":")).encode())
     _atomic_write(data_dir / COMPLETE, json.dumps(params, indent=1).encode())
     (data_dir / RUNNING).unlink()
-    logger.info(
-        "synthetic REFER dataset: %d images, %d objects, %d refs, %d sentences in %.1fs -> %s",
-        len(images),
-        len(annotations),
-        len(refs),
-        len(attributes["sentences"]),
-        time.time() - tic,
-        root,
-    )
+    logger.info("synthetic REFER dataset: %d images, %d objects, %d refs, %d sentences in %.1fs -> %s", len(images),
+                len(annotations), len(refs), len(attributes["sentences"]), time.time() - tic, root)  # fmt: skip
     return data_dir
 
 
@@ -389,17 +376,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    kwargs = dict(
-        **synthetic_sizes(a.num_images, a.eval_images),
-        seed=a.seed,
-        min_size=a.min_size,
-        max_size=a.max_size,
-        min_objects=a.min_objects,
-        max_objects=a.max_objects,
-        max_expressions=a.max_expressions,
-        workers=a.workers,
-    )
-    ensure_synthetic(a.root, force=a.force, **kwargs)
+    shapes = {k: getattr(a, k) for k in ("min_size", "max_size", "min_objects", "max_objects", "max_expressions")}
+    sizes = synthetic_sizes(a.num_images, a.eval_images)
+    ensure_synthetic(a.root, force=a.force, **sizes, seed=a.seed, workers=a.workers, **shapes)
 
 
 if __name__ == "__main__":
@@ -408,3 +387,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, PermissionError) as e:  # a user's mistake: one line, as main.py says it
         print(f"python -m data.synthetic: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # status 130, as a shell reports it; generating.json marks the set as cut off
+        print("python -m data.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(128 + signal.SIGINT)

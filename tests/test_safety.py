@@ -9,8 +9,10 @@ import logging
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +183,37 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
         ), done.stderr
     assert snapshot(tmp_path) == before
 
+
+
+def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_path: Path):
+    """Ctrl-C as a terminal sends it (to the whole process group, the drawing processes included) while
+    ``python -m data.synthetic`` draws: one line, status 130, no traceback; generating.json is left as the mark of
+    a cut-off set, which the next run removes before it generates."""
+    root = tmp_path / "set"
+    argv = [sys.executable, "-m", "data.synthetic", "--root", str(root), "--num-images", "4000", "--workers", "2"]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # reset to its default in the child
+    try:
+        proc = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        deadline = time.time() + 120
+        while len(list((root / "images").rglob("*.jpg"))) < 20:  # drawing under way
+            assert proc.poll() is None and time.time() < deadline, "no images drawn"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (
+        "python -m data.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote"
+    )
+    assert (root / "synthetic" / "generating.json").is_file() and not (root / "synthetic" / "generator.json").exists()
+    ensure_synthetic(root, num_images=4)
+    assert len(list((root / "images").rglob("*.jpg"))) == 4
 
 def test_other_arguments_remove_the_previous_generation_first(tmp_path: Path, caplog):
     ensure_synthetic(tmp_path, num_images=12, **SMALL)
