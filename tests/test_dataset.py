@@ -366,9 +366,10 @@ def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, to
 
     plain = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32)
     cached = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32, cache=True)
-    reads = []
-    real_open = dataset_module.open_rgb
+    reads, masks = [], []
+    real_open, real_mask = dataset_module.open_rgb, cached.refer.getMask
     monkeypatch.setattr(dataset_module, "open_rgb", lambda path: reads.append(path) or real_open(path))
+    monkeypatch.setattr(cached.refer, "getMask", lambda *a: masks.append(a[0]["ref_id"]) or real_mask(*a))
     for i in list(range(len(cached))) + list(reversed(range(len(cached)))):  # every item twice
         torch.manual_seed(i)
         a = cached[i]
@@ -380,6 +381,7 @@ def test_cache_gives_the_same_items_and_reads_each_image_once(syn_root: Path, to
     assert len(images) < len(cached)  # several objects per image: the image is read once for all of them
     assert len(reads) == 2 * len(cached) + len(images)  # plain: every use; cached: once per image
     assert len(cached._masks) == len(cached) and set(cached._images) == images
+    assert sorted(masks) == sorted(r["ref_id"] for r in cached.refs)  # each object's mask rasterised once
     # augmentation still runs on every use; the cache keeps the unaugmented image
     aug = ReferDataset(syn_root, "synthetic", "unc", "train", tokenizer, image_size=32, cache=True, augment=True)
     torch.manual_seed(0)

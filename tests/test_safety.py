@@ -258,7 +258,7 @@ def test_unreadable_marker_is_refused(tmp_path: Path):
     (tmp_path / "synthetic").mkdir()
     (tmp_path / "synthetic" / "generator.json").write_text("{not json")
     before = snapshot(tmp_path)
-    with pytest.raises(SyntheticRootError, match=r"cannot tell which files .*generator\.json is unreadable"):
+    with pytest.raises(SyntheticRootError, match=r"cannot tell which files .*generator\.json is unreadable \(JSONDeco"):
         ensure_synthetic(tmp_path, num_images=4, **SMALL)
     assert snapshot(tmp_path) == before
 

@@ -126,6 +126,12 @@ def test_histogram_figure_counts():
         failures.figure_iou_histogram([])
 
 
+def test_bucket_shares_keep_one_scale_with_room_above_100_percent():
+    """Two models' bucket bars compare at a glance (the same 0-based axis) and a 100% bar keeps its label inside."""
+    axes = [failures.figure_iou_histogram(ious).axes[1] for ious in ([1.0] * 6, [0.0, 0.3, 0.9])]
+    assert axes[0].get_ylim() == axes[1].get_ylim() and axes[0].get_ylim()[0] == 0 and axes[0].get_ylim()[1] >= 110
+
+
 def test_cases_figure_grid():
     image, gt, pred = _grey(), _square(), _square(x0=30, x1=45)
     cases = [{"image": image, "gt": gt, "pred": pred, "sentence": "s", "iou": 0.0, "title": "ref 3"}] * 2
