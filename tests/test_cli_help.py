@@ -32,6 +32,7 @@ def _help(module: str) -> str:
 
 def test_demo_help_names_the_two_sources_and_the_default_checkpoint() -> None:
     text = _help("tools.demo")
+    assert "Segment what each expression refers to in an image: writes the overlay PNG" in text
     assert "(--image IMAGE | --example N)" in text  # one of the two, required
     assert "default: the demo run's best.pth" in text and "--text TEXT" in text
 
@@ -74,6 +75,7 @@ def test_every_option_says_what_it_does(module: str) -> None:
 
 def test_the_synthetic_command_lines_defaults_are_generates() -> None:
     """``python -m data.synthetic`` without options writes what ``generate`` writes without arguments."""
+    assert synthetic_parser().description == "Write the synthetic REFER-format referring segmentation dataset."
     given = vars(synthetic_parser().parse_args(["--root", "x"]))
     defaults = {k: p.default for k, p in inspect.signature(generate).parameters.items() if p.default is not p.empty}
     shared = given.keys() & defaults.keys()

@@ -370,6 +370,16 @@ def test_allowed_changes_recompute_the_schedule(env, stopped, tmp_path, train_ob
     assert "--allow_change TRAIN.EPOCHS TRAIN.LR: no difference from" in (run_dir / "log.txt").read_text()
 
 
+
+def test_a_precision_change_starts_the_loss_scaler_afresh(env, stopped, tmp_path):
+    """TRAIN.AMP changed on purpose (float32 -> bf16): the checkpoint's scaler state is not the new precision's; the
+    run continues with a fresh one and says so."""
+    run_dir = copy_run(stopped, tmp_path)
+    run(env, tmp_path, "--resume", "auto", "--allow_change", "TRAIN.AMP", "--stop_after", "1", TRAIN__AMP="bf16")
+    log = (run_dir / "log.txt").read_text()
+    assert "TRAIN.AMP changed on purpose: the loss scaler starts afresh" in log
+    assert read_checkpoint(run_dir / "last.pth")["epoch"] == 0
+
 @pytest.mark.parametrize("batch", [4, 16])
 def test_allowed_batch_change_converts_the_position(env, stopped, tmp_path, train_objects, monkeypatch, batch):
     """3 iterations of 8 done = 24 samples: with batch 4 that is iteration 6; with 16 iteration 1 (8 samples seen

@@ -137,6 +137,15 @@ def test_submit_slurm_resources(tmp_path, monkeypatch):
     assert "--mem=64GB" in {line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")}
 
 
+
+def test_local_executor_takes_the_time_limits_and_requeues(tmp_path):
+    """``--local``: submitit's local executor, one task, with the job's time limit, signal delay and requeue count."""
+    flags = ["--local", "--time", "30", "--signal_delay_s", "90", "--max_num_timeout", "3"]
+    args = submit_module.get_parser().parse_args([*flags, "--job_dir", str(tmp_path / "jobs")])
+    executor = submit_module.build_executor(args)
+    assert isinstance(executor, submitit.LocalExecutor) and executor.max_num_timeout == 3
+    assert executor.parameters == {"timeout_min": 30, "signal_delay_s": 90, "tasks_per_node": 1}
+
 # a stand-in for main.py: says when it is ready, counts the SIGUSR1s it gets, and ends on the first unless told to
 # hold on (then it waits to be killed, as a training stuck past its grace period)
 CHILD = """
