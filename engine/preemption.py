@@ -4,8 +4,9 @@ writes ``last.pth`` and raises ``Preempted``, which ``main.py`` turns into its e
 after Ctrl-C, as a shell reports an interrupted command). A second Ctrl-C stops at once (``KeyboardInterrupt``),
 without that checkpoint.
 
-The handler only sets the flag (nothing else is safe inside a signal handler); all ranks agree through an all-reduce
-of it, so a signal that reached one process stops them all at the same iteration.
+The handler only sets the flag (nothing else is safe inside a signal handler; a second Ctrl-C raises
+KeyboardInterrupt, as Python's own handler does); all ranks agree through an all-reduce of it, so a signal that
+reached one process stops them all at the same iteration.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def ignore_ctrl_c(worker_id: int) -> None:
 
 @contextmanager
 def stop_signals_handled() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGUSR1 request a checkpoint and a stop instead of killing the process; the
+    """Within the block, SIGTERM, SIGUSR1 and Ctrl-C request a checkpoint and a stop instead of ending the process; the
     previous handlers come back after it. A request left from before the block is dropped."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
         yield
