@@ -106,7 +106,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="offset by rank in each process")
     g.add_argument(
         "--checkpoint_every", type=int, default=None, metavar="N",
-        help="also write last.pth every N iterations (0: at epoch ends only); SIGTERM / SIGUSR1 write it and stop",
+        help="also write last.pth every N iterations (0: at epoch ends only); SIGTERM, SIGUSR1, Ctrl-C write it, stop",
     )  # fmt: skip
     g.add_argument("--pretrained_swin_weights", type=str, default=None, help="Swin ImageNet checkpoint")
     g.add_argument("--ck_bert", type=str, default=None, help='local BERT folder, or the alias "minilm-l6"')

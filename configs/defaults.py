@@ -125,7 +125,8 @@ _C.TRAIN.FUSED_ADAMW = True
 _C.TRAIN.CLIP_GRAD = 0.0  # max grad norm, 0 = off
 _C.TRAIN.SEED = 0
 # Write <run>/last.pth every N iterations (counted over the whole run) besides every epoch end, so that a killed or
-# preempted run loses at most N iterations; 0 = at epoch ends only. SIGTERM / SIGUSR1 also write it (engine.preemption).
+# preempted run loses at most N iterations; 0 = at epoch ends only. SIGTERM / SIGUSR1 / Ctrl-C also write it
+# (engine.preemption).
 _C.TRAIN.CHECKPOINT_EVERY = 500
 
 # ----------------------------------------------------------------------------- evaluation

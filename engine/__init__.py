@@ -5,8 +5,9 @@
 - ``optim``: the official AdamW parameter groups and polynomial learning-rate schedule;
 - ``trainer``: ``train`` (epochs, validation, checkpoints) and ``load_pretrained``;
 - ``checkpointing``: what ``last.pth`` holds and when it is written; ``resume``: continuing a run from it
-  (``plan_resume`` checks before anything is written); ``preemption``: SIGTERM / SIGUSR1 / ``request_checkpoint``
-  -> checkpoint and ``Preempted``; ``checkpoint_config``: whether a checkpoint's configuration fits a run;
+  (``plan_resume`` checks before anything is written); ``preemption``: SIGTERM / SIGUSR1 / Ctrl-C /
+  ``request_checkpoint`` -> checkpoint and ``Preempted``; ``checkpoint_config``: whether a checkpoint's
+  configuration fits a run;
 - ``run_folder``: ``prepare_run_dir``, the folder a run writes into (owned by one run, locked while it trains);
 - ``evaluation``: ``run_evaluation`` over the configured splits, and the names of the files it writes.
 """
