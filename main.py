@@ -38,7 +38,7 @@ from data.image_io import ImageReadError  # noqa: E402
 from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
 from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
 from engine.config_check import validate_config  # noqa: E402
-from engine.preemption import EXIT_INTERRUPTED, Preempted  # noqa: E402
+from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: E402
 from engine.resume import ResumePlan, plan_resume  # noqa: E402
 from engine.run_folder import RunFolder, run_dir_of  # noqa: E402
 from engine.timing import report_timing  # noqa: E402
@@ -163,10 +163,6 @@ def _run_in(
 USER_ERRORS = (
     ValueError, FileNotFoundError, PermissionError, ImageReadError, CheckpointError, NonFiniteLossError, RunLockedError,
 )  # fmt: skip
-# Training stopped on SIGTERM / SIGUSR1 after writing last.pth (engine.Preempted): 75 (EX_TEMPFAIL, "try again
-# later"), so that a job script can requeue the same command with --resume auto. Stopped by Ctrl-C: 130, as a shell
-# reports an interrupted command (a job script must not requeue what its user stopped).
-EXIT_PREEMPTED = 75
 
 
 def _is_first_rank() -> bool:

@@ -24,7 +24,11 @@ from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: how the log and the stop line name each signal
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)"}
-#: the exit status of a command stopped by Ctrl-C, as a shell reports one killed by SIGINT
+#: main.py's exit status after a stop by SIGTERM / SIGUSR1 with last.pth written: EX_TEMPFAIL ("try again later"), so
+#: that a job script can requeue the same command with --resume auto
+EXIT_PREEMPTED = 75
+#: the exit status of a command stopped by Ctrl-C, as a shell reports one killed by SIGINT (a job script must not
+#: requeue what its user stopped)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 _requested = threading.Event()
 _reason: list[str] = []  # what set the flag, for the log

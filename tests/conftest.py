@@ -123,3 +123,13 @@ def library_logs_reach_caplog():
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
     yield
+
+
+@pytest.fixture
+def ctrl_c_default():
+    """SIGINT as in a terminal (Python's KeyboardInterrupt), whatever the test process was started with."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -206,39 +206,3 @@ def test_kill9_and_sigterm_then_same_command_equals_uninterrupted(zygote, tmp_pa
             assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
     assert records(straight / "tiny") == records(run_dir) and len(records(run_dir)) == 2
 
-
-def test_ctrl_c_in_a_terminal_stops_with_a_checkpoint(tmp_path_factory, tmp_path):
-    """``python main.py`` with a DataLoader worker, Ctrl-C as a terminal sends it (SIGINT to every process of the
-    group): the training process stops at the next iteration boundary with last.pth, status 130, one line and no
-    traceback. The worker ignores it (``engine.preemption.ignore_ctrl_c``): had it ended, a training process waiting
-    for its batches would fail on it."""
-    data_root, text = tiny_env(tmp_path_factory)
-    over = {**OVER, "TRAIN__EPOCHS": 50, "DATA__WORKERS": 1}  # far more than the test waits for
-    argv = [sys.executable, "main.py", "--cfg_file", "", "--device", "cpu", "--opts",
-            *tiny_opts(data_root, text, tmp_path, **over)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # reset to its default in the child
-    try:  # its own process group, as a terminal's foreground job
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    run_dir = tmp_path / "tiny"
-    try:
-        deadline = time.time() + 180
-        while not (run_dir / "last.pth").is_file() or read_checkpoint(run_dir / "last.pth")["iteration"] == 0:
-            assert proc.poll() is None and time.time() < deadline, "no mid-epoch checkpoint"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == main_module.EXIT_INTERRUPTED, err
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.startswith("main.py: ")]
-    assert len(lines) == 1 and lines[0].startswith(
-        f"main.py: interrupted: Ctrl-C (SIGINT) received: checkpoint {run_dir / 'last.pth'} written at epoch "
-    ), err
-    stopped = read_checkpoint(run_dir / "last.pth")
-    assert stopped["iteration"] > 0 and not (run_dir / "train.lock").exists()

@@ -174,14 +174,6 @@ def test_interrupted_in_every_way_then_resumed_equals_straight_run(env, straight
 
 
 
-@pytest.fixture
-def ctrl_c_default():
-    """SIGINT as in a terminal (Python's KeyboardInterrupt), whatever the test process was started with."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_ctrl_c_stops_with_a_checkpoint_and_the_same_command_continues(
     env, straight, tmp_path, monkeypatch, capsys, ctrl_c_default
 ):
@@ -482,23 +474,3 @@ def test_resumed_epoch_keeps_its_low_res_iterations(env, tmp_path, train_objects
                 for e, n in ((0, per_epoch), (1, 3), (1, 3))]  # fmt: skip
     assert said == expected
 
-
-class _SigintInWorker(torch.utils.data.Dataset):
-    """Each item: whether the process reading it ignores SIGINT."""
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index: int) -> int:
-        return int(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
-
-
-def test_the_train_loaders_workers_leave_ctrl_c_to_the_training_process(tmp_path_factory, ctrl_c_default):
-    """Ctrl-C reaches every process of a terminal's group: the DataLoader workers ignore it (a worker ending on it
-    would leave the training process waiting for its batches), the training process keeps taking it."""
-    from utils.distributed import DistInfo
-
-    cfg = tiny_cfg(tmp_path_factory, DATA__WORKERS=1, TRAIN__BATCH_SIZE=2)
-    loader, _, _ = trainer_module._train_loader(cfg, _SigintInWorker(), DistInfo(0, 1, 0, False, torch.device("cpu")))
-    assert [batch.tolist() for batch in loader] == [[1, 1], [1, 1]]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -22,6 +22,8 @@ from data.synthetic import SyntheticRootError, ensure_synthetic, generate, main
 from refer import REFER, ReferDataError
 from refer.safe_pickle import UnsafePickleError, load_plain_pickle, loads_plain_pickle
 
+from .helpers_process import terminal_job
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -191,22 +193,13 @@ def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_pat
     a cut-off set, which the next run removes before it generates."""
     root = tmp_path / "set"
     argv = [sys.executable, "-m", "data.synthetic", "--root", str(root), "--num-images", "4000", "--workers", "2"]
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # reset to its default in the child
-    try:
-        proc = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    try:
+    with terminal_job(argv, cwd=REPO, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.time() + 120
         while len(list((root / "images").rglob("*.jpg"))) < 20:  # drawing under way
             assert proc.poll() is None and time.time() < deadline, "no images drawn"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.splitlines()[-1] == (
         "python -m data.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote"

@@ -37,6 +37,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers_process import terminal_job
 from tests.test_demo import MAX_TOKENS, SIZE, first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
 from tools import demo, web
 from tools import visualize as vis
@@ -353,17 +354,9 @@ def test_the_command_serves_until_ctrl_c(run):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     argv = [sys.executable, "-m", "tools.web", "--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0"]
-    # Ctrl-C as in a terminal: a test process started with SIGINT ignored (a job put in the background by a shell
-    # without job control, mutmut's test processes) would pass that on, and Python then never turns SIGINT into
-    # KeyboardInterrupt. A handled signal is reset to its default in the child.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(argv, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
-    try:
+    with terminal_job(argv, cwd=root, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
         shown = [lines.get(timeout=60)]  # the model's INFO lines, then the address
         while "serving on" not in shown[-1]:
             shown.append(lines.get(timeout=60))
@@ -374,9 +367,6 @@ def test_the_command_serves_until_ctrl_c(run):
             assert answer.status == 200 and b"<code id=\"model\">" in answer.read()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
-    proc.wait()
     time.sleep(0.2)  # the reader thread drains what is left
     rest = "".join(lines.queue)
     assert "Traceback" not in rest, rest
