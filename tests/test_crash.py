@@ -36,6 +36,10 @@ import json, logging, os, signal, sys
 import main
 from transformers import AutoTokenizer, BertConfig, BertModel  # what the ranks import lazily
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # launch leaders are reaped without waiting
+def publish(path, text):  # the test polls these files: a rename shows them whole, never empty or half-written
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
 sys.stdout.flush()
 for line in sys.stdin:
     folder, argv, env = json.loads(line)
@@ -54,10 +58,10 @@ for line in sys.stdin:
                 status = main.cli(argv)
                 logging.shutdown(), sys.stdout.flush(), sys.stderr.flush()
                 os._exit(status)
-            open(os.path.join(folder, f"rank{rank}.pid"), "w").write(str(pid))
+            publish(os.path.join(folder, f"rank{rank}.pid"), str(pid))
             pids.append(pid)
         codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
-        open(os.path.join(folder, "status.txt"), "w").write(" ".join(map(str, codes)))
+        publish(os.path.join(folder, "status.txt"), " ".join(map(str, codes)))
         os._exit(0)
     print(leader, flush=True)
 """

@@ -260,8 +260,9 @@ def test_a_rendezvous_error_without_a_message_is_named_by_its_type(monkeypatch):
 
 FAKE_SLURM = {  # stand-ins for SLURM's commands: they record how the script calls them
     "srun": """#!/bin/bash
-echo "$@" > "$FAKE/srun_args"; echo $$ > "$FAKE/srun.pid"
+echo "$@" > "$FAKE/srun_args"
 trap 'echo stopped > "$FAKE/srun_stopped"; exit 75' USR1
+echo $$ > "$FAKE/srun.tmp"; mv "$FAKE/srun.tmp" "$FAKE/srun.pid"  # whole, and only once USR1 is trapped
 for _ in $(seq "${FAKE_SRUN_STEPS:-600}"); do sleep 0.05; done
 """,
     "scancel": '#!/bin/bash\necho "$@" > "$FAKE/scancel_args"; kill -USR1 "$(cat "$FAKE/srun.pid")"\n',

@@ -17,13 +17,8 @@ import http.client
 import io
 import json
 import os
-import queue
-import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -37,9 +32,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers_process import terminal_job
 from tests.test_demo import MAX_TOKENS, SIZE, first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
-from tools import demo, web
+from tools import demo, web, web_upload
 from tools import visualize as vis
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -313,7 +307,7 @@ def test_preview_of_a_big_image_is_shrunk():
     image = np.random.default_rng(1).integers(0, 256, (600, 2048, 3), dtype=np.uint8)
     mask = np.zeros((600, 2048), bool)
     mask[100:300, 1000:1600] = True
-    shown = web.preview(image, mask, vis.PALETTE[0])
+    shown = web_upload.preview(image, mask, vis.PALETTE[0])
     assert shown.shape == (300, 1024, 3)
     small = np.asarray(Image.fromarray(image).resize((1024, 300), Image.BILINEAR))
     assert np.array_equal(shown, vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[0]))
@@ -346,30 +340,6 @@ def test_startup_flags_reach_the_server(run, tmp_path):
         server.server_close()
     with pytest.raises(ValueError, match="bare.pth stores no config"):
         web.build(argv[:2] + argv[4:])
-
-
-def test_the_command_serves_until_ctrl_c(run):
-    """``python -m tools.web`` as a user starts it: an INFO line with the address it listens on (port 0: the one it
-    was given) after the model's, the page served there, and Ctrl-C ending it with status 0 and no traceback."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    argv = [sys.executable, "-m", "tools.web", "--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0"]
-    with terminal_job(argv, cwd=root, env=env, stderr=subprocess.PIPE, text=True) as proc:
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
-        shown = [lines.get(timeout=60)]  # the model's INFO lines, then the address
-        while "serving on" not in shown[-1]:
-            shown.append(lines.get(timeout=60))
-        ready = re.fullmatch(r"INFO serving on http://127\.0\.0\.1:(\d+)/ \(Ctrl-C stops\)\n", shown[-1])
-        assert ready, shown
-        url = f"http://127.0.0.1:{ready[1]}/"
-        with urllib.request.urlopen(url, timeout=30) as answer:
-            assert answer.status == 200 and b"<code id=\"model\">" in answer.read()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-    time.sleep(0.2)  # the reader thread drains what is left
-    rest = "".join(lines.queue)
-    assert "Traceback" not in rest, rest
 
 
 def test_page_names_the_model_lavt_without_a_name(predictor):

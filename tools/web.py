@@ -14,172 +14,37 @@ Protocol (what the page's script does, and what ``tests/test_web.py`` drives):
   (``overlay``: PNG data URL of the image with the mask blended in, at most PREVIEW_SIDE px on its long side;
   ``mask``: PNG data URL, 0/255 at the image's own size after its EXIF orientation), or ``{"error": one line}``
   with status 400 (413 for a file over the byte limit, 408 for an upload that stopped sending for
-  ``Limits.idle_seconds``). A bad upload never stops the server.
+  ``Limits.idle_seconds``, 503 for one cut short by the server stopping). A bad upload never stops the server.
 
-Predictions run one at a time (a lock): a burst of uploads queues instead of multiplying the memory.
+Predictions run one at a time (a lock): a burst of uploads queues instead of multiplying the memory. What one
+upload is checked for and answered is ``tools/web_upload.py``; this file is the HTTP server and its command line.
+Ctrl-C answers the prediction in progress before the command ends (``_Server.server_close``).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
+import contextlib
 import html
-import io
 import json
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from data.checks import ExpressionError, check_user_text
-from data.image_io import ImageReadError, open_rgb
-
 from .cli import run_cli
 from .demo import Predictor, add_amp_argument
-from .visualize import PALETTE, overlay_mask
+from .web_upload import Limits, UploadError, check_bytes, segment
 
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("web") / "index.html"
-PREVIEW_SIDE = 1024  # overlays shown on the page are at most this long (the masks keep the image's size)
 DRAIN_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one upload may hold; the page states them and the server refuses anything beyond with a message."""
-
-    max_bytes: int = 20_000_000
-    max_pixels: int = 12_000_000  # a 12-megapixel phone photo (4000x3000) fits
-    max_expressions: int = 5
-    max_text_chars: int = 2000
-    # a connection that sends nothing for this long is closed (a stalled upload would hold its thread for ever);
-    # per read, so a slow upload that keeps sending is never cut
-    idle_seconds: float = 60.0
-
-    def describe(self) -> str:
-        return (f"Images: PNG, JPEG, WebP, BMP, TIFF ... up to {self.max_bytes / 1e6:g} MB and "
-                f"{self.max_pixels / 1e6:g} megapixels (EXIF orientation applied). Up to {self.max_expressions} "
-                f"expressions, {self.max_text_chars} characters in all.")  # fmt: skip
-
-
-class UploadError(ValueError):
-    """What is wrong with an upload, in one line for the page; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-# ----------------------------------------------------------------------------- checks of one upload
-def check_bytes(count: int, name: str, limits: Limits) -> None:
-    """UploadError (status 413) if a file of ``count`` bytes is over the limit."""
-    if count > limits.max_bytes:
-        raise UploadError(f"{name or 'the upload'!r} has {count / 1e6:.1f} MB, more than the "
-                          f"{limits.max_bytes / 1e6:g} MB this page accepts", 413)  # fmt: skip
-
-
-def read_upload(data: bytes, name: str, limits: Limits) -> np.ndarray:
-    """An uploaded file's bytes -> [H, W, 3] uint8 RGB after its EXIF orientation.
-
-    The size in pixels is read from the header before anything is decoded, so an oversized image costs nothing.
-    Raises UploadError (one line naming the file) for an empty file, a file that is not an image, or one beyond
-    ``limits``.
-    """
-    shown = repr(name) if name else "the upload"
-    if not data:
-        raise UploadError("no image: choose an image file first")
-    check_bytes(len(data), name, limits)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except Image.DecompressionBombError as e:  # PIL's own guard, far above any sensible max_pixels
-        raise UploadError(f"{shown} is far too large: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UploadError(f"{shown} is not an image this page can read (PNG, JPEG, WebP, BMP, TIFF, ...): "
-                          f"{type(e).__name__}") from e  # fmt: skip
-    if width * height > limits.max_pixels:
-        raise UploadError(
-            f"{shown} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more "
-            f"than the {limits.max_pixels / 1e6:g} megapixels this page accepts: make it smaller"
-        )
-    try:
-        return np.asarray(open_rgb(io.BytesIO(data), exif=True))  # type: ignore[arg-type]  # PIL reads file objects
-    except ImageReadError as e:  # a readable header over broken pixel data (a cut download, ...)
-        reason = str(e.__cause__ or e)
-        raise UploadError(f"{shown} is damaged and cannot be decoded: {reason}") from e
-
-
-def read_expressions(text: str, predictor: Predictor, limits: Limits) -> tuple[list[str], list[str]]:
-    """The text box -> (expressions, one per non-blank line, stripped; a warning per expression, "" if none).
-
-    Raises UploadError for no expression, one that tokenises to nothing (``data.checks.check_user_text``), too
-    many of them or too much text.
-    """
-    if len(text) > limits.max_text_chars:
-        raise UploadError(f"the text has {len(text)} characters, more than the {limits.max_text_chars} this page "
-                          "accepts")  # fmt: skip
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > limits.max_expressions:
-        raise UploadError(f"{len(lines)} expressions, more than the {limits.max_expressions} this page segments "
-                          "at once: one expression per line")  # fmt: skip
-    try:
-        if not lines:
-            check_user_text(predictor.tokenizer, text, predictor.max_tokens)  # raises its "empty" message
-        warnings = [check_user_text(predictor.tokenizer, line, predictor.max_tokens) for line in lines]
-    except ExpressionError as e:
-        raise UploadError(str(e)) from e
-    return lines, warnings
-
-
-# ----------------------------------------------------------------------------- the answer
-def png_data_url(array: np.ndarray) -> str:
-    """[H, W] or [H, W, 3] uint8 -> ``data:image/png;base64,...``."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def preview(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """image [H, W, 3] uint8, mask [H, W] bool -> the overlay shown on the page, [h, w, 3] uint8: ``overlay_mask``
-    at the image's size, or on the image shrunk to PREVIEW_SIDE on its long side (bilinear; the mask nearest) for
-    big photos, which would make heavy pages."""
-    h, w = mask.shape
-    scale = PREVIEW_SIDE / max(h, w)
-    if scale < 1:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-    return overlay_mask(image, mask, colour)
-
-
-def segment(predictor: Predictor, data: bytes, name: str, text: str, limits: Limits) -> dict[str, Any]:
-    """One upload -> the JSON answer of ``POST /predict`` (see the module docstring); UploadError if refused."""
-    texts, warnings = read_expressions(text, predictor, limits)
-    image = read_upload(data, name, limits)
-    masks = predictor.predict(image, texts)  # [E, H, W] bool
-    results = []
-    for e, (expression, warning, mask) in enumerate(zip(texts, warnings, masks)):
-        colour = PALETTE[e % len(PALETTE)]
-        results.append({
-            "text": expression,
-            "warning": warning,
-            "coverage": float(mask.mean()),
-            "colour": "rgb({}, {}, {})".format(*colour),
-            "overlay": png_data_url(preview(image, mask, colour)),
-            "mask": png_data_url(mask.astype(np.uint8) * 255),
-            "mask_name": f"{Path(name).stem or 'image'}_mask_{e}.png",
-        })  # fmt: skip
-    h, w = image.shape[:2]
-    return {"results": results, "summary": f"{len(texts)} mask(s) of {w}x{h} pixels"}
 
 
 # ----------------------------------------------------------------------------- the server
@@ -242,13 +107,17 @@ class _Handler(BaseHTTPRequestHandler):
             idle = app.limits.idle_seconds
             self._json(408, {"error": f"the upload stopped: {length} bytes announced, nothing more for {idle:g} s"})
             return
+        if len(data) < length and self.server.closing:
+            self._json(503, {"error": f"the server stopped during the upload ({len(data)} of {length} bytes read)"})
+            return
         try:
-            self._json(200, app.segment(data, name, text))
+            status, answer = 200, app.segment(data, name, text)
         except UploadError as e:
-            self._json(e.status, {"error": str(e)})
+            status, answer = e.status, {"error": str(e)}
         except Exception as e:  # a bug, not the user's: logged with its traceback, the server keeps serving
             logger.exception("predict failed for %r", name)
-            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+            status, answer = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+        self._json(status, answer)  # (outside: a client gone meanwhile is not a failed prediction)
 
     def _drain(self, length: int) -> None:
         while length > 0:
@@ -259,8 +128,58 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+    """One thread per connection, none of them a daemon: ``server_close()`` ends the connections that wait for a
+    request or an upload and waits for the others, so that a prediction in progress is answered before the command
+    ends. A daemon thread still running while the interpreter finalizes (Ctrl-C just after an answer) can free the
+    model's last tensors there; taking the GIL back then ends the thread inside torch's C++ code, which aborts the
+    process ("terminate called without an active exception", docs/web.md)."""
+
+    daemon_threads = False
     app: WebApp
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.closing = False
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)  # (which calls server_close when it cannot bind)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening; reading ends on every open connection (an idle one closes, an upload is cut short and
+        answered 503); wait for the rest, which are predicting and will answer."""
+        self.closing = True
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                connection.shutdown(socket.SHUT_RD)
+        if connections:
+            logger.info("stopping: waiting for %d open connection(s); a prediction in progress is answered first",
+                        len(connections))  # fmt: skip
+        super().server_close()  # joins the connections' threads
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed."""
+        with self._open_lock:
+            return len(self._open)
+
+    def handle_error(self, request: socket.socket, client_address: Any) -> None:
+        """A client that went away (a closed tab, a reload) is one line; anything else is a bug with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            logger.info("%s went away before its answer (%s)", client_address[0], type(error).__name__)
+        else:
+            super().handle_error(request, client_address)
 
 
 class WebApp:

@@ -1,0 +1,178 @@
+"""How tools.web ends a connection and itself: Ctrl-C on the real command, ``server_close`` while a prediction runs,
+an upload comes in and a connection waits, and a client that goes away before its answer. Each ends in one line,
+with nothing cut short that was already being predicted."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers_process import terminal_job
+from tests.test_demo import first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
+from tests.test_web import decode_data_url
+from tools import demo, web
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = "POST /predict?name=photo.png&texts=the%20red%20circle HTTP/1.1\r\nContent-Length: {}\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Any]:
+    """The tiny checkpoint, its model loaded (``predictor``) and a photo to upload (``photo``: PNG bytes)."""
+    run = make_tiny_run(tmp_path_factory.mktemp("web_stop_run"))
+    buffer = io.BytesIO()
+    Image.fromarray(first_image(run["cfg"])).save(buffer, "PNG")
+    return {**run, "predictor": demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu"),
+            "photo": buffer.getvalue()}  # fmt: skip
+
+
+class Gated:
+    """A predictor whose ``predict`` says that it started (``entered``) and waits for ``release``: the test chooses
+    what happens while a prediction is in progress."""
+
+    def __init__(self, inner: demo.Predictor) -> None:
+        self.inner, self.entered, self.release = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def predict(self, image: np.ndarray, texts: list[str]) -> np.ndarray:
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.inner.predict(image, texts)
+
+
+def serving(predictor: Any) -> tuple[Any, tuple[str, int]]:
+    server = web.WebApp(predictor).make_server(port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, ("127.0.0.1", server.server_address[1])
+
+
+def answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+    """One HTTP answer, read until the server closes: its status and JSON body."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_close_answers_the_prediction_in_progress_and_ends_the_rest(run):
+    """``server_close`` (what Ctrl-C runs): a connection without a request is closed at once, an upload still
+    coming in is answered 503, and the call returns only once the prediction in progress has been answered."""
+    predictor, photo = run["predictor"], run["photo"]
+    gated = Gated(predictor)
+    server, address = serving(gated)
+    results: dict[str, Any] = {}
+    sockets = [socket.create_connection(address, timeout=60) for _ in range(3)]
+    predicting, idle, uploading = sockets
+    try:
+        predicting.sendall(HEAD.format(len(photo)).encode() + photo)
+        reader = threading.Thread(target=lambda: results.setdefault("predicting", answer(predicting)))
+        reader.start()
+        assert gated.entered.wait(60)
+        uploading.sendall(HEAD.format(len(photo)).encode() + photo[:100])
+        until(lambda: server.open_connections == 3, "the server did not accept the three connections")
+
+        server.shutdown()
+        closing = threading.Thread(target=server.server_close)
+        closing.start()
+        assert idle.recv(1) == b""
+        assert answer(uploading) == (503, {"error": f"the server stopped during the upload (100 of {len(photo)} "
+                                                    "bytes read)"})  # fmt: skip
+        closing.join(0.5)
+        assert closing.is_alive() and reader.is_alive()  # still predicting
+        gated.release.set()
+        closing.join(60)
+        reader.join(60)
+        status, body = results["predicting"]
+        expected = predictor.predict(np.asarray(Image.open(io.BytesIO(photo)).convert("RGB")), ["the red circle"])
+        assert status == 200 and np.array_equal(decode_data_url(body["results"][0]["mask"]) > 0, expected[0])
+        assert not closing.is_alive() and server.open_connections == 0
+    finally:
+        gated.release.set()  # a failure above must not leave the server's thread waiting
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_client_gone_before_its_answer_is_one_line(run, caplog, capfd):
+    """A closed tab or a reload while its prediction runs: one INFO line, no traceback, not logged as a failed
+    prediction, and the server keeps serving."""
+    caplog.set_level(logging.INFO, logger="tools.web")
+    predictor, photo = run["predictor"], run["photo"]
+    gated = Gated(predictor)
+    server, address = serving(gated)
+    try:
+        sock = socket.create_connection(address, timeout=60)
+        sock.sendall(HEAD.format(len(photo)).encode() + photo)
+        assert gated.entered.wait(60)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, as a killed tab
+        sock.close()
+        gated.release.set()
+        until(lambda: server.open_connections == 0, "the connection was not closed")
+        gone = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
+        assert re.fullmatch(r"127\.0\.0\.1 went away before its answer \((BrokenPipe|ConnectionReset)Error\)", gone[0])
+        assert len(gone) == 1 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "Traceback" not in capfd.readouterr().err
+        with socket.create_connection(address, timeout=60) as again:
+            again.sendall(HEAD.format(len(photo)).encode() + photo)
+            assert answer(again)[0] == 200
+    finally:
+        gated.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_command_serves_until_ctrl_c(run):
+    """``python -m tools.web`` as a user starts it: an INFO line with the address it listens on (port 0: the one it
+    was given) after the model's, the page served there, and Ctrl-C ending it with status 0 and no traceback, soon
+    even with a connection left open (its thread would otherwise wait out the 60 s idle limit). The answer's
+    thread is joined: a daemon thread freeing the model's tensors while the interpreter finalizes used to abort
+    the process now and then (status -6, "terminate called without an active exception")."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tools.web", "--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0"]
+    with terminal_job(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+        shown = [lines.get(timeout=60)]  # the model's INFO lines, then the address
+        while "serving on" not in shown[-1]:
+            shown.append(lines.get(timeout=60))
+        ready = re.fullmatch(r"INFO serving on http://127\.0\.0\.1:(\d+)/ \(Ctrl-C stops\)\n", shown[-1])
+        assert ready, shown
+        url = f"http://127.0.0.1:{ready[1]}/"
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b'<code id="model">' in page.read()
+        assert lines.get(timeout=30).startswith('INFO 127.0.0.1 "GET / HTTP/1.1" 200')
+        with socket.create_connection(("127.0.0.1", int(ready[1])), timeout=60) as idle:
+            time.sleep(0.2)  # accepted, its thread waiting for a request
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+            assert idle.recv(1) == b""
+    time.sleep(0.2)  # the reader thread drains what is left
+    rest = "".join(lines.queue)
+    assert rest == "INFO stopping: waiting for 1 open connection(s); a prediction in progress is answered first\n", rest
