@@ -138,26 +138,29 @@ def _many_tokens() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids > 0).long()
 
 
-def _prime_shard(rank: int, world: int, port: int, bert: str, out: str, extra: bool) -> None:
-    """One process of a Gloo group: prime a cache with _many_tokens() (rank 1 one expression more if ``extra``)
-    in batches of 2; write its entries, the batches its encoder ran and any error to ``out``/rank<r>.pt."""
+def _prime_shard(rank: int, world: int, port: int, bert: str, out: str) -> None:
+    """One process of a Gloo group: prime a cache with _many_tokens() in batches of 2, then a second one with rank 1
+    holding one expression more; write the first's entries and the batches its encoder ran, and each one's error,
+    to ``out``/rank<r>.pt. (Both in one launch: starting the processes is most of the test's time.)"""
     from transformers import BertModel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     encoder = BertModel.from_pretrained(bert).requires_grad_(False)
     calls = _count_runs(encoder)
-    ids, att = _many_tokens()
-    if extra and rank == 1:
-        ids, att = torch.cat([ids, torch.full((1, 12), 7)]), torch.cat([att, torch.ones(1, 12, dtype=torch.long)])
-    cache, error = TextFeatureCache(), None
-    try:
-        cache.prime(encoder, ids, att, batch_size=2)
-    except RuntimeError as e:
-        error = str(e)
+    results = []
+    for extra in (False, True):
+        ids, att = _many_tokens()
+        if extra and rank == 1:
+            ids, att = torch.cat([ids, torch.full((1, 12), 7)]), torch.cat([att, torch.ones(1, 12, dtype=torch.long)])
+        cache, error = TextFeatureCache(), None
+        try:
+            cache.prime(encoder, ids, att, batch_size=2)
+        except RuntimeError as e:
+            error = str(e)
+        results.append({"store": {k[1:]: v for k, v in cache._store.items()}, "calls": list(calls), "error": error})
     dist.destroy_process_group()
-    store = {k[1:]: v for k, v in cache._store.items()}
-    torch.save({"store": store, "calls": calls, "error": error}, Path(out) / f"rank{rank}.pt")
+    torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 def test_processes_share_the_priming(tiny_bert, tmp_path):
@@ -177,15 +180,14 @@ def test_processes_share_the_priming(tiny_bert, tmp_path):
         torch.set_num_threads(threads)
     assert len(single) == 9 and len(calls) == 5  # batches of 2, the last one alone
 
-    mp.spawn(_prime_shard, args=(2, free_port(), str(tiny_bert), str(tmp_path), False), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert [r["calls"] for r in ranks] == [calls[0::2], calls[1::2]]  # batches 0, 2, 4 and 1, 3
+    mp.spawn(_prime_shard, args=(2, free_port(), str(tiny_bert), str(tmp_path)), nprocs=2)
+    shared, different = zip(*[torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
+    assert [r["calls"] for r in shared] == [calls[0::2], calls[1::2]]  # batches 0, 2, 4 and 1, 3
     expected = {k[1:]: v for k, v in single._store.items()}
-    for r in ranks:
+    for r in shared:
         assert r["error"] is None and r["store"].keys() == expected.keys()
         assert all(torch.equal(r["store"][k], v) for k, v in expected.items())
 
-    mp.spawn(_prime_shard, args=(2, free_port(), str(tiny_bert), str(tmp_path), True), nprocs=2)
-    errors = [torch.load(tmp_path / f"rank{r}.pt")["error"] for r in range(2)]
+    errors = [r["error"] for r in different]
     assert errors[0] == errors[1] and "processes would prime different expressions (counts [9, 10])" in errors[0]
     assert "\n" not in errors[0]
