@@ -148,6 +148,26 @@ def test_a_client_gone_before_its_answer_is_one_line(run, caplog, capfd):
         server.server_close()
 
 
+@pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), TimeoutError("timed out")])
+def test_a_client_that_stops_reading_is_one_line_and_a_bug_keeps_its_traceback(run, error, caplog, capfd):
+    """What ends a connection's thread: a client gone, or silent while its answer is written (the socket's timeout),
+    is one INFO line; any other exception is a bug and keeps socketserver's traceback."""
+    caplog.set_level(logging.INFO, logger="tools.web")
+    server = web.WebApp(run["predictor"]).make_server(port=0)
+    try:
+        for raised in (error, KeyError("a bug")):
+            try:
+                raise raised
+            except Exception:
+                server.handle_error(None, ("127.0.0.1", 5000))
+    finally:
+        server.server_close()
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"127.0.0.1 went away before its answer ({type(error).__name__})"]
+    err = capfd.readouterr().err
+    assert err.count("Traceback") == 1 and "KeyError: 'a bug'" in err and type(error).__name__ not in err
+
+
 def test_the_command_serves_until_ctrl_c(run):
     """``python -m tools.web`` as a user starts it: an INFO line with the address it listens on (port 0: the one it
     was given) after the model's, the page served there, and Ctrl-C ending it with status 0 and no traceback, soon

@@ -174,9 +174,10 @@ class _Server(ThreadingHTTPServer):
             return len(self._open)
 
     def handle_error(self, request: socket.socket, client_address: Any) -> None:
-        """A client that went away (a closed tab, a reload) is one line; anything else is a bug with its traceback."""
+        """A client that went away (a closed tab, a reload) or stopped reading its answer for ``idle_seconds`` is one
+        line; anything else is a bug, with its traceback."""
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError):
+        if isinstance(error, (ConnectionError, TimeoutError)):
             logger.info("%s went away before its answer (%s)", client_address[0], type(error).__name__)
         else:
             super().handle_error(request, client_address)
