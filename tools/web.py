@@ -14,7 +14,8 @@ Protocol (what the page's script does, and what ``tests/test_web.py`` drives):
   (``overlay``: PNG data URL of the image with the mask blended in, at most PREVIEW_SIDE px on its long side;
   ``mask``: PNG data URL, 0/255 at the image's own size after its EXIF orientation), or ``{"error": one line}``
   with status 400 (413 for a file over the byte limit, 408 for an upload that stopped sending for
-  ``Limits.idle_seconds``, 503 for one cut short by the server stopping). A bad upload never stops the server.
+  ``Limits.idle_seconds``, 411 for a chunked one, 503 for one cut short by the server stopping). A bad upload never
+  stops the server; an error answer closes its connection.
 
 Predictions run one at a time (a lock): a burst of uploads queues instead of multiplying the memory. What one
 upload is checked for and answered is ``tools/web_upload.py``; this file is the HTTP server and its command line.
@@ -52,6 +53,9 @@ class _Handler(BaseHTTPRequestHandler):
     """Serves the page and ``/predict`` for ``self.server.app`` (a ``WebApp``)."""
 
     server: _Server
+    # HTTP/1.1: connections kept alive, and an upload sent with `Expect: 100-continue` invited at once (curl waits
+    # 1 s for that before sending more than 1 MB). Every error answer closes its connection (``_send``).
+    protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
         self.timeout = self.server.app.limits.idle_seconds  # the socket's timeout, set by the base class's setup
@@ -60,11 +64,17 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         logger.info("%s %s", self.address_string(), format % args)
 
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+        if not format.startswith("Request timed out"):  # a kept-alive connection closing after idle_seconds
+            self.log_message(format, *args)
+
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if status >= 400:  # its request's body may be unread: the connection cannot carry another request
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -87,6 +97,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         query = parse_qs(url.query, keep_blank_values=True)
         name, text = query.get("name", [""])[0], query.get("texts", [""])[0]
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._json(411, {"error": "send the image with a Content-Length header (a chunked upload is not read)"})
+            return
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:

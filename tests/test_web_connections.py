@@ -1,9 +1,11 @@
-"""How tools.web ends a connection and itself: Ctrl-C on the real command, ``server_close`` while a prediction runs,
-an upload comes in and a connection waits, and a client that goes away before its answer. Each ends in one line,
-with nothing cut short that was already being predicted."""
+"""tools.web's connections, without a browser: HTTP/1.1 as clients use it (kept alive, ``Expect: 100-continue``,
+an error closing its connection), and how a connection and the server end: Ctrl-C on the real command,
+``server_close`` while a prediction runs, an upload comes in and a connection waits, and a client that goes away
+before its answer. Each ends in one line, with nothing cut short that was already being predicted."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import logging
@@ -31,7 +33,8 @@ from tests.test_web import decode_data_url
 from tools import demo, web
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = "POST /predict?name=photo.png&texts=the%20red%20circle HTTP/1.1\r\nContent-Length: {}\r\n\r\n"
+PREDICT = "POST /predict?name=photo.png&texts=the%20red%20circle HTTP/1.1\r\n"
+HEAD = PREDICT + "Content-Length: {}\r\nConnection: close\r\n\r\n"  # answered, then closed
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,8 @@ class Gated:
         return self.inner.predict(image, texts)
 
 
-def serving(predictor: Any) -> tuple[Any, tuple[str, int]]:
-    server = web.WebApp(predictor).make_server(port=0)
+def serving(predictor: Any, limits: web.Limits | None = None) -> tuple[Any, tuple[str, int]]:
+    server = web.WebApp(predictor, limits or web.Limits()).make_server(port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, ("127.0.0.1", server.server_address[1])
 
@@ -80,6 +83,60 @@ def until(condition: Any, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.01)
+
+
+def test_one_connection_carries_requests_until_an_error_closes_it(run):
+    """Kept alive: the page, then two predictions on one connection, the second sent as curl sends a large file
+    (``Expect: 100-continue``: the server invites the body at once instead of leaving curl to wait 1 s). An error
+    answer closes the connection, whose request body may be unread (a chunked upload: 411, nothing read)."""
+    photo = run["photo"]
+    server, address = serving(run["predictor"])
+    try:
+        connection = http.client.HTTPConnection(*address, timeout=60)
+        connection.request("GET", "/")
+        assert connection.getresponse().read().startswith(b"<!doctype html>")
+        sock = connection.sock
+        connection.request("POST", "/predict?name=photo.png&texts=a", body=photo)
+        first = connection.getresponse()
+        assert first.status == 200 and json.load(first)["results"][0]["text"] == "a"
+        assert connection.sock is sock  # the same connection
+        sock.sendall(f"{PREDICT}Content-Length: {len(photo)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        sock.settimeout(0.8)  # less than curl waits before sending anyway
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.settimeout(60)
+        sock.sendall(photo)
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        assert second.status == 200 and json.load(second)["results"][0]["text"] == "the red circle"
+
+        sock.sendall(f"{PREDICT}Transfer-Encoding: chunked\r\n\r\n5\r\nnever\r\n0\r\n\r\n".encode())
+        refused = http.client.HTTPResponse(sock)
+        refused.begin()
+        error = "send the image with a Content-Length header (a chunked upload is not read)"
+        assert (refused.status, refused.getheader("Connection"), json.load(refused)) == (411, "close", {"error": error})
+        assert sock.recv(1) == b""  # closed by the server
+        connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_connection_kept_alive_closes_quietly_when_idle(run, caplog):
+    """A browser keeps its connection after an answer; silent for ``idle_seconds``, it is closed without a line in
+    the log (it is no error)."""
+    caplog.set_level(logging.INFO, logger="tools.web")
+    server, address = serving(run["predictor"], web.Limits(idle_seconds=0.3))
+    try:
+        connection = http.client.HTTPConnection(*address, timeout=60)
+        connection.request("GET", "/")
+        assert connection.getresponse().read().startswith(b"<!doctype html>")
+        start = time.monotonic()
+        assert connection.sock.recv(1) == b"" and 0.2 < time.monotonic() - start < 10
+        connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.getMessage()[:30] for r in caplog.records] == ['127.0.0.1 "GET / HTTP/1.1" 200']
 
 
 def test_close_answers_the_prediction_in_progress_and_ends_the_rest(run):
