@@ -42,6 +42,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "utils/amp.py", "utils/atomic.py", "utils/lock.py", "utils/launcher.py", "utils/distributed.py",
         "utils/allocator.py", "utils/machine.py", "utils/stopwatch.py",
     ),  # fmt: skip
+    "web": ("tools/web",),  # the server and its uploads, apart from the other tools
     "tools": ("tools/",),
 }
 KILLED = {"killed", "caught by type check"}
