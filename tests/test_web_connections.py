@@ -121,6 +121,28 @@ def test_one_connection_carries_requests_until_an_error_closes_it(run):
         server.server_close()
 
 
+def test_an_upload_refused_by_its_headers_is_answered_before_it_is_sent(run):
+    """With ``Expect: 100-continue`` (curl, for files over 1 MB) a file announced over the byte limit, or chunked,
+    is answered at once, once, without inviting its body: nothing of the 30 MB is sent."""
+    server, address = serving(run["predictor"])
+    over = "'photo.png' has 30.0 MB, more than the 20 MB this page accepts"
+    chunked = "send the image with a Content-Length header (a chunked upload is not read)"
+    try:
+        for header, status, error in [("Content-Length: 30000000", 413, over),
+                                      ("Transfer-Encoding: chunked", 411, chunked)]:  # fmt: skip
+            with socket.create_connection(address, timeout=10) as sock:  # (a 100 would leave it waiting: 10 s)
+                sock.sendall(f"{PREDICT}{header}\r\nExpect: 100-continue\r\n\r\n".encode())
+                received = b""
+                while chunk := sock.recv(65536):  # until the server closes
+                    received += chunk
+            assert received.startswith(f"HTTP/1.1 {status} ".encode()) and received.count(b"HTTP/1.1 ") == 1
+            assert b"\r\nConnection: close\r\n" in received
+            assert json.loads(received.partition(b"\r\n\r\n")[2]) == {"error": error}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_connection_kept_alive_closes_quietly_when_idle(run, caplog):
     """A browser keeps its connection after an answer; silent for ``idle_seconds``, it is closed without a line in
     the log (it is no error)."""

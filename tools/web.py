@@ -90,30 +90,53 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._not_found()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _announced(self) -> tuple[str, str, int, UploadError | None] | None:
+        """A POST's file name, text and announced length, and its refusal by size (413, else None); None once a
+        request that cannot be read (another path, a chunked upload, a bad length) has been answered."""
         url = urlsplit(self.path)
         if url.path != "/predict":
             self._not_found()
-            return
+            return None
         query = parse_qs(url.query, keep_blank_values=True)
         name, text = query.get("name", [""])[0], query.get("texts", [""])[0]
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self._json(411, {"error": "send the image with a Content-Length header (a chunked upload is not read)"})
-            return
+            return None
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             length = -1
         if length < 0:  # (a negative length would read until the client gives up)
             self._json(400, {"error": "bad Content-Length header"})
+            return None
+        try:
+            check_bytes(length, name, self.server.app.limits)
+        except UploadError as e:
+            return name, text, length, e
+        return name, text, length, None
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue``: the body is invited only if it will be read; an upload refused by its headers
+        alone (over the size limit included) is answered at once and never sent."""
+        if self.command == "POST":
+            announced = self._announced()
+            if announced is None:
+                return False
+            if announced[3] is not None:
+                self._json(announced[3].status, {"error": str(announced[3])})
+                return False
+        return super().handle_expect_100()
+
+    def do_POST(self) -> None:  # noqa: N802
+        announced = self._announced()
+        if announced is None:
             return
+        name, text, length, too_big = announced
         app = self.server.app
         try:
-            try:
-                check_bytes(length, name, app.limits)
-            except UploadError as e:
+            if too_big is not None:
                 self._drain(length)  # browsers show an answer only once their upload went through
-                self._json(e.status, {"error": str(e)})
+                self._json(too_big.status, {"error": str(too_big)})
                 return
             data = self.rfile.read(length)
         except TimeoutError:
