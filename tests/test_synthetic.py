@@ -380,6 +380,7 @@ def test_synthetic_sizes():
         assert sum(sizes.values()) == n and min(sizes.values()) >= 1
         assert sizes["val"] == sizes["testA"] == sizes["testB"]
     assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
+    assert synthetic._split_sizes(50, {"train": 7, "val": 3}) == {"train": 7, "val": 3, "testA": 0, "testB": 0}
     with pytest.raises(ValueError, match="9 synthetic images leave none for train after 3 x 3"):
         synthetic_sizes(9, 3)
     with pytest.raises(ValueError, match=r"images per held-out split must be >= 0 \(0: the default\), got -218"):
