@@ -1,10 +1,9 @@
 """Stopping a run cleanly on request: SIGTERM / SIGUSR1 (what SLURM and torchrun send before they kill a job),
 Ctrl-C (SIGINT) or ``request_checkpoint()`` set one flag; the training loop checks it at every iteration boundary,
 writes ``last.pth`` and raises ``Preempted``, which ``main.py`` turns into its exit status (75, "try again later"; 130
-after Ctrl-C, as a shell reports an interrupted command). A second Ctrl-C stops at once (``KeyboardInterrupt``),
-without that checkpoint.
+after Ctrl-C, as a shell reports an interrupted command). A second Ctrl-C stops at once, without that checkpoint.
 
-The handler only sets the flag (nothing else is safe inside a signal handler; a second Ctrl-C raises
+The handler only sets the flag (nothing else is safe inside a signal handler; the second Ctrl-C raises
 KeyboardInterrupt, as Python's own handler does); all ranks agree through an all-reduce of it, so a signal that
 reached one process stops them all at the same iteration.
 """

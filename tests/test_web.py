@@ -32,6 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers_web import read_answer, serving
 from tests.test_demo import MAX_TOKENS, SIZE, first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
 from tools import demo, web, web_upload
 from tools import visualize as vis
@@ -256,27 +257,16 @@ def test_content_length_header(url, length, answer):
     assert urllib.request.urlopen(url, timeout=60).status == 200
 
 
-def _answer(sock: socket.socket) -> tuple[int, dict[str, Any], float]:
-    """Read one HTTP answer until the server closes: status, JSON body and the seconds it took."""
-    start, received = time.monotonic(), b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body), time.monotonic() - start
-
-
 def test_stalled_upload_is_answered_and_a_slow_one_served(predictor, files):
     """An upload that stops sending is answered 408 after ``idle_seconds`` of silence (not held open for ever),
     a request that never comes is closed, and one that keeps sending in pauses shorter than that is served
     however long it takes in all; the server keeps serving throughout."""
-    server = web.WebApp(predictor, web.Limits(idle_seconds=0.6)).make_server(port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    address = ("127.0.0.1", server.server_address[1])
+    server, address = serving(predictor, web.Limits(idle_seconds=0.6))
     head = "POST /predict?name=photo.png&texts=the%20red%20circle HTTP/1.1\r\nContent-Length: {}\r\n\r\n"
     try:
         with socket.create_connection(address, timeout=60) as sock:
             sock.sendall(head.format(1000).encode() + b"\x89PNG")
-            status, answer, seconds = _answer(sock)
+            status, answer, seconds = read_answer(sock)
         assert (status, answer) == (408, {"error": "the upload stopped: 1000 bytes announced, nothing more for 0.6 s"})
         assert 0.5 < seconds < 10
         with socket.create_connection(address, timeout=60) as sock:  # not even a request line
@@ -288,7 +278,7 @@ def test_stalled_upload_is_answered_and_a_slow_one_served(predictor, files):
             for part in np.array_split(np.frombuffer(photo, np.uint8), 4):  # 4 x 0.3 s: longer than 0.6 in all
                 time.sleep(0.3)
                 sock.sendall(part.tobytes())
-            status, answer, _ = _answer(sock)
+            status, answer, _ = read_answer(sock)
         assert status == 200 and answer["results"][0]["text"] == "the red circle"
     finally:
         server.shutdown()

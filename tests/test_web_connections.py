@@ -28,6 +28,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers_process import terminal_job
+from tests.helpers_train import wait_for
+from tests.helpers_web import read_answer, serving, until_closed
 from tests.test_demo import first_image, make_tiny_run, one_thread  # noqa: F401 (an autouse fixture)
 from tests.test_web import decode_data_url
 from tools import demo, web
@@ -61,28 +63,6 @@ class Gated:
         self.entered.set()
         assert self.release.wait(60)
         return self.inner.predict(image, texts)
-
-
-def serving(predictor: Any, limits: web.Limits | None = None) -> tuple[Any, tuple[str, int]]:
-    server = web.WebApp(predictor, limits or web.Limits()).make_server(port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, ("127.0.0.1", server.server_address[1])
-
-
-def answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
-    """One HTTP answer, read until the server closes: its status and JSON body."""
-    received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
-
-
-def until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_one_connection_carries_requests_until_an_error_closes_it(run):
@@ -132,9 +112,7 @@ def test_an_upload_refused_by_its_headers_is_answered_before_it_is_sent(run):
                                       ("Transfer-Encoding: chunked", 411, chunked)]:  # fmt: skip
             with socket.create_connection(address, timeout=10) as sock:  # (a 100 would leave it waiting: 10 s)
                 sock.sendall(f"{PREDICT}{header}\r\nExpect: 100-continue\r\n\r\n".encode())
-                received = b""
-                while chunk := sock.recv(65536):  # until the server closes
-                    received += chunk
+                received = until_closed(sock)
             assert received.startswith(f"HTTP/1.1 {status} ".encode()) and received.count(b"HTTP/1.1 ") == 1
             assert b"\r\nConnection: close\r\n" in received
             assert json.loads(received.partition(b"\r\n\r\n")[2]) == {"error": error}
@@ -172,18 +150,18 @@ def test_close_answers_the_prediction_in_progress_and_ends_the_rest(run):
     predicting, idle, uploading = sockets
     try:
         predicting.sendall(HEAD.format(len(photo)).encode() + photo)
-        reader = threading.Thread(target=lambda: results.setdefault("predicting", answer(predicting)))
+        reader = threading.Thread(target=lambda: results.setdefault("predicting", read_answer(predicting)[:2]))
         reader.start()
         assert gated.entered.wait(60)
         uploading.sendall(HEAD.format(len(photo)).encode() + photo[:100])
-        until(lambda: server.open_connections == 3, "the server did not accept the three connections")
+        wait_for(lambda: server.open_connections == 3, "the server to accept the three connections", timeout=60)
 
         server.shutdown()
         closing = threading.Thread(target=server.server_close)
         closing.start()
         assert idle.recv(1) == b""
-        assert answer(uploading) == (503, {"error": f"the server stopped during the upload (100 of {len(photo)} "
-                                                    "bytes read)"})  # fmt: skip
+        cut = f"the server stopped during the upload (100 of {len(photo)} bytes read)"
+        assert read_answer(uploading)[:2] == (503, {"error": cut})
         closing.join(0.5)
         assert closing.is_alive() and reader.is_alive()  # still predicting
         gated.release.set()
@@ -213,14 +191,14 @@ def test_a_client_gone_before_its_answer_is_one_line(run, caplog, capfd):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, as a killed tab
         sock.close()
         gated.release.set()
-        until(lambda: server.open_connections == 0, "the connection was not closed")
+        wait_for(lambda: server.open_connections == 0, "the connection to be closed", timeout=60)
         gone = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
         assert re.fullmatch(r"127\.0\.0\.1 went away before its answer \((BrokenPipe|ConnectionReset)Error\)", gone[0])
         assert len(gone) == 1 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert "Traceback" not in capfd.readouterr().err
         with socket.create_connection(address, timeout=60) as again:
             again.sendall(HEAD.format(len(photo)).encode() + photo)
-            assert answer(again)[0] == 200
+            assert read_answer(again)[0] == 200
     finally:
         gated.release.set()
         server.shutdown()

@@ -122,8 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
             announced = self._announced()
             if announced is None:
                 return False
-            if announced[3] is not None:
-                self._json(announced[3].status, {"error": str(announced[3])})
+            *_, too_big = announced
+            if too_big is not None:
+                self._json(too_big.status, {"error": str(too_big)})
                 return False
         return super().handle_expect_100()
 
