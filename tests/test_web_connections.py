@@ -55,11 +55,13 @@ class Gated:
 
     def __init__(self, inner: demo.Predictor) -> None:
         self.inner, self.entered, self.release = inner, threading.Event(), threading.Event()
+        self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def predict(self, image: np.ndarray, texts: list[str]) -> np.ndarray:
+        self.calls += 1
         self.entered.set()
         assert self.release.wait(60)
         return self.inner.predict(image, texts)
@@ -177,6 +179,45 @@ def test_close_answers_the_prediction_in_progress_and_ends_the_rest(run):
             sock.close()
 
 
+def test_close_refuses_the_uploads_queued_behind_the_prediction_in_progress(run, caplog):
+    """Predictions run one at a time: an upload that arrives during one waits for it (``queued``). Once Ctrl-C has
+    begun to stop the server, such an upload is answered 503 when its turn comes, without predicting, so that
+    Ctrl-C waits for one prediction and not for a whole queue; the one in progress is still answered."""
+    caplog.set_level(logging.INFO, logger="tools.web")
+    predictor, photo = run["predictor"], run["photo"]
+    gated = Gated(predictor)
+    server, address = serving(gated)
+    results: dict[str, Any] = {}
+    sockets = [socket.create_connection(address, timeout=60) for _ in range(2)]
+    first, queued = sockets
+    try:
+        first.sendall(HEAD.format(len(photo)).encode() + photo)
+        reader = threading.Thread(target=lambda: results.setdefault("first", read_answer(first)[:2]))
+        reader.start()
+        assert gated.entered.wait(60)
+        queued.sendall(HEAD.format(len(photo)).encode() + photo)
+        wait_for(lambda: server.app.queued == 1, "the second upload to wait for the first prediction", timeout=60)
+
+        server.shutdown()
+        closing = threading.Thread(target=server.server_close)
+        closing.start()
+        wait_for(lambda: any("stopping" in r.getMessage() for r in caplog.records), "the stopping line", timeout=60)
+        gated.release.set()
+        refused = "the server stopped before this upload's turn (not predicted)"
+        assert read_answer(queued)[:2] == (503, {"error": refused})
+        reader.join(60)
+        closing.join(60)
+        assert results["first"][0] == 200 and gated.calls == 1 and server.app.queued == 0
+        assert not closing.is_alive() and server.open_connections == 0
+        stopping = [r.getMessage() for r in caplog.records if "stopping" in r.getMessage()]
+        assert stopping == ["stopping: waiting for 2 open connection(s); a prediction in progress is answered first, "
+                            "1 queued refused"]  # fmt: skip
+    finally:
+        gated.release.set()
+        for sock in sockets:
+            sock.close()
+
+
 def test_a_client_gone_before_its_answer_is_one_line(run, caplog, capfd):
     """A closed tab or a reload while its prediction runs: one INFO line, no traceback, not logged as a failed
     prediction, and the server keeps serving."""
@@ -256,3 +297,46 @@ def test_the_command_serves_until_ctrl_c(run):
     rest = "".join(lines.queue)
     assert re.fullmatch(r'(INFO 127\.0\.0\.1 "GET / HTTP/1\.1" 200 -\n){2}INFO stopping: waiting for [12] open '
                         r"connection\(s\); a prediction in progress is answered first\n", rest), rest  # fmt: skip
+
+
+# The command with a prediction that takes as long as the test wants (PREDICT_SECONDS), saying when it starts.
+SLOW_WEB = """
+import os, sys, time
+from tools import demo, web
+predict = demo.Predictor.predict
+def slow(self, *args):
+    print("predicting", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ["PREDICT_SECONDS"]))
+    return predict(self, *args)
+demo.Predictor.predict = slow
+sys.exit(web.main())
+"""
+
+
+def test_a_second_ctrl_c_ends_the_command_without_waiting_for_the_prediction(run):
+    """Ctrl-C while a prediction runs waits for it (the test above); a second Ctrl-C ends the command at once with
+    status 130 and one line, the client's connection closed without an answer, and no abort or traceback (the
+    thread still predicting is not waited for and the interpreter does not finalize around it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PREDICT_SECONDS": "120"}
+    argv = [sys.executable, "-c", SLOW_WEB, "--checkpoint", str(run["checkpoint"]), "--device", "cpu", "--port", "0"]
+    with terminal_job(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+        reader.start()
+        shown = [lines.get(timeout=60)]
+        while "serving on" not in shown[-1]:
+            shown.append(lines.get(timeout=60))
+        port = int(re.search(r":(\d+)/", shown[-1])[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+            client.sendall(HEAD.format(len(run["photo"])).encode() + run["photo"])
+            assert lines.get(timeout=60) == "predicting\n"
+            proc.send_signal(signal.SIGINT)
+            assert lines.get(timeout=60).startswith("INFO stopping: waiting for 1 open connection(s)")
+            start = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130 and time.monotonic() - start < 10
+            assert until_closed(client) == b""
+    reader.join(30)
+    rest = "".join(lines.queue)
+    assert rest == ("python -m tools.web: interrupted (Ctrl-C) again: stopped without answering the prediction in "
+                    "progress\n"), rest  # fmt: skip

@@ -14,12 +14,13 @@ Protocol (what the page's script does, and what ``tests/test_web.py`` drives):
   (``overlay``: PNG data URL of the image with the mask blended in, at most PREVIEW_SIDE px on its long side;
   ``mask``: PNG data URL, 0/255 at the image's own size after its EXIF orientation), or ``{"error": one line}``
   with status 400 (413 for a file over the byte limit, 408 for an upload that stopped sending for
-  ``Limits.idle_seconds``, 411 for a chunked one, 503 for one cut short by the server stopping). A bad upload never
-  stops the server; an error answer closes its connection.
+  ``Limits.idle_seconds``, 411 for a chunked one, 503 for one cut short or not yet predicted when the server
+  stops). A bad upload never stops the server; an error answer closes its connection.
 
 Predictions run one at a time (a lock): a burst of uploads queues instead of multiplying the memory. What one
 upload is checked for and answered is ``tools/web_upload.py``; this file is the HTTP server and its command line.
-Ctrl-C answers the prediction in progress before the command ends (``_Server.server_close``).
+Ctrl-C answers the prediction in progress before the command ends (``_Server.server_close``), refuses the
+uploads queued behind it (503), and a second Ctrl-C ends the command at once without answering it.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ import contextlib
 import html
 import json
 import logging
+import os
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
+
+from engine.preemption import EXIT_INTERRUPTED
 
 from .cli import run_cli
 from .demo import Predictor, add_amp_argument
@@ -148,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(503, {"error": f"the server stopped during the upload ({len(data)} of {length} bytes read)"})
             return
         try:
-            status, answer = 200, app.segment(data, name, text)
+            status, answer = 200, app.segment(data, name, text, stopping=lambda: self.server.closing)
         except UploadError as e:
             status, answer = e.status, {"error": str(e)}
         except Exception as e:  # a bug, not the user's: logged with its traceback, the server keeps serving
@@ -200,8 +204,10 @@ class _Server(ThreadingHTTPServer):
             with contextlib.suppress(OSError):  # closed meanwhile
                 connection.shutdown(socket.SHUT_RD)
         if connections:
-            logger.info("stopping: waiting for %d open connection(s); a prediction in progress is answered first",
-                        len(connections))  # fmt: skip
+            app = getattr(self, "app", None)  # (none when binding failed)
+            queued = app.queued if app is not None else 0
+            logger.info("stopping: waiting for %d open connection(s); a prediction in progress is answered first%s",
+                        len(connections), f", {queued} queued refused" if queued else "")  # fmt: skip
         super().server_close()  # joins the connections' threads
 
     @property
@@ -227,6 +233,8 @@ class WebApp:
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), model_name: str = "") -> None:
         self.predictor, self.limits = predictor, limits
         self._lock = threading.Lock()
+        self.queued = 0  # uploads read and waiting for the prediction in progress (under _count_lock)
+        self._count_lock = threading.Lock()
         model = f"{model_name or 'LAVT'} {predictor.describe()}"
         self.page = (
             PAGE.read_text(encoding="utf-8")
@@ -235,8 +243,18 @@ class WebApp:
             .encode("utf-8")
         )
 
-    def segment(self, data: bytes, name: str, text: str) -> dict[str, Any]:
+    def segment(
+        self, data: bytes, name: str, text: str, stopping: Callable[[], bool] = lambda: False
+    ) -> dict[str, Any]:
+        """The answer to one upload, predicted after those before it; UploadError 503 instead if ``stopping()``
+        says, once its turn comes, that the server is stopping: Ctrl-C waits for one prediction, not a queue."""
+        with self._count_lock:
+            self.queued += 1
         with self._lock:
+            with self._count_lock:
+                self.queued -= 1
+            if stopping():
+                raise UploadError("the server stopped before this upload's turn (not predicted)", status=503)
             return segment(self.predictor, data, name, text, self.limits)
 
     def make_server(self, host: str = "127.0.0.1", port: int = 7860) -> _Server:
@@ -324,7 +342,18 @@ def serve(argv: Sequence[str]) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        try:
+            server.server_close()
+        except KeyboardInterrupt:  # a second Ctrl-C while a prediction finishes: end now, without answering it
+            _exit_now("python -m tools.web: interrupted (Ctrl-C) again: stopped without answering the prediction "
+                      "in progress")  # fmt: skip
+
+
+def _exit_now(line: str) -> NoReturn:
+    """``line`` on stderr and status 130 at once: a thread still predicting cannot be stopped, and one still
+    running while the interpreter finalizes can abort it (``_Server``), so the process ends without finalizing."""
+    print(line, file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
