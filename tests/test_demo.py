@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,7 @@ def test_checkpoint_without_text_encoder_cannot_predict(run, tmp_path):
         (["--image", "x.png", "--example", "0", "--text", "a"], "not allowed with argument"),
         (["--text", "a"], "one of the arguments --image --example is required"),
         (["--image", "x.png", "--text", "a", "--amp", "fp32"], "argument --amp: invalid choice: 'fp32'"),
+        (["--example", "-1"], "--example must be >= 0, got -1"),
     ],
 )
 def test_cli_usage_errors(argv, message, capsys):
@@ -336,6 +338,32 @@ def test_predict_bad_inputs(run, predictor, tmp_path):
 def test_cuda_requested_without_cuda(run):
     with pytest.raises(ValueError, match="CUDA is not available"):
         demo.Predictor.from_checkpoint(run["checkpoint"], device="cuda")
+
+
+def test_a_device_torch_does_not_know_is_one_line(run):
+    with pytest.raises(ValueError, match=r"^device 'tpu' is not a device \(cpu, cuda or cuda:<index>\)$"):
+        demo.Predictor.from_checkpoint(run["checkpoint"], device="tpu")
+
+
+def test_outputs_never_overwrite_the_image_or_each_other(run, predictor, tmp_path, monkeypatch):
+    """An overlay or mask named as the input image, or as another output (``--out`` = a mask's name), is refused
+    before anything is written: the photo and the files already there stay as they were."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(first_image(run["cfg"])).save("photo.png")
+    Path("m_0.png").write_bytes(b"kept")
+    photo = Path("photo.png").read_bytes()
+    cases = [
+        ("photo.png", None, "photo.png is the input image"),
+        ("o.png", "../" + tmp_path.name + "/photo.png", f"../{tmp_path.name}/photo.png is the input image"),
+        ("m_0.png", "m.png", "m_0.png is another output"),  # two expressions: m_0.png and m_1.png
+        ("./m.png", "m.png", "m.png is another output"),  # (one expression here, below)
+    ]
+    for out, mask_out, message in cases:
+        texts = ["the red circle", "the big star"] if out == "m_0.png" else ["the red circle"]
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}: it would be overwritten \\(give --out and "):
+            demo.run_demo(None, "photo.png", texts, out, mask_out, predictor=predictor)
+    assert Path("photo.png").read_bytes() == photo and Path("m_0.png").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_0.png", "photo.png"]
 
 
 def test_mask_paths():

@@ -7,13 +7,15 @@ Any LAVT checkpoint opens (``tools.open_checkpoint``): this project's rebuild th
 config, the official releases from their weights. User images are turned upright by their EXIF orientation.
 Images are prepared as the dataset prepares them (square resize to DATA.SIZE, ImageNet normalisation),
 expressions tokenised as the dataset tokenises them; the logits are resized bilinearly to the image's own size
-before the argmax, as the evaluation at ``original`` resolution does.
+before the argmax, as the evaluation at ``original`` resolution does. The overlay and masks are written all or
+none, replacing files of those names, but never the input image or each other (refused before predicting).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,17 @@ def mask_paths(mask_out: str | Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{e}{path.suffix or '.png'}") for e in range(count)]
 
 
+def check_outputs(image: str | Path, outputs: Sequence[Path]) -> None:
+    """ValueError, before anything is predicted, if two outputs are one file (one would be lost) or one is the
+    input image (it would be overwritten)."""
+    seen = {os.path.realpath(image): "the input image"}
+    for path in outputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{path} is {seen[real]}: it would be overwritten (give --out and --mask_out other names)")
+        seen[real] = "another output"
+
+
 def run_demo(
     checkpoint: str | Path | None,
     image: str | Path,
@@ -151,6 +164,8 @@ def run_demo(
 
     ``predictor``, when given, is used instead of loading ``checkpoint``. ``exif``: honour the image's EXIF
     orientation (user photos; False for dataset images, read as the official code reads them)."""
+    paths = mask_paths(mask_out, len(texts)) if mask_out is not None else []
+    check_outputs(image, [Path(out), *paths])
     rgb = load_rgb(image, exif=exif)
     if predictor is None:
         if checkpoint is None:
@@ -158,7 +173,6 @@ def run_demo(
         predictor = Predictor.from_checkpoint(checkpoint, device, cfg_file, opts)
     masks = predictor.predict(rgb, texts)
     pictures = {Path(out): compose_panels(rgb, masks, list(texts))}
-    paths = mask_paths(mask_out, len(texts)) if mask_out is not None else []
     pictures.update({path: m.astype(np.uint8) * 255 for path, m in zip(paths, masks)})
     save_pngs(pictures)
     written = {"masks": masks, "out": Path(out), "mask_out": paths}
@@ -280,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.image is not None and not args.text:
         parser.error("--image needs at least one --text")
+    if args.example is not None and args.example < 0:
+        parser.error(f"--example must be >= 0, got {args.example}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     predictor = Predictor.from_checkpoint(
         args.checkpoint or default_checkpoint(), args.device, args.cfg_file, args.opts, args.amp or ""

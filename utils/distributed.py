@@ -40,7 +40,10 @@ class LaunchError(ValueError):
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or cuda when available and None; a cuda device without CUDA is an error that says so."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # (torch's message lists twenty device types)
+        raise ValueError(f"device {device!r} is not a device (cpu, cuda or cuda:<index>)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available (use --device cpu)")
     return device
