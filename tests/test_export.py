@@ -137,6 +137,11 @@ def test_refusals_change_nothing(trained, tmp_path):
     with pytest.raises(ValueError, match="--packaging takes lavt or lavt_one, with --to official only"):
         export(path, "safetensors", tmp_path / "x.safetensors", packaging="lavt")
     assert taken.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.pth"]
+    source = path.read_bytes()
+    for same in (path, path.parent / ".." / path.parent.name / path.name):  # even with --force
+        with pytest.raises(ValueError, match=r"^--out .* is the checkpoint being exported: it would be replaced; "):
+            export(path, "official", same, force=True)
+    assert path.read_bytes() == source
     export(path, "official", taken, force=True)
     assert "args" in load_official_file(taken)
 

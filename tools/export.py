@@ -11,13 +11,14 @@
 
 Both read back with ``models.load_weights`` and ``tools.open_checkpoint`` to the same tensors. Any checkpoint
 ``open_checkpoint`` reads can be exported (an official file to safetensors, and back). The output is written
-atomically and an existing file is refused (``--force`` replaces it).
+atomically and an existing file is refused (``--force`` replaces it; never the checkpoint being exported).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def export(
     if packaging is not None and (to != "official" or packaging not in PACKAGINGS):
         raise ValueError(f"--packaging takes {' or '.join(PACKAGINGS)}, with --to official only; got {packaging!r}")
     out = Path(out)
+    if os.path.realpath(out) == os.path.realpath(checkpoint):  # (--force is for an older export, not the source)
+        raise ValueError(f"--out {out} is the checkpoint being exported: it would be replaced; choose another --out")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: choose another --out, or --force to replace it")
     if not out.parent.is_dir():
