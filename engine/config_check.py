@@ -203,6 +203,9 @@ def _cross_checks(get: Callable[[str], Any]) -> None:
         raise ConfigError(
             f"TRAIN.LOW_RES_EPOCHS {get('TRAIN.LOW_RES_EPOCHS'):g} needs TRAIN.LOW_RES_SIZE (the size they train at)"
         )
+    low_epochs, epochs = get("TRAIN.LOW_RES_EPOCHS"), get("TRAIN.EPOCHS")
+    if low_epochs and epochs is not None and low_epochs > epochs:
+        raise ConfigError(f"TRAIN.LOW_RES_EPOCHS {low_epochs:g} is more than the run's TRAIN.EPOCHS {epochs}")
     if get("EVAL.SAVE_MASKS") and get("EVAL.MODE") not in (None, "each"):
         raise ConfigError(
             f"EVAL.SAVE_MASKS writes each expression's mask: it needs EVAL.MODE each, got {get('EVAL.MODE')!r}"

@@ -88,6 +88,8 @@ def test_type_mismatch_in_a_file_names_it(tmp_path: Path):
         (["--size", "96", "--opts", "TRAIN.LOW_RES_SIZE", "96"],
          r"^TRAIN\.LOW_RES_SIZE 96 must be below DATA\.SIZE 96 \(or 0: off\)$"),
         (["--opts", "TRAIN.LOW_RES_EPOCHS", "1"], r"^TRAIN\.LOW_RES_EPOCHS 1 needs TRAIN\.LOW_RES_SIZE"),
+        (["--opts", "TRAIN.LOW_RES_SIZE", "240", "TRAIN.LOW_RES_EPOCHS", "40.5"],
+         r"^TRAIN\.LOW_RES_EPOCHS 40\.5 is more than the run's TRAIN\.EPOCHS 40$"),
         # the text feature cache: a trained encoder (the paper's 10 layers), or a frozen one with its dropout on
         (["--opts", "MODEL.TEXT.CACHE", "True"],
          r"^MODEL\.TEXT\.CACHE keeps .* \(got ENCODER 'pretrained/bert-base-uncased', TRAIN_LAYERS 10, NAME lavt, "
@@ -138,6 +140,7 @@ def test_integer_bounds_are_inclusive(key: str, lowest: int):
         ["MODEL.TEXT.CACHE", True, "MODEL.TEXT.TRAIN_LAYERS", 0],  # frozen, the official dropout (off in lavt)
         ["MODEL.TEXT.CACHE", True, "MODEL.TEXT.TRAIN_LAYERS", 0, "MODEL.TEXT.DROPOUT", "disabled"],
         ["MODEL.FUSION.DROPOUT", 0.0, "MODEL.SWIN.DROP_PATH_RATE", 0.999],  # rates: 0 included, 1 not
+        ["TRAIN.LOW_RES_SIZE", 240, "TRAIN.LOW_RES_EPOCHS", 40.0],  # the whole run at the low resolution
     ],
 )
 def test_allowed_edges_pass(opts: list):
