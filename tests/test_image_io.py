@@ -113,6 +113,7 @@ def test_16_bit_byte_orders(mode: str, dtype: str):
         ([-5, -5], [0, 0]),  # one value outside the ranges: nothing to show
     ],
 )
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (a uniform image divided by its zero range: nan, warned)
 def test_32_bit_integer(tmp_path: Path, values: list, expected: list):
     path = save(tmp_path, Image.fromarray(np.array([values], np.int32)), "i.tif")
     with Image.open(path) as im:
@@ -130,6 +131,7 @@ def test_32_bit_integer(tmp_path: Path, values: list, expected: list):
         ([np.nan, np.inf, -np.inf, 0.25], [0, 255, 0, 64]),  # range from the finite values: 0..1
     ],
 )
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_float(tmp_path: Path, values: list, expected: list):
     path = save(tmp_path, Image.fromarray(np.array([values], np.float32)), "f.tif")
     with Image.open(path) as im:

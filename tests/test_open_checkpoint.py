@@ -4,6 +4,7 @@ equals the config the model was built from; ambiguous and contradictory cases en
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,26 @@ def test_files_that_are_no_lavt(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(mha="4-4")}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="empty.pth: no backbone"):
         open_checkpoint(tmp_path / "empty.pth")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "backbone.patch_embed.proj.weight", "backbone.layers.2.blocks.0.attn.relative_position_bias_table",
+        "backbone.layers.0.blocks.0.mlp.fc1.weight", "classifier.conv1_1.weight",
+        "backbone.layers.0.fusion.image_lang_att.f_key.0.weight",
+    ],
+)  # fmt: skip
+def test_a_lavt_file_missing_a_tensor_names_the_file_and_the_tensor(encoder, tmp_path, key):
+    """Each tensor the architecture is read from, missing from an otherwise complete LAVT checkpoint (the
+    official layout of the tiny model): one line that names the file and the tensor."""
+    packed = to_official(built(encoder, "lavt")[1], "lavt", img_size=40, dataset="refcocog", splitBy="umd")
+    assert key in packed["model"]
+    del packed["model"][key]
+    torch.save(packed, tmp_path / "cut.pth")
+    message = f"checkpoint {tmp_path / 'cut.pth'}: no {key} (not a LAVT checkpoint?)"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
+        open_checkpoint(tmp_path / "cut.pth")
 
 
 def test_the_official_codes_own_state_dict():

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, to_tensor
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, resize_image, resize_mask, to_tensor
 
 
 def _coordinate_image(size: int) -> np.ndarray:
@@ -137,3 +138,17 @@ def test_to_tensor_is_torchvisions_also_where_opencv_writes_elsewhere(monkeypatc
     real = cv2.LUT
     monkeypatch.setattr(cv2, "LUT", lambda src, lut, dst=None: real(src, lut))  # never into dst
     assert torch.equal(to_tensor(image), expected)
+
+
+def test_resizing_defaults_to_the_official_pil_path():
+    """Called without a method, masks and images are resized as the official code does: masks nearest at pixel
+    centres (PIL's ``NEAREST``: source index floor((i + 0.5) * H / S), computed here by hand), images with PIL's
+    bilinear filter (OpenCV's area filter, the other method, gives other values on this downscale)."""
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 3, (37, 53), dtype=np.uint8)
+    rows, cols = (np.floor((np.arange(24) + 0.5) * n / 24).astype(int) for n in mask.shape)
+    assert np.array_equal(resize_mask(mask, 24), mask[rows][:, cols])
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize((24, 24), Image.BILINEAR))
+    assert np.array_equal(resize_image(image, 24), expected)
+    assert not np.array_equal(resize_image(image, 24, "cv2"), expected)
