@@ -90,16 +90,36 @@ def test_submit_refuses_before_creating_anything(tmp_path, capsys):
         (["--", "--resume=auto"], "adds --resume auto itself"),
         (["--", "--eval", "--pretrain", "x.pth"], "submits training"),
         ([], "no main.py arguments"),
-    ]:
+        # what main.py would refuse when the job starts, after its wait in the queue
+        (["--", "--epochs", "3", "--bogus"], "main.py's arguments: unrecognized arguments: --bogus"),
+        (["--", "--epochs", "x"], "main.py's arguments: argument --epochs: invalid int value: 'x'"),
+        (["--", "--epochs", "0"], "TRAIN.EPOCHS must be >= 1, got 0"),
+        (["--", "--cfg_file", "configs/nope.yaml"],
+         f"config file not found: configs/nope.yaml (the job runs main.py in {submit_module.REPO}: relative paths"),
+        (["--", "--overwrite", "--model_id", "x"], "--overwrite (delete the run folder's previous run, then train) "
+         "contradicts --resume"),  # (the --resume auto it adds)
+        # resources no job can have
+        (["--nodes", "0", "--", "--epochs", "3"], "--nodes must be >= 1, got 0"),
+        (["--gpus_per_node", "0", "--", "--epochs", "3"], "--gpus_per_node must be >= 1, got 0"),
+        (["--time", "2", "--signal_delay_s", "120", "--", "--epochs", "3"],
+         "--signal_delay_s 120 is not within the job's --time of 2 minute(s) (120 s)"),
+    ]:  # fmt: skip
         assert submit_module.cli(["--job_dir", str(job_dir), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0]
+        assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0], err
     assert not job_dir.exists()
+    (tmp_path / "a_file").write_text("")
+    in_the_way = tmp_path / "a_file" / "jobs"
+    assert submit_module.cli(["--local", "--job_dir", str(in_the_way), "--", "--epochs", "3"]) == 2
+    assert capsys.readouterr().err == (f"tools/submit.py: error: cannot create the job folder --job_dir {in_the_way}: "
+                                       "Not a directory\n")  # fmt: skip
 
 
 @pytest.mark.parametrize("delay,grace", [(120, 90), (30, 10)])
-def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, delay, grace):
-    """The run is told to stop 30 s after the signal, and never less than 10 s before it must (``grace_s``)."""
+def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, tmp_path, delay, grace):
+    """The run is told to stop 30 s after the signal, and never less than 10 s before it must (``grace_s``). The
+    config's relative path is checked from the repository, where the job runs main.py, wherever submit runs."""
+    monkeypatch.chdir(tmp_path)
     seen = {}
 
     def fake_submit(executor, argv_main, grace_s):
@@ -108,7 +128,8 @@ def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, delay, gr
 
     monkeypatch.setattr(submit_module, "build_executor", lambda args: "executor")
     monkeypatch.setattr(submit_module, "submit", fake_submit)
-    assert submit_module.cli(["--signal_delay_s", str(delay), "--", "--cfg_file", "c.yaml"]) == 0
+    config = "configs/swin_tiny_refcoco.yaml"  # (not in tmp_path)
+    assert submit_module.cli(["--signal_delay_s", str(delay), "--", "--cfg_file", config]) == 0
     assert seen["grace_s"] == grace and seen["executor"] == "executor" and "--resume" in seen["argv"]
     assert capsys.readouterr().out == "submitted job 7: logs o.log and e.log\n"
 

@@ -3,9 +3,11 @@
     python tools/submit.py --nodes 2 --gpus_per_node 4 --partition gpu --time 2880 -- \\
         --cfg_file configs/swin_base_refcoco.yaml --refer_data_root /shared/refer/data --output /shared/runs ...
 
-Everything after ``--`` is main.py's command line; ``--resume auto`` is added. Each SLURM task (one per GPU) runs
-``python main.py ... --resume auto`` as a child process, which joins the process group from SLURM's variables
-(``utils.launcher``). The repository, the data and ``--output`` must be on a filesystem every node sees.
+Everything after ``--`` is main.py's command line; ``--resume auto`` is added. main.py's flags and config are checked
+here first, as main.py checks them (``check_main_argv``), not when the job starts after its wait in the queue. Each
+SLURM task (one per GPU) runs ``python main.py ... --resume auto`` as a child process, which joins the process group
+from SLURM's variables (``utils.launcher``). The repository, the data and ``--output`` must be on a filesystem every
+node sees.
 
 Preemption and time-out. SLURM sends submitit's signal (SIGUSR2) to every task ``--signal_delay_s`` before the time
 limit; on preemption it sends SIGTERM (which submitit only logs), followed by SIGUSR2 where the cluster is set up
@@ -22,6 +24,8 @@ last periodic checkpoint (TRAIN.CHECKPOINT_EVERY).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import shlex
@@ -38,6 +42,13 @@ import cloudpickle
 import submitit
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python tools/submit.py): main.py's checks are imported from here
+    sys.path.insert(0, str(REPO))
+
+from args import check_flags, config_from_args, parse_args  # noqa: E402
+from engine.config_check import validate_config  # noqa: E402
+from tools.cli import require_at_least  # noqa: E402
+
 STOP_SIGNAL = signal.SIGUSR1  # what main.py handles as "save at the next iteration boundary and stop"
 log = logging.getLogger("tools.submit")
 
@@ -152,6 +163,37 @@ def main_argv(argv: list[str]) -> list[str]:
     return [*argv, "--resume", "auto"]
 
 
+def check_main_argv(argv: list[str]) -> None:
+    """main.py's own checks of its flags and config (``args``, ``engine.config_check``), here rather than when the
+    job starts after its wait in the queue; run in the folder where the job runs main.py (the repository), so that
+    relative paths mean what they will mean there. Its data and checkpoints are not looked at: only the nodes need
+    to see them. ValueError (one line) for what main.py would refuse, FileNotFoundError for a missing config file."""
+    previous, usage = os.getcwd(), io.StringIO()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stderr(usage):  # argparse's usage and error: kept to its last line
+            args = parse_args(argv)
+        cfg = config_from_args(args)
+        validate_config(cfg)
+        check_flags(args, cfg)
+    except SystemExit:
+        error = usage.getvalue().strip().splitlines()[-1].removeprefix("main.py: error: ")
+        raise ValueError(f"main.py's arguments: {error}") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (the job runs main.py in {REPO}: relative paths start there)") from None
+    finally:
+        os.chdir(previous)
+
+
+def check_flags_of_the_job(args: argparse.Namespace) -> None:
+    """ValueError (one line) for resources no job can have, or a signal that would come before the job starts."""
+    require_at_least(args, {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 0, "time": 1,
+                            "signal_delay_s": 0, "max_num_timeout": 0})  # fmt: skip
+    if args.signal_delay_s >= args.time * 60:
+        raise ValueError(f"--signal_delay_s {args.signal_delay_s} is not within the job's --time of {args.time} "
+                         f"minute(s) ({args.time * 60} s)")  # fmt: skip
+
+
 def submit(executor: submitit.Executor, argv: list[str], grace_s: float) -> submitit.Job:
     """Submit ``Trainer(argv)`` to ``executor`` (``argv``: from ``main_argv``); returns the job."""
     # the job unpickles Trainer without importing this repository: its code travels by value
@@ -220,9 +262,15 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         if not theirs:
             raise ValueError("no main.py arguments: tools/submit.py [options] -- --cfg_file ... --output ...")
+        check_flags_of_the_job(args)
         argv_main = main_argv(theirs)  # refused before anything is created
-        job = submit(build_executor(args), argv_main, grace_s=max(args.signal_delay_s - 30, 10))
-    except (ValueError, RuntimeError) as e:  # bad flags, or no SLURM here ("Could not detect srun")
+        check_main_argv(argv_main)
+        try:
+            executor = build_executor(args)
+        except OSError as e:
+            raise ValueError(f"cannot create the job folder --job_dir {args.job_dir}: {e.strerror or e}") from e
+        job = submit(executor, argv_main, grace_s=max(args.signal_delay_s - 30, 10))
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # bad flags, or no SLURM here ("Could not detect srun")
         print(f"tools/submit.py: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     print(f"submitted job {job.job_id}: logs {job.paths.stdout} and {job.paths.stderr}")
