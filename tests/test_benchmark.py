@@ -4,6 +4,7 @@ memory, interleaved timing, the tables and JSON it writes, each on a tiny config
 from __future__ import annotations
 
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -329,16 +330,23 @@ def test_command_line_mistakes_and_failed_variants(monkeypatch, tmp_path, capsys
     input benchmark's flags too); a variant that failed in its process: the report written, then status 1 naming
     it."""
     out = tmp_path / "bench.json"
+    started: list = []
+    monkeypatch.setattr(benchmark, "run_isolated", lambda spec: started.append(spec))
     for flags, message in [
         (["--size", "0"], "--size must be >= 1, got 0"),
         (["--runs", "0"], "--runs must be >= 1, got 0"),
         (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
         (["--eval_batch_size", "0"], "--eval_batch_size must be >= 1, got 0"),
         (["--phases", "train,nope"], "--phases: unknown ['nope']"),
-    ]:
-        assert benchmark.cli([*flags, "--output", str(out)]) == 2
+        # what would fail in every variant's process: refused before the first is started
+        (["--opts", *TINY_OPTS, "--compare", "fused+fp16", "--device", "cpu"], "fp16 needs a GPU"),
+        (["--opts", *TINY_OPTS, "MODEL.TEXT.ENCODER", str(tmp_path / "nowhere")],
+         f"text encoder folder '{tmp_path / 'nowhere'}' not found"),
+    ]:  # fmt: skip
+        assert benchmark.cli([*flags, "--output", str(out)]) == 2 and not started
         err = capsys.readouterr().err
-        assert err.startswith(f"python -m tools.benchmark: error: ValueError: {message}") and err.count("\n") == 1
+        assert re.match(rf"python -m tools\.benchmark: error: [A-Za-z]+Error: {re.escape(message)}", err), err
+        assert err.count("\n") == 1
     assert not out.exists()
     assert run_cli("python -m tools.bench_input", bench_input.main, ["--repeats", "0"]) == 2
     assert capsys.readouterr().err == "python -m tools.bench_input: error: ValueError: --repeats must be >= 1, got 0\n"

@@ -1,5 +1,5 @@
-"""What ``tools.benchmark`` runs and times: its spec, inputs, the training step (``engine.train_step``, the one
-training uses), an evaluation forward, FLOPs and per-part times."""
+"""What ``tools.benchmark`` runs and times: its spec and variants, inputs, the training step (``engine.train_step``,
+the one training uses), an evaluation forward, FLOPs and per-part times."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from configs import get_config
 from engine import build_optimizer
 from engine import train_step as engine_train_step
+from models.text import resolve_text_encoder
 from utils.amp import NativeScaler, autocast
 from utils.losses import build_criterion
 from utils.profiling import PartTimer, count_flops, median, synchronize
@@ -66,6 +68,46 @@ class BenchSpec:
     # glibc's malloc while timing: "keep" freed memory for reuse, as main.py does (utils.allocator), or "default"
     malloc: str = "keep"
 
+
+def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], str]:
+    """``"fused+bf16"`` -> ({"fused"}, "bf16"); ``"base"`` -> (set(), TRAIN.AMP of ``default_dtype``)."""
+    if default_dtype not in PRECISIONS:
+        raise ValueError(f"--dtype must be one of {list(PRECISIONS)}, got {default_dtype!r}")
+    switches, amp = set(), PRECISIONS[default_dtype]
+    for token in name.split("+"):
+        if token in SWITCHES:
+            switches.add(token)
+        elif token in PRECISIONS:
+            amp = PRECISIONS[token]
+        elif token != "base":
+            raise ValueError(
+                f"unknown switch {token!r} in variant {name!r}: use base, "
+                f"{', '.join(SWITCHES)} or {', '.join(PRECISIONS)}, joined with '+'"
+            )
+    return switches, amp
+
+
+def variant_config(spec: BenchSpec, switches: set[str], amp: str = "") -> Any:
+    """The config of a variant: ``spec``'s file and overrides, its switches, and the measured shape and precision
+    (which decide the decoder's weight layouts, ``models.decoder.decoder_layouts``)."""
+    opts = [*spec.opts, "DATA.SIZE", spec.size, "TRAIN.BATCH_SIZE", spec.batch_size, "TRAIN.AMP", amp]
+    for switch, key in SWITCHES.items():
+        if key:
+            opts += [key, switch in switches]
+    return get_config(spec.cfg_file or None, opts)
+
+
+def variant_setup(spec: BenchSpec) -> tuple[set[str], str, Any]:
+    """``spec``'s switches, precision and config (``variant_config``, without compiling); ValueError or
+    FileNotFoundError (one line) for what would fail its every run: an unknown switch, fp16 on a CPU, a text encoder
+    folder that is not there. ``tools.benchmark.main`` checks each variant so before measuring any."""
+    switches, amp = parse_variant(spec.variant, spec.dtype)
+    if amp == "fp16" and spec.device == "cpu":
+        raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
+    cfg = variant_config(spec, switches - {"compile"}, amp)
+    if cfg.MODEL.TEXT.ENCODER:
+        resolve_text_encoder(cfg.MODEL.TEXT.ENCODER)
+    return switches, amp, cfg
 
 
 def make_batch(model: nn.Module, cfg: Any, batch: int, size: int, device: torch.device) -> dict[str, Any]:

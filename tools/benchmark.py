@@ -32,7 +32,6 @@ set_spin_count()  # before torch loads OpenMP, as main.py does: the benchmark ti
 
 import torch  # noqa: E402
 
-from configs import get_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.build import compile_model  # noqa: E402
 from utils.allocator import keep_freed_memory, return_freed_memory  # noqa: E402
@@ -52,41 +51,15 @@ from .bench_workload import (  # noqa: E402
     count_model_flops,
     eval_step,
     eval_summary,
+    parse_variant,
     part_breakdown,
     train_step,
     train_summary,
+    variant_setup,
 )
 from .cli import require_at_least, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
-
-def parse_variant(name: str, default_dtype: str = "float32") -> tuple[set[str], str]:
-    """``"fused+bf16"`` -> ({"fused"}, "bf16"); ``"base"`` -> (set(), TRAIN.AMP of ``default_dtype``)."""
-    if default_dtype not in PRECISIONS:
-        raise ValueError(f"--dtype must be one of {list(PRECISIONS)}, got {default_dtype!r}")
-    switches, amp = set(), PRECISIONS[default_dtype]
-    for token in name.split("+"):
-        if token in SWITCHES:
-            switches.add(token)
-        elif token in PRECISIONS:
-            amp = PRECISIONS[token]
-        elif token != "base":
-            raise ValueError(
-                f"unknown switch {token!r} in variant {name!r}: use base, "
-                f"{', '.join(SWITCHES)} or {', '.join(PRECISIONS)}, joined with '+'"
-            )
-    return switches, amp
-
-
-def variant_config(spec: BenchSpec, switches: set[str], amp: str = "") -> Any:
-    """The config of a variant: ``spec``'s file and overrides, its switches, and the measured shape and precision
-    (which decide the decoder's weight layouts, ``models.decoder.decoder_layouts``)."""
-    opts = [*spec.opts, "DATA.SIZE", spec.size, "TRAIN.BATCH_SIZE", spec.batch_size, "TRAIN.AMP", amp]
-    for switch, key in SWITCHES.items():
-        if key:
-            opts += [key, switch in switches]
-    return get_config(spec.cfg_file or None, opts)
-
 
 @dataclass
 class _Variant:
@@ -111,11 +84,8 @@ def _prepare(spec: BenchSpec) -> _Variant:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
-    switches, amp = parse_variant(spec.variant, spec.dtype)
-    if amp == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
+    switches, amp, cfg = variant_setup(spec)
     base_rss = current_rss_bytes()
-    cfg = variant_config(spec, switches - {"compile"}, amp)
     model = build_model(cfg, pretrained=False, device=device, dtype=amp_dtype(amp))
     result = {
         "variant": spec.variant,
@@ -351,11 +321,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if unknown := set(phases) - set(PHASES):
         raise ValueError(f"--phases: unknown {sorted(unknown)}, choose from {PHASES}")
     variants = ([] if args.no_base else ["base"]) + [v for v in args.compare.split(",") if v and v != "base"]
-    for v in variants:
-        parse_variant(v, args.dtype)  # fail before measuring anything
     # every BenchSpec field has its flag of the same name, except those set per variant or parsed here
     per_run = {"variant", "phases", "memory"}
     common = {f.name: getattr(args, f.name) for f in fields(BenchSpec) if f.name not in per_run} | {"phases": phases}
+    for v in variants:
+        variant_setup(BenchSpec(variant=v, **common))  # fail before measuring anything
     isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
     device = torch.device(args.device)
     if args.threads:
