@@ -59,6 +59,10 @@ def checkpoint_format(path: str | Path) -> str:
     """``"safetensors"`` or ``"torch"`` (a ``torch.save`` zip archive, or its legacy pickle format), read from the
     first bytes: a missing, empty or foreign file is refused (``CheckpointError``) before anything is loaded."""
     path = Path(path)
+    if path.is_dir():  # a run folder, most likely: name the checkpoints in it
+        inside = sorted(p.name for p in path.glob("*.pth")) + sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (it holds {', '.join(inside)})" if inside else " (with no .pth or .safetensors file in it)"
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: give one of its checkpoints{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path):

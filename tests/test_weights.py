@@ -118,6 +118,15 @@ def test_unreadable_and_mismatched_files(tmp_path, reference, bert768):
     model = build_model(tiny_cfg())
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pth"):
         load_weights(model, tmp_path / "nope.pth")
+    run = tmp_path / "run"  # a run folder given where its checkpoint was meant
+    (run / "tensorboard").mkdir(parents=True)
+    folder = r"^checkpoint .*run is a folder, not a file: give one of its checkpoints "
+    with pytest.raises(CheckpointError, match=folder + r"\(with no .pth or .safetensors file in it\)$"):
+        load_weights(model, run)
+    for name in ("last.pth", "best.pth", "m.safetensors", "notes.txt"):
+        (run / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=folder + r"\(it holds best.pth, last.pth, m.safetensors\)$"):
+        load_weights(model, run)
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth: neither a PyTorch"):
         load_weights(model, tmp_path / "garbage.pth")
