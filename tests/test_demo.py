@@ -234,6 +234,23 @@ def test_cli_writes_overlay_png_by_default(run, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.png"] and Image.open("overlay.png").format == "PNG"
 
 
+def test_without_checkpoint_the_demo_run_is_used_or_named(run, tmp_path, monkeypatch, capsys):
+    """No --checkpoint: the built-in demo run's best.pth; before it was trained, one line that says so and how."""
+    from tools.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "checkpoint" / "demo" / "best.pth"
+    monkeypatch.setattr(demo, "default_checkpoint", lambda: missing)
+    argv = ["--example", "0", "--device", "cpu"]
+    assert run_cli("python -m tools.demo", demo.main, argv) == 2
+    assert capsys.readouterr().err == (
+        f"python -m tools.demo: error: FileNotFoundError: no --checkpoint given, and the built-in demo's {missing} "
+        "is not there: train the demo with `python main.py`, or give --checkpoint\n"
+    )
+    monkeypatch.setattr(demo, "default_checkpoint", lambda: run["checkpoint"])
+    assert run_cli("python -m tools.demo", demo.main, argv) == 0 and Path("overlay.png").is_file()
+
+
 def test_cli_amp_reaches_the_predictor(run, tmp_path, caplog):
     argv = ["--checkpoint", str(run["checkpoint"]), "--example", "0", "--out", str(tmp_path / "o.png"), "--device"]
     with caplog.at_level(logging.INFO, logger="tools.demo"):

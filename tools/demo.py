@@ -297,9 +297,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.example is not None and args.example < 0:
         parser.error(f"--example must be >= 0, got {args.example}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint or default_checkpoint(), args.device, args.cfg_file, args.opts, args.amp or ""
-    )
+    checkpoint = args.checkpoint or default_checkpoint()
+    if args.checkpoint is None and not checkpoint.exists():
+        raise FileNotFoundError(f"no --checkpoint given, and the built-in demo's {checkpoint} is not there: train "
+                                "the demo with `python main.py`, or give --checkpoint")  # fmt: skip
+    predictor = Predictor.from_checkpoint(checkpoint, args.device, args.cfg_file, args.opts, args.amp or "")
     image, texts = args.image, args.text
     if args.example is not None:
         example = dataset_example(load_refer(predictor.cfg), "val", args.example)
