@@ -84,7 +84,9 @@ def test_type_mismatch_in_a_file_names_it(tmp_path: Path):
         (["--opts", "MODEL.TEXT.DROPOUT", "on"], r"^MODEL\.TEXT\.DROPOUT must be one of 'auto', 'enabled', 'disabled'"),
         (["--opts", "MODEL.TEXT.MAX_TOKENS", "1"], r"^MODEL\.TEXT\.MAX_TOKENS must be >= 2, got 1$"),
         (["--opts", "TRAIN.SEED", "-1"], r"^TRAIN\.SEED must be >= 0, got -1$"),
-        (["--opts", "EVAL.SPLITS", "[]"], r"^EVAL\.SPLITS must be a non-empty list of split names from .*, got \[\]$"),
+        (["--opts", "EVAL.SPLITS", "[]"],
+         r"^EVAL\.SPLITS must be a non-empty list of split names from train, val, test, testA, testB, testC, testAB, "
+         r"testBC, testAC, got \[\]$"),
         (["--size", "96", "--opts", "TRAIN.LOW_RES_SIZE", "96"],
          r"^TRAIN\.LOW_RES_SIZE 96 must be below DATA\.SIZE 96 \(or 0: off\)$"),
         (["--opts", "TRAIN.LOW_RES_EPOCHS", "1"], r"^TRAIN\.LOW_RES_EPOCHS 1 needs TRAIN\.LOW_RES_SIZE"),

@@ -223,6 +223,8 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
     expected = predictor.predict(np.asarray(Image.open(files["photo"]).convert("RGB")), TEXTS)
     for r, m in zip(answer["results"], expected):
         assert np.array_equal(decode_data_url(r["mask"]) > 0, m) and r["warning"] == ""
+    h, w = expected.shape[1:]
+    assert answer["summary"] == f"{len(TEXTS)} mask(s) of {w}x{h} pixels"
     assert post(url, files["heavy"].read_bytes(), name="noise.png", texts="a")[0] == 413
     status, answer = post(url, b"GIF89a nonsense", name="x.gif", texts="the red circle")
     assert status == 400 and answer == {"error": "'x.gif' is not an image this page can read (PNG, JPEG, WebP, "
