@@ -161,7 +161,12 @@ class ReferDataset(torch.utils.data.Dataset):
         for ref in self.refs:
             if not ref["sentences"]:
                 raise ReferDataError(f"ref {ref['ref_id']} of {where} has no sentences")
-            sentences += [sent["raw"] for sent in ref["sentences"]]
+            raws = [sent.get("raw") if isinstance(sent, dict) else None for sent in ref["sentences"]]
+            bad = next((k for k, raw in enumerate(raws) if not isinstance(raw, str)), None)
+            if bad is not None:
+                raise ReferDataError(f"ref {ref['ref_id']} of {where}: sentence {bad} has no text ('raw' is "
+                                     f"{raws[bad]!r}, expected a string)")  # fmt: skip
+            sentences += raws
             offsets.append(len(sentences))
         self.offsets = offsets  # expressions of item i: rows offsets[i]:offsets[i + 1]
         self.input_ids, self.attention_masks = tokenize(tokenizer, sentences, max_tokens)  # [sum E, N]

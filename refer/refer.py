@@ -204,10 +204,14 @@ class REFER:
             catToRefs.setdefault(category_id, []).append(ref)
             refToAnn[ref_id] = Anns[ann_id]
             annToRef[ann_id] = ref
-            for sent in sentences:
-                Sents[sent["sent_id"]] = sent
-                sentToRef[sent["sent_id"]] = ref
-                sentToTokens[sent["sent_id"]] = sent["tokens"]
+            for k, sent in enumerate(sentences):
+                try:
+                    Sents[sent["sent_id"]] = sent
+                    sentToRef[sent["sent_id"]] = ref
+                    sentToTokens[sent["sent_id"]] = sent["tokens"]
+                except (KeyError, TypeError) as e:
+                    why = f"missing key {e}" if isinstance(e, KeyError) else f"a {type(sent).__name__}, not a dict"
+                    raise ReferDataError(f"malformed sentence {k} of ref {ref_id} in {ref_file}: {why}") from e
 
         self.Refs, self.Anns, self.Imgs, self.Cats, self.Sents = Refs, Anns, Imgs, Cats, Sents
         self.imgToRefs, self.imgToAnns, self.refToAnn, self.annToRef = imgToRefs, imgToAnns, refToAnn, annToRef

@@ -291,6 +291,23 @@ def test_bad_arguments(hand_root: Path, tmp_path: Path, tokenizer):
         ReferDataset(hand_root, "refcoco", "umd", "train", tokenizer)
 
 
+@pytest.mark.parametrize("sentence", [0, 1])
+def test_a_sentence_without_text_is_named(hand_root: Path, tmp_path: Path, tokenizer, sentence: int):
+    """A ref whose sentence has no ``raw`` string (None, missing, a number): one line naming the ref and the sentence,
+    not the tokenizer's message about its input types."""
+    root = tmp_path / "root"
+    shutil.copytree(hand_root, root)
+    refs = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    ref = next(r for r in refs if len(r["sentences"]) >= 2)
+    without_raw = {k: v for k, v in ref["sentences"][0].items() if k != "raw"}
+    for bad, shown in (({**without_raw, "raw": None}, "None"), (without_raw, "None"), ({**without_raw, "raw": 7}, "7")):
+        ref["sentences"][sentence] = bad
+        (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+        message = rf"^ref {ref['ref_id']} of refcoco \(unc\) in .*: sentence {sentence} has no text \('raw' is "
+        with pytest.raises(ReferDataError, match=message + rf"{shown}, expected a string\)$"):
+            ReferDataset(root, "refcoco", "unc", "train", tokenizer)
+
+
 def test_tokenizer_by_folder_and_alias(syn_root: Path, tokenizer):
     by_object = ReferDataset(syn_root, "synthetic", "unc", "val", tokenizer, image_size=16)
     for name in (MODEL_DIR, "minilm-l6"):

@@ -357,6 +357,13 @@ def test_inconsistent_files(tmp_path: Path):
     write_refer(tmp_path, "refcoco", [{"ref_id": 7}], [], [], [])
     with pytest.raises(ReferDataError, match=r"malformed ref in .*missing key 'ann_id'"):
         REFER(tmp_path, "refcoco")
+    annotation = {"id": 99, "image_id": 1, "category_id": 1}
+    good = {"sent_id": 3, "tokens": ["a"], "raw": "a", "sent": "a"}
+    for sentences, why in [([good, "a bare string"], "sentence 1 of ref 7 in .*: a str, not a dict"),
+                           ([{"raw": "no id"}], "sentence 0 of ref 7 in .*: missing key 'sent_id'")]:  # fmt: skip
+        write_refer(tmp_path, "refcoco", [{**ref, "sentences": sentences}], [], [annotation], [])
+        with pytest.raises(ReferDataError, match=rf"^malformed {why}$"):
+            REFER(tmp_path, "refcoco")
 
 
 def test_unknown_ids(hand: REFER):
