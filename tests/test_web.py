@@ -242,16 +242,20 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
         (None, (400, {"error": "no image: choose an image file first"})),  # no body announced: an empty upload
         ("abc", (400, {"error": "bad Content-Length header"})),
         ("-5", (400, {"error": "bad Content-Length header"})),
+        ("+5", (400, {"error": "bad Content-Length header"})),  # (Python's int() reads these two)
+        ("1_0", (400, {"error": "bad Content-Length header"})),
+        (["5", "7"], (400, {"error": "bad Content-Length header"})),  # two lengths: which one?
+        (["0", "0"], (400, {"error": "no image: choose an image file first"})),  # the same one twice
     ],
 )
 def test_content_length_header(url, length, answer):
-    """The upload's length as the request states it: absent is nothing, not a number or negative is refused at
-    once (the server does not wait for a body), and the server keeps serving."""
+    """The upload's length as the request states it: absent is nothing, anything but digits (or two different
+    lengths) is refused at once (the server does not wait for a body), and the server keeps serving."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     connection.putrequest("POST", "/predict?name=x.png&texts=a")
-    if length is not None:
-        connection.putheader("Content-Length", length)
+    for value in [length] if isinstance(length, str) else length or []:
+        connection.putheader("Content-Length", value)
     connection.endheaders()
     response = connection.getresponse()
     assert (response.status, json.load(response)) == answer and response.headers["Content-Type"] == "application/json"

@@ -31,6 +31,7 @@ import html
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -106,11 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self._json(411, {"error": "send the image with a Content-Length header (a chunked upload is not read)"})
             return None
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:  # (a negative length would read until the client gives up)
+        # digits only, and one value (int() would take "+5" or "1_0"; two lengths are ambiguous, RFC 9112)
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        length = int(lengths[0]) if len(set(lengths)) == 1 and re.fullmatch(r"[0-9]+", lengths[0]) else -1
+        if length < 0:
             self._json(400, {"error": "bad Content-Length header"})
             return None
         try:
