@@ -244,8 +244,8 @@ def test_without_checkpoint_the_demo_run_is_used_or_named(run, tmp_path, monkeyp
     argv = ["--example", "0", "--device", "cpu"]
     assert run_cli("python -m tools.demo", demo.main, argv) == 2
     assert capsys.readouterr().err == (
-        f"python -m tools.demo: error: FileNotFoundError: no --checkpoint given, and the built-in demo's {missing} "
-        "is not there: train the demo with `python main.py`, or give --checkpoint\n"
+        f"python -m tools.demo: error: FileNotFoundError: no checkpoint given, and the built-in demo's {missing} "
+        "is not there: train the demo with `python main.py`, or give a checkpoint\n"
     )
     monkeypatch.setattr(demo, "default_checkpoint", lambda: run["checkpoint"])
     assert run_cli("python -m tools.demo", demo.main, argv) == 0 and Path("overlay.png").is_file()

@@ -46,6 +46,18 @@ def default_checkpoint() -> Path:
     return Path(cfg.OUTPUT) / cfg.MODEL_ID / "best.pth"
 
 
+def checkpoint_or_demo(checkpoint: str | Path | None) -> Path:
+    """``checkpoint``, or when none is given (None or "") the demo run's (``default_checkpoint``); FileNotFoundError
+    (one line: how to make it) if that one is not there yet."""
+    if checkpoint:
+        return Path(checkpoint)
+    demo = default_checkpoint()
+    if not demo.exists():
+        raise FileNotFoundError(f"no checkpoint given, and the built-in demo's {demo} is not there: train the demo "
+                                "with `python main.py`, or give a checkpoint")  # fmt: skip
+    return demo
+
+
 class Predictor:
     """A LAVT model with its tokenizer and input size: image + expressions -> masks at the image's size.
 
@@ -297,10 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.example is not None and args.example < 0:
         parser.error(f"--example must be >= 0, got {args.example}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    checkpoint = args.checkpoint or default_checkpoint()
-    if args.checkpoint is None and not checkpoint.exists():
-        raise FileNotFoundError(f"no --checkpoint given, and the built-in demo's {checkpoint} is not there: train "
-                                "the demo with `python main.py`, or give --checkpoint")  # fmt: skip
+    checkpoint = checkpoint_or_demo(args.checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, args.device, args.cfg_file, args.opts, args.amp or "")
     image, texts = args.image, args.text
     if args.example is not None:
