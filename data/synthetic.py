@@ -143,6 +143,8 @@ def generate(
         raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: one per available CPU), got {workers}")
+    if seed < 0:  # (NumPy's generators refuse it, but only once the images are being drawn)
+        raise ValueError(f"seed must be >= 0, got {seed}")
     args = dict(min_size=min_size, max_size=max_size, min_objects=min_objects, max_objects=max_objects,
                 max_expressions=max_expressions, repeat_prob=repeat_prob, spatial_weight=spatial_weight)  # fmt: skip
     params = _params(num_images, split_sizes, seed=seed, jpeg_quality=jpeg_quality, **args)

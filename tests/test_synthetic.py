@@ -396,8 +396,11 @@ def test_synthetic_sizes():
         (dict(split_sizes={"test": 3}), "unknown splits"),
         (dict(max_expressions=0), "max_expressions must be >= 1"),
         (dict(workers=-1), "workers must be >= 0"),
+        (dict(seed=-3), "seed must be >= 0, got -3"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str):
+    """Refused before anything is written."""
     with pytest.raises(ValueError, match=match):
         generate(tmp_path, **kwargs)
+    assert list(tmp_path.iterdir()) == []
