@@ -161,6 +161,12 @@ def test_command_line(trained, tmp_path, capsys):
         err == f"python -m tools.export: error: FileExistsError: {tmp_path / 'm.st'} exists: choose another "
         "--out, or --force to replace it\n"
     )
+    (tmp_path / "folder").mkdir()  # --force, but no file can replace a folder
+    argv = [str(path), "--to", "safetensors", "--out", str(tmp_path / "folder"), "--force"]
+    assert run_cli("python -m tools.export", main, argv) == 2
+    refusal = f"{tmp_path / 'folder'} is a folder: a file cannot be written in its place (give a file name)"
+    assert capsys.readouterr().err == f"python -m tools.export: error: IsADirectoryError: {refusal}\n"
+    assert list((tmp_path / "folder").iterdir()) == []
 
 
 def test_ctrl_c_while_writing_leaves_nothing_and_says_so(trained, tmp_path, capsys, monkeypatch):

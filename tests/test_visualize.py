@@ -233,3 +233,9 @@ def test_png_pair_written_all_or_nothing(tmp_path):
     assert (overlay.read_bytes(), mask.read_bytes()) == before
     assert sorted(p.name for p in overlay.parent.iterdir()) == ["mask.png", "overlay.png"]  # no temporary left
     assert np.array_equal(np.asarray(Image.open(overlay)), np.full((4, 5, 3), 7, np.uint8))
+    folder = overlay.parent / "folder.png"
+    folder.mkdir()  # a folder where a file is to go: named, refused before any is written
+    with pytest.raises(IsADirectoryError, match=r"^.*folder\.png is a folder: a file cannot be written in its place"):
+        vis.save_pngs({overlay: np.zeros((4, 5, 3), np.uint8), folder: np.zeros((4, 5), np.uint8)})
+    assert (overlay.read_bytes(), mask.read_bytes()) == before
+    assert sorted(p.name for p in overlay.parent.iterdir()) == ["folder.png", "mask.png", "overlay.png"]

@@ -11,7 +11,9 @@ from engine.preemption import EXIT_INTERRUPTED
 from models import CheckpointError
 
 # What a user can get wrong (files, checkpoints, config, flags); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImageReadError, CheckpointError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ImageReadError, CheckpointError
+)  # fmt: skip
 
 
 def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
