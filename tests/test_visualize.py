@@ -239,3 +239,17 @@ def test_png_pair_written_all_or_nothing(tmp_path):
         vis.save_pngs({overlay: np.zeros((4, 5, 3), np.uint8), folder: np.zeros((4, 5), np.uint8)})
     assert (overlay.read_bytes(), mask.read_bytes()) == before
     assert sorted(p.name for p in overlay.parent.iterdir()) == ["folder.png", "mask.png", "overlay.png"]
+
+
+def test_pngs_where_nothing_can_be_written_are_one_line(tmp_path):
+    """A folder that cannot be made (a file has its name) or written (here a file given as the folder, which the
+    temporary file cannot go into): PermissionError naming the target, not the temporary file."""
+    from utils.atomic import staged
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(PermissionError, match=r"^cannot write .*afile/o\.png: its folder .*afile cannot be made "):
+        vis.save_pngs({tmp_path / "afile" / "o.png": np.zeros((4, 5), np.uint8)})
+    with pytest.raises(PermissionError, match=r"^cannot write .*afile/o\.png: Not a directory in .*afile$"):
+        with staged([tmp_path / "afile" / "o.png"]):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -159,7 +159,10 @@ def save_pngs(pictures: dict[Path, np.ndarray]) -> list[Path]:
     overlay and its masks never come from two different runs. Folders are created. Returns the paths."""
     paths = [Path(p) for p in pictures]
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a folder is to be, a read-only place
+            raise PermissionError(f"cannot write {path}: its folder {path.parent} cannot be made ({e.strerror})") from e
     with staged(paths) as temps:
         for tmp, array in zip(temps, pictures.values()):
             Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")

@@ -35,7 +35,10 @@ def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         for target in map(Path, targets):
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            except OSError as e:  # (its message would name the temporary file)
+                raise PermissionError(f"cannot write {target}: {e.strerror} in {target.parent}") from e
             os.close(fd)
             temps.append(Path(tmp))
             os.chmod(tmp, 0o666 & ~_umask())
