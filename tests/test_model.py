@@ -25,15 +25,24 @@ def _fixture_state(reference: dict) -> dict:
 
 
 @pytest.mark.parametrize("fused_attn", [False, True])
-def test_reproduces_official_fixture(reference, fused_attn):
-    model = build_model(fixture_cfg(reference, MODEL__FUSED_ATTENTION=fused_attn)).eval()
+def test_reproduces_official_fixture(reference, fused_attn, monkeypatch):
+    """Both attention paths give the official numbers; the fused kernel is taken by every window attention and
+    PWAM exactly when asked for (without gradients), never otherwise: the unfused path is the official computation."""
+    cfg = fixture_cfg(reference, MODEL__FUSED_ATTENTION=fused_attn)
+    model = build_model(cfg).eval()
     model.load_state_dict(_fixture_state(reference))
+    fused_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))  # fmt: skip
     with torch.no_grad():
         feats = model.backbone(reference["image"], reference["lang_feats"], reference["lang_mask"])
         logits = model.segment(reference["image"], reference["lang_feats"], reference["lang_mask"])
     for out, ref in zip(feats, reference["stage_features"], strict=True):
         assert_close(out, ref)
     assert_close(logits, reference["logits"])
+    per_forward = sum(cfg.MODEL.SWIN.DEPTHS) + 4  # every Swin block's window attention, each stage's PWAM
+    assert len(fused_calls) == (2 * per_forward if fused_attn else 0)
 
 
 def test_oracle_reproduces_official_fixture(reference):

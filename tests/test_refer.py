@@ -383,6 +383,8 @@ def test_unknown_ids(hand: REFER):
         hand.getRefBox(-1)
     with pytest.raises(ValueError, match="needs a ref or a ref_id"):
         hand.getMaskByRef()
+    with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
+        hand.getMaskByRef(ref_id=1234)
 
 
 def _with_segmentation(hand_root: Path, segmentation) -> REFER:
@@ -428,6 +430,9 @@ def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog
         (None, r"unsupported segmentation \(NoneType\)"),
         ([], r"unsupported segmentation \(list, empty\)"),
         ([[2, 2, 8, 2, 8, 8], {"counts": [0, 600], "size": [20, 30]}], r"unsupported segmentation \(list\)"),
+        ({"size": [20, 30]}, r"RLE without 'counts'/'size' \(keys \['size'\]\)$"),
+        ([{"counts": [0, 600]}, {"counts": [600], "size": [20, 30]}],
+         r"RLE without 'counts'/'size' \(keys \['counts'\]\)$"),
     ],
 )
 def test_malformed_segmentation_names_the_annotation_and_ref(hand_root: Path, segmentation, message):

@@ -251,3 +251,19 @@ def test_attention_dropout_drops_attention_weights_in_training():
     assert (kept == 0).any() and (kept == 1).any()
     assert_close(out, (weights * kept / (1 - p)) @ v)
     assert_close(attention(q, k, v, bias, scale, 0.0, fused=False), weights @ v)
+
+
+def test_stochastic_depth_rises_linearly_over_the_blocks():
+    """MODEL.SWIN.DROP_PATH_RATE: block i of n drops its residual branches with probability rate * i / (n - 1), as
+    the official Swin (numpy's linspace here, independent of the model's torch.linspace); the first block, at 0,
+    has none."""
+    import numpy as np
+
+    from models.layers import DropPath
+
+    cfg = tiny_cfg(MODEL__SWIN__DROP_PATH_RATE=0.3, MODEL__SWIN__DEPTHS=[1, 2, 1, 2])
+    blocks = [block for layer in build_model(cfg).backbone.layers for block in layer.blocks]
+    expected = np.linspace(0, 0.3, len(blocks))
+    assert isinstance(blocks[0].drop_path, torch.nn.Identity)
+    assert all(isinstance(b.drop_path, DropPath) for b in blocks[1:])
+    assert [b.drop_path.p for b in blocks[1:]] == pytest.approx(expected[1:].tolist())
