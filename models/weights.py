@@ -35,7 +35,8 @@ def is_safetensors(path: str | Path) -> bool:
     its name."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+    # (safetensors refuses a header over 100,000,000 bytes: its MAX_HEADER_SIZE)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
 
 
 def read_safetensors(path: str | Path) -> dict[str, Any]:

@@ -181,7 +181,11 @@ def test_benchmark_help_shows_the_defaults():
 
 def test_input_benchmark_smoke(capsys):
     """``tools.bench_input``: one row per preprocessing and form, printed as JSON lines, then the machine line."""
+    import cv2
+
+    cv2.setNumThreads(2)
     rows = bench_input.main(["--size", "48", "--items", "3", "--repeats", "1"])
+    assert cv2.getNumThreads() == 1  # as DataLoader workers run it (data/opencv.py)
     assert [(r["resize"], r["mask_parts"], r["form"], r["size"]) for r in rows] == [
         ("pil", "official", "train", 48), ("pil", "official", "eval", 48),
         ("cv2", "union", "train", 48), ("cv2", "union", "eval", 48),

@@ -59,6 +59,10 @@ def test_entry_points_set_it_before_torch_loads(module: str) -> None:
 
 def test_machine_info_records_the_spin_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GOMP_SPINCOUNT", "123")
-    assert machine_info(torch.device("cpu"))["openmp_spin_count"] == "123"
+    info = machine_info(torch.device("cpu"))
+    assert info["openmp_spin_count"] == "123"
+    # the fields the timing records and benchmark JSONs name the machine's native bf16 by
+    assert info["avx512_bf16"] == torch.cpu._is_avx512_bf16_supported()
+    assert info["amx"] == torch.cpu._is_amx_tile_supported()
     monkeypatch.delenv("GOMP_SPINCOUNT")
     assert machine_info(torch.device("cpu"))["openmp_spin_count"] is None

@@ -137,6 +137,8 @@ def test_submit_leaves_the_job_time_to_checkpoint(monkeypatch, capsys, tmp_path,
 def test_submit_help_explains_its_flags():
     text = " ".join(submit_module.get_parser().format_help().split())
     assert "one task (process) per GPU (default: 4)" in text and "job logs (%j: job id)" in text
+    jobs = Path(submit_module.__file__).parents[1] / "checkpoint" / "submitit"  # as docs/cluster.md says
+    assert f"(default: {jobs})" in text
 
 
 def test_submit_slurm_resources(tmp_path, monkeypatch):

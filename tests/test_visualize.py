@@ -162,8 +162,10 @@ def test_failure_buckets_edges():
     assert [r["bucket"] for r in rows] == ["IoU < 0.1", "0.1 <= IoU < 0.5", "IoU >= 0.5"]
     assert [r["count"] for r in rows] == [2, 2, 2] and [r["share"] for r in rows] == [pytest.approx(1 / 3)] * 3
     assert all(math.isnan(r["share"]) for r in failures.failure_buckets([]))
-    with pytest.raises(ValueError, match=r"0 <= lo < hi <= 1, got \(0.5, 0.1\)"):
-        failures.failure_buckets([0.2], edges=(0.5, 0.1))
+    for edges in [(0.5, 0.1), (0.5, 0.5), (-0.1, 0.5), (0.1, 1.1)]:  # an empty middle bucket is refused too
+        with pytest.raises(ValueError, match=rf"0 <= lo < hi <= 1, got \({edges[0]}, {edges[1]}\)"):
+            failures.failure_buckets([0.2], edges=edges)
+    assert [r["count"] for r in failures.failure_buckets([0.0, 1.0], edges=(0.0, 1.0))] == [0, 1, 1]  # edges inclusive
 
 
 SENTENCES_IOUS = (["Left red ball", "left blue ball, ball", "right red ball", "red cup"], [0.1, 0.2, 0.9, 0.8])

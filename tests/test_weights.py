@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,18 @@ def test_swin_init_rejects_other_files(tmp_path):
     backbone = build_backbone(8, [2, 2, 2, 2], [1, 2, 2, 4], 7, 12, [1, 1, 1, 1])
     with pytest.raises(CheckpointError, match="not_swin.pth shares no weight with the Swin backbone"):
         load_pretrained_swin(backbone, tmp_path / "not_swin.pth")
+
+
+def test_safetensors_recognised_by_their_first_bytes_within_safetensors_limits(tmp_path):
+    """An 8-byte little-endian header length, then '{': a safetensors file whatever its name, for a length from 2
+    (``{}``) to safetensors' own limit of 100,000,000 bytes (MAX_HEADER_SIZE); anything else is not one."""
+    from models.weights import is_safetensors
+
+    def head(length: int, first: bytes = b"{") -> Path:
+        path = tmp_path / f"{length}_{first.hex()}.bin"
+        path.write_bytes(length.to_bytes(8, "little") + first)
+        return path
+
+    assert [is_safetensors(head(n)) for n in (2, 100_000_000)] == [True, True]
+    assert [is_safetensors(head(n)) for n in (0, 1, 100_000_001)] == [False, False, False]
+    assert not is_safetensors(head(100, b"[")) and not is_safetensors(head(100, b""))
