@@ -161,7 +161,7 @@ class ReferDataset(torch.utils.data.Dataset):
         for ref in self.refs:
             if not ref["sentences"]:
                 raise ReferDataError(f"ref {ref['ref_id']} of {where} has no sentences")
-            raws = [sent.get("raw") if isinstance(sent, dict) else None for sent in ref["sentences"]]
+            raws = [sent.get("raw") for sent in ref["sentences"]]  # (dicts: REFER's index refuses anything else)
             bad = next((k for k, raw in enumerate(raws) if not isinstance(raw, str)), None)
             if bad is not None:
                 raise ReferDataError(f"ref {ref['ref_id']} of {where}: sentence {bad} has no text ('raw' is "

@@ -108,6 +108,10 @@ def test_submit_refuses_before_creating_anything(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tools/submit.py: error: ") and message in err[0], err
     assert not job_dir.exists()
+    with pytest.raises(SystemExit) as shown:  # main.py's help, as asked, and nothing submitted
+        submit_module.cli(["--job_dir", str(job_dir), "--", "--help"])
+    assert shown.value.code == 0 and capsys.readouterr().out.startswith("usage: main.py ")
+    assert not job_dir.exists()
     (tmp_path / "a_file").write_text("")
     in_the_way = tmp_path / "a_file" / "jobs"
     assert submit_module.cli(["--local", "--job_dir", str(in_the_way), "--", "--epochs", "3"]) == 2

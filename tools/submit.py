@@ -176,7 +176,9 @@ def check_main_argv(argv: list[str]) -> None:
         cfg = config_from_args(args)
         validate_config(cfg)
         check_flags(args, cfg)
-    except SystemExit:
+    except SystemExit as e:
+        if not e.code:  # `-- --help`: main.py's help was shown
+            raise
         error = usage.getvalue().strip().splitlines()[-1].removeprefix("main.py: error: ")
         raise ValueError(f"main.py's arguments: {error}") from None
     except FileNotFoundError as e:

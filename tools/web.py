@@ -86,6 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, answer: dict[str, Any]) -> None:
         self._send(status, json.dumps(answer).encode("utf-8"), "application/json")
 
+    def _refuse(self, error: UploadError) -> None:
+        self._json(error.status, {"error": str(error)})
+
     def _not_found(self) -> None:
         self._send(404, b"not found", "text/plain")
 
@@ -128,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return False
             *_, too_big = announced
             if too_big is not None:
-                self._json(too_big.status, {"error": str(too_big)})
+                self._refuse(too_big)
                 return False
         return super().handle_expect_100()
 
@@ -141,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if too_big is not None:
                 self._drain(length)  # browsers show an answer only once their upload went through
-                self._json(too_big.status, {"error": str(too_big)})
+                self._refuse(too_big)
                 return
             data = self.rfile.read(length)
         except TimeoutError:

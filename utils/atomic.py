@@ -29,12 +29,13 @@ def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
 
     The temporary files get the permissions ``open()`` would give (``mkstemp`` makes them private).
     """
-    for target in map(Path, targets):  # (the rename would fail only at the end, naming the temporary file)
-        if target.is_dir():
-            raise IsADirectoryError(f"{target} is a folder: a file cannot be written in its place (give a file name)")
     temps: list[Path] = []
     try:
         for target in map(Path, targets):
+            if target.is_dir():  # (the rename would fail only at the end, naming the temporary file)
+                raise IsADirectoryError(
+                    f"{target} is a folder: a file cannot be written in its place (give a file name)"
+                )
             try:
                 fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
             except OSError as e:  # (its message would name the temporary file)
