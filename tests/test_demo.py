@@ -142,6 +142,23 @@ def test_predict_is_the_models_prediction(run, predictor):
     assert 0.05 < masks[0].mean() < 0.95, "calibrated tiny model: both classes present"
 
 
+def test_many_expressions_are_predicted_in_batches(run, predictor, monkeypatch):
+    """More expressions than ``batch_size``: forwards of at most that many, and each mask is its own expression's
+    (as predicted one at a time), in the order given."""
+    image = first_image(run["cfg"])[:, :-5]
+    texts = ["the red circle", "the big star on the left", "Little green heart", "the blue square", "a star"]
+    small = demo.Predictor(predictor.model, run["cfg"], predictor.tokenizer, "cpu", batch_size=2)
+    sizes, segment = [], small.model.segment
+    monkeypatch.setattr(small.model, "segment", lambda x, *text: sizes.append(len(x)) or segment(x, *text))
+    masks = small.predict(image, texts)
+    assert sizes == [2, 2, 1]
+    assert_masks_match(masks, reference_margins(predictor.model, predictor.tokenizer, image, texts))
+    assert len({m.tobytes() for m in masks}) == len(texts), "the expressions' masks differ: a mix-up would show"
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        demo.Predictor(predictor.model, run["cfg"], predictor.tokenizer, "cpu", batch_size=0)
+    assert demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu", batch_size=3).batch_size == 3
+
+
 def linear_output_dtypes(model: torch.nn.Module) -> tuple[dict[str, set[torch.dtype]], list[Any]]:
     """Forward hooks on every nn.Linear: the dtypes its outputs came in, per top-level part of the model (image
     side, text encoder, ...); and the hooks' handles."""

@@ -65,16 +65,27 @@ class Predictor:
 
     amp: "" predicts in float32, as the official code evaluates; "bf16" / "fp16" under autocast, as ``engine.evaluate``
     runs with ``TRAIN.AMP``; "auto": bf16 where the device computes it natively, else float32 (``utils.amp``).
+    batch_size: expressions per forward: many expressions are predicted in batches of this many, and each mask is
+    resized to the image on its own, so that memory stays bounded (a 12-megapixel photo: 48 MB per float map).
     """
 
     def __init__(
-        self, model: torch.nn.Module, cfg: CfgNode, tokenizer: Any, device: torch.device | str, amp: str = ""
+        self,
+        model: torch.nn.Module,
+        cfg: CfgNode,
+        tokenizer: Any,
+        device: torch.device | str,
+        amp: str = "",
+        batch_size: int = 8,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Predictor's batch_size must be at least 1, got {batch_size}")
         self.device = torch.device(device)
         self.amp = resolve_amp(amp, self.device)
         self.model = model.to(self.device).eval()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.size, self.max_tokens = int(cfg.DATA.SIZE), int(cfg.MODEL.TEXT.MAX_TOKENS)
+        self.batch_size = batch_size
 
     @classmethod
     def from_checkpoint(
@@ -84,9 +95,10 @@ class Predictor:
         cfg_file: str | Path | None = None,
         opts: Sequence[Any] = (),
         amp: str = "",
+        batch_size: int = 8,
     ) -> Predictor:
         """Any LAVT checkpoint (``tools.open_checkpoint``: this project's, exported or official); ``cfg_file`` and
-        ``opts`` (KEY VALUE ...) as there. device: None = cuda if available; amp: as for ``Predictor``."""
+        ``opts`` (KEY VALUE ...) as there. device: None = cuda if available; amp, batch_size: as for ``Predictor``."""
         device = resolve_device(device)
         resolve_amp(amp, device)  # a wrong precision fails before the checkpoint is read
         cfg, model = open_checkpoint(path, cfg_file, opts)
@@ -95,7 +107,7 @@ class Predictor:
                 f"checkpoint {path}: MODEL.TEXT.ENCODER is empty, but predicting from text needs the "
                 "text encoder (set it with --opts MODEL.TEXT.ENCODER <folder or minilm-l6>)"
             )
-        predictor = cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device, amp)
+        predictor = cls(model, cfg, load_tokenizer(cfg.MODEL.TEXT.ENCODER), device, amp, batch_size)
         logger.info("model of %s %s", path, predictor.describe())
         return predictor
 
@@ -128,15 +140,18 @@ class Predictor:
             raise ValueError(f"predict needs an RGB uint8 image [H, W, 3], got {got}")
         ids, mask = self.tokenize(texts)
         x = self.prepare(image).to(self.device)
-        with autocast(self.amp, self.device):
-            lang_feats, lang_mask = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-            logits = self.model.segment(x.expand(len(texts), -1, -1, -1), lang_feats, lang_mask)
-        logits = logits.float()  # [E, 2, S, S]
-        # resizing is linear, so the resized logit difference decides the argmax (ties go to background)
-        margin = F.interpolate(
-            logits[:, 1:] - logits[:, :1], size=image.shape[:2], mode="bilinear", align_corners=False
-        )  # [E, 1, H, W]
-        return (margin[:, 0] > 0).cpu().numpy()
+        masks = np.empty((len(texts), *image.shape[:2]), dtype=bool)
+        for start in range(0, len(texts), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            with autocast(self.amp, self.device):
+                lang_feats, lang_mask = self.model.encode_text(ids[part].to(self.device), mask[part].to(self.device))
+                logits = self.model.segment(x.expand(len(lang_feats), -1, -1, -1), lang_feats, lang_mask)
+            logits = logits.float()  # [e, 2, S, S]
+            # resizing is linear, so the resized logit difference decides the argmax (ties go to background)
+            for e, margin in enumerate(logits[:, 1:] - logits[:, :1], start):  # margin [1, S, S]
+                up = F.interpolate(margin[None], size=image.shape[:2], mode="bilinear", align_corners=False)
+                masks[e] = (up[0, 0] > 0).cpu().numpy()
+        return masks
 
 
 def mask_paths(mask_out: str | Path, count: int) -> list[Path]:
