@@ -221,6 +221,20 @@ def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
     assert tokens[0] != tokens[1]
 
 
+def test_stale_lock_minutes_reaches_the_lock(env, tmp_path, monkeypatch):
+    """``--stale_lock_minutes``: a foreign holder silent for 90 s holds the run folder against 2 minutes and is
+    taken over at 1 (the training itself is stood in for: only the folder's claim is run)."""
+    monkeypatch.setattr(main_module, "_run_in", lambda args, cfg, info, folder, *rest: {"notes": folder.warnings})
+    lock = tmp_path / "tiny" / LOCK_NAME
+    lock.parent.mkdir()
+    _write_lock(lock, 90, host="elsewhere", pid=1234, token="t")
+    with pytest.raises(RunLockedError, match="host elsewhere, pid 1234"):
+        main_module.main(tiny_main_argv(env, tmp_path, "--stale_lock_minutes", "2"))
+    out = main_module.main(tiny_main_argv(env, tmp_path, "--stale_lock_minutes", "1"))
+    assert len(out["notes"]) == 1 and "took over the stale lock" in out["notes"][0]
+    assert "its holder on another host has not touched it for 2 min" in out["notes"][0]
+
+
 def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypatch):
     lock = tmp_path / LOCK_NAME
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
