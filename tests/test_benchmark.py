@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -265,6 +267,21 @@ def test_benchmark_memory_in_its_own_process():
     assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}
     with pytest.raises(ValueError, match="BenchSpec.memory must be one of"):
         benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
+
+
+@pytest.mark.parametrize("code, writes", [(1, False), (0, False), (1, True)])
+def test_a_variant_process_that_failed_is_an_error(monkeypatch, code, writes):
+    """A worker that exited with an error, or without writing its result, or with an error after writing it, is a
+    failed variant (its output's tail in the error), never a result."""
+
+    def worker(cmd, **kwargs):
+        if writes:
+            Path(cmd[cmd.index("--_result") + 1]).write_text('{"variant": "base"}')
+        return subprocess.CompletedProcess(cmd, code, stdout="", stderr="Traceback ...\nboom")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", worker)
+    failed = benchmark.run_isolated(benchmark.BenchSpec())
+    assert failed == {"variant": "base", "error": f"exit {code}: Traceback ...\nboom"}
 
 
 def test_benchmark_memory_returns_freed_memory_before_building_on_cpu(monkeypatch):

@@ -231,6 +231,9 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
                                                  "BMP, TIFF, ...): UnidentifiedImageError"}  # fmt: skip
     status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts="x" * 2001)
     assert status == 400 and answer["error"] == "the text has 2001 characters, more than the 2000 this page accepts"
+    status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts="a\nb\n\nc\nd")
+    assert status == 400 and answer == {"error": "4 expressions, more than the 3 this page segments at once: one "
+                                                 "expression per line"}  # fmt: skip
     long = " ".join(["red"] * 20)  # more tokens than MAX_TOKENS: segmented, with a warning
     status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts=long)
     assert status == 200 and "more than the 12 the model reads" in answer["results"][0]["warning"]
