@@ -95,3 +95,14 @@ def test_a_file_that_does_not_fit_is_refused_and_nothing_loads(tmp_path, source,
     ):
         load_pretrained_swin(target, path)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_a_file_without_the_patch_embedding_is_refused(tmp_path):
+    """The patch embedding is expected from the file unless the backbone has the convolutional stem (which has no
+    ImageNet counterpart): a file without it does not fit the usual backbone."""
+    torch.manual_seed(1)
+    path = _imagenet_file(tmp_path, _backbone())
+    state = torch.load(path, weights_only=True)
+    torch.save({"model": {k: v for k, v in state["model"].items() if not k.startswith("patch_embed.")}}, path)
+    with pytest.raises(CheckpointError, match=r"backbone weights missing from the file: patch_embed\.norm\.bias"):
+        load_pretrained_swin(_backbone(), path)
