@@ -157,6 +157,8 @@ def test_many_expressions_are_predicted_in_batches(run, predictor, monkeypatch):
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         demo.Predictor(predictor.model, run["cfg"], predictor.tokenizer, "cpu", batch_size=0)
     assert demo.Predictor.from_checkpoint(run["checkpoint"], device="cpu", batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match="got 0"):  # before the checkpoint is read: this one is not there
+        demo.Predictor.from_checkpoint(run["folder"] / "none.pth", device="cpu", batch_size=0)
 
 
 def linear_output_dtypes(model: torch.nn.Module) -> tuple[dict[str, set[torch.dtype]], list[Any]]:

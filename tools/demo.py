@@ -58,6 +58,13 @@ def checkpoint_or_demo(checkpoint: str | Path | None) -> Path:
     return demo
 
 
+def check_batch_size(batch_size: int) -> int:
+    """``Predictor``'s ``batch_size``, or ValueError (one line) if it is below 1."""
+    if batch_size < 1:
+        raise ValueError(f"Predictor's batch_size must be at least 1, got {batch_size}")
+    return batch_size
+
+
 class Predictor:
     """A LAVT model with its tokenizer and input size: image + expressions -> masks at the image's size.
 
@@ -78,14 +85,12 @@ class Predictor:
         amp: str = "",
         batch_size: int = 8,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"Predictor's batch_size must be at least 1, got {batch_size}")
+        self.batch_size = check_batch_size(batch_size)
         self.device = torch.device(device)
         self.amp = resolve_amp(amp, self.device)
         self.model = model.to(self.device).eval()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.size, self.max_tokens = int(cfg.DATA.SIZE), int(cfg.MODEL.TEXT.MAX_TOKENS)
-        self.batch_size = batch_size
 
     @classmethod
     def from_checkpoint(
@@ -100,7 +105,8 @@ class Predictor:
         """Any LAVT checkpoint (``tools.open_checkpoint``: this project's, exported or official); ``cfg_file`` and
         ``opts`` (KEY VALUE ...) as there. device: None = cuda if available; amp, batch_size: as for ``Predictor``."""
         device = resolve_device(device)
-        resolve_amp(amp, device)  # a wrong precision fails before the checkpoint is read
+        resolve_amp(amp, device)  # a wrong precision or batch size fails before the checkpoint is read
+        check_batch_size(batch_size)
         cfg, model = open_checkpoint(path, cfg_file, opts)
         if not cfg.MODEL.TEXT.ENCODER:
             raise ValueError(
