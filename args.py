@@ -239,6 +239,15 @@ def rerun_hint(args: argparse.Namespace) -> str:
     return f" (the built-in demo: add --cfg_file {os.path.relpath(DEMO_CONFIG)})" if is_demo(args) else ""
 
 
+def demo_hint(args: argparse.Namespace) -> str:
+    """What to add to the refusal of missing REFER files when no config file is named: flags alone select the paper's
+    recipe on RefCOCO, not the demo that ``python main.py`` alone runs."""
+    if args.cfg_file:
+        return ""
+    return (f" (python main.py alone runs the built-in demo on synthetic data; to run it with flags, name its config: "
+            f"--cfg_file {os.path.relpath(DEMO_CONFIG)})")  # fmt: skip
+
+
 def describe_batch(per_process: int, processes: int) -> str:
     """The global batch of a training, against the paper's."""
     per_gpu, gpus = PAPER_BATCH

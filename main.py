@@ -26,6 +26,7 @@ from yacs.config import CfgNode  # noqa: E402
 from args import (  # noqa: E402
     check_flags,
     config_from_args,
+    demo_hint,
     describe_batch,
     describe_config,
     names_run_folder,
@@ -62,7 +63,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict[st
     cfg = config_from_args(args)
     validate_config(cfg)  # before anything is built or written
     check_flags(args, cfg)
-    check_refer_files(cfg)
+    try:
+        check_refer_files(cfg)
+    except FileNotFoundError as e:
+        raise type(e)(f"{e}{demo_hint(args)}") from e
     info = init_distributed_mode(args.device)
     try:
         return _run(args, cfg, info, stopwatch)

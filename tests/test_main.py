@@ -121,6 +121,23 @@ def test_missing_dataset(env, tmp_path):
         run(env, tmp_path, DATA__DATASET="refcoco", DATA__ROOT=str(tmp_path / "nothing_here"))
 
 
+def test_flags_without_a_config_file_point_to_the_demo(tmp_path):
+    """``python main.py --opts TRAIN.SEED 1`` runs the paper's recipe, not the demo: the refusal of the missing RefCOCO
+    says how to run the demo with flags; with a config file named, it does not."""
+    missing = ["--opts", "DATA.ROOT", str(tmp_path / "nothing_here"), "OUTPUT", str(tmp_path / "runs")]
+    with pytest.raises(ReferFileNotFoundError) as flags_only:
+        main_module.main(missing)
+    message = str(flags_only.value)
+    assert message.startswith("REFER annotation folder not found: ") and "\n" not in message
+    assert message.endswith(" (python main.py alone runs the built-in demo on synthetic data; to run it with flags, "
+                            "name its config: --cfg_file configs/demo.yaml)")  # fmt: skip
+    assert isinstance(flags_only.value.__cause__, ReferFileNotFoundError)
+    with pytest.raises(ReferFileNotFoundError) as named:
+        main_module.main(["--cfg_file", str(ROOT / "configs" / "swin_tiny_refcoco.yaml"), *missing])
+    assert str(named.value).startswith("REFER annotation folder not found: ") and "demo" not in str(named.value)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing_here").exists()
+
+
 def test_unwritable_output_folder(env, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -218,8 +235,11 @@ def test_the_run_says_where_its_wall_time_went(trained):
         assert record["code"].endswith("+changes") == bool(_git("status", "--porcelain", "--untracked-files=no"))
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [x.split(":", 1)[1].strip() for x in cpuinfo.read_text().splitlines() if x.startswith("model name")]
-        assert record["machine"]["cpu"] == names[0]
+        lines = cpuinfo.read_text().splitlines()
+        names = [x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")]
+        numbers = [x.split(":", 1)[1].strip() for x in lines if x.split(":")[0].strip() in ("cpu family", "model")]
+        family = f" (family {numbers[0]}, model {numbers[1]})" if len(numbers) >= 2 else ""  # x86 only
+        assert record["machine"]["cpu"] == names[0] + family
     assert record["machine"]["cores"] == os.cpu_count() and record["processes"] == 1
     log = (run_dir / "log.txt").read_text()
     assert f" INFO machine: {record['machine']['cpu']}, {os.cpu_count()} cores, " in log  # at the start too

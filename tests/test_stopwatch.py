@@ -110,9 +110,13 @@ def test_format_seconds(seconds, text):
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
 model name\t: AMD EPYC 9R14 96-Core Processor
 flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 sha_ni
 processor\t: 1
+cpu family\t: 25
+model\t\t: 17
 model name\t: AMD EPYC 9R14 96-Core Processor
 flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 sha_ni
 """
@@ -129,12 +133,20 @@ def test_cpu_model_and_flags_from_cpuinfo(monkeypatch):
     assert flags == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False, "amx_tile": False}
     assert machine.vector_units(flags) == "AVX-512 bf16, native bf16"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert machine.cpu_family_model() == (25, 17)
     assert machine.describe_machine(torch.device("cpu")).startswith(
-        "AMD EPYC 9R14 96-Core Processor, "
+        "AMD EPYC 9R14 96-Core Processor (family 25, model 17), "
     ) and ", 3 threads, AVX-512 bf16, native bf16, torch " in machine.describe_machine(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {device}")
     gpu_line = machine.describe_machine(torch.device("cuda", 1))
-    assert gpu_line.startswith("GPU cuda:1 on AMD EPYC 9R14 96-Core Processor, ")
+    assert gpu_line.startswith("GPU cuda:1 on AMD EPYC 9R14 96-Core Processor (family 25, model 17), ")
+    assert machine.machine_info(torch.device("cpu"))["cpu_family_model"] == (25, 17)
+    no_numbers = [line for line in CPUINFO.splitlines() if not line.startswith("model\t")]  # "model name" stays
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: no_numbers)
+    assert machine.cpu_family_model() is None
+    assert machine.cpu_name() == "AMD EPYC 9R14 96-Core Processor"
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: [*no_numbers, "model\t\t: unknown"])
+    assert machine.cpu_family_model() is None
 
 
 def test_no_cpuinfo(monkeypatch):
@@ -144,6 +156,7 @@ def test_no_cpuinfo(monkeypatch):
     assert machine.cpu_model() == "arm64"
     monkeypatch.setattr(machine.platform, "machine", lambda: "")
     assert machine.cpu_model() == "unknown"
+    assert machine.cpu_family_model() is None and machine.cpu_name() == "unknown"
     assert machine.cpu_flags() == dict.fromkeys(machine.CPU_FLAGS, False)
     assert machine.vector_units(machine.cpu_flags()) == "no AVX2 (CPU features unknown)"
 

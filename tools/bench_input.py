@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.machine import cpu_model
+from utils.machine import cpu_name
 
 from .cli import require_at_least, run_cli
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({"resize": method, "mask_parts": parts, "form": form, "size": args.size,
                              "items_per_cpu_s": round(rate, 1)})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"# {cpu_model()}, {os.cpu_count()} cores, one thread; torch {torch.__version__}, Pillow "
+    print(f"# {cpu_name()}, {os.cpu_count()} cores, one thread; torch {torch.__version__}, Pillow "
           f"{Image.__version__}, OpenCV {cv2.__version__}")  # fmt: skip
     return rows
 

@@ -28,6 +28,24 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_family_model() -> tuple[int, int] | None:
+    """The x86 family and model numbers from /proc/cpuinfo (None where they cannot be read). They tell apart CPUs that
+    the model name does not: two 2-core machines both named "AMD EPYC" with AVX-512 bf16, of families 25 and 26, ran
+    this code's bf16 training step at ~800 and ~450 ms (docs/performance.md)."""
+    fields = dict(line.split(":", 1) for line in _cpuinfo() if ":" in line)  # the last processor's; all are alike
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    try:
+        return int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return None
+
+
+def cpu_name() -> str:
+    """``cpu_model`` with the family and model numbers where known: "AMD EPYC (family 26, model 2)"."""
+    numbers = cpu_family_model()
+    return cpu_model() if numbers is None else f"{cpu_model()} (family {numbers[0]}, model {numbers[1]})"
+
+
 def cpu_flags() -> dict[str, bool]:
     """Which of ``CPU_FLAGS`` /proc/cpuinfo lists (all False where it cannot be read)."""
     flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
@@ -51,7 +69,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """The machine as JSON: CPU, cores, torch's threads, native bf16 as torch sees it, versions, load average, OpenMP's
     spin count."""
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
+        "cpu_family_model": cpu_family_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
@@ -67,9 +86,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def describe_machine(device: torch.device) -> str:
-    """One line for logs: "AMD EPYC, 2 cores, 2 threads, AVX2 only, no native bf16, torch 2.14.1" (the GPU first on
-    CUDA)."""
-    cpu = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, {vector_units(cpu_flags())}"
+    """One line for logs: "AMD EPYC (family 26, model 2), 2 cores, 2 threads, AVX-512 bf16, native bf16, torch 2.14.1"
+    (the GPU first on CUDA)."""
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, {vector_units(cpu_flags())}"
     gpu = f"{torch.cuda.get_device_name(device)} on " if device.type == "cuda" else ""
     return f"{gpu}{cpu}, torch {torch.__version__}"
 
