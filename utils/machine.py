@@ -30,8 +30,9 @@ def cpu_model() -> str:
 
 def cpu_family_model() -> tuple[int, int] | None:
     """The x86 family and model numbers from /proc/cpuinfo (None where they cannot be read). They tell apart CPUs that
-    the model name does not: two 2-core machines both named "AMD EPYC" with AVX-512 bf16, of families 25 and 26, ran
-    this code's bf16 training step at ~800 and ~450 ms (docs/performance.md)."""
+    the model name does not: two 2-core machines both named "AMD EPYC" with AVX-512 bf16 ran this code's bf16
+    training step at ~800 and ~450 ms, the faster of family 26 (the other's numbers went unrecorded;
+    docs/performance.md)."""
     fields = dict(line.split(":", 1) for line in _cpuinfo() if ":" in line)  # the last processor's; all are alike
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     try:
