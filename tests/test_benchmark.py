@@ -408,3 +408,24 @@ def test_table_of_a_variant_measuring_more_than_the_first(capsys):
     with pytest.raises(SystemExit):
         benchmark.get_parser().parse_args(["--isolate", "maybe"])
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_training_breakdown_runs_each_forward_s_backward(monkeypatch):
+    """The training-mode breakdown times forwards as training runs them: each followed by its backward (one graph alive
+    at a time, the caches as a step leaves them), the gradients dropped after; the evaluation forwards have none."""
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    spec = benchmark.BenchSpec(opts=TINY_OPTS, size=64, batch_size=2, eval_batch_size=2, warmup=1, runs=2)
+    calls = []
+    backward = torch.Tensor.backward
+
+    def counting(self, *args, **kwargs):
+        calls.append(model.training)
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting)
+    result = bench_workload.part_breakdown(model, cfg, spec, torch.device("cpu"), "")
+    assert calls == [True] * (spec.warmup + spec.runs)
+    assert list(result) == ["eval_forward_batch1", "eval_forward_batch2", "train_forward_batch2"]
+    assert all(p.grad is None for p in model.parameters())
+

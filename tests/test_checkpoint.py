@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,17 @@ def test_stale_temporaries_removed_others_kept(tmp_path):
     assert sorted(removed) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(kept)
     assert read_checkpoint(tmp_path / "last.pth") == {"epoch": 1}
+
+
+def test_a_temporary_gone_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Another process cleaning the same folder (a second job resuming it) may remove a temporary between the listing
+    and its removal: it is gone either way, not an error."""
+    gone = tmp_path / ".last.pth.gone.tmp"
+    listed = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [*listed(self, pattern), gone])
+    (tmp_path / ".last.pth.x.tmp").write_bytes(b"partial")
+    assert sorted(ck.remove_stale_temporaries(tmp_path, ["last.pth"])) == [gone, tmp_path / ".last.pth.x.tmp"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_text_atomic(tmp_path, monkeypatch):

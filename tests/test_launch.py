@@ -54,7 +54,7 @@ def test_expand_nodelist(nodelist, hosts):
         ("a,,b", "empty host name"),
         ("a[1-3", r"'\[' without '\]'"),
         ("a]1", "unbalanced or nested brackets at character 1"),
-        ("a[[1]]", "unbalanced or nested brackets"),
+        ("a[[1]]", "unbalanced or nested brackets at character 2"),  # the second '[', where the nesting starts
         ("a[]", "'' is not a number or a range"),
         ("a[x-y]", "'x-y' is not a number or a range"),
         ("a[1-2-3]", "'1-2-3' is not a number or a range"),
@@ -109,8 +109,10 @@ SLURM_2 = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLUR
             Launch("torchrun", 3, 4, 3),  # torchrun inside an allocation: its variables win
         ),
         ({"RANK": "1", "WORLD_SIZE": "2"}, Launch("torchrun", 1, 2, 1)),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, Launch("torchrun", 3, 4, 1)),  # 2nd of 2 nodes
     ],
-    ids=["none", "slurm-one-task", "slurm", "slurm-old-nodelist", "master-env", "torchrun-wins", "torchrun"],
+    ids=["none", "slurm-one-task", "slurm", "slurm-old-nodelist", "master-env", "torchrun-wins", "torchrun",
+         "torchrun-two-nodes"],
 )
 def test_detect_launch(env, expected):
     assert detect_launch(env) == expected

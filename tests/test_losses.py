@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from utils.losses import build_criterion, dice_loss
+from utils.losses import build_criterion, dice_loss, weighted_cross_entropy
 
 
 def test_weighted_ce_hand_computed():
@@ -12,6 +12,13 @@ def test_weighted_ce_hand_computed():
     target = torch.tensor([[[1, 0]]])
     expected = (1.1 * -math.log(3 / 4) + 0.9 * -math.log(1 / 4)) / (1.1 + 0.9)  # weighted mean, as F.cross_entropy
     assert build_criterion("ce")(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    # called alone, the class weights follow the logits' precision (torch refuses float32 weights beside float64 logits)
+    exact = torch.tensor([0.0, math.log(3)], dtype=torch.float64).view(1, 2, 1, 1).expand(1, 2, 1, 2)
+    weight = torch.tensor([0.9, 1.1])  # float32, as build_criterion makes them
+    w0, w1 = weight.tolist()  # their float32 values, exactly
+    exact_expected = (w1 * -math.log(3 / 4) + w0 * -math.log(1 / 4)) / (w1 + w0)
+    assert weighted_cross_entropy(exact, target, weight).item() == pytest.approx(exact_expected, rel=1e-12)
+    assert build_criterion("ce")(logits.bfloat16(), target).item() == pytest.approx(expected, rel=2e-2)
 
 
 def test_dice_hand_computed():
