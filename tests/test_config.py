@@ -143,6 +143,7 @@ def test_integer_bounds_are_inclusive(key: str, lowest: int):
         ["MODEL.TEXT.CACHE", True, "MODEL.TEXT.TRAIN_LAYERS", 0, "MODEL.TEXT.DROPOUT", "disabled"],
         ["MODEL.FUSION.DROPOUT", 0.0, "MODEL.SWIN.DROP_PATH_RATE", 0.999],  # rates: 0 included, 1 not
         ["TRAIN.LOW_RES_SIZE", 240, "TRAIN.LOW_RES_EPOCHS", 40.0],  # the whole run at the low resolution
+        ["MODEL.SWIN.EMBED_DIM", 1, "MODEL.SWIN.NUM_HEADS", [1, 1, 1, 1]],  # the narrowest Swin (widths 1, 2, 4, 8)
     ],
 )
 def test_allowed_edges_pass(opts: list):

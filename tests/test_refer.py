@@ -15,6 +15,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from refer import REFER, ReferDataError, ReferFileNotFoundError, ReferKeyError
+from refer.masks import combine_parts
 
 
 def write_refer(root: Path, dataset: str, refs: list, images: list, annotations: list, categories: list) -> None:
@@ -245,6 +246,13 @@ def test_list_of_rle_mask_parts(hand: REFER):
     np.testing.assert_array_equal(hand.getMaskByRef(ref_id=3, parts="union")["mask"], MASK_14A | MASK_14B)
     with pytest.raises(ValueError, match=r"mask parts must be one of \('official', 'union'\), got 'sum'"):
         hand.getMask(hand.Refs[3], parts="sum")
+
+
+def test_an_object_without_parts_has_an_empty_mask():
+    """An annotation whose segmentation lists no part: an all-zero mask of the image's size, in the masks' uint8."""
+    for parts in ("official", "union"):
+        m = combine_parts([], 3, 4, parts)
+        assert m.dtype == np.uint8 and m.shape == (3, 4) and not m.any()
 
 
 def test_rle_of_wrong_size(hand_root: Path):
