@@ -428,4 +428,3 @@ def test_training_breakdown_runs_each_forward_s_backward(monkeypatch):
     assert calls == [True] * (spec.warmup + spec.runs)
     assert list(result) == ["eval_forward_batch1", "eval_forward_batch2", "train_forward_batch2"]
     assert all(p.grad is None for p in model.parameters())
-

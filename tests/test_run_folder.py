@@ -221,6 +221,26 @@ def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
     assert tokens[0] != tokens[1]
 
 
+def test_a_lock_removed_meanwhile_is_released_without_error(tmp_path, monkeypatch):
+    """The lock file deleted by hand (or by a cleanup) between the holder's last look and its removal: the release
+    ends quietly, as the file is gone either way."""
+    import utils.lock as lock_module
+
+    lock = tmp_path / LOCK_NAME
+    holder = RunLock(lock)
+    holder.acquire()
+    read = lock_module.read_holder
+
+    def read_then_lose(path):
+        current = read(path)
+        Path(path).unlink()
+        return current
+
+    monkeypatch.setattr(lock_module, "read_holder", read_then_lose)
+    holder.release()
+    assert holder.holder is None and not lock.exists()
+
+
 def test_stale_lock_minutes_reaches_the_lock(env, tmp_path, monkeypatch):
     """``--stale_lock_minutes``: a foreign holder silent for 90 s holds the run folder against 2 minutes and is
     taken over at 1 (the training itself is stood in for: only the folder's claim is run)."""

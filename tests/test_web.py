@@ -312,6 +312,15 @@ def test_preview_of_a_big_image_is_shrunk():
     assert np.array_equal(shown, vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[0]))
 
 
+def test_preview_of_a_thread_of_an_image_keeps_one_pixel_across():
+    """A photo 1 pixel wide and 3000 tall shrinks to 1 x 1024, not to a width the image never had."""
+    image = np.full((3000, 1, 3), 200, np.uint8)
+    mask = np.ones((3000, 1), bool)
+    shown = web_upload.preview(image, mask, vis.PALETTE[0])
+    assert shown.shape == (1024, 1, 3)
+    assert np.array_equal(shown, vis.overlay_mask(np.full((1024, 1, 3), 200, np.uint8), mask[:1024], vis.PALETTE[0]))
+
+
 def test_startup_flags_reach_the_server(run, tmp_path):
     """``build`` without a browser: the limits (MB and megapixels as decimals), the port, the precision, a config
     file for a checkpoint without one, and the page's model and limits lines."""
