@@ -428,3 +428,15 @@ def test_training_breakdown_runs_each_forward_s_backward(monkeypatch):
     assert calls == [True] * (spec.warmup + spec.runs)
     assert list(result) == ["eval_forward_batch1", "eval_forward_batch2", "train_forward_batch2"]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_yardstick_matmul_is_the_machine_default_unless_asked(monkeypatch, tmp_path):
+    """Without --matmul_size the FLOP/s yardstick is the device's default square (2048 on CPU, chosen where it is
+    measured); --matmul_size N asks for N."""
+    sizes = []
+    monkeypatch.setattr(benchmark, "matmul_flops_per_s", lambda dtype, device, size=None: sizes.append(size) or 1e9)
+    argv = ["--opts", *TINY_OPTS, "--size", "64", "--phases", "flops", "--compare", "", "--isolate", "no"]
+    benchmark.main([*argv, "--output", str(tmp_path / "default.json")])
+    benchmark.main([*argv, "--matmul_size", "256", "--output", str(tmp_path / "asked.json")])
+    assert sizes == [None, 256]
+

@@ -184,6 +184,31 @@ def test_unreadable_cache_is_rebuilt(bad: REFER, tmp_path: Path, caplog):
     assert json.loads(cache.read_text())["images"][path][2:] == [40, 30, ""]
 
 
+def test_bad_images_are_named_the_same_from_the_cache(bad: REFER, tmp_path: Path):
+    """A second check, answered from the cache for what it read before, names each bad image as the first did."""
+    cache = tmp_path / "images.json"
+    messages = []
+    for _ in range(2):
+        with pytest.raises(ImageCheckError) as e:
+            check_images(bad, ["train", "val"], cache_file=cache, workers=1)
+        messages.append(str(e.value))
+    assert "f_text.jpg (not an image PIL reads)" in messages[0] and messages[1] == messages[0]
+
+
+def test_a_cache_entry_of_another_shape_is_not_trusted(bad: REFER, tmp_path: Path):
+    """An entry with the right stamp but a field too many (another version's, or edited) is read again."""
+    for ref in bad.data["refs"]:
+        ref["split"] = "train" if ref["file_name"] == "a_good.jpg" else "testB"
+    path = os.path.join(bad.IMAGE_DIR, "a_good.jpg")
+    st = os.stat(path)
+    cache = tmp_path / "images.json"
+    entry = [st.st_size, st.st_mtime_ns, 40, 30, "", "extra"]
+    cache.write_text(json.dumps({"version": checks.CACHE_VERSION, "images": {path: entry}}))
+    result = check_images(bad, ["train"], cache_file=cache)
+    assert (result.checked, result.from_cache) == (1, 0)
+    assert json.loads(cache.read_text())["images"][path] == entry[:5]
+
+
 def test_generated_dataset_passes(tmp_path: Path):
     generate(tmp_path, num_images=8, min_size=32, max_size=48, workers=1)
     refer = REFER(tmp_path, "synthetic")

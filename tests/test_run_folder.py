@@ -221,6 +221,19 @@ def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
     assert tokens[0] != tokens[1]
 
 
+def test_a_release_leaves_a_lock_another_process_has_taken(tmp_path):
+    """A holder whose lock was taken over (it had gone silent past the stale time) releases only its own: the new
+    holder's file, with its token, stays."""
+    lock = tmp_path / LOCK_NAME
+    holder = RunLock(lock)
+    holder.acquire()
+    taken = json.loads(lock.read_text())
+    taken.update(token="f" * 16, pid=taken["pid"] + 1)
+    lock.write_text(json.dumps(taken))
+    holder.release()
+    assert json.loads(lock.read_text()) == taken
+
+
 def test_a_lock_removed_meanwhile_is_released_without_error(tmp_path, monkeypatch):
     """The lock file deleted by hand (or by a cleanup) between the holder's last look and its removal: the release
     ends quietly, as the file is gone either way."""
