@@ -108,6 +108,23 @@ def test_augment_jitters_brightness_and_contrast():
     assert len({round(a, 3) for a, _ in gains}) == len(gains)  # and a new one each time
 
 
+def test_augment_jitter_by_hand():
+    """The jitter's factors from the draws themselves: contrast alpha = 1 + (2 r3 - 1) 0.2 about the warped image's
+    mean, brightness (2 r4 - 1) 0.2 x 255 levels; alpha x + beta rounded and clipped, computed here in numpy."""
+    size = 48
+    image = _coordinate_image(size)
+    mask = np.zeros((size, size), np.uint8)
+    for seed in range(6):
+        geo_img, _ = TrainAugment(brightness=0, contrast=0)(image, mask, torch.Generator().manual_seed(seed))
+        img, _ = TrainAugment()(image, mask, torch.Generator().manual_seed(seed))
+        r = torch.rand(5, generator=torch.Generator().manual_seed(seed)).tolist()
+        alpha = 1 + (2 * r[3] - 1) * 0.2
+        beta = (2 * r[4] - 1) * 0.2 * 255 + (1 - alpha) * geo_img.astype(np.float64).mean()
+        expected = np.clip(np.round(alpha * geo_img.astype(np.float64) + beta), 0, 255)
+        diff = np.abs(img.astype(np.float64) - expected)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (seed, diff.max(), (diff > 0).mean())
+
+
 def test_augment_jitter_saturates_dark_pixels_at_zero():
     """A darkening draw clips below 0 (uint8 saturation), never folds dark pixels back up (|.|), and clips above 255."""
     size = 32

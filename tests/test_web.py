@@ -294,6 +294,16 @@ def test_stalled_upload_is_answered_and_a_slow_one_served(predictor, files):
         server.server_close()
 
 
+def test_the_page_is_served_at_its_two_addresses(url):
+    """``/`` and ``/index.html`` answer the same page; a query string does not change the path."""
+    pages = []
+    for path in ("", "index.html", "?from=bookmark"):
+        with urllib.request.urlopen(url + path, timeout=60) as answer:
+            assert (answer.status, answer.headers["Content-Type"]) == (200, "text/html; charset=utf-8")
+            pages.append(answer.read())
+    assert pages[0].startswith(b"<!doctype html>") and pages[1] == pages[0] == pages[2]
+
+
 def test_other_paths_are_not_found(url):
     for method, path in (("GET", "nope"), ("GET", "predict"), ("POST", ""), ("POST", "index.html")):
         with pytest.raises(urllib.error.HTTPError) as e:
