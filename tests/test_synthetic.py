@@ -342,6 +342,29 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
         ensure_synthetic(tmp_path, num_image=8)
 
 
+def test_a_removal_cut_off_is_resumed_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Regenerating with other arguments first removes the old files; killed midway, the markers, removed last, are
+    still there, so the next run removes the rest and generates anew instead of refusing a folder of stray files."""
+    args = {"num_images": 8, "min_size": 64, "max_size": 80}
+    ensure_synthetic(tmp_path, **args)
+    unlink, count = Path.unlink, []
+
+    def killed_after_three(self, *a, **k):
+        if len(count) == 3:
+            raise KeyboardInterrupt("killed")
+        count.append(self)
+        return unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(tmp_path, seed=1, **args)
+    monkeypatch.undo()
+    assert len(count) == 3 and (tmp_path / "synthetic" / "generator.json").is_file()
+    ensure_synthetic(tmp_path, seed=1, **args)
+    assert json.loads((tmp_path / "synthetic" / "generator.json").read_text())["seed"] == 1
+    assert len(REFER(tmp_path, "synthetic").Imgs) == 8
+
+
 def test_a_larger_set(tmp_path: Path):
     """220 images: the expected number of objects (2-5 an image). (No wall-clock check: the
     timing of generation is reported in README.md, not asserted.)"""
