@@ -234,9 +234,14 @@ def names_run_folder(args: argparse.Namespace) -> bool:
     return args.model_id is not None or args.output is not None or bool({"MODEL_ID", "OUTPUT"} & set(opts[::2]))
 
 
+def _demo_flag() -> str:
+    """The flag that names the demo's config, as a user types it from here."""
+    return f"--cfg_file {os.path.relpath(DEMO_CONFIG)}"
+
+
 def rerun_hint(args: argparse.Namespace) -> str:
     """What to add to the refusal of a run folder that holds a run: the demo's flags need its config named."""
-    return f" (the built-in demo: add --cfg_file {os.path.relpath(DEMO_CONFIG)})" if is_demo(args) else ""
+    return f" (the built-in demo: add {_demo_flag()})" if is_demo(args) else ""
 
 
 def demo_hint(args: argparse.Namespace) -> str:
@@ -244,8 +249,8 @@ def demo_hint(args: argparse.Namespace) -> str:
     recipe on RefCOCO, not the demo that ``python main.py`` alone runs."""
     if args.cfg_file:
         return ""
-    return (f" (python main.py alone runs the built-in demo on synthetic data; to run it with flags, name its config: "
-            f"--cfg_file {os.path.relpath(DEMO_CONFIG)})")  # fmt: skip
+    demo = "python main.py alone runs the built-in demo on synthetic data"
+    return f" ({demo}; to run it with flags, name its config: {_demo_flag()})"
 
 
 def describe_batch(per_process: int, processes: int) -> str:

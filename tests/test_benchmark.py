@@ -439,4 +439,3 @@ def test_the_yardstick_matmul_is_the_machine_default_unless_asked(monkeypatch, t
     benchmark.main([*argv, "--output", str(tmp_path / "default.json")])
     benchmark.main([*argv, "--matmul_size", "256", "--output", str(tmp_path / "asked.json")])
     assert sizes == [None, 256]
-

@@ -21,6 +21,7 @@ import torch
 
 import engine.run_folder as run_folder
 import main as main_module
+import utils.lock as lock_module
 from args import names_run_folder, parse_args
 from configs import get_config
 from engine.run_folder import LOCK_NAME, RunFolderError, eval_run_dir
@@ -237,8 +238,6 @@ def test_a_release_leaves_a_lock_another_process_has_taken(tmp_path):
 def test_a_lock_removed_meanwhile_is_released_without_error(tmp_path, monkeypatch):
     """The lock file deleted by hand (or by a cleanup) between the holder's last look and its removal: the release
     ends quietly, as the file is gone either way."""
-    import utils.lock as lock_module
-
     lock = tmp_path / LOCK_NAME
     holder = RunLock(lock)
     holder.acquire()

@@ -22,10 +22,18 @@ def _cpuinfo() -> list[str]:
         return []
 
 
+def _cpuinfo_field(key: str) -> str | None:
+    """The first processor's value of ``key`` in /proc/cpuinfo ("model name", "flags", ...); None where absent."""
+    for line in _cpuinfo():
+        name, colon, value = line.partition(":")
+        if colon and name.strip() == key:
+            return value.strip()
+    return None
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    names = [line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine() or "unknown"
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_family_model() -> tuple[int, int] | None:
@@ -33,11 +41,9 @@ def cpu_family_model() -> tuple[int, int] | None:
     the model name does not: two 2-core machines both named "AMD EPYC" with AVX-512 bf16 ran this code's bf16
     training step at ~800 and ~450 ms, the faster of family 26 (the other's numbers went unrecorded;
     docs/performance.md)."""
-    fields = dict(line.split(":", 1) for line in _cpuinfo() if ":" in line)  # the last processor's; all are alike
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
     try:
-        return int(fields["cpu family"]), int(fields["model"])
-    except (KeyError, ValueError):
+        return int(_cpuinfo_field("cpu family")), int(_cpuinfo_field("model"))
+    except (TypeError, ValueError):  # absent (None) or not a number
         return None
 
 
@@ -49,7 +55,7 @@ def cpu_name() -> str:
 
 def cpu_flags() -> dict[str, bool]:
     """Which of ``CPU_FLAGS`` /proc/cpuinfo lists (all False where it cannot be read)."""
-    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
+    flags = (_cpuinfo_field("flags") or "").split()
     return {name: name in flags for name in CPU_FLAGS}
 
 
