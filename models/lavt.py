@@ -8,7 +8,7 @@ from torch import nn
 from .decoder import SimpleDecoder
 from .refine import EdgeRefine
 from .swin import MultiModalSwin
-from .text import text_features, used_columns
+from .text import attention_kernels, text_features, used_columns
 
 
 class LAVT(nn.Module):
@@ -63,7 +63,8 @@ class LAVT(nn.Module):
             )
         n = used_columns(attention_mask)
         input_ids, attention_mask = input_ids[:, :n], attention_mask[:, :n]  # [B, n]
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B, n, C]
+        with attention_kernels(self.text_encoder, input_ids.device):
+            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # [B, n, C]
         return text_features(hidden, attention_mask)
 
     def segment(self, images: torch.Tensor, lang_feats: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if TYPE_CHECKING:  # transformers is imported where a text encoder is loaded, not at import
     from transformers import PreTrainedTokenizerBase
@@ -85,6 +86,20 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
     with _quiet_transformers():
         return AutoTokenizer.from_pretrained(resolve_text_encoder(name), local_files_only=True)
+
+
+def attention_kernels(encoder: nn.Module, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The context to run the text encoder in: the math attention kernel where its layers train on CPU under autocast.
+
+    There the fused (flash) kernel's backward on expressions (B x heads x ~20 tokens) is 2-4.6x slower than the math
+    kernel's, a whole BERT-base forward and backward on 2 x 20 tokens 1.05-1.07x (docs/performance.md), as for Swin's
+    and PWAM's attention (``models.pwam.attention``). The math kernel computes in float32 whatever the input dtype:
+    the same result to round-off. In float32 the whole encoder gains nothing (0.98-1.00x), and without a gradient the
+    fused kernel is the faster forward at evaluation's batch sizes: both keep it.
+    """
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+    cpu_amp = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    return sdpa_kernel(SDPBackend.MATH) if cpu_amp and trains else contextlib.nullcontext()
 
 
 def attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:

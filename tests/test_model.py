@@ -1,18 +1,20 @@
 """The LAVT network: fidelity to the official outputs, shapes, gradients, language use, fast paths."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import models.lavt as lavt_module
 from configs import get_config
 from models import build_model, build_param_groups
 from models.pwam import PWAM, instance_norm_tokens
 
 from . import oracle
-from .helpers_model import assert_close, fixture_cfg, save_tiny_bert, tiny_cfg
+from .helpers_model import KernelLayouts, assert_close, fixture_cfg, save_tiny_bert, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +303,41 @@ def test_compile_model_covers_the_image_parts():
     assert all(part._compiled_call_impl is not None for part in (model.backbone, model.classifier, model.refine))
     assert model.text_encoder is None or model.text_encoder._compiled_call_impl is None
     assert compile_model(build_model(tiny_cfg())).refine is None  # without a refinement: nothing more to compile
+
+
+def test_text_encoder_trains_with_the_math_attention_kernel_on_cpu(tiny_bert, monkeypatch):
+    """On CPU under bf16 autocast the text encoder's attention runs the math kernel where its layers train (the fused
+    kernel's backward is the slower one there) and the fused kernel otherwise: under no_grad, with every text parameter
+    frozen, in float32. Features and gradients equal the fused kernel's to bf16 round-off."""
+    torch.manual_seed(17)
+    model = build_model(tiny_cfg(MODEL__TEXT__ENCODER=str(tiny_bert)))
+    build_param_groups(model, 0.01, text_train_layers=1)
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 3, 0, 0]])
+    att = (ids > 0).long()
+    trained = model.text_encoder.encoder.layer[0].attention.self.query.weight
+
+    def attention_kernels(amp: bool = True) -> tuple[set[str], torch.Tensor, torch.Tensor | None]:
+        trained.grad = None
+        with KernelLayouts("scaled_dot_product") as seen, torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            feats = model.encode_text(ids, att)[0]
+        if feats.requires_grad:
+            (feats.float() * torch.linspace(-1, 1, feats.numel()).view_as(feats)).sum().backward()
+        return set(seen.seen), feats.detach().float(), trained.grad
+    flash = {"_scaled_dot_product_flash_attention_for_cpu"}
+
+    kernels, feats, grad = attention_kernels()
+    assert kernels == set() and grad is not None  # the math kernel is composite: its matmuls reach the dispatcher
+    assert attention_kernels(amp=False)[0] == flash
+    with torch.no_grad():
+        assert attention_kernels()[0] == flash
+    frozen = [p for p in model.text_encoder.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    assert attention_kernels()[0] == flash
+    for p in frozen:
+        p.requires_grad_(True)
+    monkeypatch.setattr(lavt_module, "attention_kernels", lambda encoder, device: contextlib.nullcontext())
+    kernels, fused_feats, fused_grad = attention_kernels()
+    assert kernels == flash
+    torch.testing.assert_close(feats, fused_feats, atol=0.03, rtol=0.02)
+    torch.testing.assert_close(grad, fused_grad, atol=0.03 * grad.abs().max().item(), rtol=0.02)
