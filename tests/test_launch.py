@@ -109,10 +109,11 @@ SLURM_2 = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLUR
             Launch("torchrun", 3, 4, 3),  # torchrun inside an allocation: its variables win
         ),
         ({"RANK": "1", "WORLD_SIZE": "2"}, Launch("torchrun", 1, 2, 1)),
+        ({"RANK": "0", "WORLD_SIZE": "1"}, Launch("torchrun", 0, 1, 0)),  # torchrun --nproc_per_node 1
         ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, Launch("torchrun", 3, 4, 1)),  # 2nd of 2 nodes
     ],
     ids=["none", "slurm-one-task", "slurm", "slurm-old-nodelist", "master-env", "torchrun-wins", "torchrun",
-         "torchrun-two-nodes"],
+         "torchrun-one-process", "torchrun-two-nodes"],
 )
 def test_detect_launch(env, expected):
     assert detect_launch(env) == expected

@@ -4,6 +4,7 @@ kept; recorded with the machine."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -64,5 +65,6 @@ def test_machine_info_records_the_spin_count(monkeypatch: pytest.MonkeyPatch) ->
     # the fields the timing records and benchmark JSONs name the machine's native bf16 by
     assert info["avx512_bf16"] == torch.cpu._is_avx512_bf16_supported()
     assert info["amx"] == torch.cpu._is_amx_tile_supported()
+    assert info["python"] == platform.python_version() and info["torch"] == torch.__version__
     monkeypatch.delenv("GOMP_SPINCOUNT")
     assert machine_info(torch.device("cpu"))["openmp_spin_count"] is None
