@@ -92,7 +92,7 @@ def attention_kernels(encoder: nn.Module, device: torch.device) -> contextlib.Ab
     """The context to run the text encoder in: the math attention kernel where its layers train on CPU under autocast.
 
     There the fused (flash) kernel's backward on expressions (B x heads x ~20 tokens) is 2-4.6x slower than the math
-    kernel's, a whole BERT-base forward and backward on 2 x 20 tokens 1.05-1.07x (docs/performance.md), as for Swin's
+    kernel's, a whole BERT-base forward and backward on 2 x 17 tokens 1.05-1.07x (docs/performance.md), as for Swin's
     and PWAM's attention (``models.pwam.attention``). The math kernel computes in float32 whatever the input dtype:
     the same result to round-off. In float32 the whole encoder gains nothing (0.98-1.00x), and without a gradient the
     fused kernel is the faster forward at evaluation's batch sizes: both keep it.
