@@ -410,6 +410,23 @@ def test_table_of_a_variant_measuring_more_than_the_first(capsys):
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
 
 
+def test_breakdown_table_gives_each_part_its_share_and_a_dash_where_a_variant_lacks_it():
+    """The per-part table: one row a part of the first variant, each cell its milliseconds and share of that
+    variant's total, "-" where a later variant has no such part, then the totals."""
+    base = {"variant": "base", "amp": "float32", "matmul_flops_per_s": {"float32": 1e9},
+            "breakdown": {"eval_forward_batch1": {"total_ms": 40.0, "parts_ms": {"decoder": 10.0, "stage 1": 30.0}}}}
+    fused = {"variant": "fused", "amp": "float32", "matmul_flops_per_s": {"float32": 1e9},
+             "breakdown": {"eval_forward_batch1": {"total_ms": 20.0, "parts_ms": {"stage 1": 5.0}}}}  # fmt: skip
+    table = format_tables([base, fused], 2, 8).split("\n\n")[1].splitlines()
+    cells = [[c.strip() for c in line.split("|")] for line in table if "-+-" not in line]
+    assert cells == [
+        ["eval forward batch1 ms", "base", "fused"],
+        ["decoder", "10.0 (25%)", "-"],
+        ["stage 1", "30.0 (75%)", "5.0 (25%)"],
+        ["total", "40.0 (100%)", "20.0 (100%)"],
+    ]
+
+
 def test_training_breakdown_runs_each_forward_s_backward(monkeypatch):
     """The training-mode breakdown times forwards as training runs them: each followed by its backward (one graph alive
     at a time, the caches as a step leaves them), the gradients dropped after; the evaluation forwards have none."""

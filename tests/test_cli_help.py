@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from configs import DEMO_CONFIG, get_config
 from data.synthetic import generate
 from data.synthetic import get_parser as synthetic_parser
 from models.official import PACKAGINGS
@@ -82,3 +83,5 @@ def test_the_synthetic_command_lines_defaults_are_generates() -> None:
     assert shared >= {"num_images", "seed", "min_size", "max_size", "min_objects", "max_objects", "max_expressions",
                       "workers"}  # fmt: skip
     assert {k: given[k] for k in shared} == {k: defaults[k] for k in shared}
+    # and where `python main.py` (the demo) looks for it
+    assert synthetic_parser().parse_args([]).root == get_config(DEMO_CONFIG).DATA.ROOT == "data/synthetic_refer"

@@ -107,6 +107,7 @@ def test_16_bit_byte_orders(mode: str, dtype: str):
     "values, expected",
     [
         ([0, 100, 255], [0, 100, 255]),  # fits 0..255: as is
+        ([0, 1, 1], [0, 1, 1]),  # fits 0..1 too, but 0..1 is a range of float images only: still as is
         ([0, 1000, 65535], [0, 4, 255]),  # fits 0..65535: / 257
         ([-100, 0, 100], [0, 128, 255]),  # outside both: stretched from min to max (127.5 rounds up)
         ([0, 70000, 35000], [0, 255, 128]),
