@@ -91,6 +91,9 @@ def test_resolve_auto_amp(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_amp("auto", "cpu") == ""  # emulated bf16 would be slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_amp("auto", "cpu") == "bf16"  # AMX alone (a Xeon whose torch reports no AVX-512 bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_amp("fp16", "cpu") == "fp16" and resolve_amp("", "cpu") == ""
     with pytest.raises(ValueError, match="TRAIN.AMP must be one of .* or 'auto', got 'fp8'"):
         resolve_amp("fp8", "cpu")

@@ -227,6 +227,22 @@ def test_group_that_cannot_form_is_one_clear_error(monkeypatch):
 
 
 
+@pytest.mark.parametrize("addr, url", [("head", "tcp://head:2999"), ("10.0.0.7", "tcp://10.0.0.7:2999"),
+                                       ("fe80::1", "tcp://[fe80::1]:2999")])  # an IPv6 address in brackets
+def test_rendezvous_url_of_the_named_host(monkeypatch, addr, url):
+    """SLURM's rendezvous at MASTER_ADDR:MASTER_PORT, as the URL ``init_process_group`` is given."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "MASTER_ADDR": addr, "MASTER_PORT": "2999"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: joined.append(kw))
+    init_distributed_mode("cpu")
+    assert joined == [{"backend": "gloo", "init_method": url, "rank": 1, "world_size": 2}]
+
+
 def _as_srun_rank_1_of_2(monkeypatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

@@ -391,6 +391,10 @@ def test_command_line(tmp_path: Path):
     refer = REFER(tmp_path / "b", "synthetic")
     images = {s: len({refer.Refs[r]["image_id"] for r in refer.getRefIds(split=s)}) for s in SPLIT_ORDER}
     assert images == {"train": 3, "val": 2, "testA": 2, "testB": 2}
+    done = subprocess.run([sys.executable, "-m", "data.synthetic", "--root", str(tmp_path / "cli"), "--num-images",
+                           "4", "--min-size", "64", "--max-size", "64"], cwd=REPO, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert " INFO synthetic REFER dataset: 4 images, " in done.stderr  # what it wrote, as it goes
 
 
 def test_synthetic_sizes():

@@ -85,6 +85,19 @@ def test_augment_warp_is_the_documented_scale_and_shift():
             np.testing.assert_allclose(fitted, expected, atol=0.02)
 
 
+def test_augment_fills_the_uncovered_border_with_the_imagenet_mean():
+    """What the shift uncovers is the ImageNet mean as 8-bit levels (which normalises to ~0, no black frame), the
+    mask there 0. The levels written out: 255 x (0.485, 0.456, 0.406) rounded."""
+    image, mask = np.full((40, 56, 3), (10, 200, 90), np.uint8), np.ones((40, 56), np.uint8)
+    out, out_mask = TrainAugment(shift=0.3, brightness=0, contrast=0)(image, mask, torch.Generator().manual_seed(1))
+    uncovered = out_mask == 0
+    assert 0.05 < uncovered.mean() < 0.9
+    inner = uncovered & ~cv2.dilate((~uncovered).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    assert inner.any() and (out[inner] == (124, 116, 104)).all()
+    assert (out[~uncovered & (cv2.erode((~uncovered).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)]
+            == (10, 200, 90)).all()  # fmt: skip
+
+
 def test_augment_jitters_brightness_and_contrast():
     """With the same random draws, the photometric augmentation is the geometric one's image under one affine map
     of the intensities (contrast 1 +- 0.2, brightness within +- 0.2 * 255), not the identity; the mask is the same."""

@@ -138,6 +138,8 @@ def test_cases_figure_grid():
     fig = vis.figure_cases(cases)
     assert len(fig.axes) == 6
     assert fig.axes[0].get_title() == 'ref 3\n"s"' and fig.axes[2].get_title() == "prediction, IoU 0.000"
+    untitled = vis.figure_cases([{k: v for k, v in cases[0].items() if k != "title"}])
+    assert untitled.axes[0].get_title() == '"s"'  # the sentence alone, no empty line above it
     with pytest.raises(ValueError, match="no cases"):
         vis.figure_cases([])
 
