@@ -398,13 +398,14 @@ def test_table_of_a_variant_measuring_more_than_the_first(capsys):
     """Speed-ups are against the first row, which may lack a measurement another row has (no ratio then), and
     --isolate takes only its three values."""
     rows = [
-        {"variant": "base", "amp": "float32", "train": {"step_ms": 10.0}, "matmul_flops_per_s": {"float32": 1e9}},
-        {"variant": "bf16", "amp": "bf16", "train": {"step_ms": 4.0}, "eval": {"batch8": {"expr_per_s": 3.0}},
-         "matmul_flops_per_s": {"float32": 1e9, "bf16": 2e9}},
+        {"variant": "base", "amp": "float32", "train": {"step_ms": 10.0, "peak_mb": 80.0},
+         "matmul_flops_per_s": {"float32": 1e9}},
+        {"variant": "bf16", "amp": "bf16", "train": {"step_ms": 4.0, "peak_mb": 40.0},
+         "eval": {"batch8": {"expr_per_s": 3.0}}, "matmul_flops_per_s": {"float32": 1e9, "bf16": 2e9}},
     ]  # fmt: skip
     line = [row for row in format_tables(rows, 2, 8).splitlines() if row.startswith("bf16")][0]
     cells = [c.strip() for c in line.split("|")]
-    assert cells[1] == "4 (2.50x)" and cells[5] == "3.00" and cells[9] == "1/2"
+    assert cells[1] == "4 (2.50x)" and cells[3] == "40 (0.50x)" and cells[5] == "3.00" and cells[9] == "1/2"
     with pytest.raises(SystemExit):
         benchmark.get_parser().parse_args(["--isolate", "maybe"])
     assert "invalid choice: 'maybe'" in capsys.readouterr().err

@@ -362,5 +362,5 @@ def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
         assert item["input_ids"].shape[0] == len(item["sentences"]) == len(own[donor])
         donors.append(donor)
     assert len(set(donors)) == len(donors)  # a permutation: every expression is used once
-    with pytest.raises(ValueError, match="eval-mode ReferDataset"):
+    with pytest.raises(ValueError, match=r"^ShuffledExpressions needs an eval-mode ReferDataset \(eval_mode=True\)$"):
         ShuffledExpressions(train_mode_val)

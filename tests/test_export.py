@@ -78,6 +78,8 @@ def test_official_round_trip(trained, tmp_path, packaging, caplog):
     )
     content = load_official_file(out)
     assert "config" not in content and ("bert_model" in content) == (packaging == "lavt")
+    args = vars(content["args"])  # the names the official test.py reads its data settings by
+    assert (args["img_size"], args["dataset"], args["splitBy"]) == (cfg.DATA.SIZE, cfg.DATA.DATASET, cfg.DATA.SPLIT_BY)
     other = build_model(cfg, pretrained=False)
     load_weights(other, out)
     assert_same_tensors(model, other)
