@@ -128,6 +128,13 @@ def test_safetensors_round_trip(trained, tmp_path):
     # and back: safetensors -> official, the same tensors
     back = export(out, "official", tmp_path / "back.pth", packaging="lavt")
     assert_same_tensors(model, open_checkpoint(back, overrides=["MODEL.TEXT.ENCODER", cfg.MODEL.TEXT.ENCODER])[1])
+    # the official file names no text encoder: a config file can, as --cfg_file does on the command line
+    settings = tmp_path / "encoder.yaml"
+    settings.write_text(f"MODEL:\n  TEXT:\n    ENCODER: {json.dumps(cfg.MODEL.TEXT.ENCODER)}\n")
+    again = export(back, "safetensors", tmp_path / "again.safetensors", cfg_file=str(settings))
+    again_cfg, again_model = open_checkpoint(again)
+    assert again_cfg.MODEL.TEXT.ENCODER == cfg.MODEL.TEXT.ENCODER
+    assert_same_tensors(model, again_model)
 
 
 def test_refusals_change_nothing(trained, tmp_path):

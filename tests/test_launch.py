@@ -134,6 +134,9 @@ def test_one_process_logs_its_launcher(monkeypatch, caplog):
         info = init_distributed_mode("cpu")
     assert (info.world_size, info.distributed) == (1, False)
     assert "launcher: no launcher (RANK/WORLD_SIZE and SLURM_NTASKS unset): one process" in caplog.messages
+    assert info.launcher == "no launcher (RANK/WORLD_SIZE and SLURM_NTASKS unset): one process"
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one SLURM task: a process of its own, said so
+    assert init_distributed_mode("cpu").launcher == Launch("slurm", 0, 1, 0).describe() != info.launcher
 
 
 @pytest.mark.parametrize(

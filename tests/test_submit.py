@@ -4,6 +4,7 @@ SLURM's signals to main.py, and a preempt/requeue cycle on submitit's local exec
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -78,6 +79,15 @@ def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path
     assert (a["epoch"], a["iteration"], a["best"]) == (b["epoch"], b["iteration"], b["best"]) and a["epoch"] == 0
     assert_same_weights_and_optimizer(a, b)
 
+
+
+def test_a_pickled_trainer_is_its_command():
+    """submitit pickles the job to requeue it: what comes back runs the same command, with no process of its own."""
+    trainer = submit_module.Trainer(["--epochs", "3", "--resume", "auto"], 45.0, script="/x/main.py")
+    trainer._returncode = 0  # a finished child's state is not carried over
+    again = pickle.loads(pickle.dumps(trainer))
+    assert (again.argv, again.grace_s, again.script) == (["--epochs", "3", "--resume", "auto"], 45.0, "/x/main.py")
+    assert again._proc is None and again._returncode is None
 
 
 def test_submit_refuses_before_creating_anything(tmp_path, capsys):
