@@ -229,6 +229,7 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
     status, answer = post(url, b"GIF89a nonsense", name="x.gif", texts="the red circle")
     assert status == 400 and answer == {"error": "'x.gif' is not an image this page can read (PNG, JPEG, WebP, "
                                                  "BMP, TIFF, ...): UnidentifiedImageError"}  # fmt: skip
+    assert post(url, files["photo"].read_bytes(), texts="the red circle")[0] == 200  # no file name: none needed
     for texts in ({"texts": " \n "}, {}):  # blank lines, or no texts field at all (a client of its own)
         status, answer = post(url, files["photo"].read_bytes(), name="photo.png", **texts)
         assert status == 400 and answer == {"error": "the expression is empty: describe the object to segment in words"}
