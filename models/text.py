@@ -97,9 +97,9 @@ def attention_kernels(encoder: nn.Module, device: torch.device) -> contextlib.Ab
     the same result to round-off. In float32 the whole encoder gains nothing (0.98-1.00x), and without a gradient the
     fused kernel is the faster forward at evaluation's batch sizes: both keep it.
     """
-    trains = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
-    cpu_amp = device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    return sdpa_kernel(SDPBackend.MATH) if cpu_amp and trains else contextlib.nullcontext()
+    cpu_amp = device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+    trains = cpu_amp and any(p.requires_grad for p in encoder.parameters())  # (the parameters looked at only then)
+    return sdpa_kernel(SDPBackend.MATH) if trains else contextlib.nullcontext()
 
 
 def attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:

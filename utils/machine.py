@@ -22,18 +22,22 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def _cpuinfo_field(key: str) -> str | None:
-    """The first processor's value of ``key`` in /proc/cpuinfo ("model name", "flags", ...); None where absent."""
+def _first_processor() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...; all processors are alike), read
+    once; empty where it cannot be read."""
+    fields: dict[str, str] = {}
     for line in _cpuinfo():
         name, colon, value = line.partition(":")
-        if colon and name.strip() == key:
-            return value.strip()
-    return None
+        if colon:
+            fields.setdefault(name.strip(), value.strip())
+        elif fields:  # the blank line after the first processor
+            break
+    return fields
 
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
+    return _first_processor().get("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_family_model() -> tuple[int, int] | None:
@@ -41,9 +45,10 @@ def cpu_family_model() -> tuple[int, int] | None:
     the model name does not: two 2-core machines both named "AMD EPYC" with AVX-512 bf16 ran this code's bf16
     training step at ~800 and ~450 ms, the faster of family 26 (the other's numbers went unrecorded;
     docs/performance.md)."""
+    fields = _first_processor()
     try:
-        return int(_cpuinfo_field("cpu family")), int(_cpuinfo_field("model"))
-    except (TypeError, ValueError):  # absent (None) or not a number
+        return int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
         return None
 
 
@@ -55,7 +60,7 @@ def cpu_name() -> str:
 
 def cpu_flags() -> dict[str, bool]:
     """Which of ``CPU_FLAGS`` /proc/cpuinfo lists (all False where it cannot be read)."""
-    flags = (_cpuinfo_field("flags") or "").split()
+    flags = _first_processor().get("flags", "").split()
     return {name: name in flags for name in CPU_FLAGS}
 
 
