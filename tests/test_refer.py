@@ -381,6 +381,8 @@ def test_unknown_ids(hand: REFER):
         hand.getImgIds(ref_ids=[0, 1234])
     with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
         hand.getAnnIds(ref_ids=[1234])
+    with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
+        hand.getMask({"ref_id": 1234, "image_id": hand.Refs[0]["image_id"]})  # a ref made by hand, not the file's
     with pytest.raises(ReferKeyError, match=r"image_id 77 is not in refcoco"):
         hand.loadImgs(77)
     with pytest.raises(ReferKeyError, match=r"category_id 9"):

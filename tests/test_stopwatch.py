@@ -53,6 +53,18 @@ def test_laps_are_contiguous_and_add_up_to_the_wall_time():
     assert (watch.started_wall, watch.ended_wall) == (1.8e9 + 90, 1.8e9 + 90 + 997)
 
 
+def test_the_json_keeps_milliseconds_of_laps_and_pauses():
+    """timing.jsonl's figures are rounded to the millisecond, the pauses as the laps (not to whole seconds)."""
+    clock = FakeClock(0.0)
+    watch = stopwatch(clock)
+    clock.now += 100.12345
+    clock.ahead += 2.34567  # a paused machine: its system clock ran 2.3 s ahead of the monotonic one
+    watch.lap("epoch 0", "training")
+    lap = watch.as_dict()["laps"][0]
+    assert (lap["seconds"], lap["paused"]) == (102.469, 2.346)
+    assert (watch.as_dict()["wall_s"], watch.as_dict()["paused_s"]) == (102.469, 2.346)
+
+
 def test_a_group_is_one_entry_only_where_its_laps_follow_each_other():
     clock = FakeClock(0.0)
     watch = stopwatch(clock)
