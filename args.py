@@ -187,7 +187,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--no_tensorboard", dest="tensorboard", action="store_false", default=None, help="no TensorBoard event files"
     )
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--print_freq", type=int, default=10, help="log every N iterations")
+    g.add_argument("--print_freq", type=int, default=10, help="log every N iterations (0: no per-iteration lines)")
     g.add_argument("--debug", action="store_true", help="show the Python traceback of every error, not one line")
     return p
 
@@ -224,6 +224,8 @@ def check_flags(args: argparse.Namespace, cfg: CfgNode) -> None:
             raise CheckpointError(f"{e} (--pretrain)") from e
     if not args.stale_lock_minutes > 0:
         raise ValueError(f"--stale_lock_minutes must be > 0, got {args.stale_lock_minutes}")
+    if args.print_freq < 0:
+        raise ValueError(f"--print_freq must be >= 0 (0: no per-iteration log lines), got {args.print_freq}")
     if not cfg.MODEL.TEXT.ENCODER:
         raise ValueError("MODEL.TEXT.ENCODER (--ck_bert) is empty: training and evaluation need the text encoder")
 
@@ -278,6 +280,10 @@ def describe_config(args: argparse.Namespace) -> str:
 
 def config_from_args(args: argparse.Namespace) -> CfgNode:
     """Frozen config: defaults <- ``args.cfg_file`` <- explicit flags <- ``args.opts``."""
+    opts = list(args.opts or [])
+    if len(opts) % 2:  # named here, before the flags' pairs join them and blur which list was odd
+        items = " ".join(map(str, opts))
+        raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items ({len(opts)}): {items}")
     overrides: list = []
     for dest, key in FLAG_TO_KEY.items():
         value = getattr(args, dest, None)
@@ -287,4 +293,4 @@ def config_from_args(args: argparse.Namespace) -> CfgNode:
         overrides += [key, repr(list(value)) if isinstance(value, list | tuple) else repr(value)]
     if getattr(args, "eval", False) and args.batch_size is not None and args.eval_batch_size is None:
         overrides += ["EVAL.BATCH_SIZE", repr(args.batch_size)]
-    return get_config(args.cfg_file, overrides + list(args.opts or []))
+    return get_config(args.cfg_file, overrides + opts)

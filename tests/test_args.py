@@ -103,8 +103,24 @@ def test_bad_values():
         cfg_of(["--cfg_file", "nope.yaml"])
     with pytest.raises(ConfigError, match=r"^unknown config key TRAIN\.NOT_A_KEY in the overrides \(TRAIN has AMP, "):
         cfg_of(["--opts", "TRAIN.NOT_A_KEY", "1"])
-    with pytest.raises(ValueError, match="odd number"):
-        cfg_of(["--opts", "TRAIN.LR"])
+    odd = r"^--opts takes KEY VALUE pairs, got an odd number of items \(3\): TRAIN.LR 1e-4 TRAIN.EPOCHS$"
+    with pytest.raises(ValueError, match=odd):  # the flags' own pairs not named
+        cfg_of(["--output", "runs", "--lr", "1e-3", "--opts", "TRAIN.LR", "1e-4", "TRAIN.EPOCHS"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "edge", "message"),
+    [
+        ("--print_freq", "-1", "0", r"^--print_freq must be >= 0 \(0: no per-iteration log lines\), got -1$"),
+        ("--stale_lock_minutes", "0", "0.01", r"^--stale_lock_minutes must be > 0, got 0.0$"),
+    ],
+)
+def test_flag_values_out_of_range_refused(flag, value, edge, message):
+    a = cli.parse_args([flag, value, "--opts", "MODEL.TEXT.ENCODER", "minilm-l6"])
+    with pytest.raises(ValueError, match=message):
+        cli.check_flags(a, cli.config_from_args(a))
+    a = cli.parse_args([flag, edge, "--opts", "MODEL.TEXT.ENCODER", "minilm-l6"])
+    cli.check_flags(a, cli.config_from_args(a))  # the edge of the range: accepted
 
 
 @pytest.mark.parametrize(
