@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -104,6 +106,17 @@ def _get(cfg, key):
     for part in key.split("."):
         node = node[part]
     return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def test_exports_get_the_permissions_open_gives(trained, tmp_path):
+    """Shared weights stay readable as the umask allows: safetensors' writer makes its file 0600, mkstemp too."""
+    _, _, path = trained
+    old = os.umask(0o027)
+    try:
+        outs = [export(path, "safetensors", tmp_path / "m.safetensors"), export(path, "official", tmp_path / "m.pth")]
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in outs] == [0o640, 0o640]
 
 
 def test_safetensors_round_trip(trained, tmp_path):

@@ -14,20 +14,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["staged"]
+__all__ = ["file_mode", "staged"]
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The permissions ``open()`` gives a new file under this process's umask (``mkstemp`` makes them 0600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 @contextmanager
 def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
     """Temporary paths for ``targets`` (their folders must exist); renamed onto them when the block ends normally.
 
-    The temporary files get the permissions ``open()`` would give (``mkstemp`` makes them private).
+    The files get the permissions ``open()`` would give (``file_mode``), set as they are renamed: a writer that
+    replaces its temporary file (safetensors' ``save_file`` makes a new 0600 one) does not leave them private.
     """
     temps: list[Path] = []
     try:
@@ -42,9 +44,10 @@ def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
                 raise PermissionError(f"cannot write {target}: {e.strerror} in {target.parent}") from e
             os.close(fd)
             temps.append(Path(tmp))
-            os.chmod(tmp, 0o666 & ~_umask())
         yield temps
+        mode = file_mode()
         for tmp, target in zip(temps, targets):
+            os.chmod(tmp, mode)
             os.replace(tmp, target)
     finally:
         for tmp in temps:

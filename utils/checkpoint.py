@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from .atomic import file_mode
+
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically (``write_atomic``): a crash leaves the previous file or the new one."""
@@ -40,7 +42,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str) 
         raise FileNotFoundError(f"cannot save {what} {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file what open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -61,12 +63,6 @@ def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[P
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def get_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
