@@ -151,7 +151,8 @@ def test_text_encoder_and_data_root_overrides(official, encoder, tmp_path):
     wider = save_tiny_bert(tmp_path / "bert32", hidden=32, layers=2)
     with pytest.raises(ValueError, match=r"bert32\) is not the text encoder of .*: hidden 32 there, 16 in the"):
         open_checkpoint(path, overrides=["MODEL.TEXT.ENCODER", str(wider)])
-    with pytest.raises(FileNotFoundError, match="text encoder folder .*nowhere.* not found"):
+    advice = r"the weights of .* need its config.json and vocabulary .*, given with --opts MODEL.TEXT.ENCODER <folder>"
+    with pytest.raises(FileNotFoundError, match=rf"^text encoder folder .*nowhere.* not found.*: {advice}\. Nothi"):
         open_checkpoint(path, overrides=["MODEL.TEXT.ENCODER", str(tmp_path / "nowhere")])
 
 
