@@ -372,9 +372,18 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m tools.web: error: CheckpointError: checkpoint not found") and err.count("\n") == 1
-    for flag in ("--max_megabytes", "--max_megapixels", "--max_expressions"):
-        assert web.main(["--checkpoint", "x.pth", flag, "0"]) == 2
-        assert "must be positive" in capsys.readouterr().err
+    positive = "must be a finite number > 0, got"
+    for flag, value, message in [
+        ("--max_megabytes", "0", f"--max_megabytes {positive} 0.0"),
+        ("--max_megabytes", "inf", f"--max_megabytes {positive} inf"),
+        ("--max_megapixels", "nan", f"--max_megapixels {positive} nan"),
+        ("--max_megapixels", "4e-7", f"--max_megapixels {positive} 4e-07"),  # less than one pixel
+        ("--max_expressions", "0", "--max_expressions must be >= 1, got 0"),
+        ("--port", "65536", "--port must be 0-65535 (0: any free one), got 65536"),
+        ("--port", "-1", "--port must be 0-65535 (0: any free one), got -1"),
+    ]:
+        assert web.main(["--checkpoint", "x.pth", flag, value]) == 2
+        assert capsys.readouterr().err == f"python -m tools.web: error: ValueError: {message}\n"
     for value in ("0", "-1", "nan"):
         assert web.main(["--checkpoint", "x.pth", "--idle_seconds", value]) == 2
         assert f"--idle_seconds must be positive, got {value}" in capsys.readouterr().err
@@ -384,3 +393,5 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             web.WebApp(predictor).make_server("127.0.0.1", port)
+    with pytest.raises(ValueError, match=r"^cannot listen on 127.0.0.1:70000: bind\(\): port must be 0-65535"):
+        web.WebApp(predictor).make_server("127.0.0.1", 70000)

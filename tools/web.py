@@ -30,6 +30,7 @@ import contextlib
 import html
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -266,9 +267,9 @@ class WebApp:
         Raises ValueError (one line) when the address cannot be had (a port in use, an unknown host)."""
         try:
             server = _Server((host, port), _Handler)
-        except OSError as e:
+        except (OSError, OverflowError) as e:  # (OverflowError: a port outside 0-65535)
             raise ValueError(
-                f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)"
+                f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e} (choose another --port or --host)"
             ) from e
         server.app = self
         return server
@@ -321,14 +322,19 @@ def get_parser() -> argparse.ArgumentParser:
 def build(argv: Sequence[str] | None = None) -> _Server:
     """Parse the command line, load the model, bind the server (not yet serving)."""
     args = get_parser().parse_args(argv)
+    for flag, millions in (("--max_megabytes", args.max_megabytes), ("--max_megapixels", args.max_megapixels)):
+        if not (math.isfinite(millions) and round(millions * 1e6) >= 1):  # (nan and inf cannot be rounded)
+            raise ValueError(f"{flag} must be a finite number > 0, got {millions}")
+    if args.max_expressions < 1:
+        raise ValueError(f"--max_expressions must be >= 1, got {args.max_expressions}")
+    if not args.idle_seconds > 0:  # (0 would make every socket non-blocking, nan never times out)
+        raise ValueError(f"--idle_seconds must be positive, got {args.idle_seconds}")
+    if not 0 <= args.port <= 65535:  # (the socket's OverflowError would be a traceback)
+        raise ValueError(f"--port must be 0-65535 (0: any free one), got {args.port}")
     limits = Limits(
         round(args.max_megabytes * 1e6), round(args.max_megapixels * 1e6), args.max_expressions,
         idle_seconds=args.idle_seconds,
     )  # fmt: skip
-    if min(limits.max_bytes, limits.max_pixels, limits.max_expressions) < 1:
-        raise ValueError(f"--max_megabytes, --max_megapixels and --max_expressions must be positive, got {limits}")
-    if not limits.idle_seconds > 0:  # (0 would make every socket non-blocking, nan never times out)
-        raise ValueError(f"--idle_seconds must be positive, got {args.idle_seconds}")
     opts = list(args.opts) + (["MODEL.TEXT.ENCODER", args.ck_bert] if args.ck_bert else [])
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.cfg_file, opts, args.amp or "")
     return WebApp(predictor, limits, Path(args.checkpoint).name).make_server(args.host, args.port)
