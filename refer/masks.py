@@ -84,7 +84,8 @@ def combine_parts(rles: list[dict], height: int, width: int, parts: str = "offic
     union = mask_utils.merge(rles) if len(rles) > 1 else rles[0] if rles else None
     if union is None:
         return np.zeros((height, width), dtype=np.uint8)
-    if parts == "union" or mask_utils.area(union) == sum(int(a) for a in mask_utils.area(rles)):
+    # (pycocotools' area() of 256 RLEs or more overflows a uint8 count: the sum below takes any number of parts)
+    if parts == "union" or (len(rles) < 256 and mask_utils.area(union) == sum(int(a) for a in mask_utils.area(rles))):
         m = mask_utils.decode(union)  # parts that do not overlap: exactly one part is any part
     else:
         # the original's np.sum(..., axis=2).astype(np.uint8), then == 1; summing in uint8 wraps the same way

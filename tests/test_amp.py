@@ -71,6 +71,8 @@ def test_bf16_autocast_on_cpu():
     assert y.dtype == torch.bfloat16
     with autocast("", "cpu"):
         assert model(torch.randn(3, 4)).dtype == torch.float32
+    with autocast("fp16", "cpu"):  # (torch's CPU autocast alone would pick bf16)
+        assert model(torch.randn(3, 4)).dtype == torch.float16
     with pytest.raises(ValueError, match="TRAIN.AMP must be one of"):
         NativeScaler("fp8")
 

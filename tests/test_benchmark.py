@@ -409,6 +409,15 @@ def test_table_of_a_variant_measuring_more_than_the_first(capsys):
     with pytest.raises(SystemExit):
         benchmark.get_parser().parse_args(["--isolate", "maybe"])
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.get_parser().parse_args(["--stat", "mean"])
+    assert "argument --stat: invalid choice: 'mean' (choose from median, min)" in capsys.readouterr().err
+
+
+def test_eval_summary_in_milliseconds_and_expressions_per_second():
+    summary = bench_workload.eval_summary([0.25, 0.125, 0.5], 8, "median")
+    assert summary == {"ms": 250.0, "expr_per_s": 32.0, "times_ms": [250.0, 125.0, 500.0]}
+    assert bench_workload.eval_summary([0.25, 0.125, 0.5], 8, "min")["ms"] == 125.0
 
 
 def test_breakdown_table_gives_each_part_its_share_and_a_dash_where_a_variant_lacks_it():

@@ -142,7 +142,9 @@ def test_one_process_logs_its_launcher(monkeypatch, caplog):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a1"}, "SLURM_NTASKS=4 but SLURM_PROCID and SLURM_LOCALID unset"),
+        ({"SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a1"}, r"^SLURM_NTASKS=4 but SLURM_PROCID and SLURM_LOCALID "
+         r"unset: this process was not started by srun; run `srun python main\.py \.\.\.` \(one task per GPU\), or "
+         r"unset SLURM_NTASKS for one process$"),
         ({**SLURM_2, "SLURM_PROCID": "8", "SLURM_JOB_NODELIST": "a1"}, r"SLURM_PROCID=8 is not a rank of SLURM_NTASKS"),
         ({**SLURM_2, "SLURM_LOCALID": "6", "SLURM_JOB_NODELIST": "a1"}, "SLURM_LOCALID=6 does not fit SLURM_PROCID=5"),
         (SLURM_2, "neither SLURM_JOB_NODELIST nor SLURM_NODELIST nor MASTER_ADDR"),

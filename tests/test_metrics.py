@@ -110,7 +110,8 @@ def test_accumulator_rejects_duplicates_and_mixed_records():
     acc = IoUAccumulator()
     acc.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
     acc.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
-    with pytest.raises(RuntimeError, match="counted twice"):
+    twice = r"^IoUAccumulator: an expression was counted twice \(duplicate keys across ranks\)$"
+    with pytest.raises(RuntimeError, match=twice):
         acc.compute()
     with pytest.raises(ValueError, match="every batch or with none"):
         acc.update(torch.tensor([1]), torch.tensor([1]), torch.tensor([2]), [{"x": 1}])

@@ -255,6 +255,27 @@ def test_an_object_without_parts_has_an_empty_mask():
         assert m.dtype == np.uint8 and m.shape == (3, 4) and not m.any()
 
 
+@pytest.mark.parametrize("n", [256, 257])
+def test_parts_counted_in_uint8_as_the_original(n):
+    """The original sums the decoded parts (``np.sum(axis=2).astype(np.uint8)``, then == 1): a pixel under 257
+    parts counts 257 = 1 (mod 256) and is in the mask, one under 2 or 256 parts is not. Computed here with numpy.
+    (pycocotools' own area() cannot count 256 parts or more: the combination must not lean on it there.)"""
+    from pycocotools import mask as mask_utils
+
+    h, w = 4, 5
+    counts = np.zeros((h, w), np.int64)
+    counts[0, :] = n
+    counts[1, :2] = 2
+    counts[2, :] = 256
+    counts[3, 0] = 1
+    parts = np.stack([(counts > k) for k in range(n)], axis=2).astype(np.uint8)  # part k covers count > k
+    rles = mask_utils.encode(np.asfortranarray(parts))
+    expected = (counts % 256 == 1).astype(np.uint8)
+    assert expected[0].all() == (n == 257) and not expected[1:3].any() and expected[3, 0] == 1
+    np.testing.assert_array_equal(combine_parts(rles, h, w), expected)
+    np.testing.assert_array_equal(combine_parts(rles, h, w, "union"), (counts > 0).astype(np.uint8))
+
+
 def test_rle_of_wrong_size(hand_root: Path):
     refer = REFER(hand_root, "refcoco")
     ann = dict(refer.refToAnn[1], segmentation={"counts": [0, 4], "size": [2, 2]})

@@ -170,8 +170,10 @@ def test_bf16_training_through_main(tiny_run_env, tmp_path):
         mp.setattr(loops_module, "train_step", recorder)
         mp.setattr(trainer_module, "build_criterion", build)
         # with the demo's frozen, cached text encoder: its features are primed under autocast too
-        _run(tiny_run_env, tmp_path, "--amp", "bf16", TRAIN__EPOCHS=1, TRAIN__BATCH_SIZE=16, MODEL__TEXT__CACHE=True,
-             MODEL__TEXT__TRAIN_LAYERS=0)  # fmt: skip
+        out = _run(tiny_run_env, tmp_path, "--amp", "bf16", TRAIN__EPOCHS=1, TRAIN__BATCH_SIZE=16,
+                   MODEL__TEXT__CACHE=True, MODEL__TEXT__TRAIN_LAYERS=0)  # fmt: skip
+    laps = [(lap["name"], lap["group"]) for lap in out["timing"]["laps"]]
+    assert laps[laps.index(("loading", "")) + 1] == ("datasets and text features", "training")  # the priming's time
     assert recorder.first["amp"] == "bf16" and set(dtypes) == {torch.bfloat16} and len(dtypes) >= 1
     assert all(math.isfinite(x) for x in recorder.losses)
     ckpt = read_checkpoint(tmp_path / "tiny" / "last.pth")
