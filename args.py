@@ -119,7 +119,8 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue a run exactly (model, optimizer, LR schedule, scaler, position in the epoch, random states, "
         "metrics): alone, from <output>/<model_id>/last.pth (or --pretrain), which must exist; 'auto': from it if "
-        "it exists, else start fresh (one command for the first launch and every requeue); PATH: from that file",
+        "it exists, else start fresh (from --pretrain's weights if given: one command for the first launch and every "
+        "requeue); PATH: from that file",
     )
     g.add_argument(
         "--allow_change",

@@ -139,14 +139,15 @@ def test_best_checkpoint_is_the_best_epoch_and_the_final_evaluation_scores_it(re
     assert shuffled["expressions"].startswith("shuffled among each image's objects (")
 
 
-def test_pretrain_fine_tunes_from_the_checkpoint(recorded_run, tiny_run_env, tmp_path):
-    """--pretrain without --resume: the first step starts from the file's weights, at epoch 0, with a fresh
-    optimizer and schedule."""
+@pytest.mark.parametrize("resume", [[], ["--resume", "auto"]])
+def test_pretrain_fine_tunes_from_the_checkpoint(recorded_run, tiny_run_env, tmp_path, resume):
+    """--pretrain without --resume, or with --resume auto and no last.pth yet (a job's first launch): the first step
+    starts from the file's weights, at epoch 0, with a fresh optimizer and schedule."""
     run_dir, _, _ = recorded_run
     recorder = Recorder()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loops_module, "train_step", recorder)
-        _run(tiny_run_env, tmp_path, "--pretrain", str(run_dir / "best.pth"), TRAIN__EPOCHS=1)
+        _run(tiny_run_env, tmp_path, *resume, "--pretrain", str(run_dir / "best.pth"), TRAIN__EPOCHS=1)
     best = read_checkpoint(run_dir / "best.pth")["model"]
     start = recorder.first["state"]
     assert start.keys() == best.keys() and all(torch.equal(start[k], best[k]) for k in best)
