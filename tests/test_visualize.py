@@ -94,6 +94,38 @@ def test_compose_panels_layout_and_content():
         vis.compose_panels(image, masks, ["one caption"])
 
 
+def test_compose_panels_in_rows_of_columns():
+    """Five panels in rows of two: row e // 2, column e % 2, each under its caption; gaps and the empty cell white."""
+    image = (np.arange(40 * 50 * 3) % 251).astype(np.uint8).reshape(40, 50, 3)
+    masks = [_square(x0=5 * e, x1=5 * e + 10) for e in range(5)]
+    out = vis.compose_panels(image, masks, [f"object {e}" for e in range(5)], gap=4, columns=2)
+    band = (out.shape[0] - 3 * 40 - 2 * 4) // 3
+    assert out.shape == (3 * (band + 40) + 2 * 4, 2 * 50 + 4, 3) and band > 0
+    for e, mask in enumerate(masks):
+        x, y = (e % 2) * 54, (e // 2) * (band + 40 + 4)
+        assert np.array_equal(out[y + band : y + band + 40, x : x + 50], vis.overlay_mask(image, mask, vis.PALETTE[e]))
+        assert (out[y : y + band, x : x + 50] != 255).any(), "caption text missing"
+    assert (out[band + 40 : band + 44] == 255).all() and (out[:, 50:54] == 255).all()
+    assert (out[-40:, 54:] == 255).all(), "the sixth cell is empty"
+    with pytest.raises(ValueError, match="at least one column, got 0"):
+        vis.compose_panels(image, masks, [""] * 5, columns=0)
+
+
+def test_compose_panels_scaled_to_the_pixel_budget():
+    """Three panels of a 40 x 50 image within 3 x 20 x 25 pixels: each drawn at 20 x 25 from the image averaged over
+    2 x 2 blocks (here constant blocks, so exactly the small image) and the mask's top-left pixel of each block."""
+    small = (np.arange(20 * 25 * 3) % 251).astype(np.uint8).reshape(20, 25, 3)
+    image = small.repeat(2, axis=0).repeat(2, axis=1)
+    masks = [_square(y0=11, x0=11), _square(x0=30, x1=45), np.zeros((40, 50), bool)]  # (odd edges: half a block)
+    out = vis.compose_panels(image, masks, ["a", "b", "c"], gap=4, max_pixels=3 * 20 * 25)
+    band = out.shape[0] - 20
+    assert out.shape[1] == 3 * 25 + 2 * 4
+    for e, mask in enumerate(masks):
+        expected = vis.overlay_mask(small, mask[::2, ::2], vis.PALETTE[e])
+        assert np.array_equal(out[band:, e * 29 : e * 29 + 25], expected)
+    assert vis.compose_panels(image, masks, ["a", "b", "c"], max_pixels=3 * 40 * 50).shape[1] == 3 * 50 + 2 * 4
+
+
 def test_png_round_trip(tmp_path):
     mask = _square()
     path = vis.save_png(mask.astype(np.uint8) * 255, tmp_path / "sub" / "m.png")

@@ -1,8 +1,9 @@
 """Overlays and figures of images and masks, shared by ``tools.demo``, ``tools.web`` and the notebooks.
 
-Pixel work (mask overlays, the demo's captioned panel strip) is done with OpenCV and Pillow at the image's own
-resolution. Figures are ``matplotlib.figure.Figure`` objects built without pyplot: they need no display and no
-GUI backend (saving goes through Agg), and a notebook shows them with ``display(fig)``.
+Pixel work (mask overlays, the demo's captioned panels) is done with OpenCV and Pillow at the image's own
+resolution (the demo's panels smaller where many would make too large a picture). Figures are
+``matplotlib.figure.Figure`` objects built without pyplot: they need no display and no GUI backend (saving goes
+through Agg), and a notebook shows them with ``display(fig)``.
 
 Images are RGB ``uint8`` arrays ``[H, W, 3]``; masks are ``[H, W]`` arrays read as booleans (non-zero = object).
 """
@@ -28,6 +29,12 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
 )  # fmt: skip
 GT_COLOUR = (255, 255, 255)
+#: most panels in a row of the demo's picture
+PANEL_COLUMNS = 4
+#: most pixels of the demo's panels together; beyond it they are drawn smaller (the masks keep the image's size).
+#: Pillow refuses to open a picture of more than ~179 megapixels and warns past 89: 30 expressions on a 6-MP photo
+#: side by side made 183.
+MAX_PANEL_PIXELS = 48_000_000
 
 
 # ----------------------------------------------------------------------------- checks and overlays
@@ -105,15 +112,25 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
 
 
 def compose_panels(
-    image: np.ndarray, masks: Sequence[np.ndarray], captions: Sequence[str], gap: int = 4, font_size: int | None = None
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    captions: Sequence[str],
+    gap: int = 4,
+    font_size: int | None = None,
+    columns: int = PANEL_COLUMNS,
+    max_pixels: int = MAX_PANEL_PIXELS,
 ) -> np.ndarray:
-    """The demo's picture: one overlay panel per mask, side by side, each under its wrapped caption.
+    """The demo's picture: one overlay panel per mask, each under its wrapped caption, in rows of ``columns``.
 
     Args:
         image: [H, W, 3] uint8; masks: E masks [H, W]; captions: E strings.
+        max_pixels: most pixels of the E panels together. Beyond it every panel is drawn at h x w, the image scaled
+            by the same factor (OpenCV's area filter; the masks by their nearest pixel).
     Returns:
-        [T + H, E * W + (E - 1) * gap, 3] uint8 on white, T the caption band's height. Panel e occupies columns
-        ``e * (W + gap) : e * (W + gap) + W`` of rows ``T:`` and equals ``overlay_mask(image, masks[e], PALETTE[e])``.
+        [R * (T + h) + (R - 1) * gap, C * w + (C - 1) * gap, 3] uint8 on white: C = min(E, columns) panels a row,
+        R rows, T the caption band's height, h x w = H x W where E panels of H x W fit ``max_pixels``. Panel e sits in
+        row e // C, column e % C, under its caption, and is ``overlay_mask(image, masks[e], PALETTE[e])`` (of the
+        scaled image and mask).
     """
     _check_image(image)
     masks = list(masks)
@@ -121,21 +138,31 @@ def compose_panels(
         raise ValueError(
             f"compose_panels needs one caption per mask and at least one: {len(masks)} masks, {len(captions)} captions"
         )
-    h, w = image.shape[:2]
+    if columns < 1:
+        raise ValueError(f"compose_panels needs at least one column, got {columns}")
+    masks = [_check_mask(m, image.shape, f"mask {e}") for e, m in enumerate(masks)]
+    big_h, big_w = image.shape[:2]
+    scale = min(1.0, (max_pixels / (len(masks) * big_h * big_w)) ** 0.5)
+    h, w = max(1, int(big_h * scale)), max(1, int(big_w * scale))
+    if (h, w) != (big_h, big_w):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        masks = [cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for m in masks]
     size = font_size or int(np.clip(round(w / 20), 11, 24))
     font = _font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(probe, c, font, w - 4) for c in captions]
     line_h = int(size * 1.25)
     band = max(len(lines) for lines in wrapped) * line_h + 6
-    canvas = Image.new("RGB", (len(masks) * w + (len(masks) - 1) * gap, band + h), "white")
+    cols = min(len(masks), columns)
+    rows = -(-len(masks) // cols)
+    canvas = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * (band + h) + (rows - 1) * gap), "white")
     draw = ImageDraw.Draw(canvas)
     for e, (mask, lines) in enumerate(zip(masks, wrapped)):
-        x = e * (w + gap)
+        x, y = (e % cols) * (w + gap), (e // cols) * (band + h + gap)
         colour = PALETTE[e % len(PALETTE)]
-        canvas.paste(Image.fromarray(overlay_mask(image, mask, colour)), (x, band))
+        canvas.paste(Image.fromarray(overlay_mask(image, mask, colour)), (x, y + band))
         for i, line in enumerate(lines):
-            draw.text((x + 2, 3 + i * line_h), line, fill=tuple(c // 2 for c in colour), font=font)
+            draw.text((x + 2, y + 3 + i * line_h), line, fill=tuple(c // 2 for c in colour), font=font)
     return np.asarray(canvas)
 
 
