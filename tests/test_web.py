@@ -364,6 +364,14 @@ def test_startup_flags_reach_the_server(run, tmp_path):
         web.build(argv[:2] + argv[4:])
 
 
+def test_text_of_exactly_the_limit_is_read(predictor):
+    limits = web_upload.Limits(max_text_chars=12)
+    assert web_upload.read_expressions("the red\nbox", predictor, limits)[0] == ["the red", "box"]  # 11 characters
+    assert web_upload.read_expressions("the red\n box", predictor, limits)[0] == ["the red", "box"]  # 12: the limit
+    with pytest.raises(web_upload.UploadError, match="^the text has 13 characters, more than the 12 this page"):
+        web_upload.read_expressions("the red\n  box", predictor, limits)
+
+
 def test_page_names_the_model_lavt_without_a_name(predictor):
     assert f">LAVT on cpu, input {SIZE}x{SIZE}, float32<" in web.WebApp(predictor).page.decode("utf-8")
 
