@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -182,3 +183,6 @@ def test_resizing_defaults_to_the_official_pil_path():
     expected = np.asarray(Image.fromarray(image).resize((24, 24), Image.BILINEAR))
     assert np.array_equal(resize_image(image, 24), expected)
     assert not np.array_equal(resize_image(image, 24, "cv2"), expected)
+    grey = Image.fromarray(image[..., 0])  # the official path reads every image as RGB: another mode is a mistake
+    with pytest.raises(ValueError, match=r"^resize_image takes an RGB image, got PIL mode 'L'$"):
+        resize_image(grey, 24)
