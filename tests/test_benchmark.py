@@ -75,8 +75,10 @@ def test_benchmark_inputs_have_the_pipelines_shapes_and_both_classes():
 def test_compiled_variant_counts_flops_on_the_eager_model_and_skips_the_breakdown(monkeypatch):
     """With ``compile`` the FLOPs are counted before compiling (the same count as eager) and no per-part breakdown is
     taken (its hooks would break the graphs); compiling itself stood in for, it takes minutes."""
-    compiled = []
-    monkeypatch.setattr(benchmark, "compile_model", lambda model: compiled.append(model))
+    compiled, events = [], []
+    count = benchmark.count_model_flops
+    monkeypatch.setattr(benchmark, "compile_model", lambda model: compiled.append(model) or events.append("compile"))
+    monkeypatch.setattr(benchmark, "count_model_flops", lambda *a: events.append("count") or count(*a))
     monkeypatch.setattr(benchmark, "matmul_flops_per_s", lambda dtype, device, size: 1e9)
     eager, result = (
         benchmark.run_variant(
@@ -85,6 +87,7 @@ def test_compiled_variant_counts_flops_on_the_eager_model_and_skips_the_breakdow
         for v in ("base", "compile")
     )
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert events == ["count", "count", "compile"]  # the eager variant's count, then the compiled one's, before it
     assert result["flops"] == eager["flops"] and result["flops"]["eval_per_image"] > 0
     assert "breakdown" in eager and "breakdown" not in result
 

@@ -343,6 +343,34 @@ def test_train_one_epoch_samples_the_gradient_norm_where_it_logs(cfg, print_freq
     assert stats["grad_norm"] != pytest.approx(np.mean(opt.norms), rel=1e-5) or len(sampled) == len(opt.norms)
 
 
+def test_shuffled_donors_form_one_cycle_per_image():
+    """Within each image the objects pass their expressions along one cycle through all of them (so none keeps its
+    own, also with two objects in the image); an object alone in its image is left out."""
+    class Refs(list):  # what the control reads of a ReferDataset to pair its objects
+        eval_mode = True
+
+        @property
+        def refs(self) -> list[dict]:
+            return self
+
+    sizes = {10: 2, 11: 3, 12: 4, 13: 5, 14: 1}
+    refs = Refs({"image_id": image} for image, n in sizes.items() for _ in range(n))
+    shuffled = ShuffledExpressions(refs, seed=3)
+    assert shuffled.left_out == 1 and len(shuffled) == len(refs) - 1
+    for image, n in sizes.items():
+        members = {i for i, ref in enumerate(refs) if ref["image_id"] == image}
+        if n == 1:
+            assert not members & shuffled.donor.keys()
+            continue
+        start, seen = min(members), []
+        i = start
+        for _ in range(n):
+            seen.append(i)
+            i = shuffled.donor[i]
+            assert i in members
+        assert i == start and sorted(seen) == sorted(members)  # back after exactly n steps, through all of them
+
+
 def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
     train_mode_val = build_dataset(cfg, "val", eval_mode=False)
     shuffled = ShuffledExpressions(val_set, seed=0)
