@@ -58,6 +58,26 @@ def test_oracle_reproduces_official_fixture(reference):
         assert_close(out, ref)
 
 
+def test_the_backbone_class_alone_is_lavts_swin_t():
+    """``MultiModalSwin()`` with no argument: Swin-T (96 channels, depths 2-2-6-2, heads 3-6-12-24, window 7, 4x4
+    patches, MLP 4x) with one-head PWAMs on BERT-base's 768-wide words, stochastic depth to 0.3, fused attention."""
+    from models.swin import MultiModalSwin
+
+    m = MultiModalSwin()
+    proj = m.patch_embed.proj
+    assert proj.kernel_size == proj.stride == (4, 4) and proj.out_channels == 96
+    assert [len(stage.blocks) for stage in m.layers] == [2, 2, 6, 2]
+    assert [stage.blocks[0].attn.num_heads for stage in m.layers] == [3, 6, 12, 24]
+    assert all(b.attn.window == 7 and b.attn.fused_attn and not b.fit_window for st in m.layers for b in st.blocks)
+    assert [stage.blocks[0].mlp.fc1.out_features for stage in m.layers] == [384, 768, 1536, 3072]
+    assert m.layers[0].fusion.image_lang_att.f_key[0].in_channels == 768
+    assert m.layers[-1].blocks[-1].drop_path.p == pytest.approx(0.3)
+    assert not any(stage.grad_checkpoint for stage in m.layers)
+    uneven = r"^depths \[2, 2\], num_heads \[3, 6, 12, 24\] and fusion heads \[1, 1, 1, 1\] must have one entry per "
+    with pytest.raises(ValueError, match=uneven):
+        MultiModalSwin(depths=(2, 2))
+
+
 def test_backbone_builder_defaults_are_the_config_defaults():
     """``build_backbone`` called without its optional arguments (the tests and scripts that build a bare Swin) builds
     the paper's backbone: each default is the config's (configs/defaults.py), and the MLP is 4x wide."""
