@@ -273,10 +273,23 @@ def describe_config(args: argparse.Namespace) -> str:
         source = f"{args.cfg_file} (the built-in demo)"
     else:
         source = f"{args.cfg_file} over configs/defaults.py"
-    values = {key: getattr(args, dest, None) for dest, key in FLAG_TO_KEY.items()}
-    flags = [f"{key}={value!r}" for key, value in values.items() if value is not None]
+    flags = [f"{key}={value!r}" for key, value in flag_settings(args).items()]
     overrides = flags + [" ".join(map(str, args.opts))] if args.opts else flags
     return source + (f"; overrides: {', '.join(overrides)}" if overrides else "; no overrides")
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, object]:
+    """{config key: value} of the flags given. With --eval (and no --eval_batch_size), --batch_size is the
+    evaluation's batch: it sets EVAL.BATCH_SIZE, not the training's."""
+    settings = {}
+    for dest, key in FLAG_TO_KEY.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "batch_size" and getattr(args, "eval", False) and getattr(args, "eval_batch_size", None) is None:
+            key = "EVAL.BATCH_SIZE"
+        settings[key] = value
+    return settings
 
 
 def config_from_args(args: argparse.Namespace) -> CfgNode:
@@ -286,12 +299,7 @@ def config_from_args(args: argparse.Namespace) -> CfgNode:
         items = " ".join(map(str, opts))
         raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items ({len(opts)}): {items}")
     overrides: list = []
-    for dest, key in FLAG_TO_KEY.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
+    for key, value in flag_settings(args).items():
         # repr() keeps strings strings (yacs would literal_eval "123" into an int)
         overrides += [key, repr(list(value)) if isinstance(value, list | tuple) else repr(value)]
-    if getattr(args, "eval", False) and args.batch_size is not None and args.eval_batch_size is None:
-        overrides += ["EVAL.BATCH_SIZE", repr(args.batch_size)]
     return get_config(args.cfg_file, overrides + opts)

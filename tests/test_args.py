@@ -60,8 +60,20 @@ def test_flags_map_onto_config():
 
 
 def test_eval_batch_size_from_batch_size_with_eval():
-    cfg = cfg_of(["--eval", "--batch_size", "6", "--type", "val", "testB"])  # over EVAL.BATCH_SIZE
-    assert cfg.EVAL.BATCH_SIZE == 6 and cfg.EVAL.SPLITS == ["val", "testB"]
+    """With --eval, --batch_size is the evaluation's batch (EVAL.BATCH_SIZE), named so in the log and in errors; the
+    training's stays the config's. --eval_batch_size, when given, is the evaluation's."""
+    default = cfg_of(["--type", "val"]).TRAIN.BATCH_SIZE  # (any flag: the paper's recipe, not the demo)
+    a = cli.parse_args(["--eval", "--batch_size", "6", "--type", "val", "testB"])
+    cfg = cli.config_from_args(a)
+    assert cfg.EVAL.BATCH_SIZE == 6 and cfg.TRAIN.BATCH_SIZE == default != 6 and cfg.EVAL.SPLITS == ["val", "testB"]
+    assert "EVAL.BATCH_SIZE=6" in cli.describe_config(a) and "TRAIN.BATCH_SIZE" not in cli.describe_config(a)
+    from engine.config_check import validate_config
+
+    with pytest.raises(ConfigError, match=r"^EVAL\.BATCH_SIZE must be >= 1, got 0$"):  # the checks main.py runs
+        validate_config(cfg_of(["--eval", "--batch_size", "0"]))
+    both = cfg_of(["--eval", "--batch_size", "6", "--eval_batch_size", "3"])
+    assert (both.TRAIN.BATCH_SIZE, both.EVAL.BATCH_SIZE) == (6, 3)
+    assert cfg_of(["--batch_size", "6"]).TRAIN.BATCH_SIZE == 6  # without --eval, the training's
 
 
 def test_precedence_defaults_file_flags_opts(tmp_path):
