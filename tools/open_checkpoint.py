@@ -25,7 +25,7 @@ from configs.validate import coerce_pairs, coerce_tree, lookup
 from engine.checkpoint_config import checkpoint_config
 from engine.config_check import validate_config
 from models import LAVT, build_model, infer_architecture, load_weights, read_checkpoint
-from models.text import MINILM_ALIAS, resolve_text_encoder
+from models.text import resolve_text_encoder
 
 __all__ = ["checkpoint_cfg", "open_checkpoint"]
 
@@ -95,16 +95,7 @@ def _apply_weights(
 def check_text_encoder(text: dict[str, int], encoder: str, path: str | Path) -> None:
     """Refuse (ValueError, one line) a text-encoder folder whose config.json does not describe the checkpoint's
     text encoder (``text``: hidden width, layers, vocabulary, ``models.Architecture.text``)."""
-    try:
-        folder = Path(resolve_text_encoder(encoder))
-    except FileNotFoundError:  # its advice is for training: here the weights are the checkpoint's
-        if encoder == MINILM_ALIAS:
-            raise
-        raise FileNotFoundError(
-            f"text encoder folder {encoder!r} not found or has no config.json: the weights of {path} need its "
-            "config.json and vocabulary (for the authors' files: bert-base-uncased saved with save_pretrained), "
-            "given with --opts MODEL.TEXT.ENCODER <folder>. Nothing is downloaded."
-        ) from None
+    folder = Path(resolve_text_encoder(encoder, weights_from=path))
     conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     got = {"hidden": conf.get("hidden_size"), "layers": conf.get("num_hidden_layers"), "vocab": conf.get("vocab_size")}
     wrong = [f"{name} {got[name]} there, {value} in the checkpoint" for name, value in text.items()
