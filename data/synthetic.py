@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import sys
 import time
@@ -48,8 +49,8 @@ from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERC
 from data.synthetic_text import describe_object
 
 __all__ = [
-    "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
-    "SPLIT_ORDER", "SyntheticRootError",
+    "generate", "ensure_synthetic", "synthetic_sizes", "renamed", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES",
+    "GROUP_OF_SPLIT", "SPLIT_ORDER", "SyntheticRootError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,16 +89,33 @@ def synthetic_sizes(num_images: int, eval_images: int = 0) -> dict[str, Any]:
     """``generate`` / ``ensure_synthetic`` keyword arguments for ``num_images`` in all, ``eval_images`` of them in
     each of val, testA and testB (0: the default one eleventh each)."""
     if eval_images < 0:
-        raise ValueError(f"images per held-out split must be >= 0 (0: the default), got {eval_images}")
+        raise ValueError(f"eval_images (per held-out split) must be >= 0 (0: the default), got {eval_images}")
     train = num_images - 3 * eval_images
     if eval_images and train < 1:
         raise ValueError(
-            f"{num_images} synthetic images leave none for train after 3 x {eval_images} for val, testA and testB "
-            "(DATA.SYNTHETIC_IMAGES, DATA.SYNTHETIC_EVAL_IMAGES)"
+            f"num_images={num_images} leaves none for train after 3 x eval_images={eval_images} for val, testA "
+            "and testB"
         )
     sizes = {"train": train, "val": eval_images, "testA": eval_images, "testB": eval_images}
     _split_sizes(num_images, sizes if eval_images else None)  # too few images: the error now, not at generation
     return {"num_images": num_images, "split_sizes": sizes} if eval_images else {"num_images": num_images}
+
+
+def _check_arguments(
+    min_size: int, max_size: int, min_objects: int, max_objects: int, max_expressions: int, workers: int, seed: int
+) -> None:
+    """``generate``'s refusals of its numbers (ValueError), checked before anything is written or removed."""
+    if not 16 <= min_size <= max_size:
+        raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got min_objects={min_objects}, "
+                         f"max_objects={max_objects}")  # fmt: skip
+    if max_expressions < 1:
+        raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: one per available CPU), got {workers}")
+    if seed < 0:  # (NumPy's generators refuse it, but only once the images are being drawn)
+        raise ValueError(f"seed must be >= 0, got {seed}")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -135,16 +153,7 @@ def generate(
             when drawing an object's expressions after the first; lower makes the task easier.
         workers: processes drawing images (0: one per available CPU); the files do not depend on it.
     """
-    if not 16 <= min_size <= max_size:
-        raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
-    if not 1 <= min_objects <= max_objects:
-        raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-    if max_expressions < 1:
-        raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0: one per available CPU), got {workers}")
-    if seed < 0:  # (NumPy's generators refuse it, but only once the images are being drawn)
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_arguments(min_size, max_size, min_objects, max_objects, max_expressions, workers, seed)
     args = dict(min_size=min_size, max_size=max_size, min_objects=min_objects, max_objects=max_objects,
                 max_expressions=max_expressions, repeat_prob=repeat_prob, spatial_weight=spatial_weight)  # fmt: skip
     params = _params(num_images, split_sizes, seed=seed, jpeg_quality=jpeg_quality, **args)
@@ -286,6 +295,8 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     """
     bound = inspect.signature(generate).bind(root, **kwargs)
     bound.apply_defaults()
+    # the arguments refused before a dataset made with others is removed for them
+    _check_arguments(*(bound.arguments[k] for k in inspect.signature(_check_arguments).parameters))
     wanted = _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "workers")})
     root = Path(root)
     where = root.resolve()
@@ -375,11 +386,27 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def renamed(message: str, names: dict[str, str]) -> str:
+    """An error ``message`` of this module with the keyword arguments it names written as the caller's names for
+    them (``names``: argument -> name, e.g. a flag or a config key)."""
+    return re.sub(rf"\b({'|'.join(names)})\b", lambda m: names[m.group(1)], message)
+
+
+# the flags of numbers, whose keyword arguments the errors name
+_NUMERIC_FLAGS = {k: "--" + k.replace("_", "-") for k in ("num_images", "eval_images", "seed", "min_size", "max_size",
+                                                        "min_objects", "max_objects", "max_expressions", "workers")}
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line: errors in its numbers raise a ValueError naming the flags."""
     a = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     shapes = {k: getattr(a, k) for k in ("min_size", "max_size", "min_objects", "max_objects", "max_expressions")}
-    sizes = synthetic_sizes(a.num_images, a.eval_images)
+    try:
+        sizes = synthetic_sizes(a.num_images, a.eval_images)
+        _check_arguments(**shapes, workers=a.workers, seed=a.seed)
+    except ValueError as e:
+        raise ValueError(renamed(str(e), _NUMERIC_FLAGS)) from None
     ensure_synthetic(a.root, force=a.force, **sizes, seed=a.seed, workers=a.workers, **shapes)
 
 

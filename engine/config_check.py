@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 
 from configs.validate import DATASETS, SPLIT_BYS, ConfigError, lookup
-from data.synthetic import synthetic_sizes
+from data.synthetic import renamed, synthetic_sizes
 from data.transforms import RESIZE_METHODS
 from models.build import TEXT_DROPOUT, text_dropout
 from models.patch_embed import STEMS
@@ -214,7 +214,8 @@ def _cross_checks(get: Callable[[str], Any]) -> None:
         try:
             synthetic_sizes(get("DATA.SYNTHETIC_IMAGES"), get("DATA.SYNTHETIC_EVAL_IMAGES") or 0)
         except ValueError as e:
-            raise ConfigError(f"DATA.SYNTHETIC_IMAGES / DATA.SYNTHETIC_EVAL_IMAGES: {e}") from None
+            keys = {"num_images": "DATA.SYNTHETIC_IMAGES", "eval_images": "DATA.SYNTHETIC_EVAL_IMAGES"}
+            raise ConfigError(renamed(str(e), keys)) from None
 
 
 def validate_config(cfg: Any) -> None:

@@ -101,9 +101,10 @@ def test_type_mismatch_in_a_file_names_it(tmp_path: Path):
         (["--opts", "MODEL.TEXT.CACHE", "True", "MODEL.TEXT.TRAIN_LAYERS", "0", "MODEL.TEXT.ENCODER", "''"],
          r"^MODEL\.TEXT\.CACHE keeps .* \(got ENCODER '', TRAIN_LAYERS 0, NAME lavt, DROPOUT auto\)$"),
         (["--dataset", "synthetic", "--opts", "DATA.SYNTHETIC_IMAGES", "3"],
-         r"^DATA\.SYNTHETIC_IMAGES / DATA\.SYNTHETIC_EVAL_IMAGES: num_images=3 is too small"),
+         r"^DATA\.SYNTHETIC_IMAGES=3 is too small for train/val/testA/testB; give at least 4$"),
         (["--dataset", "synthetic", "--opts", "DATA.SYNTHETIC_IMAGES", "9", "DATA.SYNTHETIC_EVAL_IMAGES", "3"],
-         r"^DATA\.SYNTHETIC_IMAGES / DATA\.SYNTHETIC_EVAL_IMAGES: 9 synthetic images leave none for train"),
+         r"^DATA\.SYNTHETIC_IMAGES=9 leaves none for train after 3 x DATA\.SYNTHETIC_EVAL_IMAGES=3 for val, testA and "
+         r"testB$"),
     ],
 )
 def test_bad_values_are_refused_in_one_line(argv: list, match: str):

@@ -408,9 +408,10 @@ def test_synthetic_sizes():
         assert sizes["val"] == sizes["testA"] == sizes["testB"]
     assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
     assert synthetic._split_sizes(50, {"train": 7, "val": 3}) == {"train": 7, "val": 3, "testA": 0, "testB": 0}
-    with pytest.raises(ValueError, match="9 synthetic images leave none for train after 3 x 3"):
+    with pytest.raises(ValueError, match="num_images=9 leaves none for train after 3 x eval_images=3"):
         synthetic_sizes(9, 3)
-    with pytest.raises(ValueError, match=r"images per held-out split must be >= 0 \(0: the default\), got -218"):
+    message = r"^eval_images \(per held-out split\) must be >= 0 \(0: the default\), got -218$"
+    with pytest.raises(ValueError, match=message):
         synthetic_sizes(6754, -218)
 
 
@@ -427,7 +428,34 @@ def test_synthetic_sizes():
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str):
-    """Refused before anything is written."""
+    """Refused before anything is written, and, over a dataset made with other arguments, before it is removed."""
     with pytest.raises(ValueError, match=match):
-        generate(tmp_path, **kwargs)
-    assert list(tmp_path.iterdir()) == []
+        generate(tmp_path / "new", **kwargs)
+    assert not (tmp_path / "new").exists()
+    small = dict(num_images=4, min_size=64, max_size=64)
+    generate(tmp_path / "old", **small)
+    before = {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=match):
+        ensure_synthetic(tmp_path / "old", **{**small, **kwargs})
+    assert {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-images", "3"], "--num-images=3 is too small for train/val/testA/testB; give at least 4"),
+        (["--num-images", "9", "--eval-images", "3"],
+         "--num-images=9 leaves none for train after 3 x --eval-images=3 for val, testA and testB"),
+        (["--eval-images", "-2"], "--eval-images (per held-out split) must be >= 0 (0: the default), got -2"),
+        (["--min-size", "300"], "need 16 <= --min-size <= --max-size, got --min-size=300, --max-size=256"),
+        (["--max-objects", "1"], "need 1 <= --min-objects <= --max-objects, got --min-objects=2, --max-objects=1"),
+        (["--max-expressions", "0"], "--max-expressions must be >= 1, got 0"),
+        (["--workers", "-1"], "--workers must be >= 0 (0: one per available CPU), got -1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_command_line_errors_name_the_flags(tmp_path: Path, argv: list[str], message: str):
+    with pytest.raises(ValueError) as caught:
+        main(["--root", str(tmp_path / "data"), *argv])
+    assert str(caught.value) == message
+    assert not (tmp_path / "data").exists()
