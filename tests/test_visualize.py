@@ -255,6 +255,10 @@ def test_load_results(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1: not JSON"):
         failures.load_results(path)
+    for line, kind in (('"ref_id sentence IoU I U"', "str"), ("[1, 2]", "list"), ("7", "int")):
+        path.write_text(json.dumps(good) + "\n" + line + "\n")  # names of the keys in a string are not a record
+        with pytest.raises(ValueError, match=rf"r.jsonl, line 2: a JSON {kind}, not a record \(an object\)$"):
+            failures.load_results(path)
     path.write_text("")
     with pytest.raises(ValueError, match="holds no records"):
         failures.load_results(path)

@@ -48,6 +48,8 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {number}: not JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not a record (an object)")
             missing = [k for k in RESULT_KEYS if k not in record]
             if missing:
                 raise ValueError(
