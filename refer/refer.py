@@ -73,6 +73,15 @@ def _as_list(value: Any) -> list:
     return list(value)
 
 
+def _malformed(error: KeyError | TypeError, item: Any) -> str:
+    """Why a REFER record failed to index: a missing key, a record that is not a dict, or a bad value in one."""
+    if isinstance(error, KeyError):
+        return f"missing key {error} in {item!r:.200}"
+    if not isinstance(item, dict):
+        return f"not a dict but a {type(item).__name__}: {item!r:.200}"
+    return f"{error} in {item!r:.200}"  # e.g. an unhashable id
+
+
 class REFER:
     """Referring-expression annotations over COCO-style instances.
 
@@ -170,17 +179,18 @@ class REFER:
         """Build the id -> object dicts (see the module docstring)."""
         logger.debug("creating index...")
         Anns, Imgs, Cats, imgToAnns = {}, {}, {}, {}
+        entry: Any = None
         try:
-            for ann in self.data["annotations"]:
-                Anns[ann["id"]] = ann
-                imgToAnns.setdefault(ann["image_id"], []).append(ann)
-            for img in self.data["images"]:
-                Imgs[img["id"]] = img
-            for cat in self.data["categories"]:
-                Cats[cat["id"]] = cat["name"]
+            for entry in self.data["annotations"]:
+                Anns[entry["id"]] = entry
+                imgToAnns.setdefault(entry["image_id"], []).append(entry)
+            for entry in self.data["images"]:
+                Imgs[entry["id"]] = entry
+            for entry in self.data["categories"]:
+                Cats[entry["id"]] = entry["name"]
         except (KeyError, TypeError) as e:
             raise ReferDataError(
-                f"malformed entry in {getattr(self, '_instances_file', 'instances')}: missing key {e}"
+                f"malformed entry in {getattr(self, '_instances_file', 'instances')}: {_malformed(e, entry)}"
             ) from e
 
         Refs, imgToRefs, refToAnn, annToRef, catToRefs = {}, {}, {}, {}, {}
@@ -193,7 +203,7 @@ class REFER:
                 sentences = ref["sentences"]
                 ref["split"]  # noqa: B018 - every ref must carry its split
             except (KeyError, TypeError) as e:
-                raise ReferDataError(f"malformed ref in {ref_file}: missing key {e} in {ref!r:.200}") from e
+                raise ReferDataError(f"malformed ref in {ref_file}: {_malformed(e, ref)}") from e
             if ann_id not in Anns:
                 raise ReferDataError(
                     f"ref {ref_id} in {ref_file} points at ann_id {ann_id}, which "
@@ -210,7 +220,7 @@ class REFER:
                     sentToRef[sent["sent_id"]] = ref
                     sentToTokens[sent["sent_id"]] = sent["tokens"]
                 except (KeyError, TypeError) as e:
-                    why = f"missing key {e}" if isinstance(e, KeyError) else f"a {type(sent).__name__}, not a dict"
+                    why = _malformed(e, sent)
                     raise ReferDataError(f"malformed sentence {k} of ref {ref_id} in {ref_file}: {why}") from e
 
         self.Refs, self.Anns, self.Imgs, self.Cats, self.Sents = Refs, Anns, Imgs, Cats, Sents

@@ -373,9 +373,16 @@ def test_unreadable_json(tmp_path: Path):
     (tmp_path / "refcoco" / "instances.json").write_text('{"images": [], "annotations": []}')
     with pytest.raises(ReferDataError, match=r"has no 'categories' entry"):
         REFER(tmp_path, "refcoco")
-    write_refer(tmp_path, "refcoco", [], [{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1}], [])
-    with pytest.raises(ReferDataError, match=r"^malformed entry in .*refcoco.instances\.json: missing key 'id'$"):
-        REFER(tmp_path, "refcoco")
+    for images, anns, categories, why in [
+        ([{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1}], [], "missing key 'id' in {'image_id': 1}"),
+        ([7], [], [], "not a dict but a int: 7"),
+        ([], [], ["person"], "not a dict but a str: 'person'"),
+        ([], [{"id": [1], "image_id": 1}], [], "unhashable type: 'list' in {'id': [1], 'image_id': 1}"),
+    ]:  # fmt: skip
+        write_refer(tmp_path, "refcoco", [], images, anns, categories)
+        with pytest.raises(ReferDataError) as caught:
+            REFER(tmp_path, "refcoco")
+        assert str(caught.value) == f"malformed entry in {tmp_path / 'refcoco' / 'instances.json'}: {why}"
 
 
 def test_inconsistent_files(tmp_path: Path):
@@ -383,13 +390,18 @@ def test_inconsistent_files(tmp_path: Path):
     write_refer(tmp_path, "refcoco", [ref], [], [], [])
     with pytest.raises(ReferDataError, match=r"ref 7 in .*refs\(unc\)\.p points at ann_id 99, which .*instances\.json"):
         REFER(tmp_path, "refcoco")
-    write_refer(tmp_path, "refcoco", [{"ref_id": 7}], [], [], [])
-    with pytest.raises(ReferDataError, match=r"malformed ref in .*missing key 'ann_id'"):
-        REFER(tmp_path, "refcoco")
+    for refs, why in [([{"ref_id": 7}], "missing key 'ann_id' in {'ref_id': 7}"), ([1], "not a dict but a int: 1")]:
+        write_refer(tmp_path, "refcoco", refs, [], [], [])
+        with pytest.raises(ReferDataError) as caught:
+            REFER(tmp_path, "refcoco")
+        assert str(caught.value) == f"malformed ref in {tmp_path / 'refcoco' / 'refs(unc).p'}: {why}"
     annotation = {"id": 99, "image_id": 1, "category_id": 1}
     good = {"sent_id": 3, "tokens": ["a"], "raw": "a", "sent": "a"}
-    for sentences, why in [([good, "a bare string"], "sentence 1 of ref 7 in .*: a str, not a dict"),
-                           ([{"raw": "no id"}], "sentence 0 of ref 7 in .*: missing key 'sent_id'")]:  # fmt: skip
+    for sentences, why in [
+        ([good, "a bare string"], "sentence 1 of ref 7 in .*: not a dict but a str: 'a bare string'"),
+        ([{"raw": "no id"}], r"sentence 0 of ref 7 in .*: missing key 'sent_id' in \{'raw': 'no id'\}"),
+        ([{**good, "sent_id": {}}], r"sentence 0 of ref 7 in .*: unhashable type: 'dict' in \{'sent_id': \{\}, .*\}"),
+    ]:
         write_refer(tmp_path, "refcoco", [{**ref, "sentences": sentences}], [], [annotation], [])
         with pytest.raises(ReferDataError, match=rf"^malformed {why}$"):
             REFER(tmp_path, "refcoco")
