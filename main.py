@@ -36,7 +36,8 @@ from args import (  # noqa: E402
 from data import check_refer_files, load_refer  # noqa: E402
 from data.checks import check_images  # noqa: E402
 from data.image_io import ImageReadError  # noqa: E402
-from data.synthetic import ensure_synthetic, synthetic_sizes  # noqa: E402
+from data.synthetic import ensure_synthetic  # noqa: E402
+from data.synthetic_args import synthetic_sizes  # noqa: E402
 from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
 from engine.config_check import validate_config  # noqa: E402
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: E402

@@ -21,7 +21,8 @@ Written files (the REFER layout, read by ``refer.REFER(root, 'synthetic', 'unc')
 anything but a synthetic dataset, and before regenerating with other arguments removes the files the previous
 generation wrote (and nothing else). ``generate`` writes without looking at what is there.
 
-The drawing of one image is in ``data.synthetic_draw``, the wording in ``data.synthetic_text``.
+The drawing of one image is in ``data.synthetic_draw``, the wording in ``data.synthetic_text``, the checks of the
+arguments in ``data.synthetic_args``.
 Run ``python -m data.synthetic --help``.
 """
 
@@ -33,7 +34,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import signal
 import sys
 import time
@@ -45,12 +45,13 @@ from typing import Any
 import numpy as np
 
 from data.opencv import cv2
+from data.synthetic_args import NUMBERS, SPLIT_ORDER, check_arguments, images_per_split, renamed, synthetic_sizes
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
 from data.synthetic_text import describe_object
 
 __all__ = [
-    "generate", "ensure_synthetic", "synthetic_sizes", "renamed", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES",
-    "GROUP_OF_SPLIT", "SPLIT_ORDER", "SyntheticRootError",
+    "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
+    "SPLIT_ORDER", "SyntheticRootError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,6 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 2
 GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
 IMAGE_ID_OFFSET = 1_000_000  # ids above every COCO train2014 id, so files never collide with real COCO images
-SPLIT_ORDER = ("train", "val", "testA", "testB")
 IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
 COMPLETE, RUNNING = "generator.json", "generating.json"  # markers in <root>/synthetic: done / under way
 ANNOTATION_FILES = ("instances.json", "refs(unc).p", "attributes.json")
@@ -71,51 +71,6 @@ class SyntheticRootError(ValueError):
 def _image_file(index: int) -> str:
     """The file name of image ``index`` of a generation (ids above every COCO train2014 id)."""
     return f"COCO_train2014_{IMAGE_ID_OFFSET + index:012d}.jpg"
-
-
-def _split_sizes(num_images: int, split_sizes: dict[str, int] | None) -> dict[str, int]:
-    if split_sizes is not None:
-        unknown = set(split_sizes) - set(SPLIT_ORDER)
-        if unknown:
-            raise ValueError(f"split_sizes has unknown splits {sorted(unknown)}; expected {SPLIT_ORDER}")
-        return {s: int(split_sizes.get(s, 0)) for s in SPLIT_ORDER}
-    if num_images < 4:  # (from 4 on, one eleventh each, at least one, leaves at least one to train on)
-        raise ValueError(f"num_images={num_images} is too small for train/val/testA/testB; give at least 4")
-    held_out = max(1, round(num_images / 11))
-    return {"train": num_images - 3 * held_out, "val": held_out, "testA": held_out, "testB": held_out}
-
-
-def synthetic_sizes(num_images: int, eval_images: int = 0) -> dict[str, Any]:
-    """``generate`` / ``ensure_synthetic`` keyword arguments for ``num_images`` in all, ``eval_images`` of them in
-    each of val, testA and testB (0: the default one eleventh each)."""
-    if eval_images < 0:
-        raise ValueError(f"eval_images (per held-out split) must be >= 0 (0: the default), got {eval_images}")
-    train = num_images - 3 * eval_images
-    if eval_images and train < 1:
-        raise ValueError(
-            f"num_images={num_images} leaves none for train after 3 x eval_images={eval_images} for val, testA "
-            "and testB"
-        )
-    sizes = {"train": train, "val": eval_images, "testA": eval_images, "testB": eval_images}
-    _split_sizes(num_images, sizes if eval_images else None)  # too few images: the error now, not at generation
-    return {"num_images": num_images, "split_sizes": sizes} if eval_images else {"num_images": num_images}
-
-
-def _check_arguments(
-    min_size: int, max_size: int, min_objects: int, max_objects: int, max_expressions: int, workers: int, seed: int
-) -> None:
-    """``generate``'s refusals of its numbers (ValueError), checked before anything is written or removed."""
-    if not 16 <= min_size <= max_size:
-        raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
-    if not 1 <= min_objects <= max_objects:
-        raise ValueError(f"need 1 <= min_objects <= max_objects, got min_objects={min_objects}, "
-                         f"max_objects={max_objects}")  # fmt: skip
-    if max_expressions < 1:
-        raise ValueError(f"max_expressions must be >= 1, got {max_expressions}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0: one per available CPU), got {workers}")
-    if seed < 0:  # (NumPy's generators refuse it, but only once the images are being drawn)
-        raise ValueError(f"seed must be >= 0, got {seed}")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -153,7 +108,7 @@ def generate(
             when drawing an object's expressions after the first; lower makes the task easier.
         workers: processes drawing images (0: one per available CPU); the files do not depend on it.
     """
-    _check_arguments(min_size, max_size, min_objects, max_objects, max_expressions, workers, seed)
+    check_arguments(min_size, max_size, min_objects, max_objects, max_expressions, workers, seed)
     args = dict(min_size=min_size, max_size=max_size, min_objects=min_objects, max_objects=max_objects,
                 max_expressions=max_expressions, repeat_prob=repeat_prob, spatial_weight=spatial_weight)  # fmt: skip
     params = _params(num_images, split_sizes, seed=seed, jpeg_quality=jpeg_quality, **args)
@@ -279,7 +234,7 @@ def _draw_image(
 
 def _params(num_images: int, split_sizes: dict[str, int] | None, **args: Any) -> dict[str, Any]:
     """What generator.json records: the version, the split sizes and every other argument of ``generate``."""
-    return dict(version=GENERATOR_VERSION, split_sizes=_split_sizes(num_images, split_sizes), **args)
+    return dict(version=GENERATOR_VERSION, split_sizes=images_per_split(num_images, split_sizes), **args)
 
 
 def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Path:
@@ -296,7 +251,7 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     bound = inspect.signature(generate).bind(root, **kwargs)
     bound.apply_defaults()
     # the arguments refused before a dataset made with others is removed for them
-    _check_arguments(*(bound.arguments[k] for k in inspect.signature(_check_arguments).parameters))
+    check_arguments(*(bound.arguments[k] for k in inspect.signature(check_arguments).parameters))
     wanted = _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "workers")})
     root = Path(root)
     where = root.resolve()
@@ -386,17 +341,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def renamed(message: str, names: dict[str, str]) -> str:
-    """An error ``message`` of this module with the keyword arguments it names written as the caller's names for
-    them (``names``: argument -> name, e.g. a flag or a config key)."""
-    return re.sub(rf"\b({'|'.join(names)})\b", lambda m: names[m.group(1)], message)
-
-
-# the flags of numbers, whose keyword arguments the errors name
-_NUMERIC_FLAGS = {k: "--" + k.replace("_", "-") for k in ("num_images", "eval_images", "seed", "min_size", "max_size",
-                                                        "min_objects", "max_objects", "max_expressions", "workers")}
-
-
 def main(argv: list[str] | None = None) -> None:
     """The command line: errors in its numbers raise a ValueError naming the flags."""
     a = get_parser().parse_args(argv)
@@ -404,9 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     shapes = {k: getattr(a, k) for k in ("min_size", "max_size", "min_objects", "max_objects", "max_expressions")}
     try:
         sizes = synthetic_sizes(a.num_images, a.eval_images)
-        _check_arguments(**shapes, workers=a.workers, seed=a.seed)
+        check_arguments(**shapes, workers=a.workers, seed=a.seed)
     except ValueError as e:
-        raise ValueError(renamed(str(e), _NUMERIC_FLAGS)) from None
+        raise ValueError(renamed(str(e), {k: "--" + k.replace("_", "-") for k in NUMBERS})) from None
     ensure_synthetic(a.root, force=a.force, **sizes, seed=a.seed, workers=a.workers, **shapes)
 
 

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 
 from configs.validate import DATASETS, SPLIT_BYS, ConfigError, lookup
-from data.synthetic import renamed, synthetic_sizes
+from data.synthetic_args import renamed, synthetic_sizes
 from data.transforms import RESIZE_METHODS
 from models.build import TEXT_DROPOUT, text_dropout
 from models.patch_embed import STEMS

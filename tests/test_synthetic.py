@@ -27,8 +27,8 @@ from data.synthetic import (
     ensure_synthetic,
     generate,
     main,
-    synthetic_sizes,
 )
+from data.synthetic_args import images_per_split, synthetic_sizes
 from data.synthetic_draw import _background, _shape_points
 from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
 from refer import REFER
@@ -399,15 +399,15 @@ def test_command_line(tmp_path: Path):
 
 def test_synthetic_sizes():
     assert synthetic_sizes(2400) == {"num_images": 2400}  # the default split, one eleventh each:
-    assert synthetic._split_sizes(2400, None) == {"train": 1746, "val": 218, "testA": 218, "testB": 218}  # 218.2
-    assert synthetic._split_sizes(9654, None) == {"train": 7020, "val": 878, "testA": 878, "testB": 878}  # 877.6
-    assert synthetic._split_sizes(4, None) == {"train": 1, "val": 1, "testA": 1, "testB": 1}  # the fewest
+    assert images_per_split(2400, None) == {"train": 1746, "val": 218, "testA": 218, "testB": 218}  # 218.2
+    assert images_per_split(9654, None) == {"train": 7020, "val": 878, "testA": 878, "testB": 878}  # 877.6
+    assert images_per_split(4, None) == {"train": 1, "val": 1, "testA": 1, "testB": 1}  # the fewest
     for n in range(4, 400):  # every split gets images, and all of them are used
-        sizes = synthetic._split_sizes(n, None)
+        sizes = images_per_split(n, None)
         assert sum(sizes.values()) == n and min(sizes.values()) >= 1
         assert sizes["val"] == sizes["testA"] == sizes["testB"]
     assert synthetic_sizes(1000, 100)["split_sizes"] == {"train": 700, "val": 100, "testA": 100, "testB": 100}
-    assert synthetic._split_sizes(50, {"train": 7, "val": 3}) == {"train": 7, "val": 3, "testA": 0, "testB": 0}
+    assert images_per_split(50, {"train": 7, "val": 3}) == {"train": 7, "val": 3, "testA": 0, "testB": 0}
     with pytest.raises(ValueError, match="num_images=9 leaves none for train after 3 x eval_images=3"):
         synthetic_sizes(9, 3)
     message = r"^eval_images \(per held-out split\) must be >= 0 \(0: the default\), got -218$"
