@@ -303,6 +303,8 @@ def test_checkpoint_without_text_encoder_cannot_predict(run, tmp_path):
         (["--text", "a"], "one of the arguments --image --example is required"),
         (["--image", "x.png", "--text", "a", "--amp", "fp32"], "argument --amp: invalid choice: 'fp32'"),
         (["--example", "-1"], "--example must be >= 0, got -1"),
+        (["--image", "x.png", "--text", "a", "--text", " \t"], "--text number 2 is blank: each --text is one"),
+        (["--example", "0", "--text", ""], "--text number 1 is blank"),
     ],
 )
 def test_cli_usage_errors(argv, message, capsys):

@@ -327,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.image is not None and not args.text:
         parser.error("--image needs at least one --text")
+    blank = [k for k, text in enumerate(args.text or (), 1) if not text.strip()]
+    if blank:  # before the model is loaded
+        parser.error(f"--text number {blank[0]} is blank: each --text is one referring expression")
     if args.example is not None and args.example < 0:
         parser.error(f"--example must be >= 0, got {args.example}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
