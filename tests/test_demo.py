@@ -491,3 +491,23 @@ def test_cli_on_an_official_file(run, predictor, tmp_path):
     written = demo.main([*argv, "--opts", *opts])
     own = demo.main(["--checkpoint", str(run["checkpoint"]), *argv[2:]])
     assert written["texts"] == own["texts"] and np.array_equal(written["masks"], own["masks"])
+
+
+def test_expressions_are_checked_as_the_web_page_checks_them(run, predictor, tmp_path, caplog):
+    """An expression the tokenizer reads nothing of is refused before anything is written; one longer than the
+    model reads is predicted with a WARNING that names it by its number and says what the model reads of it."""
+    Image.fromarray(first_image(run["cfg"])).save(tmp_path / "photo.png")
+    out = tmp_path / "o.png"
+    with pytest.raises(ValueError, match=r"^the expression '😀 🎉' holds no word the tokenizer knows"):
+        demo.run_demo(None, tmp_path / "photo.png", ["the red circle", "😀 🎉"], out, predictor=predictor)
+    assert not out.exists()
+    long = "the small red circle to the left of the big blue star near the top"
+    pieces = predictor.tokenizer.tokenize(long)  # [CLS] and the first MAX_TOKENS - 1 word pieces are read
+    assert len(pieces) + 2 > MAX_TOKENS
+    kept = predictor.tokenizer.convert_tokens_to_string(pieces[: MAX_TOKENS - 1])
+    with caplog.at_level(logging.WARNING, logger="tools.demo"):
+        demo.run_demo(None, tmp_path / "photo.png", ["the red circle", long], out, predictor=predictor)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"expression 2: the expression has {len(pieces) + 2} tokens, more than the {MAX_TOKENS} the "
+                        f"model reads: it reads only {kept!r}"]  # fmt: skip
+    assert out.is_file()

@@ -7,8 +7,10 @@ Any LAVT checkpoint opens (``tools.open_checkpoint``): this project's rebuild th
 config, the official releases from their weights. User images are turned upright by their EXIF orientation.
 Images are prepared as the dataset prepares them (square resize to DATA.SIZE, ImageNet normalisation),
 expressions tokenised as the dataset tokenises them; the logits are resized bilinearly to the image's own size
-before the argmax, as the evaluation at ``original`` resolution does. The overlay and masks are written all or
-none, replacing files of those names, but never the input image or each other (refused before predicting).
+before the argmax, as the evaluation at ``original`` resolution does. Expressions are checked as the web page checks
+them (``data.checks.check_user_text``): one the tokenizer reads nothing of is refused, one cut gets a WARNING. The
+overlay and masks are written all or none, replacing files of those names, but never the input image or each other
+(refused before predicting).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from yacs.config import CfgNode
 
 from configs import DEMO_CONFIG, get_config
 from data import load_refer, load_rgb, tokenize
+from data.checks import check_user_text
 from data.transforms import resize_image, to_tensor
 from engine.evaluation import find_per_expression, run_evaluation
 from models.text import load_tokenizer
@@ -204,6 +207,10 @@ def run_demo(
         if checkpoint is None:
             raise ValueError("run_demo needs a checkpoint or a predictor")
         predictor = Predictor.from_checkpoint(checkpoint, device, cfg_file, opts)
+    for k, text in enumerate(texts, 1):  # the web page's checks of a typed expression (data.checks)
+        cut = check_user_text(predictor.tokenizer, text, predictor.max_tokens)
+        if cut:
+            logger.warning("expression %d: %s", k, cut)
     masks = predictor.predict(rgb, texts)
     pictures = {Path(out): compose_panels(rgb, masks, list(texts))}
     pictures.update({path: m.astype(np.uint8) * 255 for path, m in zip(paths, masks)})
