@@ -259,6 +259,14 @@ def test_warned_once_with_examples(tokenizer, caplog):
     assert "e.g. '\\u200b', '\U0001f600', ''," in message
     assert "1 have more than 20 tokens (MODEL.TEXT.MAX_TOKENS) and are cut" in message and "(27 tokens)" in message
     assert "'; 1 have more than 20 tokens" in message  # the two parts on one line, joined by "; "
+    long = [" ".join(["blue"] * 25), " ".join(["red"] * 26)]  # two examples of a kind, joined by ", "
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="test.checks"):
+        warn_expressions(expression_report(tokenizer, long, 20), logger, "x")
+    assert caplog.records[0].getMessage() == (
+        "x: of 2 expressions, 2 have more than 20 tokens (MODEL.TEXT.MAX_TOKENS) and are cut, the model reads their "
+        f"beginning only, e.g. {long[0][:57] + '...'!r} (27 tokens), {long[1][:57] + '...'!r} (28 tokens)"
+    )  # each cut to 60 characters with its "..."
 
 
 def test_dataset_warns_once(tokenizer, tmp_path: Path, caplog):

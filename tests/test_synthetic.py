@@ -28,7 +28,7 @@ from data.synthetic import (
     generate,
     main,
 )
-from data.synthetic_args import images_per_split, synthetic_sizes
+from data.synthetic_args import check_arguments, images_per_split, synthetic_sizes
 from data.synthetic_draw import _background, _shape_points
 from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
 from refer import REFER
@@ -438,6 +438,12 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str):
     with pytest.raises(ValueError, match=match):
         ensure_synthetic(tmp_path / "old", **{**small, **kwargs})
     assert {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()} == before
+
+
+def test_the_bounds_themselves_are_accepted():
+    """Each range of ``check_arguments`` includes its ends: 16 px, one size, one object count, one expression, ..."""
+    for min_size, max_size, min_objects, max_objects in ((16, 16, 1, 1), (64, 64, 3, 3), (16, 300, 1, 9)):
+        check_arguments(min_size, max_size, min_objects, max_objects, max_expressions=1, workers=0, seed=0)
 
 
 @pytest.mark.parametrize(
