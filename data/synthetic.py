@@ -116,8 +116,7 @@ def generate(
 
     root = Path(root)
     data_dir, image_dir = root / "synthetic", root / IMAGE_SUBDIR
-    data_dir.mkdir(parents=True, exist_ok=True)
-    image_dir.mkdir(parents=True, exist_ok=True)
+    _make_folders(root, data_dir, image_dir)
     # before the first image: a cut-off run leaves a record of what it was writing (ensure_synthetic cleans it up)
     _atomic_write(data_dir / RUNNING, json.dumps(params, indent=1).encode())
     (data_dir / COMPLETE).unlink(missing_ok=True)  # incomplete until rewritten at the end
@@ -194,6 +193,16 @@ def generate(
     return data_dir
 
 
+def _make_folders(root: Path, *folders: Path) -> None:
+    """Create ``folders`` (with their parents); SyntheticRootError naming ``root`` where that fails."""
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (a path under /proc, a read-only disk, a file on the way, ...)
+        raise SyntheticRootError(f"cannot create the synthetic dataset's folders in {root.resolve()} (DATA.ROOT, "
+                                 f"--root): {e.strerror or e}") from None  # fmt: skip
+
+
 def _available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -257,6 +266,7 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     where = root.resolve()
     records, count = check_synthetic_root(root)
     if not records:
+        _make_folders(root, root)  # a root that cannot be: refused before the warning that it is new
         logger.warning("generating a new synthetic dataset in %s (there was none: check DATA.ROOT if you meant "
                        "an existing one)", where)
         return generate(root, **kwargs)

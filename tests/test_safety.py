@@ -174,6 +174,8 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
     for root, message in [
         ("mine", "refusing to write the synthetic dataset into {}: the folder holds files but no synthetic dataset"),
         ("file_root", "the synthetic dataset's root {} is a file, not a folder (DATA.ROOT)"),
+        # a root that cannot be created: under a file (as under /proc, or on a read-only disk)
+        ("file_root/set", "cannot create the synthetic dataset's folders in {} (DATA.ROOT, --root): Not a directory"),
     ]:
         where = (tmp_path / root).resolve()
         done = subprocess.run([sys.executable, "-m", "data.synthetic", "--root", str(where), "--num-images", "4"],
@@ -183,6 +185,7 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
         assert len(lines) == 1 and lines[0].startswith(
             "python -m data.synthetic: error: SyntheticRootError: " + message.format(where)
         ), done.stderr
+        assert lines[0].endswith("Not a directory") == root.endswith("/set")  # the whole line, no Errno
     assert snapshot(tmp_path) == before
 
 
