@@ -48,6 +48,7 @@ from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, resolve_amp  # noqa: E402
+from utils.atomic import StorageError  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
@@ -198,11 +199,14 @@ def cli(argv: list[str] | None = None, started: float | None = None) -> int:
             print("main.py: interrupted (Ctrl-C); a training continues from its last checkpoint with --resume auto",
                   file=sys.stderr)  # fmt: skip
         return EXIT_INTERRUPTED
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, StorageError) as e:
         if debug:
             raise
         if _is_first_rank():
-            print(f"main.py: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+            # (a full disk: once there is room, a training goes on from the checkpoint it last wrote)
+            resume = "; a training continues from its last checkpoint with --resume auto"
+            line = f"main.py: error: {type(e).__name__}: {e}" + (resume if isinstance(e, StorageError) else "")
+            print(line.replace("\n", " "), file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -189,6 +190,23 @@ def test_command_line(trained, tmp_path, capsys):
     refusal = f"{tmp_path / 'folder'} is a folder: a file cannot be written in its place (give a file name)"
     assert capsys.readouterr().err == f"python -m tools.export: error: IsADirectoryError: {refusal}\n"
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(trained, tmp_path, capsys, monkeypatch):
+    from tools.cli import run_cli
+    from tools.export import main
+
+    def full(obj, f):
+        with open(f, "wb") as w:  # (a path: the temporary file staged hands out)
+            w.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "m.pth"
+    assert run_cli("python -m tools.export", main, [str(trained[2]), "--to", "official", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"python -m tools.export: error: StorageError: cannot write {out}: No space "
+                                       "left on device; the file there, if any, is as it was\n")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_while_writing_leaves_nothing_and_says_so(trained, tmp_path, capsys, monkeypatch):

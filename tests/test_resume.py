@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -222,6 +223,33 @@ def test_ctrl_c_ignored_by_the_process_stays_ignored(env, tmp_path, monkeypatch)
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+def test_a_full_disk_ends_in_one_line_and_the_same_command_continues(env, straight, tmp_path, monkeypatch, capsys):
+    """The disk fills while the second checkpoint is written (mid-epoch, iteration 8): one line naming the file,
+    status 2, the first checkpoint (iteration 4) kept whole; once there is room, --resume auto ends as the straight
+    run."""
+    real_save, saved = torch.save, []
+
+    def save_until_full(obj, f):
+        if len(saved) == 1:
+            f.write(b"PK partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(obj["iteration"])
+        return real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    assert main_module.cli(argv(env, tmp_path, "--resume", "auto")) == 2
+    run_dir = tmp_path / "tiny"
+    assert capsys.readouterr().err.splitlines() == [
+        f"main.py: error: StorageError: cannot write checkpoint {run_dir / 'last.pth'}: No space left on device; the "
+        "file there, if any, is as it was; a training continues from its last checkpoint with --resume auto"
+    ]
+    assert saved == [4] and read_checkpoint(run_dir / "last.pth")["iteration"] == 4
+    assert not list(run_dir.glob(".*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    run(env, tmp_path, "--resume", "auto")
+    assert_same_run(run_dir, straight)
+
 
 def test_resume_auto_starts_fresh_then_continues(env, straight, tmp_path):
     log = (straight / "log.txt").read_text()

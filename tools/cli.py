@@ -9,10 +9,13 @@ from typing import Any
 from data.image_io import ImageReadError
 from engine.preemption import EXIT_INTERRUPTED
 from models import CheckpointError
+from utils.atomic import StorageError
 
-# What a user can get wrong (files, checkpoints, config, flags); anything else is a bug and keeps its traceback.
+# What a user can get wrong (files, checkpoints, config, flags), and a full disk; anything else is a bug and keeps
+# its traceback.
 USER_ERRORS = (
-    ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ImageReadError, CheckpointError
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ImageReadError, CheckpointError,
+    StorageError,
 )  # fmt: skip
 
 

@@ -4,17 +4,43 @@
 caller writes them; on success each is renamed onto its target, in the order given, so the last target is the
 "commit": once it exists, the others are complete. An error while writing removes every temporary file and changes
 no target (an error in the renames themselves, e.g. the disk gone, can leave the first targets renamed only).
+
+A write that fails for want of room (a full disk, a quota, a read-only file system) is raised as ``StorageError``,
+one line naming the file, here and in ``utils.checkpoint.write_atomic``: no traceback for the machine's state.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["file_mode", "staged"]
+__all__ = ["StorageError", "file_mode", "staged", "storage_error"]
+
+# the errors of a storage that cannot take the file, whatever is written: no room, no quota, read-only
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class StorageError(OSError):
+    """A file could not be written for want of room (or the file system is read-only); the message names it."""
+
+
+def storage_error(error: BaseException, what: str) -> StorageError | None:
+    """``StorageError`` for ``error`` if it, or an error it was raised from or while handling, is one of a storage
+    that cannot take the file (libraries wrap it: torch's zip writer raises a RuntimeError over the OSError);
+    ``what`` names the file ("checkpoint <path>"). None for any other error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_ROOM:
+            full = StorageError(f"cannot write {what}: {error.strerror}; the file there, if any, is as it was")
+            full.errno = error.errno  # (given apart: OSError's own message would start "[Errno 28]")
+            return full
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def file_mode() -> int:
@@ -49,6 +75,11 @@ def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
         for tmp, target in zip(temps, targets):
             os.chmod(tmp, mode)
             os.replace(tmp, target)
+    except Exception as e:
+        full = storage_error(e, " and ".join(map(str, targets)))
+        if full is None:
+            raise
+        raise full from e
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)  # only those not renamed: after an error, all of them

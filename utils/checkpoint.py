@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .atomic import file_mode
+from .atomic import file_mode, storage_error
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -35,7 +35,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str) 
     """Call ``write(f)`` on a temporary file ``.<name>.<random>.tmp`` beside ``path``, fsync it, then
     ``os.replace`` it onto ``path``: a crash at any point leaves either the previous file or the new one, never a
     truncated file (and at worst a temporary file, which ``remove_stale_temporaries`` clears). ``what`` names the
-    kind of file in errors ("checkpoint")."""
+    kind of file in errors ("checkpoint"). A full disk (or quota, or read-only file system) is a ``StorageError``."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
@@ -48,9 +48,12 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        full = storage_error(e, f"{what} {path}") if isinstance(e, Exception) else None
+        if full is None:
+            raise
+        raise full from e
 
 
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
