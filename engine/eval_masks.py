@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from utils.atomic import storage_error
+
 from .loops import unwrap
 
 
@@ -89,4 +91,10 @@ class MaskWriter:
                 size = tuple(batch["target_orig"][owner].shape)  # [H0, W0]
                 up = F.interpolate(logits[e : e + 1], size=size, mode="bilinear", align_corners=False)
                 mask = up[0].argmax(0) == 1
-            Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
+            try:
+                Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
+            except OSError as e:
+                full = storage_error(e, f"mask {self.folder / name}", "the next evaluation removes its unfinished folder")
+                if full is None:
+                    raise
+                raise full from e

@@ -3,6 +3,7 @@ nothing; ``--save_masks`` PNGs that are the masks the evaluation scored; finding
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from engine.config_check import ConfigError, validate_config
 from models import build_model
 from models.text import load_tokenizer
 from refer import REFER
+from utils.atomic import StorageError
 from utils.distributed import DistInfo
 
 from .helpers_train import tiny_cfg
@@ -150,6 +152,33 @@ def test_all_or_nothing(setup, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         evaluation.run_evaluation(with_eval(cfg, SPLITS=["val"]), model, tokenizer, CPU, tmp_path, "a.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch):
+    """The disk fills at the third mask: one StorageError naming it, no results file; the next evaluation into the
+    folder removes the unfinished masks and writes everything."""
+    cfg, model, tokenizer = setup
+    cfg = with_eval(cfg, SPLITS=["val"], SAVE_MASKS=True)
+    real, saved = Image.Image.save, []
+
+    def save(image, fp, *args, **kwargs):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return real(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(StorageError) as caught:
+        evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    partial = tmp_path / ".masks_synthetic_unc_val_each_network48.partial"
+    written = sorted(partial.iterdir())
+    assert len(written) == 2 and os.listdir(tmp_path) == [partial.name]
+    name, reason = str(caught.value).removeprefix(f"cannot write mask {partial}{os.sep}").split(": ", 1)
+    assert name.endswith(".png") and partial / name not in written
+    assert reason == "No space left on device; the next evaluation removes its unfinished folder"
+    monkeypatch.setattr(Image.Image, "save", real)
+    evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    assert not partial.exists() and (tmp_path / "results_synthetic_unc_val_each_network48.json").is_file()
 
 
 def test_find_per_expression(setup, tmp_path):

@@ -28,15 +28,17 @@ class StorageError(OSError):
     """A file could not be written for want of room (or the file system is read-only); the message names it."""
 
 
-def storage_error(error: BaseException, what: str) -> StorageError | None:
+def storage_error(
+    error: BaseException, what: str, after: str = "the file there, if any, is as it was"
+) -> StorageError | None:
     """``StorageError`` for ``error`` if it, or an error it was raised from or while handling, is one of a storage
     that cannot take the file (libraries wrap it: torch's zip writer raises a RuntimeError over the OSError);
-    ``what`` names the file ("checkpoint <path>"). None for any other error."""
+    ``what`` names the file ("checkpoint <path>"), ``after`` says what became of it. None for any other error."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _NO_ROOM:
-            full = StorageError(f"cannot write {what}: {error.strerror}; the file there, if any, is as it was")
+            full = StorageError(f"cannot write {what}: {error.strerror}; {after}")
             full.errno = error.errno  # (given apart: OSError's own message would start "[Errno 28]")
             return full
         error = error.__cause__ or error.__context__
