@@ -3,7 +3,9 @@ ETA, peak GPU memory and the global batch in the run log."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import time
 from functools import partial
 from pathlib import Path
@@ -15,7 +17,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import main as main_module
 from data import build_dataset
 from engine import trainer as trainer_module
-from utils.logger import MetricLogger, RunProgress, peak_memory_note, run_eta_seconds, setup_logging
+from utils.logger import (
+    LOGGER_NAME,
+    PACKAGE_LOGGERS,
+    MetricLogger,
+    RunProgress,
+    peak_memory_note,
+    run_eta_seconds,
+    setup_logging,
+)
 from utils.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
 
 from .helpers_train import tiny_cfg, tiny_env, tiny_main_argv
@@ -146,3 +156,35 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(env, tmp_path, 
 def test_no_tensorboard_writes_no_event_files(env, tmp_path):
     main_module.main(tiny_main_argv(env, tmp_path, "--no_tensorboard", TRAIN__EPOCHS=1))
     assert (tmp_path / "tiny" / "metrics.jsonl").is_file() and not (tmp_path / "tiny" / TENSORBOARD_DIR).exists()
+
+
+def test_a_full_disk_leaves_the_log_file_with_one_line_on_stderr(tmp_path, capsys):
+    """No room for a line of log.txt: one line on stderr says so, the file is left alone from then on (no traceback
+    for each record), the console keeps every line. Another error in the file keeps logging's own report."""
+    names = (LOGGER_NAME, *PACKAGE_LOGGERS)
+    before = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in names}
+    log = setup_logging(tmp_path / "log.txt")
+    try:
+        log.info("first")
+        handler = [h for h in log.handlers if getattr(h, "baseFilename", None)][0]
+
+        def full(text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        handler.stream.write = full
+        for k in range(3):
+            log.info("line %d", k)
+        out, err = capsys.readouterr()
+        assert err.splitlines() == [f"logging: cannot write to the log file {tmp_path / 'log.txt'}: No space left on "
+                                    "device; its lines from here on reach the console only"]  # fmt: skip
+        assert [line.split(" ", 2)[2] for line in out.splitlines()] == ["first", "line 0", "line 1", "line 2"]
+        handler.setLevel(logging.NOTSET)
+        handler.stream.write = lambda text: 1 / 0  # a bug, not the disk: reported as logging reports it
+        log.info("again")
+        assert "--- Logging error ---" in capsys.readouterr().err
+    finally:  # this test's handlers closed, the loggers as they were
+        for h in log.handlers:
+            h.close()
+        for n, (handlers, propagate) in before.items():
+            logging.getLogger(n).handlers[:], logging.getLogger(n).propagate = handlers, propagate
+    assert (tmp_path / "log.txt").read_text().splitlines()[0].endswith(" INFO first")

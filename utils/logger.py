@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .atomic import storage_error
 from .distributed import all_reduce_sum, is_main_process
 from .tensorboard import TensorBoardWriter
 
@@ -38,6 +39,19 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The run's log file; where the disk has no room for a line, one line on stderr says so and the file is left
+    (the console keeps every line) instead of logging's traceback for each record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        full = storage_error(sys.exc_info()[1], f"to the log file {self.baseFilename}",
+                             "its lines from here on reach the console only")  # fmt: skip
+        if full is None:
+            return super().handleError(record)
+        print(f"logging: {full}", file=sys.stderr)
+        self.setLevel(logging.CRITICAL + 1)  # no more attempts
+
+
 def setup_logging(log_file: str | Path | None = None, rank: int = 0) -> logging.Logger:
     """Configure the ``lavt`` logger and those of the library's packages (``data.*``, ``models.*``, ``refer.*``,
     ``utils.*``): console on every rank (INFO on rank 0, WARNING elsewhere), file on rank 0.
@@ -51,7 +65,7 @@ def setup_logging(log_file: str | Path | None = None, rank: int = 0) -> logging.
     console.setFormatter(fmt)
     handlers: list[logging.Handler] = [console]
     if log_file is not None and rank == 0:
-        fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        fh = _LogFileHandler(log_file, mode="a", encoding="utf-8")
         fh.setFormatter(logging.Formatter(_FORMAT))
         handlers.append(fh)
     closed: set[int] = set()
