@@ -94,7 +94,8 @@ class MaskWriter:
             try:
                 Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
             except OSError as e:
-                full = storage_error(e, f"mask {self.folder / name}", "the next evaluation removes its unfinished folder")
+                after = "the next evaluation removes its unfinished folder"
+                full = storage_error(e, f"mask {self.folder / name}", after)
                 if full is None:
                     raise
                 raise full from e

@@ -9,12 +9,14 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as main_module
+import utils.tensorboard as tensorboard_module
 from data import build_dataset
 from engine import trainer as trainer_module
 from utils.logger import (
@@ -188,3 +190,36 @@ def test_a_full_disk_leaves_the_log_file_with_one_line_on_stderr(tmp_path, capsy
         for n, (handlers, propagate) in before.items():
             logging.getLogger(n).handlers[:], logging.getLogger(n).propagate = handlers, propagate
     assert (tmp_path / "log.txt").read_text().splitlines()[0].endswith(" INFO first")
+
+
+def test_tensorboard_on_a_full_disk_turns_itself_off(tmp_path, monkeypatch, capsys, caplog):
+    """TensorBoard's writing thread finds no room: one WARNING, no thread traceback, nothing more written, and the
+    run goes on; another error of that thread still ends the run with it."""
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    writer = TensorBoardWriter(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="utils.tensorboard"):
+        for step in range(200):  # the thread fails at its first record; a later call meets its error
+            writer.scalars(step, {"loss": 0.5})
+            if not writer.enabled:
+                break
+        writer.epoch_record(200, {"epoch": 0, "val_mIoU": 1.0})
+        writer.close()
+    assert not writer.enabled
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot write TensorBoard's events in {tmp_path / TENSORBOARD_DIR}: No space left on device; TensorBoard "
+        "logging is off from here; training goes on (its checkpoints need room too)"
+    ]
+    assert "Exception in thread" not in capsys.readouterr().err
+    seen = []  # any other thread's error, or another error of TensorBoard's thread, goes to the hook in place
+    monkeypatch.setattr(tensorboard_module, "_next_hook", [seen.append])
+    thread = type("_AsyncWriterThread", (), {})()
+    for args in (SimpleNamespace(thread=thread, exc_value=ZeroDivisionError()),
+                 SimpleNamespace(thread=object(), exc_value=OSError(errno.ENOSPC, "No space left on device")),
+                 SimpleNamespace(thread=thread, exc_value=OSError(errno.ENOSPC, "No space left on device"))):
+        tensorboard_module._quiet_full_disk(args)
+    assert [type(a.exc_value) for a in seen] == [ZeroDivisionError, OSError] and seen[1].thread is not thread
