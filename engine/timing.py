@@ -4,12 +4,14 @@ code's version, so that a figure measured anywhere can be compared (README: the 
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from yacs.config import CfgNode
 
+from utils.atomic import storage_error
 from utils.distributed import DistInfo
 from utils.logger import get_logger
 from utils.machine import code_version, describe_machine, machine_info
@@ -36,8 +38,17 @@ def report_timing(stopwatch: Stopwatch, cfg: CfgNode, info: DistInfo, run_dir: P
         **stopwatch.as_dict(),
     }
     if info.rank == 0:
-        with open(run_dir / TIMING_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = run_dir / TIMING_FILE
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # the run is done: a full disk costs its timing record only
+            full = storage_error(e, f"this run's line of {path}", "the run itself is complete")
+            if full is None:
+                raise
+            os.truncate(path, size)  # no part of a line left for the readers of the file
+            get_logger().warning("%s", full)
     return record
 
 

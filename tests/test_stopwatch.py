@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from configs import get_config
 from utils import machine
+from utils.distributed import DistInfo
 from utils.stopwatch import Stopwatch, format_seconds
 
 
@@ -208,3 +212,43 @@ def test_code_version(tmp_path):
 def test_code_version_without_git(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found
     assert machine.code_version(Path(__file__).parent) is None
+
+
+def test_a_full_disk_costs_the_timing_record_only(tmp_path, monkeypatch, caplog):
+    """No room for this run's line of timing.jsonl: a WARNING, the earlier lines as they were (no part of the new
+    one), and the run ends normally with its record returned."""
+    import engine.timing as timing
+
+    clock = FakeClock()
+    watch = stopwatch(clock)
+    clock.now += 5
+    watch.lap("start-up")
+    earlier = '{"run": "train", "wall_s": 1.0}\n'
+    (tmp_path / "timing.jsonl").write_text(earlier)
+    real_open = open
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(timing, "open", lambda *a, **k: HalfWritten(real_open(*a, **k)), raising=False)
+    with caplog.at_level(logging.WARNING, logger="lavt"):
+        record = timing.report_timing(watch, get_config(None), DistInfo(0, 1, 0, False, torch.device("cpu")), tmp_path,
+                                      "train")  # fmt: skip
+    assert record["laps"][0]["name"] == "start-up"
+    assert (tmp_path / "timing.jsonl").read_text() == earlier
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"cannot write this run's line of {tmp_path / 'timing.jsonl'}: No space left on device; the run itself is "
+        "complete"
+    ]
