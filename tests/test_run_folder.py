@@ -280,6 +280,13 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypa
     assert "(it was taken by an earlier run of this SLURM job (4242.0; this is 4242.1))" in taker.acquire()
     assert json.loads(lock.read_text())["slurm_job"] == "4242.1"
     taker.release()
+    monkeypatch.delenv("SLURM_JOB_ID")  # outside SLURM the lock names no job (the restart count alone is no job)
+    with RunLock(lock):
+        assert json.loads(lock.read_text())["slurm_job"] == ""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")  # a first run: SLURM sets the count only once it requeues
+    with RunLock(lock):
+        assert json.loads(lock.read_text())["slurm_job"] == "77.0"
 
 
 def test_stale_rule_on_this_host_and_unreadable_locks(tmp_path):
