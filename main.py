@@ -50,6 +50,7 @@ from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, resolve_amp  # noqa: E402
 from utils.atomic import StorageError  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
+from utils.errors import error_line  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
@@ -205,8 +206,7 @@ def cli(argv: list[str] | None = None, started: float | None = None) -> int:
         if _is_first_rank():
             # (a full disk: once there is room, a training goes on from the checkpoint it last wrote)
             resume = "; a training continues from its last checkpoint with --resume auto"
-            line = f"main.py: error: {type(e).__name__}: {e}" + (resume if isinstance(e, StorageError) else "")
-            print(line.replace("\n", " "), file=sys.stderr)
+            print(error_line("main.py", e) + (resume if isinstance(e, StorageError) else ""), file=sys.stderr)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ from data.image_io import ImageReadError
 from engine.preemption import EXIT_INTERRUPTED
 from models import CheckpointError
 from utils.atomic import StorageError
+from utils.errors import error_line
 
 # What a user can get wrong (files, checkpoints, config, flags), and a full disk; anything else is a bug and keeps
 # its traceback.
@@ -30,7 +31,7 @@ def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str]
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"{prog}: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        print(error_line(prog, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

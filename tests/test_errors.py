@@ -1,0 +1,84 @@
+"""The one line of an error (``utils.errors``), also for one raised in a DataLoader worker, whose message PyTorch
+makes the worker's whole traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import main as main_module
+from refer import ReferFileNotFoundError
+from utils.errors import error_line, error_message
+
+from .helpers_train import tiny_env, tiny_main_argv
+
+
+class Failing(Dataset):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 2:
+            raise self.error
+        return torch.zeros(1)
+
+
+def raised_in_a_worker(error: BaseException) -> BaseException:
+    with pytest.raises(type(error)) as caught:
+        list(DataLoader(Failing(error), batch_size=1, num_workers=1))
+    return caught.value
+
+
+def chained() -> BaseException:
+    try:
+        try:
+            raise OSError("disk")
+        except OSError as e:
+            raise ValueError("bad image: x.jpg") from e
+    except ValueError as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (ReferFileNotFoundError("image not found: /d/x.jpg"), "image not found: /d/x.jpg"),
+        (KeyError("ref_id"), "'ref_id'"),
+        (chained(), "bad image: x.jpg"),  # the last of a chain: the error raised
+        (ValueError(""), ""),
+    ],
+)
+def test_an_error_of_a_worker_keeps_its_message_and_says_where(error, message):
+    caught = raised_in_a_worker(error)
+    assert "Original Traceback" in str(caught)  # what PyTorch gives
+    assert error_message(caught) == f"{message} (in DataLoader worker process 0)"
+    assert error_line("p", caught) == f"p: error: {type(error).__name__}: {message} (in DataLoader worker process 0)"
+
+
+def test_other_errors_are_their_message_on_one_line():
+    assert error_line("main.py", ValueError("a\nb")) == "main.py: error: ValueError: a b"
+    assert error_message(KeyError("k")) == "'k'"
+    looks_wrapped = "Caught nothing in here.\nOriginal Traceback (most recent call last):\nno colon here"
+    assert error_message(RuntimeError(looks_wrapped)) == "no colon here (in here)"  # a last line kept whole
+
+
+def test_main_says_a_workers_error_in_one_line(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """An image that disappears during training (checked before it started): main.py's one line names it and the
+    worker, without the worker's traceback."""
+    import data.dataset as dataset_module
+
+    env = tiny_env(tmp_path_factory)
+    capsys.readouterr()  # (making the tiny text encoder shows a progress bar)
+
+    def gone(path, *args, **kwargs):
+        raise ReferFileNotFoundError(f"image not found: {path}")
+
+    monkeypatch.setattr(dataset_module, "open_rgb", gone)  # the workers are forked: they see it too
+    assert main_module.cli(tiny_main_argv(env, tmp_path, DATA__WORKERS=1)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("main.py: error: ReferFileNotFoundError: image not found: ")
+    assert line.endswith(".jpg (in DataLoader worker process 0)") and "Traceback" not in line
