@@ -3,13 +3,17 @@ makes the worker's whole traceback."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import main as main_module
 from refer import ReferFileNotFoundError
-from utils.errors import error_line, error_message
+from utils.errors import error_line, error_message, is_worker_death
 
 from .helpers_train import tiny_env, tiny_main_argv
 
@@ -82,3 +86,31 @@ def test_main_says_a_workers_error_in_one_line(tmp_path_factory, tmp_path, monke
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("main.py: error: ReferFileNotFoundError: image not found: ")
     assert line.endswith(".jpg (in DataLoader worker process 0)") and "Traceback" not in line
+
+
+def test_a_killed_worker_is_one_line_with_what_to_do(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """A DataLoader worker killed (SIGKILL, as the out-of-memory killer sends it): one line naming it and what to do,
+    status 1, the run folder's lock released."""
+    import data.dataset as dataset_module
+
+    env = tiny_env(tmp_path_factory)
+    capsys.readouterr()
+    real = dataset_module.open_rgb
+
+    def killed_in_a_worker(path, *args, **kwargs):
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "open_rgb", killed_in_a_worker)
+    assert main_module.cli(tiny_main_argv(env, tmp_path, DATA__WORKERS=1)) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(
+        r"main\.py: error: RuntimeError: DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed|exited "
+        r"unexpectedly)\. A data loader "  # (PyTorch says either, as the worker's death is noticed)
+        r"process died: most often the out-of-memory killer \(fewer DATA\.WORKERS or a smaller batch need less "
+        r"memory\); a training continues from its last checkpoint with --resume auto",
+        line,
+    ), line
+    assert not (tmp_path / "tiny" / "train.lock").exists()
+    assert not is_worker_death(RuntimeError("CUDA out of memory")) and not is_worker_death(ValueError("DataLoader"))

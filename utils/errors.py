@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["error_line", "error_message"]
+__all__ = ["error_line", "error_message", "is_worker_death"]
 
 # PyTorch's ExceptionWrapper.reraise: "Caught <Type> <where>.\nOriginal Traceback (most recent call last):\n..."
 _WRAPPED = re.compile(r"Caught (\w+) (in .+?)\.\nOriginal Traceback \(most recent call last\):\n")
@@ -32,3 +32,9 @@ def error_message(error: BaseException) -> str:
 def error_line(prog: str, error: BaseException) -> str:
     """``<prog>: error: <Type>: <message>`` on one line (``error_message``; line breaks become spaces)."""
     return f"{prog}: error: {type(error).__name__}: {error_message(error)}".replace("\n", " ")
+
+
+def is_worker_death(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch's report of a DataLoader worker that died (killed by a signal, most often the
+    out-of-memory killer's SIGKILL, or exited): "DataLoader worker (pid 123) is killed by signal: Killed."."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")
