@@ -50,7 +50,7 @@ from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, resolve_amp  # noqa: E402
 from utils.atomic import StorageError  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
-from utils.errors import error_line, is_worker_death  # noqa: E402
+from utils.errors import error_line, is_out_of_memory, is_worker_death  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
@@ -184,7 +184,7 @@ def _is_first_rank() -> bool:
 def cli(argv: list[str] | None = None, started: float | None = None) -> int:
     """``main`` for the command line: returns the exit status (0; 2 after a one-line error from rank 0;
     ``EXIT_PREEMPTED`` after a stop request, ``EXIT_INTERRUPTED`` after Ctrl-C, with one line saying where the
-    checkpoint is; 1 after the one line of a DataLoader worker that died)."""
+    checkpoint is; 1 after the one line of a DataLoader worker that died, or of memory run out)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
@@ -208,12 +208,17 @@ def cli(argv: list[str] | None = None, started: float | None = None) -> int:
             resume = "; a training continues from its last checkpoint with --resume auto"
             print(error_line("main.py", e) + (resume if isinstance(e, StorageError) else ""), file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if debug or not is_worker_death(e):
+    except (RuntimeError, MemoryError) as e:
+        if debug or not (is_worker_death(e) or is_out_of_memory(e)):
             raise
-        # said by the process whose worker died, whichever rank it is
-        advice = ("A data loader process died: most often the out-of-memory killer (fewer DATA.WORKERS or a smaller "
-                  "batch need less memory); a training continues from its last checkpoint with --resume auto")
+        # said by the process that met it, whichever rank it is
+        if is_worker_death(e):
+            advice = ("A data loader process died: most often the out-of-memory killer (fewer DATA.WORKERS or a "
+                      "smaller batch need less memory)")
+        else:
+            advice = ("Out of memory: a smaller batch (--batch_size, or --eval_batch_size), --grad_checkpoint or "
+                      "--amp bf16 need less")
+        advice += "; a training continues from its last checkpoint with --resume auto"
         said = error_line("main.py", e).rstrip()  # "... is killed by signal: Killed. " or "... exited unexpectedly"
         print(f"{said}{'' if said.endswith('.') else '.'} {advice}", file=sys.stderr)
         return 1

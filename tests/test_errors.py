@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import main as main_module
 from refer import ReferFileNotFoundError
-from utils.errors import error_line, error_message, is_worker_death
+from utils.errors import error_line, error_message, is_out_of_memory, is_worker_death
 
 from .helpers_train import tiny_env, tiny_main_argv
 
@@ -114,3 +114,37 @@ def test_a_killed_worker_is_one_line_with_what_to_do(tmp_path_factory, tmp_path,
     ), line
     assert not (tmp_path / "tiny" / "train.lock").exists()
     assert not is_worker_death(RuntimeError("CUDA out of memory")) and not is_worker_death(ValueError("DataLoader"))
+
+
+def test_memory_run_out_is_one_line_with_what_to_do(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """Out of memory at the second step, as CUDA reports it and as the CPU allocator does (a real failed
+    allocation): one line each, status 1."""
+    from engine import trainer as trainer_module
+
+    env = tiny_env(tmp_path_factory)
+    capsys.readouterr()
+    real = trainer_module.build_criterion
+    cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB, 1 GiB free."
+    advice = ("Out of memory: a smaller batch (--batch_size, or --eval_batch_size), --grad_checkpoint or --amp bf16 "
+              "need less; a training continues from its last checkpoint with --resume auto")  # fmt: skip
+    for run, (fail, said) in enumerate([
+        (lambda: (_ for _ in ()).throw(torch.OutOfMemoryError(cuda)), f"OutOfMemoryError: {cuda}"),
+        (lambda: torch.empty(2**60, dtype=torch.uint8), "RuntimeError: DefaultCPUAllocator: can't allocate memory: "
+         f"you tried to allocate {2**60} bytes. Error code 12 (Cannot allocate memory)."),
+    ]):  # fmt: skip
+
+        def build(name, weights, fail=fail):
+            criterion, calls = real(name, weights), []
+
+            def loss(logits, target):
+                calls.append(1)
+                if len(calls) == 2:
+                    fail()
+                return criterion(logits, target)
+
+            return loss
+
+        monkeypatch.setattr(trainer_module, "build_criterion", build)
+        assert main_module.cli(tiny_main_argv(env, tmp_path / str(run))) == 1
+        assert capsys.readouterr().err.splitlines() == [f"main.py: error: {said} {advice}"]
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
