@@ -184,12 +184,18 @@ def test_benchmark_help_shows_the_defaults():
     assert "(default: 224)" in text and "(default: fused,bf16,fused+bf16)" in text
 
 
-def test_input_benchmark_smoke(capsys):
-    """``tools.bench_input``: one row per preprocessing and form, printed as JSON lines, then the machine line."""
+def test_input_benchmark_smoke(capsys, monkeypatch):
+    """``tools.bench_input``: one row per preprocessing and form, printed as JSON lines, then the machine line; each
+    row times a dataset built as the row says."""
     import cv2
 
     cv2.setNumThreads(2)
+    timed, real = [], bench_input.bench
+    monkeypatch.setattr(bench_input, "bench", lambda ds, *a: timed.append((ds.resize, ds.mask_parts,
+                                                                          ds.eval_mode)) or real(ds, *a))  # fmt: skip
     rows = bench_input.main(["--size", "48", "--items", "3", "--repeats", "1"])
+    assert timed == [("pil", "official", False), ("pil", "official", True), ("cv2", "union", False),
+                     ("cv2", "union", True)]  # fmt: skip
     assert cv2.getNumThreads() == 1  # as DataLoader workers run it (data/opencv.py)
     assert [(r["resize"], r["mask_parts"], r["form"], r["size"]) for r in rows] == [
         ("pil", "official", "train", 48), ("pil", "official", "eval", 48),

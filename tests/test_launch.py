@@ -139,6 +139,23 @@ def test_one_process_logs_its_launcher(monkeypatch, caplog):
     assert init_distributed_mode("cpu").launcher == Launch("slurm", 0, 1, 0).describe() != info.launcher
 
 
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """torchrun's rank 1 of 2 on a node of 4 GPUs: GPU 1, set as the current device and named in its DistInfo (the
+    group itself, NCCL's, is not formed here: no GPU)."""
+    import torch.distributed as dist
+
+    for name in ("SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    info = init_distributed_mode("cuda")
+    assert chosen == [1] and info.device == torch.device("cuda", 1) and (info.rank, info.world_size) == (1, 2)
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

@@ -222,6 +222,31 @@ def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
     assert tokens[0] != tokens[1]
 
 
+def test_the_lock_restores_sigterm_each_time_it_is_taken(tmp_path):
+    """Taken where SIGTERM has its default action, the lock makes it an exit that releases it, and gives the default
+    back on release; taken again under a handler of its caller's, it leaves that handler as it was, before and
+    after."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        lock = RunLock(tmp_path / LOCK_NAME)
+        lock.acquire()
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        lock.release()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        def callers(signum, frame):
+            raise AssertionError("not sent")
+
+        signal.signal(signal.SIGTERM, callers)
+        lock.acquire()
+        assert signal.getsignal(signal.SIGTERM) is callers
+        lock.release()
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_release_leaves_a_lock_another_process_has_taken(tmp_path):
     """A holder whose lock was taken over (it had gone silent past the stale time) releases only its own: the new
     holder's file, with its token, stays."""

@@ -16,6 +16,7 @@ import html
 import http.client
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -241,6 +242,23 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
     long = " ".join(["red"] * 20)  # more tokens than MAX_TOKENS: segmented, with a warning
     status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts=long)
     assert status == 200 and "more than the 12 the model reads" in answer["results"][0]["warning"]
+
+
+def test_a_failed_prediction_is_a_500_and_a_logged_traceback(url, files, monkeypatch, caplog):
+    """A bug in predicting (not the upload's fault): the answer says so (500), the log names the upload with the
+    traceback, and the server goes on serving."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(demo.Predictor, "predict", broken)
+    with caplog.at_level(logging.ERROR, logger="tools.web"):
+        status, answer = post(url, files["photo"].read_bytes(), name="photo.png", texts="the red circle")
+    assert (status, answer) == (500, {"error": "internal error: RuntimeError: boom"})
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage() == "predict failed for 'photo.png'" and record.exc_info[0] is RuntimeError
+    monkeypatch.undo()
+    assert post(url, files["photo"].read_bytes(), name="photo.png", texts="the red circle")[0] == 200
 
 
 @pytest.mark.parametrize(
