@@ -328,9 +328,13 @@ class REFER:
         Returns:
             {'mask': [H, W] uint8 in {0, 1} at the image's size, 'area': float, its pixel count}.
         """
+        if not isinstance(ref, dict) or "ref_id" not in ref:
+            raise TypeError(f"getMask takes a ref (a dict with its ref_id, as loadRefs returns it), got {ref!r:.80}; "
+                            "getMaskByRef(ref_id=...) takes the id")  # fmt: skip
         ref_id = ref["ref_id"]
         ann = self._lookup(self.refToAnn, ref_id, "ref_id")
-        image = self._lookup(self.Imgs, ref["image_id"], "image_id")
+        # (a ref written by hand may leave its image out: its annotation names it)
+        image = self._lookup(self.Imgs, ref.get("image_id", ann.get("image_id")), "image_id")
         height, width = int(image["height"]), int(image["width"])
         ann_id = ann.get("id")
         where = f"annotation {ann_id!r} (ref {ref_id!r}) of {self.dataset}"

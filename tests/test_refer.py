@@ -416,6 +416,13 @@ def test_unknown_ids(hand: REFER):
         hand.getAnnIds(ref_ids=[1234])
     with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
         hand.getMask({"ref_id": 1234, "image_id": hand.Refs[0]["image_id"]})  # a ref made by hand, not the file's
+    # a ref by hand with its id alone: its annotation names the image; an id where a ref goes is named as such
+    np.testing.assert_array_equal(hand.getMask({"ref_id": 0})["mask"], hand.getMask(hand.Refs[0])["mask"])
+    for wrong in (0, {"image_id": 5}):
+        with pytest.raises(TypeError) as caught:
+            hand.getMask(wrong)
+        assert str(caught.value) == (f"getMask takes a ref (a dict with its ref_id, as loadRefs returns it), got "
+                                     f"{wrong!r}; getMaskByRef(ref_id=...) takes the id")  # fmt: skip
     with pytest.raises(ReferKeyError, match=r"image_id 77 is not in refcoco"):
         hand.loadImgs(77)
     with pytest.raises(ReferKeyError, match=r"category_id 9"):
