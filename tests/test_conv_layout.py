@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import models.winograd as winograd
 from models import build_model
 from models.conv import WEIGHT_LAYOUTS, Conv3x3, laid_out, training_layout
-from models.decoder import SimpleDecoder, decoder_layouts
+from models.decoder import SimpleDecoder, build_decoder, decoder_layouts
 
 from .helpers_model import tiny_cfg
 
@@ -100,6 +100,8 @@ def test_build_model_lays_the_decoder_out_for_its_config(no_amx):
     assert layouts(128, F32) == ["ohwi", "oihw", "oihw", "oihw", "hwio", "hwio"]
     assert layouts(64, BF16) == ["ohwi"] * 6
     assert layouts(128, BF16, "meta") == ["oihw"] * 6  # not a CPU: the usual order
+    plain = build_decoder(8)  # built alone, without a training shape: the usual order too
+    assert [plain.get_submodule(f"conv{i}_{level}").layout for level in "432" for i in (1, 2)] == ["oihw"] * 6
 
 
 PATHS = {  # map side, batch 2: 1568, 512, 98 and 50 tiles
