@@ -48,7 +48,6 @@ from data.opencv import cv2
 from data.synthetic_args import NUMBERS, SPLIT_ORDER, check_arguments, images_per_split, renamed, synthetic_sizes
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
 from data.synthetic_text import describe_object
-from utils.errors import error_line
 
 __all__ = [
     "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
@@ -369,7 +368,7 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, PermissionError) as e:  # a user's mistake: one line, as main.py says it
-        print(error_line("python -m data.synthetic", e), file=sys.stderr)
+        print(f"python -m data.synthetic: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # status 130, as a shell reports it; generating.json marks the set as cut off
         print("python -m data.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote",
