@@ -181,7 +181,8 @@ def make_image(rng: np.random.Generator, args: dict[str, Any], group: str | None
         if len(objects) >= args["min_objects"] and (not group or in_group >= min(2, args["min_objects"])):
             break
     else:
-        raise RuntimeError(f"cannot place {args['min_objects']} objects in a {w}x{h} image; lower min_objects")
+        raise ValueError(f"cannot place min_objects={args['min_objects']} objects in a {w}x{h} image (20 layouts "
+                         "drawn); lower min_objects or raise min_size")  # fmt: skip
     img = _background(rng, h, w)
     for obj in objects:
         _paint(img, obj["full"], COLOURS[obj["colour"]], rng)

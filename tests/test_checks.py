@@ -121,6 +121,12 @@ def test_a_folder_in_place_of_an_image_is_named(bad: REFER):
     image.mkdir()
     with pytest.raises(ImageCheckError, match=r"^3 of 3 images .*; h_good\.png \(not a file\)$"):
         check_images(bad, ["val"], workers=1)
+    image.rmdir()
+    image.write_bytes(b"x")  # a file where the next name expects a folder: that image's path cannot be looked up
+    with pytest.raises(ImageCheckError) as caught:
+        check_images(bad, ["val"], image_dir=image, workers=1)
+    why = "(cannot be read (NotADirectoryError: Not a directory))"
+    assert str(caught.value).endswith(f"f_text.jpg {why}; g_cut.png {why}; h_good.png {why}")
 
 
 def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Path, monkeypatch):

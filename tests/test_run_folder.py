@@ -314,6 +314,20 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_at_once(tmp_path, monkeypa
         assert json.loads(lock.read_text())["slurm_job"] == "77.0"
 
 
+def test_a_holder_of_another_user_counts_as_running(monkeypatch):
+    """Signal 0 to a live process of another user is refused (EPERM): it runs, and its lock is held; to no process
+    (ESRCH): it does not. (This machine's tests run as root, who may signal anyone: os.kill is stubbed.)"""
+    answers = {1234: PermissionError(1, "Operation not permitted"), 5678: ProcessLookupError(3, "No such process")}
+
+    def kill(pid, signum):
+        assert signum == 0
+        if pid in answers:
+            raise answers[pid]
+
+    monkeypatch.setattr(lock_module.os, "kill", kill)
+    assert [lock_module._pid_running(pid) for pid in (1234, 5678, 42)] == [True, False, True]
+
+
 def test_stale_rule_on_this_host_and_unreadable_locks(tmp_path):
     lock, host = tmp_path / LOCK_NAME, socket.gethostname()
     _write_lock(lock, 0, host=host, pid=os.getpid(), pid_start=-1, token="t")  # a live pid, another process

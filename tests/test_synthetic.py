@@ -440,6 +440,19 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str):
     assert {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()} == before
 
 
+def test_objects_that_cannot_fit_are_one_error_naming_the_flags(tmp_path: Path):
+    """30 objects in 16 x 16 pixels: a ValueError naming the flags (it was a RuntimeError's traceback from a drawing
+    process); what was written is marked as cut off, and the next run into the root removes it."""
+    small = ["--root", str(tmp_path), "--num-images", "4", "--min-size", "16", "--max-size", "16"]
+    with pytest.raises(ValueError) as caught:
+        main([*small, "--min-objects", "30", "--max-objects", "30"])
+    assert str(caught.value) == ("cannot place --min-objects=30 objects in a 16x16 image (20 layouts drawn); lower "
+                                 "--min-objects or raise --min-size")  # fmt: skip
+    assert (tmp_path / "synthetic" / "generating.json").is_file()
+    main([*small, "--min-objects", "1", "--max-objects", "2"])
+    assert len(REFER(tmp_path, "synthetic").Imgs) == 4 and not (tmp_path / "synthetic" / "generating.json").exists()
+
+
 def test_the_bounds_themselves_are_accepted():
     """Each range of ``check_arguments`` includes its ends: 16 px, one size, one object count, one expression, ..."""
     for min_size, max_size, min_objects, max_objects in ((16, 16, 1, 1), (64, 64, 3, 3), (16, 300, 1, 9)):

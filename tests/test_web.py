@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -421,3 +422,15 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
             web.WebApp(predictor).make_server("127.0.0.1", port)
     with pytest.raises(ValueError, match=r"^cannot listen on 127.0.0.1:70000: bind\(\): port must be 0-65535"):
         web.WebApp(predictor).make_server("127.0.0.1", 70000)
+
+
+def test_the_default_address_is_the_readmes(predictor, monkeypatch):
+    """http://127.0.0.1:7860/, as README.md gives it, from the command line and from ``make_server()`` alike (the
+    server class stubbed: nothing is bound)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "http://127.0.0.1:7860/" in readme
+    assert web.get_parser().parse_args(["--checkpoint", "x.pth"]).port == 7860
+    asked = []
+    monkeypatch.setattr(web, "_Server", lambda address, handler: asked.append(address) or SimpleNamespace())
+    web.WebApp(predictor).make_server()
+    assert asked == [("127.0.0.1", 7860)]

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("web") / "index.html"
 DRAIN_CHUNK = 1 << 20
+DEFAULT_PORT = 7860  # the page's address in the README: http://127.0.0.1:7860/
 
 
 # ----------------------------------------------------------------------------- the server
@@ -261,7 +262,7 @@ class WebApp:
                 raise UploadError("the server stopped before this upload's turn (not predicted)", status=503)
             return segment(self.predictor, data, name, text, self.limits)
 
-    def make_server(self, host: str = "127.0.0.1", port: int = 7860) -> _Server:
+    def make_server(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> _Server:
         """A bound HTTP server (port 0: a free port; the chosen one is ``server.server_address[1]``).
 
         Raises ValueError (one line) when the address cannot be had (a port in use, an unknown host)."""
@@ -290,7 +291,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
     )
-    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free one)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0: any free one)")
     p.add_argument(
         "--max_megabytes",
         type=float,
