@@ -3,6 +3,7 @@ memory, interleaved timing, the tables and JSON it writes, each on a tiny config
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from models import build_model
 from tools import bench_input, bench_workload, benchmark
 from tools.bench_report import format_tables
 from tools.cli import run_cli
+from utils import checkpoint as checkpoint_io
 from utils.profiling import PeakMemory, count_flops, time_interleaved
 
 from .conftest import tiny_opts
@@ -385,6 +387,18 @@ def test_command_line_mistakes_and_failed_variants(monkeypatch, tmp_path, capsys
     assert benchmark.cli([*argv, "--output", str(out)]) == 1
     assert capsys.readouterr().err.endswith("python -m tools.benchmark: 2 variant(s) failed: base, bf16\n")
     assert [r["error"] for r in json.loads(out.read_text())["results"]] == ["exit 1: boom"] * 2
+    before = out.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", full)  # the disk fills as the JSON is written
+    assert benchmark.cli([*argv, "--output", str(out)]) == 2
+    said = capsys.readouterr()
+    assert "exit 1: boom" in said.out  # the table came first: nothing measured is lost
+    assert said.err.splitlines()[-1] == (f"python -m tools.benchmark: error: StorageError: cannot write file {out}: No "
+                                         "space left on device; the file there, if any, is as it was")  # fmt: skip
+    assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == [out.name]
 
 
 @pytest.mark.parametrize("encoder", [False, True], ids=["text_features", "text_encoder"])

@@ -36,6 +36,7 @@ from models import build_model  # noqa: E402
 from models.build import compile_model  # noqa: E402
 from utils.allocator import keep_freed_memory, return_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, autocast  # noqa: E402
+from utils.checkpoint import write_text_atomic  # noqa: E402
 from utils.machine import machine_info  # noqa: E402
 from utils.profiling import PeakMemory, current_rss_bytes, matmul_flops_per_s, time_interleaved, time_runs  # noqa: E402
 
@@ -351,9 +352,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results.append(run_isolated(spec))
     report["machine"]["load_average_after"] = os.getloadavg()
     report["results"] = results
+    print(format_report(report))  # first: a JSON that cannot be written (a full disk) loses no figure
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1))
-    print(format_report(report))
+    write_text_atomic(args.output, json.dumps(report, indent=1))
     print(f"\nJSON: {args.output}")
     return report
 
