@@ -73,9 +73,20 @@ def _image_file(index: int) -> str:
     return f"COCO_train2014_{IMAGE_ID_OFFSET + index:012d}.jpg"
 
 
+def _write(path: Path, data: bytes) -> None:
+    """``data`` into ``path``; a write that fails (a full disk, ...) is one SyntheticRootError naming the file, what
+    it wrote of it removed (the run's generating.json lets the next run remove the rest)."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        why = f"{e.strerror or e}; the next run into that root removes what this one wrote"
+        raise SyntheticRootError(f"cannot write the synthetic dataset's {path} (DATA.ROOT, --root): {why}") from None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    _write(tmp, data)
     os.replace(tmp, path)
 
 
@@ -224,7 +235,7 @@ def _draw_image(
     ok, jpeg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode {file_name} as JPEG")
-    (image_dir / file_name).write_bytes(jpeg.tobytes())
+    _write(image_dir / file_name, jpeg.tobytes())
     described = []
     for t, obj in enumerate(objects):
         if group and SUPERCATEGORY[obj["kind"]] != group:
@@ -373,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # a user's mistake: one line, as main.py says it
+    except (ValueError, OSError) as e:  # a user's mistake, or a full disk: one line, as main.py says it
         print(f"python -m data.synthetic: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # status 130, as a shell reports it; generating.json marks the set as cut off

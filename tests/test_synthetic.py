@@ -3,6 +3,7 @@ object (checked by an evaluator written here, independent of the generator's), w
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from data.synthetic import (
     GROUP_OF_SPLIT,
     SIZE_RANGES,
     SPLIT_ORDER,
+    SyntheticRootError,
     ensure_synthetic,
     generate,
     main,
@@ -451,6 +453,31 @@ def test_objects_that_cannot_fit_are_one_error_naming_the_flags(tmp_path: Path):
     assert (tmp_path / "synthetic" / "generating.json").is_file()
     main([*small, "--min-objects", "1", "--max-objects", "2"])
     assert len(REFER(tmp_path, "synthetic").Imgs) == 4 and not (tmp_path / "synthetic" / "generating.json").exists()
+
+
+def test_a_full_disk_is_one_error_and_the_next_run_cleans_up(tmp_path: Path, monkeypatch):
+    """The disk fills at the third image: a SyntheticRootError naming that file, no part of it left; the next run
+    with room removes what the first wrote and generates the set."""
+    real, written = Path.write_bytes, []
+
+    def fills(path, data):
+        if len(written) == 3:  # generating.json, then two images
+            real(path, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fills)
+    small = dict(num_images=4, min_size=64, max_size=64, workers=1)
+    with pytest.raises(SyntheticRootError) as caught:
+        ensure_synthetic(tmp_path, **small)
+    third = tmp_path / "images/mscoco/images/train2014/COCO_train2014_000001000002.jpg"
+    assert str(caught.value) == (f"cannot write the synthetic dataset's {third} (DATA.ROOT, --root): No space left on "
+                                 "device; the next run into that root removes what this one wrote")  # fmt: skip
+    assert not third.exists() and (tmp_path / "synthetic/generating.json").is_file()
+    monkeypatch.setattr(Path, "write_bytes", real)
+    ensure_synthetic(tmp_path, **small)
+    assert len(REFER(tmp_path, "synthetic").Imgs) == 4 and third.is_file()
 
 
 def test_the_bounds_themselves_are_accepted():
