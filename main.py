@@ -49,6 +49,7 @@ from models.text import load_tokenizer  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, resolve_amp  # noqa: E402
 from utils.atomic import StorageError  # noqa: E402
+from utils.checkpoint import write_text_atomic  # noqa: E402
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
 from utils.errors import error_line, is_out_of_memory, is_worker_death  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
@@ -125,7 +126,7 @@ def _run_in(
         logger.info(describe_batch(cfg.TRAIN.BATCH_SIZE, info.world_size))
     config_file = run_dir / ("config_eval.yaml" if args.eval else "config.yaml")
     if info.rank == 0:
-        config_file.write_text(cfg.dump(), encoding="utf-8")
+        write_text_atomic(config_file, cfg.dump())  # (a full disk: one StorageError line, no half config)
     logger.info("full config written to %s", config_file)
     seed_everything(cfg.TRAIN.SEED + info.rank)
     if cfg.DATA.DATASET == "synthetic":

@@ -119,8 +119,14 @@ def _valid_entry(entry: Any) -> bool:
 def _save_cache(cache_file: Path, images: dict[str, list]) -> None:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "images": images}, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, cache_file)  # readers see the old file or the new one, never half of one
+    try:
+        text = json.dumps({"version": CACHE_VERSION, "images": images}, separators=(",", ":"))
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, cache_file)  # readers see the old file or the new one, never half of one
+    except OSError as e:  # (a full disk): only a cache; the next check reads the images again
+        tmp.unlink(missing_ok=True)
+        logging.getLogger(__name__).warning("image check cache %s not written (%s): the next run checks the images "
+                                            "again", cache_file, e.strerror or e)  # fmt: skip
 
 
 def _image_records(refer: Any, splits: Iterable[str]) -> list[dict]:

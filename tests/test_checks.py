@@ -3,6 +3,7 @@ wrong size), cached per file stamp; expressions that tokenise to nothing or past
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -157,6 +158,30 @@ def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Pat
     (image_dir / "a_good.jpg").write_bytes(encoded("JPEG", 41, 30))
     with pytest.raises(ImageCheckError, match=r"a_good\.jpg \(is 41x30 \(WxH\), instances\.json says 40x30"):
         check_images(bad, ["train", "val"], cache_file=cache)
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(bad: REFER, tmp_path: Path, monkeypatch, caplog):
+    """No room for the image check's cache: the check's result stands, a WARNING says the next run checks again, and
+    no temporary file stays."""
+    image_dir = Path(bad.IMAGE_DIR)
+    for name in os.listdir(image_dir):  # the good images only, as above
+        if name not in ("a_good.jpg", "h_good.png"):
+            (image_dir / name).unlink()
+    for ref in bad.data["refs"]:
+        if ref["file_name"] not in ("a_good.jpg", "h_good.png"):
+            ref["split"] = "testB"
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checks.os, "replace", full)
+    cache = tmp_path / "cache" / "images.json"
+    with caplog.at_level(logging.WARNING, logger="data.checks"):
+        assert check_images(bad, ["train", "val"], cache_file=cache).checked == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image check cache {cache} not written (No space left on device): the next run checks the images again"
+    ]
+    assert list(cache.parent.iterdir()) == []
 
 
 def test_an_unreadable_header_is_named_with_its_reason(tmp_path: Path):

@@ -3,6 +3,7 @@ makes the worker's whole traceback."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -148,3 +149,30 @@ def test_memory_run_out_is_one_line_with_what_to_do(tmp_path_factory, tmp_path, 
         assert main_module.cli(tiny_main_argv(env, tmp_path / str(run))) == 1
         assert capsys.readouterr().err.splitlines() == [f"main.py: error: {said} {advice}"]
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_full_disk_at_the_start_leaves_no_lock_and_no_half_file(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """No room for the lock file: one line, no lock left to hold the folder. Room for the lock but not for
+    config.yaml: one line naming it, the lock released, no config.yaml (or part of one)."""
+    env = tiny_env(tmp_path_factory)
+    capsys.readouterr()
+    real, calls = os.fsync, []
+
+    def fsync(fd, fail_from):
+        calls.append(fd)
+        if len(calls) >= fail_from:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    run_dir = tmp_path / "tiny"
+    for fail_from, what, after in [(1, f"the lock file {run_dir / 'train.lock'}", "no lock is left behind"),
+                                   (2, f"file {run_dir / 'config.yaml'}", "the file there, if any, is as it was")]:
+        calls.clear()
+        monkeypatch.setattr(os, "fsync", lambda fd, n=fail_from: fsync(fd, n))
+        assert main_module.cli(tiny_main_argv(env, tmp_path)) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"main.py: error: StorageError: cannot write {what}: No space left on device; {after}; a training "
+            "continues from its last checkpoint with --resume auto"
+        ]
+        # the log begins once the folder is locked, and stays
+        assert sorted(p.name for p in run_dir.iterdir()) == ([] if fail_from == 1 else ["log.txt"])
