@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
@@ -213,7 +214,12 @@ class _Server(ThreadingHTTPServer):
             queued = app.queued if app is not None else 0
             logger.info("stopping: waiting for %d open connection(s); a prediction in progress is answered first%s",
                         len(connections), f", {queued} queued refused" if queued else "")  # fmt: skip
-        super().server_close()  # joins the connections' threads
+        super(ThreadingMixIn, self).server_close()  # the listening socket; ThreadingMixIn's would also join:
+        # the kernel may hand a Ctrl-C to any thread (a connection's, OpenMP's), and then only the main thread's next
+        # bytecode raises it: joined in steps of 0.1 s, a second Ctrl-C ends the command at once (_exit_now)
+        for thread in list(getattr(self, "_threads", ())):
+            while thread.is_alive():
+                thread.join(0.1)
 
     @property
     def open_connections(self) -> int:
