@@ -217,7 +217,7 @@ class _Server(ThreadingHTTPServer):
         super(ThreadingMixIn, self).server_close()  # the listening socket; ThreadingMixIn's would also join:
         # the kernel may hand a Ctrl-C to any thread (a connection's, OpenMP's), and then only the main thread's next
         # bytecode raises it: joined in steps of 0.1 s, a second Ctrl-C ends the command at once (_exit_now)
-        for thread in list(getattr(self, "_threads", ())):
+        for thread in list(vars(self).get("_threads", ())):  # (set by the first connection; none before it)
             while thread.is_alive():
                 thread.join(0.1)
 
