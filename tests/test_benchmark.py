@@ -259,7 +259,8 @@ def test_benchmark_interleaved_variants(tmp_path):
     assert [r["variant"] for r in results] == ["base", "fused+bf16", "fused"]
     for r in results:
         assert r["train"]["step_ms"] > 0 and "peak_mb" not in r["train"]
-        assert r["eval"]["batch8"]["expr_per_s"] > 0
+        assert sorted(r["eval"]) == ["batch1", "batch8"]  # one expression at a time, then the batch asked for
+        assert r["eval"]["batch1"]["expr_per_s"] > 0 and r["eval"]["batch8"]["expr_per_s"] > 0
     with pytest.raises(ValueError, match="cast_once needs one autocast region"):
         benchmark.run_interleaved([benchmark.BenchSpec(variant="bf16+cast_once", opts=TINY_OPTS, phases=[])])
 

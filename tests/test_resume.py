@@ -432,6 +432,7 @@ def test_allowed_world_size_change(env, stopped, tmp_path, monkeypatch):
 def test_seeded_items_do_not_depend_on_order_or_workers(tmp_path_factory):
     """With a seed, an item's random choices (expression, augmentation) depend on (seed, epoch, index) only."""
     ds = build_dataset(tiny_cfg(tmp_path_factory, DATA__AUGMENT=True), "train", eval_mode=False)
+    fresh = ds[5]["image"]  # a new dataset is at epoch 0, as a run's first epoch
     indices = [5, 0, 17, 5]
 
     def items(epoch: int, workers: int) -> list[dict]:
@@ -440,7 +441,7 @@ def test_seeded_items_do_not_depend_on_order_or_workers(tmp_path_factory):
         return list(loader)
 
     first = items(0, 0)
-    assert torch.equal(first[0]["image"], first[3]["image"])  # index 5 twice: the same draw
+    assert torch.equal(first[0]["image"], first[3]["image"]) and torch.equal(first[0]["image"], fresh)
     for a, b in zip(first, items(0, 2)):  # in 2 worker processes
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(first[0]["image"], items(1, 0)[0]["image"])  # another epoch, another augmentation

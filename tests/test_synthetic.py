@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import pickle
@@ -323,7 +324,7 @@ def test_deterministic(root: Path, tmp_path: Path, workers: int):
     assert [r["sentences"] for r in refs_a] != [r["sentences"] for r in refs_b]
 
 
-def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
+def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path, caplog):
     instances = tmp_path / "synthetic" / "instances.json"
     ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80)
     stamp = instances.stat().st_mtime_ns
@@ -333,8 +334,13 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path: Path):
     assert instances.stat().st_mtime_ns == stamp  # same arguments: kept
     ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, workers=1)
     assert instances.stat().st_mtime_ns == stamp  # the number of workers does not change the data
-    ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, seed=1)
-    assert instances.stat().st_mtime_ns != stamp  # other arguments: regenerated
+    with caplog.at_level(logging.WARNING, logger="data.synthetic"):
+        ensure_synthetic(tmp_path, num_images=8, min_size=64, max_size=80, seed=1)
+    assert instances.stat().st_mtime_ns != stamp  # other arguments: regenerated, and said why
+    assert caplog.records[-1].getMessage() == (
+        f"synthetic dataset in {tmp_path.resolve()} was made with other arguments (seed 0 -> 1): removed the 12 files "
+        "it wrote (its images and annotation files), generating it anew"
+    )  # 8 images, the 3 annotation files and generator.json
     stamp = instances.stat().st_mtime_ns
     os.utime(instances, ns=(stamp - 10**9, stamp - 10**9))
     stamp = instances.stat().st_mtime_ns
