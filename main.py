@@ -210,15 +210,17 @@ def cli(argv: list[str] | None = None, started: float | None = None) -> int:
             print(error_line("main.py", e) + (resume if isinstance(e, StorageError) else ""), file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as e:
-        if debug or not (is_worker_death(e) or is_out_of_memory(e)):
-            raise
-        # said by the process that met it, whichever rank it is
         if is_worker_death(e):
             advice = ("A data loader process died: most often the out-of-memory killer (fewer DATA.WORKERS or a "
                       "smaller batch need less memory)")
-        else:
+        elif is_out_of_memory(e):
             advice = ("Out of memory: a smaller batch (--batch_size, or --eval_batch_size), --grad_checkpoint or "
                       "--amp bf16 need less")
+        else:
+            raise
+        if debug:
+            raise
+        # said by the process that met it, whichever rank it is
         advice += "; a training continues from its last checkpoint with --resume auto"
         said = error_line("main.py", e).rstrip()  # "... is killed by signal: Killed. " or "... exited unexpectedly"
         print(f"{said}{'' if said.endswith('.') else '.'} {advice}", file=sys.stderr)

@@ -367,18 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     a = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     shapes = {k: getattr(a, k) for k in ("min_size", "max_size", "min_objects", "max_objects", "max_expressions")}
-    flags = {k: "--" + k.replace("_", "-") for k in NUMBERS}
-    try:
+    try:  # (ensure_synthetic checks the numbers before anything is written or removed)
         sizes = synthetic_sizes(a.num_images, a.eval_images)
-        check_arguments(**shapes, workers=a.workers, seed=a.seed)
-    except ValueError as e:
-        raise ValueError(renamed(str(e), flags)) from None
-    try:
         ensure_synthetic(a.root, force=a.force, **sizes, seed=a.seed, workers=a.workers, **shapes)
-    except SyntheticRootError:
+    except SyntheticRootError:  # names DATA.ROOT and a path, in which no word is a flag's
         raise
-    except ValueError as e:  # the drawing's: no room for min_objects (data.synthetic_draw.make_image)
-        raise ValueError(renamed(str(e), flags)) from None
+    except ValueError as e:  # the numbers', or the drawing's (no room for min_objects): named as the flags
+        raise ValueError(renamed(str(e), {k: "--" + k.replace("_", "-") for k in NUMBERS})) from None
 
 
 if __name__ == "__main__":

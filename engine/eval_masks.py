@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from utils.atomic import storage_error
+from utils.atomic import raise_storage_error
 
 from .loops import unwrap
 
@@ -91,11 +91,5 @@ class MaskWriter:
                 size = tuple(batch["target_orig"][owner].shape)  # [H0, W0]
                 up = F.interpolate(logits[e : e + 1], size=size, mode="bilinear", align_corners=False)
                 mask = up[0].argmax(0) == 1
-            try:
+            with raise_storage_error(f"mask {self.folder / name}", "the next evaluation removes its unfinished folder"):
                 Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
-            except OSError as e:
-                after = "the next evaluation removes its unfinished folder"
-                full = storage_error(e, f"mask {self.folder / name}", after)
-                if full is None:
-                    raise
-                raise full from e

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["StorageError", "file_mode", "staged", "storage_error"]
+__all__ = ["StorageError", "file_mode", "raise_storage_error", "staged", "storage_error"]
 
 # the errors of a storage that cannot take the file, whatever is written: no room, no quota, read-only
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
@@ -45,6 +45,18 @@ def storage_error(
     return None
 
 
+@contextmanager
+def raise_storage_error(what: str, after: str = "the file there, if any, is as it was") -> Iterator[None]:
+    """The block's error re-raised as ``storage_error``'s StorageError where it is one of no room; any other as is."""
+    try:
+        yield
+    except Exception as e:
+        full = storage_error(e, what, after)
+        if full is None:
+            raise
+        raise full from e
+
+
 def file_mode() -> int:
     """The permissions ``open()`` gives a new file under this process's umask (``mkstemp`` makes them 0600)."""
     mask = os.umask(0)
@@ -60,28 +72,24 @@ def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
     replaces its temporary file (safetensors' ``save_file`` makes a new 0600 one) does not leave them private.
     """
     temps: list[Path] = []
-    try:
-        for target in map(Path, targets):
-            if target.is_dir():  # (the rename would fail only at the end, naming the temporary file)
-                raise IsADirectoryError(
-                    f"{target} is a folder: a file cannot be written in its place (give a file name)"
-                )
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            except OSError as e:  # (its message would name the temporary file)
-                raise PermissionError(f"cannot write {target}: {e.strerror} in {target.parent}") from e
-            os.close(fd)
-            temps.append(Path(tmp))
-        yield temps
-        mode = file_mode()
-        for tmp, target in zip(temps, targets):
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
-    except Exception as e:
-        full = storage_error(e, " and ".join(map(str, targets)))
-        if full is None:
-            raise
-        raise full from e
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)  # only those not renamed: after an error, all of them
+    with raise_storage_error(" and ".join(map(str, targets))):  # (after the clean-up below)
+        try:
+            for target in map(Path, targets):
+                if target.is_dir():  # (the rename would fail only at the end, naming the temporary file)
+                    raise IsADirectoryError(
+                        f"{target} is a folder: a file cannot be written in its place (give a file name)"
+                    )
+                try:
+                    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                except OSError as e:  # (its message would name the temporary file)
+                    raise PermissionError(f"cannot write {target}: {e.strerror} in {target.parent}") from e
+                os.close(fd)
+                temps.append(Path(tmp))
+            yield temps
+            mode = file_mode()
+            for tmp, target in zip(temps, targets):
+                os.chmod(tmp, mode)
+                os.replace(tmp, target)
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)  # only those not renamed: after an error, all of them

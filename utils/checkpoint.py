@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .atomic import file_mode, storage_error
+from .atomic import file_mode, raise_storage_error
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -41,19 +41,17 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], what: str) 
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot save {what} {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file what open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        full = storage_error(e, f"{what} {path}") if isinstance(e, Exception) else None
-        if full is None:
+    with raise_storage_error(f"{what} {path}"):  # (after the clean-up below)
+        try:
+            os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file what open() would
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
             raise
-        raise full from e
 
 
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:

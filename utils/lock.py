@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import storage_error
+from .atomic import raise_storage_error
 
 STALE_AFTER_S = 30 * 60.0  # no heartbeat for this long: a holder on another host is taken for dead
 HEARTBEAT_S = 60.0
@@ -185,17 +185,15 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me.__dict__, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:  # a lock file left half written would hold the folder until it went stale
-            self.path.unlink(missing_ok=True)
-            full = storage_error(e, f"the lock file {self.path}", "no lock is left behind")
-            if full is None:
+        with raise_storage_error(f"the lock file {self.path}", "no lock is left behind"):
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(me.__dict__, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:  # a lock file left half written would hold the folder until it went stale
+                self.path.unlink(missing_ok=True)
                 raise
-            raise full from e
         return True
 
     def _remove_if(self, holder: LockHolder | None) -> None:
