@@ -7,10 +7,18 @@ batch just scored into masks. So the evaluation runs once and the masks are the 
 - ``network``: the argmax at the network's input size (S x S), against which the resized ground truth was scored;
 - ``original``: the logits resized bilinearly to the image's size, then the argmax, as the evaluation does.
 Files: ``<ref_id>_<sent_id>.png``, 0 (background) / 255 (object), in the writer's folder.
+
+The writer's folder is an unfinished one, ``staging_folder``, of this process by name, which the evaluation renames
+into place when it has scored everything; ``remove_abandoned`` removes those of evaluations that ended first.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from utils.atomic import raise_storage_error
+from utils.lock import STALE_AFTER_S, LockHolder, stale_reason
 
 from .loops import unwrap
 
@@ -91,5 +100,34 @@ class MaskWriter:
                 size = tuple(batch["target_orig"][owner].shape)  # [H0, W0]
                 up = F.interpolate(logits[e : e + 1], size=size, mode="bilinear", align_corners=False)
                 mask = up[0].argmax(0) == 1
-            with raise_storage_error(f"mask {self.folder / name}", "the next evaluation removes its unfinished folder"):
+            with raise_storage_error(f"mask {self.folder / name}", "the evaluation's unfinished masks are removed"):
                 Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
+
+
+_STAGING = re.compile(r"\.masks_.+\.(?P<pid>\d+)@(?P<host>.+)\.partial")  # (a host name holds no "@")
+
+
+def staging_folder(run_dir: str | Path, tag: str) -> Path:
+    """``<run_dir>/.masks_<tag>.<pid>@<host>.partial``: this process's unfinished masks of ``tag``, apart from those
+    of another evaluation writing into the same folder at the same time."""
+    return Path(run_dir) / f".masks_{tag}.{os.getpid()}@{socket.gethostname()}.partial"
+
+
+def remove_abandoned(run_dir: str | Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the unfinished mask folders in ``run_dir`` whose evaluation is over (killed, or stopped by an error):
+    by the lock's rule (``utils.lock.stale_reason``), its process is not running on this host, or on another host
+    the folder has not changed for ``stale_after_s`` (a running evaluation adds masks batch by batch). Returns them."""
+    removed, host = [], socket.gethostname()
+    for folder in sorted(Path(run_dir).glob(".masks_*.partial")):
+        owner = _STAGING.fullmatch(folder.name)
+        if owner is None:
+            continue
+        try:
+            age_s = time.time() - folder.stat().st_mtime
+        except FileNotFoundError:  # (its evaluation just finished)
+            continue
+        holder = LockHolder(host=owner["host"], pid=int(owner["pid"]), started="", command="")
+        if stale_reason(holder, age_s, stale_after_s, host) is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

@@ -8,14 +8,14 @@ One evaluation (``EVAL.SPLITS`` in one protocol) writes into the run folder:
 ``<resolution>`` is ``network<SIZE>`` or ``original``; ``_shuffled``: the expressions shuffled among each image's
 objects (``EVAL.SHUFFLE_EXPRESSIONS``), ``_control``: both as annotated and shuffled (``EVAL.SHUFFLED_CONTROL``).
 A file is never replaced: when any name of an evaluation is taken, all of its names get the first free number
-(``-2``, ``-3``, ...). The files appear complete or not at all (temporary files renamed into place), the results
-file last: once it exists, its per-expression files and mask folders are complete.
+(``-2``, ``-3``, ...), also when another evaluation takes it while this one writes (``utils.atomic.staged`` with
+``replace=False``: this one then takes the next). The files appear complete or not at all (temporary files renamed
+into place), the results file last: once it exists, its per-expression files and mask folders are complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,12 +30,12 @@ from data import build_dataset, collate_eval, load_refer
 from data.controls import ShuffledExpressions
 from refer import REFER
 from utils.amp import autocast
-from utils.atomic import staged
-from utils.distributed import DistInfo, ShardSampler, barrier
+from utils.atomic import new_folders, staged
+from utils.distributed import DistInfo, ShardSampler, all_gather_object
 from utils.logger import get_logger
 from utils.metrics import format_table, results_summary
 
-from .eval_masks import MaskWriter
+from .eval_masks import MaskWriter, remove_abandoned, staging_folder
 from .loops import evaluate, unwrap
 from .text_cache import TextFeatureCache
 
@@ -132,10 +132,37 @@ def run_evaluation(
     never replacing one) and the table. ``refer``: the dataset's annotations if already read (``data.load_refer``).
     """
     logger = get_logger()
-    resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
-    summaries, records_of, staging = [], {}, {}
     refer = load_refer(cfg) if refer is None else refer
-    files = EvalFiles(Path(run_dir), cfg)
+    if cfg.EVAL.SAVE_MASKS and info.rank == 0:
+        for folder in remove_abandoned(run_dir):
+            logger.info("removed %s: the masks of an evaluation that ended before writing its results", folder)
+    staging: dict[tuple[str, bool], Path] = {}  # filled as the splits are scored
+    try:
+        summaries, records_of = _score(cfg, model, tokenizer, info, run_dir, checkpoint, refer, staging)
+        if info.rank == 0:
+            path = _write(EvalFiles(Path(run_dir), cfg), records_of, staging, summaries)
+            logger.info("results (%s):\n%s", path, format_table(summaries))
+    except BaseException:
+        for folder in staging.values():  # (renamed back by _write where it had moved them)
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return summaries
+
+
+def _score(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    info: DistInfo,
+    run_dir: Path,
+    checkpoint: str,
+    refer: REFER,
+    staging: dict[tuple[str, bool], Path],
+) -> tuple[list[dict[str, Any]], dict[tuple[str, bool], list[dict[str, Any]]]]:
+    """The summaries and per-expression records of every scoring of ``EVAL.SPLITS``; with ``EVAL.SAVE_MASKS`` the
+    masks of each into its unfinished folder, entered into ``staging`` before it is created."""
+    resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
+    summaries, records_of = [], {}
     for split in cfg.EVAL.SPLITS:
         dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
         cache = _split_text_cache(cfg, model, dataset, info.device)
@@ -144,11 +171,8 @@ def run_evaluation(
             tag = results_tag(cfg, split, shuffled)
             loader = eval_loader(cfg, ds, info, cfg.EVAL.BATCH_SIZE, collate_eval)
             scored = model
-            if cfg.EVAL.SAVE_MASKS:  # every rank writes its shard's masks into one staging folder
-                staging[(split, shuffled)] = folder = Path(run_dir) / f".masks_{tag}.partial"
-                if info.rank == 0:
-                    shutil.rmtree(folder, ignore_errors=True)  # left by an evaluation that did not finish
-                barrier()
+            if cfg.EVAL.SAVE_MASKS:  # every rank writes its shard's masks into rank 0's unfinished folder
+                staging[(split, shuffled)] = folder = all_gather_object(staging_folder(run_dir, tag))[0]
                 scored, loader = MaskWriter(folder, cfg.EVAL.RESOLUTION).tap(model, loader)
             metrics, records = evaluate(
                 scored, loader, info.device, mode=cfg.EVAL.MODE, resolution=cfg.EVAL.RESOLUTION, amp=cfg.TRAIN.AMP,
@@ -170,10 +194,7 @@ def run_evaluation(
                     ),
                 )
             )
-    if info.rank == 0:
-        path = _write(files.first_free(), records_of, staging, summaries)
-        logger.info("results (%s):\n%s", path, format_table(summaries))
-    return summaries
+    return summaries, records_of
 
 
 def _split_text_cache(
@@ -198,14 +219,19 @@ def _write(
     staging: dict[tuple[str, bool], Path],
     summaries: list[dict[str, Any]],
 ) -> Path:
-    """Move the mask folders into place, then write the per-expression files and the results (last), atomically."""
-    for (split, shuffled), folder in staging.items():
-        os.replace(folder, files.masks(split, shuffled))
+    """Move the mask folders into place, then write the per-expression files and the results (last), atomically,
+    under the first free number; where another evaluation takes one of its names meanwhile, under the next."""
     keys = list(records_of)
-    targets = [files.per_expression(split, shuffled) for split, shuffled in keys] + [files.results()]
-    with staged(targets) as temps:
-        for tmp, key in zip(temps, keys):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records_of[key])
-        temps[-1].write_text(json.dumps(summaries, indent=2), encoding="utf-8")
-    return files.results()
+    while True:
+        files = files.first_free()
+        targets = [files.per_expression(split, shuffled) for split, shuffled in keys] + [files.results()]
+        try:
+            with new_folders([(folder, files.masks(*key)) for key, folder in staging.items()]):
+                with staged(targets, replace=False) as temps:
+                    for tmp, key in zip(temps, keys):
+                        with open(tmp, "w", encoding="utf-8") as f:
+                            f.writelines(json.dumps(r) + "\n" for r in records_of[key])
+                    temps[-1].write_text(json.dumps(summaries, indent=2), encoding="utf-8")
+            return files.results()
+        except FileExistsError:  # taken meanwhile by another evaluation: first_free now passes it
+            continue

@@ -60,8 +60,13 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     # with the text feature cache the two processes share the encoding of each split's expressions (each encodes
     # every other batch, then they exchange): the sharded evaluation equals one process's with the cache
     cached = [*opts, "MODEL.TEXT.CACHE", "True", "MODEL.TEXT.TRAIN_LAYERS", "0"]  # an evaluation: nothing trains
-    torchrun("--eval", "--pretrain", str(run_dir / "best.pth"), opts=cached)
+    torchrun("--eval", "--save_masks", "--pretrain", str(run_dir / "best.pth"), opts=cached)
     sharded_cached = json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48-3.json").read_text())
+    for split in ("val", "testB"):  # both processes' masks in the one folder, and no unfinished folder left
+        records = (run_dir / f"per_expression_synthetic_unc_{split}_each_network48-3.jsonl").read_text().splitlines()
+        names = {f"{r['ref_id']}_{r['sent_id']}.png" for r in map(json.loads, records)}
+        assert set(os.listdir(run_dir / f"masks_synthetic_unc_{split}_each_network48-3")) == names and len(names) > 2
+    assert not list(run_dir.glob(".*partial"))
     single_cached = main_module.main(
         ["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(run_dir / "best.pth"), "--opts", *cached]
     )["summaries"]

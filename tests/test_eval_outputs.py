@@ -6,7 +6,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import multiprocessing
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +23,13 @@ import engine.evaluation as evaluation
 from args import config_from_args, parse_args
 from data import ReferDataset
 from engine.config_check import ConfigError, validate_config
+from engine.eval_masks import remove_abandoned
 from models import build_model
 from models.text import load_tokenizer
 from refer import REFER
 from utils.atomic import StorageError
 from utils.distributed import DistInfo
+from utils.lock import STALE_AFTER_S
 
 from .helpers_train import tiny_cfg
 
@@ -138,8 +146,10 @@ def test_saved_masks_are_the_scored_ones(setup, tmp_path, resolution):
     assert mixed > len(records) // 2  # neither all background nor all object: the comparison means something
 
 
-def test_all_or_nothing(setup, tmp_path, monkeypatch):
-    """A failure while writing (here: the summaries cannot be serialised) leaves no file, complete or not."""
+@pytest.mark.parametrize("save_masks", [False, True])
+def test_all_or_nothing(setup, tmp_path, monkeypatch, save_masks):
+    """A failure while writing (here: the summaries cannot be serialised) leaves no file, complete or not, and no
+    unfinished masks."""
     cfg, model, tokenizer = setup
     real = json.dumps
 
@@ -149,14 +159,23 @@ def test_all_or_nothing(setup, tmp_path, monkeypatch):
         return real(obj, *args, **kwargs)
 
     monkeypatch.setattr(evaluation.json, "dumps", failing)
+    cfg = with_eval(cfg, SPLITS=["val"], SAVE_MASKS=save_masks)
     with pytest.raises(OSError, match="disk full"):
-        evaluation.run_evaluation(with_eval(cfg, SPLITS=["val"]), model, tokenizer, CPU, tmp_path, "a.pth")
+        evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch):
-    """The disk fills at the third mask: one StorageError naming it, no results file; the next evaluation into the
-    folder removes the unfinished masks and writes everything."""
+TAG = "synthetic_unc_val_each_network48"
+
+
+def unfinished(pid: int, host: str, tag: str = TAG) -> str:
+    """The name of an evaluation's unfinished mask folder, written out here as the module docstring gives it."""
+    return f".masks_{tag}.{pid}@{host}.partial"
+
+
+def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):
+    """The disk fills at the third mask: one StorageError naming it, no results file, the unfinished masks removed.
+    The next evaluation writes everything, and removes the masks a killed evaluation left."""
     cfg, model, tokenizer = setup
     cfg = with_eval(cfg, SPLITS=["val"], SAVE_MASKS=True)
     real, saved = Image.Image.save, []
@@ -170,15 +189,74 @@ def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", save)
     with pytest.raises(StorageError) as caught:
         evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
-    partial = tmp_path / ".masks_synthetic_unc_val_each_network48.partial"
-    written = sorted(partial.iterdir())
-    assert len(written) == 2 and os.listdir(tmp_path) == [partial.name]
+    partial = tmp_path / unfinished(os.getpid(), socket.gethostname())
+    assert [Path(p).parent for p in saved] == [partial, partial] and os.listdir(tmp_path) == []
     name, reason = str(caught.value).removeprefix(f"cannot write mask {partial}{os.sep}").split(": ", 1)
-    assert name.endswith(".png") and partial / name not in written
-    assert reason == "No space left on device; the next evaluation removes its unfinished folder"
+    assert name.endswith(".png") and partial / name not in saved
+    assert reason == "No space left on device; the evaluation's unfinished masks are removed"
     monkeypatch.setattr(Image.Image, "save", real)
-    evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
-    assert not partial.exists() and (tmp_path / "results_synthetic_unc_val_each_network48.json").is_file()
+    killed = tmp_path / unfinished(ended_pid(), socket.gethostname())
+    killed.mkdir()
+    with caplog.at_level(logging.INFO, logger="lavt"):
+        evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    assert f"removed {killed}: the masks of an evaluation that ended before writing its results" in caplog.messages
+    assert sorted(os.listdir(tmp_path)) == [f"masks_{TAG}", f"per_expression_{TAG}.jsonl", f"results_{TAG}.json"]
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+
+
+def test_the_unfinished_masks_of_ended_evaluations_are_removed(tmp_path):
+    """On this host: those whose process is not running; of another host (whose processes cannot be seen): those
+    untouched for the lock's stale time. Running evaluations' folders, and names of no evaluation, stay."""
+    host = socket.gethostname()
+    names = {
+        "running": unfinished(os.getpid(), host),
+        "ended": unfinished(ended_pid(), host, "refcoco+_unc_testB_cat_original_shuffled"),
+        "away, recent": unfinished(1, "node-7.cluster.example"),
+        "away, untouched": unfinished(os.getpid(), "node-7.cluster.example", "synthetic_unc_testA_avg_network96"),
+        "no owner": f".masks_{TAG}.partial",
+        "not a mask folder": f".other_{TAG}.1@{host}.partial",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "1_2.png").write_bytes(b"png")
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(tmp_path / names["away, untouched"], (old, old))
+    removed = remove_abandoned(tmp_path)
+    assert sorted(removed) == sorted([tmp_path / names["ended"], tmp_path / names["away, untouched"]])
+    kept = ("running", "away, recent", "no owner", "not a mask folder")
+    assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in kept)
+    assert remove_abandoned(tmp_path, stale_after_s=1e-9) == [tmp_path / names["away, recent"]]
+
+
+@pytest.mark.parametrize("taken", ["masks", "per_expression", "results"])
+def test_a_name_taken_while_writing_moves_this_evaluation_to_the_next_number(setup, tmp_path, monkeypatch, taken):
+    """Another evaluation into the same folder places one of the names this one chose (an empty mask folder: a
+    rename would replace it): this one writes all of its files under the next number, and theirs stays."""
+    cfg, model, tokenizer = setup
+    cfg = with_eval(cfg, SPLITS=["val"], SAVE_MASKS=True)
+    theirs = tmp_path / {"masks": f"masks_{TAG}", "per_expression": f"per_expression_{TAG}.jsonl"}.get(
+        taken, f"results_{TAG}.json"
+    )
+    real = evaluation.EvalFiles.first_free
+
+    def first_free(self):
+        chosen = real(self)
+        if not theirs.exists():  # placed by the other evaluation just after this one chose its number
+            theirs.mkdir() if taken == "masks" else theirs.write_text("theirs")
+        return chosen
+
+    monkeypatch.setattr(evaluation.EvalFiles, "first_free", first_free)
+    summaries = evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
+    mine = [f"masks_{TAG}-2", f"per_expression_{TAG}-2.jsonl", f"results_{TAG}-2.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted(mine + [theirs.name])
+    assert os.listdir(theirs) == [] if taken == "masks" else theirs.read_text() == "theirs"
+    assert json.loads((tmp_path / mine[2]).read_text()) == summaries
+    records = (tmp_path / mine[1]).read_text().splitlines()
+    assert len(records) == len(os.listdir(tmp_path / mine[0])) == summaries[0]["num_expressions"] > 3
 
 
 def test_find_per_expression(setup, tmp_path):
@@ -251,3 +329,48 @@ def test_text_cache_encodes_each_split_once(setup, tmp_path, mode):
     assert len(records[True]) == len(records[False]) == 2
     for a, b in zip(records[False], records[True]):
         assert a.name == b.name and a.read_text() == b.read_text()
+
+
+def _evaluate_after_the_other_chose(cfg, run_dir, checkpoint, barrier) -> None:
+    """In a process of its own: the setup's model evaluated into ``run_dir``, waiting after choosing its number
+    until the other process has chosen too (so that both choose the same)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    real, calls = evaluation.EvalFiles.first_free, []
+
+    def first_free(self):
+        chosen = real(self)
+        calls.append(chosen.number)
+        if len(calls) == 1:
+            barrier.wait(timeout=60)
+        return chosen
+
+    evaluation.EvalFiles.first_free = first_free
+    evaluation.run_evaluation(cfg, model, load_tokenizer(cfg.MODEL.TEXT.ENCODER), CPU, run_dir, checkpoint)
+
+
+def test_two_processes_that_chose_the_same_number_keep_both_evaluations(setup, tmp_path):
+    """Real processes (os.link and mkdir as the file system does them): one writes under the number both chose,
+    the other under the next; each set whole."""
+    cfg = with_eval(setup[0], SPLITS=["val"], SAVE_MASKS=True)
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(2)
+    procs = [
+        spawn.Process(target=_evaluate_after_the_other_chose, args=(cfg, tmp_path, name, barrier))
+        for name in ("a.pth", "b.pth")
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    sets = [[f"masks_{TAG}{n}", f"per_expression_{TAG}{n}.jsonl", f"results_{TAG}{n}.json"] for n in ("", "-2")]
+    assert sorted(os.listdir(tmp_path)) == sorted(sets[0] + sets[1])
+    checkpoints = set()
+    for masks, per_expression, results in sets:
+        (summary,) = json.loads((tmp_path / results).read_text())
+        checkpoints.add(summary["checkpoint"])
+        records = (tmp_path / per_expression).read_text().splitlines()
+        assert len(records) == len(os.listdir(tmp_path / masks)) == summary["num_expressions"] > 3
+    assert checkpoints == {"a.pth", "b.pth"}

@@ -4,6 +4,9 @@
 caller writes them; on success each is renamed onto its target, in the order given, so the last target is the
 "commit": once it exists, the others are complete. An error while writing removes every temporary file and changes
 no target (an error in the renames themselves, e.g. the disk gone, can leave the first targets renamed only).
+``staged(targets, replace=False)`` never replaces a file: where a target appeared meanwhile (another process wrote
+it), the targets already placed are removed and ``FileExistsError`` names it; ``new_folders`` does the same for
+folders. So processes that choose the same free name at once cannot overwrite each other: one of them is told.
 
 A write that fails for want of room (a full disk, a quota, a read-only file system) is raised as ``StorageError``,
 one line naming the file, here and in ``utils.checkpoint.write_atomic``: no traceback for the machine's state.
@@ -18,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["StorageError", "file_mode", "raise_storage_error", "staged", "storage_error"]
+__all__ = ["StorageError", "file_mode", "new_folders", "raise_storage_error", "staged", "storage_error"]
 
 # the errors of a storage that cannot take the file, whatever is written: no room, no quota, read-only
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
@@ -65,8 +68,9 @@ def file_mode() -> int:
 
 
 @contextmanager
-def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
+def staged(targets: Sequence[str | Path], replace: bool = True) -> Iterator[list[Path]]:
     """Temporary paths for ``targets`` (their folders must exist); renamed onto them when the block ends normally.
+    ``replace=False``: placed only where no file is, else none of them (``FileExistsError``, nothing left).
 
     The files get the permissions ``open()`` would give (``file_mode``), set as they are renamed: a writer that
     replaces its temporary file (safetensors' ``save_file`` makes a new 0600 one) does not leave them private.
@@ -87,9 +91,61 @@ def staged(targets: Sequence[str | Path]) -> Iterator[list[Path]]:
                 temps.append(Path(tmp))
             yield temps
             mode = file_mode()
-            for tmp, target in zip(temps, targets):
+            for tmp in temps:
                 os.chmod(tmp, mode)
-                os.replace(tmp, target)
+            if replace:
+                for tmp, target in zip(temps, targets):
+                    os.replace(tmp, target)
+            else:
+                _place_new(temps, list(map(Path, targets)))
         finally:
             for tmp in temps:
                 tmp.unlink(missing_ok=True)  # only those not renamed: after an error, all of them
+
+
+def _place_new(temps: list[Path], targets: list[Path]) -> None:
+    """Each complete temporary file made its target, in order, replacing none; where one exists, those placed
+    here are removed again and FileExistsError raised."""
+    placed: list[Path] = []
+    try:
+        for tmp, target in zip(temps, targets):
+            try:
+                os.link(tmp, target)  # atomic and exclusive: the file appears complete, or EEXIST
+            except FileExistsError:
+                raise
+            except OSError as e:  # a file system without hard links: claim the name, then rename onto it
+                if e.errno not in _NO_LINKS:
+                    raise
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                os.replace(tmp, target)
+            placed.append(target)
+    except FileExistsError:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        raise
+
+
+# what os.link raises where the file system has no hard links (FAT, some FUSE and SMB mounts)
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+@contextmanager
+def new_folders(moves: Sequence[tuple[Path, Path]]) -> Iterator[None]:
+    """Each ``(folder, target)``: ``folder`` renamed to ``target``, which must not exist (its name is claimed with
+    ``mkdir``, so two processes cannot both take it); where one exists, or the block raises, the folders already
+    moved go back and the error propagates (``FileExistsError`` naming the target)."""
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for folder, target in moves:
+            target.mkdir()
+            try:
+                os.replace(folder, target)  # onto the empty folder just made
+            except BaseException:
+                target.rmdir()
+                raise
+            moved.append((folder, target))
+        yield
+    except BaseException:
+        for folder, target in reversed(moved):
+            os.replace(target, folder)
+        raise
