@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict[st
 
 def _run(args: Any, cfg: CfgNode, info: DistInfo, stopwatch: Stopwatch) -> dict[str, Any]:
     amp_auto = cfg.TRAIN.AMP == "auto"
-    if amp_auto:  # resolved before a resume compares the config with the checkpoint's (which stores it resolved)
-        cfg.defrost()
-        cfg.TRAIN.AMP = resolve_amp(cfg.TRAIN.AMP, info.device)
-        cfg.freeze()
+    # resolved before a resume compares the config with the checkpoint's (which stores it resolved)
+    cfg.defrost()
+    cfg.TRAIN.AMP = resolve_amp(cfg.TRAIN.AMP, info.device)
+    cfg.freeze()
     # every resume check before anything is written: a refused resume leaves the run folder as it was
     resume = None if args.eval else plan_resume(
         args.resume, args.pretrain, cfg, info.world_size, run_dir_of(cfg), args.allow_change

@@ -96,6 +96,16 @@ def test_resolve_auto_amp(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_amp("auto", "cpu") == "bf16"  # AMX alone (a Xeon whose torch reports no AVX-512 bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_amp("fp16", "cpu") == "fp16" and resolve_amp("", "cpu") == ""
+    assert resolve_amp("", "cpu") == ""
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    with pytest.raises(ValueError) as slow:
+        resolve_amp("fp16", "cpu")
+    assert str(slow.value) == (
+        "fp16 needs a GPU or a CPU with AMX-FP16: this CPU emulates fp16 products, many times slower than bf16 or "
+        "float32 (TRAIN.AMP, --amp: use bf16 or auto)"
+    )
+    assert resolve_amp("fp16", "cuda") == "fp16"  # (resolving asks nothing of the GPU)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True)
+    assert resolve_amp("fp16", "cpu") == "fp16"
     with pytest.raises(ValueError, match="TRAIN.AMP must be one of .* or 'auto', got 'fp8'"):
         resolve_amp("fp8", "cpu")

@@ -284,6 +284,10 @@ def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[
         ([], ["DATA.DATASET", "refcoco"], "ReferFileNotFoundError: REFER annotation folder not found: "),
         ([], ["DATA.ROOT", "docs"], f"SyntheticRootError: refusing to write the synthetic dataset into {ROOT}/docs:"),
         (["--eval"], [], "--eval needs the weights to evaluate: --pretrain <checkpoint>"),
+        pytest.param(
+            [], ["TRAIN.AMP", "fp16"], "ValueError: fp16 needs a GPU or a CPU with AMX-FP16: this CPU emulates",
+            marks=pytest.mark.skipif(torch.cpu._is_amx_fp16_supported(), reason="this CPU computes fp16"),
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2_nothing_written(env, tmp_path, flags, extra, message):

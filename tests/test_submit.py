@@ -112,6 +112,8 @@ def test_submit_refuses_before_creating_anything(tmp_path, capsys):
         (["--nodes", "0", "--", "--epochs", "3"], "--nodes must be >= 1, got 0"),
         (["--gpus_per_node", "0", "--", "--epochs", "3"], "--gpus_per_node must be >= 1, got 0"),
         (["--cpus_per_task", "0", "--", "--epochs", "3"], "--cpus_per_task must be >= 1, got 0"),
+        (["--local", "--nodes", "2", "--", "--epochs", "3"],
+         "--local runs one task on this machine: --nodes 2 needs SLURM (leave out --local)"),
         (["--time", "2", "--signal_delay_s", "120", "--", "--epochs", "3"],
          "--signal_delay_s 120 is not within the job's --time of 2 minute(s) (120 s)"),
     ]:  # fmt: skip

@@ -16,7 +16,7 @@ from configs import get_config
 from engine import build_optimizer
 from engine import train_step as engine_train_step
 from models.text import resolve_text_encoder
-from utils.amp import NativeScaler, autocast
+from utils.amp import NativeScaler, autocast, resolve_amp
 from utils.losses import build_criterion
 from utils.profiling import PartTimer, count_flops, median, synchronize
 
@@ -102,8 +102,7 @@ def variant_setup(spec: BenchSpec) -> tuple[set[str], str, Any]:
     FileNotFoundError (one line) for what would fail its every run: an unknown switch, fp16 on a CPU, a text encoder
     folder that is not there. ``tools.benchmark.main`` checks each variant so before measuring any."""
     switches, amp = parse_variant(spec.variant, spec.dtype)
-    if amp == "fp16" and spec.device == "cpu":
-        raise ValueError("fp16 needs a GPU: CPUs have no fast fp16 matmul (use bf16)")
+    resolve_amp(amp, spec.device)  # (fp16 on a CPU that emulates it)
     cfg = variant_config(spec, switches - {"compile"}, amp)
     if cfg.MODEL.TEXT.ENCODER:
         resolve_text_encoder(cfg.MODEL.TEXT.ENCODER)

@@ -191,6 +191,8 @@ def check_flags_of_the_job(args: argparse.Namespace) -> None:
     """ValueError (one line) for resources no job can have, or a signal that would come before the job starts."""
     require_at_least(args, {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 0, "time": 1,
                             "signal_delay_s": 0, "max_num_timeout": 0})  # fmt: skip
+    if args.local and args.nodes > 1:
+        raise ValueError(f"--local runs one task on this machine: --nodes {args.nodes} needs SLURM (leave out --local)")
     if args.signal_delay_s >= args.time * 60:
         raise ValueError(f"--signal_delay_s {args.signal_delay_s} is not within the job's --time of {args.time} "
                          f"minute(s) ({args.time * 60} s)")  # fmt: skip

@@ -39,11 +39,24 @@ def native_bf16(device: torch.device | str) -> bool:
     )
 
 
+def fast_fp16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes fp16 products fast: a CUDA GPU, or a CPU with AMX-FP16. Other CPUs emulate them
+    (a [784, 384] x [384, 384] product: 60 ms in fp16 against 0.26 in bf16 and 1.1 in float32, Zen 5 EPYC)."""
+    device = torch.device(device)
+    return device.type != "cpu" or getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
+
+
 def resolve_amp(amp: str, device: torch.device | str) -> str:
-    """TRAIN.AMP "auto" -> "bf16" where ``device`` computes bf16 natively, else "" (float32); others unchanged."""
+    """TRAIN.AMP "auto" -> "bf16" where ``device`` computes bf16 natively, else "" (float32); others unchanged.
+    ValueError (one line) for fp16 where its products would be emulated (``fast_fp16``): a run many times slower."""
     if amp == "auto":
         return "bf16" if native_bf16(device) else ""
     _check_amp(amp)
+    if amp == "fp16" and not fast_fp16(device):
+        raise ValueError(
+            "fp16 needs a GPU or a CPU with AMX-FP16: this CPU emulates fp16 products, many times slower than bf16 "
+            "or float32 (TRAIN.AMP, --amp: use bf16 or auto)"
+        )
     return amp
 
 
