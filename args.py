@@ -2,7 +2,8 @@
 
 Every configuration flag maps onto one config key (``FLAG_TO_KEY``). Precedence, lowest first:
 the defaults in ``configs/defaults.py`` (the paper's recipe) <- ``--cfg_file`` <- explicit flags <- ``--opts KEY VALUE
-...``. ``python main.py`` with no argument at all is the built-in demo (``configs/demo.yaml``).
+...`` (a key set twice in ``--opts``: the last value; by a flag and in ``--opts``: refused, as one would be lost).
+``python main.py`` with no argument at all is the built-in demo (``configs/demo.yaml``).
 Flags that select what the run does (``--eval``, ``--resume``, ``--allow_change``, ``--pretrain``, ``--overwrite``,
 ``--device``) are not config.
 
@@ -16,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from yacs.config import CfgNode
 
@@ -278,18 +280,31 @@ def describe_config(args: argparse.Namespace) -> str:
     return source + (f"; overrides: {', '.join(overrides)}" if overrides else "; no overrides")
 
 
-def flag_settings(args: argparse.Namespace) -> dict[str, object]:
-    """{config key: value} of the flags given. With --eval (and no --eval_batch_size), --batch_size is the
+def _flags_given(args: argparse.Namespace) -> list[tuple[str, str, object]]:
+    """(flag, config key, value) of each flag given. With --eval (and no --eval_batch_size), --batch_size is the
     evaluation's batch: it sets EVAL.BATCH_SIZE, not the training's."""
-    settings = {}
+    given = []
     for dest, key in FLAG_TO_KEY.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
         if dest == "batch_size" and getattr(args, "eval", False) and getattr(args, "eval_batch_size", None) is None:
             key = "EVAL.BATCH_SIZE"
-        settings[key] = value
-    return settings
+        given.append((f"--{dest}", key, value))
+    return given
+
+
+def refuse_set_twice(flag_of: dict[str, str], opts: Sequence[Any]) -> None:
+    """ValueError where a key of ``opts`` (KEY VALUE ...) is also set by a flag given (``flag_of``: key -> flag):
+    one of the two would be dropped without a word."""
+    for key in list(opts)[::2]:
+        if key in flag_of:
+            raise ValueError(f"{flag_of[key]} and --opts {key} both set {key}: give it once")
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, object]:
+    """{config key: value} of the flags given (``_flags_given``)."""
+    return {key: value for _, key, value in _flags_given(args)}
 
 
 def config_from_args(args: argparse.Namespace) -> CfgNode:
@@ -298,6 +313,7 @@ def config_from_args(args: argparse.Namespace) -> CfgNode:
     if len(opts) % 2:  # named here, before the flags' pairs join them and blur which list was odd
         items = " ".join(map(str, opts))
         raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items ({len(opts)}): {items}")
+    refuse_set_twice({key: flag for flag, key, _ in _flags_given(args)}, opts)
     overrides: list = []
     for key, value in flag_settings(args).items():
         # repr() keeps strings strings (yacs would literal_eval "123" into an int)

@@ -79,11 +79,29 @@ def test_eval_batch_size_from_batch_size_with_eval():
 def test_precedence_defaults_file_flags_opts(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("TRAIN:\n  EPOCHS: 7\n  BATCH_SIZE: 5\n  LR: 0.001\n")
-    cfg = cfg_of(["--cfg_file", str(f), "--batch_size", "2", "--lr", "0.01", "--opts", "TRAIN.LR", "0.5"])
-    assert cfg.TRAIN.EPOCHS == 7  # file over defaults
-    assert cfg.TRAIN.BATCH_SIZE == 2  # flag over file
-    assert cfg.TRAIN.LR == 0.5  # --opts over flag
+    cfg = cfg_of(["--cfg_file", str(f), "--batch_size", "2", "--lr", "0.01", "--opts", "TRAIN.EPOCHS", "9"])
+    assert cfg.TRAIN.LR == 0.01 and cfg.TRAIN.BATCH_SIZE == 2  # flags over the file
+    assert cfg.TRAIN.EPOCHS == 9  # --opts over the file
     assert cfg.TRAIN.WEIGHT_DECAY == 1e-2  # untouched default
+    assert cfg_of(["--cfg_file", str(f), "--opts", "TRAIN.LR", "0.5", "TRAIN.LR", "0.2"]).TRAIN.LR == 0.2  # the last
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "0.01", "--opts", "TRAIN.LR", "0.5"], "--lr and --opts TRAIN.LR both set TRAIN.LR: give it once"),
+        (["--opts", "TRAIN.EPOCHS", "3", "DATA.ROOT", "x", "--refer_data_root", "y"],
+         "--refer_data_root and --opts DATA.ROOT both set DATA.ROOT: give it once"),
+        (["--eval", "--batch_size", "4", "--opts", "EVAL.BATCH_SIZE", "8"],  # --batch_size is the evaluation's here
+         "--batch_size and --opts EVAL.BATCH_SIZE both set EVAL.BATCH_SIZE: give it once"),
+    ],
+)  # fmt: skip
+def test_a_key_set_by_a_flag_and_by_opts_is_refused(argv, message):
+    """Either would silently lose to the other: refused, naming both."""
+    with pytest.raises(ValueError) as caught:
+        cfg_of(argv)
+    assert str(caught.value) == message
+    assert cfg_of(["--batch_size", "4", "--opts", "EVAL.BATCH_SIZE", "8"]).EVAL.BATCH_SIZE == 8  # (training's batch)
 
 
 def test_no_arguments_is_the_demo_anything_else_the_papers_recipe():

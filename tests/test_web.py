@@ -411,6 +411,12 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     ]:
         assert web.main(["--checkpoint", "x.pth", flag, value]) == 2
         assert capsys.readouterr().err == f"python -m tools.web: error: ValueError: {message}\n"
+    bert = ["--ck_bert", "b", "--opts", "MODEL.TEXT.DIM", "8", "MODEL.TEXT.ENCODER", "c"]
+    assert web.main(["--checkpoint", "x.pth", *bert]) == 2
+    assert capsys.readouterr().err == (
+        "python -m tools.web: error: ValueError: --ck_bert and --opts MODEL.TEXT.ENCODER both set MODEL.TEXT.ENCODER: "
+        "give it once\n"
+    )
     for value in ("0", "-1", "nan"):
         assert web.main(["--checkpoint", "x.pth", "--idle_seconds", value]) == 2
         assert f"--idle_seconds must be positive, got {value}" in capsys.readouterr().err

@@ -43,6 +43,7 @@ from socketserver import ThreadingMixIn
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
+from args import refuse_set_twice
 from engine.preemption import EXIT_INTERRUPTED
 
 from .cli import run_cli
@@ -342,6 +343,7 @@ def build(argv: Sequence[str] | None = None) -> _Server:
         round(args.max_megabytes * 1e6), round(args.max_megapixels * 1e6), args.max_expressions,
         idle_seconds=args.idle_seconds,
     )  # fmt: skip
+    refuse_set_twice({"MODEL.TEXT.ENCODER": "--ck_bert"} if args.ck_bert else {}, args.opts)
     opts = list(args.opts) + (["MODEL.TEXT.ENCODER", args.ck_bert] if args.ck_bert else [])
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.cfg_file, opts, args.amp or "")
     return WebApp(predictor, limits, Path(args.checkpoint).name).make_server(args.host, args.port)
