@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageFont
 
 from tools import failures
 from tools import visualize as vis
@@ -109,6 +109,25 @@ def test_compose_panels_in_rows_of_columns():
     assert (out[-40:, 54:] == 255).all(), "the sixth cell is empty"
     with pytest.raises(ValueError, match="at least one column, got 0"):
         vis.compose_panels(image, masks, [""] * 5, columns=0)
+
+
+def test_compose_panels_of_a_small_image_keep_whole_words():
+    """A 12 x 16 image: each column is as wide as the longest caption word (11-px font) needs, the panel at its left,
+    the rest of the cell and the gaps white, the word's ink reaching past the panel's width (not cut there), and the
+    captions wrapped to the cell's width."""
+    image = np.full((12, 16, 3), 90, np.uint8)
+    masks = [_square(h=12, w=16, y0=2, y1=8, x0=3, x1=9), np.zeros((12, 16), bool)]
+    out = vis.compose_panels(image, masks, ["rightmost", "a dot"], gap=4)
+    font = ImageFont.load_default(size=11)
+    cell = math.ceil(font.getlength("rightmost")) + 4
+    band = out.shape[0] - 12
+    assert out.shape[1] == 2 * cell + 4 and band == int(11 * 1.25) + 6  # one line each: "a dot" fits the cell
+    for e, mask in enumerate(masks):
+        x = e * (cell + 4)
+        assert np.array_equal(out[band:, x : x + 16], vis.overlay_mask(image, mask, vis.PALETTE[e]))
+        assert (out[band:, x + 16 : x + cell] == 255).all()
+    assert (out[:, cell : cell + 4] == 255).all()  # the gap
+    assert (out[:band, 20:cell] != 255).any()  # "rightmost" past the panel's 16 pixels
 
 
 def test_compose_panels_scaled_to_the_pixel_budget():

@@ -127,10 +127,11 @@ def compose_panels(
         max_pixels: most pixels of the E panels together. Beyond it every panel is drawn at h x w, the image scaled
             by the same factor (OpenCV's area filter; the masks by their nearest pixel).
     Returns:
-        [R * (T + h) + (R - 1) * gap, C * w + (C - 1) * gap, 3] uint8 on white: C = min(E, columns) panels a row,
-        R rows, T the caption band's height, h x w = H x W where E panels of H x W fit ``max_pixels``. Panel e sits in
-        row e // C, column e % C, under its caption, and is ``overlay_mask(image, masks[e], PALETTE[e])`` (of the
-        scaled image and mask).
+        [R * (T + h) + (R - 1) * gap, C * c + (C - 1) * gap, 3] uint8 on white: C = min(E, columns) panels a row,
+        R rows, T the caption band's height, h x w = H x W where E panels of H x W fit ``max_pixels``, the column
+        width c = w, or the longest caption word's where that is wider. Panel e sits in row e // C, column e % C, at
+        the left of its cell, under its caption, and is ``overlay_mask(image, masks[e], PALETTE[e])`` (of the scaled
+        image and mask).
     """
     _check_image(image)
     masks = list(masks)
@@ -150,15 +151,19 @@ def compose_panels(
     size = font_size or int(np.clip(round(w / 20), 11, 24))
     font = _font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(probe, c, font, w - 4) for c in captions]
+    # a column as wide as its panel, or as the longest word of a caption where that is wider (a small image): no
+    # caption is cut off or runs into the next panel
+    words = [word for c in captions for word in c.split()]
+    cell = max([w] + [int(np.ceil(probe.textlength(word, font=font))) + 4 for word in words])
+    wrapped = [_wrap(probe, c, font, cell - 4) for c in captions]
     line_h = int(size * 1.25)
     band = max(len(lines) for lines in wrapped) * line_h + 6
     cols = min(len(masks), columns)
     rows = -(-len(masks) // cols)
-    canvas = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * (band + h) + (rows - 1) * gap), "white")
+    canvas = Image.new("RGB", (cols * cell + (cols - 1) * gap, rows * (band + h) + (rows - 1) * gap), "white")
     draw = ImageDraw.Draw(canvas)
     for e, (mask, lines) in enumerate(zip(masks, wrapped)):
-        x, y = (e % cols) * (w + gap), (e // cols) * (band + h + gap)
+        x, y = (e % cols) * (cell + gap), (e // cols) * (band + h + gap)
         colour = PALETTE[e % len(PALETTE)]
         canvas.paste(Image.fromarray(overlay_mask(image, mask, colour)), (x, y + band))
         for i, line in enumerate(lines):
