@@ -16,6 +16,7 @@ into place), the results file last: once it exists, its per-expression files and
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class EvalFiles:
     def first_free(self) -> EvalFiles:
         """These names, numbered with the first number none of whose paths exists."""
         number = self.number
-        while any(p.exists() for p in EvalFiles(self.run_dir, self.cfg, number).all()):
+        while any(os.path.lexists(p) for p in EvalFiles(self.run_dir, self.cfg, number).all()):  # (a link too)
             number += 1
         return EvalFiles(self.run_dir, self.cfg, number)
 

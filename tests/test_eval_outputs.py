@@ -331,6 +331,17 @@ def test_text_cache_encodes_each_split_once(setup, tmp_path, mode):
         assert a.name == b.name and a.read_text() == b.read_text()
 
 
+def test_a_broken_link_takes_its_name(setup, tmp_path):
+    """A symbolic link to nothing under a name this evaluation would take (its target not there: ``exists()`` is
+    False, but no file can be placed there): the next number, the link left as it is."""
+    cfg, model, tokenizer = setup
+    link = tmp_path / f"results_{TAG}.json"
+    link.symlink_to(tmp_path / "gone.json")
+    evaluation.run_evaluation(with_eval(cfg, SPLITS=["val"]), model, tokenizer, CPU, tmp_path, "a.pth")
+    assert sorted(os.listdir(tmp_path)) == sorted([f"per_expression_{TAG}-2.jsonl", link.name, f"results_{TAG}-2.json"])
+    assert os.readlink(link) == str(tmp_path / "gone.json")
+
+
 def _evaluate_after_the_other_chose(cfg, run_dir, checkpoint, barrier) -> None:
     """In a process of its own: the setup's model evaluated into ``run_dir``, waiting after choosing its number
     until the other process has chosen too (so that both choose the same)."""
