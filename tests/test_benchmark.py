@@ -277,6 +277,7 @@ def test_benchmark_memory_in_its_own_process():
     merged = benchmark._merge_memory({"train": {"step_ms": 1.0}, "eval": {"batch3": {"expr_per_s": 2.0}}}, result)
     assert merged["train"]["step_ms"] == 1.0 and merged["train"]["peak_mb"] == result["train"]["peak_mb"]
     assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}
+    assert benchmark._merge_memory({"eval": {}}, result)["eval"] == result["eval"]  # (a batch timed apart)
     with pytest.raises(ValueError, match="BenchSpec.memory must be one of"):
         benchmark.run_variant(benchmark.BenchSpec(opts=TINY_OPTS, memory="after"))
 

@@ -249,14 +249,15 @@ def test_resize_batch_against_pil():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 48, 48, generator=g)
     target = (torch.rand(2, 48, 48, generator=g) > 0.6).long()
-    small, labels = resize_batch(images, target, 32)
-    assert small.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64
-    for b in range(2):
-        for c in range(3):
-            ref = np.asarray(Image.fromarray(images[b, c].numpy()).resize((32, 32), Image.BILINEAR))
-            np.testing.assert_allclose(small[b, c].numpy(), ref, atol=1e-4)
-        ref = np.asarray(Image.fromarray(target[b].numpy().astype(np.uint8)).resize((32, 32), Image.NEAREST))
-        np.testing.assert_array_equal(labels[b].numpy(), ref)
+    for size in (32, 1):  # (1: the smallest size there is)
+        small, labels = resize_batch(images, target, size)
+        assert small.shape == (2, 3, size, size) and labels.shape == (2, size, size) and labels.dtype == torch.int64
+        for b in range(2):
+            for c in range(3):
+                ref = np.asarray(Image.fromarray(images[b, c].numpy()).resize((size, size), Image.BILINEAR))
+                np.testing.assert_allclose(small[b, c].numpy(), ref, atol=1e-4)
+            mask = Image.fromarray(target[b].numpy().astype(np.uint8))
+            np.testing.assert_array_equal(labels[b].numpy(), np.asarray(mask.resize((size, size), Image.NEAREST)))
     kept = resize_batch(images, target, 48)
     assert kept[0] is images and kept[1] is target
     with pytest.raises(ValueError, match="size must be positive, got 0"):

@@ -175,6 +175,26 @@ def test_interrupted_in_every_way_then_resumed_equals_straight_run(env, straight
 
 
 
+def test_a_stop_asked_during_validation_stops_after_the_epochs_checkpoint(env, straight, tmp_path, monkeypatch):
+    """Asked while epoch 0 is validated (after its last iteration, so no iteration boundary sees it): epoch 0's
+    checkpoint and metrics, then the stop naming the next epoch's start; the same command then ends as the
+    uninterrupted run."""
+    real = trainer_module.evaluate
+
+    def evaluate(*args, **kwargs):
+        request_checkpoint()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    said = r"checkpoint .*last\.pth written at epoch 1, iteration 0; run the same command with --resume auto"
+    with pytest.raises(Preempted, match=said):
+        run(env, tmp_path, "--resume", "auto")
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "tiny" / "last.pth")["epoch"] == 0 and len(records(tmp_path / "tiny")) == 1
+    run(env, tmp_path, "--resume", "auto")
+    assert_same_run(straight, tmp_path / "tiny")
+
+
 def test_ctrl_c_stops_with_a_checkpoint_and_the_same_command_continues(
     env, straight, tmp_path, monkeypatch, capsys, ctrl_c_default
 ):
