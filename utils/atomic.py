@@ -103,6 +103,10 @@ def staged(targets: Sequence[str | Path], replace: bool = True) -> Iterator[list
                 tmp.unlink(missing_ok=True)  # only those not renamed: after an error, all of them
 
 
+# what os.link raises where the file system has no hard links (FAT, some FUSE and SMB mounts)
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
 def _place_new(temps: list[Path], targets: list[Path]) -> None:
     """Each complete temporary file made its target, in order, replacing none; where one exists, those placed
     here are removed again and FileExistsError raised."""
@@ -123,10 +127,6 @@ def _place_new(temps: list[Path], targets: list[Path]) -> None:
         for target in placed:
             target.unlink(missing_ok=True)
         raise
-
-
-# what os.link raises where the file system has no hard links (FAT, some FUSE and SMB mounts)
-_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
 
 @contextmanager
