@@ -169,6 +169,29 @@ def test_refusals_change_nothing(trained, tmp_path):
     assert "args" in load_official_file(taken)
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_written_at_out_meanwhile_is_kept_without_force(trained, tmp_path, monkeypatch, force):
+    """Another process writes ``out`` while this export writes its temporary file: without --force it stays and the
+    export is refused in one sentence, leaving no file of its own; with --force the export replaces it."""
+    from tools import export as export_module
+
+    out, real = tmp_path / "m.pth", torch.save
+
+    def save(obj, f):
+        out.write_bytes(b"theirs")
+        real(obj, f)
+
+    monkeypatch.setattr(export_module.torch, "save", save)
+    if force:
+        export(trained[2], "official", out, force=True)
+        assert "args" in load_official_file(out)
+        return
+    with pytest.raises(FileExistsError) as caught:
+        export(trained[2], "official", out)
+    assert str(caught.value) == f"{out} appeared while exporting: choose another --out, or --force to replace it"
+    assert out.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["m.pth"]
+
+
 def test_command_line(trained, tmp_path, capsys):
     from tools.cli import run_cli
     from tools.export import main

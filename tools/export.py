@@ -11,7 +11,8 @@
 
 Both read back with ``models.load_weights`` and ``tools.open_checkpoint`` to the same tensors. Any checkpoint
 ``open_checkpoint`` reads can be exported (an official file to safetensors, and back). The output is written
-atomically and an existing file is refused (``--force`` replaces it; never the checkpoint being exported).
+atomically and an existing file is refused, also one written there meanwhile (``--force`` replaces it; never the
+checkpoint being exported).
 """
 
 from __future__ import annotations
@@ -84,21 +85,26 @@ def export(
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     cfg, model = open_checkpoint(checkpoint, cfg_file, opts)
-    with staged([out]) as (tmp,):
-        if to == "official":
-            packaging = packaging or cfg.MODEL.NAME
-            data = {"img_size": cfg.DATA.SIZE, "dataset": cfg.DATA.DATASET, "splitBy": cfg.DATA.SPLIT_BY}
-            torch.save(to_official(model, packaging, **data), tmp)
-            gaps = official_gaps(model, cfg)
-            if gaps:
-                logger.warning("the authors' code cannot build this network (%s); %s reads back here only",
-                               "; ".join(gaps), out)  # fmt: skip
-        else:
-            from safetensors.torch import save_file
+    try:
+        with staged([out], replace=force) as (tmp,):  # (without --force, not over a file another process wrote)
+            if to == "official":
+                packaging = packaging or cfg.MODEL.NAME
+                data = {"img_size": cfg.DATA.SIZE, "dataset": cfg.DATA.DATASET, "splitBy": cfg.DATA.SPLIT_BY}
+                torch.save(to_official(model, packaging, **data), tmp)
+                gaps = official_gaps(model, cfg)
+                if gaps:
+                    logger.warning("the authors' code cannot build this network (%s); %s reads back here only",
+                                   "; ".join(gaps), out)  # fmt: skip
+            else:
+                from safetensors.torch import save_file
 
-            # own copies: safetensors refuses tensors that share memory or are not contiguous
-            state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp), metadata={"config": cfg.dump(), "format": "pt"})
+                # own copies: safetensors refuses tensors that share memory or are not contiguous
+                state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+                save_file(state, str(tmp), metadata={"config": cfg.dump(), "format": "pt"})
+    except FileExistsError:
+        raise FileExistsError(f"{out} appeared while exporting: choose another --out, or --force to replace it") from (
+            None
+        )
     logger.info("%s -> %s (%s%s)", checkpoint, out, to, f", {packaging}" if to == "official" else "")
     return out
 
