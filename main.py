@@ -36,13 +36,13 @@ from args import (  # noqa: E402
 from data import check_refer_files, load_refer  # noqa: E402
 from data.checks import check_images  # noqa: E402
 from data.image_io import ImageReadError  # noqa: E402
-from data.synthetic import ensure_synthetic  # noqa: E402
 from data.synthetic_args import synthetic_sizes  # noqa: E402
 from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_evaluation, seed_everything, train  # noqa: E402
 from engine.config_check import validate_config  # noqa: E402
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: E402
 from engine.resume import ResumePlan, plan_resume  # noqa: E402
 from engine.run_folder import RunFolder, run_dir_of  # noqa: E402
+from engine.synthetic_once import ensure_synthetic_once  # noqa: E402
 from engine.timing import report_timing  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
 from models.text import load_tokenizer  # noqa: E402
@@ -132,7 +132,7 @@ def _run_in(
     if cfg.DATA.DATASET == "synthetic":
         if info.rank == 0:
             sizes = synthetic_sizes(cfg.DATA.SYNTHETIC_IMAGES, cfg.DATA.SYNTHETIC_EVAL_IMAGES)
-            ensure_synthetic(cfg.DATA.ROOT, **sizes)
+            ensure_synthetic_once(cfg.DATA.ROOT, **sizes)  # (waiting for another run making it)
         barrier()
         stopwatch.lap("synthetic data")  # generated, or found complete
     refer = load_refer(cfg)  # the annotations, read once for the image check, training and evaluation

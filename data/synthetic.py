@@ -15,6 +15,8 @@ Written files (the REFER layout, read by ``refer.REFER(root, 'synthetic', 'unc')
     <root>/synthetic/attributes.json   structured attributes of objects and expressions (for checks)
     <root>/synthetic/generator.json    generation parameters; written last, so its presence means complete
     <root>/synthetic/generating.json   the same, present only while a generation runs (or after one was cut off)
+    <root>/synthetic/generation.lock   held by ``main.py`` while it ensures the dataset (``engine.synthetic_once``):
+                                       not a file of the dataset, and not written here
     <root>/images/mscoco/images/train2014/COCO_train2014_<12-digit id>.jpg
 
 ``ensure_synthetic`` is the safe way in: it generates only into a new or empty folder, refuses a folder that holds
@@ -37,6 +39,7 @@ import pickle
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -61,6 +64,7 @@ GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
 IMAGE_ID_OFFSET = 1_000_000  # ids above every COCO train2014 id, so files never collide with real COCO images
 IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
 COMPLETE, RUNNING = "generator.json", "generating.json"  # markers in <root>/synthetic: done / under way
+GENERATION_LOCK = "generation.lock"  # in <root>/synthetic: a lock of the runs sharing the root, no dataset file
 ANNOTATION_FILES = ("instances.json", "refs(unc).p", "attributes.json")
 
 
@@ -214,6 +218,15 @@ def _make_folders(root: Path, *folders: Path) -> None:
                                  f"--root): {e.strerror or e}") from None  # fmt: skip
 
 
+def generation_lock(root: str | Path) -> Path:
+    """``<root>/synthetic/generation.lock``, its folder created, for the runs that share ``root`` to hold while they
+    ensure the dataset; a root ``ensure_synthetic`` would refuse is refused first (SyntheticRootError), untouched."""
+    root = Path(root)
+    check_synthetic_root(root)
+    _make_folders(root, root / "synthetic")
+    return root / "synthetic" / GENERATION_LOCK
+
+
 def _available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -309,7 +322,7 @@ def check_synthetic_root(root: str | Path) -> tuple[dict[str, dict], int]:
     if root.exists() and not root.is_dir():
         raise SyntheticRootError(f"the synthetic dataset's root {where} is a file, not a folder (DATA.ROOT)")
     markers = [root / "synthetic" / m for m in (RUNNING, COMPLETE) if (root / "synthetic" / m).is_file()]
-    if not markers and root.is_dir() and any(files for _, _, files in os.walk(root)):
+    if not markers and root.is_dir() and any(_files_under(root)):
         raise SyntheticRootError(
             f"refusing to write the synthetic dataset into {where}: the folder holds files but no synthetic "
             f"dataset (no synthetic/{COMPLETE}); give DATA.ROOT (--root) a new or empty folder"
@@ -325,6 +338,14 @@ def check_synthetic_root(root: str | Path) -> tuple[dict[str, dict], int]:
                 f"({type(e).__name__}: {e}); remove that dataset by hand"
             ) from None
     return records, count
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    """The files under ``root``, but for the lock of the runs that share it (and its aside copies)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not (Path(folder) == root / "synthetic" and name.startswith(GENERATION_LOCK)):
+                yield Path(folder) / name
 
 
 def _remove_generation(root: Path, num_images: int) -> int:

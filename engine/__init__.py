@@ -9,7 +9,8 @@
   ``request_checkpoint`` -> checkpoint and ``Preempted``; ``checkpoint_config``: whether a checkpoint's
   configuration fits a run;
 - ``run_folder``: ``prepare_run_dir``, the folder a run writes into (owned by one run, locked while it trains);
-- ``evaluation``: ``run_evaluation`` over the configured splits, and the names of the files it writes.
+- ``evaluation``: ``run_evaluation`` over the configured splits, and the names of the files it writes;
+- ``synthetic_once``: the synthetic dataset made once for the runs that share its root.
 """
 
 from .evaluation import run_evaluation

@@ -1,0 +1,128 @@
+"""Runs sharing one DATA.ROOT make the synthetic dataset once (``engine.synthetic_once``): one that finds another
+making it waits, then uses it; a dead holder's lock is taken over and its cut-off generation made anew."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from data.synthetic import (
+    COMPLETE,
+    GENERATION_LOCK,
+    RUNNING,
+    SyntheticRootError,
+    check_synthetic_root,
+    ensure_synthetic,
+    generation_lock,
+)
+from engine.synthetic_once import ensure_synthetic_once
+from refer import REFER
+from utils.lock import LockHolder, RunLock
+
+SMALL = dict(num_images=8, min_size=64, max_size=80, workers=1)
+
+
+def images(root: Path) -> dict[str, bytes]:
+    """Image name -> its bytes."""
+    folder = root / "images" / "mscoco" / "images" / "train2014"
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def mark(root: Path, text: bytes) -> None:
+    """Every image's bytes replaced by ``text``: only a generation writes them back."""
+    for p in (root / "images" / "mscoco" / "images" / "train2014").iterdir():
+        p.write_bytes(text)
+
+
+def test_the_lock_is_no_file_of_a_dataset(tmp_path):
+    """A root holding only the lock (and a copy its takeover sets aside) is an empty root, not one refused; the
+    lock's folder is made, and nothing in a root that is refused."""
+    lock = generation_lock(tmp_path / "new")
+    assert lock == tmp_path / "new" / "synthetic" / GENERATION_LOCK and lock.parent.is_dir()
+    lock.write_text("{}")
+    lock.with_name(f"{GENERATION_LOCK}.stale.1.ab").write_text("{}")
+    assert check_synthetic_root(tmp_path / "new") == ({}, 0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SyntheticRootError, match="holds files but no synthetic dataset"):
+        generation_lock(tmp_path / "other")
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]
+
+
+def test_a_run_waits_for_the_one_making_the_dataset(tmp_path, caplog):
+    """The lock held (here by this process, as by another run): the call waits, says for whom, and writes nothing;
+    once the holder has made the dataset and let go, the call finds it complete and leaves its files as they are."""
+    holder = RunLock(generation_lock(tmp_path))
+    holder.acquire()
+    who, done = holder.holder.describe(), []
+    with caplog.at_level(logging.INFO, logger="lavt"):
+        waiting = threading.Thread(target=lambda: done.append(ensure_synthetic_once(tmp_path, poll_s=0.02, **SMALL)))
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive() and not (tmp_path / "images").exists()
+        ensure_synthetic(tmp_path, **SMALL)  # the holder makes it
+        mark(tmp_path, b"made by the holder")
+        holder.release()
+        waiting.join(timeout=30)
+    assert done == [tmp_path / "synthetic"]
+    assert list(images(tmp_path).values()) == [b"made by the holder"] * 8  # found complete, not written again
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert said == [f"waiting for another run to make the synthetic dataset in {tmp_path.resolve()} ({who})"]
+    assert sorted(os.listdir(tmp_path / "synthetic")) == sorted(
+        ["refs(unc).p", "instances.json", "attributes.json", COMPLETE]
+    )  # the lock removed
+
+
+def test_a_dead_holders_lock_is_taken_over_and_its_generation_made_anew(tmp_path, caplog):
+    ensure_synthetic(tmp_path, **SMALL)
+    before = images(tmp_path)
+    mark(tmp_path, b"half written")
+    (tmp_path / "synthetic" / COMPLETE).rename(tmp_path / "synthetic" / RUNNING)  # cut off, as by kill -9
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    dead = LockHolder(host=socket.gethostname(), pid=ended, started="2026-12-06T00:00:00Z", command="python main.py")
+    (tmp_path / "synthetic" / GENERATION_LOCK).write_text(json.dumps(dead.__dict__))
+    with caplog.at_level(logging.INFO, logger="lavt"):
+        ensure_synthetic_once(tmp_path, poll_s=0.02, **SMALL)
+    took = [m for m in caplog.messages if m.startswith("took over the stale lock")]
+    assert took == [f"took over the stale lock {tmp_path / 'synthetic' / GENERATION_LOCK} (its process {ended} is "
+                    f"not running): {dead.describe()}"]  # fmt: skip
+    assert any("was cut off while being generated" in m for m in caplog.messages)
+    assert images(tmp_path) == before  # written anew (the same bytes: the same seed and arguments)
+    assert not (tmp_path / "synthetic" / GENERATION_LOCK).exists()
+
+
+def _make_after_the_other_started(root: Path, barrier, log: Path) -> None:
+    logging.basicConfig(filename=log, level=logging.INFO, format="%(message)s")
+    barrier.wait(timeout=60)
+    ensure_synthetic_once(root, poll_s=0.05, num_images=60, min_size=64, max_size=96, workers=1)
+
+
+def test_two_processes_started_together_make_one_dataset(tmp_path):
+    """Real processes, released together: one makes the dataset, the other waits for it; neither removes the
+    other's files, and the dataset is whole."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(2)
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
+    root = tmp_path / "data"
+    procs = [spawn.Process(target=_make_after_the_other_started, args=(root, barrier, log)) for log in logs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    texts = [log.read_text() for log in logs]
+    assert sorted("generating a new synthetic dataset" in t for t in texts) == [False, True], texts
+    assert not any("cut off" in t or "removed" in t for t in texts), texts
+    refer = REFER(str(root), "synthetic", "unc")
+    files = {img["file_name"] for img in refer.Imgs.values()}
+    assert len(files) == 60 and files == set(images(root))
