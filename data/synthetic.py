@@ -341,10 +341,12 @@ def check_synthetic_root(root: str | Path) -> tuple[dict[str, dict], int]:
 
 
 def _files_under(root: Path) -> Iterator[Path]:
-    """The files under ``root``, but for the lock of the runs that share it (and its aside copies)."""
+    """The files under ``root``, but for the lock of the runs that share it (and its aside copies) and a marker's
+    temporary file (a generation's first file: where it alone is there, another run is just starting one)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            if not (Path(folder) == root / "synthetic" and name.startswith(GENERATION_LOCK)):
+            ours = name.startswith(GENERATION_LOCK) or name in (f"{RUNNING}.tmp", f"{COMPLETE}.tmp")
+            if not (Path(folder) == root / "synthetic" and ours):
                 yield Path(folder) / name
 
 

@@ -9,6 +9,7 @@ died (``kill -9``) leaves a stale lock, taken over, and its cut-off generation i
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from utils.lock import RunLock, RunLockedError, read_holder
 from utils.logger import get_logger
 
 POLL_S = 1.0  # how often a waiting run looks at the lock again
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}  # a lock file that cannot be created there
 
 
 def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, **kwargs: Any) -> Path:
@@ -28,6 +30,10 @@ def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, **kwargs: An
         try:
             took_over = lock.acquire()
             break
+        except OSError as e:  # a dataset on a read-only disk (made once, shared): read as it is, no lock needed
+            if e.errno not in _READ_ONLY:
+                raise
+            return ensure_synthetic(root, **kwargs)
         except RunLockedError:
             if not waited:
                 holder = read_holder(lock.path)

@@ -3,6 +3,7 @@ making it waits, then uses it; a dead holder's lock is taken over and its cut-of
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing
@@ -45,12 +46,13 @@ def mark(root: Path, text: bytes) -> None:
 
 
 def test_the_lock_is_no_file_of_a_dataset(tmp_path):
-    """A root holding only the lock (and a copy its takeover sets aside) is an empty root, not one refused; the
-    lock's folder is made, and nothing in a root that is refused."""
+    """A root holding only the lock (and a copy its takeover sets aside) and the first file of a generation another
+    run is starting is an empty root, not one refused; the lock's folder is made, and nothing in a root refused."""
     lock = generation_lock(tmp_path / "new")
     assert lock == tmp_path / "new" / "synthetic" / GENERATION_LOCK and lock.parent.is_dir()
     lock.write_text("{}")
     lock.with_name(f"{GENERATION_LOCK}.stale.1.ab").write_text("{}")
+    (lock.parent / f"{RUNNING}.tmp").write_text("{")  # another run starting its generation
     assert check_synthetic_root(tmp_path / "new") == ({}, 0)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -126,3 +128,21 @@ def test_two_processes_started_together_make_one_dataset(tmp_path):
     refer = REFER(str(root), "synthetic", "unc")
     files = {img["file_name"] for img in refer.Imgs.values()}
     assert len(files) == 60 and files == set(images(root))
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_dataset_where_no_lock_can_be_written_is_read_as_it_is(tmp_path, monkeypatch, code):
+    """A complete dataset on a read-only disk (made once, shared by many runs): used without a lock; other errors
+    of the lock file are raised."""
+    ensure_synthetic(tmp_path, **SMALL)
+    mark(tmp_path, b"as it was")
+
+    def cannot(self, me):
+        raise OSError(code, os.strerror(code), str(self.path))
+
+    monkeypatch.setattr(RunLock, "_create", cannot)
+    assert ensure_synthetic_once(tmp_path, **SMALL) == tmp_path / "synthetic"
+    assert list(images(tmp_path).values()) == [b"as it was"] * 8
+    monkeypatch.setattr(RunLock, "_create", lambda self, me: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        ensure_synthetic_once(tmp_path, **SMALL)
