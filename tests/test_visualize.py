@@ -206,6 +206,7 @@ def test_word_figure_rows():
     assert set(position) == {"left (position, n=2)", "ball (other, n=3)"}
     assert position["left (position, n=2)"] > position["ball (other, n=3)"], "the top-ranked word is drawn highest"
     assert len(ax.patches) == 4  # a failure bar and a success bar per word
+    assert (ax.get_xlabel(), ax.get_title()) == ("% of expressions", "words that come with failures (top) vs successes")
     widths = [p.get_width() for p in ax.patches]  # the failure bars first, in percent
     assert widths == pytest.approx([100 * r[k] for k in ("fail_share", "success_share") for r in stats[:2]])
     with pytest.raises(ValueError, match="no words"):
