@@ -21,7 +21,7 @@ from refer.refer import MASK_PARTS
 
 from .checks import expression_report, warn_expressions
 from .image_io import ImageReadError, load_rgb, open_rgb  # re-exported: data.load_rgb, data.ImageReadError
-from .synthetic import check_synthetic_root
+from .synthetic_root import check_synthetic_root
 from .transforms import RESIZE_METHODS, TrainAugment, resize_image, resize_mask, to_tensor
 
 __all__ = [

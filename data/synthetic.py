@@ -24,7 +24,7 @@ anything but a synthetic dataset, and before regenerating with other arguments r
 generation wrote (and nothing else). ``generate`` writes without looking at what is there.
 
 The drawing of one image is in ``data.synthetic_draw``, the wording in ``data.synthetic_text``, the checks of the
-arguments in ``data.synthetic_args``.
+arguments in ``data.synthetic_args``, the root's layout and what it may hold in ``data.synthetic_root``.
 Run ``python -m data.synthetic --help``.
 """
 
@@ -39,7 +39,6 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -50,6 +49,18 @@ import numpy as np
 from data.opencv import cv2
 from data.synthetic_args import NUMBERS, SPLIT_ORDER, check_arguments, images_per_split, renamed, synthetic_sizes
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
+from data.synthetic_root import (
+    ANNOTATION_FILES,
+    COMPLETE,
+    IMAGE_ID_OFFSET,
+    IMAGE_SUBDIR,
+    RUNNING,
+    SyntheticRootError,
+    check_synthetic_root,
+    image_file,
+    make_folders,
+    remove_generation,
+)
 from data.synthetic_text import describe_object
 
 __all__ = [
@@ -61,22 +72,6 @@ logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
 GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
-IMAGE_ID_OFFSET = 1_000_000  # ids above every COCO train2014 id, so files never collide with real COCO images
-IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
-COMPLETE, RUNNING = "generator.json", "generating.json"  # markers in <root>/synthetic: done / under way
-GENERATION_LOCK = "generation.lock"  # in <root>/synthetic: a lock of the runs sharing the root, no dataset file
-ANNOTATION_FILES = ("instances.json", "refs(unc).p", "attributes.json")
-
-
-class SyntheticRootError(ValueError):
-    """The synthetic dataset's root folder cannot be used as it is (names the folder and why)."""
-
-
-def _image_file(index: int) -> str:
-    """The file name of image ``index`` of a generation (ids above every COCO train2014 id)."""
-    return f"COCO_train2014_{IMAGE_ID_OFFSET + index:012d}.jpg"
-
-
 def _write(path: Path, data: bytes) -> None:
     """``data`` into ``path``; a write that fails (a full disk, ...) is one SyntheticRootError naming the file, what
     it wrote of it removed (the run's generating.json lets the next run remove the rest)."""
@@ -131,7 +126,7 @@ def generate(
 
     root = Path(root)
     data_dir, image_dir = root / "synthetic", root / IMAGE_SUBDIR
-    _make_folders(root, data_dir, image_dir)
+    make_folders(root, data_dir, image_dir)
     # before the first image: a cut-off run leaves a record of what it was writing (ensure_synthetic cleans it up)
     _atomic_write(data_dir / RUNNING, json.dumps(params, indent=1).encode())
     (data_dir / COMPLETE).unlink(missing_ok=True)  # incomplete until rewritten at the end
@@ -208,25 +203,6 @@ def generate(
     return data_dir
 
 
-def _make_folders(root: Path, *folders: Path) -> None:
-    """Create ``folders`` (with their parents); SyntheticRootError naming ``root`` where that fails."""
-    try:
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # (a path under /proc, a read-only disk, a file on the way, ...)
-        raise SyntheticRootError(f"cannot create the synthetic dataset's folders in {root.resolve()} (DATA.ROOT, "
-                                 f"--root): {e.strerror or e}") from None  # fmt: skip
-
-
-def generation_lock(root: str | Path) -> Path:
-    """``<root>/synthetic/generation.lock``, its folder created, for the runs that share ``root`` to hold while they
-    ensure the dataset; a root ``ensure_synthetic`` would refuse is refused first (SyntheticRootError), untouched."""
-    root = Path(root)
-    check_synthetic_root(root)
-    _make_folders(root, root / "synthetic")
-    return root / "synthetic" / GENERATION_LOCK
-
-
 def _available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -244,7 +220,7 @@ def _draw_image(
     rng = np.random.default_rng([seed, index])
     group = GROUP_OF_SPLIT.get(split)
     img, objects = make_image(rng, args, group)
-    image_id, file_name = IMAGE_ID_OFFSET + index, _image_file(index)
+    image_id, file_name = IMAGE_ID_OFFSET + index, image_file(index)
     ok, jpeg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode {file_name} as JPEG")
@@ -290,7 +266,7 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     where = root.resolve()
     records, count = check_synthetic_root(root)
     if not records:
-        _make_folders(root, root)  # a root that cannot be: refused before the warning that it is new
+        make_folders(root, root)  # a root that cannot be: refused before the warning that it is new
         logger.warning("generating a new synthetic dataset in %s (there was none: check DATA.ROOT if you meant "
                        "an existing one)", where)
         return generate(root, **kwargs)
@@ -306,64 +282,10 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
         changed = [f"{k} {previous.get(k)!r} -> {wanted.get(k)!r}"
                    for k in sorted(set(previous) | set(wanted)) if previous.get(k) != wanted.get(k)]
         reason = "was made with other arguments (" + "; ".join(changed) + ")"
-    removed = _remove_generation(root, count)
+    removed = remove_generation(root, count)
     logger.warning("synthetic dataset in %s %s: removed the %d files it wrote (its images and annotation files), "
                    "generating it anew", where, reason, removed)
     return generate(root, **kwargs)
-
-
-def check_synthetic_root(root: str | Path) -> tuple[dict[str, dict], int]:
-    """What ``ensure_synthetic`` refuses, checked without writing anything (``main.py`` does so before its run
-    folder): ``root`` a file, a folder holding files but no synthetic dataset, a dataset whose marker files cannot
-    be read (SyntheticRootError). Returns the markers found (name -> record; none for a new or empty folder) and
-    the most images they say were written."""
-    root = Path(root)
-    where = root.resolve()
-    if root.exists() and not root.is_dir():
-        raise SyntheticRootError(f"the synthetic dataset's root {where} is a file, not a folder (DATA.ROOT)")
-    markers = [root / "synthetic" / m for m in (RUNNING, COMPLETE) if (root / "synthetic" / m).is_file()]
-    if not markers and root.is_dir() and any(_files_under(root)):
-        raise SyntheticRootError(
-            f"refusing to write the synthetic dataset into {where}: the folder holds files but no synthetic "
-            f"dataset (no synthetic/{COMPLETE}); give DATA.ROOT (--root) a new or empty folder"
-        )
-    records, count = {}, 0
-    for marker in markers:
-        try:
-            records[marker.name] = json.loads(marker.read_text())
-            count = max(count, sum(records[marker.name]["split_sizes"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SyntheticRootError(
-                f"cannot tell which files the synthetic dataset in {where} holds: {marker} is unreadable "
-                f"({type(e).__name__}: {e}); remove that dataset by hand"
-            ) from None
-    return records, count
-
-
-def _files_under(root: Path) -> Iterator[Path]:
-    """The files under ``root``, but for the lock of the runs that share it (and its aside copies) and a marker's
-    temporary file (a generation's first file: where it alone is there, another run is just starting one)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            ours = name.startswith(GENERATION_LOCK) or name in (f"{RUNNING}.tmp", f"{COMPLETE}.tmp")
-            if not (Path(folder) == root / "synthetic" and ours):
-                yield Path(folder) / name
-
-
-def _remove_generation(root: Path, num_images: int) -> int:
-    """Delete what a generation of ``num_images`` images wrote under ``root``; returns the number of files removed.
-    The markers go last, so that a removal cut off is resumed by the next ``ensure_synthetic``."""
-    data_dir = root / "synthetic"
-    paths = [root / IMAGE_SUBDIR / _image_file(i) for i in range(num_images)]
-    paths += [data_dir / name for name in ANNOTATION_FILES + (COMPLETE, RUNNING)]
-    paths += [p.with_name(p.name + ".tmp") for p in paths[num_images:]]  # _atomic_write's, if cut off
-    paths.sort(key=lambda p: p.name in (COMPLETE, RUNNING))
-    removed = 0
-    for path in paths:
-        if path.is_file():
-            path.unlink()
-            removed += 1
-    return removed
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data.synthetic import ensure_synthetic, generation_lock
+from data.synthetic import ensure_synthetic
+from data.synthetic_root import generation_lock
 from utils.lock import RunLock, RunLockedError, read_holder
 from utils.logger import get_logger
 

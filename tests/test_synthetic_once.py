@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import (
+from data.synthetic import ensure_synthetic
+from data.synthetic_root import (
     COMPLETE,
     GENERATION_LOCK,
     RUNNING,
     SyntheticRootError,
     check_synthetic_root,
-    ensure_synthetic,
     generation_lock,
 )
 from engine.synthetic_once import ensure_synthetic_once
