@@ -111,3 +111,42 @@ def test_a_folder_that_cannot_move_leaves_no_claimed_name(tmp_path: Path):
     with pytest.raises(FileNotFoundError), new_folders([(a, tmp_path / "A"), (tmp_path / ".gone", tmp_path / "B")]):
         pass
     assert os.listdir(tmp_path) == [".a.partial"]
+
+
+def refusing_renames_onto_folders(monkeypatch, before_rename=lambda dst: None) -> None:
+    """``os.replace`` / ``os.rename`` as on a file system that will not rename onto an existing folder (some FUSE
+    mounts): EEXIST; ``before_rename(dst)`` runs first in ``os.rename`` (another process acting in between)."""
+    real_replace, real_rename = os.replace, os.rename
+
+    def refuse(real, src, dst, first=lambda dst: None):
+        first(Path(dst))
+        if Path(dst).is_dir():
+            raise OSError(errno.EEXIST, "File exists", str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: refuse(real_replace, src, dst))
+    monkeypatch.setattr(atomic.os, "rename", lambda src, dst: refuse(real_rename, src, dst, before_rename))
+
+
+def test_new_folders_where_renames_onto_a_folder_are_refused(tmp_path: Path, monkeypatch):
+    a, b = folders(tmp_path, [".a.partial", ".b.partial"])
+    refusing_renames_onto_folders(monkeypatch)
+    with new_folders([(a, tmp_path / "A"), (b, tmp_path / "B")]):
+        pass
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["A", "B"] and (tmp_path / "A" / "m.png").read_text() == ".a.partial"
+
+
+def test_a_name_taken_in_the_instant_it_was_free_is_left_to_its_taker(tmp_path: Path, monkeypatch):
+    (a,) = folders(tmp_path, [".a.partial"])
+
+    def another_process_takes(dst: Path) -> None:
+        dst.mkdir()
+        (dst / "theirs.png").write_text("theirs")
+
+    refusing_renames_onto_folders(monkeypatch, another_process_takes)
+    with pytest.raises(FileExistsError, match="A was taken meanwhile"), new_folders([(a, tmp_path / "A")]):
+        pass
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [".a.partial", "A"] and os.listdir(tmp_path / "A") == ["theirs.png"]
+    assert (a / "m.png").read_text() == ".a.partial"

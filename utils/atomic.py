@@ -138,14 +138,30 @@ def new_folders(moves: Sequence[tuple[Path, Path]]) -> Iterator[None]:
     try:
         for folder, target in moves:
             target.mkdir()
-            try:
-                os.replace(folder, target)  # onto the empty folder just made
-            except BaseException:
-                target.rmdir()
-                raise
+            _move_into_claimed(folder, target)
             moved.append((folder, target))
         yield
     except BaseException:
         for folder, target in reversed(moved):
             os.replace(target, folder)
+        raise
+
+
+def _move_into_claimed(folder: Path, target: Path) -> None:
+    """``folder`` renamed onto ``target``, the empty folder this process just made to claim the name (POSIX replaces
+    it in one step). Where the file system refuses that (some FUSE mounts), ``target`` is removed first and the name
+    is free for an instant: taken meanwhile, FileExistsError. On any error ``target`` is this process's no more."""
+    try:
+        os.replace(folder, target)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EPERM, errno.EISDIR) or not folder.is_dir():
+            target.rmdir()
+            raise
+    target.rmdir()
+    try:
+        os.rename(folder, target)
+    except OSError as e:
+        if target.exists():  # (another process's now)
+            raise FileExistsError(errno.EEXIST, f"{target} was taken meanwhile") from e
         raise
