@@ -143,6 +143,7 @@ def test_index_dicts_on_generated(syn: REFER, syn_root: Path):
 def test_loading_logs_its_time(syn_root: Path, caplog):
     with caplog.at_level(logging.INFO, logger="refer"):
         REFER(syn_root, "synthetic", "unc")
+    assert caplog.messages[0] == "loading dataset synthetic (unc) into memory..."
     assert re.fullmatch(r"DONE \(t=\d+\.\d\ds\)", caplog.messages[-1])
 
 

@@ -232,6 +232,9 @@ def test_the_lock_restores_sigterm_each_time_it_is_taken(tmp_path):
         lock = RunLock(tmp_path / LOCK_NAME)
         lock.acquire()
         assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        with pytest.raises(SystemExit) as stopped:  # what SIGTERM does now: an exit with the status it would give
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert stopped.value.code == 128 + signal.SIGTERM == 143
         lock.release()
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
