@@ -208,6 +208,25 @@ def test_input_benchmark_smoke(capsys, monkeypatch):
     assert [json.loads(line) for line in lines[:-1]] == rows and lines[-1].startswith("# ")
 
 
+def test_the_input_benchmarks_folder_holds_photo_like_jpegs(tmp_path):
+    """``make_refer_folder``: REFER-readable, each image a JPEG of the size given, saved at quality 90 (the
+    quantisation tables of a JPEG PIL writes at 90: what a decoder's time depends on), no two files alike."""
+    from PIL import Image
+
+    from refer import REFER
+
+    bench_input.make_refer_folder(tmp_path, images=3, width=64, height=48)
+    refer = REFER(tmp_path, "refcoco", "unc")
+    files = [Path(refer.IMAGE_DIR) / img["file_name"] for img in refer.Imgs.values()]
+    reference = tmp_path / "q90.jpg"
+    Image.new("RGB", (64, 48)).save(reference, quality=90)
+    tables = Image.open(reference).quantization
+    for path in files:
+        with Image.open(path) as im:
+            assert (im.format, im.size, im.quantization) == ("JPEG", (64, 48), tables)
+    assert len({p.read_bytes() for p in files}) == 3
+
+
 def test_first_call_timed_apart_from_the_runs():
     """The first call (with torch.compile: the compiling) is reported alone; warm-up + runs calls in all."""
     calls = []

@@ -154,6 +154,11 @@ def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     info = init_distributed_mode("cuda")
     assert chosen == [1] and info.device == torch.device("cuda", 1) and (info.rank, info.world_size) == (1, 2)
+    joined = []  # the group NCCL's, as it would be formed
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    init_distributed_mode("cuda")
+    assert [k.get("backend") for k in joined] == ["nccl"]
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,22 @@ def test_files_that_are_no_lavt(tmp_path):
         open_checkpoint(tmp_path / "empty.pth")
 
 
+@pytest.mark.parametrize("cut", ["a gap in stage 1's blocks", "no stage 3"])
+def test_swin_blocks_that_are_not_four_stages_of_numbered_blocks_are_refused(encoder, tmp_path, cut):
+    """Either fault alone (the official layout of the tiny model): one line naming the file and the blocks found."""
+    from models import infer_architecture
+
+    state = to_official(built(encoder, "lavt")[1], "lavt", img_size=40, dataset="refcocog", splitBy="umd")["model"]
+    if cut == "no stage 3":
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.layers.3.blocks.")}
+    else:
+        last = max(int(k.split(".")[4]) for k in state if k.startswith("backbone.layers.1.blocks."))
+        prefix = f"backbone.layers.1.blocks.{last}."
+        state = {k.replace(prefix, f"backbone.layers.1.blocks.{last + 1}."): v for k, v in state.items()}
+    with pytest.raises(CheckpointError, match=r"^f\.pth: Swin blocks \{.*\} are not 4 stages of blocks 0\.\.n-1$"):
+        infer_architecture({"model": state}, where="f.pth")
+
+
 @pytest.mark.parametrize(
     "key",
     [

@@ -345,7 +345,8 @@ def test_stale_rule_on_this_host_and_unreadable_locks(tmp_path):
         RunLock(lock, stale_after_s=60).acquire()
     os.utime(lock, (time.time() - 120, time.time() - 120))
     taker = RunLock(lock, stale_after_s=60)
-    assert "the unreadable lock file is untouched for 2 min" in taker.acquire()
+    assert taker.acquire() == (f"took over the stale lock {lock} (the unreadable lock file is untouched for 2 min "
+                               "(stale after 1 min without a heartbeat)): unreadable lock file")  # fmt: skip
     taker.release()
     assert not lock.exists()
 
