@@ -77,6 +77,9 @@ def test_save_into_missing_folder(tmp_path):
 def test_rng_round_trip():
     g = torch.Generator().manual_seed(1)
     state = ck.get_rng_state(g)
+    keys = state["numpy"]["keys"]  # numpy's 624 uint32 words, stored as int64 (a tensor: weights_only loads it)
+    assert keys.dtype == torch.int64 and keys.shape == (624,)
+    assert np.array_equal(keys.numpy(), np.random.get_state()[1].astype(np.int64))
 
     def draw():
         return (

@@ -59,6 +59,8 @@ def test_plot_details(syn_root: Path, tmp_path: Path, caplog):
         plt.figure()
         refer.showRef(ref, seg_box="box")
     assert f"1. {ref['sentences'][0]['sent']}" in caplog.messages
+    lines = [f"{i}. {sentence['sent']}" for i, sentence in enumerate(ref["sentences"], 1)]
+    assert plt.gca().get_title() == "\n".join(lines) and len(lines) > 1  # one line a sentence
     box = plt.gca().patches[0]
     x, y, w, h = refer.getRefBox(ref["ref_id"])
     assert (box.get_xy(), box.get_width(), box.get_height(), box.get_linewidth()) == ((x, y), w, h, 3)

@@ -31,7 +31,7 @@ from data.synthetic import (
     generate,
     main,
 )
-from data.synthetic_draw import _background, _shape_points
+from data.synthetic_draw import _background, _segmentation, _shape_points
 from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
 from refer import REFER
 
@@ -427,3 +427,15 @@ def test_a_full_disk_is_one_error_and_the_next_run_cleans_up(tmp_path: Path, mon
     monkeypatch.setattr(Path, "write_bytes", real)
     ensure_synthetic(tmp_path, **small)
     assert len(REFER(tmp_path, "synthetic").Imgs) == 4 and third.is_file()
+
+
+def test_the_visible_part_of_a_covered_object_keeps_a_three_point_outline():
+    """A covered object whose visible part is a right triangle: its one contour has 3 points (OpenCV's simple chain:
+    the corners), a polygon RefCOCO-style; outlines of fewer points (no area) are left out."""
+    visible = np.zeros((20, 20), bool)
+    visible[2:10, 2:10] = np.tril(np.ones((8, 8), bool))
+    obj = {"visible": visible, "full_area": int(visible.sum()) + 10, "polygon": np.zeros((3, 2))}
+    assert _segmentation(obj) == [[2.0, 2.0, 2.0, 9.0, 9.0, 9.0]]
+    line = np.zeros((20, 20), bool)
+    line[5, 2:12] = True  # a contour of 2 points
+    assert _segmentation({**obj, "visible": line}) == []
