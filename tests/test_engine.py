@@ -64,6 +64,9 @@ def test_poly_lr_reaches_zero_at_the_end():
     assert [warm(i) for i in range(5)] == pytest.approx(
         [(i + 1) / 4 * (1 - i / 10) ** 0.9 for i in range(4)] + [0.6**0.9]  # warm from step 4 on
     )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    build_lr_scheduler(opt, 10, 0.9, 4)  # the scheduler takes the warm-up too: 1/4 of the rate at its first step
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 / 4)
     with pytest.raises(ValueError, match="positive number of iterations, got 0"):
         poly_lr_lambda(0)
 
