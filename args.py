@@ -313,9 +313,10 @@ def config_from_args(args: argparse.Namespace) -> CfgNode:
     if len(opts) % 2:  # named here, before the flags' pairs join them and blur which list was odd
         items = " ".join(map(str, opts))
         raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items ({len(opts)}): {items}")
-    refuse_set_twice({key: flag for flag, key, _ in _flags_given(args)}, opts)
+    given = _flags_given(args)
+    refuse_set_twice({key: flag for flag, key, _ in given}, opts)
     overrides: list = []
-    for key, value in flag_settings(args).items():
+    for _, key, value in given:
         # repr() keeps strings strings (yacs would literal_eval "123" into an int)
         overrides += [key, repr(list(value)) if isinstance(value, list | tuple) else repr(value)]
     return get_config(args.cfg_file, overrides + opts)

@@ -137,9 +137,42 @@ def run_evaluation(
     if cfg.EVAL.SAVE_MASKS and info.rank == 0:
         for folder in remove_abandoned(run_dir):
             logger.info("removed %s: the masks of an evaluation that ended before writing its results", folder)
-    staging: dict[tuple[str, bool], Path] = {}  # filled as the splits are scored
+    # with EVAL.SAVE_MASKS, each scoring's unfinished mask folder, entered before it is created: removed on any error
+    staging: dict[tuple[str, bool], Path] = {}
+    resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
+    summaries, records_of = [], {}
     try:
-        summaries, records_of = _score(cfg, model, tokenizer, info, run_dir, checkpoint, refer, staging)
+        for split in cfg.EVAL.SPLITS:
+            dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
+            cache = _split_text_cache(cfg, model, dataset, info.device)
+            for shuffled in variants(cfg):
+                ds = ShuffledExpressions(dataset, seed=cfg.TRAIN.SEED) if shuffled else dataset
+                tag = results_tag(cfg, split, shuffled)
+                loader = eval_loader(cfg, ds, info, cfg.EVAL.BATCH_SIZE, collate_eval)
+                scored = model
+                if cfg.EVAL.SAVE_MASKS:  # every rank writes its shard's masks into rank 0's unfinished folder
+                    staging[(split, shuffled)] = folder = all_gather_object(staging_folder(run_dir, tag))[0]
+                    scored, loader = MaskWriter(folder, cfg.EVAL.RESOLUTION).tap(model, loader)
+                metrics, records = evaluate(
+                    scored, loader, info.device, mode=cfg.EVAL.MODE, resolution=cfg.EVAL.RESOLUTION, amp=cfg.TRAIN.AMP,
+                    header=f"Eval {tag}", text_cache=cache,
+                )  # fmt: skip
+                records_of[(split, shuffled)] = records
+                summaries.append(
+                    results_summary(
+                        metrics,
+                        dataset=f"{cfg.DATA.DATASET} ({cfg.DATA.SPLIT_BY})",
+                        split=split + (" (expressions shuffled)" if shuffled else ""),
+                        protocol=cfg.EVAL.MODE,
+                        resolution=resolution,
+                        checkpoint=checkpoint,
+                        expressions=(
+                            f"shuffled among each image's objects ({ds.left_out} objects alone in their image left out)"
+                            if shuffled
+                            else "as annotated"
+                        ),
+                    )
+                )
         if info.rank == 0:
             path = _write(EvalFiles(Path(run_dir), cfg), records_of, staging, summaries)
             logger.info("results (%s):\n%s", path, format_table(summaries))
@@ -148,54 +181,6 @@ def run_evaluation(
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return summaries
-
-
-def _score(
-    cfg: CfgNode,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    info: DistInfo,
-    run_dir: Path,
-    checkpoint: str,
-    refer: REFER,
-    staging: dict[tuple[str, bool], Path],
-) -> tuple[list[dict[str, Any]], dict[tuple[str, bool], list[dict[str, Any]]]]:
-    """The summaries and per-expression records of every scoring of ``EVAL.SPLITS``; with ``EVAL.SAVE_MASKS`` the
-    masks of each into its unfinished folder, entered into ``staging`` before it is created."""
-    resolution = f"network {cfg.DATA.SIZE}x{cfg.DATA.SIZE}" if cfg.EVAL.RESOLUTION == "network" else "original"
-    summaries, records_of = [], {}
-    for split in cfg.EVAL.SPLITS:
-        dataset = build_dataset(cfg, split, eval_mode=True, tokenizer=tokenizer, refer=refer)
-        cache = _split_text_cache(cfg, model, dataset, info.device)
-        for shuffled in variants(cfg):
-            ds = ShuffledExpressions(dataset, seed=cfg.TRAIN.SEED) if shuffled else dataset
-            tag = results_tag(cfg, split, shuffled)
-            loader = eval_loader(cfg, ds, info, cfg.EVAL.BATCH_SIZE, collate_eval)
-            scored = model
-            if cfg.EVAL.SAVE_MASKS:  # every rank writes its shard's masks into rank 0's unfinished folder
-                staging[(split, shuffled)] = folder = all_gather_object(staging_folder(run_dir, tag))[0]
-                scored, loader = MaskWriter(folder, cfg.EVAL.RESOLUTION).tap(model, loader)
-            metrics, records = evaluate(
-                scored, loader, info.device, mode=cfg.EVAL.MODE, resolution=cfg.EVAL.RESOLUTION, amp=cfg.TRAIN.AMP,
-                header=f"Eval {tag}", text_cache=cache,
-            )  # fmt: skip
-            records_of[(split, shuffled)] = records
-            summaries.append(
-                results_summary(
-                    metrics,
-                    dataset=f"{cfg.DATA.DATASET} ({cfg.DATA.SPLIT_BY})",
-                    split=split + (" (expressions shuffled)" if shuffled else ""),
-                    protocol=cfg.EVAL.MODE,
-                    resolution=resolution,
-                    checkpoint=checkpoint,
-                    expressions=(
-                        f"shuffled among each image's objects ({ds.left_out} objects alone in their image left out)"
-                        if shuffled
-                        else "as annotated"
-                    ),
-                )
-            )
-    return summaries, records_of
 
 
 def _split_text_cache(

@@ -102,9 +102,8 @@ def export(
                 state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
                 save_file(state, str(tmp), metadata={"config": cfg.dump(), "format": "pt"})
     except FileExistsError:
-        raise FileExistsError(f"{out} appeared while exporting: choose another --out, or --force to replace it") from (
-            None
-        )
+        taken = f"{out} appeared while exporting: choose another --out, or --force to replace it"
+        raise FileExistsError(taken) from None
     logger.info("%s -> %s (%s%s)", checkpoint, out, to, f", {packaging}" if to == "official" else "")
     return out
 
