@@ -15,8 +15,8 @@ Written files (the REFER layout, read by ``refer.REFER(root, 'synthetic', 'unc')
     <root>/synthetic/attributes.json   structured attributes of objects and expressions (for checks)
     <root>/synthetic/generator.json    generation parameters; written last, so its presence means complete
     <root>/synthetic/generating.json   the same, present only while a generation runs (or after one was cut off)
-    <root>/synthetic/generation.lock   held by ``main.py`` while it ensures the dataset (``engine.synthetic_once``):
-                                       not a file of the dataset, and not written here
+    <root>/synthetic/generation.lock   held by ``main.py`` and ``tools.synthetic`` while they ensure the dataset
+                                       (``engine.synthetic_once``): not a file of the dataset, not written here
     <root>/images/mscoco/images/train2014/COCO_train2014_<12-digit id>.jpg
 
 ``ensure_synthetic`` is the safe way in: it generates only into a new or empty folder, refuses a folder that holds
@@ -25,19 +25,16 @@ generation wrote (and nothing else). ``generate`` writes without looking at what
 
 The drawing of one image is in ``data.synthetic_draw``, the wording in ``data.synthetic_text``, the checks of the
 arguments in ``data.synthetic_args``, the root's layout and what it may hold in ``data.synthetic_root``.
-Run ``python -m data.synthetic --help``.
+The command line is ``python -m tools.synthetic``.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import logging
 import os
 import pickle
-import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -47,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from data.opencv import cv2
-from data.synthetic_args import NUMBERS, SPLIT_ORDER, check_arguments, images_per_split, renamed, synthetic_sizes
+from data.synthetic_args import SPLIT_ORDER, check_arguments, images_per_split, synthetic_sizes
 from data.synthetic_draw import CAT_ID, CATEGORIES, COLOURS, SIZE_RANGES, SUPERCATEGORY, make_image
 from data.synthetic_root import (
     ANNOTATION_FILES,
@@ -64,7 +61,7 @@ from data.synthetic_root import (
 from data.synthetic_text import describe_object
 
 __all__ = [
-    "generate", "ensure_synthetic", "synthetic_sizes", "main", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
+    "generate", "ensure_synthetic", "synthetic_sizes", "CATEGORIES", "COLOURS", "SIZE_RANGES", "GROUP_OF_SPLIT",
     "SPLIT_ORDER", "SyntheticRootError",
 ]
 
@@ -246,6 +243,15 @@ def _params(num_images: int, split_sizes: dict[str, int] | None, **args: Any) ->
     return dict(version=GENERATOR_VERSION, split_sizes=images_per_split(num_images, split_sizes), **args)
 
 
+def wanted_params(root: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """What ``generate(root, **kwargs)`` would record in generator.json; its arguments' refusals (ValueError) are
+    raised here, before anything is written, removed or locked."""
+    bound = inspect.signature(generate).bind(root, **kwargs)
+    bound.apply_defaults()
+    check_arguments(*(bound.arguments[k] for k in inspect.signature(check_arguments).parameters))
+    return _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "workers")})
+
+
 def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Path:
     """``generate(root, **kwargs)`` unless a complete dataset made with the same arguments is already there
     (``force``: regenerate it all the same). Returns ``<root>/synthetic``.
@@ -257,11 +263,7 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     - a dataset made with other arguments, or cut off: the images and annotation files it wrote are removed
       (nothing else), with a WARNING, then the dataset is generated anew: no stale image remains.
     """
-    bound = inspect.signature(generate).bind(root, **kwargs)
-    bound.apply_defaults()
-    # the arguments refused before a dataset made with others is removed for them
-    check_arguments(*(bound.arguments[k] for k in inspect.signature(check_arguments).parameters))
-    wanted = _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "workers")})
+    wanted = wanted_params(root, **kwargs)  # refused before a dataset made with others is removed for them
     root = Path(root)
     where = root.resolve()
     records, count = check_synthetic_root(root)
@@ -286,48 +288,3 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     logger.warning("synthetic dataset in %s %s: removed the %d files it wrote (its images and annotation files), "
                    "generating it anew", where, reason, removed)
     return generate(root, **kwargs)
-
-
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write the synthetic REFER-format referring segmentation dataset.")
-    p.add_argument("--root", default="data/synthetic_refer", help="REFER root (DATA.ROOT)")
-    p.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
-    p.add_argument("--eval-images", type=int, default=0,
-                   help="images in each of val, testA and testB (0: one eleventh of --num-images each)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed and arguments write the same files")
-    p.add_argument("--min-size", type=int, default=128, help="smallest shorter image side")
-    p.add_argument("--max-size", type=int, default=256, help="largest image side")
-    p.add_argument("--min-objects", type=int, default=2, help="fewest objects in an image")
-    p.add_argument("--max-objects", type=int, default=5, help="most objects in an image")
-    p.add_argument("--max-expressions", type=int, default=3, help="most expressions for an object")
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes drawing images (0: one per available CPU); the files do not depend on it")
-    p.add_argument("--force", action="store_true",
-                   help="regenerate even if an identical dataset exists (its files are removed first)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The command line: errors in its numbers raise a ValueError naming the flags."""
-    a = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    shapes = {k: getattr(a, k) for k in ("min_size", "max_size", "min_objects", "max_objects", "max_expressions")}
-    try:  # (ensure_synthetic checks the numbers before anything is written or removed)
-        sizes = synthetic_sizes(a.num_images, a.eval_images)
-        ensure_synthetic(a.root, force=a.force, **sizes, seed=a.seed, workers=a.workers, **shapes)
-    except SyntheticRootError:  # names DATA.ROOT and a path, in which no word is a flag's
-        raise
-    except ValueError as e:  # the numbers', or the drawing's (no room for min_objects): named as the flags
-        raise ValueError(renamed(str(e), {k: "--" + k.replace("_", "-") for k in NUMBERS})) from None
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:  # a user's mistake, or a full disk: one line, as main.py says it
-        print(f"python -m data.synthetic: error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # status 130, as a shell reports it; generating.json marks the set as cut off
-        print("python -m data.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(128 + signal.SIGINT)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data.synthetic import ensure_synthetic
+from data.synthetic import ensure_synthetic, wanted_params
 from data.synthetic_root import generation_lock
 from utils.lock import RunLock, RunLockedError, read_holder
 from utils.logger import get_logger
@@ -23,9 +23,11 @@ POLL_S = 1.0  # how often a waiting run looks at the lock again
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}  # a lock file that cannot be created there
 
 
-def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, **kwargs: Any) -> Path:
-    """``data.synthetic.ensure_synthetic(root, **kwargs)`` holding ``<root>/synthetic/generation.lock``, after any
-    other run holding it has finished. Returns ``<root>/synthetic``."""
+def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, force: bool = False, **kwargs: Any) -> Path:
+    """``data.synthetic.ensure_synthetic(root, force, **kwargs)`` holding ``<root>/synthetic/generation.lock``, after
+    any other run holding it has finished; arguments it would refuse are refused first, nothing written. Returns
+    ``<root>/synthetic``."""
+    wanted_params(root, **kwargs)
     lock, logger, waited = RunLock(generation_lock(root)), get_logger(), False
     while True:
         try:
@@ -34,7 +36,7 @@ def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, **kwargs: An
         except OSError as e:  # a dataset on a read-only disk (made once, shared): read as it is, no lock needed
             if e.errno not in _READ_ONLY:
                 raise
-            return ensure_synthetic(root, **kwargs)
+            return ensure_synthetic(root, force, **kwargs)
         except RunLockedError:
             if not waited:
                 holder = read_holder(lock.path)
@@ -47,6 +49,6 @@ def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, **kwargs: An
     try:
         if took_over:
             logger.warning("%s", took_over)
-        return ensure_synthetic(root, **kwargs)
+        return ensure_synthetic(root, force, **kwargs)
     finally:
         lock.release()

@@ -14,9 +14,9 @@ import pytest
 
 from configs import DEMO_CONFIG, get_config
 from data.synthetic import generate
-from data.synthetic import get_parser as synthetic_parser
 from models.official import PACKAGINGS
 from tools.export import FORMATS
+from tools.synthetic import get_parser as synthetic_parser
 from tools.web import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_export_help_lists_formats_and_packagings() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["args", "data.synthetic", "tools.demo", "tools.web", "tools.export", "tools.benchmark",
+    "module", ["args", "tools.synthetic", "tools.demo", "tools.web", "tools.export", "tools.benchmark",
                "tools.bench_input", "tools.submit"],
 )  # fmt: skip
 def test_every_option_says_what_it_does(module: str) -> None:
@@ -75,7 +75,7 @@ def test_every_option_says_what_it_does(module: str) -> None:
 
 
 def test_the_synthetic_command_lines_defaults_are_generates() -> None:
-    """``python -m data.synthetic`` without options writes what ``generate`` writes without arguments."""
+    """``python -m tools.synthetic`` without options writes what ``generate`` writes without arguments."""
     assert synthetic_parser().description == "Write the synthetic REFER-format referring segmentation dataset."
     given = vars(synthetic_parser().parse_args(["--root", "x"]))
     defaults = {k: p.default for k, p in inspect.signature(generate).parameters.items() if p.default is not p.empty}

@@ -57,7 +57,7 @@ MODULES: dict[str, str] = {
     "main.py": "args",
     "tools/submit.py": "tools.submit",
     **{m: m for m in ("tools.demo", "tools.web", "tools.export", "tools.benchmark", "tools.bench_input",
-                      "tests.mutation", "data.synthetic")},  # fmt: skip
+                      "tests.mutation", "tools.synthetic")},  # fmt: skip
     **{f"docs/{s}.py": f"docs/{s}.py" for s in ("bench_official", "bench_floor", "bench_split", "bench_winograd",
                                                 "bench_predict")},  # fmt: skip
 }

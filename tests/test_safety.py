@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.synthetic import SyntheticRootError, ensure_synthetic, generate, main
+from data.synthetic import SyntheticRootError, ensure_synthetic, generate
 from refer import REFER, ReferDataError
 from refer.safe_pickle import UnsafePickleError, load_plain_pickle, loads_plain_pickle
+from tools.synthetic import main
 
 from .helpers_process import terminal_job
 
@@ -165,7 +166,7 @@ def test_foreign_folder_is_refused_untouched(tmp_path: Path):
 
 
 def test_the_command_line_refuses_in_one_line(tmp_path: Path):
-    """``python -m data.synthetic`` into a foreign folder or a file: one line naming the root, status 2, nothing
+    """``python -m tools.synthetic`` into a foreign folder or a file: one line naming the root, status 2, nothing
     written (the same refusals as above, through the command line's own entry point)."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
@@ -178,12 +179,12 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
         ("file_root/set", "cannot create the synthetic dataset's folders in {} (DATA.ROOT, --root): Not a directory"),
     ]:
         where = (tmp_path / root).resolve()
-        done = subprocess.run([sys.executable, "-m", "data.synthetic", "--root", str(where), "--num-images", "4"],
+        done = subprocess.run([sys.executable, "-m", "tools.synthetic", "--root", str(where), "--num-images", "4"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 2 and done.stdout == "", done.stderr
         lines = done.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(
-            "python -m data.synthetic: error: SyntheticRootError: " + message.format(where)
+            "python -m tools.synthetic: error: SyntheticRootError: " + message.format(where)
         ), done.stderr
         assert lines[0].endswith("Not a directory") == root.endswith("/set")  # the whole line, no Errno
     assert snapshot(tmp_path) == before
@@ -192,10 +193,10 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
 
 def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_path: Path):
     """Ctrl-C as a terminal sends it (to the whole process group, the drawing processes included) while
-    ``python -m data.synthetic`` draws: one line, status 130, no traceback; generating.json is left as the mark of
+    ``python -m tools.synthetic`` draws: one line, status 130, no traceback; generating.json is left as the mark of
     a cut-off set, which the next run removes before it generates."""
     root = tmp_path / "set"
-    argv = [sys.executable, "-m", "data.synthetic", "--root", str(root), "--num-images", "4000", "--workers", "2"]
+    argv = [sys.executable, "-m", "tools.synthetic", "--root", str(root), "--num-images", "4000", "--workers", "2"]
     with terminal_job(argv, cwd=REPO, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.time() + 120
         while len(list((root / "images").rglob("*.jpg"))) < 20:  # drawing under way
@@ -205,7 +206,7 @@ def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_pat
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.splitlines()[-1] == (
-        "python -m data.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote"
+        "python -m tools.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote"
     )
     assert (root / "synthetic" / "generating.json").is_file() and not (root / "synthetic" / "generator.json").exists()
     ensure_synthetic(root, num_images=4)

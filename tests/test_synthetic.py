@@ -29,11 +29,11 @@ from data.synthetic import (
     SyntheticRootError,
     ensure_synthetic,
     generate,
-    main,
 )
 from data.synthetic_draw import _background, _segmentation, _shape_points
 from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
 from refer import REFER
+from tools.synthetic import main
 
 REPO = Path(__file__).resolve().parents[1]
 SUPER = {c["id"]: c["supercategory"] for c in CATEGORIES}
@@ -382,7 +382,7 @@ def test_a_larger_set(tmp_path: Path):
 
 def test_command_line(tmp_path: Path):
     out = subprocess.run(
-        [sys.executable, "-m", "data.synthetic", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "tools.synthetic", "--help"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert "--num-images" in out and "--root" in out
     main(["--root", str(tmp_path), "--num-images", "4", "--min-size", "64", "--max-size", "64", "--seed", "2",
@@ -398,7 +398,7 @@ def test_command_line(tmp_path: Path):
     refer = REFER(tmp_path / "b", "synthetic")
     images = {s: len({refer.Refs[r]["image_id"] for r in refer.getRefIds(split=s)}) for s in SPLIT_ORDER}
     assert images == {"train": 3, "val": 2, "testA": 2, "testB": 2}
-    done = subprocess.run([sys.executable, "-m", "data.synthetic", "--root", str(tmp_path / "cli"), "--num-images",
+    done = subprocess.run([sys.executable, "-m", "tools.synthetic", "--root", str(tmp_path / "cli"), "--num-images",
                            "4", "--min-size", "64", "--max-size", "64"], cwd=REPO, capture_output=True, text=True,
                           check=True)  # fmt: skip
     assert " INFO synthetic REFER dataset: 4 images, " in done.stderr  # what it wrote, as it goes

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import ensure_synthetic, generate, main
+from data.synthetic import ensure_synthetic, generate
 from data.synthetic_args import check_arguments, images_per_split, synthetic_sizes
 from refer import REFER
+from tools.synthetic import main
 
 
 def test_synthetic_sizes():

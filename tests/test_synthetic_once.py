@@ -146,3 +146,57 @@ def test_a_dataset_where_no_lock_can_be_written_is_read_as_it_is(tmp_path, monke
     monkeypatch.setattr(RunLock, "_create", lambda self, me: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         ensure_synthetic_once(tmp_path, **SMALL)
+
+
+def test_the_command_waits_for_the_run_making_the_dataset(tmp_path):
+    """``python -m tools.synthetic`` (a real process) beside a run that holds the root's generation lock: it waits,
+    says for whom, and writes nothing until the lock is let go; then it makes the dataset."""
+    holder = RunLock(generation_lock(tmp_path))
+    holder.acquire()
+    who = holder.holder.describe()
+    argv = [sys.executable, "-m", "tools.synthetic", "--root", str(tmp_path), "--num-images", "8", "--min-size", "64",
+            "--max-size", "64", "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # the command's start (imports) and its first look at the lock
+        assert proc.poll() is None and not (tmp_path / "images").exists()
+    finally:
+        holder.release()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    waiting = [line for line in err.splitlines() if "waiting for" in line]
+    assert len(waiting) == 1 and waiting[0].endswith(
+        f"WARNING waiting for another run to make the synthetic dataset in {tmp_path.resolve()} "
+        f"({who})"
+    ), err
+    assert len(images(tmp_path)) == 8 and not (tmp_path / "synthetic" / GENERATION_LOCK).exists()
+
+
+def test_the_commands_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """Any OSError (here the lock's disk failing) ends the command with one line and status 2; a ValueError of its
+    numbers names the flags; Ctrl-C says that the next run cleans up, status 130."""
+    from tools import synthetic as command
+
+    argv = ["--root", str(tmp_path), "--num-images", "8", "--min-size", "64", "--max-size", "64"]
+    monkeypatch.setattr(RunLock, "_create", lambda self, me: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    assert command.run(argv) == 2
+    assert capsys.readouterr().err == "python -m tools.synthetic: error: OSError: [Errno 5] I/O error\n"
+    monkeypatch.undo()
+    assert command.run([*argv, "--max-objects", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m tools.synthetic: error: ValueError: need 1 <= --min-objects <= --max-objects, got "
+        "--min-objects=2, --max-objects=1"
+    )
+    monkeypatch.setattr(command, "ensure_synthetic_once", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert command.run(argv) == 130
+    assert capsys.readouterr().err == (
+        "python -m tools.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote\n"
+    )
+    assert not (tmp_path / "images").exists()
+
+
+def test_arguments_it_would_refuse_are_refused_before_the_lock(tmp_path):
+    """Numbers ``generate`` refuses: the ValueError comes before the lock's folders are made (nothing on disk)."""
+    with pytest.raises(ValueError, match=r"^need 16 <= min_size <= max_size, got min_size=8, max_size=80$"):
+        ensure_synthetic_once(tmp_path / "data", **{**SMALL, "min_size": 8})
+    assert os.listdir(tmp_path) == []

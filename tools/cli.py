@@ -20,15 +20,18 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
-def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """``main(argv)``; a ``USER_ERRORS`` exception becomes ``<prog>: error: <Type>: <message>`` on one line of stderr
-    and status 2, Ctrl-C ``<prog>: interrupted (Ctrl-C)`` and status 130, as a shell reports it (``--debug`` in
-    ``argv`` shows the traceback instead). Returns the exit status."""
+def run_cli(
+    prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None,
+    errors: tuple[type[BaseException], ...] = USER_ERRORS, after_interrupt: str = "",
+) -> int:
+    """``main(argv)``; an ``errors`` exception becomes ``<prog>: error: <Type>: <message>`` on one line of stderr
+    and status 2, Ctrl-C ``<prog>: interrupted (Ctrl-C)`` (then ``; <after_interrupt>`` if given) and status 130, as
+    a shell reports it (``--debug`` in ``argv`` shows the traceback instead). Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         main([a for a in argv if a != "--debug"])
-    except USER_ERRORS as e:
+    except errors as e:
         if debug:
             raise
         print(error_line(prog, e), file=sys.stderr)
@@ -36,7 +39,7 @@ def run_cli(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str]
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"{prog}: interrupted (Ctrl-C)" + (f"; {after_interrupt}" if after_interrupt else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
