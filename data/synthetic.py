@@ -288,3 +288,10 @@ def ensure_synthetic(root: str | Path, force: bool = False, **kwargs: Any) -> Pa
     logger.warning("synthetic dataset in %s %s: removed the %d files it wrote (its images and annotation files), "
                    "generating it anew", where, reason, removed)
     return generate(root, **kwargs)
+
+
+if __name__ == "__main__":  # the command line is in tools/, where it can take the root's generation lock
+    import sys
+
+    print("python -m data.synthetic: error: the command is python -m tools.synthetic (same options)", file=sys.stderr)
+    raise SystemExit(2)

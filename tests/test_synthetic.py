@@ -402,6 +402,12 @@ def test_command_line(tmp_path: Path):
                            "4", "--min-size", "64", "--max-size", "64"], cwd=REPO, capture_output=True, text=True,
                           check=True)  # fmt: skip
     assert " INFO synthetic REFER dataset: 4 images, " in done.stderr  # what it wrote, as it goes
+    old = subprocess.run([sys.executable, "-m", "data.synthetic", "--root", str(tmp_path / "old")], cwd=REPO,
+                         capture_output=True, text=True)  # fmt: skip
+    assert (old.returncode, old.stderr) == (
+        2, "python -m data.synthetic: error: the command is python -m tools.synthetic (same options)\n"
+    )  # the command's former name: said where it is, nothing written
+    assert not (tmp_path / "old").exists()
 
 
 def test_a_full_disk_is_one_error_and_the_next_run_cleans_up(tmp_path: Path, monkeypatch):
