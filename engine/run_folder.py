@@ -6,28 +6,37 @@
   ``train.lock``) for the whole run, so a second training there is refused while the first runs.
 - An evaluation (``eval_run_dir``) writes into the folder it is named (``--model_id`` / ``--output``) unless that
   folder holds another run, else into the run folder of the checkpoint it scores, else into
-  ``<OUTPUT>/eval_<checkpoint stem>``: never into another run's folder. It takes no lock.
+  ``<OUTPUT>/eval_<checkpoint stem>``: never into another run's folder. It holds a lock of its own there
+  (``eval.<pid>@<host>.lock``), which keeps no other process out (evaluations run beside each other and beside the
+  training of that folder) but refuses ``--overwrite`` the folder while it writes: its log, results and masks would be
+  removed under it, or land in the new run's folder.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from yacs.config import CfgNode
 
 from utils.distributed import DistInfo, all_gather_object
-from utils.lock import STALE_AFTER_S, RunLock, RunLockedError
+from utils.lock import STALE_AFTER_S, RunLock, RunLockedError, read_holder, slurm_incarnation, stale_reason
 from utils.tensorboard import TENSORBOARD_DIR
 
 # A folder holding any of these holds a run. Not config.yaml alone: a run stopped by a mistake in its data or flags
 # before its first step leaves only that (and log.txt), and the corrected command must be able to start there.
 RUN_MARKERS = ("last.pth", "best.pth", "metrics.jsonl")
 LOCK_NAME = "train.lock"
-# what --overwrite removes: the files a run writes (checkpoints, logs, configs, results) and its TensorBoard folder
+# what --overwrite removes: the files a run writes (checkpoints, logs, configs, results) and its TensorBoard folder,
+# its evaluations' mask folders (finished, or left unfinished by one that ended) and the locks of ended evaluations
 RUN_FILE_SUFFIXES = (".pth", ".json", ".jsonl", ".yaml", ".txt", ".tmp")
+EVAL_LOCK = re.compile(r"eval\.\d+@.+\.lock")  # (a host name holds no "@")
+MASK_FOLDER = re.compile(r"masks_.+|\.masks_.+\.partial")
 
 
 class RunFolderError(ValueError):
@@ -112,16 +121,46 @@ def _make_writable(path: Path) -> None:
         ) from e
 
 
+def eval_lock_name() -> str:
+    """``eval.<pid>@<host>.lock``: the lock an evaluation holds in the folder it writes into, of this process."""
+    return f"eval.{os.getpid()}@{socket.gethostname()}.lock"
+
+
+def evaluations_writing(path: Path, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Who holds an evaluation's lock in ``path`` and is still running (``utils.lock``'s stale rule), described."""
+    running, host, job = [], socket.gethostname(), slurm_incarnation()
+    for lock in sorted(path.iterdir()):
+        if not EVAL_LOCK.fullmatch(lock.name):
+            continue
+        holder = read_holder(lock)
+        try:
+            age_s = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # (it just ended)
+            continue
+        if stale_reason(holder, age_s, stale_after_s, host, job) is None:
+            running.append(holder.describe() if holder else f"{lock.name}, being written")
+    return running
+
+
+def _is_mask_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an evaluation's mask folder: named as one, holding PNG files only (a folder of a user's
+    is never taken for one)."""
+    return MASK_FOLDER.fullmatch(folder.name) is not None and all(
+        p.is_file() and p.suffix == ".png" for p in folder.iterdir()
+    )  # fmt: skip
+
+
 def clear_run(path: Path) -> str:
-    """Remove the files a run writes from ``path`` (not the lock); returns what was removed and kept, for the log."""
+    """Remove the files a run writes from ``path`` (not the lock); returns what was removed and kept, for the log.
+    The caller has made sure that no evaluation is writing there (``evaluations_writing``)."""
     removed, kept = [], []
     for entry in sorted(path.iterdir()):
         if entry.name == LOCK_NAME:
             continue
-        if entry.is_dir() and entry.name == TENSORBOARD_DIR:
+        if entry.is_dir() and (entry.name == TENSORBOARD_DIR or _is_mask_folder(entry)):
             shutil.rmtree(entry)
             removed.append(entry.name + "/")
-        elif entry.is_file() and entry.suffix in RUN_FILE_SUFFIXES:
+        elif entry.is_file() and (entry.suffix in RUN_FILE_SUFFIXES or EVAL_LOCK.fullmatch(entry.name)):
             entry.unlink()
             removed.append(entry.name)
         else:
@@ -173,7 +212,9 @@ def _claim(
     if evaluate is not None:
         path, why = eval_run_dir(cfg, evaluate, named)
         _make_writable(path)
-        return RunFolder(path, why)
+        lock = RunLock(path / eval_lock_name(), stale_after_s=stale_after_s)
+        took_over = lock.acquire()  # (only a lock of an ended process that had this pid can be there)
+        return RunFolder(path, why, warnings=[took_over] if took_over else [], lock=lock)
     path = run_dir_of(cfg)
     _make_writable(path)
     lock = RunLock(path / LOCK_NAME, stale_after_s=stale_after_s)
@@ -186,6 +227,13 @@ def _claim(
                 raise RunFolderError(
                     f"run folder {path} already holds a run ({', '.join(found)}): continue it with --resume, or "
                     f"delete its files and start over with --overwrite{hint}; nothing was changed"
+                )
+            writing = evaluations_writing(path, stale_after_s)
+            if writing:
+                raise RunFolderError(
+                    f"--overwrite would remove the files of the evaluation writing into {path} ({writing[0]}"
+                    f"{f'; and {len(writing) - 1} more' if len(writing) > 1 else ''}): wait for it to end; nothing "
+                    "was changed"
                 )
             folder.warnings.append(clear_run(path))
     except BaseException:

@@ -1,0 +1,136 @@
+"""An evaluation holds a lock of its own in the folder it writes into (``eval.<pid>@<host>.lock``): a training with
+``--overwrite`` of that folder is refused while it runs (its log, results and masks would be removed under it, or
+land in the new run's folder), and clears what an ended evaluation left (its lock, its mask folders)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import main as main_module
+from engine.run_folder import EVAL_LOCK, eval_lock_name, evaluations_writing
+from utils.lock import LockHolder
+
+from .helpers_train import tiny_env, tiny_main_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+# a process that holds the lock given as its argument until it is killed
+HOLDER = """import sys, time
+from utils.lock import RunLock
+with RunLock(sys.argv[1]):
+    print('locked', flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return tiny_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def finished(env, tmp_path_factory) -> Path:
+    """The folder of a finished one-epoch tiny run."""
+    out = tmp_path_factory.mktemp("finished")
+    main_module.main(tiny_main_argv(env, out, TRAIN__EPOCHS=1))
+    return out / "tiny"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_evaluation_holds_its_lock_while_it_scores(env, finished, tmp_path, monkeypatch):
+    """``main.py --eval`` of a run's checkpoint: while it scores, the run folder holds the evaluation's lock, naming
+    this process; at the end the lock is gone."""
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(finished, run_dir)
+    seen, real = [], main_module.run_evaluation
+
+    def looking(*args, **kwargs):
+        seen.extend(p.name for p in run_dir.iterdir() if EVAL_LOCK.fullmatch(p.name))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main_module, "run_evaluation", looking)
+    main_module.main(tiny_main_argv(env, tmp_path, "--eval", "--pretrain", str(run_dir / "last.pth"), named=False))
+    assert seen == [f"eval.{os.getpid()}@{socket.gethostname()}.lock"] == [eval_lock_name()]
+    assert not any(EVAL_LOCK.fullmatch(p.name) for p in run_dir.iterdir())
+
+
+def test_overwrite_is_refused_while_an_evaluation_writes_and_clears_what_an_ended_one_left(env, finished, tmp_path,
+                                                                                           capsys):  # fmt: skip
+    """A real process holds an evaluation's lock in the run folder: ``--overwrite`` is one line, nothing changed.
+    Killed with ``kill -9``, its lock is stale: ``--overwrite`` removes it with the mask folders evaluations wrote
+    (finished, and one left unfinished), and keeps folders of the user's."""
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(finished, run_dir)
+    for folder, files in [("masks_synthetic_unc_val_each_network48", ["1_2.png"]),
+                          (".masks_synthetic_unc_val_each_network48.99@elsewhere.partial", ["3_4.png"]),
+                          ("masks_mine", ["notes.txt", "a.png"]), ("masks_nested", ["b.png"])]:  # fmt: skip
+        (run_dir / folder).mkdir()
+        for name in files:
+            (run_dir / folder / name).write_bytes(b"x")
+    (run_dir / "masks_nested" / "c.png").mkdir()  # a folder, not a mask
+    lock = run_dir / "eval.12345@somewhere.lock"  # (the name is this test's; its holder is what counts)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run_dir)
+        assert main_module.cli(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"main.py: error: RunFolderError: --overwrite would remove the files of the evaluation writing into "
+            f"{run_dir} (host {socket.gethostname()}, pid {holder.pid}, since 20"
+        ), err
+        assert err[0].endswith("): wait for it to end; nothing was changed")
+        assert snapshot(run_dir) == before
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0"))
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    log = (run_dir / "log.txt").read_text()
+    assert (
+        "--overwrite: removed the previous run's .image_check.json, "
+        ".masks_synthetic_unc_val_each_network48.99@elsewhere.partial/, best.pth, config.yaml, "
+        "eval.12345@somewhere.lock, last.pth, log.txt, masks_synthetic_unc_val_each_network48/, metrics.jsonl, "
+        "tensorboard/, timing.jsonl from "
+        f"{run_dir}; kept masks_mine, masks_nested (not written by a run)"
+    ) in log
+    left = sorted(p.name for p in run_dir.iterdir() if "mask" in p.name or p.suffix == ".lock")
+    assert left == ["masks_mine", "masks_nested"]
+
+
+def test_which_evaluations_are_running(tmp_path):
+    """``utils.lock``'s stale rule decides: this process (running) counts, an ended process does not; a lock of
+    another host counts until its heartbeat is 30 minutes old; one being written counts; other names are no locks."""
+    host = socket.gethostname()
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+
+    def lock(name: str, holder: LockHolder | None, age_s: float = 0.0) -> None:
+        path = tmp_path / name
+        path.write_text("{" if holder is None else __import__("json").dumps(holder.__dict__))
+        os.utime(path, (time.time() - age_s,) * 2)
+
+    me = LockHolder(host=host, pid=os.getpid(), started="2026-12-06T00:00:00Z", command="python main.py --eval")
+    lock(f"eval.{os.getpid()}@{host}.lock", me)
+    lock(f"eval.{ended}@{host}.lock", LockHolder(host=host, pid=ended, started="s", command="c"))
+    lock("eval.7@far.lock", LockHolder(host="far", pid=7, started="s", command="fresh"), age_s=29 * 60)
+    lock("eval.8@far.lock", LockHolder(host="far", pid=8, started="s", command="old"), age_s=31 * 60)
+    lock("eval.9@far.lock", None)
+    lock("train.lock", me)
+    lock("eval.x@far.lock", me)  # not an evaluation's name
+    assert evaluations_writing(tmp_path) == [
+        me.describe(), "host far, pid 7, since s, command: fresh", "eval.9@far.lock, being written"
+    ]
+    assert evaluations_writing(tmp_path, stale_after_s=10 * 60) == [me.describe(), "eval.9@far.lock, being written"]
