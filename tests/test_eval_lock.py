@@ -4,6 +4,7 @@ land in the new run's folder), and clears what an ended evaluation left (its loc
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -92,6 +93,14 @@ def test_overwrite_is_refused_while_an_evaluation_writes_and_clears_what_an_ende
         ), err
         assert err[0].endswith("): wait for it to end; nothing was changed")
         assert snapshot(run_dir) == before
+        mine = run_dir / "eval.1@here.lock"  # a second evaluation running: this process
+        me = LockHolder(host=socket.gethostname(), pid=os.getpid(), started="now", command="python main.py --eval")
+        mine.write_text(json.dumps(me.__dict__))
+        assert main_module.cli(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0")) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            "; and 1 more): wait for it to end; nothing was changed"
+        )
+        mine.unlink()
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0"))
@@ -119,7 +128,7 @@ def test_which_evaluations_are_running(tmp_path):
 
     def lock(name: str, holder: LockHolder | None, age_s: float = 0.0) -> None:
         path = tmp_path / name
-        path.write_text("{" if holder is None else __import__("json").dumps(holder.__dict__))
+        path.write_text("{" if holder is None else json.dumps(holder.__dict__))
         os.utime(path, (time.time() - age_s,) * 2)
 
     me = LockHolder(host=host, pid=os.getpid(), started="2026-12-06T00:00:00Z", command="python main.py --eval")
