@@ -157,12 +157,21 @@ def test_the_command_waits_for_the_run_making_the_dataset(tmp_path):
     argv = [sys.executable, "-m", "tools.synthetic", "--root", str(tmp_path), "--num-images", "8", "--min-size", "64",
             "--max-size", "64", "--workers", "1"]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     try:
-        time.sleep(4)  # the command's start (imports) and its first look at the lock
+        deadline = time.time() + 120
+        while not any("waiting for" in line for line in lines):  # its start (imports), then its look at the lock
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)
+            time.sleep(0.05)
+        time.sleep(0.5)  # (a few of its looks at the lock)
         assert proc.poll() is None and not (tmp_path / "images").exists()
     finally:
         holder.release()
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 0, err
     waiting = [line for line in err.splitlines() if "waiting for" in line]
     assert len(waiting) == 1 and waiting[0].endswith(
