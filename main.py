@@ -41,7 +41,7 @@ from engine import NonFiniteLossError, load_pretrained, prepare_run_dir, run_eva
 from engine.config_check import validate_config  # noqa: E402
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: E402
 from engine.resume import ResumePlan, plan_resume  # noqa: E402
-from engine.run_folder import RunFolder, run_dir_of  # noqa: E402
+from engine.run_folder import RunFolder, run_dir_of, write_run_config  # noqa: E402
 from engine.synthetic_once import ensure_synthetic_once  # noqa: E402
 from engine.timing import report_timing  # noqa: E402
 from models import CheckpointError, build_model  # noqa: E402
@@ -49,8 +49,7 @@ from models.text import load_tokenizer  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.amp import amp_dtype, resolve_amp  # noqa: E402
 from utils.atomic import StorageError  # noqa: E402
-from utils.checkpoint import write_text_atomic  # noqa: E402
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed_mode  # noqa: E402
+from utils.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed_mode  # noqa: E402
 from utils.errors import error_line, is_out_of_memory, is_worker_death  # noqa: E402
 from utils.launcher import detect_launch  # noqa: E402
 from utils.lock import RunLockedError  # noqa: E402
@@ -124,9 +123,10 @@ def _run_in(
     )  # fmt: skip
     if not args.eval:
         logger.info(describe_batch(cfg.TRAIN.BATCH_SIZE, info.world_size))
-    config_file = run_dir / ("config_eval.yaml" if args.eval else "config.yaml")
-    if info.rank == 0:
-        write_text_atomic(config_file, cfg.dump())  # (a full disk: one StorageError line, no half config)
+    # (a full disk: one StorageError line, no half config); the results name it
+    config_file = run_dir / all_gather_object(
+        write_run_config(run_dir, cfg.dump(), evaluation=args.eval).name if info.rank == 0 else None
+    )[0]  # fmt: skip
     logger.info("full config written to %s", config_file)
     seed_everything(cfg.TRAIN.SEED + info.rank)
     if cfg.DATA.DATASET == "synthetic":
@@ -151,7 +151,7 @@ def _run_in(
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     if args.eval:
         load_pretrained(model, args.pretrain, cfg)
-        out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, args.pretrain, refer)
+        out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, args.pretrain, refer, config_file.name)
         stopwatch.lap("evaluation")
     else:
         result = train(cfg, args, model, tokenizer, info, run_dir, refer, resume=resume, stopwatch=stopwatch)
@@ -160,7 +160,9 @@ def _run_in(
             best_path = run_dir / "best.pth"
             load_pretrained(result["model_without_ddp"], str(best_path), cfg)
             model = result["model_without_ddp"]
-            out["summaries"] = run_evaluation(cfg, model, tokenizer, info, run_dir, str(best_path), refer)
+            out["summaries"] = run_evaluation(
+                cfg, model, tokenizer, info, run_dir, str(best_path), refer, config_file.name
+            )
             stopwatch.lap("final evaluation")
     out["timing"] = report_timing(stopwatch, cfg, info, run_dir, "evaluation" if args.eval else "training")
     return out

@@ -128,9 +128,11 @@ def run_evaluation(
     run_dir: Path,
     checkpoint: str,
     refer: REFER | None = None,
+    config: str = "",
 ) -> list[dict[str, Any]]:
     """Evaluate ``EVAL.SPLITS`` in ``EVAL.MODE`` at ``EVAL.RESOLUTION``; rank 0 writes the files (``EvalFiles``,
-    never replacing one) and the table. ``refer``: the dataset's annotations if already read (``data.load_refer``).
+    never replacing one) and the table. ``refer``: the dataset's annotations if already read (``data.load_refer``);
+    ``config``: the file in ``run_dir`` that holds the run's config, recorded in each summary when given.
     """
     logger = get_logger()
     refer = load_refer(cfg) if refer is None else refer
@@ -166,6 +168,7 @@ def run_evaluation(
                         protocol=cfg.EVAL.MODE,
                         resolution=resolution,
                         checkpoint=checkpoint,
+                        **({"config": config} if config else {}),
                         expressions=(
                             f"shuffled among each image's objects ({ds.left_out} objects alone in their image left out)"
                             if shuffled

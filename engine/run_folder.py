@@ -24,6 +24,8 @@ from pathlib import Path
 
 from yacs.config import CfgNode
 
+from utils.atomic import staged
+from utils.checkpoint import write_text_atomic
 from utils.distributed import DistInfo, all_gather_object
 from utils.lock import STALE_AFTER_S, RunLock, RunLockedError, read_holder, slurm_incarnation, stale_reason
 from utils.tensorboard import TENSORBOARD_DIR
@@ -119,6 +121,28 @@ def _make_writable(path: Path) -> None:
             f"output folder {path} cannot be created or written ({type(e).__name__}: {e}); "
             "choose another with --output / --model_id"
         ) from e
+
+
+def write_run_config(run_dir: Path, text: str, evaluation: bool) -> Path:
+    """The run's full config ``text`` written into ``run_dir``; returns the file. A training's is ``config.yaml``
+    (replaced: a resumed run writes its own again); an evaluation's ``config_eval.yaml``, or where that is taken,
+    ``config_eval-2.yaml``, ``-3``, ...: each evaluation in a folder keeps its own, those beside it at the same time
+    too (the name is claimed as the file is placed, ``utils.atomic.staged(replace=False)``)."""
+    if not evaluation:
+        write_text_atomic(run_dir / "config.yaml", text)
+        return run_dir / "config.yaml"
+    number = 1
+    while True:
+        path = run_dir / ("config_eval.yaml" if number == 1 else f"config_eval-{number}.yaml")
+        number += 1
+        if os.path.lexists(path):  # (a link too)
+            continue
+        try:
+            with staged([path], replace=False) as (tmp,):
+                tmp.write_text(text, encoding="utf-8")
+            return path
+        except FileExistsError:  # taken meanwhile by an evaluation beside this one
+            continue
 
 
 def eval_lock_name() -> str:

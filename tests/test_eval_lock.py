@@ -1,6 +1,7 @@
-"""An evaluation holds a lock of its own in the folder it writes into (``eval.<pid>@<host>.lock``): a training with
-``--overwrite`` of that folder is refused while it runs (its log, results and masks would be removed under it, or
-land in the new run's folder), and clears what an ended evaluation left (its lock, its mask folders)."""
+"""Evaluations sharing a run folder lose nothing. Each holds a lock of its own there (``eval.<pid>@<host>.lock``): a
+training with ``--overwrite`` of that folder is refused while it runs (its log, results and masks would be removed
+under it, or land in the new run's folder), and clears what an ended evaluation left (its lock, its mask folders).
+Each keeps its config (``config_eval[-N].yaml``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import engine.run_folder as run_folder
 import main as main_module
-from engine.run_folder import EVAL_LOCK, eval_lock_name, evaluations_writing
+from engine.run_folder import EVAL_LOCK, eval_lock_name, evaluations_writing, write_run_config
 from utils.lock import LockHolder
 
 from .helpers_train import tiny_env, tiny_main_argv
@@ -143,3 +145,29 @@ def test_which_evaluations_are_running(tmp_path):
         me.describe(), "host far, pid 7, since s, command: fresh", "eval.9@far.lock, being written"
     ]
     assert evaluations_writing(tmp_path, stale_after_s=10 * 60) == [me.describe(), "eval.9@far.lock, being written"]
+
+
+def test_each_evaluation_keeps_its_config(tmp_path, monkeypatch):
+    """An evaluation's config goes to the first free ``config_eval[-N].yaml``, past a broken link and past a name
+    another evaluation takes in the instant before this one places its file (that one's file kept); a training's
+    ``config.yaml`` is replaced."""
+    assert write_run_config(tmp_path, "first", evaluation=True) == tmp_path / "config_eval.yaml"
+    assert write_run_config(tmp_path, "second", evaluation=True) == tmp_path / "config_eval-2.yaml"
+    (tmp_path / "config_eval-3.yaml").symlink_to(tmp_path / "nowhere")
+    real = run_folder.staged
+
+    def raced(targets, replace=True):
+        for target in targets:
+            if target.name == "config_eval-4.yaml":
+                target.write_text("theirs")
+        return real(targets, replace)
+
+    monkeypatch.setattr(run_folder, "staged", raced)
+    assert write_run_config(tmp_path, "third", evaluation=True) == tmp_path / "config_eval-5.yaml"
+    texts = {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()}
+    assert texts == {"config_eval.yaml": "first", "config_eval-2.yaml": "second", "config_eval-4.yaml": "theirs",
+                     "config_eval-5.yaml": "third"}  # fmt: skip
+    monkeypatch.undo()
+    for text in ("a", "b"):
+        assert write_run_config(tmp_path, text, evaluation=False) == tmp_path / "config.yaml"
+    assert (tmp_path / "config.yaml").read_text() == "b"

@@ -104,6 +104,13 @@ def test_train_then_evaluate_writes_results(env, trained):
     assert all(s["protocol"] == "avg" and s["resolution"] == "original" for s in out["summaries"])
     assert (run_dir / "results_synthetic_unc_val_avg_original_control.json").is_file()
     assert (run_dir / "config_eval.yaml").is_file()
+    # a second evaluation in the same folder keeps the first's config: each results file names its own
+    run(env, tmp_path, "--eval", "--pretrain", str(run_dir / "best.pth"), "--eval_mode", "cat", "--batch_size", "3")
+    for results, config, mode in [("results_synthetic_unc_val_avg_original_control.json", "config_eval.yaml", "avg"),
+                                  ("results_synthetic_unc_val_cat_network48.json", "config_eval-2.yaml", "cat"),
+                                  ("results_synthetic_unc_val+testA_each_network48.json", "config.yaml", "each")]:
+        assert {s["config"] for s in json.loads((run_dir / results).read_text())} == {config}
+        assert f"  MODE: {mode}\n" in (run_dir / config).read_text()
 
 
 def test_synthetic_eval_images_sets_the_held_out_splits(env, tmp_path):

@@ -124,7 +124,7 @@ def test_best_checkpoint_is_the_best_epoch_and_the_final_evaluation_scores_it(re
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
 
     def scores(summaries: list[dict]) -> list[dict]:
-        return [{k: v for k, v in s.items() if k != "checkpoint"} for s in summaries]
+        return [{k: v for k, v in s.items() if k not in ("checkpoint", "config")} for s in summaries]
 
     final = scores(result["summaries"])
     assert result["summaries"][0]["checkpoint"].endswith("best.pth")
