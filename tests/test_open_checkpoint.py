@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from configs import get_config
-from models import CheckpointError, build_model, to_official
+from models import CheckpointError, build_model, checkpoint_format, to_official
 from tools.cli import run_cli
 from tools.open_checkpoint import open_checkpoint
 
@@ -163,6 +163,19 @@ def test_files_that_are_no_lavt(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(mha="4-4")}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="empty.pth: no backbone"):
         open_checkpoint(tmp_path / "empty.pth")
+
+
+def test_the_format_is_read_from_the_first_bytes(tmp_path):
+    """``checkpoint_format``: a torch.save zip archive and its legacy pickle format are "torch", a safetensors file
+    "safetensors", whatever the file names say."""
+    from safetensors.torch import save_file
+
+    torch.save({"a": torch.zeros(2)}, tmp_path / "zip.safetensors")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    save_file({"a": torch.zeros(2)}, tmp_path / "tensors.pth")
+    assert (tmp_path / "legacy.bin").read_bytes()[:1] == b"\x80"  # (a pickle, not a zip archive)
+    found = {name: checkpoint_format(tmp_path / name) for name in ("zip.safetensors", "legacy.bin", "tensors.pth")}
+    assert found == {"zip.safetensors": "torch", "legacy.bin": "torch", "tensors.pth": "safetensors"}
 
 
 @pytest.mark.parametrize("cut", ["a gap in stage 1's blocks", "no stage 3"])

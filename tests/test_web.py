@@ -430,6 +430,12 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
         web.WebApp(predictor).make_server("127.0.0.1", 70000)
 
 
+def test_the_command_lines_default_limits_are_the_documented_ones():
+    """docs/web.md's defaults: 20 MB, 12 megapixels, 5 expressions, 60 seconds of silence."""
+    a = web.get_parser().parse_args(["--checkpoint", "x.pth"])
+    assert (a.max_megabytes, a.max_megapixels, a.max_expressions, a.idle_seconds) == (20.0, 12.0, 5, 60.0)
+
+
 def test_the_default_address_is_the_readmes(predictor, monkeypatch):
     """http://127.0.0.1:7860/, the address README.md gives, from the command line and from ``make_server()`` alike
     (the server class stubbed: nothing is bound)."""
