@@ -263,6 +263,20 @@ def test_a_release_leaves_a_lock_another_process_has_taken(tmp_path):
     assert json.loads(lock.read_text()) == taken
 
 
+def test_a_takeover_puts_back_a_fresh_lock_written_since_it_judged_the_old_one(tmp_path):
+    """The stale lock's removal moves the file aside and looks again: a lock another process wrote in the meantime
+    (another token) is put back, whole; the one judged stale is removed."""
+    lock = tmp_path / LOCK_NAME
+    stale = lock_module.LockHolder(host="far", pid=1, started="s", command="old", token="a" * 16)
+    fresh = {**stale.__dict__, "command": "new", "token": "b" * 16}
+    lock.write_text(json.dumps(fresh))
+    RunLock(lock)._remove_if(stale)
+    assert json.loads(lock.read_text()) == fresh and sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+    lock.write_text(json.dumps(stale.__dict__))
+    RunLock(lock)._remove_if(stale)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_removed_meanwhile_is_released_without_error(tmp_path, monkeypatch):
     """The lock file deleted by hand (or by a cleanup) between the holder's last look and its removal: the release
     ends quietly, as the file is gone either way."""

@@ -391,6 +391,13 @@ def test_text_of_exactly_the_limit_is_read(predictor):
         web_upload.read_expressions("the red\n  box", predictor, limits)
 
 
+def test_a_file_of_exactly_the_byte_limit_is_read():
+    limits = web_upload.Limits(max_bytes=1000)
+    web_upload.check_bytes(1000, "photo.png", limits)  # the limit itself: accepted
+    with pytest.raises(web_upload.UploadError, match=r"^'photo.png' has 0.0 MB, more than the 0.001 MB this page"):
+        web_upload.check_bytes(1001, "photo.png", limits)
+
+
 def test_page_names_the_model_lavt_without_a_name(predictor):
     assert f">LAVT on cpu, input {SIZE}x{SIZE}, float32<" in web.WebApp(predictor).page.decode("utf-8")
 
