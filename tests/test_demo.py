@@ -17,6 +17,7 @@ from PIL import Image
 
 from configs import get_config
 from data import ReferDataset, load_refer
+from engine.run_folder import eval_lock_name
 from tools import demo
 from tools import visualize as vis
 
@@ -438,7 +439,7 @@ def test_worst_cases(run, predictor):
         assert case["title"] == f"ref {record['ref_id']}, evaluation IoU {record['IoU']:.3f}"
 
 
-def test_ensure_results_reads_existing_file_or_evaluates(run, tmp_path):
+def test_ensure_results_reads_existing_file_or_evaluates(run, tmp_path, monkeypatch):
     run_dir = tmp_path / "runs" / "copy"
     run_dir.mkdir(parents=True)
     shutil.copy(run["checkpoint"], run_dir / "best.pth")
@@ -447,7 +448,15 @@ def test_ensure_results_reads_existing_file_or_evaluates(run, tmp_path):
     path.write_text(json.dumps({"ref_id": 0, "sentence": "x", "IoU": 0.0, "I": 0, "U": 1}) + "\n")
     assert demo.ensure_results(predictor, run_dir / "best.pth", "testA") == path
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", path.name], "no evaluation must have run"
+    held, real = [], demo.run_evaluation
+
+    def looking(*args, **kwargs):  # the evaluation's lock in the folder while it scores, as main.py --eval holds it
+        held.extend(p.name for p in run_dir.iterdir() if p.suffix == ".lock")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "run_evaluation", looking)
     val = demo.ensure_results(predictor, run_dir / "best.pth", "val")  # missing: evaluated with the model
+    assert held == [eval_lock_name()] and not list(run_dir.glob("*.lock"))
     records = [json.loads(line) for line in val.read_text().splitlines()]
     dataset = ReferDataset(run["cfg"].DATA.ROOT, "synthetic", "unc", "val", predictor.tokenizer, eval_mode=True)
     assert len(records) == sum(len(item["sentences"]) for item in dataset)

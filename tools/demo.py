@@ -32,9 +32,11 @@ from data import load_refer, load_rgb, tokenize
 from data.checks import check_user_text
 from data.transforms import resize_image, to_tensor
 from engine.evaluation import find_per_expression, run_evaluation
+from engine.run_folder import eval_lock_name
 from models.text import load_tokenizer
 from utils.amp import autocast, resolve_amp
 from utils.distributed import DistInfo, resolve_device
+from utils.lock import RunLock
 
 from .cli import run_cli
 from .open_checkpoint import open_checkpoint
@@ -250,7 +252,8 @@ def ensure_results(
 ) -> Path:
     """The per-expression results of ``checkpoint`` on ``split`` (``each`` protocol), the newest found under its
     folder (``engine.evaluation.find_per_expression``); when there are none, the predictor's model evaluates the
-    split first, every expression scored alone, as ``main.py --eval`` does, writing into that folder."""
+    split first, every expression scored alone, as ``main.py --eval`` does, writing into that folder (holding an
+    evaluation's lock there, as it does: a training with ``--overwrite`` of the folder waits for it)."""
     run_dir = Path(checkpoint).parent
     cfg = predictor.cfg.clone()
     cfg.defrost()
@@ -260,7 +263,8 @@ def ensure_results(
     path = find_per_expression(run_dir, cfg, split)
     if path is None:
         info = DistInfo(0, 1, 0, False, predictor.device)
-        run_evaluation(cfg, predictor.model, predictor.tokenizer, info, run_dir, str(checkpoint))
+        with RunLock(run_dir / eval_lock_name()):
+            run_evaluation(cfg, predictor.model, predictor.tokenizer, info, run_dir, str(checkpoint))
         path = find_per_expression(run_dir, cfg, split)
     return path
 
