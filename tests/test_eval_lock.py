@@ -16,10 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import engine.run_folder as run_folder
 import main as main_module
-from engine.run_folder import EVAL_LOCK, eval_lock_name, evaluations_writing, write_run_config
+from configs import get_config
+from engine.run_folder import EVAL_LOCK, eval_lock_name, evaluations_writing, prepare_run_dir, write_run_config
+from utils.distributed import DistInfo
 from utils.lock import LockHolder
 
 from .helpers_train import tiny_env, tiny_main_argv
@@ -171,3 +174,20 @@ def test_each_evaluation_keeps_its_config(tmp_path, monkeypatch):
     for text in ("a", "b"):
         assert write_run_config(tmp_path, text, evaluation=False) == tmp_path / "config.yaml"
     assert (tmp_path / "config.yaml").read_text() == "b"
+
+
+def test_a_dead_processs_lock_under_this_pid_is_taken_over_with_a_warning(tmp_path):
+    """The evaluation's lock name is already there, left by an ended process that had this pid (its start time
+    differs): taken over, and said in the warnings for the run's log; released at the end."""
+    (tmp_path / "eval_x").mkdir()
+    lock = tmp_path / "eval_x" / eval_lock_name()
+    gone = LockHolder(host=socket.gethostname(), pid=os.getpid(), started="then", command="old", pid_start=1)
+    lock.write_text(json.dumps(gone.__dict__))
+    cfg = get_config(None, ["OUTPUT", str(tmp_path)])
+    info = DistInfo(0, 1, 0, False, torch.device("cpu"))
+    with prepare_run_dir(cfg, info, evaluate=str(tmp_path / "x.pth")) as folder:
+        assert folder.path == tmp_path / "eval_x" and json.loads(lock.read_text())["command"] != "old"
+        assert folder.warnings == [
+            f"took over the stale lock {lock} (pid {os.getpid()} now belongs to another process): {gone.describe()}"
+        ]
+    assert not lock.exists()
