@@ -109,3 +109,15 @@ def test_resolve_auto_amp(monkeypatch):
     assert resolve_amp("fp16", "cpu") == "fp16"
     with pytest.raises(ValueError, match="TRAIN.AMP must be one of .* or 'auto', got 'fp8'"):
         resolve_amp("fp8", "cpu")
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_on_a_gpu_asks_the_gpu(monkeypatch, supported):
+    """TRAIN.AMP auto on CUDA is bf16 where the GPU computes it (CUDA stubbed), whatever the CPU can."""
+    from utils.amp import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: not supported)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not supported)
+    assert resolve_amp("auto", "cuda") == ("bf16" if supported else "")
+    assert resolve_amp("auto", torch.device("cuda", 0)) == ("bf16" if supported else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import re
 import subprocess
 import time
@@ -261,7 +262,7 @@ def test_benchmark_memory_in_its_own_process():
 
 
 @pytest.mark.parametrize("code, writes", [(1, False), (0, False), (1, True)])
-def test_a_variant_process_that_failed_is_an_error(monkeypatch, code, writes):
+def test_a_variant_process_that_failed_is_an_error(monkeypatch, caplog, code, writes):
     """A worker that exited with an error, or without writing its result, or with an error after writing it, is a
     failed variant (its output's tail in the error), never a result."""
 
@@ -271,8 +272,10 @@ def test_a_variant_process_that_failed_is_an_error(monkeypatch, code, writes):
         return subprocess.CompletedProcess(cmd, code, stdout="", stderr="Traceback ...\nboom")
 
     monkeypatch.setattr(benchmark.subprocess, "run", worker)
-    failed = benchmark.run_isolated(benchmark.BenchSpec())
+    with caplog.at_level(logging.ERROR, logger=benchmark.logger.name):
+        failed = benchmark.run_isolated(benchmark.BenchSpec())
     assert failed == {"variant": "base", "error": f"exit {code}: Traceback ...\nboom"}
+    assert caplog.messages == [f"variant base failed (exit {code}):\nTraceback ...\nboom"]
 
 
 def test_benchmark_memory_returns_freed_memory_before_building_on_cpu(monkeypatch):

@@ -314,11 +314,14 @@ def test_cli_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_one_expression_writes_the_given_mask_path(run, predictor, tmp_path):
+def test_one_expression_writes_the_given_mask_path(run, predictor, tmp_path, caplog):
     image_file = tmp_path / "img.jpg"
     Image.fromarray(first_image(run["cfg"])).convert("L").save(image_file)  # greyscale JPEG
-    written = demo.run_demo(run["checkpoint"], image_file, ["the red circle"], tmp_path / "o.png",
-                            tmp_path / "m.png", predictor=predictor)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger=demo.logger.name):
+        written = demo.run_demo(run["checkpoint"], image_file, ["the red circle"], tmp_path / "o.png",
+                                tmp_path / "m.png", predictor=predictor)  # fmt: skip
+    share = 100 * float(np.mean(np.asarray(Image.open(tmp_path / "m.png")) > 0))
+    assert f"'the red circle': {share:.1f}% of the image" in caplog.messages  # what the mask covers, by expression
     assert written["mask_out"] == [tmp_path / "m.png"]
     grey = np.asarray(Image.open(image_file).convert("RGB"))
     assert Image.open(tmp_path / "m.png").size == (grey.shape[1], grey.shape[0])

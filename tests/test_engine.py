@@ -49,6 +49,23 @@ def _loader(ds, batch_size, rank=0, world=1):
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world), collate_fn=collate_eval)
 
 
+@pytest.mark.parametrize("seed", [7, 2**32 + 7])
+def test_seed_everything_seeds_every_generator(seed):
+    """Python's, NumPy's and torch's generators each from the seed; NumPy takes seeds below 2**32 only, so a larger
+    one (TRAIN.SEED + rank may be) is taken modulo 2**32, as numpy's own seeding of 7 gives for 2**32 + 7."""
+    import random
+
+    from engine import seed_everything
+
+    random.seed(seed)
+    np.random.seed(7)
+    torch.manual_seed(seed)
+    expected = (random.random(), np.random.random(), torch.rand(1).item())
+    seed_everything(0)  # (elsewhere first)
+    seed_everything(seed)
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
+
+
 def test_poly_lr_reaches_zero_at_the_end():
     assert poly_lr_lambda(10)(0) == 1.0 and poly_lr_lambda(10)(10) == 0.0 and poly_lr_lambda(10)(12) == 0.0
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)

@@ -408,6 +408,22 @@ def test_inconsistent_files(tmp_path: Path):
             REFER(tmp_path, "refcoco")
 
 
+def test_an_index_rebuilt_from_data_set_by_hand_names_the_parts(tmp_path: Path):
+    """``createIndex`` on a REFER whose ``data`` was set by hand (no files read, as the official API allows): its
+    errors name the parts as "refs" and "instances"."""
+    refer = REFER.__new__(REFER)
+    ref = {"ref_id": 1, "ann_id": 9, "image_id": 1, "category_id": 1, "sentences": [], "split": "train"}
+    for refs, anns, message in [
+        ([ref], [], "ref 1 in refs points at ann_id 9, which instances does not hold"),
+        ([ref], [{"id": 1}], "malformed entry in instances: missing key 'image_id' in {'id': 1}"),
+        ([{"ref_id": 1}], [], "malformed ref in refs: missing key 'ann_id' in {'ref_id': 1}"),
+    ]:
+        refer.data = {"refs": refs, "images": [], "annotations": anns, "categories": []}
+        with pytest.raises(ReferDataError) as caught:
+            refer.createIndex()
+        assert str(caught.value) == message
+
+
 def test_unknown_ids(hand: REFER):
     with pytest.raises(ReferKeyError, match=r"^ref_id 1234 is not in refcoco \(unc\) at "):
         hand.loadRefs([0, 1234])
