@@ -112,6 +112,14 @@ def test_the_users_malloc_settings_are_kept(monkeypatch, name, value, shown):
     assert fake.calls == []
 
 
+def test_several_user_settings_are_all_named():
+    env = {"GLIBC_TUNABLES": "glibc.malloc.top_pad=0:glibc.malloc.arena_max=2", "MALLOC_TOP_PAD_": "1",
+           "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "4"}  # fmt: skip
+    assert allocator.user_malloc_settings(env) == (
+        "MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=1 glibc.malloc.top_pad=0 glibc.malloc.arena_max=2"
+    )
+
+
 def test_without_glibc_or_when_refused_the_defaults_stay(monkeypatch, no_user_settings):
     monkeypatch.setattr(allocator, "glibc", lambda: None)
     assert allocator.keep_freed_memory() == "malloc: the C library's defaults (no glibc mallopt)"
