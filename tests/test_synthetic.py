@@ -9,8 +9,10 @@ import logging
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -370,6 +372,24 @@ def test_a_removal_cut_off_is_resumed_by_the_next_run(tmp_path: Path, monkeypatc
     ensure_synthetic(tmp_path, seed=1, **args)
     assert json.loads((tmp_path / "synthetic" / "generator.json").read_text())["seed"] == 1
     assert len(REFER(tmp_path, "synthetic").Imgs) == 8
+
+
+def test_the_generation_logs_what_it_wrote_and_how_long_it_took(tmp_path: Path, caplog):
+    """One INFO line: the images, objects, refs and sentences written (counted here from the files) and the
+    seconds taken, at most the time the call took."""
+    start = time.time()
+    with caplog.at_level(logging.INFO, logger="data.synthetic"):
+        generate(tmp_path, num_images=6, min_size=64, max_size=64, workers=1)
+    took = time.time() - start
+    refer = REFER(tmp_path, "synthetic")
+    sentences = sum(len(r["sentences"]) for r in refer.Refs.values())
+    line = re.fullmatch(
+        rf"synthetic REFER dataset: 6 images, {len(refer.Anns)} objects, {len(refer.Refs)} refs, {sentences} "
+        rf"sentences in (\d+\.\d)s -> {re.escape(str(tmp_path))}",
+        caplog.records[-1].getMessage(),
+    )  # fmt: skip
+    assert line is not None, caplog.records[-1].getMessage()
+    assert 0 <= float(line[1]) <= took + 0.05
 
 
 def test_a_larger_set(tmp_path: Path):

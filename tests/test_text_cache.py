@@ -112,8 +112,12 @@ def test_prime_encodes_in_a_fixed_order(model):
 def test_refuses_a_trainable_or_training_encoder(model, tiny_bert):
     cache, ids, att = TextFeatureCache(), *_tokens()
     build_param_groups(model, 0.01, text_train_layers=1)
-    with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
+    with pytest.raises(RuntimeError) as refused:
         cache.features(model.text_encoder, ids, att)
+    assert str(refused.value) == (
+        "the text feature cache (MODEL.TEXT.CACHE) needs a frozen text encoder, but some of its parameters require "
+        "gradients: freeze them (MODEL.TEXT.TRAIN_LAYERS 0), or train without the cache"
+    )
     with pytest.raises(RuntimeError, match="needs a frozen text encoder"):
         cache.prime(model.text_encoder, ids, att)
     with torch.no_grad():  # an evaluation: nothing learns, so the entries cannot go stale
