@@ -25,6 +25,11 @@ def env(tmp_path_factory):
 
 
 @pytest.mark.slow
+def scores(summaries: list[dict]) -> list[dict]:
+    """The summaries without the name of the config file each ran with."""
+    return [{k: v for k, v in s.items() if k != "config"} for s in summaries]
+
+
 def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     data_root, text = env
     opts = tiny_opts(data_root, text, tmp_path, TRAIN__BATCH_SIZE=4, EVAL__BATCH_SIZE=2, EVAL__SPLITS=["val", "testB"])
@@ -52,10 +57,12 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     single = main_module.main(
         ["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(run_dir / "best.pth"), "--opts", *opts]
     )["summaries"]
-    assert single == sharded
+    assert scores(single) == scores(sharded)
+    # each names its config: the training's, and the evaluation's own (rank 0's name, shared with rank 1)
+    assert [s["config"] for s in sharded + single] == ["config.yaml"] * 2 + ["config_eval.yaml"] * 2
     # the first evaluation's files are kept; this one's are numbered
     assert (run_dir / "per_expression_synthetic_unc_val_each_network48-2.jsonl").read_text() == per_expr
-    assert json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48-2.json").read_text()) == sharded
+    assert json.loads((run_dir / "results_synthetic_unc_val+testB_each_network48-2.json").read_text()) == single
 
     # with the text feature cache the two processes share the encoding of each split's expressions (each encodes
     # every other batch, then they exchange): the sharded evaluation equals one process's with the cache
@@ -70,4 +77,6 @@ def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     single_cached = main_module.main(
         ["--cfg_file", "", "--device", "cpu", "--eval", "--pretrain", str(run_dir / "best.pth"), "--opts", *cached]
     )["summaries"]
-    assert single_cached == sharded_cached
+    assert scores(single_cached) == scores(sharded_cached)
+    configs = [s["config"] for s in sharded_cached + single_cached]
+    assert configs == ["config_eval-2.yaml"] * 2 + ["config_eval-3.yaml"] * 2
