@@ -144,10 +144,13 @@ def test_which_evaluations_are_running(tmp_path):
     lock("eval.9@far.lock", None)
     lock("train.lock", me)
     lock("eval.x@far.lock", me)  # not an evaluation's name
-    assert evaluations_writing(tmp_path) == [
-        me.describe(), "host far, pid 7, since s, command: fresh", "eval.9@far.lock, being written"
-    ]
-    assert evaluations_writing(tmp_path, stale_after_s=10 * 60) == [me.describe(), "eval.9@far.lock, being written"]
+    # (in the order of the lock files' names, which this process's pid places anywhere among them)
+    assert sorted(evaluations_writing(tmp_path)) == sorted(
+        [me.describe(), "host far, pid 7, since s, command: fresh", "eval.9@far.lock, being written"]
+    )
+    assert sorted(evaluations_writing(tmp_path, stale_after_s=10 * 60)) == sorted(
+        [me.describe(), "eval.9@far.lock, being written"]
+    )
 
 
 def test_each_evaluation_keeps_its_config(tmp_path, monkeypatch):
