@@ -150,6 +150,11 @@ def eval_lock_name() -> str:
     return f"eval.{os.getpid()}@{socket.gethostname()}.lock"
 
 
+def evaluation_lock(path: Path, stale_after_s: float = STALE_AFTER_S) -> RunLock:
+    """The lock this process holds, as an evaluation, in the folder ``path`` it writes into (not yet acquired)."""
+    return RunLock(path / eval_lock_name(), stale_after_s=stale_after_s)
+
+
 def evaluations_writing(path: Path, stale_after_s: float = STALE_AFTER_S) -> list[str]:
     """Who holds an evaluation's lock in ``path`` and is still running (``utils.lock``'s stale rule), described."""
     running, host, job = [], socket.gethostname(), slurm_incarnation()
@@ -236,7 +241,7 @@ def _claim(
     if evaluate is not None:
         path, why = eval_run_dir(cfg, evaluate, named)
         _make_writable(path)
-        lock = RunLock(path / eval_lock_name(), stale_after_s=stale_after_s)
+        lock = evaluation_lock(path, stale_after_s)
         took_over = lock.acquire()  # (only a lock of an ended process that had this pid can be there)
         return RunFolder(path, why, warnings=[took_over] if took_over else [], lock=lock)
     path = run_dir_of(cfg)

@@ -1,12 +1,15 @@
-"""Commands run as a user runs them in a terminal, for tests that stop them with Ctrl-C."""
+"""Processes for tests: commands run as a user runs them in a terminal (stopped with Ctrl-C), a process holding a
+lock, and the files of a folder to compare before and after."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -28,3 +31,28 @@ def terminal_job(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+REPO = Path(__file__).resolve().parents[1]
+# a process that holds the lock given as its argument until it is stopped
+_HOLDER = """import sys, time
+from utils.lock import RunLock
+with RunLock(sys.argv[1]):
+    print('locked', flush=True)
+    time.sleep(600)
+"""
+
+
+def lock_holder(lock: Path) -> subprocess.Popen:
+    """A process holding ``lock`` (``utils.lock.RunLock``) until killed; returns once it holds it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(lock)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -30,18 +30,10 @@ from refer import ReferDataError
 from utils.distributed import DistInfo
 from utils.lock import RunLock, RunLockedError
 
+from .helpers_process import lock_holder, snapshot
 from .helpers_train import tiny_env, tiny_main_argv
 
 ROOT = Path(__file__).resolve().parents[1]
-# a process that holds the lock given as its argument until it is stopped
-HOLDER = """import sys, time
-from utils.lock import RunLock
-with RunLock(sys.argv[1]):
-    print('locked', flush=True)
-    time.sleep(600)
-"""
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return tiny_env(tmp_path_factory)
@@ -53,10 +45,6 @@ def finished(env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished")
     main_module.main(tiny_main_argv(env, out, TRAIN__EPOCHS=1))
     return out / "tiny"
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_second_training_is_refused_and_changes_nothing(env, finished, capsys):
@@ -101,21 +89,11 @@ def test_overwrite_contradicts_resume_and_eval(env, tmp_path, other):
     assert not tmp_path.joinpath("tiny").exists()
 
 
-def _holder(lock: Path) -> subprocess.Popen:
-    """A process holding ``lock`` until killed; returns once it holds it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_lock_names_its_holder_and_is_taken_over_once_the_holder_is_killed(env, tmp_path, capsys):
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
     lock = run_dir / LOCK_NAME
-    holder = _holder(lock)
+    holder = lock_holder(lock)
     try:
         assert main_module.cli(tiny_main_argv(env, tmp_path, "--stop_after", "0")) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -142,7 +120,7 @@ def test_lock_names_its_holder_and_is_taken_over_once_the_holder_is_killed(env, 
 
 def test_lock_released_on_sigterm(tmp_path):
     lock = tmp_path / LOCK_NAME
-    holder = _holder(lock)
+    holder = lock_holder(lock)
     holder.send_signal(signal.SIGTERM)
     assert holder.wait(timeout=60) == 128 + signal.SIGTERM
     assert not lock.exists()

@@ -23,14 +23,9 @@ from refer import REFER, ReferDataError
 from refer.safe_pickle import UnsafePickleError, load_plain_pickle, loads_plain_pickle
 from tools.synthetic import main
 
-from .helpers_process import terminal_job
+from .helpers_process import snapshot, terminal_job
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` -> its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------------- pickles

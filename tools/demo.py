@@ -32,11 +32,10 @@ from data import load_refer, load_rgb, tokenize
 from data.checks import check_user_text
 from data.transforms import resize_image, to_tensor
 from engine.evaluation import find_per_expression, run_evaluation
-from engine.run_folder import eval_lock_name
+from engine.run_folder import evaluation_lock
 from models.text import load_tokenizer
 from utils.amp import autocast, resolve_amp
 from utils.distributed import DistInfo, resolve_device
-from utils.lock import RunLock
 
 from .cli import run_cli
 from .open_checkpoint import open_checkpoint
@@ -263,7 +262,7 @@ def ensure_results(
     path = find_per_expression(run_dir, cfg, split)
     if path is None:
         info = DistInfo(0, 1, 0, False, predictor.device)
-        with RunLock(run_dir / eval_lock_name()):
+        with evaluation_lock(run_dir):
             run_evaluation(cfg, predictor.model, predictor.tokenizer, info, run_dir, str(checkpoint))
         path = find_per_expression(run_dir, cfg, split)
     return path

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     a = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     shapes = {k: getattr(a, k) for k in ("min_size", "max_size", "min_objects", "max_objects", "max_expressions")}
-    try:  # (ensure_synthetic checks the numbers before anything is written or removed)
+    try:  # (the numbers are checked before anything is written, removed or locked)
         sizes = synthetic_sizes(a.num_images, a.eval_images)
         return ensure_synthetic_once(a.root, force=a.force, **sizes, seed=a.seed, workers=a.workers, **shapes)
     except SyntheticRootError:  # names DATA.ROOT and a path, in which no word is a flag's
