@@ -4,6 +4,7 @@ memory, interleaved timing, the tables and JSON it writes, each on a tiny config
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ from tools import bench_input, bench_workload, benchmark
 from tools.bench_report import format_tables
 from tools.cli import run_cli
 from utils import checkpoint as checkpoint_io
-from utils.profiling import PeakMemory, count_flops, time_interleaved
+from utils.profiling import PeakMemory, count_flops, current_rss_bytes, time_interleaved
 
 from .conftest import tiny_opts
 from .helpers_model import tiny_cfg
@@ -51,6 +52,32 @@ def test_peak_memory_sees_a_large_allocation():
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert big.peak_bytes - small.peak_bytes > 48 * 2**20
 
+
+
+def _cyclic_garbage(mib: int) -> None:
+    """A touched tensor of ``mib`` MiB that only a reference cycle keeps, dropped: freed by a collection alone."""
+    junk: list = [torch.ones(mib * 2**20 // 4)]
+    junk.append(junk)
+
+
+def test_memory_baseline_and_peak_leave_out_garbage():
+    """Garbage collected during a measurement would take its memory off the baseline (a peak of 0 for a small
+    model in a long-lived process) or, left at the block's start, count as the block's own."""
+    device = torch.device("cpu")
+    gc.disable()  # so that only the functions under test collect
+    try:
+        _cyclic_garbage(64)
+        base = current_rss_bytes()
+        gc.collect()
+        assert base - current_rss_bytes() < 16 * 2**20
+        _cyclic_garbage(64)
+        with PeakMemory(device, base) as empty:
+            pass
+    finally:
+        gc.enable()
+    if not empty.exact:
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert empty.peak_bytes < 16 * 2**20
 
 def test_variant_names():
     assert benchmark.parse_variant("fused+bf16") == ({"fused"}, "bf16")
@@ -141,8 +168,13 @@ def test_benchmark_smoke(tmp_path, capsys):
     for r in saved["results"]:
         assert "error" not in r
         tr, ev, fl = r["train"], r["eval"], r["flops"]
-        for key in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_mb", "achieved_flops_per_s"):
+        for key in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "achieved_flops_per_s"):
             assert tr[key] > 0, key
+        # A tiny model's peak above the baseline, in a process that has run other tests, is within the noise of its
+        # resident set (CI saw 0.0): measured, not more. The peak itself: test_peak_memory_sees_a_large_allocation,
+        # test_benchmark_memory_in_its_own_process; its place in the results: test_benchmark_reports_peaks_in_mib.
+        assert tr["peak_mb"] >= 0 and isinstance(tr["peak_exact"], bool)
+        assert ev["batch3"]["peak_mb"] >= 0 and "peak_mb" not in ev["batch1"]
         assert tr["first_call_s"] > 0 and ev["batch1"]["first_call_s"] > 0
         for bs in ("batch1", "batch3"):
             assert ev[bs]["expr_per_s"] > 0 and ev[bs]["achieved_flops_per_s"] > 0 and len(ev[bs]["times_ms"]) == 2

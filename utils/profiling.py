@@ -7,6 +7,7 @@ process reset (``/proc/self/clear_refs``); see ``PeakMemory``.
 
 from __future__ import annotations
 
+import gc
 import resource
 import statistics
 import time
@@ -80,8 +81,11 @@ def _status_kb(field: str) -> int | None:
 
 
 def current_rss_bytes() -> int:
-    """Resident set size of this process now (0 where /proc is unavailable), after handing the allocator's free
-    memory back to the system (glibc), so that it is not counted."""
+    """Resident set size of this process now (0 where /proc is unavailable), after collecting unreachable objects
+    and handing the allocator's free memory back to the system (glibc), so that neither is counted. A baseline
+    that held garbage (tensors in a reference cycle) would drop below itself when it is collected during the
+    measurement, and hide that much of the peak."""
+    gc.collect()
     trim_heap()
     kb = _status_kb("VmRSS")
     return (kb or 0) * 1024
@@ -109,6 +113,7 @@ class PeakMemory:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        gc.collect()  # garbage left from before the block is not its memory
         if not return_freed_memory():
             self.exact = False
         try:
