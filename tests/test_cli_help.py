@@ -85,3 +85,22 @@ def test_the_synthetic_command_lines_defaults_are_generates() -> None:
     assert {k: given[k] for k in shared} == {k: defaults[k] for k in shared}
     # and where `python main.py` (the demo) looks for it
     assert synthetic_parser().parse_args([]).root == get_config(DEMO_CONFIG).DATA.ROOT == "data/synthetic_refer"
+
+
+_RUN_BY_RUN_CLI = sorted(
+    p.stem for p in (ROOT / "tools").glob("*.py") if "run_cli(" in p.read_text() and p.stem != "cli"
+)
+
+
+def test_the_commands_run_by_run_cli_are_found() -> None:
+    assert {"demo", "web", "export", "synthetic", "benchmark", "bench_input"} <= set(_RUN_BY_RUN_CLI)
+
+
+@pytest.mark.parametrize("stem", _RUN_BY_RUN_CLI)
+def test_help_names_debug_and_the_command_as_typed(stem: str) -> None:
+    """``run_cli`` takes ``--debug`` out before the parser sees it: only the epilog tells a user it exists; and the
+    usage line names the command as it is typed, as its error lines do."""
+    parser = importlib.import_module(f"tools.{stem}").get_parser()
+    assert parser.prog == f"python -m tools.{stem}"
+    text = " ".join(parser.format_help().split())
+    assert text.endswith("--debug: the Python traceback of an error instead of its one line.")

@@ -475,6 +475,7 @@ def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog
     assert m["area"] == 36
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "annotation 12 (ref 1) of refcoco: 3 of its 4 polygons" in warnings[0]
+    assert warnings[0].endswith("are left out")  # the square's pixels remain: the mask is not empty
     only_degenerate = _with_segmentation(hand_root, [[3, 3, 9, 9, 3, 3], [1, 2]])
     with caplog.at_level(logging.WARNING, logger="refer"):
         m = only_degenerate.getMask(only_degenerate.Refs[1])

@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,6 +60,10 @@ def test_the_lock_is_no_file_of_a_dataset(tmp_path):
     with pytest.raises(SyntheticRootError, match="holds files but no synthetic dataset"):
         generation_lock(tmp_path / "other")
     assert os.listdir(tmp_path / "other") == ["notes.txt"]
+    (tmp_path / "file").write_text("x")  # a root whose folders cannot be made (under a file): named, in one line
+    where = re.escape(str((tmp_path / "file" / "set").resolve()))
+    with pytest.raises(SyntheticRootError, match=f"^cannot create the synthetic dataset's folders in {where} "):
+        generation_lock(tmp_path / "file" / "set")
 
 
 def test_a_run_waits_for_the_one_making_the_dataset(tmp_path, caplog):

@@ -30,7 +30,7 @@ from PIL import Image
 
 from utils.machine import cpu_name
 
-from .cli import require_at_least, run_cli
+from .cli import cli_parser, require_at_least, run_cli
 
 __all__ = ["make_refer_folder", "bench", "main"]
 
@@ -84,7 +84,7 @@ def bench(dataset: torch.utils.data.Dataset, items: int, repeats: int) -> float:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli_parser("python -m tools.bench_input", __doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=480, help="network input size (square)")
     p.add_argument("--items", type=int, default=120, help="dataset items timed in each repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats: the best is reported")

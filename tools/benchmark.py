@@ -58,7 +58,7 @@ from .bench_workload import (  # noqa: E402
     train_summary,
     variant_setup,
 )
-from .cli import require_at_least, run_cli  # noqa: E402
+from .cli import cli_parser, require_at_least, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -248,10 +248,8 @@ LEAST = {"size": 1, "batch_size": 1, "eval_batch_size": 1, "warmup": 0, "runs": 
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.benchmark",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = cli_parser(
+        "python -m tools.benchmark", __doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--cfg_file", default="", help="YAML config (configs/*.yaml); empty = the defaults")
     p.add_argument(

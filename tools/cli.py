@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,6 +12,15 @@ from engine.preemption import EXIT_INTERRUPTED
 from models import CheckpointError
 from utils.atomic import StorageError
 from utils.errors import error_line
+
+DEBUG_EPILOG = "--debug: the Python traceback of an error instead of its one line."
+
+
+def cli_parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """The parser of a command run by ``run_cli``, whose ``--help`` names ``--debug`` (taken out of ``argv`` before
+    the parser sees it)."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=DEBUG_EPILOG, **kwargs)
+
 
 # What a user can get wrong (files, checkpoints, config, flags), and a full disk; anything else is a bug and keeps
 # its traceback.

@@ -37,7 +37,7 @@ from models.text import load_tokenizer
 from utils.amp import autocast, resolve_amp
 from utils.distributed import DistInfo, resolve_device
 
-from .cli import run_cli
+from .cli import cli_parser, run_cli
 from .open_checkpoint import open_checkpoint
 from .visualize import compose_panels, mask_iou, save_pngs
 
@@ -303,9 +303,9 @@ def add_amp_argument(p: argparse.ArgumentParser) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.demo",
-        description="Segment what each expression refers to in an image: writes the overlay PNG (one captioned "
+    p = cli_parser(
+        "python -m tools.demo",
+        "Segment what each expression refers to in an image: writes the overlay PNG (one captioned "
         "panel per expression) and the mask PNG(s) at the image's size.",
     )
     p.add_argument("--checkpoint", default=None, help="LAVT checkpoint (default: the demo run's best.pth)")

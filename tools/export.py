@@ -30,7 +30,7 @@ from yacs.config import CfgNode
 from models.official import PACKAGINGS, official_args, to_official
 from utils.atomic import staged
 
-from .cli import run_cli
+from .cli import cli_parser, run_cli
 from .open_checkpoint import open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def export(
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n\n")[0])
+    p = cli_parser("python -m tools.export", __doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="any LAVT checkpoint: this project's .pth / .safetensors, or an official file")
     p.add_argument("--to", required=True, choices=FORMATS, help="the authors' layout, or safetensors")
     p.add_argument("--out", required=True, help="the file to write")

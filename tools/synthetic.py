@@ -19,15 +19,13 @@ from data.synthetic_args import NUMBERS, renamed, synthetic_sizes
 from data.synthetic_root import SyntheticRootError
 from engine.synthetic_once import ensure_synthetic_once
 
-from .cli import USER_ERRORS, run_cli
+from .cli import USER_ERRORS, cli_parser, run_cli
 
 PROG = "python -m tools.synthetic"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description="Write the synthetic REFER-format referring segmentation dataset."
-    )
+    p = cli_parser(PROG, "Write the synthetic REFER-format referring segmentation dataset.")
     p.add_argument("--root", default="data/synthetic_refer", help="REFER root (DATA.ROOT)")
     p.add_argument("--num-images", type=int, default=1100, help="total images, split 8:1:1:1")
     p.add_argument("--eval-images", type=int, default=0,

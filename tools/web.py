@@ -46,7 +46,7 @@ from urllib.parse import parse_qs, urlsplit
 from args import refuse_set_twice
 from engine.preemption import EXIT_INTERRUPTED
 
-from .cli import run_cli
+from .cli import cli_parser, run_cli
 from .demo import Predictor, add_amp_argument
 from .web_upload import Limits, UploadError, check_bytes, segment
 
@@ -285,10 +285,8 @@ class WebApp:
 
 # ----------------------------------------------------------------------------- command line
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.web",
-        description="A web page that segments what each typed expression refers to in an uploaded image.",
-        epilog="--debug: the traceback of a startup error instead of its one line.",
+    p = cli_parser(
+        "python -m tools.web", "A web page that segments what each typed expression refers to in an uploaded image."
     )
     p.add_argument("--checkpoint", required=True, help="LAVT checkpoint (this project's or an official release)")
     p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
