@@ -34,10 +34,16 @@ from utils.tensorboard import TENSORBOARD_DIR
 # before its first step leaves only that (and log.txt), and the corrected command must be able to start there.
 RUN_MARKERS = ("last.pth", "best.pth", "metrics.jsonl")
 LOCK_NAME = "train.lock"
-# what --overwrite removes: the files a run writes (checkpoints, logs, configs, results) and its TensorBoard folder,
-# its evaluations' mask folders (finished, or left unfinished by one that ended) and the locks of ended evaluations
-RUN_FILE_SUFFIXES = (".pth", ".json", ".jsonl", ".yaml", ".txt", ".tmp")
+# What --overwrite removes, by name: the files a run and its evaluations write (checkpoints, logs, configs, results,
+# the image check's cache, the locks of ended evaluations) and their temporaries, the TensorBoard folder and the
+# evaluations' mask folders (finished, or left unfinished by one that ended). Any other file is the user's (an
+# exported checkpoint, notes, the config a run was started from) and is kept.
 EVAL_LOCK = re.compile(r"eval\.\d+@.+\.lock")  # (a host name holds no "@")
+RUN_FILE = re.compile(
+    r"(last|best)\.pth|(metrics|timing)\.jsonl|log\.txt|config(_eval(-\d+)?)?\.yaml|results_.+\.json"
+    r"|per_expression_.+\.jsonl|\.image_check\.json|" + EVAL_LOCK.pattern
+)
+TEMPORARY = re.compile(r"(?P<target>.+)\.[^.]+\.tmp")  # .<name>.<random>.tmp (utils.atomic), <name>.<pid>.tmp
 MASK_FOLDER = re.compile(r"masks_.+|\.masks_.+\.partial")
 
 
@@ -179,6 +185,13 @@ def _is_mask_folder(folder: Path) -> bool:
     )  # fmt: skip
 
 
+def is_run_file(name: str) -> bool:
+    """Whether a file named ``name`` is one a run or its evaluations write, or a temporary of one."""
+    temporary = TEMPORARY.fullmatch(name)
+    targets = [name] if temporary is None else [temporary["target"], temporary["target"].removeprefix(".")]
+    return any(RUN_FILE.fullmatch(target) for target in targets)
+
+
 def clear_run(path: Path) -> str:
     """Remove the files a run writes from ``path`` (not the lock); returns what was removed and kept, for the log.
     The caller has made sure that no evaluation is writing there (``evaluations_writing``)."""
@@ -189,7 +202,7 @@ def clear_run(path: Path) -> str:
         if entry.is_dir() and (entry.name == TENSORBOARD_DIR or _is_mask_folder(entry)):
             shutil.rmtree(entry)
             removed.append(entry.name + "/")
-        elif entry.is_file() and (entry.suffix in RUN_FILE_SUFFIXES or EVAL_LOCK.fullmatch(entry.name)):
+        elif entry.is_file() and is_run_file(entry.name):
             entry.unlink()
             removed.append(entry.name)
         else:

@@ -64,20 +64,29 @@ def test_overwrite_clears_the_previous_run_then_trains(env, finished, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(finished, run_dir)
     (run_dir / "notes.md").write_text("mine")
+    users = ["exported_official.pth", "notes.txt", "my_recipe.yaml", "bench.json", ".mine.tmp"]
+    for name in users:  # the user's: an export, notes, the config the run was started from, a benchmark's JSON
+        (run_dir / name).write_text("mine")
+    runs = ["config_eval.yaml", "config_eval-2.yaml", "results_x.json", "per_expression_x.jsonl",
+            ".last.pth.k2j4x8ab.tmp", ".image_check.json.77.tmp"]  # fmt: skip
+    for name in runs:  # an evaluation's files and the temporaries of a writer that was killed
+        (run_dir / name).write_text("{}")
     (run_dir / "tensorboard").mkdir(exist_ok=True)
     (run_dir / "tensorboard" / "events.out.tfevents.old").write_bytes(b"")
     old_config = (run_dir / "config.yaml").read_bytes()
     main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0", "--seed", "5"))
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json", "tensorboard", "timing.jsonl"}
+    assert names == {"config.yaml", "log.txt", "notes.md", ".image_check.json", "tensorboard", "timing.jsonl", *users}
     assert not (run_dir / "tensorboard" / "events.out.tfevents.old").exists()
-    assert (run_dir / "notes.md").read_text() == "mine"
+    assert all((run_dir / name).read_text() == "mine" for name in ["notes.md", *users])
     assert (run_dir / "config.yaml").read_bytes() != old_config and "SEED: 5" in (run_dir / "config.yaml").read_text()
     log = (run_dir / "log.txt").read_text()
     assert "epoch 0:" not in log  # the previous run's log went with it
     assert (
-        f"--overwrite: removed the previous run's .image_check.json, best.pth, config.yaml, last.pth, log.txt, "
-        f"metrics.jsonl, tensorboard/, timing.jsonl from {run_dir}; kept notes.md (not written by a run)"
+        f"--overwrite: removed the previous run's .image_check.json, .image_check.json.77.tmp, .last.pth.k2j4x8ab.tmp, "
+        f"best.pth, config.yaml, config_eval-2.yaml, config_eval.yaml, last.pth, log.txt, metrics.jsonl, "
+        f"per_expression_x.jsonl, results_x.json, tensorboard/, timing.jsonl from {run_dir}; kept .mine.tmp, "
+        f"bench.json, exported_official.pth, my_recipe.yaml, notes.md, notes.txt (not written by a run)"
     ) in log
 
 
