@@ -201,7 +201,8 @@ def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_pat
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.splitlines()[-1] == (
-        "python -m tools.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote"
+        "python -m tools.synthetic: interrupted (Ctrl-C); the next run into this root removes what it had written, "
+        "if anything (nothing while it waited)"
     )
     assert (root / "synthetic" / "generating.json").is_file() and not (root / "synthetic" / "generator.json").exists()
     ensure_synthetic(root, num_images=4)

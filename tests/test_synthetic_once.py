@@ -204,7 +204,8 @@ def test_the_commands_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command, "ensure_synthetic_once", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert command.run(argv) == 130
     assert capsys.readouterr().err == (
-        "python -m tools.synthetic: interrupted (Ctrl-C); the next run into this root removes what it wrote\n"
+        "python -m tools.synthetic: interrupted (Ctrl-C); the next run into this root removes what it had written, "
+        "if anything (nothing while it waited)\n"
     )
     assert not (tmp_path / "images").exists()
 

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 def run(argv: Sequence[str] | None = None) -> int:
     """``main`` as the command runs it: any OSError, the disk's (full, read-only) or the root's, is one line and
     status 2, as ``main.py`` says it. Returns the exit status."""
-    after = "the next run into this root removes what it wrote"
+    after = "the next run into this root removes what it had written, if anything (nothing while it waited)"
     return run_cli(PROG, main, argv, errors=(*USER_ERRORS, OSError), after_interrupt=after)
 
 
