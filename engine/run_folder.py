@@ -9,7 +9,9 @@
   ``<OUTPUT>/eval_<checkpoint stem>``: never into another run's folder. It holds a lock of its own there
   (``eval.<pid>@<host>.lock``), which keeps no other process out (evaluations run beside each other and beside the
   training of that folder) but refuses ``--overwrite`` the folder while it writes: its log, results and masks would be
-  removed under it, or land in the new run's folder.
+  removed under it, or land in the new run's folder. A training holds ``overwrite.lock`` there while it looks for
+  evaluations and removes the files; an evaluation that takes its lock meanwhile finds it and is refused. Each takes
+  its own lock before it looks for the other's, so one of the two always sees the other.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from utils.tensorboard import TENSORBOARD_DIR
 # before its first step leaves only that (and log.txt), and the corrected command must be able to start there.
 RUN_MARKERS = ("last.pth", "best.pth", "metrics.jsonl")
 LOCK_NAME = "train.lock"
+CLEARING_NAME = "overwrite.lock"  # held by a training while its --overwrite looks for evaluations and removes files
 # What --overwrite removes, by name: the files a run and its evaluations write (checkpoints, logs, configs, results,
 # the image check's cache, the locks of ended evaluations) and their temporaries, the TensorBoard folder and the
 # evaluations' mask folders (finished, or left unfinished by one that ended). Any other file is the user's (an
@@ -151,30 +154,49 @@ def write_run_config(run_dir: Path, text: str, evaluation: bool) -> Path:
             continue
 
 
+class EvaluationLock(RunLock):
+    """The lock an evaluation holds in the folder it writes into; ``acquire`` raises RunFolderError, holding
+    nothing, while a training's ``--overwrite`` removes the files there (``CLEARING_NAME``)."""
+
+    def acquire(self) -> str | None:
+        took_over = super().acquire()
+        clearing = _running_holder(self.path.parent / CLEARING_NAME, self.stale_after_s)
+        if clearing is not None:
+            self.release()
+            raise RunFolderError(
+                f"a training started with --overwrite is removing the files of {self.path.parent} ({clearing}): "
+                "evaluate there once it has written a checkpoint; nothing was changed"
+            )
+        return took_over
+
+
 def eval_lock_name() -> str:
     """``eval.<pid>@<host>.lock``: the lock an evaluation holds in the folder it writes into, of this process."""
     return f"eval.{os.getpid()}@{socket.gethostname()}.lock"
 
 
-def evaluation_lock(path: Path, stale_after_s: float = STALE_AFTER_S) -> RunLock:
+def evaluation_lock(path: Path, stale_after_s: float = STALE_AFTER_S) -> EvaluationLock:
     """The lock this process holds, as an evaluation, in the folder ``path`` it writes into (not yet acquired)."""
-    return RunLock(path / eval_lock_name(), stale_after_s=stale_after_s)
+    return EvaluationLock(path / eval_lock_name(), stale_after_s=stale_after_s)
+
+
+def _running_holder(lock: Path, stale_after_s: float) -> str | None:
+    """The holder of ``lock`` described, if it is still running (``utils.lock``'s stale rule); else None."""
+    holder = read_holder(lock)
+    try:
+        age_s = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:  # (none, or it just ended)
+        return None
+    if stale_reason(holder, age_s, stale_after_s, socket.gethostname(), slurm_incarnation()) is not None:
+        return None
+    return holder.describe() if holder else f"{lock.name}, being written"
 
 
 def evaluations_writing(path: Path, stale_after_s: float = STALE_AFTER_S) -> list[str]:
     """Who holds an evaluation's lock in ``path`` and is still running (``utils.lock``'s stale rule), described."""
-    running, host, job = [], socket.gethostname(), slurm_incarnation()
-    for lock in sorted(path.iterdir()):
-        if not EVAL_LOCK.fullmatch(lock.name):
-            continue
-        holder = read_holder(lock)
-        try:
-            age_s = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:  # (it just ended)
-            continue
-        if stale_reason(holder, age_s, stale_after_s, host, job) is None:
-            running.append(holder.describe() if holder else f"{lock.name}, being written")
-    return running
+    locks = [lock for lock in sorted(path.iterdir()) if EVAL_LOCK.fullmatch(lock.name)]
+    running = (_running_holder(lock, stale_after_s) for lock in locks)
+    return [who for who in running if who is not None]
 
 
 def _is_mask_folder(folder: Path) -> bool:
@@ -197,7 +219,7 @@ def clear_run(path: Path) -> str:
     The caller has made sure that no evaluation is writing there (``evaluations_writing``)."""
     removed, kept = [], []
     for entry in sorted(path.iterdir()):
-        if entry.name == LOCK_NAME:
+        if entry.name in (LOCK_NAME, CLEARING_NAME):
             continue
         if entry.is_dir() and (entry.name == TENSORBOARD_DIR or _is_mask_folder(entry)):
             shutil.rmtree(entry)
@@ -270,14 +292,15 @@ def _claim(
                     f"run folder {path} already holds a run ({', '.join(found)}): continue it with --resume, or "
                     f"delete its files and start over with --overwrite{hint}; nothing was changed"
                 )
-            writing = evaluations_writing(path, stale_after_s)
-            if writing:
-                raise RunFolderError(
-                    f"--overwrite would remove the files of the evaluation writing into {path} ({writing[0]}"
-                    f"{f'; and {len(writing) - 1} more' if len(writing) > 1 else ''}): wait for it to end; nothing "
-                    "was changed"
-                )
-            folder.warnings.append(clear_run(path))
+            with RunLock(path / CLEARING_NAME, stale_after_s=stale_after_s):  # before looking (EvaluationLock)
+                writing = evaluations_writing(path, stale_after_s)
+                if writing:
+                    raise RunFolderError(
+                        f"--overwrite would remove the files of the evaluation writing into {path} ({writing[0]}"
+                        f"{f'; and {len(writing) - 1} more' if len(writing) > 1 else ''}): wait for it to end; "
+                        "nothing was changed"
+                    )
+                folder.warnings.append(clear_run(path))
     except BaseException:
         folder.release()
         raise

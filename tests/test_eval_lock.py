@@ -181,3 +181,58 @@ def test_a_dead_processs_lock_under_this_pid_is_taken_over_with_a_warning(tmp_pa
             f"took over the stale lock {lock} (pid {os.getpid()} now belongs to another process): {gone.describe()}"
         ]
     assert not lock.exists()
+
+
+def test_an_evaluation_is_refused_while_an_overwrite_clears_the_folder(env, finished, tmp_path, capsys):
+    """A training's ``--overwrite`` holds ``overwrite.lock`` while it looks for evaluations and removes the files
+    (here a real process holds it): an evaluation that takes its lock meanwhile is one line, holds nothing, writes
+    nothing. Killed with ``kill -9``, the holder's lock is stale and the evaluation goes on."""
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(finished, run_dir)
+    argv = tiny_main_argv(env, tmp_path, "--eval", "--pretrain", str(run_dir / "last.pth"), named=False)
+    holder = lock_holder(run_dir / run_folder.CLEARING_NAME)
+    try:
+        before = snapshot(run_dir)
+        assert main_module.cli(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"main.py: error: RunFolderError: a training started with --overwrite is removing the files of {run_dir} "
+            f"(host {socket.gethostname()}, pid {holder.pid}, since 20"
+        ), err
+        assert err[0].endswith("): evaluate there once it has written a checkpoint; nothing was changed")
+        assert snapshot(run_dir) == before  # no evaluation lock left, no config, no log line
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert main_module.cli(argv) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert list(run_dir.glob("results_*.json")) and not any(EVAL_LOCK.fullmatch(p.name) for p in run_dir.iterdir())
+
+
+def test_the_overwrite_looks_for_evaluations_holding_its_own_lock(env, finished, tmp_path, monkeypatch):
+    """The training takes ``overwrite.lock`` before it looks for evaluations and keeps it until the files are
+    removed (so that an evaluation starting in between sees it), then releases it; the removal leaves it alone."""
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(finished, run_dir)
+    seen, real_look, real_clear = [], run_folder.evaluations_writing, run_folder.clear_run
+
+    def holder_of_the_clearing_lock(when: str) -> None:
+        holder = json.loads((run_dir / run_folder.CLEARING_NAME).read_text())
+        seen.append((when, holder["pid"]))
+
+    def look(*args):
+        holder_of_the_clearing_lock("look")
+        return real_look(*args)
+
+    def clear(*args):
+        holder_of_the_clearing_lock("clear")
+        return real_clear(*args)
+
+    monkeypatch.setattr(run_folder, "evaluations_writing", look)
+    monkeypatch.setattr(run_folder, "clear_run", clear)
+    main_module.main(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0"))
+    assert seen == [("look", os.getpid()), ("clear", os.getpid())]
+    assert not (run_dir / run_folder.CLEARING_NAME).exists()
+    assert "overwrite.lock" not in (run_dir / "log.txt").read_text()  # neither removed nor listed as kept
