@@ -32,6 +32,7 @@ def test_plotting_is_lazy_and_works(syn: REFER):
         # the official outline: a wide yellow line under a thin red one
         lines = [(c.get_edgecolor().tolist(), c.get_linewidth().tolist()) for c in plt.gca().collections]
         assert lines == [([[1, 1, 0, 1]], [3]), ([[1, 0, 0, 1]], [1])]
+        assert [c.get_facecolor().size for c in plt.gca().collections] == [0, 0]  # outlines only, never filled
     plt.figure()
     syn.showRef(ref, seg_box="box")
     assert len(plt.gca().patches) == 1

@@ -232,6 +232,10 @@ def test_predict_endpoint_without_a_browser(url, files, predictor):
     assert status == 400 and answer == {"error": "'x.gif' is not an image this page can read (PNG, JPEG, WebP, "
                                                  "BMP, TIFF, ...): UnidentifiedImageError"}  # fmt: skip
     assert post(url, files["photo"].read_bytes(), texts="the red circle")[0] == 200  # no file name: none needed
+    status, answer = post(url, files["heavy"].read_bytes(), texts="a")  # nameless, refused: "the upload", unquoted
+    assert status == 413 and answer["error"].startswith("the upload has ")
+    status, answer = post(url, b"GIF89a nonsense", texts="a")
+    assert status == 400 and answer["error"].startswith("the upload is not an image this page can read")
     for texts in ({"texts": " \n "}, {}):  # blank lines, or no texts field at all (a client of its own)
         status, answer = post(url, files["photo"].read_bytes(), name="photo.png", **texts)
         assert status == 400 and answer == {"error": "the expression is empty: describe the object to segment in words"}

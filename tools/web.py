@@ -48,7 +48,7 @@ from engine.preemption import EXIT_INTERRUPTED
 
 from .cli import cli_parser, run_cli
 from .demo import Predictor, add_amp_argument
-from .web_upload import Limits, UploadError, check_bytes, segment
+from .web_upload import Limits, UploadError, check_bytes, segment, shown
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
         except UploadError as e:
             status, answer = e.status, {"error": str(e)}
         except Exception as e:  # a bug, not the user's: logged with its traceback, the server keeps serving
-            logger.exception("predict failed for %r", name)
+            logger.exception("predict failed for %s", shown(name))
             status, answer = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
         self._json(status, answer)  # (outside: a client gone meanwhile is not a failed prediction)
 

@@ -48,10 +48,15 @@ class UploadError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checks of one upload
+def shown(name: str) -> str:
+    """An upload as an error names it: its file name quoted, or "the upload" (a client that sent none)."""
+    return repr(name) if name else "the upload"
+
+
 def check_bytes(count: int, name: str, limits: Limits) -> None:
     """UploadError (status 413) if a file of ``count`` bytes is over the limit."""
     if count > limits.max_bytes:
-        raise UploadError(f"{name or 'the upload'!r} has {count / 1e6:.1f} MB, more than the "
+        raise UploadError(f"{shown(name)} has {count / 1e6:.1f} MB, more than the "
                           f"{limits.max_bytes / 1e6:g} MB this page accepts", 413)  # fmt: skip
 
 
@@ -62,7 +67,6 @@ def read_upload(data: bytes, name: str, limits: Limits) -> np.ndarray:
     Raises UploadError (one line naming the file) for an empty file, a file that is not an image, or one beyond
     ``limits``.
     """
-    shown = repr(name) if name else "the upload"
     if not data:
         raise UploadError("no image: choose an image file first")
     check_bytes(len(data), name, limits)
@@ -70,20 +74,20 @@ def read_upload(data: bytes, name: str, limits: Limits) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
     except Image.DecompressionBombError as e:  # PIL's own guard, far above any sensible max_pixels
-        raise UploadError(f"{shown} is far too large: {e}") from e
+        raise UploadError(f"{shown(name)} is far too large: {e}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UploadError(f"{shown} is not an image this page can read (PNG, JPEG, WebP, BMP, TIFF, ...): "
+        raise UploadError(f"{shown(name)} is not an image this page can read (PNG, JPEG, WebP, BMP, TIFF, ...): "
                           f"{type(e).__name__}") from e  # fmt: skip
     if width * height > limits.max_pixels:
         raise UploadError(
-            f"{shown} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more "
+            f"{shown(name)} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more "
             f"than the {limits.max_pixels / 1e6:g} megapixels this page accepts: make it smaller"
         )
     try:
         return np.asarray(open_rgb(io.BytesIO(data), exif=True))  # type: ignore[arg-type]  # PIL reads file objects
     except ImageReadError as e:  # a readable header over broken pixel data (a cut download, ...)
         reason = str(e.__cause__ or e)
-        raise UploadError(f"{shown} is damaged and cannot be decoded: {reason}") from e
+        raise UploadError(f"{shown(name)} is damaged and cannot be decoded: {reason}") from e
 
 
 def read_expressions(text: str, predictor: Predictor, limits: Limits) -> tuple[list[str], list[str]]:
