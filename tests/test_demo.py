@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -424,8 +425,10 @@ def test_dataset_example(run):
         assert ref["split"] == "val" and text == ref["sentences"][0]["raw"]
         assert gt.shape == image.shape[:2] and np.array_equal(gt, refer.getMask(ref)["mask"])
     assert not np.array_equal(ex["gts"][0], ex["gts"][1])
-    with pytest.raises(ValueError, match="images with two or more referred objects; asked for number 99"):
-        demo.dataset_example(refer, "val", index=99)
+    refs = SimpleNamespace(DATA_DIR="d", Refs={1: {"image_id": 7}, 2: {"image_id": 7}, 3: {"image_id": 8}},
+                           getRefIds=lambda split: [1, 2, 3])  # fmt: skip
+    with pytest.raises(ValueError, match="has 1 images with two or more referred objects; asked for number 1$"):
+        demo.dataset_example(refs, "val", index=1)  # image 7, with exactly two, counts; image 8 does not
 
 
 def test_worst_cases(run, predictor):

@@ -457,3 +457,8 @@ def test_other_ranks_get_rank_zeros_folder_or_its_error(tmp_path, monkeypatch):
     with pytest.raises(RunFolderError) as also:
         run_folder.prepare_run_dir(cfg, ranks[1])
     assert also.value is refused.value
+    verdicts.clear()  # an evaluation's folder comes with the reason it was chosen, on every rank
+    zero = run_folder.prepare_run_dir(cfg, ranks[0], evaluate=str(tmp_path / "run" / "last.pth"))
+    one = run_folder.prepare_run_dir(cfg, ranks[1], evaluate=str(tmp_path / "run" / "last.pth"))
+    zero.release()
+    assert zero.reason and (one.path, one.reason, one.lock) == (zero.path, zero.reason, None)
