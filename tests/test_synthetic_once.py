@@ -62,7 +62,8 @@ def test_the_lock_is_no_file_of_a_dataset(tmp_path):
     assert os.listdir(tmp_path / "other") == ["notes.txt"]
     (tmp_path / "file").write_text("x")  # a root whose folders cannot be made (under a file): named, in one line
     where = re.escape(str((tmp_path / "file" / "set").resolve()))
-    with pytest.raises(SyntheticRootError, match=f"^cannot create the synthetic dataset's folders in {where} "):
+    with pytest.raises(SyntheticRootError, match=f"^cannot create the synthetic dataset's folders in {where} "
+                                                 r"\(DATA.ROOT, --root\): Not a directory$"):  # (no Errno, no path)
         generation_lock(tmp_path / "file" / "set")
 
 

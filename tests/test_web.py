@@ -410,8 +410,9 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m tools.web: error: CheckpointError: checkpoint not found") and err.count("\n") == 1
-    for port in ("0", "65535"):  # the ends of the range pass the check: the missing checkpoint is what stops them
-        assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", port]) == 2
+    for flag, value in [("--port", "0"), ("--port", "65535"), ("--idle_seconds", "0.5")]:
+        # the ends of the range, a fraction of a second: past the checks, the missing checkpoint is what stops them
+        assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), flag, value]) == 2
         assert "CheckpointError: checkpoint not found" in capsys.readouterr().err
     positive = "must be a finite number > 0, got"
     for flag, value, message in [
