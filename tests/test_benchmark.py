@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -233,6 +234,19 @@ def test_first_call_timed_apart_from_the_runs():
     calls.clear()
     first, times = benchmark._first_and_timed(fn, torch.device("cpu"), benchmark.BenchSpec(warmup=0, runs=2))
     assert first is None and len(calls) == 2 and len(times) == 2 and max(times) >= slow  # the first call is timed
+
+
+def test_the_command_as_typed_says_what_it_measures(tmp_path):
+    """``python -m tools.benchmark`` in a process of its own (where no test harness has set up logging): its INFO
+    lines reach stderr, the table stdout, and the JSON is written."""
+    out = tmp_path / "b.json"
+    argv = [sys.executable, "-m", "tools.benchmark", "--opts", *TINY_OPTS, "--size", "64", "--warmup", "0", "--runs",
+            "1", "--phases", "train", "--threads", "1", "--matmul_size", "64", "--isolate", "no", "--no_base",
+            "--compare", "fused", "--output", str(out)]  # fmt: skip
+    done = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert " benchmark: measuring fused" in done.stderr and "train step ms" in done.stdout
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["fused"]
 
 
 @pytest.mark.slow

@@ -185,3 +185,21 @@ def test_write_text_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ck.write_text_atomic(path, "a\nb\nc\n")
     assert path.read_text() == "a\nb\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_step_checkpoints_every_n_iterations_but_not_at_an_epochs_end():
+    """TRAIN.CHECKPOINT_EVERY counts iterations across epochs; an epoch's last iteration writes none (the epoch's end
+    writes its own after validation: the same checkpoint twice would cost a write of every weight and moment)."""
+    from types import SimpleNamespace
+
+    from engine.checkpointing import Progress
+    from engine.trainer import _at_boundary
+
+    saves: list[tuple[int, int]] = []
+    cfg = get_config(opts=["TRAIN.CHECKPOINT_EVERY", 2])
+    checkpointer = SimpleNamespace(cfg=cfg, iters_per_epoch=3, info=SimpleNamespace(device=torch.device("cpu")),
+                                   save=lambda at, generator: saves.append((at.epoch, at.iteration)))  # fmt: skip
+    for epoch in range(2):
+        for done in range(1, 4):  # global iterations 1-3, then 4-6
+            _at_boundary(checkpointer, Progress(), epoch, torch.Generator().get_state(), done, {})
+    assert saves == [(0, 2), (1, 1)]  # global 2 and 4; global 6 is epoch 1's end

@@ -395,6 +395,16 @@ def test_text_of_exactly_the_limit_is_read(predictor):
         web_upload.read_expressions("the red\n  box", predictor, limits)
 
 
+def test_a_damaged_upload_names_the_decoders_reason(files):
+    """A readable header over cut pixel data: refused with the decoder's own reason, which PIL gives here."""
+    data = files["broken"].read_bytes()
+    with pytest.raises(OSError) as decoding:
+        Image.open(io.BytesIO(data)).convert("RGB")
+    with pytest.raises(web_upload.UploadError) as refused:
+        web_upload.read_upload(data, "cut.png", web_upload.Limits())
+    assert str(refused.value) == f"'cut.png' is damaged and cannot be decoded: {decoding.value}"
+
+
 def test_a_file_of_exactly_the_byte_limit_is_read():
     limits = web_upload.Limits(max_bytes=1000)
     web_upload.check_bytes(1000, "photo.png", limits)  # the limit itself: accepted
