@@ -522,3 +522,9 @@ def test_the_yardstick_matmul_is_the_machine_default_unless_asked(monkeypatch, t
     benchmark.main([*argv, "--output", str(tmp_path / "default.json")])
     benchmark.main([*argv, "--matmul_size", "256", "--output", str(tmp_path / "asked.json")])
     assert sizes == [None, 256]
+
+
+def test_the_device_is_cpu_or_cuda(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.get_parser().parse_args(["--device", "tpu"])
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err

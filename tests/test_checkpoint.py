@@ -203,3 +203,10 @@ def test_step_checkpoints_every_n_iterations_but_not_at_an_epochs_end():
         for done in range(1, 4):  # global iterations 1-3, then 4-6
             _at_boundary(checkpointer, Progress(), epoch, torch.Generator().get_state(), done, {})
     assert saves == [(0, 2), (1, 1)]  # global 2 and 4; global 6 is epoch 1's end
+
+
+def test_the_saved_world_size_is_the_checkpoints_own_else_its_random_states():
+    from engine.resume import saved_world_size
+
+    assert saved_world_size({"world_size": 4, "rng": [{}]}) == 4  # the key wins over the count of states
+    assert saved_world_size({"rng": [{}, {}]}) == 2  # older checkpoints: one random state per process

@@ -364,6 +364,11 @@ def test_unreadable_pickle(tmp_path: Path):
     (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps({"refs": []}))
     with pytest.raises(ReferDataError, match=r"holds a dict, expected a list of refs"):
         REFER(tmp_path, "refcoco")
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([]))
+    (tmp_path / "refcoco" / "instances.json").write_text("[]")
+    with pytest.raises(ReferDataError, match=r"instances\.json holds a list, expected an object with images, "
+                                             r"annotations and categories$"):  # fmt: skip
+        REFER(tmp_path, "refcoco")
 
 
 def test_unreadable_json(tmp_path: Path):
