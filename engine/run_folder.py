@@ -32,9 +32,12 @@ from utils.distributed import DistInfo, all_gather_object
 from utils.lock import STALE_AFTER_S, RunLock, RunLockedError, read_holder, slurm_incarnation, stale_reason
 from utils.tensorboard import TENSORBOARD_DIR
 
+from .checkpointing import BEST, LAST, METRICS
+from .timing import TIMING_FILE
+
 # A folder holding any of these holds a run. Not config.yaml alone: a run stopped by a mistake in its data or flags
 # before its first step leaves only that (and log.txt), and the corrected command must be able to start there.
-RUN_MARKERS = ("last.pth", "best.pth", "metrics.jsonl")
+RUN_MARKERS = (LAST, BEST, METRICS)
 LOCK_NAME = "train.lock"
 CLEARING_NAME = "overwrite.lock"  # held by a training while its --overwrite looks for evaluations and removes files
 # What --overwrite removes, by name: the files a run and its evaluations write (checkpoints, logs, configs, results,
@@ -43,8 +46,9 @@ CLEARING_NAME = "overwrite.lock"  # held by a training while its --overwrite loo
 # exported checkpoint, notes, the config a run was started from) and is kept.
 EVAL_LOCK = re.compile(r"eval\.\d+@.+\.lock")  # (a host name holds no "@")
 RUN_FILE = re.compile(
-    r"(last|best)\.pth|(metrics|timing)\.jsonl|log\.txt|config(_eval(-\d+)?)?\.yaml|results_.+\.json"
-    r"|per_expression_.+\.jsonl|\.image_check\.json|" + EVAL_LOCK.pattern
+    "|".join(map(re.escape, (*RUN_MARKERS, TIMING_FILE, "log.txt", ".image_check.json")))
+    + r"|config(_eval(-\d+)?)?\.yaml|results_.+\.json|per_expression_.+\.jsonl|"
+    + EVAL_LOCK.pattern
 )
 TEMPORARY = re.compile(r"(?P<target>.+)\.[^.]+\.tmp")  # .<name>.<random>.tmp (utils.atomic), <name>.<pid>.tmp
 MASK_FOLDER = re.compile(r"masks_.+|\.masks_.+\.partial")

@@ -42,6 +42,15 @@ def finished(env, tmp_path_factory) -> Path:
     return out / "tiny"
 
 
+def _refused_in_one_line(argv: list[str], run_dir: Path, capsys, start: str, end: str) -> None:
+    """``main.py argv`` ends with status 2 and one line of stderr, from ``start`` to ``end``; ``run_dir`` unchanged."""
+    before = snapshot(run_dir)
+    assert main_module.cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(start) and err[0].endswith(end), err
+    assert snapshot(run_dir) == before
+
+
 def test_an_evaluation_holds_its_lock_while_it_scores(env, finished, tmp_path, monkeypatch):
     """``main.py --eval`` of a run's checkpoint: while it scores, the run folder holds the evaluation's lock, naming
     this process; at the end the lock is gone."""
@@ -76,15 +85,12 @@ def test_overwrite_is_refused_while_an_evaluation_writes_and_clears_what_an_ende
     lock = run_dir / "eval.12345@somewhere.lock"  # (the name is this test's; its holder is what counts)
     holder = lock_holder(lock)
     try:
-        before = snapshot(run_dir)
-        assert main_module.cli(tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0")) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(
+        _refused_in_one_line(
+            tiny_main_argv(env, tmp_path, "--overwrite", "--stop_after", "0"), run_dir, capsys,
             f"main.py: error: RunFolderError: --overwrite would remove the files of the evaluation writing into "
-            f"{run_dir} (host {socket.gethostname()}, pid {holder.pid}, since 20"
-        ), err
-        assert err[0].endswith("): wait for it to end; nothing was changed")
-        assert snapshot(run_dir) == before
+            f"{run_dir} (host {socket.gethostname()}, pid {holder.pid}, since 20",
+            "): wait for it to end; nothing was changed",
+        )  # fmt: skip
         mine = run_dir / "eval.1@here.lock"  # a second evaluation running: this process
         me = LockHolder(host=socket.gethostname(), pid=os.getpid(), started="now", command="python main.py --eval")
         mine.write_text(json.dumps(me.__dict__))
@@ -192,15 +198,12 @@ def test_an_evaluation_is_refused_while_an_overwrite_clears_the_folder(env, fini
     argv = tiny_main_argv(env, tmp_path, "--eval", "--pretrain", str(run_dir / "last.pth"), named=False)
     holder = lock_holder(run_dir / run_folder.CLEARING_NAME)
     try:
-        before = snapshot(run_dir)
-        assert main_module.cli(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(
+        _refused_in_one_line(  # no evaluation lock left, no config, no log line
+            argv, run_dir, capsys,
             f"main.py: error: RunFolderError: a training started with --overwrite is removing the files of {run_dir} "
-            f"(host {socket.gethostname()}, pid {holder.pid}, since 20"
-        ), err
-        assert err[0].endswith("): evaluate there once it has written a checkpoint; nothing was changed")
-        assert snapshot(run_dir) == before  # no evaluation lock left, no config, no log line
+            f"(host {socket.gethostname()}, pid {holder.pid}, since 20",
+            "): evaluate there once it has written a checkpoint; nothing was changed",
+        )  # fmt: skip
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         assert main_module.cli(argv) == 0
