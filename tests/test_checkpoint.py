@@ -1,5 +1,6 @@
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,6 +8,9 @@ import torch
 
 from configs import get_config
 from engine.checkpoint_config import check_config, checkpoint_config
+from engine.checkpointing import Progress
+from engine.resume import saved_world_size
+from engine.trainer import _at_boundary
 from models import read_checkpoint
 from utils import checkpoint as ck
 
@@ -190,11 +194,6 @@ def test_write_text_atomic(tmp_path, monkeypatch):
 def test_step_checkpoints_every_n_iterations_but_not_at_an_epochs_end():
     """TRAIN.CHECKPOINT_EVERY counts iterations across epochs; an epoch's last iteration writes none (the epoch's end
     writes its own after validation: the same checkpoint twice would cost a write of every weight and moment)."""
-    from types import SimpleNamespace
-
-    from engine.checkpointing import Progress
-    from engine.trainer import _at_boundary
-
     saves: list[tuple[int, int]] = []
     cfg = get_config(opts=["TRAIN.CHECKPOINT_EVERY", 2])
     checkpointer = SimpleNamespace(cfg=cfg, iters_per_epoch=3, info=SimpleNamespace(device=torch.device("cpu")),
@@ -206,7 +205,5 @@ def test_step_checkpoints_every_n_iterations_but_not_at_an_epochs_end():
 
 
 def test_the_saved_world_size_is_the_checkpoints_own_else_its_random_states():
-    from engine.resume import saved_world_size
-
     assert saved_world_size({"world_size": 4, "rng": [{}]}) == 4  # the key wins over the count of states
     assert saved_world_size({"rng": [{}, {}]}) == 2  # older checkpoints: one random state per process
