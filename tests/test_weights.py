@@ -218,6 +218,22 @@ def _swin_imagenet_state(window: int) -> dict:
     return {**derived, **state}
 
 
+def test_build_model_initialises_swin_from_pretrained_swin_only_when_pretrained(tmp_path):
+    """``MODEL.PRETRAINED_SWIN`` reaches the backbone through ``build_model`` (pretrained=True), and is not read
+    with pretrained=False (the architecture alone, before a full checkpoint)."""
+    torch.manual_seed(5)
+    source = build_model(tiny_cfg()).backbone.state_dict()
+    state = {k: v.normal_() for k, v in source.items() if ".fusion." not in k and ".res_gate." not in k
+             and v.is_floating_point()}  # fmt: skip
+    torch.save({"model": state}, tmp_path / "swin.pth")
+    cfg = tiny_cfg(MODEL__PRETRAINED_SWIN=str(tmp_path / "swin.pth"))
+    own = build_model(cfg).backbone.state_dict()
+    weights = [k for k in state if "relative_position_index" not in k and "attn_mask" not in k]
+    assert len(weights) > 20 and all(torch.equal(own[k], state[k]) for k in weights)
+    bare = build_model(cfg, pretrained=False).backbone.state_dict()
+    assert not torch.equal(bare["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+
+
 def test_swin_imagenet_init_resizes_tables(tmp_path):
     state = _swin_imagenet_state(window=7)
     torch.save({"model": state}, tmp_path / "swin.pth")
