@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from utils.atomic import raise_storage_error
-from utils.lock import STALE_AFTER_S, LockHolder, stale_reason
+from utils.lock import STALE_AFTER_S, LockHolder, process_start, stale_reason
 
 from .loops import unwrap
 
@@ -104,19 +104,25 @@ class MaskWriter:
                 Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(self.folder / name, format="PNG")
 
 
-_STAGING = re.compile(r"\.masks_.+\.(?P<pid>\d+)@(?P<host>.+)\.partial")  # (a host name holds no "@")
+# (a host name holds no "@"; a name without the start time is an older evaluation's)
+_STAGING = re.compile(r"\.masks_.+\.(?P<pid>\d+)(?:-(?P<start>\d+))?@(?P<host>.+)\.partial")
 
 
 def staging_folder(run_dir: str | Path, tag: str) -> Path:
-    """``<run_dir>/.masks_<tag>.<pid>@<host>.partial``: this process's unfinished masks of ``tag``, apart from those
-    of another evaluation writing into the same folder at the same time."""
-    return Path(run_dir) / f".masks_{tag}.{os.getpid()}@{socket.gethostname()}.partial"
+    """``<run_dir>/.masks_<tag>.<pid>-<start>@<host>.partial``: this process's unfinished masks of ``tag``, apart from
+    those of another evaluation writing into the same folder at the same time. ``start``, the process's start time
+    (``utils.lock.process_start``), tells a pid reused after a killed evaluation from that evaluation."""
+    pid = os.getpid()
+    start = process_start(pid)
+    owner = f"{pid}-{start}" if start is not None else str(pid)
+    return Path(run_dir) / f".masks_{tag}.{owner}@{socket.gethostname()}.partial"
 
 
 def remove_abandoned(run_dir: str | Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove the unfinished mask folders in ``run_dir`` whose evaluation is over (killed, or stopped by an error):
     by the lock's rule (``utils.lock.stale_reason``), its process is not running on this host, or on another host
-    the folder has not changed for ``stale_after_s`` (a running evaluation adds masks batch by batch). Returns them."""
+    the folder has not changed for ``stale_after_s`` (a running evaluation adds masks batch by batch); on this host
+    also when its pid now belongs to a process started at another time. Returns them."""
     removed, host = [], socket.gethostname()
     for folder in sorted(Path(run_dir).glob(".masks_*.partial")):
         owner = _STAGING.fullmatch(folder.name)
@@ -126,7 +132,8 @@ def remove_abandoned(run_dir: str | Path, stale_after_s: float = STALE_AFTER_S) 
             age_s = time.time() - folder.stat().st_mtime
         except FileNotFoundError:  # (its evaluation just finished)
             continue
-        holder = LockHolder(host=owner["host"], pid=int(owner["pid"]), started="", command="")
+        start = int(owner["start"]) if owner["start"] else None
+        holder = LockHolder(host=owner["host"], pid=int(owner["pid"]), started="", command="", pid_start=start)
         if stale_reason(holder, age_s, stale_after_s, host) is not None:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

@@ -168,9 +168,15 @@ def test_all_or_nothing(setup, tmp_path, monkeypatch, save_masks):
 TAG = "synthetic_unc_val_each_network48"
 
 
-def unfinished(pid: int, host: str, tag: str = TAG) -> str:
-    """The name of an evaluation's unfinished mask folder, written out here as the module docstring gives it."""
-    return f".masks_{tag}.{pid}@{host}.partial"
+def unfinished(pid: int, host: str, tag: str = TAG, start: int | None = None) -> str:
+    """The name of an evaluation's unfinished mask folder, written out here as ``staging_folder`` documents it (an
+    older evaluation's without the start time)."""
+    return f".masks_{tag}.{pid}{'' if start is None else f'-{start}'}@{host}.partial"
+
+
+def my_start() -> int:
+    """This process's start time in clock ticks since boot: field 22 of /proc/self/stat, counted after the name."""
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):
@@ -189,7 +195,7 @@ def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(Image.Image, "save", save)
     with pytest.raises(StorageError) as caught:
         evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
-    partial = tmp_path / unfinished(os.getpid(), socket.gethostname())
+    partial = tmp_path / unfinished(os.getpid(), socket.gethostname(), start=my_start())
     assert [Path(p).parent for p in saved] == [partial, partial] and os.listdir(tmp_path) == []
     name, reason = str(caught.value).removeprefix(f"cannot write mask {partial}{os.sep}").split(": ", 1)
     assert name.endswith(".png") and partial / name not in saved
@@ -209,11 +215,14 @@ def ended_pid() -> int:
 
 
 def test_the_unfinished_masks_of_ended_evaluations_are_removed(tmp_path):
-    """On this host: those whose process is not running; of another host (whose processes cannot be seen): those
-    untouched for the lock's stale time. Running evaluations' folders, and names of no evaluation, stay."""
+    """On this host: those whose process is not running, or whose pid a process started at another time now has
+    (reused); of another host (whose processes cannot be seen): those untouched for the lock's stale time. Running
+    evaluations' folders (named with or without their start time), and names of no evaluation, stay."""
     host = socket.gethostname()
     names = {
-        "running": unfinished(os.getpid(), host),
+        "running": unfinished(os.getpid(), host, start=my_start()),
+        "running, named without its start": unfinished(os.getpid(), host, "synthetic_unc_testB_each_network48"),
+        "pid reused": unfinished(os.getpid(), host, "synthetic_unc_val_avg_network48", start=my_start() + 1),
         "ended": unfinished(ended_pid(), host, "refcoco+_unc_testB_cat_original_shuffled"),
         "away, recent": unfinished(1, "node-7.cluster.example"),
         "away, untouched": unfinished(os.getpid(), "node-7.cluster.example", "synthetic_unc_testA_avg_network96"),
@@ -226,8 +235,8 @@ def test_the_unfinished_masks_of_ended_evaluations_are_removed(tmp_path):
     old = time.time() - STALE_AFTER_S - 60
     os.utime(tmp_path / names["away, untouched"], (old, old))
     removed = remove_abandoned(tmp_path)
-    assert sorted(removed) == sorted([tmp_path / names["ended"], tmp_path / names["away, untouched"]])
-    kept = ("running", "away, recent", "no owner", "not a mask folder")
+    assert sorted(removed) == sorted(tmp_path / names[k] for k in ("ended", "pid reused", "away, untouched"))
+    kept = ("running", "running, named without its start", "away, recent", "no owner", "not a mask folder")
     assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in kept)
     assert remove_abandoned(tmp_path, stale_after_s=1e-9) == [tmp_path / names["away, recent"]]
 

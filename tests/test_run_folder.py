@@ -425,18 +425,18 @@ def test_what_names_the_run_folder_and_a_missing_checkpoint(env, tmp_path):
 
 def test_process_start_read_past_a_name_with_parentheses():
     """/proc/<pid>/stat's second field is the executable's name in parentheses, which may hold ") " itself."""
-    from utils.lock import _process_start, start_from_stat
+    from utils.lock import process_start, start_from_stat
 
     fields = " ".join(str(n) for n in range(3, 30))  # field n holds n, from the state (field 3) on
     assert start_from_stat(f"42 (train) {fields}\n") == 22
     assert start_from_stat(f"42 (evil) 1 2) {fields}\n") == 22
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:  # a live process: a start time in clock ticks, the child's no earlier than its parent's
-        assert 0 < _process_start(os.getpid()) <= _process_start(child.pid)
+        assert 0 < process_start(os.getpid()) <= process_start(child.pid)
     finally:
         child.kill()
         child.wait()
-    assert _process_start(child.pid) is None  # gone: unknown
+    assert process_start(child.pid) is None  # gone: unknown
 
 
 def test_other_ranks_get_rank_zeros_folder_or_its_error(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ class LockHolder:
         return f"host {self.host}, pid {self.pid}, since {self.started}, command: {self.command}"
 
 
-def _process_start(pid: int) -> int | None:
+def process_start(pid: int) -> int | None:
     """Start time of process ``pid`` in clock ticks since boot (field 22 of /proc/<pid>/stat), None if unknown."""
     try:
         return start_from_stat(Path(f"/proc/{pid}/stat").read_text())
@@ -116,7 +116,7 @@ def stale_reason(
     if holder is not None and holder.host == host:
         if not _pid_running(holder.pid):
             return f"its process {holder.pid} is not running"
-        if holder.pid_start is not None and _process_start(holder.pid) not in (None, holder.pid_start):
+        if holder.pid_start is not None and process_start(holder.pid) not in (None, holder.pid_start):
             return f"pid {holder.pid} now belongs to another process"
         return None
     if age_s > stale_after_s:
@@ -146,7 +146,7 @@ class RunLock:
             pid=os.getpid(),
             started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             command=shlex.join([Path(sys.executable).name, *sys.argv]),
-            pid_start=_process_start(os.getpid()),
+            pid_start=process_start(os.getpid()),
             token=secrets.token_hex(8),
             slurm_job=slurm_incarnation(),
         )
