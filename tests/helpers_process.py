@@ -1,5 +1,5 @@
 """Processes for tests: commands run as a user runs them in a terminal (stopped with Ctrl-C), a process holding a
-lock, and the files of a folder to compare before and after."""
+lock, a process that has ended, and the files of a folder to compare before and after."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def ended_process() -> tuple[int, int]:
+    """(pid, start time in clock ticks since boot, /proc/<pid>/stat's field 22) of a process that has ended. A lock
+    naming both stays the lock of an ended process even where the pid is given to a new process meanwhile."""
+    code = "import os; print(os.getpid(), open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])"
+    pid, start = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return int(pid), int(start)
 
 
 @contextmanager

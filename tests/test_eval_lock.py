@@ -10,8 +10,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from engine.run_folder import EVAL_LOCK, eval_lock_name, evaluations_writing, pr
 from utils.distributed import DistInfo
 from utils.lock import LockHolder
 
-from .helpers_process import lock_holder, snapshot
+from .helpers_process import ended_process, lock_holder, snapshot
 from .helpers_train import tiny_env, tiny_main_argv
 
 
@@ -122,7 +120,7 @@ def test_which_evaluations_are_running(tmp_path):
     """``utils.lock``'s stale rule decides: this process (running) counts, an ended process does not; a lock of
     another host counts until its heartbeat is 30 minutes old; one being written counts; other names are no locks."""
     host = socket.gethostname()
-    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    ended, ended_start = ended_process()
 
     def lock(name: str, holder: LockHolder | None, age_s: float = 0.0) -> None:
         path = tmp_path / name
@@ -131,7 +129,7 @@ def test_which_evaluations_are_running(tmp_path):
 
     me = LockHolder(host=host, pid=os.getpid(), started="2026-12-06T00:00:00Z", command="python main.py --eval")
     lock(f"eval.{os.getpid()}@{host}.lock", me)
-    lock(f"eval.{ended}@{host}.lock", LockHolder(host=host, pid=ended, started="s", command="c"))
+    lock(f"eval.{ended}@{host}.lock", LockHolder(host=host, pid=ended, started="s", command="c", pid_start=ended_start))
     lock("eval.7@far.lock", LockHolder(host="far", pid=7, started="s", command="fresh"), age_s=29 * 60)
     lock("eval.8@far.lock", LockHolder(host="far", pid=8, started="s", command="old"), age_s=31 * 60)
     lock("eval.9@far.lock", None)

@@ -9,8 +9,6 @@ import logging
 import multiprocessing
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from utils.atomic import StorageError
 from utils.distributed import DistInfo
 from utils.lock import STALE_AFTER_S
 
+from .helpers_process import ended_process
 from .helpers_train import tiny_cfg
 
 CPU = DistInfo(0, 1, 0, False, torch.device("cpu"))
@@ -201,17 +200,13 @@ def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):
     assert name.endswith(".png") and partial / name not in saved
     assert reason == "No space left on device; the evaluation's unfinished masks are removed"
     monkeypatch.setattr(Image.Image, "save", real)
-    killed = tmp_path / unfinished(ended_pid(), socket.gethostname())
+    pid, start = ended_process()
+    killed = tmp_path / unfinished(pid, socket.gethostname(), start=start)
     killed.mkdir()
     with caplog.at_level(logging.INFO, logger="lavt"):
         evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
     assert f"removed {killed}: the masks of an evaluation that ended before writing its results" in caplog.messages
     assert sorted(os.listdir(tmp_path)) == [f"masks_{TAG}", f"per_expression_{TAG}.jsonl", f"results_{TAG}.json"]
-
-
-def ended_pid() -> int:
-    """The pid of a process that has ended."""
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
 
 
 def test_the_unfinished_masks_of_ended_evaluations_are_removed(tmp_path):
@@ -223,7 +218,7 @@ def test_the_unfinished_masks_of_ended_evaluations_are_removed(tmp_path):
         "running": unfinished(os.getpid(), host, start=my_start()),
         "running, named without its start": unfinished(os.getpid(), host, "synthetic_unc_testB_each_network48"),
         "pid reused": unfinished(os.getpid(), host, "synthetic_unc_val_avg_network48", start=my_start() + 1),
-        "ended": unfinished(ended_pid(), host, "refcoco+_unc_testB_cat_original_shuffled"),
+        "ended": unfinished(ended_process()[0], host, "refcoco+_unc_testB_cat_original_shuffled"),
         "away, recent": unfinished(1, "node-7.cluster.example"),
         "away, untouched": unfinished(os.getpid(), "node-7.cluster.example", "synthetic_unc_testA_avg_network96"),
         "no owner": f".masks_{TAG}.partial",

@@ -31,6 +31,8 @@ from engine.synthetic_once import ensure_synthetic_once
 from refer import REFER
 from utils.lock import LockHolder, RunLock
 
+from .helpers_process import ended_process
+
 SMALL = dict(num_images=8, min_size=64, max_size=80, workers=1)
 
 
@@ -96,8 +98,9 @@ def test_a_dead_holders_lock_is_taken_over_and_its_generation_made_anew(tmp_path
     before = images(tmp_path)
     mark(tmp_path, b"half written")
     (tmp_path / "synthetic" / COMPLETE).rename(tmp_path / "synthetic" / RUNNING)  # cut off, as by kill -9
-    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
-    dead = LockHolder(host=socket.gethostname(), pid=ended, started="2026-12-06T00:00:00Z", command="python main.py")
+    ended, start = ended_process()
+    dead = LockHolder(host=socket.gethostname(), pid=ended, started="2026-12-06T00:00:00Z", command="python main.py",
+                      pid_start=start)
     (tmp_path / "synthetic" / GENERATION_LOCK).write_text(json.dumps(dead.__dict__))
     with caplog.at_level(logging.INFO, logger="lavt"):
         ensure_synthetic_once(tmp_path, poll_s=0.02, **SMALL)
