@@ -386,6 +386,13 @@ def test_a_bf16_variant_builds_the_model_a_bf16_run_trains(monkeypatch):
     assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16]
 
 
+def test_the_benchmark_reads_no_weight_file(tmp_path):
+    """Timing needs the architecture alone: a config naming a Swin ImageNet file that is not here (as every
+    configs/*.yaml does until the user puts it there) is benchmarked with seeded random weights."""
+    opts = [*TINY_OPTS, "MODEL.PRETRAINED_SWIN", str(tmp_path / "absent_swin.pth")]
+    benchmark._prepare(benchmark.BenchSpec(variant="base", opts=opts, size=64, phases=[], malloc="default"))  # no error
+
+
 def test_command_line_mistakes_and_failed_variants(monkeypatch, tmp_path, capsys):
     """A count flag below its least value, an unknown phase: one line and status 2, nothing measured or written (the
     input benchmark's flags too); a variant that failed in its process: the report written, then status 1 naming
