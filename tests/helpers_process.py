@@ -13,12 +13,23 @@ from pathlib import Path
 from typing import Any
 
 
+def start_in(stat: str) -> int:
+    """The start time in clock ticks since boot that a /proc/<pid>/stat line gives: field 22, counted after the
+    process's name in parentheses (written here apart from ``utils.lock``)."""
+    return int(stat[stat.rindex(")") + 2 :].split(" ")[19])
+
+
+def own_start() -> int:
+    """This process's start time (``start_in``)."""
+    return start_in(Path("/proc/self/stat").read_text())
+
+
 def ended_process() -> tuple[int, int]:
-    """(pid, start time in clock ticks since boot, /proc/<pid>/stat's field 22) of a process that has ended. A lock
-    naming both stays the lock of an ended process even where the pid is given to a new process meanwhile."""
-    code = "import os; print(os.getpid(), open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])"
-    pid, start = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return int(pid), int(start)
+    """(pid, start time) of a process that has ended. A lock naming both stays the lock of an ended process even
+    where the pid is given to a new process meanwhile."""
+    code = "import sys; sys.stdout.write(open('/proc/self/stat').read())"
+    stat = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(stat.split(" ", 1)[0]), start_in(stat)
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from utils.atomic import StorageError
 from utils.distributed import DistInfo
 from utils.lock import STALE_AFTER_S
 
-from .helpers_process import ended_process
+from .helpers_process import ended_process, own_start
 from .helpers_train import tiny_cfg
 
 CPU = DistInfo(0, 1, 0, False, torch.device("cpu"))
@@ -173,11 +173,6 @@ def unfinished(pid: int, host: str, tag: str = TAG, start: int | None = None) ->
     return f".masks_{tag}.{pid}{'' if start is None else f'-{start}'}@{host}.partial"
 
 
-def my_start() -> int:
-    """This process's start time in clock ticks since boot: field 22 of /proc/self/stat, counted after the name."""
-    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-
-
 def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):
     """The disk fills at the third mask: one StorageError naming it, no results file, the unfinished masks removed.
     The next evaluation writes everything, and removes the masks a killed evaluation left."""
@@ -194,7 +189,7 @@ def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(Image.Image, "save", save)
     with pytest.raises(StorageError) as caught:
         evaluation.run_evaluation(cfg, model, tokenizer, CPU, tmp_path, "a.pth")
-    partial = tmp_path / unfinished(os.getpid(), socket.gethostname(), start=my_start())
+    partial = tmp_path / unfinished(os.getpid(), socket.gethostname(), start=own_start())
     assert [Path(p).parent for p in saved] == [partial, partial] and os.listdir(tmp_path) == []
     name, reason = str(caught.value).removeprefix(f"cannot write mask {partial}{os.sep}").split(": ", 1)
     assert name.endswith(".png") and partial / name not in saved
@@ -215,9 +210,9 @@ def test_the_unfinished_masks_of_ended_evaluations_are_removed(tmp_path):
     evaluations' folders (named with or without their start time), and names of no evaluation, stay."""
     host = socket.gethostname()
     names = {
-        "running": unfinished(os.getpid(), host, start=my_start()),
+        "running": unfinished(os.getpid(), host, start=own_start()),
         "running, named without its start": unfinished(os.getpid(), host, "synthetic_unc_testB_each_network48"),
-        "pid reused": unfinished(os.getpid(), host, "synthetic_unc_val_avg_network48", start=my_start() + 1),
+        "pid reused": unfinished(os.getpid(), host, "synthetic_unc_val_avg_network48", start=own_start() + 1),
         "ended": unfinished(ended_process()[0], host, "refcoco+_unc_testB_cat_original_shuffled"),
         "away, recent": unfinished(1, "node-7.cluster.example"),
         "away, untouched": unfinished(os.getpid(), "node-7.cluster.example", "synthetic_unc_testA_avg_network96"),
