@@ -201,12 +201,14 @@ def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Te
 
 #: What a Swin ImageNet classification file holds beyond the backbone: its head and final norm (LAVT has neither).
 SWIN_CLASSIFIER_KEYS = ("head.", "norm.")
-#: Backbone weights that no Swin ImageNet file holds: PWAM, language gates, the per-stage output norms.
+#: Backbone weights that no Swin ImageNet file holds: PWAM and the language gates of every stage, ...
 LAVT_ONLY = (".fusion.", ".res_gate.")
+#: ... and the output norm of each of the 4 stages (a Swin classifier has one final ``norm.`` instead).
+STAGE_NORMS = tuple(f"norm{i}." for i in range(4))
 
 
 def _lavt_only(key: str) -> bool:
-    return any(part in key for part in LAVT_ONLY) or (key.startswith("norm") and not key.startswith("norm."))
+    return any(part in key for part in LAVT_ONLY) or key.startswith(STAGE_NORMS)
 
 
 def _listed(keys: list[str], at_most: int = 8) -> str:

@@ -386,6 +386,18 @@ def test_a_bf16_variant_builds_the_model_a_bf16_run_trains(monkeypatch):
     assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16]
 
 
+def test_a_variants_config_is_the_run_it_measures():
+    """The config a variant is built and stepped from says what is measured: its precision (TRAIN.AMP), image size,
+    batch and switches, over the given overrides."""
+    spec = benchmark.BenchSpec(variant="fused+bf16", opts=TINY_OPTS, size=96, batch_size=3, phases=[])
+    switches, amp, cfg = bench_workload.variant_setup(spec)
+    assert (switches, amp) == ({"fused"}, "bf16")
+    assert (cfg.TRAIN.AMP, cfg.DATA.SIZE, cfg.TRAIN.BATCH_SIZE, cfg.MODEL.FUSED_ATTENTION) == ("bf16", 96, 3, True)
+    assert cfg.MODEL.SWIN.EMBED_DIM == tiny_cfg().MODEL.SWIN.EMBED_DIM  # the overrides kept
+    _, amp, cfg = bench_workload.variant_setup(benchmark.BenchSpec(variant="base", opts=TINY_OPTS, phases=[]))
+    assert (amp, cfg.TRAIN.AMP, cfg.MODEL.FUSED_ATTENTION) == ("", "", False)
+
+
 def test_the_benchmark_reads_no_weight_file(tmp_path):
     """Timing needs the architecture alone: a config naming a Swin ImageNet file that is not here (as every
     configs/*.yaml does until the user puts it there) is benchmarked with seeded random weights."""
