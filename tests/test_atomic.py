@@ -145,8 +145,9 @@ def test_a_name_taken_in_the_instant_it_was_free_is_left_to_its_taker(tmp_path: 
         (dst / "theirs.png").write_text("theirs")
 
     refusing_renames_onto_folders(monkeypatch, another_process_takes)
-    with pytest.raises(FileExistsError, match="A was taken meanwhile"), new_folders([(a, tmp_path / "A")]):
+    with pytest.raises(FileExistsError, match="A was taken meanwhile") as caught, new_folders([(a, tmp_path / "A")]):
         pass
+    assert caught.value.errno == errno.EEXIST  # an OSError as the OS's own (callers may ask its errno)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == [".a.partial", "A"] and os.listdir(tmp_path / "A") == ["theirs.png"]
     assert (a / "m.png").read_text() == ".a.partial"
