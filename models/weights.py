@@ -201,9 +201,9 @@ def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Te
 
 #: What a Swin ImageNet classification file holds beyond the backbone: its head and final norm (LAVT has neither).
 SWIN_CLASSIFIER_KEYS = ("head.", "norm.")
-#: Backbone weights that no Swin ImageNet file holds: PWAM and the language gates of every stage, ...
+#: Parts of the names of backbone weights that no Swin ImageNet file holds: PWAM's and the language gates'.
 LAVT_ONLY = (".fusion.", ".res_gate.")
-#: ... and the output norm of each of the 4 stages (a Swin classifier has one final ``norm.`` instead).
+#: The backbone's output norm of each stage, which no Swin ImageNet file holds either (a classifier has one, ``norm.``).
 STAGE_NORMS = tuple(f"norm{i}." for i in range(4))
 
 
