@@ -477,6 +477,7 @@ def test_table_of_a_variant_measuring_more_than_the_first(capsys):
     line = [row for row in format_tables(rows, 2, 8).splitlines() if row.startswith("bf16")][0]
     cells = [c.strip() for c in line.split("|")]
     assert cells[1] == "4 (2.50x)" and cells[3] == "40 (0.50x)" and cells[5] == "3.00" and cells[9] == "1/2"
+    assert cells[7] == "-"  # no FLOPs counted: none shown (not 0/0)
     rows[0]["eval"] = {"batch1": {"expr_per_s": 2.0}, "batch8": {"expr_per_s": 4.0}}  # both evaluations: two ratios
     rows[1]["eval"]["batch1"] = {"expr_per_s": 5.0}
     line = [row for row in format_tables(rows, 2, 8).splitlines() if row.startswith("bf16")][0]

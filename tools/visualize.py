@@ -209,7 +209,7 @@ def _show(ax: Any, picture: np.ndarray, title: str) -> None:
 
 
 def _wrap_title(text: str, width: int = 32) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or '""'
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def figure_side_by_side(
