@@ -31,8 +31,9 @@ def test_input_benchmark_smoke(capsys, monkeypatch):
 
 
 def test_the_input_benchmarks_folder_holds_photo_like_jpegs(tmp_path):
-    """``make_refer_folder``: REFER-readable, each image a JPEG of the size given, saved at quality 90 (the
-    quantisation tables of a JPEG PIL writes at 90: what a decoder's time depends on), no two files alike."""
+    """``make_refer_folder``: REFER-readable, refs in RefCOCO's format, each image a JPEG of the size given, saved
+    at quality 90 (the quantisation tables of a JPEG PIL writes at 90: what a decoder's time depends on), no two
+    files alike."""
     from PIL import Image
 
     from refer import REFER
@@ -47,3 +48,7 @@ def test_the_input_benchmarks_folder_holds_photo_like_jpegs(tmp_path):
         with Image.open(path) as im:
             assert (im.format, im.size, im.quantization) == ("JPEG", (64, 48), tables)
     assert len({p.read_bytes() for p in files}) == 3
+    # each ref holds the keys of an entry of RefCOCO's refs(unc).p, its sent_ids those of its sentences
+    official_keys = {"ref_id", "ann_id", "image_id", "category_id", "split", "sentences", "sent_ids", "file_name"}
+    for ref in refer.data["refs"]:
+        assert set(ref) == official_keys and ref["sent_ids"] == [s["sent_id"] for s in ref["sentences"]]

@@ -160,9 +160,15 @@ def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Pat
         check_images(bad, ["train", "val"], cache_file=cache)
 
 
-def test_a_cache_that_cannot_be_written_is_a_warning(bad: REFER, tmp_path: Path, monkeypatch, caplog):
-    """No room for the image check's cache: the check's result stands, a WARNING says the next run checks again, and
-    no temporary file stays."""
+@pytest.mark.parametrize("failing, error", [
+    ("replace", OSError(errno.ENOSPC, "No space left on device")),  # the temporary file written, the rename refused
+    ("write_text", PermissionError(errno.EACCES, "Permission denied")),  # a read-only folder: no temporary file
+])
+def test_a_cache_that_cannot_be_written_is_a_warning(
+    bad: REFER, tmp_path: Path, monkeypatch, caplog, failing: str, error: OSError
+):
+    """No room for the image check's cache, or no right to write it: the check's result stands, a WARNING says the
+    next run checks again, and no temporary file stays."""
     image_dir = Path(bad.IMAGE_DIR)
     for name in os.listdir(image_dir):  # the good images only, as above
         if name not in ("a_good.jpg", "h_good.png"):
@@ -171,16 +177,16 @@ def test_a_cache_that_cannot_be_written_is_a_warning(bad: REFER, tmp_path: Path,
         if ref["file_name"] not in ("a_good.jpg", "h_good.png"):
             ref["split"] = "testB"
 
-    def full(src, dst):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def refuse(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(checks.os, "replace", full)
+    monkeypatch.setattr(checks.os if failing == "replace" else Path, failing, refuse)
     cache = tmp_path / "cache" / "images.json"
     with caplog.at_level(logging.WARNING, logger="data.checks"):
         assert check_images(bad, ["train", "val"], cache_file=cache).checked == 2
     assert [(r.name, r.getMessage()) for r in caplog.records] == [(  # (data.checks: a run's log.txt takes it)
         "data.checks",
-        f"image check cache {cache} not written (No space left on device): the next run checks the images again",
+        f"image check cache {cache} not written ({error.strerror}): the next run checks the images again",
     )]  # fmt: skip
     assert list(cache.parent.iterdir()) == []
 

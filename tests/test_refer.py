@@ -445,6 +445,8 @@ def test_unknown_ids(hand: REFER):
             hand.getMask(wrong)
         assert str(caught.value) == (f"getMask takes a ref (a dict with its ref_id, as loadRefs returns it), got "
                                      f"{wrong!r}; getMaskByRef(ref_id=...) takes the id")  # fmt: skip
+    with pytest.raises(ReferKeyError, match=r"^image_id 77 is not in refcoco \(unc\) at "):
+        hand.getMask({"ref_id": 0, "image_id": 77})  # a ref by hand naming an image the file does not hold
     with pytest.raises(ReferKeyError, match=r"image_id 77 is not in refcoco"):
         hand.loadImgs(77)
     with pytest.raises(ReferKeyError, match=r"category_id 9"):
