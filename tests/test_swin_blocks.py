@@ -267,3 +267,19 @@ def test_stochastic_depth_rises_linearly_over_the_blocks():
     assert isinstance(blocks[0].drop_path, torch.nn.Identity)
     assert all(isinstance(b.drop_path, DropPath) for b in blocks[1:])
     assert [b.drop_path.p for b in blocks[1:]] == pytest.approx(expected[1:].tolist())
+
+
+def test_backbone_starts_from_the_official_init():
+    """As the official Swin backbone initialises itself: every linear weight and relative position bias table drawn
+    from a normal of std 0.02 cut at +-2 (so never near the cut), linear biases zero, LayerNorms the identity."""
+    torch.manual_seed(0)
+    backbone = build_model(tiny_cfg(), pretrained=False).backbone
+    tables = [m.relative_position_bias_table for m in backbone.modules() if hasattr(m, "relative_position_bias_table")]
+    linears = [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert tables and linears and norms
+    for drawn in ([t.detach().flatten() for t in tables], [m.weight.detach().flatten() for m in linears]):
+        drawn = torch.cat(drawn)  # (800 values or more: their std within 4 sampling errors of 0.02)
+        assert drawn.numel() >= 800 and 0.018 < drawn.std().item() < 0.022 and drawn.abs().max().item() < 0.15
+    assert all(not m.bias.any() for m in linears if m.bias is not None)
+    assert all(bool((m.weight == 1).all() and not m.bias.any()) for m in norms)

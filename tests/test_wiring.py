@@ -24,7 +24,9 @@ from models import read_checkpoint
 
 from .helpers_train import tiny_cfg, tiny_opts
 
-VAL_OIOU = [60.0, 20.0]  # the per-epoch validation scores the run is told: epoch 0 is the best, not the last
+# the per-epoch validation scores the run is told: epoch 1 only ties epoch 0, which stays the best (as the official
+# train.py, a later epoch must score strictly higher)
+VAL_OIOU = [60.0, 60.0]
 
 
 class Recorder:
