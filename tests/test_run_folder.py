@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -194,12 +195,16 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_ends_with_release(tmp_path, monk
 
 
 def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
-    """What tells a live holder from a reused pid (its process's start time) and two takers apart (the token)."""
+    """What tells a live holder from a reused pid (its process's start time) and two takers apart (the token); the
+    file is readable by others and not executable."""
     lock = tmp_path / LOCK_NAME
     tokens = []
     for _ in range(2):
         with RunLock(lock):
-            written = json.loads(lock.read_text())
+            written, mode = json.loads(lock.read_text()), stat.S_IMODE(lock.stat().st_mode)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert mode == 0o644 & ~umask  # others read who holds it (the refusal names the holder); never executable
         assert written["pid"] == os.getpid() and written["host"] == socket.gethostname()
         # /proc/<pid>/stat field 22, counted after the parenthesised command name (field 2)
         start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
