@@ -160,12 +160,12 @@ def test_good_images_pass_and_the_cache_spares_reading(bad: REFER, tmp_path: Pat
         check_images(bad, ["train", "val"], cache_file=cache)
 
 
-@pytest.mark.parametrize("failing, error", [
-    ("replace", OSError(errno.ENOSPC, "No space left on device")),  # the temporary file written, the rename refused
-    ("write_text", PermissionError(errno.EACCES, "Permission denied")),  # a read-only folder: no temporary file
-])
+@pytest.mark.parametrize("owner, failing, error", [
+    (checks.os, "replace", OSError(errno.ENOSPC, "No space left on device")),  # the temporary written, not renamed
+    (Path, "write_text", PermissionError(errno.EACCES, "Permission denied")),  # a read-only folder: no temporary
+], ids=["no-room", "read-only"])  # fmt: skip
 def test_a_cache_that_cannot_be_written_is_a_warning(
-    bad: REFER, tmp_path: Path, monkeypatch, caplog, failing: str, error: OSError
+    bad: REFER, tmp_path: Path, monkeypatch, caplog, owner: object, failing: str, error: OSError
 ):
     """No room for the image check's cache, or no right to write it: the check's result stands, a WARNING says the
     next run checks again, and no temporary file stays."""
@@ -180,7 +180,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(
     def refuse(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(checks.os if failing == "replace" else Path, failing, refuse)
+    monkeypatch.setattr(owner, failing, refuse)
     cache = tmp_path / "cache" / "images.json"
     with caplog.at_level(logging.WARNING, logger="data.checks"):
         assert check_images(bad, ["train", "val"], cache_file=cache).checked == 2
