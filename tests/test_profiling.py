@@ -33,7 +33,6 @@ def test_peak_memory_sees_a_large_allocation():
     assert big.peak_bytes - small.peak_bytes > 48 * 2**20
 
 
-
 def _cyclic_garbage(mib: int) -> None:
     """A touched tensor of ``mib`` MiB that only a reference cycle keeps, dropped: freed by a collection alone."""
     junk: list = [torch.ones(mib * 2**20 // 4)]

@@ -199,11 +199,11 @@ def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
     file is readable by others and not executable."""
     lock = tmp_path / LOCK_NAME
     tokens = []
+    umask = os.umask(0)  # the process's umask, read by setting another and put back at once
+    os.umask(umask)
     for _ in range(2):
         with RunLock(lock):
             written, mode = json.loads(lock.read_text()), stat.S_IMODE(lock.stat().st_mode)
-        umask = os.umask(0)
-        os.umask(umask)
         assert mode == 0o644 & ~umask  # others read who holds it (the refusal names the holder); never executable
         assert written["pid"] == os.getpid() and written["host"] == socket.gethostname()
         # /proc/<pid>/stat field 22, counted after the parenthesised command name (field 2)
