@@ -152,6 +152,16 @@ def test_allowed_edges_pass(opts: list):
     assert validate_config(get_config(None, opts)) is None
 
 
+@pytest.mark.parametrize("value, shown", [("fast", "'fast' (str)"), (True, "True (bool)"), ([1], "[1] (list)")])
+def test_a_number_key_given_another_kind_names_its_type(value, shown: str):
+    """A bool is no number here, though Python counts it as an int."""
+    tree = json.loads(json.dumps(get_cfg_defaults()))
+    tree["TRAIN"]["LR"] = value
+    with pytest.raises(ConfigError) as e:
+        validate_config(tree)
+    assert str(e.value) == f"TRAIN.LR must be a number > 0, got {shown}"
+
+
 def leaves(node: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in node.items():

@@ -243,7 +243,8 @@ def test_evaluate_bad_protocol(model, val_set):
 
 def test_train_step_defaults_to_a_float32_step(cfg, train_batch):
     """Called with its defaults (no amp, no clipping), one step: float32 logits reach the criterion, the returned
-    loss is the criterion's, every parameter with a (not round-off) gradient moves."""
+    loss is the criterion's, the optimizer gets the gradients unclipped (their norm far above 1: the loss is
+    multiplied by 100), every parameter with a (not round-off) gradient moves."""
     torch.manual_seed(0)
     net = build_model(cfg).train()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -252,12 +253,13 @@ def test_train_step_defaults_to_a_float32_step(cfg, train_batch):
 
     def criterion(logits, target):
         seen.append(logits.dtype)
-        return torch.nn.functional.cross_entropy(logits, target)
+        return 100 * torch.nn.functional.cross_entropy(logits, target)
 
-    opt, marks = torch.optim.SGD(params, lr=0.1), []
+    opt, marks = NormRecorder(params, lr=0.1), []
     cpu = torch.device("cpu")
     loss, norm = train_step(net, criterion, opt, NativeScaler(), train_batch, cpu, params, mark=marks.append)
-    assert seen == [torch.float32] and math.isfinite(loss) and loss > 0 and float(norm) > 0
+    assert seen == [torch.float32] and math.isfinite(loss) and loss > 0
+    assert float(norm) > 3 and opt.norms == pytest.approx([float(norm)], rel=1e-5)
     assert marks == ["forward", "backward", "optimizer"]  # the benchmark's timer reads these names
     moved = [not torch.equal(a, p) for a, p in zip(before, params) if p.grad is not None and p.grad.abs().max() > 1e-6]
     assert moved and all(moved)
@@ -362,6 +364,27 @@ def test_train_one_epoch_samples_the_gradient_norm_where_it_logs(cfg, print_freq
     expected = np.mean([opt.norms[i - 1] for i in sampled])
     assert stats["grad_norm"] == pytest.approx(expected, rel=1e-5)
     assert stats["grad_norm"] != pytest.approx(np.mean(opt.norms), rel=1e-5) or len(sampled) == len(opt.norms)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_train_one_epoch_clips_only_when_asked(cfg, clip):
+    """Without ``clip_grad`` (the official recipe clips nothing) the optimizer gets the gradients as they are; with
+    ``clip_grad 1.0``, scaled to norm 1. The loss is multiplied by 100 so that every gradient norm is far above 1."""
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    loader = DataLoader(torch.utils.data.Subset(build_dataset(cfg, "train", eval_mode=False), range(4)), batch_size=2)
+    opt = NormRecorder([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+
+    def loud(logits, target):
+        return 100 * torch.nn.functional.cross_entropy(logits, target)
+
+    asked = {} if clip is None else {"clip_grad": clip}
+    train_one_epoch(net, loud, opt, build_lr_scheduler(opt, 2), NativeScaler(), loader, torch.device("cpu"), 0, **asked)
+    assert len(opt.norms) == 2
+    if clip is None:
+        assert min(opt.norms) > 3
+    else:
+        assert opt.norms == pytest.approx([1.0, 1.0], rel=1e-4)
 
 
 def test_shuffled_donors_form_one_cycle_per_image():

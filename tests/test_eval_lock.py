@@ -212,6 +212,24 @@ def test_an_evaluation_is_refused_while_an_overwrite_clears_the_folder(env, fini
     assert list(run_dir.glob("results_*.json")) and not any(EVAL_LOCK.fullmatch(p.name) for p in run_dir.iterdir())
 
 
+@pytest.mark.parametrize("stale_after_s, refused", [(3600, True), (60, False)])
+def test_an_overwrite_of_another_host_counts_until_the_evaluations_stale_limit(tmp_path, stale_after_s, refused):
+    """A training's ``--overwrite`` lock of another host, its heartbeat 10 minutes old: an evaluation that counts a
+    lock stale after an hour is refused and holds nothing; one that counts it stale after a minute takes its lock."""
+    clearing = tmp_path / run_folder.CLEARING_NAME
+    clearing.write_text(json.dumps(LockHolder(host="far", pid=7, started="s", command="--overwrite").__dict__))
+    os.utime(clearing, (time.time() - 600,) * 2)
+    lock = run_folder.evaluation_lock(tmp_path, stale_after_s=stale_after_s)
+    if refused:
+        with pytest.raises(run_folder.RunFolderError, match=rf"of {tmp_path} \(host far, pid 7, since s, command"):
+            lock.acquire()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [run_folder.CLEARING_NAME]
+    else:
+        assert lock.acquire() is None
+        assert (tmp_path / eval_lock_name()).exists()
+        lock.release()
+
+
 def test_the_overwrite_looks_for_evaluations_holding_its_own_lock(env, finished, tmp_path, monkeypatch):
     """The training takes ``overwrite.lock`` before it looks for evaluations and keeps it until the files are
     removed (so that an evaluation starting in between sees it), then releases it; the removal leaves it alone."""

@@ -21,6 +21,15 @@ def test_weighted_ce_hand_computed():
     assert build_criterion("ce")(logits.bfloat16(), target).item() == pytest.approx(expected, rel=2e-2)
 
 
+def test_the_class_weights_follow_the_logits_device():
+    """The criterion's class weights are made on the CPU; logits on another device (here PyTorch's ``meta``
+    device, which stands in for a GPU: torch refuses to mix it with CPU tensors) get a loss on their device."""
+    logits = torch.empty(2, 2, 4, 4, device="meta")
+    target = torch.empty(2, 4, 4, dtype=torch.int64, device="meta")
+    loss = weighted_cross_entropy(logits, target, torch.tensor([0.9, 1.1]))
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
 def test_dice_hand_computed():
     logits = torch.zeros(1, 2, 1, 2)  # p = 0.5 everywhere
     target = torch.tensor([[[1, 0]]])

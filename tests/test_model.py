@@ -12,6 +12,7 @@ import models.lavt as lavt_module
 from configs import get_config
 from models import build_model, build_param_groups
 from models.pwam import PWAM, instance_norm_tokens
+from models.text import attended_lengths, text_features, used_columns
 
 from . import oracle
 from .helpers_model import KernelLayouts, assert_close, fixture_cfg, save_tiny_bert, tiny_cfg
@@ -257,6 +258,27 @@ def test_padding_columns_are_dropped_without_changing_outputs(tiny_bert):
         padded = model.segment(img, full, att.unsqueeze(-1).float())
         assert_close(model(img, ids, att), padded)
         assert_close(model(img[:1], ids[:1], att[:1]), padded[:1])  # alone: trimmed to its own 4 tokens
+
+
+def test_attended_lengths_by_hand_and_on_the_masks_device():
+    """Each row's last attended column + 1, gaps included, 0 for a row attending nothing; on the mask's device (the
+    ``meta`` device stands in for a GPU: torch refuses to mix it with CPU tensors)."""
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    assert attended_lengths(mask).tolist() == [2, 4, 0, 5]
+    assert used_columns(mask) == 5 and used_columns(mask[2:3]) == 1
+    assert attended_lengths(torch.empty(3, 5, dtype=torch.int64, device="meta")).device.type == "meta"
+
+
+def test_text_features_layout_dtype_and_device():
+    """[B, n, C] features and a longer [B, N] mask on the CPU -> [B, C, n] features and the mask's first n columns
+    as [B, n, 1] in the features' dtype, on their device (``meta`` for a GPU, as above)."""
+    hidden = torch.arange(2 * 3 * 4, dtype=torch.float64).view(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    feats, lang_mask = text_features(hidden, mask)
+    assert torch.equal(feats, hidden.permute(0, 2, 1))
+    assert lang_mask.dtype == torch.float64 and lang_mask.tolist() == [[[1], [1], [0]], [[1], [1], [1]]]
+    on_meta = text_features(torch.empty(2, 3, 4, dtype=torch.bfloat16, device="meta"), mask)
+    assert [(t.device.type, t.dtype) for t in on_meta] == [("meta", torch.bfloat16)] * 2
 
 
 @pytest.mark.parametrize(

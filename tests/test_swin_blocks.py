@@ -226,6 +226,14 @@ def _shift_mask(Hp: int, Wp: int, window: int) -> torch.Tensor:
     return kind_masks(window, window // 2)[window_kinds(Hp // window, Wp // window)]
 
 
+def test_window_kinds_by_hand_and_on_the_asked_device():
+    """3 x 4 windows, row-major: the last column 1, the last row 2, its last window 3; made on the device asked
+    (the ``meta`` device stands in for a GPU: torch refuses to mix it with CPU tensors)."""
+    assert window_kinds(3, 4).tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 2, 2, 2, 3]
+    for rows, cols in ((3, 4), (1, 1)):
+        assert window_kinds(rows, cols, torch.device("meta")).device.type == "meta"
+
+
 def test_shift_mask_regions():
     m = _shift_mask(12, 12, 6)
     assert m.shape == (4, 36, 36)

@@ -141,6 +141,24 @@ def test_a_connection_kept_alive_closes_quietly_when_idle(run, caplog):
     assert [r.getMessage()[:30] for r in caplog.records] == ['127.0.0.1 "GET / HTTP/1.1" 200']
 
 
+def test_a_malformed_request_is_answered_400_and_logged_with_its_reason(run, caplog):
+    """http.server's own refusals (here a request line that is no HTTP) go through the server's log: the client's
+    address, the code and http.server's reason, then the request line as every request's."""
+    caplog.set_level(logging.INFO, logger="tools.web")
+    server, address = serving(run["predictor"])
+    try:
+        with socket.create_connection(address, timeout=60) as sock:
+            sock.sendall(b"NONSENSE\r\n\r\n")
+            received = until_closed(sock)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert b"<p>Error code: 400</p>" in received  # (a request line without a version gets no status line back)
+    assert [r.getMessage() for r in caplog.records] == [
+        "127.0.0.1 code 400, message Bad request syntax ('NONSENSE')", '127.0.0.1 "NONSENSE" 400 -'
+    ]
+
+
 def test_close_answers_the_prediction_in_progress_and_ends_the_rest(run):
     """``server_close`` (what Ctrl-C runs): a connection without a request is closed at once, an upload still
     coming in is answered 503, and the call returns only once the prediction in progress has been answered."""
