@@ -388,6 +388,16 @@ def test_a_device_torch_does_not_know_is_one_line(run):
         demo.Predictor.from_checkpoint(run["checkpoint"], device="tpu")
 
 
+def test_the_model_moves_to_the_predictors_device(run):
+    """The model goes to the device asked for (PyTorch's ``meta`` device stands in for a GPU, which the suite never
+    has: its tensors hold no values, so a model built for the test moves, not the shared one)."""
+    from models import build_model
+
+    on_meta = demo.Predictor(build_model(run["cfg"], pretrained=False), run["cfg"], None, "meta")
+    assert on_meta.device == torch.device("meta")
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+
+
 def test_outputs_never_overwrite_the_image_or_each_other(run, predictor, tmp_path, monkeypatch):
     """An overlay or mask named as the input image, or as another output (``--out`` = a mask's name), is refused
     before anything is written: the photo and the files already there stay as they were."""
