@@ -101,6 +101,19 @@ def test_to_official_round_trip(tmp_path, bert768, packaging):
 
 
 
+def test_a_file_saved_on_a_gpu_is_read_on_a_cpu(tmp_path, monkeypatch):
+    """The released weights were saved on GPUs: their storages are tagged ``cuda:0``, which ``torch.load`` alone
+    refuses on a machine without CUDA. Written here by tagging a CPU save as a GPU's."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"model": {"w": torch.arange(4.0)}}, tmp_path / "gpu.pth")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="on a CUDA device"):  # the file is what a GPU writes
+            torch.load(tmp_path / "gpu.pth", weights_only=True)
+    w = read_checkpoint(tmp_path / "gpu.pth")["model"]["w"]
+    assert w.device.type == "cpu" and w.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_an_unforeseen_load_error_is_one_short_line(tmp_path, monkeypatch):
     """A ``torch.load`` failure of no known kind: its type and the first 300 characters of its text, on one line."""
     path = tmp_path / "x.pth"
