@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.eval_masks as eval_masks
 import engine.evaluation as evaluation
 from args import config_from_args, parse_args
 from data import ReferDataset
 from engine.config_check import ConfigError, validate_config
-from engine.eval_masks import remove_abandoned
+from engine.eval_masks import remove_abandoned, staging_folder
 from models import build_model
 from models.text import load_tokenizer
 from refer import REFER
@@ -171,6 +172,13 @@ def unfinished(pid: int, host: str, tag: str = TAG, start: int | None = None) ->
     """The name of an evaluation's unfinished mask folder, written out here as ``staging_folder`` documents it (an
     older evaluation's without the start time)."""
     return f".masks_{tag}.{pid}{'' if start is None else f'-{start}'}@{host}.partial"
+
+
+@pytest.mark.parametrize("start", [4321, None])
+def test_the_staging_folder_names_this_process(tmp_path, monkeypatch, start):
+    """With the process's start time where the system gives one, with the pid alone where it does not."""
+    monkeypatch.setattr(eval_masks, "process_start", lambda pid: start if pid == os.getpid() else -1)
+    assert staging_folder(tmp_path, TAG) == tmp_path / unfinished(os.getpid(), socket.gethostname(), start=start)
 
 
 def test_masks_on_a_full_disk(setup, tmp_path, monkeypatch, caplog):

@@ -160,6 +160,8 @@ def test_side_by_side_figure_titles_and_iou(tmp_path):
     fig = vis.figure_side_by_side(image, np.stack([pred, gt]), ["left", "right"], gts=[gt, None])
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert fig.axes[0].get_title() == '"left"\nIoU 0.333' and fig.axes[1].get_title() == '"right"'
+    # two panels of 3.2 inches, each as tall as the 40 x 50 image's shape asks (2.56), and 0.8 for the titles
+    assert tuple(fig.get_size_inches()) == pytest.approx((6.4, 3.36))
     fig.savefig(tmp_path / "f.png")  # headless: no display needed
     assert Image.open(tmp_path / "f.png").size[0] > 100
     with pytest.raises(ValueError, match="2 masks, 1 captions, 2 ground truths"):
