@@ -100,7 +100,6 @@ def test_to_official_round_trip(tmp_path, bert768, packaging):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
-
 def test_a_file_saved_on_a_gpu_is_read_on_a_cpu(tmp_path, monkeypatch):
     """The released weights were saved on GPUs: their storages are tagged ``cuda:0``, which ``torch.load`` alone
     refuses on a machine without CUDA. Written here by tagging a CPU save as a GPU's."""
