@@ -64,6 +64,17 @@ def test_fp16_scaler_state_round_trip():
         NativeScaler("bf16").load_state_dict(state)
 
 
+def test_a_scaler_state_without_its_precision_is_float32s():
+    """A state without the ``amp`` key (what a disabled torch GradScaler saves: ``{}``) is a float32 run's: it loads
+    into one, and an fp16 run refuses it."""
+    assert torch.amp.GradScaler("cpu", enabled=False).state_dict() == {}
+    float32 = NativeScaler("")
+    float32.load_state_dict({})
+    assert float32.state_dict() == {"amp": ""}
+    with pytest.raises(ValueError, match="^scaler state is for TRAIN.AMP='', this run uses TRAIN.AMP='fp16'$"):
+        NativeScaler("fp16", "cpu").load_state_dict({})
+
+
 def test_bf16_autocast_on_cpu():
     model, _ = _setup()
     with autocast("bf16", "cpu"):

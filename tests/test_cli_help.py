@@ -40,6 +40,7 @@ def test_demo_help_names_the_two_sources_and_the_default_checkpoint() -> None:
 
 def test_web_help_states_the_upload_limits_it_enforces() -> None:
     text = _help("tools.web")
+    assert "A web page that segments what each typed expression refers to in an uploaded image." in text
     usage = text.split(" options:")[0]
     assert "--checkpoint CHECKPOINT" in usage and "[--checkpoint" not in usage  # required
     limits = Limits()

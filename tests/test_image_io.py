@@ -82,13 +82,14 @@ def test_byte_identical_to_the_official_reading(tmp_path: Path, mode: str, fmt: 
 
 # ---------------------------------------------------------------------------------------------------- wide modes
 def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path):
-    values = np.array([[0, 257, 1000, 32896, 65535, 129]], np.uint16)
+    values = np.array([[0, 257, 1000, 32896, 65535, 129, 51529]], np.uint16)
     path = save(tmp_path, Image.fromarray(values), "g16.png")
     with Image.open(path) as im:
         assert im.mode == "I;16"
         assert np.asarray(im.convert("RGB"))[0, 1:5, 0].tolist() == [255] * 4  # what convert alone does: clipped
-    # v / 257 rounded: 1000 / 257 = 3.89; 129 / 257 = 0.502 (from 0, not from 1: 128 / 257 would round to 0)
-    assert np.array_equal(load_rgb(path), grey([0, 1, 4, 128, 255, 1]))
+    # v / 257 rounded: 1000 / 257 = 3.89; 129 / 257 = 0.502 (from 0, not from 1: 128 / 257 would round to 0);
+    # 51529 / 257 = 200.502 (a scale of 65536 levels instead of 65535 would give 200.499)
+    assert np.array_equal(load_rgb(path), grey([0, 1, 4, 128, 255, 1, 201]))
 
 
 def test_dark_16_bit_image_keeps_the_16_bit_scale():
