@@ -10,7 +10,11 @@ from configs import get_config
 
 from .conftest import FIXTURE, tiny_opts
 
-__all__ = ["FIXTURE", "KernelLayouts", "assert_close", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
+__all__ = ["FIXTURE", "NOT_CPU", "KernelLayouts", "assert_close", "fixture_cfg", "save_tiny_bert", "tiny_cfg"]
+
+# A device other than the CPU, for the tests of where tensors go: the suite never has a GPU, and torch refuses to mix
+# ``meta`` tensors (shapes and dtypes, no values) with CPU tensors as it refuses to mix a GPU's with them.
+NOT_CPU = torch.device("meta")
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 from configs import get_config
 from data import ReferDataset, load_refer
 from engine.run_folder import eval_lock_name
+from tests.helpers_model import NOT_CPU
 from tools import demo
 from tools import visualize as vis
 
@@ -389,13 +390,11 @@ def test_a_device_torch_does_not_know_is_one_line(run):
 
 
 def test_the_model_moves_to_the_predictors_device(run):
-    """The model goes to the device asked for (PyTorch's ``meta`` device stands in for a GPU, which the suite never
-    has: its tensors hold no values, so a model built for the test moves, not the shared one)."""
+    """The model goes to the device asked for (a model built for the test: ``NOT_CPU`` keeps no values)."""
     from models import build_model
 
-    on_meta = demo.Predictor(build_model(run["cfg"], pretrained=False), run["cfg"], None, "meta")
-    assert on_meta.device == torch.device("meta")
-    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+    elsewhere = demo.Predictor(build_model(run["cfg"], pretrained=False), run["cfg"], None, NOT_CPU)
+    assert elsewhere.device == NOT_CPU and {p.device for p in elsewhere.model.parameters()} == {NOT_CPU}
 
 
 def test_outputs_never_overwrite_the_image_or_each_other(run, predictor, tmp_path, monkeypatch):

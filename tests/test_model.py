@@ -15,7 +15,7 @@ from models.pwam import PWAM, instance_norm_tokens
 from models.text import attended_lengths, text_features, used_columns
 
 from . import oracle
-from .helpers_model import KernelLayouts, assert_close, fixture_cfg, save_tiny_bert, tiny_cfg
+from .helpers_model import NOT_CPU, KernelLayouts, assert_close, fixture_cfg, save_tiny_bert, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -261,24 +261,23 @@ def test_padding_columns_are_dropped_without_changing_outputs(tiny_bert):
 
 
 def test_attended_lengths_by_hand_and_on_the_masks_device():
-    """Each row's last attended column + 1, gaps included, 0 for a row attending nothing; on the mask's device (the
-    ``meta`` device stands in for a GPU: torch refuses to mix it with CPU tensors)."""
+    """Each row's last attended column + 1, gaps included, 0 for a row attending nothing; on the mask's device."""
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
     assert attended_lengths(mask).tolist() == [2, 4, 0, 5]
     assert used_columns(mask) == 5 and used_columns(mask[2:3]) == 1
-    assert attended_lengths(torch.empty(3, 5, dtype=torch.int64, device="meta")).device.type == "meta"
+    assert attended_lengths(torch.empty(3, 5, dtype=torch.int64, device=NOT_CPU)).device == NOT_CPU
 
 
 def test_text_features_layout_dtype_and_device():
     """[B, n, C] features and a longer [B, N] mask on the CPU -> [B, C, n] features and the mask's first n columns
-    as [B, n, 1] in the features' dtype, on their device (``meta`` for a GPU, as above)."""
+    as [B, n, 1] in the features' dtype, on their device."""
     hidden = torch.arange(2 * 3 * 4, dtype=torch.float64).view(2, 3, 4)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
     feats, lang_mask = text_features(hidden, mask)
     assert torch.equal(feats, hidden.permute(0, 2, 1))
     assert lang_mask.dtype == torch.float64 and lang_mask.tolist() == [[[1], [1], [0]], [[1], [1], [1]]]
-    on_meta = text_features(torch.empty(2, 3, 4, dtype=torch.bfloat16, device="meta"), mask)
-    assert [(t.device.type, t.dtype) for t in on_meta] == [("meta", torch.bfloat16)] * 2
+    elsewhere = text_features(torch.empty(2, 3, 4, dtype=torch.bfloat16, device=NOT_CPU), mask)
+    assert [(t.device, t.dtype) for t in elsewhere] == [(NOT_CPU, torch.bfloat16)] * 2
 
 
 @pytest.mark.parametrize(
