@@ -116,6 +116,12 @@ def test_overwrite_is_refused_while_an_evaluation_writes_and_clears_what_an_ende
     assert left == ["masks_mine", "masks_nested"]
 
 
+def write_lock(path: Path, holder: LockHolder | None, age_s: float = 0.0) -> None:
+    """A lock file at ``path`` naming ``holder`` (None: one still being written), its heartbeat ``age_s`` old."""
+    path.write_text("{" if holder is None else json.dumps(holder.__dict__))
+    os.utime(path, (time.time() - age_s,) * 2)
+
+
 def test_which_evaluations_are_running(tmp_path):
     """``utils.lock``'s stale rule decides: this process (running) counts, an ended process does not; a lock of
     another host counts until its heartbeat is 30 minutes old; one being written counts; other names are no locks."""
@@ -123,9 +129,7 @@ def test_which_evaluations_are_running(tmp_path):
     ended, ended_start = ended_process()
 
     def lock(name: str, holder: LockHolder | None, age_s: float = 0.0) -> None:
-        path = tmp_path / name
-        path.write_text("{" if holder is None else json.dumps(holder.__dict__))
-        os.utime(path, (time.time() - age_s,) * 2)
+        write_lock(tmp_path / name, holder, age_s)
 
     me = LockHolder(host=host, pid=os.getpid(), started="2026-12-06T00:00:00Z", command="python main.py --eval")
     lock(f"eval.{os.getpid()}@{host}.lock", me)
@@ -216,9 +220,7 @@ def test_an_evaluation_is_refused_while_an_overwrite_clears_the_folder(env, fini
 def test_an_overwrite_of_another_host_counts_until_the_evaluations_stale_limit(tmp_path, stale_after_s, refused):
     """A training's ``--overwrite`` lock of another host, its heartbeat 10 minutes old: an evaluation that counts a
     lock stale after an hour is refused and holds nothing; one that counts it stale after a minute takes its lock."""
-    clearing = tmp_path / run_folder.CLEARING_NAME
-    clearing.write_text(json.dumps(LockHolder(host="far", pid=7, started="s", command="--overwrite").__dict__))
-    os.utime(clearing, (time.time() - 600,) * 2)
+    write_lock(tmp_path / run_folder.CLEARING_NAME, LockHolder(host="far", pid=7, started="s", command="c"), 600)
     lock = run_folder.evaluation_lock(tmp_path, stale_after_s=stale_after_s)
     if refused:
         with pytest.raises(run_folder.RunFolderError, match=rf"of {tmp_path} \(host far, pid 7, since s, command"):
