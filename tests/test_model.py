@@ -236,8 +236,9 @@ def test_bad_configs_and_inputs():
     for images, lang_feats, lang_mask in bad:
         with pytest.raises(ValueError, match=r"^expected images \[B, 3, H, W\], lang_feats \[B, C, N\], lang_mask"):
             model.segment(images, lang_feats, lang_mask)
-    with pytest.raises(ValueError, match="29x29 is too small"):
+    with pytest.raises(ValueError, match="29x29 is too small: .*; give at least 33 pixels on one side$"):
         model.segment(torch.randn(1, 3, 29, 29), torch.randn(1, 12, 4), torch.ones(1, 4, 1))
+    assert model.segment(torch.randn(1, 3, 33, 29), torch.randn(1, 12, 4), torch.ones(1, 4, 1)).shape[-2:] == (33, 29)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_model(tiny_cfg(MODEL__TEXT__ENCODER="/nonexistent/bert"))
 

@@ -412,6 +412,12 @@ def test_a_file_of_exactly_the_byte_limit_is_read():
         web_upload.check_bytes(1001, "photo.png", limits)
 
 
+def test_a_files_size_is_said_in_megabytes_of_a_million_bytes():
+    """As the limit is given: 1050001 bytes are 1.050001 MB, shown 1.1 (1.0 in any other unit near it)."""
+    with pytest.raises(web_upload.UploadError, match=r"^'photo.png' has 1\.1 MB, more than the 1 MB this page"):
+        web_upload.check_bytes(1_050_001, "photo.png", web_upload.Limits(max_bytes=1_000_000))
+
+
 def test_page_names_the_model_lavt_without_a_name(predictor):
     assert f">LAVT on cpu, input {SIZE}x{SIZE}, float32<" in web.WebApp(predictor).page.decode("utf-8")
 
