@@ -241,10 +241,15 @@ def test_evaluate_bad_protocol(model, val_set):
         evaluate(model, [], torch.device("cpu"), resolution="480")
 
 
+def loud_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy times 100: gradient norms far above 1, so that clipping at 1 would show."""
+    return 100 * torch.nn.functional.cross_entropy(logits, target)
+
+
 def test_train_step_defaults_to_a_float32_step(cfg, train_batch):
     """Called with its defaults (no amp, no clipping), one step: float32 logits reach the criterion, the returned
-    loss is the criterion's, the optimizer gets the gradients unclipped (their norm far above 1: the loss is
-    multiplied by 100), every parameter with a (not round-off) gradient moves."""
+    loss is the criterion's, the optimizer gets the gradients unclipped, every parameter with a (not round-off)
+    gradient moves."""
     torch.manual_seed(0)
     net = build_model(cfg).train()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -253,7 +258,7 @@ def test_train_step_defaults_to_a_float32_step(cfg, train_batch):
 
     def criterion(logits, target):
         seen.append(logits.dtype)
-        return 100 * torch.nn.functional.cross_entropy(logits, target)
+        return loud_cross_entropy(logits, target)
 
     opt, marks = NormRecorder(params, lr=0.1), []
     cpu = torch.device("cpu")
@@ -369,17 +374,14 @@ def test_train_one_epoch_samples_the_gradient_norm_where_it_logs(cfg, print_freq
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_train_one_epoch_clips_only_when_asked(cfg, clip):
     """Without ``clip_grad`` (the official recipe clips nothing) the optimizer gets the gradients as they are; with
-    ``clip_grad 1.0``, scaled to norm 1. The loss is multiplied by 100 so that every gradient norm is far above 1."""
+    ``clip_grad 1.0``, scaled to norm 1."""
     torch.manual_seed(0)
     net = build_model(cfg)
     loader = DataLoader(torch.utils.data.Subset(build_dataset(cfg, "train", eval_mode=False), range(4)), batch_size=2)
     opt = NormRecorder([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-
-    def loud(logits, target):
-        return 100 * torch.nn.functional.cross_entropy(logits, target)
-
     asked = {} if clip is None else {"clip_grad": clip}
-    train_one_epoch(net, loud, opt, build_lr_scheduler(opt, 2), NativeScaler(), loader, torch.device("cpu"), 0, **asked)
+    sched = build_lr_scheduler(opt, 2)
+    train_one_epoch(net, loud_cross_entropy, opt, sched, NativeScaler(), loader, torch.device("cpu"), 0, **asked)
     assert len(opt.norms) == 2
     if clip is None:
         assert min(opt.norms) > 3
