@@ -3,6 +3,7 @@ SLURM's signals to main.py, and a preempt/requeue cycle on submitit's local exec
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -240,3 +241,18 @@ def test_signals_reach_main_py_once_and_checkpoint_waits_for_it(caplog):
     assert stuck._proc.wait(timeout=10) == -signal.SIGKILL and 0.5 <= time.monotonic() - t0 < 5
     assert stuck._proc.stdout.read() == "stop\n"  # asked first, by checkpoint itself
     assert "main.py did not stop within 0 s: killed" in caplog.text
+
+
+def test_the_job_log_names_time_level_and_file_once(monkeypatch, capsys):
+    """`_log_to_stderr` gives the job's stderr one line per message, dated and marked as this module's, however
+    often a requeued job calls it, and none twice through the root logger."""
+    fresh = logging.getLogger("tests.submit.fresh")
+    monkeypatch.setattr(fresh, "handlers", [])
+    monkeypatch.setattr(submit_module, "log", fresh)
+    submit_module._log_to_stderr()
+    submit_module._log_to_stderr()
+    fresh.info("task %d started", 3)
+    fresh.debug("not shown")
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tools/submit.py: task 3 started\n", err), err
+    assert not fresh.propagate
