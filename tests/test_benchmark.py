@@ -3,6 +3,7 @@ memory, interleaved timing, the tables and JSON it writes, each on a tiny config
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -249,6 +250,9 @@ def test_benchmark_memory_in_its_own_process():
     assert "error" not in result, result.get("error")
     assert result["train"]["peak_mb"] > 0 and "step_ms" not in result["train"]
     assert result["eval"]["batch3"]["peak_mb"] > 0
+    # and in this process, where coverage sees it
+    in_process = benchmark.measure_memory(dataclasses.replace(spec, threads=torch.get_num_threads()))
+    assert in_process["train"]["peak_mb"] > 0 and in_process["eval"]["batch3"]["peak_mb"] > 0
     merged = benchmark._merge_memory({"train": {"step_ms": 1.0}, "eval": {"batch3": {"expr_per_s": 2.0}}}, result)
     assert merged["train"]["step_ms"] == 1.0 and merged["train"]["peak_mb"] == result["train"]["peak_mb"]
     assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}

@@ -3,6 +3,7 @@ SLURM's signals to main.py, and a preempt/requeue cycle on submitit's local exec
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -256,3 +257,39 @@ def test_the_job_log_names_time_level_and_file_once(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tools/submit.py: task 3 started\n", err), err
     assert not fresh.propagate
+
+
+# a stand-in for main.py that reports how it was started, then exits with the status it is given
+REPORTS = """
+import json, os, signal, sys
+report = {"argv": sys.argv[1:], "cwd": os.getcwd(), "usr2_ignored": signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN}
+open(sys.argv[1], "w").write(json.dumps(report))
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def test_a_task_runs_main_py_in_the_repository_and_fails_with_it(tmp_path, monkeypatch, caplog):
+    """``Trainer()`` on a task: main.py runs with the job's arguments from the repository, ignoring submitit's
+    signal; the task ends when it ends, and fails with its status when it fails."""
+    for key, value in {"_TEST_CLUSTER_": "local", "SUBMITIT_LOCAL_JOB_ID": "7", "SUBMITIT_LOCAL_NTASKS": "1",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+                       "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(submit_module, "_log_to_stderr", lambda: None)  # caplog reads the lines instead
+    monkeypatch.chdir(tmp_path)  # main.py runs from the repository wherever the job was submitted
+    caplog.set_level("INFO", logger="tools.submit")
+    script, report = tmp_path / "main.py", tmp_path / "report.json"
+    script.write_text(REPORTS)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        trainer = submit_module.Trainer([str(report), "0"], grace_s=1, script=str(script))
+        assert trainer() is None and trainer._returncode == 0
+        assert json.loads(report.read_text()) == {"argv": [str(report), "0"], "cwd": str(submit_module.REPO),
+                                                  "usr2_ignored": True}  # fmt: skip
+        started = f"task 0 of 1 (pid {os.getpid()}): main.py started, pid {trainer._proc.pid}: "
+        assert caplog.messages == [started + f"{sys.executable} -u {script} {report} 0"]
+        with pytest.raises(RuntimeError, match=r"^main.py exited with status 3: see its lines above in this log$"):
+            submit_module.Trainer([str(report), "3"], grace_s=1, script=str(script))()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
