@@ -21,6 +21,7 @@ from data import build_dataset
 from engine import loops as loops_module
 from engine import trainer as trainer_module
 from models import read_checkpoint
+from utils.distributed import DistInfo
 
 from .helpers_train import tiny_cfg, tiny_opts
 
@@ -231,3 +232,19 @@ def test_low_res_epochs_train_smaller(tiny_run_env, tmp_path, tmp_path_factory, 
     assert per_epoch > 3 and len(sizes) == 2 * per_epoch
     assert sizes == [(40, 40)] * low + [(48, 48)] * (2 * per_epoch - low)
     assert evaluated and set(evaluated) == {48}
+
+
+def test_the_train_loader_draws_each_epoch_in_the_seeded_shuffled_order(tmp_path_factory):
+    """Each rank reads its share of a permutation drawn from ``TRAIN.SEED + epoch`` (DistributedSampler's rule,
+    written out here: every rank's stride through one ``randperm``), in full batches only."""
+    cfg = tiny_cfg(tmp_path_factory, TRAIN__SEED=5, TRAIN__BATCH_SIZE=4)
+    items = list(range(11))  # stands in for a dataset: each item its index
+    for epoch in (0, 3):
+        order = torch.randperm(11, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        order += order[:1]  # padded to a multiple of the two ranks: 6 each
+        for rank in (0, 1):
+            info = DistInfo(rank, 2, rank, True, torch.device("cpu"))
+            loader, sampler, _ = trainer_module._train_loader(cfg, items, info)
+            sampler.set_epoch(epoch)
+            assert [i for batch in loader for i in batch.tolist()] == order[rank::2][:4]  # 6 make one batch of 4
+            assert len(loader) == 1
