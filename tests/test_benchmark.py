@@ -489,13 +489,16 @@ def test_training_breakdown_runs_each_forward_s_backward(monkeypatch):
 
 def test_the_yardstick_matmul_is_the_machine_default_unless_asked(monkeypatch, tmp_path):
     """Without --matmul_size the FLOP/s yardstick is the device's default square (2048 on CPU, chosen where it is
-    measured); --matmul_size N asks for N."""
-    sizes = []
-    monkeypatch.setattr(benchmark, "matmul_flops_per_s", lambda dtype, device, size=None: sizes.append(size) or 1e9)
-    argv = ["--opts", *TINY_OPTS, "--size", "64", "--phases", "flops", "--compare", "", "--isolate", "no"]
-    benchmark.main([*argv, "--output", str(tmp_path / "default.json")])
-    benchmark.main([*argv, "--matmul_size", "256", "--output", str(tmp_path / "asked.json")])
-    assert sizes == [None, 256]
+    measured); --matmul_size N asks for N. A bf16 variant is measured in float32 and in bf16."""
+    calls = []
+    monkeypatch.setattr(
+        benchmark, "matmul_flops_per_s", lambda dtype, device, size=None: calls.append((dtype, size)) or 1e9
+    )
+    argv = ["--opts", *TINY_OPTS, "--size", "64", "--phases", "flops", "--isolate", "no"]
+    benchmark.main([*argv, "--compare", "", "--output", str(tmp_path / "default.json")])
+    benchmark.main([*argv, "--compare", "bf16", "--matmul_size", "256", "--output", str(tmp_path / "asked.json")])
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert calls == [(f32, None), (f32, 256), (f32, 256), (bf16, 256)]
 
 
 def test_the_device_is_cpu_or_cuda(capsys):

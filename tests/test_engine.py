@@ -436,5 +436,7 @@ def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
         assert item["input_ids"].shape[0] == len(item["sentences"]) == len(own[donor])
         donors.append(donor)
     assert len(set(donors)) == len(donors)  # a permutation: every expression is used once
-    with pytest.raises(ValueError, match=r"^ShuffledExpressions needs an eval-mode ReferDataset \(eval_mode=True\)$"):
-        ShuffledExpressions(train_mode_val)
+    refused = r"^ShuffledExpressions needs an eval-mode ReferDataset \(eval_mode=True\)$"
+    for not_eval in (train_mode_val, [val_set[0]]):  # a training-form dataset, or no dataset at all
+        with pytest.raises(ValueError, match=refused):
+            ShuffledExpressions(not_eval)

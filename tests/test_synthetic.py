@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from itertools import combinations
 from pathlib import Path
 
 import cv2
@@ -33,7 +34,14 @@ from data.synthetic import (
     generate,
 )
 from data.synthetic_draw import _background, _segmentation, _shape_points
-from data.synthetic_text import KIND_WORDS, POSITION_WORDS, RELATION_WORDS, SIZE_WORDS, _candidates
+from data.synthetic_text import (
+    KIND_WORDS,
+    POSITION_WORDS,
+    RELATION_WORDS,
+    SIZE_WORDS,
+    _candidates,
+    describe_object,
+)
 from refer import REFER
 from tools.synthetic import main
 
@@ -227,6 +235,21 @@ def test_a_relation_is_offered_only_when_no_look_alike_lies_that_way(twin_x: flo
     _, _, relations = _candidates(objects, 0, 100, 100)
     assert any(r["relation"]["direction"] == "right" for r in relations) is offered
 
+
+def test_an_object_with_few_descriptions_gets_each_once_when_more_are_asked():
+    """Twins apart from their position: the left one has 8 descriptions, "left" with any set of its attributes.
+    Asked for up to 20 expressions, it gets the shortest first and never one twice; where the draw asks for more than
+    there are, all 8."""
+    twin = {"size": "big", "colour": "red", "kind": "circle"}
+    objects = [dict(twin, cx=20.0, cy=50.0), dict(twin, cx=80.0, cy=50.0)]
+    every = [{**{k: twin[k] for k in keys}, "position": "left"} for n in range(4) for keys in combinations(twin, n)]
+    counts = []
+    for seed in range(6):
+        descriptions = [d for d, _ in describe_object(objects, 0, 100, 100, np.random.default_rng(seed), 20)]
+        assert descriptions[0] == {"position": "left"} and all(d in every for d in descriptions)
+        assert len({str(sorted(d.items())) for d in descriptions}) == len(descriptions)  # none twice
+        counts.append(len(descriptions))
+    assert len(every) == 8 and max(counts) == 8, counts
 
 def test_square_circle_triangle_and_heart_outlines():
     """Unrotated, a square's corners lie at (+-0.85 r, +-0.85 r); rotated, its sides stay 1.7 r; a circle's points
