@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
 GROUP_OF_SPLIT = {"testA": "round", "testB": "angular"}
+
+
 def _write(path: Path, data: bytes) -> None:
     """``data`` into ``path``; a write that fails (a full disk, ...) is one SyntheticRootError naming the file, what
     it wrote of it removed (the run's generating.json lets the next run remove the rest)."""

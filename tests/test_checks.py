@@ -275,7 +275,6 @@ def test_expression_report(tokenizer, reuse: bool):
     assert expression_report(tokenizer, ["\u200b"], 20) and expression_report(tokenizer, [LONG], 20)  # either
 
 
-
 def test_at_most_five_examples_of_each_kind_are_kept(tokenizer):
     """Eight unreadable and eight over-long expressions: all counted, the first five of each kept as examples."""
     empty = [" " * k for k in range(8)]  # blanks of 0-7 spaces: distinct, all empty once tokenised
@@ -284,6 +283,7 @@ def test_at_most_five_examples_of_each_kind_are_kept(tokenizer):
     assert (report.total, report.empty, report.truncated) == (16, 8, 8)
     assert report.empty_examples == empty[:5]
     assert report.truncated_examples == [(text, 27 + k) for k, text in enumerate(long[:5])]
+
 
 def test_warned_once_with_examples(tokenizer, caplog):
     report = expression_report(tokenizer, SENTENCES, 20)

@@ -181,7 +181,6 @@ def test_tokenises_once(syn_root: Path, tokenizer):
     assert len(calls) == 2
 
 
-
 def test_the_dataset_logs_which_set_and_split_it_holds(syn_root: Path, tokenizer, caplog):
     """One line names the dataset, its split rule and folder, the split, and the objects and expressions counted."""
     caplog.set_level("INFO", logger="data.dataset")
@@ -189,6 +188,7 @@ def test_the_dataset_logs_which_set_and_split_it_holds(syn_root: Path, tokenizer
     expressions = sum(len(ref["sentences"]) for ref in ds.refer.data["refs"] if ref["split"] == "val")
     where = f"synthetic (unc) in {ds.refer.DATA_DIR}"
     assert caplog.messages[-1] == f"ReferDataset {where} val: {len(ds)} objects, {expressions} expressions"
+
 
 # ---------------------------------------------------------------------------------------------------- eval mode
 def test_eval_item(syn_root: Path, tokenizer):

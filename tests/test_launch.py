@@ -253,7 +253,6 @@ def test_group_that_cannot_form_is_one_clear_error(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-
 @pytest.mark.parametrize("addr, url", [("head", "tcp://head:2999"), ("10.0.0.7", "tcp://10.0.0.7:2999"),
                                        ("fe80::1", "tcp://[fe80::1]:2999")])  # an IPv6 address in brackets
 def test_rendezvous_url_of_the_named_host(monkeypatch, addr, url):

@@ -174,7 +174,6 @@ def test_interrupted_in_every_way_then_resumed_equals_straight_run(env, straight
     assert re.search(after_epoch_0, log) and f"removed {stale}" in log
 
 
-
 def test_a_stop_asked_during_validation_stops_after_the_epochs_checkpoint(env, straight, tmp_path, monkeypatch):
     """Asked while epoch 0 is validated (after its last iteration, so no iteration boundary sees it): epoch 0's
     checkpoint and metrics, then the stop naming the next epoch's start; the same command then ends as the
@@ -233,6 +232,7 @@ def test_the_first_stop_request_names_the_stop(env, tmp_path, monkeypatch, capsy
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("main.py:")]
     assert len(lines) == 1 and lines[0].startswith("main.py: interrupted: Ctrl-C (SIGINT) received: checkpoint "), lines
 
+
 def test_ctrl_c_ignored_by_the_process_stays_ignored(env, tmp_path, monkeypatch):
     """A run started with SIGINT ignored (a job put in the background by a shell) does not start to take Ctrl-C."""
     seen = []
@@ -243,6 +243,7 @@ def test_ctrl_c_ignored_by_the_process_stays_ignored(env, tmp_path, monkeypatch)
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
 
 def test_a_full_disk_ends_in_one_line_and_the_same_command_continues(env, straight, tmp_path, monkeypatch, capsys):
     """The disk fills while the second checkpoint is written (mid-epoch, iteration 8): one line naming the file,
@@ -410,7 +411,6 @@ def test_allowed_changes_recompute_the_schedule(env, stopped, tmp_path, train_ob
     assert "--allow_change TRAIN.EPOCHS TRAIN.LR: no difference from" in (run_dir / "log.txt").read_text()
 
 
-
 def test_a_precision_change_starts_the_loss_scaler_afresh(env, stopped, tmp_path):
     """TRAIN.AMP changed on purpose (float32 -> bf16): the checkpoint's scaler state is not the new precision's; the
     run continues with a fresh one and says so."""
@@ -419,6 +419,7 @@ def test_a_precision_change_starts_the_loss_scaler_afresh(env, stopped, tmp_path
     log = (run_dir / "log.txt").read_text()
     assert "TRAIN.AMP changed on purpose: the loss scaler starts afresh" in log
     assert read_checkpoint(run_dir / "last.pth")["epoch"] == 0
+
 
 @pytest.mark.parametrize("batch", [4, 16])
 def test_allowed_batch_change_converts_the_position(env, stopped, tmp_path, train_objects, monkeypatch, batch):

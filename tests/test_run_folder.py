@@ -35,6 +35,8 @@ from .helpers_process import lock_holder, snapshot
 from .helpers_train import tiny_env, tiny_main_argv
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return tiny_env(tmp_path_factory)

@@ -159,7 +159,6 @@ def test_foreign_folder_is_refused_untouched(tmp_path: Path):
         ensure_synthetic(tmp_path / "file_root", num_images=4, **SMALL)
 
 
-
 def test_the_command_line_refuses_in_one_line(tmp_path: Path):
     """``python -m tools.synthetic`` into a foreign folder or a file: one line naming the root, status 2, nothing
     written (the same refusals as above, through the command line's own entry point)."""
@@ -185,7 +184,6 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
     assert snapshot(tmp_path) == before
 
 
-
 def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_path: Path):
     """Ctrl-C as a terminal sends it (to the whole process group, the drawing processes included) while
     ``python -m tools.synthetic`` draws: one line, status 130, no traceback; generating.json is left as the mark of
@@ -207,6 +205,7 @@ def test_ctrl_c_during_generation_is_one_line_and_the_next_run_cleans_up(tmp_pat
     assert (root / "synthetic" / "generating.json").is_file() and not (root / "synthetic" / "generator.json").exists()
     ensure_synthetic(root, num_images=4)
     assert len(list((root / "images").rglob("*.jpg"))) == 4
+
 
 def test_other_arguments_remove_the_previous_generation_first(tmp_path: Path, caplog):
     ensure_synthetic(tmp_path, num_images=12, **SMALL)

@@ -82,7 +82,6 @@ def test_submitit_job_preempted_and_requeued_ends_with_the_same_weights(tmp_path
     assert_same_weights_and_optimizer(a, b)
 
 
-
 def test_a_pickled_trainer_is_its_command():
     """submitit pickles the job to requeue it: what comes back runs the same command, with no process of its own."""
     trainer = submit_module.Trainer(["--epochs", "3", "--resume", "auto"], 45.0, script="/x/main.py")
@@ -179,7 +178,6 @@ def test_submit_slurm_resources(tmp_path, monkeypatch):
     assert "--mem=64GB" in {line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")}
 
 
-
 def test_local_executor_takes_the_time_limits_and_requeues(tmp_path):
     """``--local``: submitit's local executor, one task, with the job's time limit, signal delay and requeue count."""
     flags = ["--local", "--time", "30", "--signal_delay_s", "90", "--max_num_timeout", "3"]
@@ -187,6 +185,7 @@ def test_local_executor_takes_the_time_limits_and_requeues(tmp_path):
     executor = submit_module.build_executor(args)
     assert isinstance(executor, submitit.LocalExecutor) and executor.max_num_timeout == 3
     assert executor.parameters == {"timeout_min": 30, "signal_delay_s": 90, "tasks_per_node": 1}
+
 
 # a stand-in for main.py: says when it is ready, counts the SIGUSR1s it gets, and ends on the first unless told to
 # hold on (then it waits to be killed, as a training stuck past its grace period)

@@ -251,6 +251,7 @@ def test_an_object_with_few_descriptions_gets_each_once_when_more_are_asked():
         counts.append(len(descriptions))
     assert len(every) == 8 and max(counts) == 8, counts
 
+
 def test_square_circle_triangle_and_heart_outlines():
     """Unrotated, a square's corners lie at (+-0.85 r, +-0.85 r); rotated, its sides stay 1.7 r; a circle's points
     lie at r from the centre; the triangle (corners at 1.1 r, one up) and the heart have their boxes centred on the

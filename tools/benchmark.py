@@ -62,6 +62,7 @@ from .cli import cli_parser, require_at_least, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
+
 @dataclass
 class _Variant:
     """One variant, built: its model, config, precision and the result filled in as it is measured."""
