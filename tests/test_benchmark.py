@@ -501,6 +501,20 @@ def test_the_yardstick_matmul_is_the_machine_default_unless_asked(monkeypatch, t
     assert calls == [(f32, None), (f32, 256), (f32, 256), (bf16, 256)]
 
 
+
+def test_on_cpu_each_variant_runs_in_its_own_process_unless_told_not_to(monkeypatch, tmp_path):
+    """--isolate auto (the default) on CPU, and yes: every variant in a fresh process (peak RSS is per process);
+    no: in this one."""
+    ways = []
+    in_process = benchmark.run_variant
+    monkeypatch.setattr(benchmark, "run_isolated", lambda spec: ways.append("own") or in_process(spec))
+    monkeypatch.setattr(benchmark, "run_variant", lambda spec: ways.append("this") or in_process(spec))
+    monkeypatch.setattr(benchmark, "matmul_flops_per_s", lambda dtype, device, size=None: 1e9)
+    argv = ["--opts", *TINY_OPTS, "--size", "64", "--phases", "flops", "--compare", "", "--device", "cpu"]
+    for isolate in ([], ["--isolate", "yes"], ["--isolate", "no"]):
+        benchmark.main([*argv, *isolate, "--output", str(tmp_path / "out.json")])
+    assert ways == ["own", "own", "this"]
+
 def test_the_device_is_cpu_or_cuda(capsys):
     with pytest.raises(SystemExit):
         benchmark.get_parser().parse_args(["--device", "tpu"])
