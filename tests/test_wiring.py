@@ -18,6 +18,7 @@ import torch
 import main as main_module
 from configs import get_config
 from data import build_dataset
+from engine import evaluation as evaluation_module
 from engine import loops as loops_module
 from engine import trainer as trainer_module
 from models import read_checkpoint
@@ -248,3 +249,14 @@ def test_the_train_loader_draws_each_epoch_in_the_seeded_shuffled_order(tmp_path
             sampler.set_epoch(epoch)
             assert [i for batch in loader for i in batch.tolist()] == order[rank::2][:4]  # 6 make one batch of 4
             assert len(loader) == 1
+
+
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False)])
+def test_the_loaders_pin_batches_in_memory_for_a_gpu_only(tmp_path_factory, device, pinned):
+    """Page-locked batches copy to a GPU asynchronously; on CPU pinning is only a copy (and needs an accelerator).
+    The loaders are built, not iterated, so a machine without CUDA can ask for a CUDA device's."""
+    cfg = tiny_cfg(tmp_path_factory, TRAIN__BATCH_SIZE=2)
+    info = DistInfo(0, 1, 0, False, torch.device(device))
+    train_loader, _, _ = trainer_module._train_loader(cfg, list(range(4)), info)
+    assert train_loader.pin_memory is pinned
+    assert evaluation_module.eval_loader(cfg, list(range(4)), info, batch_size=2).pin_memory is pinned
