@@ -102,6 +102,18 @@ def test_control_and_original_resolution_names(setup, tmp_path, caplog):
     }
 
 
+def test_evaluation_tokenizes_with_the_tokenizer_it_is_given(setup, tmp_path, monkeypatch):
+    """``main.py`` loads the tokenizer once: each split's dataset uses that one and loads none of its own."""
+    cfg, model, tokenizer = setup
+
+    def load_again(name):
+        raise AssertionError(f"tokenizer {name} loaded again")
+
+    monkeypatch.setattr("models.text.load_tokenizer", load_again)
+    summaries = evaluation.run_evaluation(with_eval(cfg, SPLITS=["val", "testA"]), model, tokenizer, CPU, tmp_path, "a")
+    assert [s["split"] for s in summaries] == ["val", "testA"]
+
+
 @pytest.mark.parametrize("mode", ["cat", "avg"])
 def test_joined_protocols_record_each_object_with_all_its_expressions(setup, tmp_path, mode):
     """In ``cat`` and ``avg`` an object is scored once: its record names the object, its image and every one of its

@@ -426,8 +426,9 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m tools.web: error: CheckpointError: checkpoint not found") and err.count("\n") == 1
-    for flag, value in [("--port", "0"), ("--port", "65535"), ("--idle_seconds", "0.5")]:
-        # the ends of the range, a fraction of a second: past the checks, the missing checkpoint is what stops them
+    for flag, value in [("--port", "0"), ("--port", "65535"), ("--idle_seconds", "0.5"), ("--max_megabytes", "6e-7")]:
+        # the ends of the range, a fraction of a second, a limit that rounds to one byte: past the checks, the missing
+        # checkpoint is what stops them
         assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), flag, value]) == 2
         assert "CheckpointError: checkpoint not found" in capsys.readouterr().err
     positive = "must be a finite number > 0, got"
@@ -436,6 +437,7 @@ def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
         ("--max_megabytes", "inf", f"--max_megabytes {positive} inf"),
         ("--max_megapixels", "nan", f"--max_megapixels {positive} nan"),
         ("--max_megapixels", "4e-7", f"--max_megapixels {positive} 4e-07"),  # less than one pixel
+        ("--max_megabytes", "5e-7", f"--max_megabytes {positive} 5e-07"),  # half a byte rounds to none
         ("--max_expressions", "0", "--max_expressions must be >= 1, got 0"),
         ("--port", "65536", "--port must be 0-65535 (0: any free one), got 65536"),
         ("--port", "-1", "--port must be 0-65535 (0: any free one), got -1"),
