@@ -208,6 +208,13 @@ def test_state_dicts_hold_the_usual_layout(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), state.values()))
 
 
+
+def test_a_layout_pair_for_each_level():
+    """One pair for each of levels 4, 3 and 2: two pairs would leave level 2 unbuilt, and the decoder failing first
+    in its forward pass."""
+    with pytest.raises(ValueError, match="zip"):
+        SimpleDecoder(256, hidden=256, weight_layouts=(("oihw", "oihw"),) * 2)
+
 def test_optimizer_state_takes_the_layout_of_its_parameter():
     """Moments saved beside a weight in one layout, resumed beside the same weight in another (a checkpoint of older
     code, or of a run at another batch): the fused AdamW continues exactly as the uninterrupted run. Loaded as they

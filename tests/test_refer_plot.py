@@ -33,6 +33,12 @@ def test_plotting_is_lazy_and_works(syn: REFER):
         lines = [(c.get_edgecolor().tolist(), c.get_linewidth().tolist()) for c in plt.gca().collections]
         assert lines == [([[1, 1, 0, 1]], [3]), ([[1, 0, 0, 1]], [1])]
         assert [c.get_facecolor().size for c in plt.gca().collections] == [0, 0]  # outlines only, never filled
+        # each outline is the annotation's polygon, closed back to its first point
+        polygon = np.asarray(syn.refToAnn[ref["ref_id"]]["segmentation"][0], dtype=float).reshape(-1, 2)
+        for collection in plt.gca().collections:
+            (path,) = collection.get_paths()
+            np.testing.assert_array_equal(path.vertices, np.concatenate([polygon, polygon[:1]]))
+            assert path.codes[-1] == matplotlib.path.Path.CLOSEPOLY
     plt.figure()
     syn.showRef(ref, seg_box="box")
     assert len(plt.gca().patches) == 1
