@@ -440,3 +440,34 @@ def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
     for not_eval in (train_mode_val, [val_set[0]]):  # a training-form dataset, or no dataset at all
         with pytest.raises(ValueError, match=refused):
             ShuffledExpressions(not_eval)
+
+
+class _OnDevice(torch.nn.Module):
+    """Stands in for the model on another device: asserts that what it is given is there, and answers there."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert ids.device == mask.device == self.device
+        return torch.zeros(len(ids), 8, ids.shape[1], device=self.device), mask[:, :, None].float()
+
+    def segment(self, images: torch.Tensor, lang_feats: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
+        assert images.device == lang_feats.device == self.device
+        return torch.zeros(len(images), 2, *images.shape[-2:], device=self.device)
+
+
+@pytest.mark.parametrize("resolution", ["network", "original"])
+@pytest.mark.parametrize("mode", ["each", "cat", "avg"])
+def test_scoring_computes_on_the_device_it_is_given(val_set, mode, resolution):
+    """Images, words and ground truth go to the device; "meta" (shapes only) stands in for a GPU here, where a tensor
+    left on the CPU meets a meta one and fails, as it would meet a CUDA one."""
+    from engine.loops import _score_batch
+
+    meta = torch.device("meta")
+    batch = next(iter(_loader(val_set, batch_size=3)))
+    keys, inter, union, records = _score_batch(_OnDevice(meta), batch, meta, mode, resolution, amp="")
+    expressions = len(batch["expr_index"]) if mode == "each" else 3
+    assert inter.device == union.device == meta and inter.shape == union.shape == (expressions,)
+    assert len(keys) == len(records) == expressions  # a record for each scored unit
