@@ -422,6 +422,26 @@ def test_page_names_the_model_lavt_without_a_name(predictor):
     assert f">LAVT on cpu, input {SIZE}x{SIZE}, float32<" in web.WebApp(predictor).page.decode("utf-8")
 
 
+def test_the_command_line_reaches_the_predictor(predictor, monkeypatch):
+    """--device, --cfg_file, --amp, --ck_bert and --opts open the checkpoint as given (a device this machine may not
+    have: the predictor is not built, the arguments it would be built from are read)."""
+    seen = []
+
+    def from_checkpoint(*args):
+        seen.append(args)
+        return predictor
+
+    monkeypatch.setattr(web.Predictor, "from_checkpoint", from_checkpoint)
+    argv = ["--checkpoint", "x.pth", "--device", "cuda:1", "--cfg_file", "c.yaml", "--amp", "bf16", "--ck_bert", "b"]
+    server = web.build([*argv, "--opts", "MODEL.TEXT.MAX_TOKENS", "9", "--port", "0"])
+    server.server_close()
+    web.build(["--checkpoint", "y.pth", "--port", "0"]).server_close()  # the defaults: the predictor's own device
+    assert seen == [
+        ("x.pth", "cuda:1", "c.yaml", ["MODEL.TEXT.MAX_TOKENS", "9", "MODEL.TEXT.ENCODER", "b"], "bf16"),
+        ("y.pth", None, None, [], ""),  # "": float32 (the predictor takes no None)
+    ]
+
+
 def test_startup_mistakes_end_in_one_line(predictor, tmp_path, capsys):
     assert web.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--port", "0"]) == 2
     err = capsys.readouterr().err
