@@ -284,6 +284,22 @@ def test_cli_amp_reaches_the_predictor(run, tmp_path, caplog):
         assert demo.get_parser().parse_args(["--image", "x.png", "--amp", amp]).amp == amp
 
 
+def test_the_device_asked_for_reaches_the_predictor(run, tmp_path, monkeypatch):
+    """--device and ``run_demo``'s device open the checkpoint there (asked for a GPU, opened on the CPU here)."""
+    real, devices = demo.Predictor.from_checkpoint, []
+
+    def on_cpu(checkpoint, device, *rest):
+        devices.append(device)
+        return real(checkpoint, "cpu", *rest)
+
+    monkeypatch.setattr(demo.Predictor, "from_checkpoint", on_cpu)
+    demo.main(["--checkpoint", str(run["checkpoint"]), "--example", "0", "--out", str(tmp_path / "o.png"), "--device",
+               "cuda:1"])
+    example = demo.dataset_example(load_refer(run["cfg"]), "val", 0)
+    demo.run_demo(run["checkpoint"], example["image"], ["x"], tmp_path / "p.png", device="cuda:0")
+    assert devices == ["cuda:1", "cuda:0"]
+
+
 def test_checkpoint_without_text_encoder_cannot_predict(run, tmp_path):
     from models import build_model
     from utils.checkpoint import save_checkpoint
