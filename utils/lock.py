@@ -100,8 +100,8 @@ def slurm_incarnation(env: dict[str, str] | None = None) -> str:
 
 
 def _earlier_run_of(holder_job: str, mine: str) -> bool:
-    if not holder_job or not mine:
-        return False
+    """Whether ``holder_job`` is an earlier run of the same SLURM job as ``mine`` (both ``slurm_incarnation()``,
+    "<job>.<restart count>"); an empty one, outside SLURM, has no count and never is."""
     (job_a, _, count_a), (job_b, _, count_b) = holder_job.partition("."), mine.partition(".")
     return job_a == job_b and count_a.isdigit() and count_b.isdigit() and int(count_a) < int(count_b)
 
