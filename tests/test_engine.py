@@ -97,19 +97,21 @@ def test_shard_sampler_covers_each_item_once():
 
 
 class AllForeground(torch.nn.Module):
-    """Predicts every pixel as the object; counts text-encoder calls."""
+    """Predicts every pixel as the object; counts text-encoder calls. On ``device``, it asserts that what it is
+    given is there (meta, shapes only, stands in for a GPU: a CPU tensor there fails as it would beside CUDA)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         super().__init__()
-        self.text_calls = 0
+        self.text_calls, self.device = 0, torch.device(device)
 
-    def encode_text(self, ids, mask):
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert ids.device == mask.device == self.device
         self.text_calls += 1
-        return torch.zeros(ids.shape[0], 4, ids.shape[1]), mask.unsqueeze(-1).float()
+        return torch.zeros(ids.shape[0], 4, ids.shape[1], device=self.device), mask.unsqueeze(-1).float()
 
-    def segment(self, images, feats, mask):
-        assert images.shape[0] == feats.shape[0]
-        logits = torch.zeros(images.shape[0], 2, *images.shape[-2:])
+    def segment(self, images: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert images.shape[0] == feats.shape[0] and images.device == feats.device == self.device
+        logits = torch.zeros(images.shape[0], 2, *images.shape[-2:], device=self.device)
         logits[:, 1] = 1.0
         return logits
 
@@ -442,22 +444,6 @@ def test_shuffled_expressions_move_to_another_object_of_the_image(cfg, val_set):
             ShuffledExpressions(not_eval)
 
 
-class _OnDevice(torch.nn.Module):
-    """Stands in for the model on another device: asserts that what it is given is there, and answers there."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert ids.device == mask.device == self.device
-        return torch.zeros(len(ids), 8, ids.shape[1], device=self.device), mask[:, :, None].float()
-
-    def segment(self, images: torch.Tensor, lang_feats: torch.Tensor, lang_mask: torch.Tensor) -> torch.Tensor:
-        assert images.device == lang_feats.device == self.device
-        return torch.zeros(len(images), 2, *images.shape[-2:], device=self.device)
-
-
 @pytest.mark.parametrize("resolution", ["network", "original"])
 @pytest.mark.parametrize("mode", ["each", "cat", "avg"])
 def test_scoring_computes_on_the_device_it_is_given(val_set, mode, resolution):
@@ -467,7 +453,7 @@ def test_scoring_computes_on_the_device_it_is_given(val_set, mode, resolution):
 
     meta = torch.device("meta")
     batch = next(iter(_loader(val_set, batch_size=3)))
-    keys, inter, union, records = _score_batch(_OnDevice(meta), batch, meta, mode, resolution, amp="")
+    keys, inter, union, records = _score_batch(AllForeground("meta"), batch, meta, mode, resolution, amp="")
     expressions = len(batch["expr_index"]) if mode == "each" else 3
     assert inter.device == union.device == meta and inter.shape == union.shape == (expressions,)
     assert len(keys) == len(records) == expressions  # a record for each scored unit
