@@ -82,13 +82,14 @@ def test_a_paused_machine_counts_in_the_lap_it_paused():
     """A virtual machine paused by its host: its monotonic clock stops, its system clock jumps ahead on resuming.
     The lap holds the pause (the total is the time waited); a slew within 0.1% or 1 s, or a clock set back, is none."""
     clock = FakeClock(0.0)
-    watch = stopwatch(clock)
+    watch, returned = stopwatch(clock), []
     for name, group, seconds, ahead in [("data", "", 50, 0.9), ("epoch 0", "training", 200, 0.15),
                                         ("epoch 1", "training", 524, 25.0), ("evaluation", "", 52, 3.0),
                                         ("long", "", 5000, 3.0), ("after", "", 10, -60.0)]:  # fmt: skip
         clock.now += seconds
         clock.ahead += ahead
-        watch.lap(name, group)
+        returned.append(watch.lap(name, group))
+    assert returned == [50, 200, 549, 55, 5000, 10]  # what ``lap`` returns holds its pause
     assert [lap.paused for lap in watch.laps] == [0, 0, 25, 3, 0, 0]  # 3 s in 5000: within the slew
     assert [lap.seconds for lap in watch.laps] == [50, 200, 549, 55, 5000, 10]
     assert watch.total == 5864 and watch.paused == 28
