@@ -16,7 +16,7 @@ from typing import Any
 
 from data.synthetic import ensure_synthetic, wanted_params
 from data.synthetic_root import generation_lock
-from utils.lock import RunLock, RunLockedError, read_holder
+from utils.lock import RunLock, RunLockedError, describe_holder, read_holder
 from utils.logger import get_logger
 
 POLL_S = 1.0  # how often a waiting run looks at the lock again
@@ -39,11 +39,8 @@ def ensure_synthetic_once(root: str | Path, poll_s: float = POLL_S, force: bool 
             return ensure_synthetic(root, force, **kwargs)
         except RunLockedError:
             if not waited:
-                holder = read_holder(lock.path)
-                logger.warning(
-                    "waiting for another run to make the synthetic dataset in %s (%s)", Path(root).resolve(),
-                    holder.describe() if holder else "its lock file is being written",
-                )  # fmt: skip
+                logger.warning("waiting for another run to make the synthetic dataset in %s (%s)", Path(root).resolve(),
+                               describe_holder(read_holder(lock.path)))  # fmt: skip
                 waited = True
             time.sleep(poll_s)
     try:

@@ -93,6 +93,25 @@ def test_a_run_waits_for_the_one_making_the_dataset(tmp_path, caplog):
     )  # the lock removed
 
 
+def test_a_lock_file_being_written_is_waited_for_and_said_so(tmp_path, caplog):
+    """A fresh lock file that does not parse yet (its holder still writing it) is held: the call waits, and says
+    why it cannot name the holder."""
+    lock = generation_lock(tmp_path)
+    lock.write_text("{")
+    done = []
+    with caplog.at_level(logging.INFO, logger="lavt"):
+        waiting = threading.Thread(target=lambda: done.append(ensure_synthetic_once(tmp_path, poll_s=0.02, **SMALL)))
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive() and done == []
+        lock.unlink()  # its holder gave up: the call takes the lock and makes the dataset
+        waiting.join(timeout=30)
+    assert done == [tmp_path / "synthetic"] and len(images(tmp_path)) == 8
+    said = [m for m in caplog.messages if m.startswith("waiting for")]
+    assert said == [f"waiting for another run to make the synthetic dataset in {tmp_path.resolve()} (its lock file "
+                    "is being written)"]  # fmt: skip
+
+
 def test_a_dead_holders_lock_is_taken_over_and_its_generation_made_anew(tmp_path, caplog):
     ensure_synthetic(tmp_path, **SMALL)
     before = images(tmp_path)

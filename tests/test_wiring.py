@@ -33,7 +33,7 @@ VAL_OIOU = [60.0, 60.0]
 
 class Recorder:
     """Wraps ``engine.loops.train_step``: per step, the learning rate it ran with, the loss it returned, and for the
-    first step the logits, target and model weights it saw."""
+    first step the logits, target, model weights, precision and text cache it saw."""
 
     def __init__(self) -> None:
         self.lrs: list[float] = []
@@ -45,7 +45,7 @@ class Recorder:
         if not self.first:
             inner = model.module if hasattr(model, "module") else model
             self.first["state"] = {k: v.detach().clone() for k, v in inner.state_dict().items()}
-            self.first["amp"] = kw.get("amp", "")
+            self.first["amp"], self.first["text_cache"] = kw.get("amp", ""), kw.get("text_cache")
 
         def recording(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             if "logits" not in self.first:
@@ -180,6 +180,7 @@ def test_bf16_training_through_main(tiny_run_env, tmp_path):
     laps = [(lap["name"], lap["group"]) for lap in out["timing"]["laps"]]
     assert laps[laps.index(("loading", "")) + 1] == ("datasets and text features", "training")  # the priming's time
     assert recorder.first["amp"] == "bf16" and set(dtypes) == {torch.bfloat16} and len(dtypes) >= 1
+    assert len(recorder.first["text_cache"]) > 0  # the steps read the primed features instead of encoding
     assert all(math.isfinite(x) for x in recorder.losses)
     ckpt = read_checkpoint(tmp_path / "tiny" / "last.pth")
     assert ckpt["scaler"]["amp"] == "bf16" and "AMP: bf16" in ckpt["config"]

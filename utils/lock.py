@@ -92,6 +92,11 @@ def read_holder(path: Path) -> LockHolder | None:
         return None
 
 
+def describe_holder(holder: LockHolder | None) -> str:
+    """Who holds a lock, for a message: ``read_holder``'s holder described, or what an unreadable lock file means."""
+    return holder.describe() if holder else "its lock file is being written"
+
+
 def slurm_incarnation(env: dict[str, str] | None = None) -> str:
     """``"<job id>.<restart count>"`` of the SLURM job this process belongs to, or "" outside SLURM."""
     env = os.environ if env is None else env
@@ -174,10 +179,9 @@ class RunLock:
         return took_over
 
     def _in_use(self, holder: LockHolder | None) -> str:
-        who = holder.describe() if holder else "its lock file is being written"
         return (
-            f"run folder {self.path.parent} is in use by another training ({who}); wait for it to end, or remove "
-            f"{self.path} if you are sure it is not running"
+            f"run folder {self.path.parent} is in use by another training ({describe_holder(holder)}); wait for it "
+            f"to end, or remove {self.path} if you are sure it is not running"
         )
 
     def _create(self, me: LockHolder) -> bool:
