@@ -325,7 +325,9 @@ def test_python2_pickle(hand_root: Path, tmp_path: Path, raw: str):
 
 # ---------------------------------------------------------------------------------------------------- errors
 def test_explicit_image_dir(hand_root: Path, tmp_path: Path):
-    assert REFER(hand_root, "refcoco", "unc", image_dir=tmp_path).IMAGE_DIR == str(tmp_path)
+    refer = REFER(hand_root, "refcoco", "unc", image_dir=tmp_path)
+    assert refer.IMAGE_DIR == str(tmp_path)
+    assert (refer.DATA_DIR, refer.ROOT_DIR) == (str(hand_root / "refcoco"), str(hand_root))  # the others as without
 
 
 def test_unknown_dataset(hand_root: Path):

@@ -186,3 +186,6 @@ def test_resizing_defaults_to_the_official_pil_path():
     grey = Image.fromarray(image[..., 0])  # the official path reads every image as RGB: another mode is a mistake
     with pytest.raises(ValueError, match=r"^resize_image takes an RGB image, got PIL mode 'L'$"):
         resize_image(grey, 24)
+    for resize in (resize_image, resize_mask):  # a method named by hand, not through the config's check
+        with pytest.raises(ValueError, match=r"^DATA\.RESIZE must be one of \('pil', 'cv2'\), got 'bilinear'$"):
+            resize(image if resize is resize_image else mask, 24, "bilinear")
