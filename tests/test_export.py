@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import struct
@@ -198,9 +199,18 @@ def test_command_line(trained, tmp_path, capsys):
 
     _, _, path = trained
     argv = [str(path), "--to", "safetensors", "--out", str(tmp_path / "m.st")]
-    assert run_cli("python -m tools.export", main, argv) == 0
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()  # as in a fresh process, where the command sets up its logging (pytest's handlers aside)
+    try:
+        assert run_cli("python -m tools.export", main, argv) == 0
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    said = capsys.readouterr().err.splitlines()  # what was loaded, then what was written: "LEVEL message" lines
+    assert said[-2].startswith("INFO loaded ") and said[-2].endswith(f" tensors from {path}")
+    assert said[-1] == f"INFO {path} -> {tmp_path / 'm.st'} (safetensors)"
     assert read_checkpoint(tmp_path / "m.st")["config"] == read_checkpoint(path)["config"]
-    capsys.readouterr()
     assert run_cli("python -m tools.export", main, argv) == 2  # the same --out again: refused, one line
     err = capsys.readouterr().err
     assert (
