@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -315,6 +316,18 @@ def test_a_sentence_without_text_is_named(hand_root: Path, tmp_path: Path, token
         message = rf"^ref {ref['ref_id']} of refcoco \(unc\) in .*: sentence {sentence} has no text \('raw' is "
         with pytest.raises(ReferDataError, match=message + rf"{shown}, expected a string\)$"):
             ReferDataset(root, "refcoco", "unc", "train", tokenizer)
+
+
+def test_a_ref_without_sentences_is_named(hand_root: Path, tmp_path: Path, tokenizer):
+    root = tmp_path / "root"
+    shutil.copytree(hand_root, root)
+    refs = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    refs[0]["sentences"] = []
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    where = re.escape(str(root / "refcoco"))
+    with pytest.raises(ReferDataError, match=rf"^ref {refs[0]['ref_id']} of refcoco \(unc\) in {where} has no "
+                                             "sentences$"):  # fmt: skip
+        ReferDataset(root, "refcoco", "unc", refs[0]["split"], tokenizer)
 
 
 def test_tokenizer_by_folder_and_alias(syn_root: Path, tokenizer):

@@ -210,6 +210,9 @@ def test_param_groups_follow_official_recipe(tiny_bert):
     assert len(tables) == 8 and tables <= set(no_decay)
     text = {names[id(p)] for p in groups["text_encoder"]["params"]}
     assert text and all(n.startswith("text_encoder.encoder.layer.0.") for n in text)
+    decoder = [names[id(p)] for p in groups["decoder"]["params"]]  # decayed as the backbone's weights
+    assert decoder == [n for n, _ in model.named_parameters() if n.startswith("classifier.")]
+    assert groups["decoder"]["weight_decay"] == groups["backbone"]["weight_decay"] == 0.01
     n_all = sum(len(g["params"]) for g in groups.values())
     assert n_all == sum(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="TRAIN_LAYERS=5, but the encoder has 2 layers"):

@@ -169,6 +169,20 @@ def test_patch_merging_odd_sides_by_hand(H, W):
         assert_close(pm(x, H, W), expected)
 
 
+def test_every_attention_takes_the_fused_kernel_unless_told_not_to():
+    """Built by hand with their defaults, as a reader of one module would: the fused kernel (same values, faster)."""
+    from models.pwam import SpatialImageLanguageAttention
+    from models.swin import MultiModalStage, MultiModalSwin, WindowAttention
+
+    stage = MultiModalStage(8, 1, 2, window=3, lang_dim=12)
+    swin = MultiModalSwin(8, (1, 1, 1, 1), (1, 1, 1, 1), window=3, lang_dim=12)
+    for top in (SwinBlock(8, 2, window=3), WindowAttention(8, 3, 2), PWAM(8, 8, 12, 8, 8),
+                SpatialImageLanguageAttention(8, 12, 8, 8), stage, swin):  # fmt: skip
+        layers = [m for m in top.modules() if hasattr(m, "fused_attn")]  # its window attentions and PWAMs' attention
+        assert layers and all(m.fused_attn is True for m in layers), type(top).__name__
+    assert sum(hasattr(m, "fused_attn") for m in swin.modules()) == 8  # 4 blocks, 4 PWAMs
+
+
 @pytest.mark.parametrize("fused_attn", [False, True])
 @pytest.mark.parametrize("heads", [1, 2])
 def test_pwam_matches_official_reading(fused_attn, heads):
