@@ -105,6 +105,21 @@ def test_other_write_errors_keep_their_type(tmp_path: Path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_write_whose_temporary_is_gone_keeps_its_own_error(tmp_path: Path):
+    """The temporary file removed meanwhile (another run's clean-up of stale temporaries): the write's error is what
+    is raised, not the clean-up's FileNotFoundError."""
+    for error in (OSError(errno.EIO, "Input/output error"), ValueError("a bug")):
+        def write(f, error=error):
+            for tmp in tmp_path.glob(".x.bin.*.tmp"):
+                tmp.unlink()
+            raise error
+
+        with pytest.raises(type(error)) as caught:
+            ck.write_atomic(tmp_path / "x.bin", write, what="file")
+        assert caught.value is error
+    assert os.listdir(tmp_path) == []
+
+
 def test_staged_files_on_a_full_disk(tmp_path: Path):
     """``staged``: the same StorageError naming every target; no target changes, no temporary file stays."""
     (tmp_path / "a.png").write_bytes(b"old")

@@ -273,6 +273,10 @@ def test_expression_report(tokenizer, reuse: bool):
     assert report.truncated_examples == [(LONG, 27)]
     assert not expression_report(tokenizer, ["the red circle", FITS], 20)
     assert expression_report(tokenizer, ["\u200b"], 20) and expression_report(tokenizer, [LONG], 20)  # either
+    unknown = " ".join(["\U0001f600"] * 25)  # 25 [UNK]: over the budget, and nothing but unknown words
+    sentences = [unknown, "the red circle"]
+    report = expression_report(tokenizer, sentences, 20, tokenize(tokenizer, sentences, 20) if reuse else None)
+    assert (report.empty, report.truncated, report.empty_examples) == (1, 0, [unknown])  # counted once, as empty
 
 
 def test_at_most_five_examples_of_each_kind_are_kept(tokenizer):
