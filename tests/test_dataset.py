@@ -89,7 +89,7 @@ def hand_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         )
     (root / "refcoco").mkdir()
-    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    _save_refs(root, refs)
     (root / "refcoco" / "instances.json").write_text(
         json.dumps(
             {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a", "supercategory": "s"}]}
@@ -301,29 +301,36 @@ def test_bad_arguments(hand_root: Path, tmp_path: Path, tokenizer):
         ReferDataset(hand_root, "refcoco", "umd", "train", tokenizer)
 
 
+def _copy_with_refs(hand_root: Path, tmp_path: Path) -> tuple[Path, list[dict]]:
+    """A copy of the hand-written dataset to edit, and its refs (``_save_refs`` writes them back)."""
+    root = tmp_path / "root"
+    shutil.copytree(hand_root, root)
+    return root, pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+
+
+def _save_refs(root: Path, refs: list[dict]) -> None:
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+
+
 @pytest.mark.parametrize("sentence", [0, 1])
 def test_a_sentence_without_text_is_named(hand_root: Path, tmp_path: Path, tokenizer, sentence: int):
     """A ref whose sentence has no ``raw`` string (None, missing, a number): one line naming the ref and the sentence,
     not the tokenizer's message about its input types."""
-    root = tmp_path / "root"
-    shutil.copytree(hand_root, root)
-    refs = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    root, refs = _copy_with_refs(hand_root, tmp_path)
     ref = next(r for r in refs if len(r["sentences"]) >= 2)
     without_raw = {k: v for k, v in ref["sentences"][0].items() if k != "raw"}
     for bad, shown in (({**without_raw, "raw": None}, "None"), (without_raw, "None"), ({**without_raw, "raw": 7}, "7")):
         ref["sentences"][sentence] = bad
-        (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+        _save_refs(root, refs)
         message = rf"^ref {ref['ref_id']} of refcoco \(unc\) in .*: sentence {sentence} has no text \('raw' is "
         with pytest.raises(ReferDataError, match=message + rf"{shown}, expected a string\)$"):
             ReferDataset(root, "refcoco", "unc", "train", tokenizer)
 
 
 def test_a_ref_without_sentences_is_named(hand_root: Path, tmp_path: Path, tokenizer):
-    root = tmp_path / "root"
-    shutil.copytree(hand_root, root)
-    refs = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    root, refs = _copy_with_refs(hand_root, tmp_path)
     refs[0]["sentences"] = []
-    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    _save_refs(root, refs)
     where = re.escape(str(root / "refcoco"))
     with pytest.raises(ReferDataError, match=rf"^ref {refs[0]['ref_id']} of refcoco \(unc\) in {where} has no "
                                              "sentences$"):  # fmt: skip

@@ -48,6 +48,13 @@ def mark(root: Path, text: bytes) -> None:
         p.write_bytes(text)
 
 
+def start_waiting(root: Path, done: list) -> threading.Thread:
+    """``ensure_synthetic_once(root)`` in a thread (as another run would call it), its result appended to ``done``."""
+    waiting = threading.Thread(target=lambda: done.append(ensure_synthetic_once(root, poll_s=0.02, **SMALL)))
+    waiting.start()
+    return waiting
+
+
 def test_the_lock_is_no_file_of_a_dataset(tmp_path):
     """A root holding only the lock (and a copy its takeover sets aside) and the first file of a generation another
     run is starting is an empty root, not one refused; the lock's folder is made, and nothing in a root refused."""
@@ -76,8 +83,7 @@ def test_a_run_waits_for_the_one_making_the_dataset(tmp_path, caplog):
     holder.acquire()
     who, done = holder.holder.describe(), []
     with caplog.at_level(logging.INFO, logger="lavt"):
-        waiting = threading.Thread(target=lambda: done.append(ensure_synthetic_once(tmp_path, poll_s=0.02, **SMALL)))
-        waiting.start()
+        waiting = start_waiting(tmp_path, done)
         time.sleep(0.5)
         assert waiting.is_alive() and not (tmp_path / "images").exists()
         ensure_synthetic(tmp_path, **SMALL)  # the holder makes it
@@ -100,8 +106,7 @@ def test_a_lock_file_being_written_is_waited_for_and_said_so(tmp_path, caplog):
     lock.write_text("{")
     done = []
     with caplog.at_level(logging.INFO, logger="lavt"):
-        waiting = threading.Thread(target=lambda: done.append(ensure_synthetic_once(tmp_path, poll_s=0.02, **SMALL)))
-        waiting.start()
+        waiting = start_waiting(tmp_path, done)
         time.sleep(0.3)
         assert waiting.is_alive() and done == []
         lock.unlink()  # its holder gave up: the call takes the lock and makes the dataset
