@@ -136,7 +136,9 @@ def test_index_dicts_on_generated(syn: REFER, syn_root: Path):
         for sent in ref["sentences"]:
             assert syn.Sents[sent["sent_id"]] == sent and syn.sentToRef[sent["sent_id"]]["ref_id"] == ref["ref_id"]
             assert syn.sentToTokens[sent["sent_id"]] == sent["tokens"]
-    assert sum(len(v) for v in syn.imgToAnns.values()) == len(syn.Anns)
+    by_image = [(image_id, ann) for image_id, anns in syn.imgToAnns.items() for ann in anns]
+    assert sorted(ann["id"] for _, ann in by_image) == sorted(a["id"] for a in instances["annotations"])
+    assert all(ann is syn.Anns[ann["id"]] and ann["image_id"] == image_id for image_id, ann in by_image)
     assert len(syn.Sents) == sum(len(r["sentences"]) for r in refs)
 
 
