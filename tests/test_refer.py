@@ -506,7 +506,8 @@ def test_degenerate_polygons_are_left_out_with_a_warning(hand_root: Path, caplog
         ([[2, 2, 8, 2, 8]], r"polygon 0 is not a list of finite x, y pairs \(5 values"),
         ([[2, 2, 8, 2, 8, "x"]], "polygon 0 is not a list of finite x, y pairs"),
         ([[2, 2, 8, 2, 8, float("nan")]], "polygon 0 is not a list of finite x, y pairs"),
-        ("2 2 8 2 8 8", r"unsupported segmentation \(str\)"),
+        ("2 2 8 2 8 8", r"unsupported segmentation \(str\): expected polygons \[\[x1, y1, \.\.\.\], \.\.\.\], "
+                        r"an RLE dict or a list of RLE dicts$"),
         (None, r"unsupported segmentation \(NoneType\)"),
         ([], r"unsupported segmentation \(list, empty\)"),
         ([[2, 2, 8, 2, 8, 8], {"counts": [0, 600], "size": [20, 30]}], r"unsupported segmentation \(list\)"),
