@@ -143,6 +143,18 @@ def test_config_file_that_contradicts_the_weights(official, tmp_path):
     assert opened_cfg.DATA.SIZE == 56 and opened_cfg.DATA.ROOT == "/data/refer"
 
 
+def test_args_that_name_the_other_packaging_are_refused(official, encoder, tmp_path):
+    """The args' ``model`` says where BERT's weights are; a file whose keys say otherwise is refused in one line."""
+    cfg, _, path = official
+    content = load_official_file(path)
+    other = "lavt" if cfg.MODEL.NAME == "lavt_one" else "lavt_one"
+    content["args"].model = other
+    torch.save(content, tmp_path / "renamed.pth")
+    message = f"renamed.pth: its args say model '{other}', but its key layout is '{cfg.MODEL.NAME}'"
+    with pytest.raises(CheckpointError, match=re.escape(message) + "$"):
+        open_checkpoint(tmp_path / "renamed.pth", overrides=["MODEL.TEXT.ENCODER", str(encoder)])
+
+
 def test_text_encoder_and_data_root_overrides(official, encoder, tmp_path):
     cfg, _, path = official
     opts = ["MODEL.TEXT.ENCODER", str(encoder), "DATA.ROOT", str(tmp_path / "refer")]
