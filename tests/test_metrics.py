@@ -113,7 +113,8 @@ def test_accumulator_rejects_duplicates_and_mixed_records():
     twice = r"^IoUAccumulator: an expression was counted twice \(duplicate keys across ranks\)$"
     with pytest.raises(RuntimeError, match=twice):
         acc.compute()
-    with pytest.raises(ValueError, match="every batch or with none"):
+    mixed = r"^IoUAccumulator\.update: records must be given with every batch or with none$"
+    with pytest.raises(ValueError, match=mixed):
         acc.update(torch.tensor([1]), torch.tensor([1]), torch.tensor([2]), [{"x": 1}])
     with pytest.raises(ValueError, match="equal 1-D shapes"):
         acc.update(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([2]))
