@@ -250,9 +250,11 @@ def test_benchmark_memory_in_its_own_process():
     assert "error" not in result, result.get("error")
     assert result["train"]["peak_mb"] > 0 and "step_ms" not in result["train"]
     assert result["eval"]["batch3"]["peak_mb"] > 0
-    # and in this process, where coverage sees it
+    # and in this process, where coverage sees it: after other tests its resident set can shrink below the baseline
+    # taken before the tiny model was built (memory they held, returned meanwhile), so the peak may read 0 here
     in_process = benchmark.measure_memory(dataclasses.replace(spec, threads=torch.get_num_threads()))
-    assert in_process["train"]["peak_mb"] > 0 and in_process["eval"]["batch3"]["peak_mb"] > 0
+    for entry in (in_process["train"], in_process["eval"]["batch3"]):
+        assert entry["peak_mb"] >= 0 and isinstance(entry["peak_exact"], bool) and "step_ms" not in entry
     merged = benchmark._merge_memory({"train": {"step_ms": 1.0}, "eval": {"batch3": {"expr_per_s": 2.0}}}, result)
     assert merged["train"]["step_ms"] == 1.0 and merged["train"]["peak_mb"] == result["train"]["peak_mb"]
     assert merged["eval"]["batch3"] == {"expr_per_s": 2.0, **result["eval"]["batch3"]}
