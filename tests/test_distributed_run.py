@@ -24,12 +24,12 @@ def env(tmp_path_factory):
     return tiny_env(tmp_path_factory)
 
 
-@pytest.mark.slow
 def scores(summaries: list[dict]) -> list[dict]:
     """The summaries without the name of the config file each ran with."""
     return [{k: v for k, v in s.items() if k != "config"} for s in summaries]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_resume_eval(env, tmp_path):
     data_root, text = env
     opts = tiny_opts(data_root, text, tmp_path, TRAIN__BATCH_SIZE=4, EVAL__BATCH_SIZE=2, EVAL__SPLITS=["val", "testB"])
