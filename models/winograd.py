@@ -329,7 +329,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 # Under torch.compile it runs as one eager call: traced, its chunk loops and strided ``out=`` writes split a compiled
 # decoder into 27 graphs (Swin-T 224, float32); an opaque call per convolution is all the graph needs.
-@torch.compiler.disable
+# torch._disable_dynamo is torch.compiler.disable applied at the first call: the decorator itself imports
+# torch._dynamo, seconds of every process's start-up (a --help, a mistake's one line) that runs no convolution.
+@torch._disable_dynamo
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for x [B, C, H, W] and weight [O, C, 3, 3] by Winograd, computed in
     ``compute_dtype(x)``, tiled as ``tiling_for`` says (F(4x4, 3x3) in float32 where the maps divide into 4x4 tiles
