@@ -57,6 +57,7 @@ from data.synthetic_root import (
     image_file,
     make_folders,
     remove_generation,
+    temporary,
 )
 from data.synthetic_text import describe_object
 
@@ -83,7 +84,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary(path)
     _write(tmp, data)
     os.replace(tmp, path)
 

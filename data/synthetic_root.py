@@ -30,6 +30,11 @@ def image_file(index: int) -> str:
     return f"COCO_train2014_{IMAGE_ID_OFFSET + index:012d}.jpg"
 
 
+def temporary(path: Path) -> Path:
+    """The file an atomic write of ``path`` writes first (then renames to ``path``); one a cut-off run may leave."""
+    return path.with_name(path.name + ".tmp")
+
+
 def make_folders(root: Path, *folders: Path) -> None:
     """Create ``folders`` (with their parents); SyntheticRootError naming ``root`` where that fails."""
     try:
@@ -80,9 +85,10 @@ def check_synthetic_root(root: str | Path) -> tuple[dict[str, dict], int]:
 def _files_under(root: Path) -> Iterator[Path]:
     """The files under ``root``, but for the lock of the runs that share it (and its aside copies) and a marker's
     temporary file (a generation's first file: where it alone is there, another run is just starting one)."""
+    markers_written = {temporary(Path(marker)).name for marker in (RUNNING, COMPLETE)}
     for folder, _, files in os.walk(root):
         for name in files:
-            ours = name.startswith(GENERATION_LOCK) or name in (f"{RUNNING}.tmp", f"{COMPLETE}.tmp")
+            ours = name.startswith(GENERATION_LOCK) or name in markers_written
             if not (Path(folder) == root / "synthetic" and ours):
                 yield Path(folder) / name
 
@@ -93,7 +99,7 @@ def remove_generation(root: Path, num_images: int) -> int:
     data_dir = root / "synthetic"
     paths = [root / IMAGE_SUBDIR / image_file(i) for i in range(num_images)]
     paths += [data_dir / name for name in ANNOTATION_FILES + (COMPLETE, RUNNING)]
-    paths += [p.with_name(p.name + ".tmp") for p in paths[num_images:]]  # atomic writes' temporaries, if cut off
+    paths += [temporary(p) for p in paths[num_images:]]  # atomic writes' temporaries, if cut off
     paths.sort(key=lambda p: p.name in (COMPLETE, RUNNING))
     removed = 0
     for path in paths:

@@ -233,7 +233,7 @@ def test_the_run_says_where_its_wall_time_went(trained):
     started, finished = (datetime.fromisoformat(record[k]) for k in ("started", "finished"))
     assert (finished - started).total_seconds() == pytest.approx(record["wall_s"], abs=0.01)
     epoch_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["epoch_time_s"]
-    assert epoch_s == round(epoch_s, 2)  # to the hundredth, as metrics.jsonl records it
+    assert isinstance(epoch_s, float) and epoch_s == round(epoch_s, 2)  # to the hundredth (an int: whole seconds)
     assert epoch_s - 0.01 <= laps[4]["seconds"] < epoch_s + 5  # its training and validation, then its checkpoint
     head = _git("rev-parse", "HEAD")
     if head is None:

@@ -246,6 +246,31 @@ def test_cut_off_generation_is_cleaned_up(tmp_path: Path, monkeypatch, caplog):
     assert len(images_in(tmp_path)) == 4 and not (tmp_path / "synthetic" / "generating.json").exists()
 
 
+def test_a_generation_cut_off_between_its_writes_leaves_nothing_behind(tmp_path: Path, monkeypatch, caplog):
+    """Cut off after an annotation file is written but before it takes its name (the atomic write's rename): the
+    temporary file is left, and the next run removes it with the rest."""
+    import data.synthetic as synthetic
+
+    real_write = synthetic._write
+
+    def write_then_stop(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        if path.name.startswith("refs"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(tmp_path, num_images=8, **SMALL)
+    monkeypatch.undo()
+    folder = tmp_path / "synthetic"
+    assert sorted(os.listdir(folder)) == ["generating.json", "instances.json", "refs(unc).p.tmp"]
+    with caplog.at_level(logging.WARNING, logger="data.synthetic"):
+        ensure_synthetic(tmp_path, num_images=4, **SMALL)
+    assert "was cut off while being generated: removed the 11 files it wrote" in caplog.records[-1].getMessage()
+    assert sorted(os.listdir(folder)) == ["attributes.json", "generator.json", "instances.json", "refs(unc).p"]
+    assert len(images_in(tmp_path)) == 4
+
+
 def test_unreadable_marker_is_refused(tmp_path: Path):
     (tmp_path / "synthetic").mkdir()
     (tmp_path / "synthetic" / "generator.json").write_text("{not json")
