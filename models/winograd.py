@@ -327,15 +327,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-# Under torch.compile it runs as one eager call: traced, its chunk loops and strided ``out=`` writes split a compiled
-# decoder into 27 graphs (Swin-T 224, float32); an opaque call per convolution is all the graph needs.
-# torch._disable_dynamo is torch.compiler.disable applied at the first call: the decorator itself imports
-# torch._dynamo, seconds of every process's start-up (a --help, a mistake's one line) that runs no convolution.
-@torch._disable_dynamo
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for x [B, C, H, W] and weight [O, C, 3, 3] by Winograd, computed in
     ``compute_dtype(x)``, tiled as ``tiling_for`` says (F(4x4, 3x3) in float32 where the maps divide into 4x4 tiles
     and are many enough, else F(2x2, 3x3)). Returns [B, O, H, W], channels-last."""
+    if torch.compiler.is_compiling():
+        return _opaque_to_compile(x, weight)
+    return _winograd_conv3x3(x, weight)
+
+
+def _winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x.to(compute_dtype(x))
     with torch.autocast(x.device.type, enabled=False):
         return _WinogradConv3x3.apply(x, weight)
+
+
+# Under torch.compile it runs as one eager call: traced, its chunk loops and strided ``out=`` writes split a compiled
+# decoder into 27 graphs (Swin-T 224, float32); an opaque call per convolution is all the graph needs. That is
+# torch.compiler.disable, but applied at the first call (torch._disable_dynamo): the decorator imports torch._dynamo,
+# seconds of every process's start-up, and only a compiled model needs it.
+_opaque_to_compile = torch._disable_dynamo(_winograd_conv3x3)
