@@ -1,5 +1,6 @@
 """``--help`` of the inference and export commands, as a user types them: each exits 0 and states what the command
-needs and the defaults it would use (argparse formats help only when asked: a stray '%' breaks it only there)."""
+needs and the defaults it would use (argparse formats help only when asked: a stray '%' breaks it only there); what
+the commands import as they start."""
 
 from __future__ import annotations
 
@@ -105,3 +106,20 @@ def test_help_names_debug_and_the_command_as_typed(stem: str) -> None:
     assert parser.prog == f"python -m tools.{stem}"
     text = " ".join(parser.format_help().split())
     assert text.endswith("--debug: the Python traceback of an error instead of its one line.")
+
+
+def test_the_commands_start_without_dynamo_or_matplotlib() -> None:
+    """Seconds of every process's start-up, a --help and a mistake's one line included: ``torch._dynamo`` (which
+    ``torch.compiler.disable`` imports where it decorates) and matplotlib (the notebooks' figures; the demo and the
+    web page draw with Pillow). Neither is imported by the commands, nor by an eager Winograd convolution (only a
+    compiled one needs dynamo), which gives F.conv2d's values."""
+    code = (
+        "import sys, torch, torch.nn.functional as F, main, tools.demo, tools.web, tools.export, tools.benchmark\n"
+        "from models.winograd import winograd_conv3x3\n"
+        "x, w = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(4, 4, 3, 3, dtype=torch.float64)\n"
+        "torch.testing.assert_close(winograd_conv3x3(x, w), F.conv2d(x, w, padding=1))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -354,17 +354,3 @@ def test_compiled_it_is_one_eager_call_with_the_same_values():
     for g, g_eager in zip(grads, torch.autograd.grad(out_eager.sum(), (x, weight)), strict=True):
         torch.testing.assert_close(g, g_eager, rtol=0, atol=0)
 
-
-def test_the_entry_points_load_without_dynamo_until_a_convolution_runs():
-    """``torch.compiler.disable`` imports ``torch._dynamo`` where it decorates: seconds of every process's start-up,
-    a --help and a mistake's one line included. Importing the commands leaves it out, and so does an eager Winograd
-    convolution (only a compiled one needs it), which gives F.conv2d's values."""
-    code = (
-        "import sys, torch, torch.nn.functional as F, main, tools.demo, tools.web, tools.export, tools.benchmark\n"
-        "from models.winograd import winograd_conv3x3\n"
-        "assert 'torch._dynamo' not in sys.modules, 'imported at start-up'\n"
-        "x, w = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(4, 4, 3, 3, dtype=torch.float64)\n"
-        "torch.testing.assert_close(winograd_conv3x3(x, w), F.conv2d(x, w, padding=1))\n"
-        "assert 'torch._dynamo' not in sys.modules, 'imported by an eager convolution'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

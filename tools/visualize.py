@@ -13,16 +13,18 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from data.opencv import cv2
 from utils.atomic import staged
 from utils.metrics import intersection_union, iou_from_counts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # distinct, saturated overlay colours (RGB), one per expression
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -202,6 +204,14 @@ def save_pngs(pictures: dict[Path, np.ndarray]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- figures
+def _figure(width_inches: float, height_inches: float) -> Figure:
+    # matplotlib is imported here, where a figure is made: the demo and the web page draw with Pillow alone, and
+    # importing matplotlib would add most of a second to their start-up
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width_inches, height_inches), layout="constrained")
+
+
 def _show(ax: Any, picture: np.ndarray, title: str) -> None:
     ax.imshow(picture)
     ax.set_title(title, fontsize=9)
@@ -230,7 +240,7 @@ def figure_side_by_side(
             "truths; give the same non-zero number of each"
         )
     h, w = image.shape[:2]
-    fig = Figure(figsize=(panel_inches * len(masks), panel_inches * h / w + 0.8), layout="constrained")
+    fig = _figure(panel_inches * len(masks), panel_inches * h / w + 0.8)
     axes = fig.subplots(1, len(masks), squeeze=False)[0]
     for e, (ax, mask, caption, gt) in enumerate(zip(axes, masks, captions, gts)):
         picture = overlay_mask(image, mask, PALETTE[e % len(PALETTE)])
@@ -250,7 +260,7 @@ def figure_cases(cases: Sequence[dict[str, Any]], panel_inches: float = 2.4) -> 
     """
     if not cases:
         raise ValueError("figure_cases: no cases to show")
-    fig = Figure(figsize=(3 * panel_inches, panel_inches * len(cases) + 0.3), layout="constrained")
+    fig = _figure(3 * panel_inches, panel_inches * len(cases) + 0.3)
     axes = fig.subplots(len(cases), 3, squeeze=False)
     for row, case in zip(axes, cases):
         image = case["image"]
