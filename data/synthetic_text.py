@@ -160,7 +160,7 @@ def describe_object(
     height: int,
     rng: np.random.Generator,
     max_expressions: int,
-    spatial_weight: float = 0.5,
+    spatial_weight: float,
 ) -> list[tuple[dict[str, Any], str]]:
     """1..max_expressions (description, sentence) pairs for object ``t``; [] if nothing singles it out.
 

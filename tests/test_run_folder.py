@@ -181,6 +181,8 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_ends_with_release(tmp_path, monk
     while lock.stat().st_mtime < old + 60:
         assert time.time() < deadline, "the heartbeat did not touch the lock"
         time.sleep(0.01)
+    beating = [t for t in threading.enumerate() if t.name == "run-lock-heartbeat"]  # named in a stack dump
+    assert len(beating) == 1 and beating[0].daemon  # a daemon: never the one thing keeping a process alive
     # release while a beat is touching the file: it waits for that beat, so no thread outlives it
     touching, utime = threading.Event(), os.utime
 

@@ -245,7 +245,7 @@ def test_an_object_with_few_descriptions_gets_each_once_when_more_are_asked():
     every = [{**{k: twin[k] for k in keys}, "position": "left"} for n in range(4) for keys in combinations(twin, n)]
     counts = []
     for seed in range(6):
-        descriptions = [d for d, _ in describe_object(objects, 0, 100, 100, np.random.default_rng(seed), 20)]
+        descriptions = [d for d, _ in describe_object(objects, 0, 100, 100, np.random.default_rng(seed), 20, 0.5)]
         assert descriptions[0] == {"position": "left"} and all(d in every for d in descriptions)
         assert len({str(sorted(d.items())) for d in descriptions}) == len(descriptions)  # none twice
         counts.append(len(descriptions))
