@@ -206,7 +206,7 @@ def save_pngs(pictures: dict[Path, np.ndarray]) -> list[Path]:
 # ----------------------------------------------------------------------------- figures
 def _figure(width_inches: float, height_inches: float) -> Figure:
     # matplotlib is imported here, where a figure is made: the demo and the web page draw with Pillow alone, and
-    # importing matplotlib would add most of a second to their start-up
+    # importing matplotlib would add half a second to their start-up (docs/performance.md)
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_inches, height_inches), layout="constrained")
