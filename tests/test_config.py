@@ -114,6 +114,12 @@ def test_bad_values_are_refused_in_one_line(argv: list, match: str):
     assert "\n" not in str(e.value)
 
 
+def test_the_synthetic_sizes_are_checked_for_the_synthetic_dataset_only():
+    """A RefCOCO run ignores DATA.SYNTHETIC_IMAGES: a value the synthetic dataset would refuse passes there."""
+    argv = ["--cfg_file", "", "--dataset", "refcoco", "--opts", "DATA.SYNTHETIC_IMAGES", "3"]
+    assert validate_config(config_from_args(parse_args(argv))) is None
+
+
 @pytest.mark.parametrize("cfg_file", [None] + sorted(str(p) for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_pass(cfg_file: str | None):
     """Every shipped config passes the checks, and the checks are live on it: the same config with one bad value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -164,6 +165,13 @@ def test_cpu_model_and_flags_from_cpuinfo(monkeypatch):
     assert machine.cpu_name() == "AMD EPYC 9R14 96-Core Processor"
     monkeypatch.setattr(machine, "_cpuinfo", lambda: [*no_numbers, "model\t\t: unknown"])
     assert machine.cpu_family_model() is None
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo (not Linux)")
+def test_cpuinfo_is_the_kernels():
+    """On Linux the fields come from /proc/cpuinfo: one "processor" entry for each processor the kernel lists."""
+    listed = [line for line in machine._cpuinfo() if line.split(":")[0].strip() == "processor"]
+    assert len(listed) >= (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
 def test_no_cpuinfo(monkeypatch):
