@@ -353,4 +353,3 @@ def test_compiled_it_is_one_eager_call_with_the_same_values():
     grads = torch.autograd.grad(out.sum(), (x, weight))
     for g, g_eager in zip(grads, torch.autograd.grad(out_eager.sum(), (x, weight)), strict=True):
         torch.testing.assert_close(g, g_eager, rtol=0, atol=0)
-
