@@ -284,6 +284,38 @@ def test_a_client_that_stops_reading_is_one_line_and_a_bug_keeps_its_traceback(r
     assert err.count("Traceback") == 1 and "KeyError: 'a bug'" in err and type(error).__name__ not in err
 
 
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_an_ipv6_address_is_served(run):
+    """``--host ::1``: an IPv6 socket (an IPv4 one cannot bind it), the page and a prediction answered there, its
+    address in brackets as URLs write it; an address that is not this machine's says so in one line, bracketed."""
+    server = web.WebApp(run["predictor"]).make_server("::1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert server.url == f"http://[::1]:{port}/"
+        with urllib.request.urlopen(server.url, timeout=30) as page:
+            assert page.status == 200 and page.read() == server.app.page
+        with socket.create_connection(("::1", port), timeout=60) as client:
+            client.sendall(HEAD.format(len(run["photo"])).encode() + run["photo"])
+            status, answer, _ = read_answer(client)
+        assert status == 200 and [r["text"] for r in answer["results"]] == ["the red circle"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    # an address for documentation, never a machine's
+    with pytest.raises(ValueError, match=r"^cannot listen on \[2001:db8::1\]:0: .+ \(choose another --port or"):
+        web.WebApp(run["predictor"]).make_server("2001:db8::1", 0)
+
 def test_the_command_serves_until_ctrl_c(run):
     """``python -m tools.web`` as a user starts it: an INFO line with the address it listens on (port 0: the one it
     was given) after the model's, the page served there, and Ctrl-C ending it with status 0 and no traceback, soon

@@ -175,6 +175,11 @@ class _Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
 
+def authority(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:7860``), as URLs write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class _Server(ThreadingHTTPServer):
     """One thread per connection, none of them a daemon: ``server_close()`` ends the connections that wait for a
     request or an upload and waits for the others, so that a prediction in progress is answered before the command
@@ -186,10 +191,17 @@ class _Server(ThreadingHTTPServer):
     app: WebApp
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        if ":" in address[0]:  # an IPv6 address ("::1"; "::", every interface) needs an IPv6 socket
+            self.address_family = socket.AF_INET6
         self.closing = False
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         super().__init__(address, handler)  # (which calls server_close when it cannot bind)
+
+    @property
+    def url(self) -> str:
+        """The page's address, as a browser takes it."""
+        return f"http://{authority(*self.server_address[:2])}/"
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         with self._open_lock:
@@ -277,7 +289,8 @@ class WebApp:
             server = _Server((host, port), _Handler)
         except (OSError, OverflowError) as e:  # (OverflowError: a port outside 0-65535)
             raise ValueError(
-                f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e} (choose another --port or --host)"
+                f"cannot listen on {authority(host, port)}: {getattr(e, 'strerror', None) or e} "
+                "(choose another --port or --host)"
             ) from e
         server.app = self
         return server
@@ -294,7 +307,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     add_amp_argument(p)
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s; 0.0.0.0: every interface; IPv6 too: ::1, ::)",
     )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0: any free one)")
     p.add_argument(
@@ -351,8 +366,7 @@ def serve(argv: Sequence[str]) -> None:
     """Build the server from the command line and serve until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     server = build(argv)
-    host, port = server.server_address[:2]
-    logger.info("serving on http://%s:%d/ (Ctrl-C stops)", host, port)
+    logger.info("serving on %s (Ctrl-C stops)", server.url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
