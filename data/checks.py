@@ -77,7 +77,7 @@ def _inspect(path: str) -> tuple[list | None, str | None]:
         return None, "not a file"
     stamp = [st.st_size, st.st_mtime_ns]
     if st.st_size == 0:
-        return stamp + [0, 0, "empty file"], "empty file"
+        return _unusable(stamp, "empty file")
     try:
         with open(path, "rb") as f:
             with Image.open(f) as im:
@@ -89,11 +89,16 @@ def _inspect(path: str) -> tuple[list | None, str | None]:
                     problem = f"cut off: no {fmt} end marker"
                     return stamp + [width, height, problem], problem
     except UnidentifiedImageError:
-        return stamp + [0, 0, "not an image PIL reads"], "not an image PIL reads"
+        return _unusable(stamp, "not an image PIL reads")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        problem = f"unreadable header ({type(e).__name__}: {e})"
-        return stamp + [0, 0, problem], problem
+        return _unusable(stamp, f"unreadable header ({type(e).__name__}: {e})")
     return stamp + [width, height, ""], None
+
+
+def _unusable(stamp: list[int], problem: str) -> tuple[list, str]:
+    """The cache entry and problem of a file that is no readable image. Its size is never compared (the problem is
+    what is reported), so it is written as 0 x 0."""
+    return [*stamp, 0, 0, problem], problem
 
 
 def _load_cache(cache_file: Path | None) -> dict[str, list]:
