@@ -63,7 +63,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--expressions", default="1,3", help="expression counts timed (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", help="write the results here")
     return p
 
 

@@ -80,7 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path)
     return p
 
 

@@ -308,7 +308,7 @@ def get_parser() -> argparse.ArgumentParser:
         "Segment what each expression refers to in an image: writes the overlay PNG (one captioned "
         "panel per expression) and the mask PNG(s) at the image's size.",
     )
-    p.add_argument("--checkpoint", default=None, help="LAVT checkpoint (default: the demo run's best.pth)")
+    p.add_argument("--checkpoint", help="LAVT checkpoint (default: the demo run's best.pth)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="any image file Pillow reads (give its expressions with --text)")
     source.add_argument(
@@ -318,10 +318,10 @@ def get_parser() -> argparse.ArgumentParser:
         help="the N-th val image of the checkpoint's dataset with two or more referred objects; --text defaults "
         "to one annotated expression per object",
     )
-    p.add_argument("--text", action="append", default=None, help="a referring expression; repeat for more")
+    p.add_argument("--text", action="append", help="a referring expression; repeat for more")
     p.add_argument("--out", default="overlay.png", help="overlay PNG")
-    p.add_argument("--mask_out", default=None, help="mask PNG (0/255); several expressions: <stem>_<i>.png")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--mask_out", help="mask PNG (0/255); several expressions: <stem>_<i>.png")
+    p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     add_amp_argument(p)
     p.add_argument(
         "--cfg_file", default=None, help="config for a checkpoint without one, where its weights leave a setting open"

@@ -113,10 +113,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="any LAVT checkpoint: this project's .pth / .safetensors, or an official file")
     p.add_argument("--to", required=True, choices=FORMATS, help="the authors' layout, or safetensors")
     p.add_argument("--out", required=True, help="the file to write")
-    p.add_argument("--packaging", choices=PACKAGINGS, default=None,
+    p.add_argument("--packaging", choices=PACKAGINGS,
                    help="official layout: lavt (BERT under 'bert_model') or lavt_one (inside 'model'); default: the "
                    "checkpoint's MODEL.NAME")  # fmt: skip
-    p.add_argument("--cfg_file", default=None, help="config, for a file without one where its weights leave it open")
+    p.add_argument("--cfg_file", help="config, for a file without one where its weights leave it open")
     p.add_argument("--opts", nargs="+", default=(), metavar="KEY VALUE", help="config overrides")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p

@@ -218,10 +218,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus_per_task", type=int, default=8, help="data loader workers + 1 is a good start")
     p.add_argument("--mem_gb", type=int, default=0, help="memory per node (0: the partition's default)")
     p.add_argument("--time", type=int, default=2880, help="time limit of each job, minutes")
-    p.add_argument("--partition", type=str, default=None, help="SLURM partition (default: the cluster's)")
-    p.add_argument("--account", type=str, default=None, help="SLURM account to charge")
-    p.add_argument("--qos", type=str, default=None, help="SLURM quality of service")
-    p.add_argument("--constraint", type=str, default=None, help='node features, e.g. "a100"')
+    p.add_argument("--partition", type=str, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--account", type=str, help="SLURM account to charge")
+    p.add_argument("--qos", type=str, help="SLURM quality of service")
+    p.add_argument("--constraint", type=str, help='node features, e.g. "a100"')
     p.add_argument("--job_name", type=str, default="lavt", help="the job's name in the queue")
     p.add_argument(
         "--job_dir",

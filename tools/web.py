@@ -302,9 +302,9 @@ def get_parser() -> argparse.ArgumentParser:
         "python -m tools.web", "A web page that segments what each typed expression refers to in an uploaded image."
     )
     p.add_argument("--checkpoint", required=True, help="LAVT checkpoint (this project's or an official release)")
-    p.add_argument("--cfg_file", default=None, help="config for checkpoints without a stored one (official files)")
-    p.add_argument("--ck_bert", default=None, help='the text encoder: a local BERT folder or "minilm-l6"')
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--cfg_file", help="config for checkpoints without a stored one (official files)")
+    p.add_argument("--ck_bert", help='the text encoder: a local BERT folder or "minilm-l6"')
+    p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     add_amp_argument(p)
     p.add_argument(
         "--host",
