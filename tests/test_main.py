@@ -297,22 +297,29 @@ def _main_argv(env, tmp_path: Path, flags: list[str], extra: list[str]) -> list[
         ),
     ],
 )
-def test_user_errors_are_one_line_exit_2_nothing_written(env, tmp_path, flags, extra, message):
-    """A wrong value is refused before anything is built or written: one line on stderr, no traceback, status 2."""
+def test_user_errors_are_one_line_exit_2_nothing_written(env, tmp_path, capsys, flags, extra, message):
+    """A wrong value is refused before anything is built or written: one line on stderr, no traceback, status 2
+    (``main.cli``, what ``python main.py`` runs: the command itself in the test below)."""
     data_root, _ = env
     argv = _main_argv(env, tmp_path, flags, extra)
     before = sorted(p.name for p in data_root.rglob("*"))
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("main.py: error: ") and message in lines[-1], out.stderr
-    assert "Traceback" not in out.stderr
+    assert main_module.cli(argv[2:]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("main.py: error: ") and message in lines[-1], err
+    assert "Traceback" not in err
     assert sorted(p.name for p in data_root.rglob("*")) == before
     if extra:
         assert not (tmp_path / "runs").exists()  # refused before the run folder was made
 
 
-def test_debug_shows_the_traceback_of_a_user_error(env, tmp_path):
-    argv = _main_argv(env, tmp_path, ["--debug"], ["TRAIN.LR", "nan"])
-    debug = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_the_command_exits_2_on_a_user_error_and_shows_its_traceback_with_debug(env, tmp_path):
+    """``python main.py`` itself: the one line and status 2; with --debug the traceback and status 1."""
+    argv = _main_argv(env, tmp_path, [], ["TRAIN.LR", "nan"])
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.endswith(
+        "main.py: error: ConfigError: TRAIN.LR must be a finite number > 0, got nan\n"
+    ), out.stderr
+    assert "Traceback" not in out.stderr
+    debug = subprocess.run([*argv[:2], "--debug", *argv[2:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from data.synthetic import SyntheticRootError, ensure_synthetic, generate
 from refer import REFER, ReferDataError
 from refer.safe_pickle import UnsafePickleError, load_plain_pickle, loads_plain_pickle
 from tools.synthetic import main
+from tools.synthetic import run as run_synthetic
 
 from .helpers_process import snapshot, terminal_job
 
@@ -159,9 +161,10 @@ def test_foreign_folder_is_refused_untouched(tmp_path: Path):
         ensure_synthetic(tmp_path / "file_root", num_images=4, **SMALL)
 
 
-def test_the_command_line_refuses_in_one_line(tmp_path: Path):
+def test_the_command_line_refuses_in_one_line(tmp_path: Path, capsys):
     """``python -m tools.synthetic`` into a foreign folder or a file: one line naming the root, status 2, nothing
-    written (the same refusals as above, through the command line's own entry point)."""
+    written (the same refusals as above, through the command line's own entry point: the command itself for the
+    first, its ``run`` in this process for the others)."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     (tmp_path / "file_root").write_text("x")
@@ -173,8 +176,13 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path):
         ("file_root/set", "cannot create the synthetic dataset's folders in {} (DATA.ROOT, --root): Not a directory"),
     ]:
         where = (tmp_path / root).resolve()
-        done = subprocess.run([sys.executable, "-m", "tools.synthetic", "--root", str(where), "--num-images", "4"],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        flags = ["--root", str(where), "--num-images", "4"]
+        if root == "mine":
+            done = subprocess.run([sys.executable, "-m", "tools.synthetic", *flags], cwd=REPO, capture_output=True,
+                                  text=True, timeout=120)  # fmt: skip
+        else:
+            status, (out, err) = run_synthetic(flags), capsys.readouterr()
+            done = SimpleNamespace(returncode=status, stdout=out, stderr=err)
         assert done.returncode == 2 and done.stdout == "", done.stderr
         lines = done.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(
