@@ -22,7 +22,7 @@ from tools import bench_input, bench_workload, benchmark
 from tools.bench_report import format_tables
 from tools.cli import run_cli
 from utils import checkpoint as checkpoint_io
-from utils.profiling import time_interleaved
+from utils.profiling import PartTimer, time_interleaved
 
 from .conftest import tiny_opts
 from .helpers_model import tiny_cfg
@@ -483,8 +483,12 @@ def test_training_breakdown_runs_each_forward_s_backward(monkeypatch):
         return backward(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "backward", counting)
+    timers = []
+    monkeypatch.setattr(bench_workload, "PartTimer", lambda *a: timers.append(PartTimer(*a)) or timers[-1])
     result = bench_workload.part_breakdown(model, cfg, spec, torch.device("cpu"), "")
     assert calls == [True] * (spec.warmup + spec.runs)
+    # every part timed in each run after the warm-up, and only then
+    assert [{len(v) for v in t.samples["forward"].values()} for t in timers] == [{spec.runs}] * 3
     assert list(result) == ["eval_forward_batch1", "eval_forward_batch2", "train_forward_batch2"]
     assert all(p.grad is None for p in model.parameters())
 

@@ -14,7 +14,7 @@ from data import build_dataset, collate_eval
 from data.controls import ShuffledExpressions
 from data.transforms import resize_batch
 from engine import NonFiniteLossError, build_lr_scheduler, evaluate, poly_lr_lambda, train_one_epoch
-from engine.loops import train_step
+from engine.loops import train_step, unwrap
 from models import build_model
 from utils.amp import NativeScaler
 from utils.distributed import ShardSampler
@@ -457,3 +457,15 @@ def test_scoring_computes_on_the_device_it_is_given(val_set, mode, resolution):
     expressions = len(batch["expr_index"]) if mode == "each" else 3
     assert inter.device == union.device == meta and inter.shape == union.shape == (expressions,)
     assert len(keys) == len(records) == expressions  # a record for each scored unit
+
+
+def test_unwrap_takes_the_model_out_of_its_ddp_wrapper(tmp_path):
+    """Evaluation and the text cache reach the model's own attributes (``text_encoder``) and forward through
+    ``unwrap``: a DDP-wrapped model (here in a one-process Gloo group) gives the module inside, any other itself."""
+    model = torch.nn.Linear(2, 2)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        assert unwrap(wrapped) is model and unwrap(model) is model
+    finally:
+        torch.distributed.destroy_process_group()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -198,17 +199,31 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_ends_with_release(tmp_path, monk
     assert not lock.exists()
 
 
-def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path):
-    """What tells a live holder from a reused pid (its process's start time) and two takers apart (the token); the
-    file is readable by others and not executable."""
+@pytest.fixture
+def east_of_utc(monkeypatch):
+    """The process's local time 5 h 30 east of UTC (a POSIX TZ rule: no time zone files needed)."""
+    monkeypatch.setenv("TZ", "LAVT-5:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_the_lock_names_its_process_and_a_token_of_its_own(tmp_path, east_of_utc):
+    """What tells a live holder from a reused pid (its process's start time) and two takers apart (the token), and
+    when it was taken (in UTC, not the local time); the file is readable by others and not executable."""
     lock = tmp_path / LOCK_NAME
     tokens = []
     umask = os.umask(0)  # the process's umask, read by setting another and put back at once
     os.umask(umask)
     for _ in range(2):
+        before = datetime.now(timezone.utc).replace(microsecond=0)
         with RunLock(lock):
             written, mode = json.loads(lock.read_text()), stat.S_IMODE(lock.stat().st_mode)
         assert mode == 0o644 & ~umask  # others read who holds it (the refusal names the holder); never executable
+        # when it was taken, in UTC, ISO 8601 to the second
+        started = datetime.strptime(written["started"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        assert before <= started <= datetime.now(timezone.utc)
         assert written["pid"] == os.getpid() and written["host"] == socket.gethostname()
         # /proc/<pid>/stat field 22, counted after the parenthesised command name (field 2)
         start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])

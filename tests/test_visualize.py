@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from tools import failures
 from tools import visualize as vis
@@ -128,6 +128,9 @@ def test_compose_panels_of_a_small_image_keep_whole_words():
         assert (out[band:, x + 16 : x + cell] == 255).all()
     assert (out[:, cell : cell + 4] == 255).all()  # the gap
     assert (out[:band, 20:cell] != 255).any()  # "rightmost" past the panel's 16 pixels
+    caption = Image.new("RGB", (cell, band), "white")  # drawn here in the 11-px font, in half the panel's colour
+    ImageDraw.Draw(caption).text((2, 3), "rightmost", fill=tuple(c // 2 for c in vis.PALETTE[0]), font=font)
+    assert np.array_equal(out[:band, :cell], np.asarray(caption))
 
 
 def test_compose_panels_scaled_to_the_pixel_budget():

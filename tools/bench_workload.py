@@ -247,13 +247,14 @@ def part_breakdown(model: nn.Module, cfg: Any, spec: BenchSpec, device: torch.de
         timer = PartTimer(model_parts(model), device)
         totals = []
         for i in range(spec.warmup + spec.runs):
-            recording = timer.recording() if i >= spec.warmup else contextlib.nullcontext()
+            timed = i >= spec.warmup
+            recording = timer.recording() if timed else contextlib.nullcontext()
             with torch.set_grad_enabled(mode == "train"), autocast(amp, device), recording:
                 synchronize(device)
                 start = time.perf_counter()
                 logits = forward(model, batch)
                 synchronize(device)
-                if i >= spec.warmup:
+                if timed:
                     totals.append(time.perf_counter() - start)
             if mode == "train":
                 logits.float().mean().backward()
