@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,14 +179,14 @@ def test_the_command_line_refuses_in_one_line(tmp_path: Path, capsys):
         if root == "mine":
             done = subprocess.run([sys.executable, "-m", "tools.synthetic", *flags], cwd=REPO, capture_output=True,
                                   text=True, timeout=120)  # fmt: skip
+            status, out, err = done.returncode, done.stdout, done.stderr
         else:
             status, (out, err) = run_synthetic(flags), capsys.readouterr()
-            done = SimpleNamespace(returncode=status, stdout=out, stderr=err)
-        assert done.returncode == 2 and done.stdout == "", done.stderr
-        lines = done.stderr.splitlines()
+        assert status == 2 and out == "", err
+        lines = err.splitlines()
         assert len(lines) == 1 and lines[0].startswith(
             "python -m tools.synthetic: error: SyntheticRootError: " + message.format(where)
-        ), done.stderr
+        ), err
         assert lines[0].endswith("Not a directory") == root.endswith("/set")  # the whole line, no Errno
     assert snapshot(tmp_path) == before
 

@@ -175,9 +175,13 @@ class _Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
 
+def _is_ipv6(host: str) -> bool:
+    return ":" in host  # an IPv6 address has colons; a host name or an IPv4 address never has one
+
+
 def authority(host: str, port: int) -> str:
     """``host:port``, an IPv6 address in brackets (``[::1]:7860``), as URLs write it."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"[{host}]:{port}" if _is_ipv6(host) else f"{host}:{port}"
 
 
 class _Server(ThreadingHTTPServer):
@@ -191,7 +195,7 @@ class _Server(ThreadingHTTPServer):
     app: WebApp
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        if ":" in address[0]:  # an IPv6 address ("::1"; "::", every interface) needs an IPv6 socket
+        if _is_ipv6(address[0]):  # "::1", or "::" (every interface), needs an IPv6 socket
             self.address_family = socket.AF_INET6
         self.closing = False
         self._open: set[socket.socket] = set()
